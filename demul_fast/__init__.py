@@ -1,0 +1,26 @@
+"""demul_fast: fused kernels and an exact prefix-shared text encoder for DeMul.
+
+Public API (see README.md and SPEC.md):
+
+* ``aggregate_prompts``, ``cosine_cross_entropy``, ``prompt_distill_loss``, ``demul_head``:
+  the DeMul head, each with ``backend=None | "cuda" | "triton" | "torch"``;
+* ``HeadOutput``: what ``demul_head`` returns;
+* ``backends``: which implementation runs, and why (``demul_fast.backends.describe()``);
+* ``reference``: the specification in plain PyTorch.
+"""
+
+from . import backends, reference
+from .functional import aggregate_prompts, cosine_cross_entropy, demul_head, prompt_distill_loss
+from .reference import HeadOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "aggregate_prompts",
+    "cosine_cross_entropy",
+    "prompt_distill_loss",
+    "demul_head",
+    "HeadOutput",
+    "backends",
+    "reference",
+]

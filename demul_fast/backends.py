@@ -1,0 +1,153 @@
+"""Which implementation runs a call, and why.
+
+Three backends implement the same four functions (aggregate_prompts,
+cosine_cross_entropy, prompt_distill_loss, demul_head):
+
+* ``"cuda"``   the compiled extension ``demul_fast._C`` (module ``demul_fast.cuda_ops``),
+               CUDA tensors of float32/bfloat16/float16;
+* ``"triton"`` Triton kernels (module ``demul_fast.triton_ops``), CUDA tensors, or CPU
+               tensors under the Triton interpreter (``TRITON_INTERPRET=1``);
+* ``"torch"``  the reference equations in eager PyTorch, computed in float32 (float64
+               stays float64): every device and dtype.
+
+``backend=None`` picks the best available for the tensors: cuda, then triton, then torch
+on a GPU; torch on the CPU. ``DEMUL_FAST_BACKEND`` overrides that default. An explicitly
+requested backend that cannot run the call raises ``BackendUnavailable`` saying why; the
+automatic choice falls back. ``describe()`` reports all of this;
+``python -m demul_fast.backends`` prints it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MODULES = {
+    "cuda": "demul_fast.cuda_ops",
+    "triton": "demul_fast.triton_ops",
+    "torch": "demul_fast._torch_backend",
+}
+_loaded: Dict[str, Tuple[Optional[ModuleType], Optional[str]]] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+def _load(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
+    """Import a backend's module once; return (module, None) or (None, reason)."""
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            reason = getattr(module, "UNAVAILABLE_REASON", None)
+            _loaded[name] = (None, reason) if reason else (module, None)
+        except ModuleNotFoundError as exc:
+            if exc.name == _MODULES[name]:
+                _loaded[name] = (None, f"{_MODULES[name]} is not part of this build")
+            else:
+                _loaded[name] = (None, f"import failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the reason is reported to the user
+            _loaded[name] = (None, f"import failed: {type(exc).__name__}: {exc}")
+    return _loaded[name]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_not(name: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if backend ``name`` can run a call on (device, dtype); else the reason it cannot."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+    module, reason = _load(name)
+    if module is None:
+        return reason
+    if name == "torch":
+        return None
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"the {name} backend takes float32, bfloat16 or float16 inputs, got {dtype}"
+    if device is not None:
+        device = torch.device(device)
+        if name == "cuda" and device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got tensors on {device}"
+        if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            return (f"the triton backend needs CUDA tensors, got tensors on {device} "
+                    "(CPU tensors run only under the interpreter, TRITON_INTERPRET=1)")
+    return None
+
+
+def default_order(device: torch.device) -> Tuple[str, ...]:
+    return ("cuda", "triton", "torch") if torch.device(device).type == "cuda" else ("torch",)
+
+
+def select(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> Tuple[str, ModuleType]:
+    """Return (name, module) of the backend that runs a call on (device, dtype).
+
+    ``backend`` (or else ``DEMUL_FAST_BACKEND``) is an explicit request: it runs or raises
+    ``BackendUnavailable``. With neither, the first available of ``default_order(device)``.
+    """
+    requested = backend if backend is not None else (os.environ.get("DEMUL_FAST_BACKEND") or None)
+    if requested is not None:
+        if not isinstance(requested, str) or requested not in BACKENDS:
+            source = "backend" if backend is not None else "DEMUL_FAST_BACKEND"
+            raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} or None, got {requested!r}")
+        reason = why_not(requested, device, dtype)
+        if reason is not None:
+            source = "" if backend is not None else " (from DEMUL_FAST_BACKEND)"
+            raise BackendUnavailable(f"backend {requested!r}{source} is unavailable: {reason}")
+        return requested, _load(requested)[0]
+    for name in default_order(device):
+        if why_not(name, device, dtype) is None:
+            return name, _load(name)[0]
+    raise BackendUnavailable("no backend can run this call")  # unreachable: torch always can
+
+
+def report(device: Optional[torch.device] = None) -> Dict[str, dict]:
+    """{backend: {"available": bool, "reason": str or None}} for ``device``
+    (default: the current CUDA device if there is one, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    out = {}
+    for name in BACKENDS:
+        reason = why_not(name, device)
+        out[name] = {"available": reason is None, "reason": reason}
+    return out
+
+
+def describe(device: Optional[torch.device] = None) -> str:
+    """A human-readable report: what is available, what is not and why, and the default."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    lines = [f"demul_fast backends for device {device} (torch {torch.__version__}, CUDA build {torch.version.cuda}):"]
+    for name, info in report(device).items():
+        status = "available" if info["available"] else f"unavailable: {info['reason']}"
+        lines.append(f"  {name:7s} {status}")
+    env = os.environ.get("DEMUL_FAST_BACKEND")
+    if env:
+        lines.append(f"  default: {env} (DEMUL_FAST_BACKEND)")
+    else:
+        default = next(n for n in default_order(device) if why_not(n, device) is None)
+        lines.append(f"  default: {default}")
+    ext, reason = _extension()
+    lines.append(f"  extension demul_fast._C: {'built, ' + ext.compiled_with() if ext else reason}")
+    return "\n".join(lines)
+
+
+def _extension():
+    """(the compiled extension module, None) or (None, why it is not there)."""
+    try:
+        from demul_fast import _C  # noqa: PLC0415
+        return _C, None
+    except ImportError as exc:
+        return None, f"not built ({exc}); reinstall with DEMUL_FAST_BUILD_CUDA=1 to see why"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(describe())
