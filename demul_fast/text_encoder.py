@@ -1,0 +1,420 @@
+"""Exact prefix-shared CLIP text encoder (SPEC.md section 3.1).
+
+CLIP's text transformer is causal and pools the hidden state at the EOT token, so
+
+* positions after the last EOT never matter (truncation), and
+* a block of leading positions that is identical for many sequences (here: [SOT] + the
+  learned context of one prompt) has the same hidden states, keys and values in every
+  one of them (prefix sharing).
+
+``prefix_shared_forward`` runs such a batch: G groups, each one shared prefix of P
+tokens and N suffixes of S tokens. The prefix runs once per group (causal within
+itself); every suffix token attends to [its group's prefix keys ; its own suffix keys,
+causally]. The scores against the prefix are one batched product over all N*S suffix
+queries of a group, the scores against the suffix a product per suffix; both are
+concatenated before one softmax, which is the same as a log-sum-exp merge of the two
+partial attentions, so the result is exact and the prefix keys/values are never copied
+per suffix. Token work drops from G*N*(P+S) to G*P + G*N*S.
+
+``TextTower`` is a light view (no weight copies) of a supported text tower: open_clip's
+``CLIP`` / ``CustomTextCLIP`` (causal mask, argmax or EOS pooling, standard residual
+blocks, optional LayerScale) and Hugging Face ``transformers`` ``CLIPModel`` /
+``CLIPTextModel(WithProjection)``. ``text_tower(model)`` builds it or raises
+``UnsupportedTextTower`` saying why.
+
+``PrefixSharedTextEncoder`` is the CoOp prompt learner's text encoder built on it:
+``forward(ctx [M, n_ctx, width]) -> T [C, M, D]``, exactly what
+``demul_fast.reference.FullTextEncoder`` computes at full length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .prompts import Prompts, build_prompts
+
+Tensor = torch.Tensor
+
+
+class UnsupportedTextTower(ValueError):
+    """The text tower is not causal with EOT pooling (or has features this encoder does not
+    implement), so prefix sharing would not be exact."""
+
+
+@dataclass
+class LayerView:
+    """One residual block: x += ls_1(out_proj(attn(ln_1(x)))); x += ls_2(mlp(ln_2(x)))."""
+
+    ln_1: Callable[[Tensor], Tensor]
+    qkv: Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]]  # [..., W] -> 3 x [..., W]
+    out_proj: Callable[[Tensor], Tensor]
+    ls_1: Callable[[Tensor], Tensor]
+    ln_2: Callable[[Tensor], Tensor]
+    mlp: Callable[[Tensor], Tensor]
+    ls_2: Callable[[Tensor], Tensor]
+    heads: int
+
+
+@dataclass
+class TextTower:
+    """A view of a causal, EOT-pooled CLIP text tower (the model's own weights).
+
+    token_embedding:     ids [...] -> [..., W]
+    positional_embedding: [context_length, W]
+    layers:              the residual blocks, in order
+    ln_final:            [..., W] -> [..., W]
+    project:             [..., W] -> [..., D] (identity when the tower has no projection)
+    pool_type:           "argmax" (pool at the largest token id) or "eos" (first eos_id)
+    """
+
+    token_embedding: Callable[[Tensor], Tensor]
+    positional_embedding: Tensor
+    layers: List[LayerView]
+    ln_final: Callable[[Tensor], Tensor]
+    project: Callable[[Tensor], Tensor]
+    pool_type: str
+    eos_id: Optional[int]
+    context_length: int
+    width: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.positional_embedding.dtype
+
+    def pool_positions(self, ids: Tensor) -> Tensor:
+        """ids [N, L] -> [N] int64: the position whose hidden state the tower pools."""
+        if self.pool_type == "argmax":
+            return ids.argmax(dim=-1)
+        return (ids == self.eos_id).int().argmax(dim=-1)
+
+    def full_forward(self, x: Tensor, pool: Tensor) -> Tensor:
+        """The plain CLIP computation on token embeddings x [N, L, W] (positional embedding
+        not yet added), pooled at ``pool`` [N]: returns [N, D]. Used for ``fallback="full"``
+        of unsupported layouts; no sharing."""
+        n, length, _ = x.shape
+        x = x + self.positional_embedding[:length].to(x.dtype)
+        mask = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        for layer in self.layers:
+            q, k, v = (_heads_first(t, layer.heads) for t in layer.qkv(layer.ln_1(x)))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + layer.ls_1(layer.out_proj(a.transpose(1, 2).reshape(n, length, -1)))
+            x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
+        pooled = x[torch.arange(n, device=x.device), pool]
+        return self.project(self.ln_final(pooled))
+
+
+def _heads_first(t: Tensor, heads: int) -> Tensor:
+    """[N, L, W] -> [N, H, L, W/H]."""
+    n, length, w = t.shape
+    return t.view(n, length, heads, w // heads).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Adapters: open_clip and Hugging Face transformers
+# --------------------------------------------------------------------------------------
+
+def _is_causal_mask(mask: Optional[Tensor]) -> bool:
+    """True if ``mask`` [L, L] is the additive causal mask (0 on and below the diagonal,
+    -inf above). Reads the mask once, at construction."""
+    if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    m = mask.detach().float().cpu()
+    upper = torch.ones_like(m, dtype=torch.bool).triu(1)
+    return bool((m[~upper] == 0).all()) and bool(torch.isneginf(m[upper]).all())
+
+
+def _open_clip_parts(model: nn.Module):
+    """(token_embedding, positional_embedding, transformer, ln_final, text_projection,
+    attn_mask, pool_type, eos_id, extra) of an open_clip CLIP or CustomTextCLIP."""
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "transformer") and hasattr(text, "token_embedding"):
+        if getattr(text, "cls_emb", None) is not None:
+            raise UnsupportedTextTower("open_clip text tower with a class token (CoCa-style embed_cls) "
+                                       "pools the last token, not EOT: prefix sharing does not apply")
+        if getattr(text, "use_pad_mask", False):
+            raise UnsupportedTextTower("open_clip text tower uses a padding mask (bidirectional): not causal")
+        return (text.token_embedding, text.positional_embedding, text.transformer, text.ln_final,
+                text.text_projection, getattr(text, "attn_mask", None), getattr(text, "pool_type", "argmax"),
+                getattr(text, "eos_id", None))
+    if text is not None:
+        raise UnsupportedTextTower(f"text tower {type(text).__name__} is not an open_clip TextTransformer "
+                                   "(e.g. a Hugging Face text model inside open_clip); not supported")
+    return (model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
+            model.text_projection, getattr(model, "attn_mask", None), getattr(model, "text_pool_type", "argmax"),
+            getattr(model, "text_eos_id", None))
+
+
+def _mha_qkv(attn: nn.MultiheadAttention) -> Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]]:
+    def qkv(x: Tensor):
+        return F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    return qkv
+
+
+def _open_clip_tower(model: nn.Module) -> TextTower:
+    tok, pos, transformer, ln_final, proj, attn_mask, pool_type, eos_id = _open_clip_parts(model)
+    if not _is_causal_mask(attn_mask):
+        raise UnsupportedTextTower("the text tower's attn_mask is not the causal mask (a bidirectional "
+                                   "or padded tower): prefix sharing would not be exact")
+    if pool_type not in ("argmax", "eos"):
+        raise UnsupportedTextTower(f"text pooling {pool_type!r} is not EOT pooling ('argmax' or 'eos')")
+    if pool_type == "eos" and eos_id is None:
+        raise UnsupportedTextTower("pool_type 'eos' without an eos id")
+    layers = []
+    for i, blk in enumerate(transformer.resblocks):
+        attn = getattr(blk, "attn", None)
+        if not isinstance(attn, nn.MultiheadAttention) or hasattr(blk, "ln_attn") or hasattr(blk, "ln_1_kv"):
+            raise UnsupportedTextTower(f"resblock {i} ({type(blk).__name__}) is not a standard "
+                                       "residual attention block (custom attention is not supported)")
+        if attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
+            raise UnsupportedTextTower(f"resblock {i}: attention with separate q/k/v weights, bias_k/bias_v "
+                                       "or add_zero_attn is not supported")
+        if attn.dropout and attn.training:
+            raise UnsupportedTextTower(f"resblock {i}: attention dropout {attn.dropout} in training mode")
+        layers.append(LayerView(ln_1=blk.ln_1, qkv=_mha_qkv(attn), out_proj=attn.out_proj, ls_1=blk.ls_1,
+                                ln_2=blk.ln_2, mlp=blk.mlp, ls_2=blk.ls_2, heads=attn.num_heads))
+    if proj is None:
+        project = _identity
+    elif isinstance(proj, nn.Linear):
+        project = proj
+    else:
+        def project(x: Tensor, p=proj) -> Tensor:
+            return x @ p
+    width = pos.shape[-1]
+    return TextTower(token_embedding=tok, positional_embedding=pos, layers=layers, ln_final=ln_final,
+                     project=project, pool_type=pool_type, eos_id=eos_id, context_length=pos.shape[0],
+                     width=width)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _hf_qkv(attn: nn.Module) -> Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]]:
+    def qkv(x: Tensor):
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    return qkv
+
+
+def _hf_tower(model: nn.Module) -> TextTower:
+    projection = getattr(model, "text_projection", None)
+    text = getattr(model, "text_model", model)
+    text = getattr(text, "text_model", text)  # CLIPTextModel wraps a CLIPTextTransformer in some versions
+    config = getattr(text, "config", None) or model.config
+    config = getattr(config, "text_config", config)
+    layers = []
+    for i, layer in enumerate(text.encoder.layers):
+        attn = layer.self_attn
+        if getattr(attn, "dropout", 0.0) and attn.training:
+            raise UnsupportedTextTower(f"layer {i}: attention dropout {attn.dropout} in training mode")
+        if not math.isclose(attn.scale, attn.head_dim ** -0.5):
+            raise UnsupportedTextTower(f"layer {i}: attention scale {attn.scale} is not head_dim ** -0.5")
+        layers.append(LayerView(ln_1=layer.layer_norm1, qkv=_hf_qkv(attn), out_proj=attn.out_proj, ls_1=_identity,
+                                ln_2=layer.layer_norm2, mlp=layer.mlp, ls_2=_identity, heads=attn.num_heads))
+    eos_id = getattr(text, "eos_token_id", getattr(config, "eos_token_id", None))
+    # transformers pools at argmax(ids) for the legacy eos_token_id == 2, else at the first eos_token_id.
+    pool_type = "argmax" if eos_id == 2 or eos_id is None else "eos"
+    pos = text.embeddings.position_embedding.weight
+    return TextTower(token_embedding=text.embeddings.token_embedding, positional_embedding=pos, layers=layers,
+                     ln_final=text.final_layer_norm, project=projection if projection is not None else _identity,
+                     pool_type=pool_type, eos_id=eos_id, context_length=pos.shape[0], width=pos.shape[-1])
+
+
+def _is_hf_clip(model: nn.Module) -> bool:
+    text = getattr(model, "text_model", model)
+    text = getattr(text, "text_model", text)
+    return (hasattr(text, "embeddings") and hasattr(text, "encoder") and hasattr(text, "final_layer_norm")
+            and hasattr(getattr(text, "encoder"), "layers"))
+
+
+def text_tower(model: nn.Module) -> TextTower:
+    """A ``TextTower`` view of ``model``'s text tower, or ``UnsupportedTextTower`` saying why.
+
+    Supported: open_clip ``CLIP`` and ``CustomTextCLIP`` with an open_clip ``TextTransformer``
+    (causal ``attn_mask``, pooling 'argmax' or 'eos', standard residual blocks, LayerScale
+    allowed, projection a Parameter or nn.Linear), and Hugging Face ``CLIPModel`` /
+    ``CLIPTextModel`` / ``CLIPTextModelWithProjection``.
+    """
+    if isinstance(model, TextTower):
+        return model
+    if _is_hf_clip(model):
+        return _hf_tower(model)
+    if hasattr(model, "transformer") or hasattr(model, "text"):
+        return _open_clip_tower(model)
+    raise UnsupportedTextTower(f"{type(model).__name__} is not a supported CLIP model (open_clip CLIP / "
+                               "CustomTextCLIP or transformers CLIPModel)")
+
+
+# --------------------------------------------------------------------------------------
+# The core: prefix-shared forward
+# --------------------------------------------------------------------------------------
+
+def _shared_prefix_attention(qs: Tensor, ks: Tensor, vs: Tensor, kp: Tensor, vp: Tensor,
+                             suffix_mask: Tensor) -> Tensor:
+    """Attention of suffix queries over [shared prefix keys ; own suffix keys].
+
+    qs: [G, H, N, Sq, hd] (already scaled)   ks, vs: [G, H, N, S, hd]
+    kp, vp: [G, H, P, hd]                    suffix_mask: bool, broadcastable to
+    [G, H, N, Sq, S], True where a suffix key is visible
+    returns [G, H, N, Sq, hd]
+
+    The prefix scores of all N*Sq queries of a group are one product with the group's P
+    keys; a joint softmax over the P + S scores equals the log-sum-exp merge of the two
+    partial attentions (exact; no copy of the prefix per suffix).
+    """
+    g, h, n, sq, hd = qs.shape
+    p = kp.shape[2]
+    sp = torch.matmul(qs.reshape(g, h, n * sq, hd), kp.transpose(-1, -2)).view(g, h, n, sq, p)
+    ss = torch.matmul(qs, ks.transpose(-1, -2)).masked_fill(~suffix_mask, float("-inf"))
+    scores = torch.cat([sp, ss], dim=-1)
+    # softmax in float32 at least (half inputs), as SDPA does
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    probs = probs.to(qs.dtype)
+    pp, ps = probs.split([p, probs.shape[-1] - p], dim=-1)
+    out = torch.matmul(pp.reshape(g, h, n * sq, p), vp).view(g, h, n, sq, hd)
+    return out + torch.matmul(ps, vs)
+
+
+def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suffix_eot: Tensor) -> Tensor:
+    """Pooled text features of G*N sequences that share a prefix per group (SPEC 3.1).
+
+    tower:      a TextTower (``text_tower(model)``), causal with EOT pooling
+    prefix:     [G, P, W]    token embeddings of positions 0..P-1, shared by the N
+                             sequences of a group (positional embedding added here)
+    suffix:     [G, N, S, W] token embeddings of positions P..P+S-1 of each sequence
+                             (may be an expanded view); positions after a row's EOT are
+                             padding and never influence its result
+    suffix_eot: [G, N] int   the pooled position of each sequence, relative to the suffix
+                             start (0 <= suffix_eot < S)
+    returns     [G, N, D]    ``text_projection(ln_final(hidden[EOT]))`` of each sequence,
+                             equal to running the tower on the P+S (or 77) tokens of each
+                             sequence separately, up to float rounding
+    """
+    g, p, w = prefix.shape
+    if suffix.dim() != 4 or suffix.shape[0] != g or suffix.shape[-1] != w:
+        raise ValueError(f"suffix must be [G={g}, N, S, W={w}], got {tuple(suffix.shape)}")
+    n, s = suffix.shape[1], suffix.shape[2]
+    if p + s > tower.positional_embedding.shape[0]:
+        raise ValueError(f"prefix ({p}) + suffix ({s}) tokens exceed the context length "
+                         f"{tower.positional_embedding.shape[0]}")
+    if tuple(suffix_eot.shape) != (g, n):
+        raise ValueError(f"suffix_eot must be [G={g}, N={n}], got {tuple(suffix_eot.shape)}")
+    dtype = prefix.dtype
+    pos = tower.positional_embedding.to(dtype)
+    x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), (suffix.to(dtype) + pos[p:p + s]).reshape(g * n * s, w)])
+    n_pre = g * p
+    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+    eot = suffix_eot.to(device=x.device, dtype=torch.long)
+    last = len(tower.layers) - 1
+    for i, layer in enumerate(tower.layers):
+        heads = layer.heads
+        hd = w // heads
+        scale = hd ** -0.5
+        q, k, v = layer.qkv(layer.ln_1(x))
+
+        def split(t: Tensor) -> Tuple[Tensor, Tensor]:
+            tp = t[:n_pre].view(g, p, heads, hd).transpose(1, 2)                         # [G, H, P, hd]
+            ts = t[n_pre:].view(g, n, s, heads, hd).permute(0, 3, 1, 2, 4)              # [G, H, N, S, hd]
+            return tp, ts
+
+        kp, ks = split(k)
+        vp, vs = split(v)
+        if i < last:
+            qp, qs = split(q * scale)
+            a_pre = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=1.0)
+            a_suf = _shared_prefix_attention(qs, ks, vs, kp, vp, causal)
+            a = torch.cat([a_pre.transpose(1, 2).reshape(n_pre, w),
+                           a_suf.permute(0, 2, 3, 1, 4).reshape(g * n * s, w)])
+            x = x + layer.ls_1(layer.out_proj(a))
+            x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
+        else:
+            # Last layer: only the pooled (EOT) rows are needed; every row's keys and
+            # values were computed above, queries and the MLP run on G*N rows only.
+            xs = x[n_pre:].view(g, n, s, w)
+            idx = eot.view(g, n, 1, 1).expand(g, n, 1, w)
+            x_eot = xs.gather(2, idx)                                                   # [G, N, 1, W]
+            q_eot = q[n_pre:].view(g, n, s, w).gather(2, idx) * scale
+            qs = q_eot.view(g, n, 1, heads, hd).permute(0, 3, 1, 2, 4)                 # [G, H, N, 1, hd]
+            visible = torch.arange(s, device=x.device).view(1, 1, 1, 1, s) <= eot.view(g, 1, n, 1, 1)
+            a = _shared_prefix_attention(qs, ks, vs, kp, vp, visible)
+            x = x_eot.reshape(g * n, w) + layer.ls_1(layer.out_proj(a.permute(0, 2, 3, 1, 4).reshape(g * n, w)))
+            x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
+    if last < 0:  # a tower without layers
+        x = x[n_pre:].view(g, n, s, w).gather(2, eot.view(g, n, 1, 1).expand(g, n, 1, w)).reshape(g * n, w)
+    return tower.project(tower.ln_final(x)).view(g, n, -1)
+
+
+# --------------------------------------------------------------------------------------
+# The CoOp/DeMul text encoder
+# --------------------------------------------------------------------------------------
+
+class PrefixSharedTextEncoder(nn.Module):
+    """Text features of C classes x M learned prompts, exact and prefix-shared (SPEC 3.1).
+
+    clip_model: open_clip ``CLIP`` / ``CustomTextCLIP`` or transformers ``CLIPModel`` (its
+                weights are used in place, never copied; it is not registered as a
+                submodule, so this module's state_dict holds no CLIP weights)
+    tokenizer:  the model's tokenizer (open_clip's, or a Hugging Face tokenizer)
+    classnames: C class names (underscores become spaces)
+    n_ctx:      learned context tokens per prompt
+    fallback:   None (refuse an unsupported tower with ``UnsupportedTextTower``) or "full"
+                (run such a tower at full length through ``reference.FullTextEncoder``)
+
+    ``forward(ctx [M, n_ctx, width]) -> T [C, M, D]`` (unnormalised), equal to
+    ``reference.FullTextEncoder`` up to float rounding: the prompts are truncated after
+    the last EOT and [SOT] + ctx_m runs once per prompt m, shared by all C classes.
+    ``mode`` says which path runs ("prefix" or "full").
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer: Callable, classnames: Sequence[str], n_ctx: int,
+                 fallback: Optional[str] = None):
+        super().__init__()
+        if fallback not in (None, "full"):
+            raise ValueError(f"fallback must be None or 'full', got {fallback!r}")
+        self.__dict__["clip_model"] = clip_model  # plain attribute: no duplicate parameters
+        try:
+            self.__dict__["tower"] = text_tower(clip_model)
+            self.mode = "prefix"
+        except UnsupportedTextTower:
+            if fallback != "full":
+                raise
+            from .reference import FullTextEncoder
+            self.__dict__["tower"] = None
+            self.__dict__["_full"] = FullTextEncoder(clip_model, tokenizer, classnames, n_ctx)
+            self.mode = "full"
+            self.n_ctx = n_ctx
+            self.classnames = self._full.classnames
+            return
+        prompts = build_prompts(classnames, n_ctx, tokenizer, self.tower.pool_positions, self.tower.context_length)
+        self.n_ctx = n_ctx
+        self.classnames = prompts.classnames
+        self.register_buffer("sot_id", prompts.ids[:1, :1].clone(), persistent=False)            # [1, 1]
+        self.register_buffer("suffix_ids", prompts.suffix_ids, persistent=False)                 # [C, S]
+        self.register_buffer("suffix_eot", prompts.suffix_eot, persistent=False)                 # [C]
+
+    @property
+    def num_tokens(self) -> Tuple[int, int]:
+        """(prefix tokens per prompt P, suffix tokens per class S) of the prefix path."""
+        return 1 + self.n_ctx, self.suffix_ids.shape[1]
+
+    def forward(self, ctx: Tensor) -> Tensor:
+        """ctx [M, n_ctx, width] -> T [C, M, D]."""
+        if self.mode == "full":
+            return self._full(ctx)
+        tower = self.tower
+        if ctx.dim() != 3 or ctx.shape[1] != self.n_ctx or ctx.shape[2] != tower.width:
+            raise ValueError(f"ctx must be [M, n_ctx={self.n_ctx}, width={tower.width}], got {tuple(ctx.shape)}")
+        m = ctx.shape[0]
+        ctx = ctx.to(tower.dtype)
+        sot = tower.token_embedding(self.sot_id).to(ctx.dtype).expand(m, 1, -1)           # [M, 1, W]
+        prefix = torch.cat([sot, ctx], dim=1)                                              # [M, P, W]
+        suffix = tower.token_embedding(self.suffix_ids).to(ctx.dtype)                      # [C, S, W]
+        c = suffix.shape[0]
+        out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1),
+                                    self.suffix_eot.unsqueeze(0).expand(m, c))            # [M, C, D]
+        return out.transpose(0, 1)
