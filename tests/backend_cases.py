@@ -1,0 +1,136 @@
+"""Which (backend, device, dtype) combinations the cross-backend tests run on, and the
+shared helpers that run the head on one backend and on the reference.
+
+Collection-time decisions, never silent:
+
+* CPU: every backend that ``demul_fast.backends.why_not(name, "cpu", dtype)`` accepts. That
+  is ``torch`` always, and ``triton`` under the Triton interpreter (conftest sets
+  ``TRITON_INTERPRET=1`` without a GPU) once the backend exists; the interpreter runs only
+  float32 (its bf16 ``tl.dot`` is broken), so triton-on-CPU cases are float32 only.
+* CUDA: every backend with every kernel dtype, marked ``gpu`` (skipped at collection,
+  with the reason, without a GPU). On a GPU machine, a backend that cannot run there
+  (e.g. the extension was not built) is skipped with ``why_not``'s reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, List, Optional
+
+import pytest
+import torch
+
+import demul_fast as df
+from demul_fast import backends
+
+HAS_GPU = torch.cuda.is_available()
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+
+
+def _interpreted(name: str, device: str) -> bool:
+    return name == "triton" and device == "cpu"
+
+
+def backend_params(dtypes=(torch.float32,)) -> List:
+    """pytest params (backend, device, dtype) for every combination that can run here,
+    plus the GPU ones (marked ``gpu``)."""
+    params = []
+    for name in backends.BACKENDS:
+        for dtype in dtypes:
+            if _interpreted(name, "cpu") and dtype != torch.float32:
+                continue
+            if backends.why_not(name, torch.device("cpu"), dtype) is None:
+                params.append(pytest.param(name, "cpu", dtype, id=f"{name}-cpu-{DTYPE_IDS[dtype]}"))
+    for name in backends.BACKENDS:
+        for dtype in dtypes:
+            if dtype == torch.float64 and name != "torch":
+                continue
+            marks = [pytest.mark.gpu]
+            if HAS_GPU:
+                reason = backends.why_not(name, torch.device("cuda"), dtype)
+                if reason is not None:
+                    marks.append(pytest.mark.skip(reason=f"backend {name} unavailable on cuda: {reason}"))
+            params.append(pytest.param(name, "cuda", dtype, id=f"{name}-cuda-{DTYPE_IDS[dtype]}", marks=marks))
+    return params
+
+
+def available_backends(device: str, dtype=torch.float32) -> List[str]:
+    """Names of the backends that can run (device, dtype) on this machine right now."""
+    if device == "cuda" and not HAS_GPU:
+        return []
+    return [n for n in backends.BACKENDS if backends.why_not(n, torch.device(device), dtype) is None]
+
+
+def backend_module(name: str):
+    """The backend's implementation module (imported only when the backend is available)."""
+    return importlib.import_module(backends._MODULES[name])
+
+
+def make_head_inputs(gen, C=5, M=3, D=8, B=4, K=6, dtype=torch.float32, device="cpu", bias=True,
+                     distill=True) -> Dict[str, Optional[torch.Tensor]]:
+    """Random head inputs as a kwargs dict for ``demul_head`` (scale a float)."""
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    return dict(
+        text_features=r(C, M, D),
+        prompt_logits=r(C, M),
+        image_features=r(B, D),
+        labels=torch.randint(0, C, (B,), generator=gen).to(device),
+        scale=30.0,
+        llm_embeddings=r(C, K) if distill else None,
+        phi_weight=r(K, D) if distill else None,
+        phi_bias=r(K) if distill and bias else None,
+    )
+
+
+GRAD_ARGS = ("text_features", "prompt_logits", "image_features")
+
+
+def run_head(inputs: dict, backend: Optional[str], grad_args=GRAD_ARGS, reference: bool = False,
+             cast: Optional[torch.dtype] = None, view: Optional[Callable] = None, **opts):
+    """Run the head (public API with ``backend``, or ``df.reference`` if ``reference``) on
+    fresh leaves; return (HeadOutput, {arg: grad}). ``cast`` converts the floating inputs
+    (e.g. to float64 for the exact reference). ``view(name, leaf)`` may turn a leaf into the
+    tensor actually passed (a differentiable view, e.g. a non-contiguous one). Gradients of
+    ``loss`` w.r.t. the leaves of ``grad_args``."""
+    kwargs, leaves = {}, {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().clone() if cast is None else v.detach().to(cast)
+            if k in grad_args:
+                v.requires_grad_()
+                leaves[k] = v
+        if view is not None and isinstance(v, torch.Tensor):
+            v = view(k, v)
+        kwargs[k] = v
+    if reference:
+        out = df.reference.demul_head(**kwargs, **opts)
+    else:
+        out = df.demul_head(**kwargs, backend=backend, **opts)
+    grads = torch.autograd.grad(out.loss, [leaves[k] for k in grad_args], allow_unused=True)
+    return out, {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(grad_args, grads)}
+
+
+def assert_head_matches_reference(inputs: dict, backend: Optional[str], grad_args=GRAD_ARGS,
+                                  view: Optional[Callable] = None, **opts):
+    """The package's error rule (tests/numerics.py) for the head on one backend: loss parts
+    (k=2), logits when asked (k=2) and gradients (k=3) against the float64 reference, with the
+    plain reference in the inputs' dtype as the yardstick. Returns the backend's output."""
+    from numerics import assert_error_rule  # noqa: PLC0415 - tests/ is on sys.path via conftest
+
+    fast, fast_g = run_head(inputs, backend, grad_args, view=view, **opts)
+    ref, ref_g = run_head(inputs, None, grad_args, reference=True, cast=torch.float64, **opts)
+    plain, plain_g = run_head(inputs, None, grad_args, reference=True, **opts)
+    dtype = inputs["text_features"].dtype
+    for part in ("loss", "ce_loss", "distill_loss", "logits"):
+        f, r, p = getattr(fast, part), getattr(ref, part), getattr(plain, part)
+        if r is None:
+            assert f is None, f"{part}: returned without return_logits"
+            continue
+        assert_error_rule(f"{backend}:{part}", f, r, p, k=2.0, dtype=dtype)
+    for k in grad_args:
+        assert fast_g[k].dtype == inputs[k].dtype, f"grad {k}: dtype {fast_g[k].dtype} != {inputs[k].dtype}"
+        assert_error_rule(f"{backend}:d{k}", fast_g[k], ref_g[k], plain_g[k], k=3.0, dtype=dtype)
+    return fast
