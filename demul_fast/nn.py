@@ -1,0 +1,86 @@
+"""Drop-in layers for prompt-learning code (CoOp/Dassl-style codebases).
+
+``DeMulHead`` owns what the DeMul head learns and keeps frozen (SPEC.md section 4): the
+prompt weight logits, the LLM class-name embeddings and the map phi, and calls the fused
+``demul_fast.demul_head`` with its ``backend``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from . import functional
+from .reference import HeadOutput, HeadParameters, Scale, l2_normalize, mlp_distill_loss, neg_entropy
+
+Tensor = torch.Tensor
+Phi = Union[nn.Linear, nn.Sequential, Tuple[Tensor, Optional[Tensor]], Sequence]
+
+
+class DeMulHead(HeadParameters):
+    """The DeMul head as a layer (SPEC 4).
+
+    num_classes C, num_prompts M
+    llm_embeddings: [C, K] LLM embeddings of the class names (frozen buffer) or None (no
+                    distillation)
+    phi:            nn.Linear(D, K), (W [K, D], b [K] or None), or nn.Sequential ending in
+                    nn.Linear (frozen); required with llm_embeddings
+    alpha:          distillation weight; label_smoothing: ls of SPEC 4
+    learn_weights:  False fixes the prompt weights uniform (``prompt_logits`` a zero buffer)
+    entropy_weight: lambda of the optional regulariser lambda * mean_c sum_m w log w
+    backend:        None | "cuda" | "triton" | "torch", passed to ``demul_fast.demul_head``
+
+    Parameters/buffers: ``prompt_logits [C, M]`` (init 0), ``llm_embeddings [C, K]``,
+    ``phi_weight [K, D]``, ``phi_bias [K]``, and ``phi_pre`` (the MLP's earlier layers), as
+    ``reference.HeadParameters`` defines them (so ``reference.ReferenceHead`` loads the same
+    state). An MLP phi's distillation runs in plain PyTorch (``reference.mlp_distill_loss``).
+    """
+
+    def __init__(self, num_classes: int, num_prompts: int, llm_embeddings: Optional[Tensor] = None,
+                 phi: Optional[Phi] = None, alpha: float = 1.0, learn_weights: bool = True,
+                 label_smoothing: float = 0.0, entropy_weight: float = 0.0, backend: Optional[str] = None):
+        super().__init__(num_classes, num_prompts, llm_embeddings=llm_embeddings, phi=phi, alpha=alpha,
+                         learn_weights=learn_weights, label_smoothing=label_smoothing,
+                         entropy_weight=entropy_weight)
+        self.backend = backend
+
+    def class_features(self, text_features: Tensor) -> Tensor:
+        """T [C, M, D] -> unit-norm class features u^ [C, D] (for inference)."""
+        return functional.aggregate_prompts(text_features, self.prompt_logits.to(text_features.dtype),
+                                            backend=self.backend)
+
+    def forward(self, text_features: Tensor, image_features: Tensor, labels: Optional[Tensor] = None,
+                scale: Scale = 100.0, return_logits: bool = False) -> HeadOutput:
+        """T [C, M, D], X [B, D], labels [B] or None, scale (CLIP's logit_scale.exp()).
+
+        With labels: ``HeadOutput(loss, ce_loss, distill_loss, logits [B, C] if
+        return_logits)``. Without: ``HeadOutput(None, None, None, logits [B, C])``.
+        """
+        dtype = text_features.dtype
+        logits_a = self.prompt_logits.to(dtype)
+        if labels is None:
+            u = self.class_features(text_features)
+            x = l2_normalize(image_features.to(dtype))
+            return HeadOutput(None, None, None, scale * (x @ u.transpose(0, 1)))
+        fused_distill = self.llm_embeddings is not None and self.phi_pre is None
+        e = self.llm_embeddings.to(dtype) if fused_distill else None
+        w = self.phi_weight.to(dtype) if fused_distill else None
+        b = self.phi_bias.to(dtype) if fused_distill and self.phi_bias is not None else None
+        out = functional.demul_head(text_features, logits_a, image_features.to(dtype), labels, scale,
+                                    llm_embeddings=e, phi_weight=w, phi_bias=b, alpha=self.alpha,
+                                    label_smoothing=self.label_smoothing, return_logits=return_logits,
+                                    backend=self.backend)
+        if self.phi_pre is not None:
+            t32 = text_features.to(torch.promote_types(dtype, torch.float32))  # accumulate in float32
+            dist = mlp_distill_loss(t32, self.phi_pre, self.phi_weight, self.phi_bias, self.llm_embeddings)
+            dist = dist.to(out.ce_loss.dtype)
+            out = out._replace(loss=out.ce_loss + self.alpha * dist, distill_loss=dist)
+        if self.entropy_weight and self.learn_weights:
+            a32 = self.prompt_logits.to(torch.promote_types(self.prompt_logits.dtype, torch.float32))
+            out = out._replace(loss=out.loss + self.entropy_weight * neg_entropy(a32).to(out.loss.dtype))
+        return out
+
+
+__all__ = ["DeMulHead"]
