@@ -7,11 +7,17 @@ Public API (see README.md and SPEC.md):
 * ``HeadOutput``: what ``demul_head`` returns;
 * ``backends``: which implementation runs, and why (``demul_fast.backends.describe()``);
 * ``reference``: the specification in plain PyTorch.
+* ``DeMul``: the whole module (prompts, prefix-shared text encoder, fused head);
+  ``PrefixSharedTextEncoder``: the exact prefix-shared CLIP text encoder;
+  ``nn.DeMulHead``: the head as a drop-in layer.
 """
 
 from . import backends, reference
 from .functional import aggregate_prompts, cosine_cross_entropy, demul_head, prompt_distill_loss
 from .reference import HeadOutput
+from . import nn
+from .model import DeMul
+from .text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower
 
 __version__ = "0.1.0"
 
@@ -23,4 +29,8 @@ __all__ = [
     "HeadOutput",
     "backends",
     "reference",
+    "nn",
+    "DeMul",
+    "PrefixSharedTextEncoder",
+    "UnsupportedTextTower",
 ]
