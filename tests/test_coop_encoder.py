@@ -1,0 +1,288 @@
+"""CoOpTextEncoder against the plain CoOp TextEncoder computation (all rows at 77 tokens).
+
+The reference here is CoOp's TextEncoder written out on the open_clip tower:
+``x = prompts + positional_embedding; transformer(x, attn_mask); ln_final;
+x[arange, tokenized.argmax(-1)] @ text_projection``. Forward and the gradient w.r.t. the
+context parameter(s) are compared in float64 (agreement to float rounding) for a shared
+context (CoOp's expand: sharing must happen), class-specific contexts (CSC) with random
+and with identical values (no sharing: each class keeps its own gradient), and class
+names of different token lengths; float32 under the package's error rule.
+"""
+
+import math
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import CLIP
+
+from demul_fast.coop import CoOpTextEncoder, equal_prefix_len, gradient_shareable_len
+from demul_fast.text_encoder import UnsupportedTextTower
+from numerics import assert_error_rule
+
+WIDTH, N_CTX = 64, 4
+# different token lengths, one long name; EOT positions differ per row
+CLASSNAMES = ["dog", "sea lion", "a very long class name with many many words in it for a test",
+              "red-winged blackbird", "cat"]
+TOL64 = 1e-12
+
+
+def tiny_clip(seed=0, **text_overrides):
+    torch.manual_seed(seed)
+    text_cfg = dict(context_length=77, vocab_size=49408, width=WIDTH, heads=2, layers=2)
+    text_cfg.update(text_overrides)
+    model = CLIP(embed_dim=32, vision_cfg=dict(layers=1, width=32, patch_size=16, image_size=32, head_width=16),
+                 text_cfg=text_cfg)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return tiny_clip().double()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    return tok([" ".join(["X"] * N_CTX) + " " + name + "." for name in CLASSNAMES])
+
+
+def plain_coop(model, prompts, tokenized):
+    """CoOp's TextEncoder.forward on an open_clip CLIP."""
+    x = prompts + model.positional_embedding.to(prompts.dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ model.text_projection
+
+
+def coop_prompts(model, tokenized, ctx):
+    """CoOp's PromptLearner layout: [token_prefix (SOT) ; ctx ; token_suffix].
+    ctx [n_ctx, W] is broadcast by expand (unified context); ctx [C, n_ctx, W] is CSC."""
+    with torch.no_grad():
+        emb = model.token_embedding(tokenized).to(ctx.dtype)
+    prefix, suffix = emb[:, :1], emb[:, 1 + N_CTX:]
+    if ctx.dim() == 2:
+        ctx = ctx.unsqueeze(0).expand(tokenized.shape[0], -1, -1)
+    return torch.cat([prefix, ctx, suffix], dim=1)
+
+
+def run_both(model, tokenized, ctx, encoder=None, gen=None):
+    """(fast out, plain out, fast grad, plain grad) for one random output cotangent."""
+    encoder = encoder or CoOpTextEncoder(model)
+    ref = plain_coop(model, coop_prompts(model, tokenized, ctx), tokenized)
+    cot = torch.randn(ref.shape, dtype=ref.dtype, generator=gen)
+    (g_ref,) = torch.autograd.grad((ref * cot).sum(), ctx)
+    out = encoder(coop_prompts(model, tokenized, ctx), tokenized)
+    (g_out,) = torch.autograd.grad((out * cot).sum(), ctx)
+    return out, ref, g_out, g_ref, encoder
+
+
+def eot_len(tokenized):
+    return int(tokenized.argmax(-1).max()) + 1
+
+
+def test_shared_context_shares_and_is_exact(model64, tokens, gen):
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
+    out, ref, g_out, g_ref, enc = run_both(model64, tokens, ctx, gen=gen)
+    assert enc.last_plan.shared_len == 1 + N_CTX
+    assert enc.last_plan.seq_len == eot_len(tokens) < 77
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
+
+
+def test_csc_random_contexts_fall_back_and_are_exact(model64, tokens, gen):
+    ctx = torch.randn(len(CLASSNAMES), N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
+    out, ref, g_out, g_ref, enc = run_both(model64, tokens, ctx, gen=gen)
+    assert enc.last_plan.shared_len == 0
+    assert enc.last_plan.seq_len == eot_len(tokens)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
+
+
+def test_csc_equal_values_keep_per_class_gradients(model64, tokens, gen):
+    # CSC initialised from one phrase: equal values, but C different parameters
+    one = torch.randn(1, N_CTX, WIDTH, dtype=torch.float64, generator=gen)
+    ctx = one.repeat(len(CLASSNAMES), 1, 1).requires_grad_()
+    out, ref, g_out, g_ref, enc = run_both(model64, tokens, ctx, gen=gen)
+    assert enc.last_plan.shared_len == 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
+    # the per-class gradients really differ, so routing their sum to one row would show
+    assert (g_ref[0] - g_ref[1]).abs().max() > 1e-3 * g_ref.abs().max()
+
+
+def test_equal_values_are_shared_when_no_gradient_is_needed(model64, tokens, gen):
+    one = torch.randn(1, N_CTX, WIDTH, dtype=torch.float64, generator=gen)
+    ctx = one.repeat(len(CLASSNAMES), 1, 1)
+    prompts = coop_prompts(model64, tokens, ctx)
+    enc = CoOpTextEncoder(model64)
+    with torch.no_grad():
+        out = enc(prompts, tokens)
+    assert enc.last_plan.shared_len == 1 + N_CTX
+    torch.testing.assert_close(out, plain_coop(model64, prompts, tokens), rtol=0, atol=TOL64)
+
+
+def test_prompts_leaf_requiring_grad_is_not_shared(model64, tokens, gen):
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen)
+    prompts = coop_prompts(model64, tokens, ctx).detach().requires_grad_()  # equal rows, N params
+    enc = CoOpTextEncoder(model64)
+    out = enc(prompts, tokens)
+    assert enc.last_plan.shared_len == 0
+    ref = plain_coop(model64, prompts, tokens)
+    cot = torch.randn(ref.shape, dtype=ref.dtype, generator=gen)
+    (g_ref,) = torch.autograd.grad((ref * cot).sum(), prompts)
+    (g_out,) = torch.autograd.grad((out * cot).sum(), prompts)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
+
+
+def test_mixed_shared_and_class_specific_tokens(model64, tokens, gen):
+    # [SOT ; shared ctx (2 tokens, expand) ; CSC ctx (2 tokens) ; name ...]: only the
+    # broadcast part is shareable, both parameters get exact gradients
+    shared = torch.randn(2, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
+    csc = torch.randn(1, 2, WIDTH, dtype=torch.float64, generator=gen).repeat(len(CLASSNAMES), 1, 1)
+    csc.requires_grad_()
+    emb = model64.token_embedding(tokens)
+    n = len(CLASSNAMES)
+
+    def prompts():
+        return torch.cat([emb[:, :1], shared.expand(n, -1, -1).double(), csc, emb[:, 1 + N_CTX:]], dim=1)
+
+    ref = plain_coop(model64, prompts(), tokens)
+    cot = torch.randn(ref.shape, dtype=ref.dtype, generator=gen)
+    g_ref = torch.autograd.grad((ref * cot).sum(), (shared, csc))
+    enc = CoOpTextEncoder(model64)
+    out = enc(prompts(), tokens)
+    g_out = torch.autograd.grad((out * cot).sum(), (shared, csc))
+    # the CSC block starts at position 3 but its start is only known to be >= 2 from the
+    # graph (the SOT piece needs no gradient, so its length is not recorded): 2 is shared
+    assert enc.last_plan.shared_len == 2
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL64)
+
+
+def test_share_prefix_off_gives_the_same_result(model64, tokens, gen):
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
+    enc = CoOpTextEncoder(model64, share_prefix=False)
+    out, ref, g_out, g_ref, _ = run_both(model64, tokens, ctx, encoder=enc, gen=gen)
+    assert enc.last_plan.shared_len == 0
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
+
+
+def test_float32_error_rule(tokens, gen):
+    model32 = tiny_clip(seed=1)
+    model64 = tiny_clip(seed=1).double()
+    ctx64 = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen)
+    ctx32 = ctx64.float().requires_grad_()
+    ctx64.requires_grad_()
+    ref64 = plain_coop(model64, coop_prompts(model64, tokens, ctx64), tokens)
+    cot = torch.randn(ref64.shape, dtype=torch.float64, generator=gen)
+    (g64,) = torch.autograd.grad((ref64 * cot).sum(), ctx64)
+    plain = plain_coop(model32, coop_prompts(model32, tokens, ctx32), tokens)
+    (g_plain,) = torch.autograd.grad((plain * cot.float()).sum(), ctx32)
+    enc = CoOpTextEncoder(model32)
+    fast = enc(coop_prompts(model32, tokens, ctx32), tokens)
+    (g_fast,) = torch.autograd.grad((fast * cot.float()).sum(), ctx32)
+    assert enc.last_plan.shared_len == 1 + N_CTX
+    assert fast.dtype == torch.float32
+    assert_error_rule("coop out fp32", fast, ref64, plain, k=2.0)
+    assert_error_rule("coop dctx fp32", g_fast, g64, g_plain, k=3.0)
+
+
+def test_token_analysis_follows_a_modified_tokenized_tensor(model64, tokens, gen):
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    other = tok([" ".join(["X"] * N_CTX) + " " + name + "." for name in ["a", "b c", "d", "e", "f"]])
+    ids = tokens.clone()
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen)
+    enc = CoOpTextEncoder(model64)
+    with torch.no_grad():
+        enc(coop_prompts(model64, ids, ctx), ids)
+        assert enc.last_plan.seq_len == eot_len(tokens)
+        ids.copy_(other)  # in place: same object, new version
+        prompts = coop_prompts(model64, ids, ctx)
+        out = enc(prompts, ids)
+    assert enc.last_plan.seq_len == eot_len(other)
+    torch.testing.assert_close(out, plain_coop(model64, prompts, ids), rtol=0, atol=TOL64)
+
+
+def test_custom_text_clip_and_layer_scale(tokens, gen):
+    torch.manual_seed(3)
+    model = open_clip.model.CustomTextCLIP(
+        embed_dim=32, vision_cfg=dict(layers=1, width=32, patch_size=16, image_size=32, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=WIDTH, heads=2, layers=2, ls_init_value=0.5))
+    model = model.double().eval().requires_grad_(False)
+    text = model.text
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def plain(prompts):
+        x = text.transformer(prompts + text.positional_embedding, attn_mask=text.attn_mask)
+        x = text.ln_final(x)
+        return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ text.text_projection
+
+    ref = plain(coop_prompts(text, tokens, ctx))
+    cot = torch.randn(ref.shape, dtype=ref.dtype, generator=gen)
+    (g_ref,) = torch.autograd.grad((ref * cot).sum(), ctx)
+    enc = CoOpTextEncoder(model)
+    out = enc(coop_prompts(text, tokens, ctx), tokens)
+    (g_out,) = torch.autograd.grad((out * cot).sum(), ctx)
+    assert enc.last_plan.shared_len == 1 + N_CTX
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
+
+
+def test_registers_the_text_modules_without_copies():
+    model = tiny_clip(seed=2)
+    enc = CoOpTextEncoder(model)
+    text_params = {id(p) for n, p in model.named_parameters() if not n.startswith("visual")}
+    enc_params = {id(p) for p in enc.parameters()}
+    assert enc_params and enc_params <= text_params
+    assert id(model.transformer.resblocks[0].attn.in_proj_weight) in enc_params
+    enc.double()  # moves the shared text modules, the tower view follows
+    assert model.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float64
+    assert enc.tower.positional_embedding.dtype == torch.float64
+    assert not any(n.startswith("visual") for n, _ in enc.named_parameters())
+
+
+def test_gradient_shareable_len_rules():
+    n, w = 3, 4
+    p = torch.randn(n, 5, w, requires_grad=True)
+    assert gradient_shareable_len(torch.randn(n, 5, w)) == math.inf      # no gradient
+    assert gradient_shareable_len(p) == 0                                 # per-row leaf
+    ctx = torch.randn(2, w, requires_grad=True)
+    fixed = torch.randn(n, 1, w)
+    assert gradient_shareable_len(torch.cat([fixed, ctx.expand(n, -1, -1)], 1)) == math.inf
+    assert gradient_shareable_len(torch.cat([fixed, ctx.expand(n, -1, -1).half().float()], 1)) == math.inf
+    assert gradient_shareable_len(torch.cat([fixed, ctx.repeat(n, 1, 1)], 1)) == 0     # repeat: unknown op
+    assert gradient_shareable_len(torch.cat([ctx.expand(n, -1, -1), p], 1)) == 2
+    assert gradient_shareable_len(torch.cat([ctx.expand(n, -1, -1), fixed.expand(-1, 2, -1)], 0)) == 0   # rows from pieces
+    assert gradient_shareable_len(p[:1].expand(n, -1, -1)) == math.inf
+    assert gradient_shareable_len(p * 2) == 0
+
+
+def test_equal_prefix_len_is_bitwise():
+    x = torch.zeros(3, 6, 2)
+    x[:, 4:] = torch.randn(3, 2, 2)
+    assert equal_prefix_len(x, 6) == 4
+    assert equal_prefix_len(x, 3) == 3
+    x[1, 2, 0] = -0.0  # equal as numbers, different bits
+    assert equal_prefix_len(x, 6) == 2
+    x[:, 0, 1] = float("nan")  # the same NaN in every row is bitwise equal
+    assert equal_prefix_len(x, 6) == 2
+
+
+def test_bad_inputs_name_the_argument(model64, tokens):
+    enc = CoOpTextEncoder(model64)
+    good = torch.zeros(len(CLASSNAMES), 77, WIDTH, dtype=torch.float64)
+    with pytest.raises(ValueError, match="prompts"):
+        enc(torch.zeros(len(CLASSNAMES), 77, WIDTH + 1, dtype=torch.float64), tokens)
+    with pytest.raises(ValueError, match="tokenized_prompts"):
+        enc(good, tokens[:2])
+    with pytest.raises(ValueError, match="tokenized_prompts"):
+        enc(good, tokens.double())
+    with pytest.raises(ValueError, match="min_shared_len"):
+        CoOpTextEncoder(model64, min_shared_len=0)
+    with pytest.raises(UnsupportedTextTower):
+        CoOpTextEncoder(tiny_clip(no_causal_mask=True))
