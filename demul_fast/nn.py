@@ -84,3 +84,7 @@ class DeMulHead(HeadParameters):
 
 
 __all__ = ["DeMulHead"]
+
+from .coop import CoOpTextEncoder  # noqa: E402  (the CoOp drop-in encoder lives in coop.py)
+
+__all__ += ["CoOpTextEncoder"]
