@@ -1,0 +1,127 @@
+"""torch.compile: the head and a DeMul training step compile, in one graph where the code
+allows it, and give eager's loss and gradients; the registered custom ops pass
+``torch.library.opcheck``.
+
+Compiles are slow on a 2-core CI machine, so there are few of them: one inductor compile of
+``demul_head`` (reused for the bad-input checks, which must not recompile), one ``aot_eager``
+compile per kernel backend that runs here, and one ``aot_eager`` DeMul training step.
+"""
+
+import functools
+
+import pytest
+import torch
+
+import demul_fast as df
+from backend_cases import GRAD_ARGS, HAS_GPU, available_backends, make_head_inputs, run_head
+from demul_fast import backends
+
+OPTS = dict(alpha=0.5, label_smoothing=0.1, return_logits=True)
+
+
+def _head_call(fn, inputs, **opts):
+    """Call ``fn`` (demul_head or a compiled one) on fresh leaves; (output, grads of loss)."""
+    leaves = {k: inputs[k].detach().clone().requires_grad_() for k in GRAD_ARGS}
+    out = fn(**{**inputs, **leaves}, **opts)
+    grads = torch.autograd.grad(out.loss, [leaves[k] for k in GRAD_ARGS])
+    return out, dict(zip(GRAD_ARGS, grads))
+
+
+def _assert_same(compiled, eager, rtol=1e-5, atol=1e-5):
+    (out_c, g_c), (out_e, g_e) = compiled, eager
+    for part in ("loss", "ce_loss", "distill_loss", "logits"):
+        torch.testing.assert_close(getattr(out_c, part), getattr(out_e, part), rtol=rtol, atol=atol, msg=part)
+    for k in GRAD_ARGS:
+        torch.testing.assert_close(g_c[k], g_e[k], rtol=rtol, atol=atol, msg=f"d{k}")
+
+
+@functools.lru_cache(maxsize=None)
+def _inductor_head():
+    """demul_head compiled once with inductor, fullgraph=True: a graph break fails the compile."""
+    return torch.compile(df.demul_head, fullgraph=True)
+
+
+def _cpu_inputs(seed=0, **dims):
+    gen = torch.Generator().manual_seed(seed)
+    inputs = make_head_inputs(gen, **dims)
+    inputs["scale"] = torch.tensor(30.0)  # a tensor scale exercises the asynchronous finiteness check
+    return inputs
+
+
+def test_compiled_head_matches_eager_inductor():
+    inputs = _cpu_inputs()
+    eager = _head_call(df.demul_head, inputs, backend="torch", **OPTS)
+    compiled = _head_call(_inductor_head(), inputs, backend="torch", **OPTS)
+    _assert_same(compiled, eager)
+    # new values of the same shapes reuse the graph and still agree
+    other = _cpu_inputs(seed=1)
+    _assert_same(_head_call(_inductor_head(), other, backend="torch", **OPTS),
+                 _head_call(df.demul_head, other, backend="torch", **OPTS))
+
+
+@pytest.mark.parametrize("labels,scale", [([0, 1, 2, 5], 30.0), ([-1, 0, 0, 0], 30.0),
+                                          ([0, 1, 2, 3], float("nan")), ([0, 1, 2, 3], float("inf"))])
+def test_compiled_head_refuses_bad_values_at_run_time(labels, scale):
+    """Under torch.compile the label-range and scale checks are asynchronous device asserts
+    (no graph break, no host sync): bad values raise a RuntimeError instead of a ValueError.
+    For labels it comes from the validator's assert or from the compiled gather's own bounds
+    check, whichever the scheduler runs first; either way no loss is returned."""
+    fn = _inductor_head()
+    inputs = _cpu_inputs()
+    _head_call(fn, inputs, backend="torch", **OPTS)  # compiled once for these shapes
+    inputs["labels"] = torch.tensor(labels)
+    inputs["scale"] = torch.tensor(scale)
+    with pytest.raises(RuntimeError, match="labels|scale|index out of bounds"):
+        fn(**inputs, backend="torch", **OPTS)
+
+
+def _counting_compile(backend_name):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend(backend_name)
+    return counter, torch.compile(df.demul_head, backend=counter, fullgraph=True)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_compiled_head_one_graph_aot_eager(backend):
+    """aot_eager runs the real ops (custom ops of a kernel backend run their kernels, under the
+    Triton interpreter on CPU) through AOT autograd: one graph, no recompile for new values."""
+    dims = dict(C=5, M=3, D=8, B=4, K=6)
+    torch._dynamo.reset()
+    counter, fn = _counting_compile("aot_eager")
+    inputs = _cpu_inputs(**dims)
+    _assert_same(_head_call(fn, inputs, backend=backend, **OPTS), _head_call(df.demul_head, inputs, backend=backend,
+                                                                               **OPTS))
+    inputs = _cpu_inputs(seed=3, **dims)
+    _assert_same(_head_call(fn, inputs, backend=backend, **OPTS), _head_call(df.demul_head, inputs, backend=backend,
+                                                                               **OPTS))
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs compiled (graph break or recompile)"
+
+
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason="demul_fast.backends._load imports a backend module with importlib "
+                   "on first use, which dynamo cannot trace: the first call of demul_head must be eager "
+                   "(or the module imported) before compiling with fullgraph=True")
+def test_compile_before_any_eager_call(monkeypatch):
+    monkeypatch.setattr(backends, "_loaded", {})
+    torch._dynamo.reset()
+    counter, fn = _counting_compile("eager")
+    fn(**_cpu_inputs(), backend="torch")
+    assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_head_matches_eager_gpu(backend, dtype):
+    reason = backends.why_not(backend, torch.device("cuda"), dtype)
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable on cuda: {reason}")
+    gen = torch.Generator().manual_seed(0)
+    inputs = make_head_inputs(gen, C=37, M=3, D=100, B=5, K=70, dtype=dtype, device="cuda")
+    eager = run_head(inputs, backend, **OPTS)
+    run_head(inputs, backend, **OPTS)  # import the backend before tracing
+    fn = torch.compile(df.demul_head, fullgraph=True)
+    compiled = _head_call(fn, inputs, backend=backend, **OPTS)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    _assert_same(compiled, eager, rtol=tol, atol=tol)
+    assert HAS_GPU
