@@ -1,30 +1,143 @@
-"""Minimal timing of the reference DeMul head on CPU (replaced by the full harness)."""
+"""Throughput and memory of demul_fast against the reference and the public peers.
 
-import statistics
+    python benchmarks/run.py                          # CPU default: the small preset, all suites
+    python benchmarks/run.py --preset imagenet --device cuda --dtype bfloat16
+    python benchmarks/run.py --suite head --C 21841 --M 4 --B 1024 --plot
+
+Suites: ``head`` (the four head functions, SPEC.md section 4; fwd, bwd, fwd+bwd),
+``encoder`` (reference.FullTextEncoder vs PrefixSharedTextEncoder, SPEC.md section 3),
+``step`` (a DeMul training step from given image features: DeMulReference vs DeMul).
+Every provider is checked against the reference on the benchmark's own inputs before it
+is timed; unavailable providers are listed as skipped with the reason. Rows are printed
+as a table and appended as JSON lines to ``benchmarks/results/<preset>-<device>.jsonl``
+(``--out`` to change the folder). How time, memory and floors are measured:
+benchmarks/measure.py and benchmarks/floors.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
 import time
 
-import torch
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import demul_fast as df
+import torch  # noqa: E402
+
+from benchmarks import floors, harness  # noqa: E402
+
+SUITES = ("head", "encoder", "step")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+# Sizes: C classes, M prompts, D joint dim, B images, K LLM dim, n_ctx context tokens;
+# the text tower ("clip"): an open_clip model name or "tiny" (a small random tower that
+# keeps the CPU preset short). enc_C / enc_M: classes and prompts of the encoder and step
+# suites (None: the same as the head's).
+PRESETS = {
+    "small": dict(C=100, M=4, D=512, B=64, K=768, n_ctx=8, clip="tiny", enc_C=32, enc_M=4),
+    "imagenet": dict(C=1000, M=8, D=512, B=256, K=3072, n_ctx=16, clip="ViT-B-16", enc_C=None, enc_M=None),
+    "imagenet21k": dict(C=21841, M=4, D=512, B=1024, K=3072, n_ctx=16, clip="ViT-B-16", enc_C=1000, enc_M=4),
+    "tiny": dict(C=7, M=3, D=32, B=5, K=12, n_ctx=4, clip="tiny", enc_C=5, enc_M=2),
+}
 
 
-def main():
-    C, M, D, B, K = 100, 4, 512, 64, 384
-    g = torch.Generator().manual_seed(0)
-    T = torch.randn(C, M, D, generator=g, requires_grad=True)
-    A = torch.zeros(C, M, requires_grad=True)
-    X = torch.randn(B, D, generator=g)
-    y = torch.randint(0, C, (B,), generator=g)
-    E, W = torch.randn(C, K, generator=g), torch.randn(K, D, generator=g)
-    times = []
-    for i in range(12):
-        t0 = time.perf_counter()
-        out = df.demul_head(T, A, X, y, 100.0, E, W, None, backend="torch")
-        out.loss.backward()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    print(f"torch head fwd+bwd C={C} M={M} D={D} B={B} K={K}: {statistics.median(times) * 1e3:.2f} ms median")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    p.add_argument("--suite", action="append", choices=SUITES + ("all",),
+                   help="repeat to pick several (default: all)")
+    p.add_argument("--op", action="append", help="head ops to run (default: all four and the whole head)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    for k in ("C", "M", "D", "B", "K", "n_ctx", "enc_C", "enc_M"):
+        p.add_argument(f"--{k}", type=int, default=None, help=f"override the preset's {k}")
+    p.add_argument("--clip", default=None, help="text tower: an open_clip model name (random init) or 'tiny'")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="head suite modes, comma separated")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="include torch.compile providers (default: on for CUDA, off for CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (default 1 CPU, 0.2 GPU)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per row (default 0.1 CPU, 0.025 GPU)")
+    p.add_argument("--sweep-C", default=None, help="head suite at several C, e.g. 100,1000,5000 (for --plot)")
+    p.add_argument("--out", default=None, help="folder for the JSON lines and plots (default benchmarks/results)")
+    p.add_argument("--no-save", action="store_true", help="do not write JSON lines")
+    p.add_argument("--plot", action="store_true", help="write PNG charts next to the JSON lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    """(device, dtype, sizes, suites, settings) from the arguments and the preset."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is available")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sizes = dict(PRESETS[args.preset])
+    for k in ("C", "M", "D", "B", "K", "n_ctx", "enc_C", "enc_M", "clip"):
+        if getattr(args, k) is not None:
+            sizes[k] = getattr(args, k)
+    sizes["label_smoothing"] = args.label_smoothing
+    suites = SUITES if not args.suite or "all" in args.suite else tuple(dict.fromkeys(args.suite))
+    gpu = device.type == "cuda"
+    settings = harness.Settings(warmup_s=args.warmup if args.warmup is not None else (0.025 if gpu else 0.1),
+                                budget_s=args.budget if args.budget is not None else (0.2 if gpu else 1.0))
+    return device, dtype, sizes, suites, settings
+
+
+def build_workloads(suites, sizes, dtype, device, args):
+    from benchmarks import head, models
+    allow_compile = args.compile if args.compile is not None else device.type == "cuda"
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    out = []
+    if "head" in suites:
+        c_values = [int(c) for c in args.sweep_C.split(",")] if args.sweep_C else [sizes["C"]]
+        for c in c_values:
+            hs = {k: sizes[k] for k in ("C", "M", "D", "B", "K", "label_smoothing")}
+            hs["C"] = c
+            for wl in head.workloads(hs, dtype, device, ops=tuple(args.op or head.OPS), allow_compile=allow_compile):
+                wl.modes = modes
+                out.append(wl)
+    if "encoder" in suites or "step" in suites:
+        out += models.workloads(suites, sizes, dtype, device, allow_compile=allow_compile)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype, sizes, suites, settings = resolve(args)
+    t0 = time.perf_counter()
+    ceilings = floors.measure_ceilings(device, dtype)
+    print(f"device {harness.device_name(device)}, dtype {str(dtype).replace('torch.', '')}, preset {args.preset}, "
+          f"sizes {sizes}")
+    print(floors.describe(ceilings))
+    workloads = build_workloads(suites, sizes, dtype, device, args)
+    rows = harness.run(workloads, ceilings, settings, quiet=args.quiet)
+    print(harness.format_table(rows))
+    for suite in suites:
+        print(harness.summary(suite, rows))
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    meta = harness.run_metadata(device, args.preset, ceilings, sys.argv[1:] if argv is None else list(argv))
+    if not args.no_save:
+        path = os.path.join(out_dir, f"{args.preset}-{device.type}.jsonl")
+        harness.write_jsonl(path, meta, rows)
+        print(f"rows appended to {os.path.relpath(path)} (run_id {meta['run_id']})")
+    if args.plot:
+        from benchmarks import plot
+        for path in plot.plot_rows(rows, out_dir, tag=f"{args.preset}-{device.type}-{meta['run_id']}"):
+            print(f"plot written: {os.path.relpath(path)}")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    bad = [r for r in rows if r.status in ("wrong", "error")]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

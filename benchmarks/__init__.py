@@ -1,0 +1,1 @@
+"""The demul_fast benchmark harness: ``python benchmarks/run.py --help``."""

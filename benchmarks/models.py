@@ -1,0 +1,284 @@
+"""The ``encoder`` and ``step`` suites: the text encoder and a whole DeMul training step.
+
+``encoder``: T [C, M, D] = encoder(ctx [M, n_ctx, width]) and d ctx (the output gradient
+G [C, M, D] is random), providers ``eager`` (``reference.FullTextEncoder``: all C*M
+prompts at 77 tokens), ``compile`` (torch.compile of it), ``prefix``
+(``demul_fast.PrefixSharedTextEncoder``).
+
+``step``: loss = model(image_features=X, labels=y) and its backward into ``ctx`` and
+``head.prompt_logits`` (image features given; the optimizer update, over those two small
+tensors, is left out), providers ``eager`` (``reference.DeMulReference``), ``compile``
+(torch.compile of it), ``demul-<backend>`` (``demul_fast.DeMul(backend=...)`` for each head
+backend available here). All models share one frozen CLIP model and start from the same
+``ctx`` and prompt logits.
+
+The CLIP model is an open_clip model with random weights (no downloads): ``clip="tiny"``
+is a small tower (width 128, 2 layers) for the CPU preset; any open_clip model name (e.g.
+``ViT-B-16``) builds that architecture. The gold reference runs ``FullTextEncoder`` on a
+float64 copy of the model (float32 on CUDA, where float64 is slow), in chunks of classes so
+that it fits where the eager reference itself may not: T chunk by chunk, then d ctx as the
+sum of the chunks' vector-Jacobian products; for ``step`` the head in between is
+``reference.demul_head`` (SPEC.md section 4) on the gold T.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+import demul_fast
+from demul_fast import reference as ref
+from demul_fast.backends import why_not
+
+from .floors import Cost, encoder_cost
+from .workload import Inputs, Provider, Workload, unavailable
+
+TINY = dict(embed_dim=128, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
+WORDS = ("tabby", "cat", "golden", "retriever", "sports", "car", "red", "fox", "stone", "bridge", "great",
+         "white", "shark", "espresso", "machine", "snow", "leopard", "paper", "towel", "grand", "piano")
+
+
+def classnames(n: int) -> List[str]:
+    """n distinct synthetic class names of 1 to 3 words (different token lengths)."""
+    return [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(1 + i % 3)) + f" {i}" for i in range(n)]
+
+
+@functools.lru_cache(maxsize=4)
+def clip_model(name: str, device_str: str, dtype: torch.dtype):
+    """(model, tokenizer) with random weights, frozen, eval mode, on device in dtype."""
+    import open_clip
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        if name == "tiny":
+            model = open_clip.CLIP(TINY["embed_dim"], TINY["vision_cfg"], TINY["text_cfg"])
+            tokenizer = open_clip.get_tokenizer("ViT-B-16")
+        else:
+            model = open_clip.create_model(name, pretrained=None)
+            tokenizer = open_clip.get_tokenizer(name)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    model = model.to(device=torch.device(device_str), dtype=dtype).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _tower_sizes(model) -> Dict[str, int]:
+    width = model.token_embedding.weight.shape[1]
+    layers = len(model.transformer.resblocks)
+    proj = model.text_projection
+    embed_dim = proj.shape[1] if isinstance(proj, torch.Tensor) else proj.weight.shape[0]
+    n_text = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual."))
+    return dict(width=width, layers=layers, embed_dim=embed_dim, text_params=n_text)
+
+
+def suffix_lengths(tokenizer, names: List[str], n_ctx: int) -> List[int]:
+    """Per class: tokens after the context up to and including EOT (argmax pooling)."""
+    ids = tokenizer([" ".join(["X"] * n_ctx) + " " + n.replace("_", " ") + "." for n in names])
+    return [int(e) - n_ctx for e in ids.argmax(dim=-1)]
+
+
+def _encoder_cost(mode: str, model, tokenizer, names, M, n_ctx, dtype) -> Cost:
+    s = _tower_sizes(model)
+    e = torch.empty((), dtype=dtype).element_size()
+    return encoder_cost(mode, n_prompts=M, n_ctx=n_ctx, suffix_lengths=suffix_lengths(tokenizer, names, n_ctx),
+                        width=s["width"], layers=s["layers"], embed_dim=s["embed_dim"],
+                        weight_bytes=s["text_params"] * e, e=e)
+
+
+class ChunkedGold:
+    """FullTextEncoder on a higher-precision copy of the model, over class chunks."""
+
+    def __init__(self, model, tokenizer, names, n_ctx, gold_dtype, seqs_per_chunk: int, M: int):
+        self.model = copy.deepcopy(model).to(gold_dtype)
+        per = max(1, seqs_per_chunk // max(M, 1))
+        self.chunks = [(i, ref.FullTextEncoder(self.model, tokenizer, names[i:i + per], n_ctx))
+                       for i in range(0, len(names), per)]
+        self.dtype = gold_dtype
+
+    def features(self, ctx: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([enc(ctx.detach().to(self.dtype)) for _, enc in self.chunks], dim=0)
+
+    def ctx_grad(self, ctx: torch.Tensor, grad_T: torch.Tensor) -> torch.Tensor:
+        c = ctx.detach().to(self.dtype).requires_grad_(True)
+        for start, enc in self.chunks:
+            t = enc(c)
+            t.backward(grad_T[start:start + t.shape[0]].to(self.dtype))
+        return c.grad
+
+
+def _gold_setup(model, tokenizer, names, n_ctx, M, device):
+    gold_dtype = torch.float64 if device.type == "cpu" else torch.float32
+    seqs = 1 << 30 if device.type == "cpu" else 2048
+    return ChunkedGold(model, tokenizer, names, n_ctx, gold_dtype, seqs, M)
+
+
+def _compile_or_skip(allow: bool) -> Optional[str]:
+    if not allow:
+        return ("torch.compile is off for this run (on a CPU it costs about a minute per graph: "
+                "pass --compile to include it)")
+    return None
+
+
+# -- encoder -----------------------------------------------------------------------------------
+
+def encoder_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
+    C = sizes.get("enc_C") or sizes["C"]
+    M = sizes.get("enc_M") or sizes["M"]
+    n_ctx = sizes["n_ctx"]
+    model, tokenizer = clip_model(sizes["clip"], str(device), dtype)
+    names = classnames(C)
+    width = _tower_sizes(model)["width"]
+    D = _tower_sizes(model)["embed_dim"]
+    wsizes = dict(C=C, M=M, n_ctx=n_ctx, clip=sizes["clip"], width=width, D=D)
+    gold_enc = _gold_setup(model, tokenizer, names, n_ctx, M, device)
+
+    def make_inputs(i: int) -> Inputs:
+        g = torch.Generator().manual_seed(100 + i)
+        ctx = (torch.randn(M, n_ctx, width, generator=g) * 0.02).to(device=device, dtype=dtype).requires_grad_(True)
+        return {"ctx": ctx, "G": torch.randn(C, M, D, generator=g).to(device=device, dtype=dtype)}
+
+    def gold(inputs: Inputs) -> Dict[str, torch.Tensor]:
+        return {"T": gold_enc.features(inputs["ctx"]), "grad:ctx": gold_enc.ctx_grad(inputs["ctx"], inputs["G"])}
+
+    provs = []
+    full = ref.FullTextEncoder(model, tokenizer, names, n_ctx)
+    provs.append(Provider("eager", lambda i: full(i["ctx"]), note="reference.FullTextEncoder"))
+    reason = _compile_or_skip(allow_compile)
+    if reason:
+        provs.append(unavailable("compile", reason))
+    else:
+        compiled = torch.compile(full)
+        provs.append(Provider("compile", lambda i: compiled(i["ctx"]), note="torch.compile(FullTextEncoder)"))
+    enc_cls = getattr(demul_fast, "PrefixSharedTextEncoder", None)
+    if enc_cls is None:
+        provs.append(unavailable("prefix", "demul_fast.PrefixSharedTextEncoder is not in this build"))
+    else:
+        try:
+            enc = enc_cls(model, tokenizer, names, n_ctx)
+            provs.append(Provider("prefix", lambda i: enc(i["ctx"]), note="demul_fast.PrefixSharedTextEncoder"))
+        except Exception as exc:  # noqa: BLE001
+            provs.append(unavailable("prefix", f"construction failed: {type(exc).__name__}: {exc}"))
+    e = torch.empty((), dtype=dtype).element_size()
+    return Workload(
+        suite="encoder", op="encoder", sizes=wsizes, dtype=dtype, device=device, make_inputs=make_inputs,
+        outputs=lambda T: {"T": T}, root=lambda T, i: (T, i["G"]), gold=gold,
+        cost=lambda mode: _encoder_cost(mode, model, tokenizer, names, M, n_ctx, dtype),
+        input_bytes=e * (M * n_ctx * width + C * M * D) + _tower_sizes(model)["text_params"] * e,
+        grad_names=("ctx",), providers=provs, gold_dtype=gold_enc.dtype, modes=("fwd", "fwd+bwd"))
+
+
+# -- step --------------------------------------------------------------------------------------
+
+def _head_tensors(C, D, K, B, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(C, K, generator=g).to(device=device, dtype=dtype)
+    W = (torch.randn(K, D, generator=g) / math.sqrt(D)).to(device=device, dtype=dtype)
+    b = (torch.randn(K, generator=g) * 0.1).to(device=device, dtype=dtype)
+    return E, W, b
+
+
+def step_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
+    C = sizes.get("enc_C") or sizes["C"]
+    M = sizes.get("enc_M") or sizes["M"]
+    n_ctx, B, K = sizes["n_ctx"], sizes["B"], sizes["K"]
+    model, tokenizer = clip_model(sizes["clip"], str(device), dtype)
+    tw = _tower_sizes(model)
+    D = tw["embed_dim"]
+    names = classnames(C)
+    wsizes = dict(C=C, M=M, n_ctx=n_ctx, B=B, K=K, D=D, clip=sizes["clip"], width=tw["width"])
+    E, W, b = _head_tensors(C, D, K, B, dtype, device, seed=7)
+    gold_enc = _gold_setup(model, tokenizer, names, n_ctx, M, device)
+    scale = model.logit_scale.detach().exp()
+
+    ref_cls = getattr(ref, "DeMulReference", None)
+    fast_cls = getattr(demul_fast, "DeMul", None)
+    provs: List[Provider] = []
+    g = torch.Generator().manual_seed(11)
+    ctx0 = (torch.randn(M, n_ctx, tw["width"], generator=g) * 0.02).to(device=device, dtype=dtype)
+    a0 = (torch.randn(C, M, generator=g) * 0.5).to(device=device)
+
+    def build(cls, **kw):
+        m = cls(model, tokenizer, names, llm_embeddings=E, phi=(W, b), n_prompts=M, n_ctx=n_ctx, **kw)
+        m = m.to(device).train()
+        with torch.no_grad():
+            m.ctx.copy_(ctx0.to(m.ctx.dtype))
+            m.head.prompt_logits.copy_(a0.to(m.head.prompt_logits.dtype))
+        return m
+
+    def params(m):
+        return lambda inputs: {"ctx": m.ctx, "prompt_logits": m.head.prompt_logits}
+
+    def step_provider(name, m, note):
+        return Provider(name, lambda i: m(image_features=i["X"], labels=i["y"]), params=params(m), note=note)
+
+    if ref_cls is None:
+        provs.append(unavailable("eager", "demul_fast.reference.DeMulReference is not in this build"))
+    else:
+        eager = build(ref_cls)
+        provs.append(step_provider("eager", eager, "reference.DeMulReference"))
+        reason = _compile_or_skip(allow_compile)
+        if reason:
+            provs.append(unavailable("compile", reason))
+        else:
+            comp_model = build(ref_cls)
+            compiled = torch.compile(comp_model)
+            provs.append(Provider("compile", lambda i: compiled(image_features=i["X"], labels=i["y"]),
+                                  params=params(comp_model), note="torch.compile(DeMulReference)"))
+    for backend in ("torch", "triton", "cuda"):
+        name = f"demul-{backend}"
+        if fast_cls is None:
+            provs.append(unavailable(name, "demul_fast.DeMul is not in this build"))
+            continue
+        reason = why_not(backend, device, dtype)
+        if reason is None and backend == "triton" and device.type != "cuda":
+            reason = "the Triton interpreter is a correctness tool, not a performance path (needs a CUDA device)"
+        if reason:
+            provs.append(unavailable(name, reason))
+            continue
+        try:
+            provs.append(step_provider(name, build(fast_cls, backend=backend), f"demul_fast.DeMul(backend={backend!r})"))
+        except Exception as exc:  # noqa: BLE001
+            provs.append(unavailable(name, f"construction failed: {type(exc).__name__}: {exc}"))
+
+    def make_inputs(i: int) -> Inputs:
+        gi = torch.Generator().manual_seed(200 + i)
+        return {"X": torch.randn(B, D, generator=gi).to(device=device, dtype=dtype),
+                "y": torch.randint(0, C, (B,), generator=gi).to(device)}
+
+    def gold(inputs: Inputs) -> Dict[str, torch.Tensor]:
+        gd = gold_enc.dtype
+        T = gold_enc.features(ctx0).requires_grad_(True)
+        A = a0.detach().to(gd).requires_grad_(True)
+        out = ref.demul_head(T, A, inputs["X"].to(gd), inputs["y"], scale.to(gd), E.to(gd), W.to(gd), b.to(gd))
+        out.loss.backward()
+        return {"loss": out.loss.detach(), "grad:ctx": gold_enc.ctx_grad(ctx0, T.grad),
+                "grad:prompt_logits": A.grad}
+
+    e = torch.empty((), dtype=dtype).element_size()
+    return Workload(
+        suite="step", op="step", sizes=wsizes, dtype=dtype, device=device, make_inputs=make_inputs,
+        outputs=lambda out: {"loss": out.loss}, root=lambda out, i: (out.loss, None), gold=gold,
+        cost=lambda mode: (_encoder_cost(mode, model, tokenizer, names, M, n_ctx, dtype)
+                           + _head_step_cost(mode, C, M, D, B, K, e)),
+        input_bytes=e * (B * D + C * K + K * D) + tw["text_params"] * e,
+        providers=provs, gold_dtype=gold_enc.dtype, modes=("fwd+bwd",))
+
+
+def _head_step_cost(mode, C, M, D, B, K, e) -> Cost:
+    from .floors import head_cost
+    return head_cost("head", mode, C, M, D, B, K, e)
+
+
+def workloads(suites, sizes, dtype, device, allow_compile: bool = False) -> List[Workload]:
+    out = []
+    if "encoder" in suites:
+        out.append(encoder_workload(sizes, dtype, device, allow_compile))
+    if "step" in suites:
+        out.append(step_workload(sizes, dtype, device, allow_compile))
+    return out
