@@ -1,0 +1,256 @@
+"""Using demul_fast in a CoOp code base: swap two layers, keep the trainer.
+
+A CoOp-style model (Zhou et al., "Learning to Prompt for Vision-Language Models") is a
+``PromptLearner`` (token prefix buffer, learned ``ctx``, token suffix buffer), a
+``TextEncoder`` that runs the prompt embeddings through CLIP's text transformer, the frozen
+image encoder and cosine logits with cross-entropy. Turning it into DeMul (M learned
+prompts, per-class prompt weights, LLM distillation; SPEC.md) with demul_fast takes two
+swaps in ``CustomCLIP``:
+
+1. ``TextEncoder(clip_model)``  ->  ``demul_fast.nn.CoOpTextEncoder(clip_model)``: the
+   same ``forward(prompts, tokenized_prompts)``, the same result up to float rounding,
+   but truncated after the last EOT and with the shared [SOT] + context block computed
+   once per prompt instead of once per class;
+2. logits + ``F.cross_entropy``  ->  ``demul_fast.nn.DeMulHead(C, M, llm_embeddings,
+   phi)``: prompt weighting, cosine cross-entropy and distillation in one fused call.
+
+The prompt learner below is written in CoOp's layout and extended to M prompts (``ctx``
+``[M, n_ctx, width]``); it builds one ``[C, 77, width]`` prompt tensor per prompt with
+``expand`` of that prompt's context, which is what lets ``CoOpTextEncoder`` share the
+prefix with exact gradients (see ``demul_fast/coop.py``).
+
+Runs on random data with a small randomly initialised open_clip model (no downloads):
+
+    python examples/coop_integration.py                     # a few DeMul training steps
+    python examples/coop_integration.py --encoder plain     # the same with CoOp's encoder
+    python examples/coop_integration.py --compare 5 --model ViT-B-16 --classes 64 \
+        --n-ctx 16 --prompts 1                              # time plain vs fast steps
+
+In a real run the LLM embeddings come from ``demul_fast.llm.class_name_embeddings`` and
+phi from ``demul_fast.mapping.fit_phi_for_model``; here both are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+import demul_fast.nn as dnn
+
+WORDS = ["dog", "sea lion", "golden retriever", "red-winged blackbird", "cat", "maple tree", "airliner",
+         "garden spider", "espresso", "african elephant", "fire truck", "sunflower", "mountain bike",
+         "great white shark", "lighthouse", "hot air balloon"]
+
+
+def classnames(n: int) -> List[str]:
+    """n distinct class names of different token lengths."""
+    names = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        names.append(w if i < len(WORDS) else f"{WORDS[(i // len(WORDS)) % len(WORDS)]} {w}")
+    return names
+
+
+def build_clip(name: str, seed: int):
+    """A randomly initialised open_clip model and its tokenizer, frozen and in eval mode.
+    "tiny": width-64, 2-layer text tower and a 32-px vision tower, for tests and CI."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "tiny":
+            model = CLIP(embed_dim=32,
+                         vision_cfg=dict(layers=1, width=32, patch_size=8, image_size=32, head_width=16),
+                         text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+            tokenizer = open_clip.get_tokenizer("ViT-B-16")
+        else:
+            model = open_clip.create_model(name, pretrained=None)
+            tokenizer = open_clip.get_tokenizer(name)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+class PromptLearner(nn.Module):
+    """CoOp's prompt learner (unified context, class token at the end), with M prompts.
+
+    Buffers ``token_prefix [C, 1, W]`` (SOT) and ``token_suffix [C, 77 - 1 - n_ctx, W]``
+    (class name, ".", EOT, padding); parameter ``ctx [M, n_ctx, W]`` (init N(0, 0.02)).
+    ``forward()`` returns M prompt tensors ``[C, 77, W]``: ``[prefix ; ctx[m] ; suffix]``.
+    """
+
+    def __init__(self, classnames: Sequence[str], clip_model: nn.Module, tokenizer, n_ctx: int, n_prompts: int):
+        super().__init__()
+        width = clip_model.ln_final.weight.shape[0]
+        dtype = clip_model.positional_embedding.dtype
+        texts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
+        tokenized = tokenizer(texts)                                          # [C, 77]
+        with torch.no_grad():
+            embedding = clip_model.token_embedding(tokenized).to(dtype)      # [C, 77, W]
+        self.ctx = nn.Parameter(torch.randn(n_prompts, n_ctx, width, dtype=dtype) * 0.02)
+        self.register_buffer("token_prefix", embedding[:, :1])
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:])
+        self.register_buffer("tokenized_prompts", tokenized)
+        self.n_cls, self.n_ctx = len(classnames), n_ctx
+
+    def forward(self) -> List[torch.Tensor]:
+        prompts = []
+        for ctx in self.ctx:                                                 # [n_ctx, W] per prompt
+            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)                # CoOp's broadcast
+            prompts.append(torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1))
+        return prompts
+
+
+class TextEncoder(nn.Module):
+    """CoOp's text encoder: every prompt at 77 tokens through the CLIP text tower."""
+
+    def __init__(self, clip_model: nn.Module):
+        super().__init__()
+        self.transformer = clip_model.transformer
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+
+    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
+        x = prompts + self.positional_embedding.to(prompts.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
+
+
+class CustomCLIP(nn.Module):
+    """CoOp's CustomCLIP with the DeMul head. ``encoder="fast"`` uses CoOpTextEncoder."""
+
+    def __init__(self, classnames: Sequence[str], clip_model: nn.Module, tokenizer, n_ctx: int, n_prompts: int,
+                 llm_embeddings: torch.Tensor, phi: nn.Linear, encoder: str = "fast"):
+        super().__init__()
+        self.prompt_learner = PromptLearner(classnames, clip_model, tokenizer, n_ctx, n_prompts)
+        self.image_encoder = clip_model.visual
+        if encoder == "fast":
+            self.text_encoder = dnn.CoOpTextEncoder(clip_model)              # swap 1
+        elif encoder == "plain":
+            self.text_encoder = TextEncoder(clip_model)
+        else:
+            raise ValueError(f"encoder must be 'fast' or 'plain', got {encoder!r}")
+        self.head = dnn.DeMulHead(len(classnames), n_prompts, llm_embeddings=llm_embeddings, phi=phi)  # swap 2
+        self.logit_scale = clip_model.logit_scale
+
+    def text_features(self) -> torch.Tensor:
+        """T [C, M, D]: one text-encoder call per prompt, as CoOp calls it per step."""
+        tokenized = self.prompt_learner.tokenized_prompts
+        return torch.stack([self.text_encoder(p, tokenized) for p in self.prompt_learner()], dim=1)
+
+    def forward(self, image: Optional[torch.Tensor] = None, label: Optional[torch.Tensor] = None,
+                image_features: Optional[torch.Tensor] = None):
+        if image_features is None:
+            with torch.no_grad():
+                image_features = self.image_encoder(image)
+        return self.head(self.text_features(), image_features, label, scale=self.logit_scale.exp())
+
+
+def make_model(args, encoder: str, clip=None):
+    """CustomCLIP on ``clip`` = (model, tokenizer) (built from ``args.model`` if None)."""
+    clip_model, tokenizer = clip or build_clip(args.model, args.seed)
+    names = classnames(args.classes)
+    dim = clip_model.text_projection.shape[1]
+    gen = torch.Generator().manual_seed(args.seed)
+    llm = torch.randn(args.classes, args.llm_dim, generator=gen)          # stands in for LLM embeddings
+    phi = nn.Linear(dim, args.llm_dim)
+    with torch.no_grad():
+        phi.weight.copy_(torch.randn(args.llm_dim, dim, generator=gen) * dim ** -0.5)
+        phi.bias.zero_()
+    torch.manual_seed(args.seed)                                          # same ctx init for both encoders
+    model = CustomCLIP(names, clip_model, tokenizer, args.n_ctx, args.prompts, llm, phi, encoder)
+    model.embed_dim = dim
+    for name, p in model.named_parameters():                             # CoOp: train the prompt learner only
+        p.requires_grad_(name.startswith("prompt_learner") or name == "head.prompt_logits")
+    return model
+
+
+def random_batch(args, model: CustomCLIP):
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    size = model.image_encoder.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(args.batch, 3, size, size, generator=gen)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=gen)
+    return images, labels
+
+
+def train(args, encoder: str) -> dict:
+    """A few SGD steps on one random few-shot batch; returns the losses and the model."""
+    model = make_model(args, encoder)
+    images, labels = random_batch(args, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+    losses = []
+    for _ in range(args.steps):
+        out = model(images, labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    return {"losses": losses, "model": model}
+
+
+def compare(args) -> dict:
+    """Time training steps with the plain and the fast encoder, interleaved, on given image
+    features (the image tower is not what differs). Returns the median seconds per step."""
+    clip = build_clip(args.model, args.seed)                              # one frozen CLIP for both
+    models = {e: make_model(args, e, clip) for e in ("plain", "fast")}
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    feats = torch.randn(args.batch, models["fast"].embed_dim, generator=gen)
+    labels = torch.randint(0, args.classes, (args.batch,), generator=gen)
+    opts = {e: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=args.lr)
+            for e, m in models.items()}
+    times = {e: [] for e in models}
+    for i in range(args.compare + 1):                                     # +1: warm-up
+        for e, m in models.items():
+            t0 = time.perf_counter()
+            out = m(label=labels, image_features=feats)
+            opts[e].zero_grad(set_to_none=True)
+            out.loss.backward()
+            opts[e].step()
+            if i:
+                times[e].append(time.perf_counter() - t0)
+    med = {e: sorted(t)[len(t) // 2] for e, t in times.items()}
+    plan = models["fast"].text_encoder.last_plan
+    return {"plain_s": med["plain"], "fast_s": med["fast"], "ratio": med["plain"] / med["fast"], "plan": plan}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help='"tiny" (default) or an open_clip model name, e.g. ViT-B-16')
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--n-ctx", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=4, help="M, learned prompts (1 = CoOp)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--llm-dim", type=int, default=48)
+    p.add_argument("--encoder", choices=("fast", "plain"), default="fast")
+    p.add_argument("--compare", type=int, default=0, metavar="STEPS",
+                   help="time STEPS training steps with each encoder (interleaved) and print the ratio")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.compare:
+        r = compare(args)
+        print(f"model {args.model}, C={args.classes}, M={args.prompts}, n_ctx={args.n_ctx}, B={args.batch}: "
+              f"plain {r['plain_s'] * 1e3:.1f} ms/step, fast {r['fast_s'] * 1e3:.1f} ms/step, "
+              f"ratio {r['ratio']:.2f}x ({r['plan']})")
+        return r
+    r = train(args, args.encoder)
+    print(f"{args.encoder} encoder, C={args.classes}, M={args.prompts}: losses "
+          + ", ".join(f"{x:.4f}" for x in r["losses"]))
+    return r
+
+
+if __name__ == "__main__":
+    main()
