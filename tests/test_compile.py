@@ -12,8 +12,11 @@ import functools
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
 import demul_fast as df
-from backend_cases import GRAD_ARGS, HAS_GPU, available_backends, make_head_inputs, run_head
+from backend_cases import GRAD_ARGS, HAS_GPU, available_backends, backend_module, make_head_inputs, run_head
 from demul_fast import backends
 
 OPTS = dict(alpha=0.5, label_smoothing=0.1, return_logits=True)
@@ -125,3 +128,119 @@ def test_compiled_head_matches_eager_gpu(backend, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     _assert_same(compiled, eager, rtol=tol, atol=tol)
     assert HAS_GPU
+
+
+# ---- registration: torch.library.opcheck on every op of every backend here -------------------
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the arguments of every call of the given custom ops (forward and backward ops
+    alike), as detached copies. Below autograd every tensor looks frozen, so the caller says
+    which tensors require grad (``track``) and when the backward pass runs (``backward``):
+    in forward calls those tensors are recorded with requires_grad (opcheck then tests the
+    op's autograd too); backward ops, not themselves differentiable, get plain tensors."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = set(ops)
+        self.calls = {}
+        self.grad_ptrs = set()
+        self.in_backward = False
+
+    def track(self, *tensors):
+        self.grad_ptrs.update(t.data_ptr() for t in tensors)
+
+    def backward(self, loss, inputs):
+        self.in_backward = True
+        try:
+            torch.autograd.grad(loss, inputs)
+        finally:
+            self.in_backward = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.ops:
+            def snap(x):
+                if not isinstance(x, torch.Tensor):
+                    return x
+                y = x.detach().clone()
+                grad = not self.in_backward and y.is_floating_point() and x.data_ptr() in self.grad_ptrs
+                return y.requires_grad_() if grad else y
+            self.calls.setdefault(func, []).append((tree_map(snap, args), tree_map(snap, kwargs)))
+        return func(*args, **kwargs)
+
+
+def _exercise(rec, backend, device):
+    """Call every public function of ``backend`` forward and backward on tiny inputs, in the
+    variants that reach different ops or arguments: with and without distillation and
+    phi_bias, logits in the loss, gradients for X and for a tensor scale."""
+    gen = torch.Generator().manual_seed(0)
+    for distill, bias, logits in ((True, True, True), (True, False, False), (False, False, True)):
+        inputs = make_head_inputs(gen, C=3, M=2, D=5, B=3, K=4, device=device, bias=bias, distill=distill)
+        inputs["scale"] = torch.tensor(10.0, device=device)
+        leaves = [inputs[k].requires_grad_() for k in GRAD_ARGS + ("scale",)]
+        rec.track(*leaves)
+        out = df.demul_head(**inputs, backend=backend, alpha=0.5, label_smoothing=0.1, return_logits=logits)
+        rec.backward(out.loss + (out.logits.sum() * 1e-2 if logits else 0), leaves)
+    inputs = make_head_inputs(gen, C=3, M=2, D=5, B=3, K=4, device=device)
+    T, A, X = (inputs[k].requires_grad_() for k in GRAD_ARGS)
+    rec.track(T, A, X)
+    U = df.aggregate_prompts(T, A, backend=backend)
+    rec.track(U)
+    ce = df.cosine_cross_entropy(X, U, inputs["labels"], 10.0, 0.1, backend=backend)
+    dist = df.prompt_distill_loss(T, inputs["phi_weight"], inputs["phi_bias"], inputs["llm_embeddings"],
+                                  backend=backend)
+    rec.backward(ce + dist, [T, A, X])
+
+
+def _recorded_calls(backend, device):
+    ops = getattr(backend_module(backend), "OPS", None)
+    if not ops:
+        return []
+    recorder = _OpRecorder(ops)
+    with recorder:
+        _exercise(recorder, backend, device)
+    return [(op, recorder.calls.get(op, [])) for op in ops]
+
+
+def _distinct(samples):
+    """One sample per pattern of arguments (which are None or empty, which are bools and their
+    values, which tensors require grad): repeated calls of the same kind add nothing."""
+    seen, out = set(), []
+    for args, kwargs in samples:
+        def kind(x):
+            if isinstance(x, torch.Tensor):
+                return ("t", x.numel() == 0, x.requires_grad)
+            return x if isinstance(x, bool) or x is None else type(x).__name__
+        key = tuple(kind(a) for a in args) + tuple((k, kind(v)) for k, v in sorted(kwargs.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append((args, kwargs))
+    return out
+
+
+def _opcheck_params():
+    params = []
+    for device in ("cpu", "cuda"):
+        for name in available_backends(device):
+            if name == "torch":  # plain PyTorch, no custom ops: it compiles directly (tests above)
+                continue
+            marks = [pytest.mark.gpu] if device == "cuda" else []
+            params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
+    if not HAS_GPU:  # listed (and skipped at collection) so the GPU runs are visible here
+        params += [pytest.param(n, "cuda", id=f"{n}-cuda", marks=pytest.mark.gpu) for n in ("triton", "cuda")]
+    return params
+
+
+@pytest.mark.parametrize("backend,device", _opcheck_params())
+def test_opcheck_every_registered_op(backend, device):
+    """Samples are derived, not hand-written: the backend's own public functions are run
+    forward and backward on tiny inputs while a dispatch mode records each call of an op in
+    the module's ``OPS``; every distinct recorded call then goes through opcheck
+    (schema, fake/meta implementation, autograd registration, AOT dispatch)."""
+    calls = _recorded_calls(backend, device)
+    assert calls, f"the {backend} backend module lists no OPS (custom ops are how it compiles)"
+    missing = [str(op) for op, samples in calls if not samples]
+    for op, samples in calls:
+        for args, kwargs in _distinct(samples):
+            torch.library.opcheck(op, args, kwargs)
+    assert not missing, f"ops in {backend}.OPS never called by the public functions, so not opchecked: {missing}"
