@@ -50,6 +50,23 @@ def _contig(*ts):
     return [None if t is None else t.contiguous() for t in ts]
 
 
+def _saved(ctx):
+    """The saved tensors for a backward op. In a plain backward (grad mode off) they are
+    detached: the backward ops are not differentiable. Under create_graph=True they stay
+    attached so that differentiating a gradient reaches _no_double_backward and raises."""
+    ts = ctx.saved_tensors
+    return ts if torch.is_grad_enabled() else tuple(t.detach() for t in ts)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("the triton backend has no second derivatives (double backward); "
+                              "use backend='torch' for higher-order gradients")
+
+
+def _register_backward_op(op):
+    op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # ---------------------------------------------------------------- aggregation
 
 @torch.library.custom_op("demul_fast::triton_aggregate", mutates_args=())
@@ -80,7 +97,7 @@ def _aggregate_setup(ctx, inputs, output):
 
 
 def _aggregate_backward(ctx, grad):
-    T, A = ctx.saved_tensors
+    T, A = _saved(ctx)
     dT, dA = torch.ops.demul_fast.triton_aggregate_bwd(T, A, grad)
     return dT, dA
 
@@ -128,7 +145,7 @@ def _distill_setup(ctx, inputs, output):
 
 
 def _distill_backward(ctx, grad, *_unused_stats):
-    T, W, E, zn, cos, en, *rest = ctx.saved_tensors
+    T, W, E, zn, cos, en, *rest = _saved(ctx)
     b = rest[0] if ctx.has_bias else None
     dT = torch.ops.demul_fast.triton_distill_bwd(T, W, b, E, zn, cos, en, grad)
     return dT, None, None, None
@@ -177,7 +194,7 @@ def _cosine_ce_setup(ctx, inputs, output):
 
 
 def _cosine_ce_backward(ctx, grad, _grad_lse):
-    X, U, y, scale, lse = ctx.saved_tensors
+    X, U, y, scale, lse = _saved(ctx)
     need_dx = ctx.needs_input_grad[0]
     dU, dscale, dX = torch.ops.demul_fast.triton_cosine_ce_bwd(X, U, y, scale, lse, grad, ctx.ls, need_dx)
     return (dX if need_dx else None), dU, None, (dscale if ctx.needs_input_grad[3] else None), None
@@ -259,7 +276,7 @@ def _head_setup(ctx, inputs, output):
 
 def _head_backward(ctx, grads):
     g_loss, g_ce, g_dist, g_logits = grads[:4]  # the saved outputs' gradients are unused
-    T, A, X, y, scale, U, lse, zn, cos, en, *rest = ctx.saved_tensors
+    T, A, X, y, scale, U, lse, zn, cos, en, *rest = _saved(ctx)
     E, W, b = (rest.pop(0) if present else None for present in ctx.optional)
     grad_ce = g_loss + g_ce
     grad_dist = ctx.alpha * g_loss + g_dist
@@ -272,6 +289,8 @@ def _head_backward(ctx, grads):
 
 
 _head.register_autograd(_head_backward, setup_context=_head_setup)
+for _op in (_aggregate_bwd, _distill_bwd, _cosine_ce_bwd, _head_bwd):
+    _register_backward_op(_op)
 
 OPS = [
     torch.ops.demul_fast.triton_aggregate.default,

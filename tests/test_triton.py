@@ -236,3 +236,12 @@ def test_ops_registered():
     for base in ("triton_aggregate", "triton_distill", "triton_cosine_ce", "triton_head"):
         assert f"demul_fast.{base}.default" in names and f"demul_fast.{base}_bwd.default" in names
     assert all(isinstance(op, torch._ops.OpOverload) for op in triton_ops.OPS)
+
+
+def test_double_backward_refused(gen):
+    T, A, X, y, E, W, b = make_inputs(gen, C=4, M=2, D=8, B=2, K=8)
+    T = T.float().requires_grad_(True)
+    out = F.demul_head(T, A.float(), X.float(), y, 5.0, E.float(), W.float(), b.float(), backend="triton")
+    (dT,) = torch.autograd.grad(out.loss, [T], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        dT.sum().backward()
