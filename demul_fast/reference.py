@@ -152,7 +152,8 @@ def demul_head(
 # SPEC.md section 3: the text encoder the CoOp way, and the whole DeMul module
 # --------------------------------------------------------------------------------------
 
-import json  # noqa: E402  (the module-level part of the reference starts here)
+import copy  # noqa: E402  (the module-level part of the reference starts here)
+import json  # noqa: E402
 import os  # noqa: E402
 from typing import Callable, Sequence, Tuple  # noqa: E402
 
@@ -361,8 +362,8 @@ class HeadParameters(nn.Module):
             pre, w, b = split_phi(phi)
             if w.shape[0] != llm_embeddings.shape[1]:
                 raise ValueError(f"phi maps to K={w.shape[0]} but llm_embeddings has K={llm_embeddings.shape[1]}")
-            if pre is not None:
-                self.phi_pre = pre.requires_grad_(False)
+            if pre is not None:  # a frozen copy: the caller's module is left as it is
+                self.phi_pre = copy.deepcopy(pre).requires_grad_(False)
             e, w, b = llm_embeddings.detach().clone(), w.clone(), None if b is None else b.clone()
         self.register_buffer("llm_embeddings", e)
         self.register_buffer("phi_weight", w)
