@@ -1,0 +1,36 @@
+"""A tiny randomly initialised open_clip model for fast CPU tests (32 px images, width 64).
+
+``tiny_config(folder)`` writes its open_clip config JSON (the file name is the model name)
+and registers it; ``tiny_clip(seed)`` builds the model and its tokenizer.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+NAME = "DemulTiny-test"
+CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny_config(folder) -> Path:
+    import open_clip
+
+    path = Path(folder) / f"{NAME}.json"
+    path.write_text(json.dumps(CONFIG))
+    open_clip.add_model_config(path)
+    return path
+
+
+def tiny_clip(folder, seed: int = 0):
+    import open_clip
+
+    tiny_config(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(NAME, pretrained=None)
+    return model.eval(), open_clip.get_tokenizer(NAME)
