@@ -5,7 +5,12 @@ Two checks must look at values: labels in [0, C) and a tensor ``scale`` being fi
 On CPU tensors they always run; on GPU tensors they cost one host synchronisation
 per call, so they run unless ``DEMUL_FAST_CHECK_VALUES=0`` (then the kernels still
 never read out of bounds, but an out-of-range label gives an undefined loss). Under
-torch.compile they become ``torch._assert_async`` (no graph break, no sync).
+torch.compile they become ``torch._assert_async`` (no graph break, no sync). Tensors
+without values (the ``meta`` device, fake tensors outside torch.compile) skip them, so
+shape inference on meta tensors works.
+
+Values are otherwise not inspected: NaN or inf in a feature propagates to the loss exactly
+as in the reference (README, "Guarantees").
 """
 
 from __future__ import annotations
@@ -27,8 +32,21 @@ def _is_compiling() -> bool:
         return False
 
 
-def _value_checks_enabled(device: torch.device) -> bool:
-    if device.type == "cpu":
+def _has_values(x: torch.Tensor) -> bool:
+    """False for tensors without data: meta tensors and fake tensors (tracing)."""
+    if x.device.type == "meta":
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - very old torch
+        return True
+    return not is_fake(x)
+
+
+def _value_checks_enabled(x: torch.Tensor) -> bool:
+    if not _has_values(x):
+        return False
+    if x.device.type == "cpu":
         return True
     return os.environ.get("DEMUL_FAST_CHECK_VALUES", "1") != "0"
 
@@ -36,6 +54,8 @@ def _value_checks_enabled(device: torch.device) -> bool:
 def check_tensor(x, name: str, ndim: int, what: str, floating: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor {what}, got layout {x.layout}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions {what}, got shape {tuple(x.shape)}")
     if floating and x.dtype not in FLOAT_DTYPES:
@@ -67,6 +87,8 @@ def check_dim(actual: int, expected: int, name: str, axis: str, other: str) -> N
 def check_labels(labels, batch: int, num_classes: int) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor [B] of class indices, got {type(labels).__name__}")
+    if labels.layout != torch.strided:
+        raise TypeError(f"labels must be a dense (strided) tensor [B], got layout {labels.layout}")
     if labels.dim() != 1:
         raise ValueError(f"labels must have shape [B], got shape {tuple(labels.shape)}")
     if labels.dtype not in INT_DTYPES:
@@ -76,7 +98,7 @@ def check_labels(labels, batch: int, num_classes: int) -> None:
     if _is_compiling():
         torch._assert_async(((labels >= 0) & (labels < num_classes)).all(), "labels out of range [0, C)")
         return
-    if not _value_checks_enabled(labels.device):
+    if not _value_checks_enabled(labels):
         return
     lo, hi = torch.aminmax(labels)
     lo, hi = int(lo), int(hi)
@@ -98,7 +120,7 @@ def check_scale(scale, device: torch.device) -> None:
         if _is_compiling():
             torch._assert_async(torch.isfinite(scale).all(), "scale must be finite")
             return
-        if _value_checks_enabled(scale.device) and not bool(torch.isfinite(scale).all()):
+        if _value_checks_enabled(scale) and not bool(torch.isfinite(scale).all()):
             raise ValueError(f"scale must be finite, got {scale.detach().cpu().item()}")
     elif not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")

@@ -1,0 +1,218 @@
+"""Property tests (hypothesis).
+
+1. Agreement: over random shapes, dtypes, label smoothing, alpha, with or without
+   distillation and phi_bias, every available backend matches the float64 reference within
+   the package's error rule (tests/numerics.py), loss parts, logits and gradients.
+2. Refusal: every malformed call (wrong rank, mismatched C/M/D/K/B, wrong dtype, labels out
+   of range, mixed devices, empty, non-tensor, wrong layout) of each public function raises a
+   ValueError or TypeError naming the bad argument, whatever backend is asked for, and no
+   backend function is ever called.
+
+Example counts are small so the suite stays fast (``DEMUL_FAST_HYPOTHESIS_EXAMPLES``
+raises them for a longer search); examples are derandomized, so CI is reproducible.
+"""
+
+import os
+from contextlib import ExitStack
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import demul_fast as df
+from backend_cases import (DTYPE_IDS, HAS_GPU, KERNEL_DTYPES, assert_head_matches_reference,
+                           available_backends, backend_module, make_head_inputs)
+from demul_fast import backends
+
+EXAMPLES = int(os.environ.get("DEMUL_FAST_HYPOTHESIS_EXAMPLES", "20"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ---- 1. agreement with the reference --------------------------------------------------------
+
+def _agreement_params():
+    """(backend, device, dtypes it is tested in): on CPU the torch backend in every dtype,
+    triton (interpreter) in float32; on a GPU every backend in the kernel dtypes."""
+    params = []
+    for name in available_backends("cpu"):
+        dtypes = (torch.float32,) if name != "torch" else KERNEL_DTYPES + (torch.float64,)
+        params.append(pytest.param(name, "cpu", dtypes, id=f"{name}-cpu"))
+    for name in backends.BACKENDS:
+        marks = [pytest.mark.gpu]
+        if HAS_GPU and backends.why_not(name, torch.device("cuda")) is not None:
+            marks.append(pytest.mark.skip(reason=f"{name}: {backends.why_not(name, torch.device('cuda'))}"))
+        params.append(pytest.param(name, "cuda", KERNEL_DTYPES, id=f"{name}-cuda", marks=marks))
+    return params
+
+
+@st.composite
+def head_cases(draw, dtypes, big=False):
+    hi = 64 if big else 12
+    dims = dict(C=draw(st.integers(1, hi)), M=draw(st.integers(1, 5)), D=draw(st.integers(1, 3 * hi)),
+                B=draw(st.integers(1, 8)), K=draw(st.integers(1, 2 * hi)))
+    return dict(
+        dims=dims,
+        dtype=draw(st.sampled_from(dtypes)),
+        distill=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        scale=draw(st.sampled_from([1.0, 30.0, 100.0])),
+        opts=dict(
+            label_smoothing=draw(st.sampled_from([0.0, 0.1]) | st.floats(0.0, 1.0)),
+            alpha=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 4.0)),
+            return_logits=draw(st.booleans()),
+        ),
+    )
+
+
+@pytest.mark.parametrize("backend,device,dtypes", _agreement_params())
+@SETTINGS
+@given(data=st.data())
+def test_every_backend_agrees_with_the_reference(backend, device, dtypes, data):
+    case = data.draw(head_cases(dtypes, big=device == "cuda"))
+    gen = torch.Generator().manual_seed(case["seed"])
+    inputs = make_head_inputs(gen, dtype=case["dtype"], device=device, bias=case["bias"], distill=case["distill"],
+                              **case["dims"])
+    inputs["scale"] = case["scale"]
+    print(f"{backend} {DTYPE_IDS[case['dtype']]} {case['dims']} distill={case['distill']} bias={case['bias']} "
+          f"{case['opts']}")
+    assert_head_matches_reference(inputs, backend, **case["opts"])
+
+
+# ---- 2. malformed input is refused before any backend runs -----------------------------------
+
+# each public function: its tensor arguments with their symbolic shapes ("i" marks labels)
+SIGNATURES = {
+    "demul_head": dict(text_features="CMD", prompt_logits="CM", image_features="BD", labels="B",
+                       llm_embeddings="CK", phi_weight="KD", phi_bias="K"),
+    "aggregate_prompts": dict(text_features="CMD", prompt_logits="CM"),
+    "cosine_cross_entropy": dict(image_features="BD", class_features="CD", labels="B"),
+    "prompt_distill_loss": dict(text_features="CMD", phi_weight="KD", phi_bias="K", llm_embeddings="CK"),
+}
+SCALARS = {"demul_head": dict(scale=30.0, alpha=1.0, label_smoothing=0.1),
+           "cosine_cross_entropy": dict(scale=30.0, label_smoothing=0.1)}
+
+
+def _good_call(fn, dims, seed):
+    gen = torch.Generator().manual_seed(seed)
+    kwargs = {}
+    for arg, shape in SIGNATURES[fn].items():
+        if arg == "labels":
+            kwargs[arg] = torch.randint(0, dims["C"], (dims["B"],), generator=gen)
+        else:
+            kwargs[arg] = torch.randn(*(dims[s] for s in shape), generator=gen)
+    kwargs.update(SCALARS.get(fn, {}))
+    return kwargs
+
+
+def _shared_symbols(fn):
+    """Symbols that appear in two or more arguments: changing one side is a mismatch."""
+    count = {}
+    for shape in SIGNATURES[fn].values():
+        for s in set(shape):
+            count[s] = count.get(s, 0) + 1
+    return {s for s, n in count.items() if n > 1}
+
+
+def _kinds(fn):
+    kinds = ["rank", "dtype", "device", "empty", "not_tensor", "layout", "mismatch"]
+    if "labels" in SIGNATURES[fn]:
+        kinds.append("label_range")
+    if fn in SCALARS:
+        kinds.append("scalar")
+    return kinds
+
+
+MALFORMED = [(fn, kind) for fn in sorted(SIGNATURES) for kind in _kinds(fn)]
+
+
+@st.composite
+def malformed_calls(draw, fn, kind):
+    """(kwargs, the argument the error must name) for a call of ``fn`` broken in a ``kind`` way."""
+    dims = {s: draw(st.integers(1, 6)) for s in "CMDBK"}
+    kwargs = _good_call(fn, dims, draw(st.integers(0, 2**16)))
+    arg = draw(st.sampled_from(sorted(SIGNATURES[fn])))
+    t = kwargs.get(arg)
+    if kind == "rank":
+        kwargs[arg] = t.unsqueeze(-1) if draw(st.booleans()) or t.dim() == 0 else t[..., 0]
+    elif kind == "dtype":
+        if arg == "labels":
+            bad = draw(st.sampled_from([torch.float32, torch.bool, torch.float64]))
+        else:
+            bad = draw(st.sampled_from([torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8]))
+        kwargs[arg] = t.to(bad)
+    elif kind == "device":
+        kwargs[arg] = t.to("meta")
+    elif kind == "empty":
+        axis = draw(st.integers(0, t.dim() - 1))
+        kwargs[arg] = t.narrow(axis, 0, 0)
+    elif kind == "not_tensor":
+        kwargs[arg] = draw(st.sampled_from([t.tolist(), t.numpy(), 1.0]))
+    elif kind == "layout":
+        kwargs[arg] = t.to_sparse()
+    elif kind == "mismatch":
+        shape = SIGNATURES[fn][arg]
+        axes = [i for i, s in enumerate(shape) if s in _shared_symbols(fn)]
+        if not axes:  # this argument has no shared axis: pick one that has
+            arg = draw(st.sampled_from(sorted(a for a, sh in SIGNATURES[fn].items()
+                                              if set(sh) & _shared_symbols(fn))))
+            shape, t = SIGNATURES[fn][arg], kwargs[arg]
+            axes = [i for i, s in enumerate(shape) if s in _shared_symbols(fn)]
+        axis = draw(st.sampled_from(axes))
+        new = list(t.shape)
+        new[axis] += draw(st.integers(1, 3))
+        kwargs[arg] = (torch.zeros(new, dtype=t.dtype) if arg == "labels" else torch.randn(new))
+    elif kind == "label_range":
+        arg = "labels"
+        y = kwargs["labels"].clone()
+        y[draw(st.integers(0, y.numel() - 1))] = draw(st.sampled_from([-1, -100, dims["C"], dims["C"] + 7]))
+        kwargs["labels"] = y
+    elif kind == "scalar":
+        arg, bad = draw(st.sampled_from(
+            [("scale", float("nan")), ("scale", float("inf")), ("scale", torch.tensor(float("nan"))),
+             ("scale", "30"), ("scale", torch.ones(3)), ("scale", torch.tensor(30.0, device="meta")),
+             ("label_smoothing", -0.5), ("label_smoothing", 1.5), ("label_smoothing", float("nan"))]
+            + ([("alpha", float("inf")), ("alpha", "1")] if fn == "demul_head" else [])))
+        kwargs[arg] = bad
+    return kwargs, arg
+
+
+class KernelReached(AssertionError):
+    pass
+
+
+def _forbid_backends():
+    """Replace the four functions of every importable backend module with a stub that fails."""
+    stack = ExitStack()
+    for name in backends.BACKENDS:
+        if backends._load(name)[0] is None:
+            continue
+        module = backend_module(name)
+        for fn in ("aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head"):
+            def stub(*args, _where=f"{name}.{fn}", **kwargs):
+                raise KernelReached(f"malformed input reached {_where}")
+            stack.enter_context(mock.patch.object(module, fn, stub))
+    return stack
+
+
+@pytest.mark.parametrize("fn,kind", MALFORMED, ids=[f"{f}-{k}" for f, k in MALFORMED])
+@settings(SETTINGS, max_examples=max(EXAMPLES // 2, 5))
+@given(data=st.data())
+def test_malformed_input_is_refused_before_any_backend(fn, kind, data):
+    kwargs, arg = data.draw(malformed_calls(fn, kind))
+    backend = data.draw(st.sampled_from([None] + available_backends("cpu")))
+    with _forbid_backends():
+        with pytest.raises((ValueError, TypeError)) as info:
+            getattr(df, fn)(**kwargs, backend=backend)
+    assert arg in str(info.value), f"{fn}: the error does not name {arg}: {info.value}"
+
+
+def test_forbidding_backends_is_effective():
+    """The stubs above do intercept a well-formed call (so the refusal test can fail)."""
+    kwargs = _good_call("demul_head", dict(C=3, M=2, D=4, B=2, K=5), 0)
+    with _forbid_backends(), pytest.raises(KernelReached):
+        df.demul_head(**kwargs)
+    assert torch.isfinite(df.demul_head(**kwargs).loss)
