@@ -244,3 +244,64 @@ def test_opcheck_every_registered_op(backend, device):
         for args, kwargs in _distinct(samples):
             torch.library.opcheck(op, args, kwargs)
     assert not missing, f"ops in {backend}.OPS never called by the public functions, so not opchecked: {missing}"
+
+
+# ---- a compiled DeMul training step ---------------------------------------------------------------
+
+def _tiny_demul(backend=None):
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    d, k = 16, 12
+    clip = CLIP(embed_dim=d, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=32),
+                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    names = ["cat", "golden_retriever", "sea anemone"]
+    model = df.DeMul(clip, open_clip.get_tokenizer("ViT-B-16"), names, llm_embeddings=torch.randn(3, k),
+                     phi=torch.nn.Linear(d, k), n_prompts=2, n_ctx=4, label_smoothing=0.1, backend=backend)
+    with torch.no_grad():
+        model.head.prompt_logits.normal_()
+    return model.train(), d
+
+
+def _step(module, params, x, y):
+    out = module(labels=y, image_features=x)
+    return [out.loss.detach(), out.ce_loss.detach()] + list(torch.autograd.grad(out.loss, params))
+
+
+def test_compiled_demul_training_step_matches_eager():
+    """The whole DeMul forward (prefix-shared text encoder + head) compiles as one graph with
+    aot_eager, gives eager's loss and gradients (ctx, prompt logits), and does not recompile
+    for a new batch."""
+    model, d = _tiny_demul(backend="torch")
+    params = [model.ctx, model.head.prompt_logits]
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x, y = torch.randn(4, d, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+        eager = _step(model, params, x, y)
+        got = _step(compiled, params, x, y)
+        for name, a, b in zip(["loss", "ce_loss", "dctx", "dprompt_logits"], got, eager):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs (graph break or recompile)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backends.BACKENDS)
+def test_compiled_demul_training_step_gpu(backend):
+    reason = backends.why_not(backend, torch.device("cuda"), torch.float32)
+    if reason is not None:
+        pytest.skip(f"backend {backend} unavailable on cuda: {reason}")
+    model, d = _tiny_demul(backend=backend)
+    model = model.cuda()
+    params = [model.ctx, model.head.prompt_logits]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, d, generator=gen).cuda(), torch.randint(0, 3, (4,), generator=gen).cuda()
+    eager = _step(model, params, x, y)
+    got = _step(torch.compile(model, fullgraph=True), params, x, y)
+    for name, a, b in zip(["loss", "ce_loss", "dctx", "dprompt_logits"], got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
