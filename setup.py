@@ -154,5 +154,6 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["demul-fast=demul_fast.cli:main"]},
     zip_safe=False,
 )
