@@ -121,8 +121,8 @@ def assert_head_matches_reference(inputs: dict, backend: Optional[str], grad_arg
     from numerics import assert_error_rule  # noqa: PLC0415 - tests/ is on sys.path via conftest
 
     fast, fast_g = run_head(inputs, backend, grad_args, view=view, **opts)
-    ref, ref_g = run_head(inputs, None, grad_args, reference=True, cast=torch.float64, **opts)
-    plain, plain_g = run_head(inputs, None, grad_args, reference=True, **opts)
+    ref, ref_g = run_head(inputs, None, grad_args, reference=True, cast=torch.float64, view=view, **opts)
+    plain, plain_g = run_head(inputs, None, grad_args, reference=True, view=view, **opts)
     dtype = inputs["text_features"].dtype
     for part in ("loss", "ce_loss", "distill_loss", "logits"):
         f, r, p = getattr(fast, part), getattr(ref, part), getattr(plain, part)

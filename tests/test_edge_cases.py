@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import demul_fast as df
-from backend_cases import (assert_head_matches_reference, backend_params, make_head_inputs, run_head)
+from backend_cases import assert_head_matches_reference, backend_params, make_head_inputs, run_head
 from numerics import assert_error_rule
 
 F32 = backend_params((torch.float32,))
@@ -149,6 +149,35 @@ def test_non_contiguous_views(gen, backend, device, dtype):
             view = _strided(name, t)
             assert not view.is_contiguous() and torch.equal(view, t), name
     assert_head_matches_reference(inputs, backend, view=_strided, label_smoothing=0.1, return_logits=True)
+
+
+def _broadcast(name, t):
+    """Stride-0 views: uniform prompt logits as ``zeros(M).expand(C, M)`` (the fixed-weight
+    ablation), one image feature repeated over the batch, one bias repeated over K."""
+    if name == "prompt_logits":
+        return t[:1].expand_as(t)
+    if name == "image_features":
+        return t[:1].expand_as(t)
+    if name == "phi_bias":
+        return t[:1].expand_as(t)
+    return t
+
+
+@pytest.mark.parametrize("backend,device,dtype", F32)
+def test_broadcast_views_with_zero_strides(gen, backend, device, dtype):
+    inputs = _inputs(gen, device, dtype)
+    assert _broadcast("prompt_logits", inputs["prompt_logits"]).stride(0) == 0
+    assert_head_matches_reference(inputs, backend, view=_broadcast, label_smoothing=0.1, return_logits=True)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_meta_tensors_give_shapes_without_values(gen, backend):
+    """Meta tensors have no values: the validator skips its value checks and the torch backend
+    infers the output shapes (useful for tracing and memory planning)."""
+    inputs = make_head_inputs(gen, C=5, B=4, device="meta")
+    inputs["scale"] = torch.tensor(30.0, device="meta")
+    out = df.demul_head(**inputs, backend=backend, return_logits=True)
+    assert out.loss.shape == () and out.logits.shape == (4, 5) and out.loss.device.type == "meta"
 
 
 # ---- float16 range ------------------------------------------------------------------------------
