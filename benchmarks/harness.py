@@ -281,23 +281,38 @@ def _fmt_bytes(b: Optional[int]) -> str:
     return "" if b is None else f"{b / 2**20:.1f}"
 
 
+def _collapse(rows: List[Row]) -> List[Row]:
+    """Non-ok rows that differ only in mode become one row with mode "all"."""
+    out: List[Row] = []
+    for r in rows:
+        prev = out[-1] if out else None
+        if (r.status != "ok" and prev is not None and prev.status == r.status and prev.op == r.op
+                and prev.provider == r.provider and prev.suite == r.suite and prev.note == r.note
+                and prev.sizes == r.sizes):
+            if prev.mode != "all":
+                out[-1] = Row(**{**asdict(prev), "mode": "all"})
+            continue
+        out.append(r)
+    return out
+
+
 def format_table(rows: List[Row]) -> str:
-    head = ["suite", "op", "mode", "provider", "status", "ms (p20-p80)", "x eager", "MiB", "x mem",
+    head = ["suite", "op", "C", "mode", "provider", "status", "ms (p20-p80)", "x eager", "MiB", "x mem",
             "floor ms", "% floor", "GB/s", "TFLOP/s", "max err", "note"]
     body = []
-    for r in rows:
+    for r in _collapse(rows):
         if r.status == "ok":
             t = f"{_fmt_ms(r.time_ms)} ({_fmt_ms(r.q20_ms)}-{_fmt_ms(r.q80_ms)})"
-            body.append([r.suite, r.op, r.mode, r.provider, r.status, t,
+            body.append([r.suite, r.op, r.sizes.get("C", ""), r.mode, r.provider, r.status, t,
                          f"{r.speedup_vs_eager:.2f}" if r.speedup_vs_eager else "",
                          _fmt_bytes(r.peak_mem_bytes), f"{r.mem_vs_eager:.2f}" if r.mem_vs_eager else "",
                          f"{_fmt_ms(r.floor_ms)} {r.floor_bound[:3]}", f"{100 * r.frac_of_floor:.1f}",
-                         f"{r.gb_per_s:.1f}", f"{r.tflop_per_s:.3f}", f"{r.max_rel_error:.1e}",
-                         "" if r.provider in ("eager",) else ""])
+                         f"{r.gb_per_s:.1f}", f"{r.tflop_per_s:.3f}", f"{r.max_rel_error:.1e}", ""])
         else:
             err = f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else ""
             note = r.note if len(r.note) <= 90 else r.note[:87] + "..."
-            body.append([r.suite, r.op, r.mode, r.provider, r.status, "", "", "", "", "", "", "", "", err, note])
+            body.append([r.suite, r.op, r.sizes.get("C", ""), r.mode, r.provider, r.status,
+                         "", "", "", "", "", "", "", "", err, note])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]

@@ -11,10 +11,11 @@ Peak memory. GPU: ``torch.cuda.max_memory_allocated`` during one call minus the 
 allocated before it (so inputs and, for ``bwd`` rows, the saved forward graph are not
 counted). CPU: the process's peak resident set during one call (``VmHWM`` of
 /proc/self/status, reset through /proc/self/clear_refs just before the call) minus the
-resident set before it. tracemalloc is not used: it does not see torch's tensor
-allocations. The CPU figure misses allocations served from heap memory that is already
-resident, so small rows can read lower than the tensors they allocate; it is None where
-/proc is not available.
+resident set before it, after glibc's ``malloc_trim(0)`` has handed freed heap pages back
+to the system (so memory that the call reuses from earlier calls is counted when touched).
+tracemalloc is not used: it does not see torch's tensor allocations. Pages that stay
+resident (the first pages of the malloc arenas, Python objects) are not counted, so tiny
+rows read near zero; it is None where /proc is not available.
 
 Gate. ``errors(outputs, gold)``: for each named output the norm-wise relative error
 ``||out - gold|| / ||gold||`` against a float64 (or float32, for runs too large for
@@ -122,6 +123,14 @@ def _rss_kib(field: str) -> Optional[int]:
         return None
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(call: Callable[[], object], device: torch.device) -> Optional[int]:
     """Peak bytes allocated during one ``call()`` beyond what was allocated before it
     (see the module docstring for how, per device). The call's result is kept alive until
@@ -135,6 +144,7 @@ def peak_memory(call: Callable[[], object], device: torch.device) -> Optional[in
         peak = torch.cuda.max_memory_allocated(device) - base
         del result
         return max(peak, 0)
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current VmRSS

@@ -13,8 +13,8 @@ backend available here). All models share one frozen CLIP model and start from t
 ``ctx`` and prompt logits.
 
 The CLIP model is an open_clip model with random weights (no downloads): ``clip="tiny"``
-is a small tower (width 128, 2 layers) for the CPU preset; any open_clip model name (e.g.
-``ViT-B-16``) builds that architecture. The gold reference runs ``FullTextEncoder`` on a
+is a small tower (width 128, 2 layers) for the CPU preset, ``"micro"`` (width 32, 1 layer)
+for the tests; any open_clip model name (e.g. ``ViT-B-16``) builds that architecture. The gold reference runs ``FullTextEncoder`` on a
 float64 copy of the model (float32 on CUDA, where float64 is slow), in chunks of classes so
 that it fits where the eager reference itself may not: T chunk by chunk, then d ctx as the
 sum of the chunks' vector-Jacobian products; for ``step`` the head in between is
@@ -37,8 +37,12 @@ from demul_fast.backends import why_not
 from .floors import Cost, encoder_cost
 from .workload import Inputs, Provider, Workload, unavailable
 
-TINY = dict(embed_dim=128, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16),
-            text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2))
+CUSTOM_TOWERS = {
+    "tiny": dict(embed_dim=128, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)),
+    "micro": dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)),
+}
 WORDS = ("tabby", "cat", "golden", "retriever", "sports", "car", "red", "fox", "stone", "bridge", "great",
          "white", "shark", "espresso", "machine", "snow", "leopard", "paper", "towel", "grand", "piano")
 
@@ -55,8 +59,9 @@ def clip_model(name: str, device_str: str, dtype: torch.dtype):
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        if name == "tiny":
-            model = open_clip.CLIP(TINY["embed_dim"], TINY["vision_cfg"], TINY["text_cfg"])
+        if name in CUSTOM_TOWERS:
+            cfg = CUSTOM_TOWERS[name]
+            model = open_clip.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
             tokenizer = open_clip.get_tokenizer("ViT-B-16")
         else:
             model = open_clip.create_model(name, pretrained=None)

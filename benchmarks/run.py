@@ -40,7 +40,7 @@ PRESETS = {
     "small": dict(C=100, M=4, D=512, B=64, K=768, n_ctx=8, clip="tiny", enc_C=32, enc_M=4),
     "imagenet": dict(C=1000, M=8, D=512, B=256, K=3072, n_ctx=16, clip="ViT-B-16", enc_C=None, enc_M=None),
     "imagenet21k": dict(C=21841, M=4, D=512, B=1024, K=3072, n_ctx=16, clip="ViT-B-16", enc_C=1000, enc_M=4),
-    "tiny": dict(C=7, M=3, D=32, B=5, K=12, n_ctx=4, clip="tiny", enc_C=5, enc_M=2),
+    "tiny": dict(C=7, M=3, D=32, B=5, K=12, n_ctx=4, clip="micro", enc_C=3, enc_M=2),  # tests
 }
 
 
@@ -64,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (default 1 CPU, 0.2 GPU)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per row (default 0.1 CPU, 0.025 GPU)")
+    p.add_argument("--ceiling-mib", type=int, default=None,
+                   help="MiB copied to measure bandwidth (default 1024 GPU, 64 CPU)")
+    p.add_argument("--ceiling-n", type=int, default=None,
+                   help="n of the n^3 matrix product that measures the FLOP rate (default 8192 GPU, 1024 CPU)")
     p.add_argument("--sweep-C", default=None, help="head suite at several C, e.g. 100,1000,5000 (for --plot)")
     p.add_argument("--out", default=None, help="folder for the JSON lines and plots (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true", help="do not write JSON lines")
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device, dtype, sizes, suites, settings = resolve(args)
     t0 = time.perf_counter()
-    ceilings = floors.measure_ceilings(device, dtype)
+    ceilings = floors.measure_ceilings(device, dtype, copy_bytes=(args.ceiling_mib or 0) << 20 or None,
+                                       matmul_n=args.ceiling_n)
     print(f"device {harness.device_name(device)}, dtype {str(dtype).replace('torch.', '')}, preset {args.preset}, "
           f"sizes {sizes}")
     print(floors.describe(ceilings))
