@@ -340,3 +340,26 @@ def test_bad_inputs_name_the_argument(model64, tokens):
         CoOpTextEncoder(model64, max_buckets=0)
     with pytest.raises(UnsupportedTextTower):
         CoOpTextEncoder(tiny_clip(no_causal_mask=True))
+
+
+def test_transformers_clip_model(tokens):
+    """A small random transformers CLIPModel: the encoder on the plain token embeddings
+    (no learned context; rows share [SOT] + "X" * n_ctx by value) vs its get_text_features."""
+    transformers = pytest.importorskip("transformers")
+    text_cfg = dict(vocab_size=49408, hidden_size=WIDTH, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, eos_token_id=49407,
+                    bos_token_id=49406, pad_token_id=0, hidden_act="quick_gelu")
+    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=16)
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=48)
+    model = transformers.CLIPModel(config).double().eval().requires_grad_(False)
+    enc = CoOpTextEncoder(model)
+    assert any(p is model.text_projection.weight for p in enc.parameters())
+    with torch.no_grad():
+        prompts = model.text_model.embeddings.token_embedding(tokens)
+        out = enc(prompts, tokens)
+        own = model.get_text_features(input_ids=tokens)
+    own = own if isinstance(own, torch.Tensor) else own.pooler_output
+    assert enc.last_plan.shared_len == 1 + N_CTX
+    torch.testing.assert_close(out, own, rtol=0, atol=TOL64)
