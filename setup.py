@@ -110,7 +110,7 @@ def _cuda_extension():
         include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_pip_includes(),
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo",
                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_OPERATORS__"],

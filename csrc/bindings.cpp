@@ -1,9 +1,459 @@
-// Python bindings of the demul_fast._C extension.
-#include <torch/extension.h>
+// Entry points of demul_fast._C: argument checks (each error names the argument), output
+// allocation, and the DeMul head chained from the kernels of aggregate.cu,
+// cross_entropy.cu and distill.cu (SPEC.md section 4). Everything runs on the current
+// CUDA stream without a host synchronisation.
+//
+// Dtypes: the features (text_features, image_features, phi_weight) are float32, bfloat16
+// or float16, all alike; small operands (prompt_logits, class_features, phi_bias,
+// llm_embeddings, scale, gradient scalars) and saved statistics are float32; losses are
+// float32 0-dim tensors. Unused outputs are empty tensors.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <vector>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace demul {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr int64_t kMaxPrompts = 4096;  // the aggregation kernels keep 2 * M floats in shared memory
+
+at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
+at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
+float* fp(at::Tensor& t) { return t.data_ptr<float>(); }
+const float* cfp(const at::Tensor& t) { return t.data_ptr<float>(); }
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      return DType::kFloat;  // the checks admitted only float32 otherwise
+  }
+}
+
+CeArgs ce_args(const at::Tensor& x, const at::Tensor& u32, const at::Tensor& labels, const at::Tensor& scale,
+               const at::Tensor& xnorm, double ls) {
+  return {dtype_of(x), x.data_ptr(), cfp(u32), labels.data_ptr<int64_t>(), cfp(scale), cfp(xnorm),
+          static_cast<float>(ls), x.size(0), u32.size(0), x.size(1)};
+}
+
+DistillArgs distill_args(const at::Tensor& t, const at::Tensor& w, const OptTensor& b, const at::Tensor& e,
+                         const at::Tensor& n, const at::Tensor& en) {
+  return {dtype_of(t), t.data_ptr(), w.data_ptr(), opt_ptr(b), cfp(e), cfp(n), cfp(en),
+          t.size(0), t.size(1), t.size(2), w.size(0)};
+}
+
+// Forward of the cross-entropy: lse, ce (and logits, loss_out) from x and u32.
+void run_ce_forward(const CeArgs& a, const at::Tensor& like, void* logits, at::Tensor& lse, at::Tensor& ce,
+                    float* loss_out) {
+  const Split split = plan_split(a.B, a.C, sm_count());
+  at::Tensor partial = at::empty({split.splits, a.B, 3}, f32(like));
+  launch_ce_forward(a, split, fp(partial), logits, fp(lse), fp(ce), loss_out, stream());
+}
+
+void run_distill_forward(const DistillArgs& a, const at::Tensor& like, at::Tensor& cos, at::Tensor& zn,
+                         at::Tensor& dist, const float* ce, double alpha, float* loss_out) {
+  const Split split = plan_split(a.C * a.M, a.K, sm_count());
+  at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
+  launch_distill_forward(a, split, fp(partial), fp(cos), fp(zn), fp(dist), ce, static_cast<float>(alpha), loss_out,
+                         stream());
+}
+
+// Backward of the cross-entropy into dxh (dL/dx^, also when only dscale is wanted), du, dscale.
+void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& lse, GradWeight gw,
+                     const float* grad_logits, at::Tensor* dxh, at::Tensor* du, at::Tensor* dscale) {
+  at::Tensor dxh_buf, partial;
+  float* dxh_ptr = dxh ? fp(*dxh) : nullptr;
+  if (dscale != nullptr) {
+    if (dxh_ptr == nullptr) {
+      dxh_buf = at::empty({a.B, a.D}, f32(like));
+      dxh_ptr = fp(dxh_buf);
+    }
+    partial = at::empty({ceil_div(a.B, kTileRows)}, f32(like));
+  }
+  launch_ce_backward(a, cfp(lse), gw, grad_logits, dxh_ptr, dscale ? fp(partial) : nullptr,
+                     dscale ? fp(*dscale) : nullptr, du ? fp(*du) : nullptr, stream());
+}
+
+void normalize_rows_backward(const at::Tensor& v, const at::Tensor& dvh, const at::Tensor& norm, int64_t R, int64_t D,
+                             at::Tensor& dv) {
+  launch_normalize_rows_backward(dtype_of(v), v.data_ptr(), cfp(dvh), cfp(norm), R, D, dv.data_ptr(), stream());
+}
+
+void check_text(const at::Tensor& t) {
+  check_features(t, "text_features", 3, "[C, M, D]");
+  TORCH_CHECK(t.size(1) <= kMaxPrompts, "text_features has M=", t.size(1), " prompts, at most ", kMaxPrompts,
+              " are supported");
+}
+
+void check_labels(const at::Tensor& labels, const at::Tensor& x) {
+  check_input(labels, "labels", 1, "[B]");
+  check_dtype(labels, "labels", at::kLong);
+  check_same_device(labels, "labels", x, "image_features");
+  check_size(labels, 0, x.size(0), "labels", "B");
+}
+
+void check_aggregate_saved(const at::Tensor& t, const at::Tensor& w, const at::Tensor& n, const at::Tensor& r,
+                           const at::Tensor& u32) {
+  const int64_t C = t.size(0), M = t.size(1), D = t.size(2);
+  check_f32(w, "prompt_weights", 2, "[C, M]");
+  check_f32(n, "prompt_norms", 2, "[C, M]");
+  check_f32(r, "class_norms", 1, "[C]");
+  check_f32(u32, "class_features", 2, "[C, D]");
+  for (const auto* p : {&w, &n, &r, &u32}) check_same_device(*p, "a saved statistic", t, "text_features");
+  check_size(w, 0, C, "prompt_weights", "C");
+  check_size(w, 1, M, "prompt_weights", "M");
+  check_size(n, 0, C, "prompt_norms", "C");
+  check_size(n, 1, M, "prompt_norms", "M");
+  check_size(r, 0, C, "class_norms", "C");
+  check_size(u32, 0, C, "class_features", "C");
+  check_size(u32, 1, D, "class_features", "D");
+}
+
+// phi_weight [K, D] (text_features' dtype), phi_bias [K] float32 or None, llm_embeddings [C, K] float32.
+void check_distill_inputs(const at::Tensor& t, const at::Tensor& w, const OptTensor& b, const at::Tensor& e) {
+  check_features(w, "phi_weight", 2, "[K, D]");
+  TORCH_CHECK(w.scalar_type() == t.scalar_type(), "phi_weight (", w.scalar_type(), ") must have the dtype of ",
+              "text_features (", t.scalar_type(), ")");
+  check_same_device(w, "phi_weight", t, "text_features");
+  check_size(w, 1, t.size(2), "phi_weight", "D");
+  const int64_t K = w.size(0);
+  if (has(b)) {
+    check_f32(*b, "phi_bias", 1, "[K]");
+    check_same_device(*b, "phi_bias", t, "text_features");
+    check_size(*b, 0, K, "phi_bias", "K");
+  }
+  check_f32(e, "llm_embeddings", 2, "[C, K]");
+  check_same_device(e, "llm_embeddings", t, "text_features");
+  check_size(e, 0, t.size(0), "llm_embeddings", "C");
+  check_size(e, 1, K, "llm_embeddings", "K");
+}
+
+void check_distill_saved(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& zn, const at::Tensor& n,
+                         const at::Tensor& en) {
+  const int64_t R = t.size(0) * t.size(1);
+  check_f32(cos, "prompt_cosines", 1, "[C*M]");
+  check_f32(zn, "projection_norms", 1, "[C*M]");
+  check_f32(en, "llm_norms", 1, "[C]");
+  TORCH_CHECK(n.numel() == R && n.scalar_type() == at::kFloat && n.is_contiguous() && n.is_cuda(),
+              "prompt_norms must be a contiguous float32 CUDA tensor of C*M=", R, " elements");
+  for (const auto* p : {&cos, &zn, &n, &en}) check_same_device(*p, "a saved statistic", t, "text_features");
+  check_size(cos, 0, R, "prompt_cosines", "C*M");
+  check_size(zn, 0, R, "projection_norms", "C*M");
+  check_size(en, 0, t.size(0), "llm_norms", "C");
+}
+
+void check_image_side(const at::Tensor& t, const at::Tensor& x, const at::Tensor& labels, const at::Tensor& scale) {
+  check_features(x, "image_features", 2, "[B, D]");
+  check_same_device(x, "image_features", t, "text_features");
+  TORCH_CHECK(x.scalar_type() == t.scalar_type(), "image_features (", x.scalar_type(),
+              ") must have the dtype of text_features (", t.scalar_type(), ")");
+  check_size(x, 1, t.size(2), "image_features", "D");
+  check_labels(labels, x);
+  check_scale(scale, x, "image_features");
+}
+
+}  // namespace
+
+// -> [class features [C, D] (text_features' dtype), u^ float32 [C, D], w [C, M], n [C, M], r [C]]
+std::vector<at::Tensor> aggregate_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits) {
+  check_text(text_features);
+  check_f32(prompt_logits, "prompt_logits", 2, "[C, M]");
+  check_same_device(prompt_logits, "prompt_logits", text_features, "text_features");
+  check_size(prompt_logits, 0, text_features.size(0), "prompt_logits", "C");
+  check_size(prompt_logits, 1, text_features.size(1), "prompt_logits", "M");
+  const c10::cuda::OptionalCUDAGuard guard(text_features.device());
+  const int64_t C = text_features.size(0), M = text_features.size(1), D = text_features.size(2);
+  at::Tensor out = at::empty({C, D}, text_features.options());
+  at::Tensor u32 = at::empty({C, D}, f32(text_features));
+  at::Tensor w = at::empty({C, M}, f32(text_features));
+  at::Tensor n = at::empty({C, M}, f32(text_features));
+  at::Tensor r = at::empty({C}, f32(text_features));
+  launch_aggregate_forward(dtype_of(text_features), text_features.data_ptr(), cfp(prompt_logits), C, M, D,
+                           out.data_ptr(), fp(u32), fp(w), fp(n), fp(r), stream());
+  return {out, u32, w, n, r};
+}
+
+// grad_class_features: [C, D] float32 (dL/du^) -> [dL/dtext_features, dL/dprompt_logits (float32)]
+std::vector<at::Tensor> aggregate_backward(const at::Tensor& grad_class_features, const at::Tensor& text_features,
+                                           const at::Tensor& w, const at::Tensor& n, const at::Tensor& r,
+                                           const at::Tensor& u32) {
+  check_text(text_features);
+  check_aggregate_saved(text_features, w, n, r, u32);
+  check_f32(grad_class_features, "grad_class_features", 2, "[C, D]");
+  check_same_device(grad_class_features, "grad_class_features", text_features, "text_features");
+  TORCH_CHECK(grad_class_features.sizes() == u32.sizes(), "grad_class_features must have shape ", u32.sizes(),
+              ", got ", grad_class_features.sizes());
+  const c10::cuda::OptionalCUDAGuard guard(text_features.device());
+  at::Tensor dt = at::empty_like(text_features);
+  at::Tensor da = at::empty_like(w);
+  launch_aggregate_backward(dtype_of(text_features), cfp(grad_class_features), text_features.data_ptr(), cfp(w),
+                            cfp(n), cfp(r), cfp(u32), nullptr, text_features.size(0), text_features.size(1),
+                            text_features.size(2), dt.data_ptr(), fp(da), stream());
+  return {dt, da};
+}
+
+// class_features: [C, D] float32 -> [ce [], lse [B], ||x|| [B]]
+std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& image_features, const at::Tensor& class_features,
+                                              const at::Tensor& labels, const at::Tensor& scale,
+                                              double label_smoothing) {
+  check_features(image_features, "image_features", 2, "[B, D]");
+  check_f32(class_features, "class_features", 2, "[C, D]");
+  check_same_device(class_features, "class_features", image_features, "image_features");
+  check_size(class_features, 1, image_features.size(1), "class_features", "D");
+  check_labels(labels, image_features);
+  check_scale(scale, image_features, "image_features");
+  const c10::cuda::OptionalCUDAGuard guard(image_features.device());
+  const int64_t B = image_features.size(0), D = image_features.size(1);
+  at::Tensor xnorm = at::empty({B}, f32(image_features));
+  at::Tensor lse = at::empty({B}, f32(image_features));
+  at::Tensor ce = at::empty({}, f32(image_features));
+  launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
+  run_ce_forward(ce_args(image_features, class_features, labels, scale, xnorm, label_smoothing), image_features,
+                 nullptr, lse, ce, nullptr);
+  return {ce, lse, xnorm};
+}
+
+// -> [dL/dimage_features or empty, dL/dclass_features (float32) or empty, dL/dscale [] or empty]
+std::vector<at::Tensor> cross_entropy_backward(const OptTensor& grad_loss, const at::Tensor& image_features,
+                                               const at::Tensor& class_features, const at::Tensor& labels,
+                                               const at::Tensor& scale, double label_smoothing, const at::Tensor& lse,
+                                               const at::Tensor& xnorm, bool need_image, bool need_class,
+                                               bool need_scale) {
+  check_features(image_features, "image_features", 2, "[B, D]");
+  check_f32(class_features, "class_features", 2, "[C, D]");
+  check_same_device(class_features, "class_features", image_features, "image_features");
+  check_size(class_features, 1, image_features.size(1), "class_features", "D");
+  check_labels(labels, image_features);
+  check_scale(scale, image_features, "image_features");
+  check_grad_scalar(grad_loss, "grad_loss", image_features);
+  const int64_t B = image_features.size(0), D = image_features.size(1), C = class_features.size(0);
+  check_f32(lse, "lse", 1, "[B]");
+  check_f32(xnorm, "image_norms", 1, "[B]");
+  check_size(lse, 0, B, "lse", "B");
+  check_size(xnorm, 0, B, "image_norms", "B");
+  const c10::cuda::OptionalCUDAGuard guard(image_features.device());
+  at::Tensor dxh = need_image ? at::empty({B, D}, f32(image_features)) : empty0(image_features);
+  at::Tensor du = need_class ? at::empty({C, D}, f32(image_features)) : empty0(class_features);
+  at::Tensor dscale = need_scale ? at::empty({}, f32(image_features)) : empty0(class_features);
+  const GradWeight gw{opt_ptr(grad_loss), nullptr, 1.f, 0.f};
+  run_ce_backward(ce_args(image_features, class_features, labels, scale, xnorm, label_smoothing), image_features, lse,
+                  gw, nullptr, need_image ? &dxh : nullptr, need_class ? &du : nullptr,
+                  need_scale ? &dscale : nullptr);
+  at::Tensor dx = empty0(image_features);
+  if (need_image) {
+    dx = at::empty_like(image_features);
+    normalize_rows_backward(image_features, dxh, xnorm, B, D, dx);
+  }
+  return {dx, du, dscale};
+}
+
+// phi_bias: [K] float32 or None, llm_embeddings: [C, K] float32
+// -> [dist [], cos [C*M], ||z|| [C*M], ||t|| [C*M], ||e|| [C]]
+std::vector<at::Tensor> distill_forward(const at::Tensor& text_features, const at::Tensor& phi_weight,
+                                        const OptTensor& phi_bias, const at::Tensor& llm_embeddings) {
+  check_text(text_features);
+  check_distill_inputs(text_features, phi_weight, phi_bias, llm_embeddings);
+  const c10::cuda::OptionalCUDAGuard guard(text_features.device());
+  const int64_t C = text_features.size(0), R = C * text_features.size(1), D = text_features.size(2);
+  const int64_t K = phi_weight.size(0);
+  at::Tensor n = at::empty({R}, f32(text_features));
+  at::Tensor en = at::empty({C}, f32(text_features));
+  at::Tensor cos = at::empty({R}, f32(text_features));
+  at::Tensor zn = at::empty({R}, f32(text_features));
+  at::Tensor dist = at::empty({}, f32(text_features));
+  launch_row_norms(dtype_of(text_features), text_features.data_ptr(), R, D, fp(n), stream());
+  launch_row_norms(DType::kFloat, llm_embeddings.data_ptr(), C, K, fp(en), stream());
+  run_distill_forward(distill_args(text_features, phi_weight, phi_bias, llm_embeddings, n, en), text_features, cos, zn,
+                      dist, nullptr, 0.0, nullptr);
+  return {dist, cos, zn, n, en};
+}
+
+// -> dL/dtext_features
+at::Tensor distill_backward(const OptTensor& grad_loss, const at::Tensor& text_features, const at::Tensor& phi_weight,
+                            const OptTensor& phi_bias, const at::Tensor& llm_embeddings, const at::Tensor& cos,
+                            const at::Tensor& zn, const at::Tensor& n, const at::Tensor& en) {
+  check_text(text_features);
+  check_distill_inputs(text_features, phi_weight, phi_bias, llm_embeddings);
+  check_distill_saved(text_features, cos, zn, n, en);
+  check_grad_scalar(grad_loss, "grad_loss", text_features);
+  const c10::cuda::OptionalCUDAGuard guard(text_features.device());
+  const int64_t R = text_features.size(0) * text_features.size(1), D = text_features.size(2);
+  at::Tensor dth = at::empty({R, D}, f32(text_features));
+  launch_distill_backward(distill_args(text_features, phi_weight, phi_bias, llm_embeddings, n, en), cfp(cos), cfp(zn),
+                          GradWeight{opt_ptr(grad_loss), nullptr, 1.f, 0.f}, fp(dth), stream());
+  at::Tensor dt = at::empty_like(text_features);
+  normalize_rows_backward(text_features, dth, n, R, D, dt);
+  return dt;
+}
+
+// The whole head, L = L_ce + alpha L_dist.
+// -> [loss, ce, dist, logits [B, C] or empty, u^ [C, D], w [C, M], n [C, M], r [C], ||x|| [B], lse [B],
+//     cos [C*M], ||z|| [C*M], ||e|| [C]] (the last three empty without llm_embeddings)
+std::vector<at::Tensor> head_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits,
+                                     const at::Tensor& image_features, const at::Tensor& labels,
+                                     const at::Tensor& scale, const OptTensor& llm_embeddings,
+                                     const OptTensor& phi_weight, const OptTensor& phi_bias, double alpha,
+                                     double label_smoothing, bool return_logits) {
+  check_text(text_features);
+  check_f32(prompt_logits, "prompt_logits", 2, "[C, M]");
+  check_same_device(prompt_logits, "prompt_logits", text_features, "text_features");
+  check_size(prompt_logits, 0, text_features.size(0), "prompt_logits", "C");
+  check_size(prompt_logits, 1, text_features.size(1), "prompt_logits", "M");
+  check_image_side(text_features, image_features, labels, scale);
+  const bool distill = has(llm_embeddings);
+  TORCH_CHECK(distill == has(phi_weight), "phi_weight and llm_embeddings must be given together");
+  TORCH_CHECK(distill || !has(phi_bias), "phi_bias was given without llm_embeddings");
+  if (distill) check_distill_inputs(text_features, *phi_weight, phi_bias, *llm_embeddings);
+  const c10::cuda::OptionalCUDAGuard guard(text_features.device());
+  const int64_t C = text_features.size(0), M = text_features.size(1), D = text_features.size(2);
+  const int64_t B = image_features.size(0);
+  at::Tensor u32 = at::empty({C, D}, f32(text_features));
+  at::Tensor w = at::empty({C, M}, f32(text_features));
+  at::Tensor n = at::empty({C, M}, f32(text_features));
+  at::Tensor r = at::empty({C}, f32(text_features));
+  at::Tensor xnorm = at::empty({B}, f32(text_features));
+  at::Tensor lse = at::empty({B}, f32(text_features));
+  at::Tensor loss = at::empty({}, f32(text_features));
+  at::Tensor ce = at::empty({}, f32(text_features));
+  at::Tensor logits = return_logits ? at::empty({B, C}, image_features.options()) : empty0(image_features);
+  launch_aggregate_forward(dtype_of(text_features), text_features.data_ptr(), cfp(prompt_logits), C, M, D, nullptr,
+                           fp(u32), fp(w), fp(n), fp(r), stream());
+  launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
+  run_ce_forward(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing), text_features,
+                 return_logits ? logits.data_ptr() : nullptr, lse, ce, distill ? nullptr : fp(loss));
+  at::Tensor dist, cos, zn, en;
+  if (distill) {
+    const int64_t K = phi_weight->size(0);
+    en = at::empty({C}, f32(text_features));
+    cos = at::empty({C * M}, f32(text_features));
+    zn = at::empty({C * M}, f32(text_features));
+    dist = at::empty({}, f32(text_features));
+    launch_row_norms(DType::kFloat, llm_embeddings->data_ptr(), C, K, fp(en), stream());
+    run_distill_forward(distill_args(text_features, *phi_weight, phi_bias, *llm_embeddings, n, en), text_features,
+                        cos, zn, dist, cfp(ce), alpha, fp(loss));
+  } else {
+    dist = at::zeros({}, f32(text_features));
+    cos = empty0(u32);
+    zn = empty0(u32);
+    en = empty0(u32);
+  }
+  return {loss, ce, dist, logits, u32, w, n, r, xnorm, lse, cos, zn, en};
+}
+
+// Gradients of the head given the output gradients (each None or a float32 scalar; grad_logits
+// None or [B, C] float32) and the saved statistics of head_forward.
+// -> [dL/dtext_features, dL/dprompt_logits (float32), dL/dimage_features, dL/dscale []],
+//    the first two only if need_text, the third only if need_image, the last only if need_scale.
+std::vector<at::Tensor> head_backward(const OptTensor& grad_loss, const OptTensor& grad_ce, const OptTensor& grad_dist,
+                                      const OptTensor& grad_logits, const at::Tensor& text_features,
+                                      const at::Tensor& image_features, const at::Tensor& labels,
+                                      const at::Tensor& scale, const OptTensor& llm_embeddings,
+                                      const OptTensor& phi_weight, const OptTensor& phi_bias, double alpha,
+                                      double label_smoothing, const at::Tensor& u32, const at::Tensor& w,
+                                      const at::Tensor& n, const at::Tensor& r, const at::Tensor& xnorm,
+                                      const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& zn,
+                                      const at::Tensor& en, bool need_text, bool need_image, bool need_scale) {
+  check_text(text_features);
+  check_aggregate_saved(text_features, w, n, r, u32);
+  check_image_side(text_features, image_features, labels, scale);
+  const int64_t C = text_features.size(0), M = text_features.size(1), D = text_features.size(2);
+  const int64_t B = image_features.size(0);
+  check_f32(xnorm, "image_norms", 1, "[B]");
+  check_f32(lse, "lse", 1, "[B]");
+  check_size(xnorm, 0, B, "image_norms", "B");
+  check_size(lse, 0, B, "lse", "B");
+  const bool distill = has(llm_embeddings);
+  TORCH_CHECK(distill == has(phi_weight), "phi_weight and llm_embeddings must be given together");
+  if (distill) {
+    check_distill_inputs(text_features, *phi_weight, phi_bias, *llm_embeddings);
+    check_distill_saved(text_features, cos, zn, n, en);
+  }
+  check_grad_scalar(grad_loss, "grad_loss", text_features);
+  check_grad_scalar(grad_ce, "grad_ce", text_features);
+  check_grad_scalar(grad_dist, "grad_dist", text_features);
+  if (has(grad_logits)) {
+    check_f32(*grad_logits, "grad_logits", 2, "[B, C]");
+    check_same_device(*grad_logits, "grad_logits", text_features, "text_features");
+    check_size(*grad_logits, 0, B, "grad_logits", "B");
+    check_size(*grad_logits, 1, C, "grad_logits", "C");
+  }
+  const c10::cuda::OptionalCUDAGuard guard(text_features.device());
+  at::Tensor dt = empty0(text_features), da = empty0(w), dx = empty0(image_features), dscale = empty0(w);
+  at::Tensor du = need_text ? at::empty({C, D}, f32(text_features)) : empty0(w);
+  at::Tensor dxh = need_image ? at::empty({B, D}, f32(text_features)) : empty0(w);
+  if (need_scale) dscale = at::empty({}, f32(text_features));
+  if (need_text || need_image || need_scale) {
+    const GradWeight gw_ce{opt_ptr(grad_loss), opt_ptr(grad_ce), 1.f, 1.f};
+    run_ce_backward(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing), text_features, lse, gw_ce,
+                    opt_ptr(grad_logits), need_image ? &dxh : nullptr, need_text ? &du : nullptr,
+                    need_scale ? &dscale : nullptr);
+  }
+  if (need_text) {
+    at::Tensor dth;
+    if (distill) {
+      dth = at::empty({C, M, D}, f32(text_features));
+      const GradWeight gw_dist{opt_ptr(grad_loss), opt_ptr(grad_dist), static_cast<float>(alpha), 1.f};
+      launch_distill_backward(distill_args(text_features, *phi_weight, phi_bias, *llm_embeddings, n, en), cfp(cos),
+                              cfp(zn), gw_dist, fp(dth), stream());
+    }
+    dt = at::empty_like(text_features);
+    da = at::empty_like(w);
+    launch_aggregate_backward(dtype_of(text_features), cfp(du), text_features.data_ptr(), cfp(w), cfp(n), cfp(r),
+                              cfp(u32), distill ? cfp(dth) : nullptr, C, M, D, dt.data_ptr(), fp(da), stream());
+  }
+  if (need_image) {
+    dx = at::empty_like(image_features);
+    normalize_rows_backward(image_features, dxh, xnorm, B, D, dx);
+  }
+  return {dt, da, dx, dscale};
+}
+
+}  // namespace demul
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "demul_fast CUDA kernels";
+  namespace py = pybind11;
+  using namespace demul;
+  m.doc() = "demul_fast CUDA kernels of the DeMul head (SPEC.md section 4); see demul_fast/cuda_ops.py";
   m.def("compiled_with", []() { return std::string("CUDA ") + std::to_string(CUDA_VERSION); },
         "CUDA toolkit version the extension was compiled with");
+  m.def("aggregate_forward", &aggregate_forward, py::arg("text_features"), py::arg("prompt_logits"));
+  m.def("aggregate_backward", &aggregate_backward, py::arg("grad_class_features"), py::arg("text_features"),
+        py::arg("prompt_weights"), py::arg("prompt_norms"), py::arg("class_norms"), py::arg("class_features32"));
+  m.def("cross_entropy_forward", &cross_entropy_forward, py::arg("image_features"), py::arg("class_features"),
+        py::arg("labels"), py::arg("scale"), py::arg("label_smoothing"));
+  m.def("cross_entropy_backward", &cross_entropy_backward, py::arg("grad_loss"), py::arg("image_features"),
+        py::arg("class_features"), py::arg("labels"), py::arg("scale"), py::arg("label_smoothing"), py::arg("lse"),
+        py::arg("image_norms"), py::arg("need_image"), py::arg("need_class"), py::arg("need_scale"));
+  m.def("distill_forward", &distill_forward, py::arg("text_features"), py::arg("phi_weight"), py::arg("phi_bias"),
+        py::arg("llm_embeddings"));
+  m.def("distill_backward", &distill_backward, py::arg("grad_loss"), py::arg("text_features"), py::arg("phi_weight"),
+        py::arg("phi_bias"), py::arg("llm_embeddings"), py::arg("prompt_cosines"), py::arg("projection_norms"),
+        py::arg("prompt_norms"), py::arg("llm_norms"));
+  m.def("head_forward", &head_forward, py::arg("text_features"), py::arg("prompt_logits"), py::arg("image_features"),
+        py::arg("labels"), py::arg("scale"), py::arg("llm_embeddings"), py::arg("phi_weight"), py::arg("phi_bias"),
+        py::arg("alpha"), py::arg("label_smoothing"), py::arg("return_logits"));
+  m.def("head_backward", &head_backward, py::arg("grad_loss"), py::arg("grad_ce"), py::arg("grad_dist"),
+        py::arg("grad_logits"), py::arg("text_features"), py::arg("image_features"), py::arg("labels"),
+        py::arg("scale"), py::arg("llm_embeddings"), py::arg("phi_weight"), py::arg("phi_bias"), py::arg("alpha"),
+        py::arg("label_smoothing"), py::arg("class_features32"), py::arg("prompt_weights"), py::arg("prompt_norms"),
+        py::arg("class_norms"), py::arg("image_norms"), py::arg("lse"), py::arg("prompt_cosines"),
+        py::arg("projection_norms"), py::arg("llm_norms"), py::arg("need_text"), py::arg("need_image"),
+        py::arg("need_scale"));
 }

@@ -1,0 +1,206 @@
+// Prompt-weighted aggregation, SPEC.md section 4 (forward) and 4.1 (backward).
+//
+// One block per class c; T[c] ([M, D]) is read twice per pass (norms, then the weighted
+// sum), the second read mostly from L2.
+#include "common.cuh"
+#include "ops.h"
+
+namespace demul {
+namespace {
+
+constexpr int kAggThreads = 256;
+
+// n[c,m] = ||t[c,m]||, w[c,:] = softmax(A[c,:]), u = sum_m w t^, r[c] = ||u||,
+// u^ = u / max(r, eps), written as float32 (u32) and, if out is given, in the input dtype.
+// Dynamic shared memory: 2 * M floats.
+template <typename T>
+__global__ void __launch_bounds__(kAggThreads)
+aggregate_forward_kernel(const T* __restrict__ t, const float* __restrict__ a, T* __restrict__ out,
+                         float* __restrict__ u32, float* __restrict__ w_out, float* __restrict__ n_out,
+                         float* __restrict__ r_out, int64_t M, int64_t D) {
+  extern __shared__ float sh[];
+  __shared__ float scratch[32];
+  float* ninv = sh;
+  float* w = sh + M;
+  const int64_t c = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const T* tc = t + c * M * D;
+
+  for (int64_t m = warp; m < M; m += nwarps) {
+    float s = 0.f;
+    for (int64_t d = lane; d < D; d += 32) {
+      const float v = to_f(tc[m * D + d]);
+      s = fmaf(v, v, s);
+    }
+    s = warp_sum(s);
+    if (lane == 0) {
+      const float nn = sqrtf(s);
+      n_out[c * M + m] = nn;
+      ninv[m] = inv_floor(nn);
+    }
+  }
+  if (warp == 0) {
+    const float* ac = a + c * M;
+    float mx = -INFINITY;
+    for (int64_t m = lane; m < M; m += 32) mx = fmaxf(mx, ac[m]);
+    mx = warp_max(mx);
+    float s = 0.f;
+    for (int64_t m = lane; m < M; m += 32) s += expf(ac[m] - mx);
+    s = warp_sum(s);
+    for (int64_t m = lane; m < M; m += 32) {
+      const float wm = expf(ac[m] - mx) / s;
+      w[m] = wm;
+      w_out[c * M + m] = wm;
+    }
+  }
+  __syncthreads();
+
+  // u = sum_m w t^, kept unnormalised in u32 until ||u|| is known; each thread re-reads
+  // only what it wrote itself.
+  float ss = 0.f;
+  for (int64_t d = tid; d < D; d += blockDim.x) {
+    float u = 0.f;
+    for (int64_t m = 0; m < M; ++m) u = fmaf(w[m] * ninv[m], to_f(tc[m * D + d]), u);
+    u32[c * D + d] = u;
+    ss = fmaf(u, u, ss);
+  }
+  const float r = sqrtf(block_sum(ss, scratch));
+  if (tid == 0) r_out[c] = r;
+  const float rinv = inv_floor(r);
+  for (int64_t d = tid; d < D; d += blockDim.x) {
+    const float uh = u32[c * D + d] * rinv;
+    u32[c * D + d] = uh;
+    if (out != nullptr) out[c * D + d] = from_f<T>(uh);
+  }
+}
+
+// Backward of the aggregation (SPEC 4.1), given g = dL/du^ [C, D] (float32) and an
+// optional extra dL/dt^ [C, M, D] (float32, the distillation's W^T dz):
+//   du = normalize_backward(u^, g, r), dw[m] = <du, t^[m]>, dA = w (dw - sum w dw),
+//   dt^[m] = w[m] du + extra[m], dT[m] = normalize_backward(t^[m], dt^[m], n[m]),
+// using <t^[m], dt^[m]> = w[m] dw[m] + <t^[m], extra[m]>. Dynamic shared memory: 2 * M floats.
+template <typename T>
+__global__ void __launch_bounds__(kAggThreads)
+aggregate_backward_kernel(const float* __restrict__ g, const T* __restrict__ t, const float* __restrict__ w,
+                          const float* __restrict__ n, const float* __restrict__ r, const float* __restrict__ uh,
+                          const float* __restrict__ extra, T* __restrict__ dt, float* __restrict__ da,
+                          int64_t M, int64_t D) {
+  extern __shared__ float sh[];
+  __shared__ float scratch[32];
+  float* dw = sh;
+  float* q = sh + M;
+  const int64_t c = blockIdx.x;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const T* tc = t + c * M * D;
+  const float* gc = g + c * D;
+  const float* uc = uh + c * D;
+  const float* ec = extra ? extra + c * M * D : nullptr;
+
+  float p = 0.f;
+  for (int64_t d = tid; d < D; d += blockDim.x) p = fmaf(uc[d], gc[d], p);
+  const float ug = block_sum(p, scratch);
+  const float rc = r[c];
+
+  for (int64_t m = warp; m < M; m += nwarps) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t d = lane; d < D; d += 32) {
+      const float tv = to_f(tc[m * D + d]);
+      s1 = fmaf(normalize_backward(uc[d], gc[d], ug, rc), tv, s1);
+      if (ec) s2 = fmaf(ec[m * D + d], tv, s2);
+    }
+    s1 = warp_sum(s1);
+    s2 = warp_sum(s2);
+    if (lane == 0) {
+      const float ni = inv_floor(n[c * M + m]);
+      dw[m] = s1 * ni;
+      q[m] = s2 * ni;
+    }
+  }
+  __syncthreads();
+  if (warp == 0) {
+    float s = 0.f;
+    for (int64_t m = lane; m < M; m += 32) s = fmaf(w[c * M + m], dw[m], s);
+    s = warp_sum(s);
+    for (int64_t m = lane; m < M; m += 32) da[c * M + m] = w[c * M + m] * (dw[m] - s);
+  }
+  for (int64_t i = tid; i < M * D; i += blockDim.x) {
+    const int64_t m = i / D, d = i - m * D;
+    const float wm = w[c * M + m], nm = n[c * M + m];
+    const float th = to_f(tc[i]) * inv_floor(nm);
+    const float dth = wm * normalize_backward(uc[d], gc[d], ug, rc) + (ec ? ec[i] : 0.f);
+    dt[c * M * D + i] = from_f<T>(normalize_backward(th, dth, wm * dw[m] + q[m], nm));
+  }
+}
+
+// norm[r] = ||v[r]|| for v: [R, D]; one warp per row.
+template <typename T>
+__global__ void __launch_bounds__(kAggThreads)
+row_norms_kernel(const T* __restrict__ v, int64_t R, int64_t D, float* __restrict__ norm) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kAggThreads / 32) + (threadIdx.x >> 5);
+  if (r >= R) return;  // whole warps leave together
+  float s = 0.f;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float x = to_f(v[r * D + d]);
+    s = fmaf(x, x, s);
+  }
+  s = warp_sum(s);
+  if (lane == 0) norm[r] = sqrtf(s);
+}
+
+// dv[r] = normalize_backward(v^[r], dv^[r], ||v[r]||) for v: [R, D]; one block per row.
+template <typename T>
+__global__ void __launch_bounds__(kAggThreads)
+normalize_rows_backward_kernel(const T* __restrict__ v, const float* __restrict__ dvh, const float* __restrict__ norm,
+                               int64_t D, T* __restrict__ dv) {
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const float nr = norm[r], ni = inv_floor(nr);
+  float p = 0.f;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) p = fmaf(to_f(v[r * D + d]) * ni, dvh[r * D + d], p);
+  const float dot = block_sum(p, scratch);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    dv[r * D + d] = from_f<T>(normalize_backward(to_f(v[r * D + d]) * ni, dvh[r * D + d], dot, nr));
+}
+
+}  // namespace
+
+void launch_row_norms(DType dt, const void* v, int64_t R, int64_t D, float* norm, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>(ceil_div(R, kAggThreads / 32));
+  DEMUL_DISPATCH(dt, [&] {
+    row_norms_kernel<<<blocks, kAggThreads, 0, stream>>>(static_cast<const scalar_t*>(v), R, D, norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_normalize_rows_backward(DType dt, const void* v, const float* dvh, const float* norm, int64_t R,
+                                    int64_t D, void* dv, cudaStream_t stream) {
+  DEMUL_DISPATCH(dt, [&] {
+    normalize_rows_backward_kernel<<<static_cast<unsigned>(R), kAggThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(v), dvh, norm, D, static_cast<scalar_t*>(dv));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_aggregate_forward(DType dt, const void* t, const float* a, int64_t C, int64_t M, int64_t D, void* out,
+                              float* u32, float* w, float* n, float* r, cudaStream_t stream) {
+  const size_t smem = 2 * M * sizeof(float);
+  DEMUL_DISPATCH(dt, [&] {
+    aggregate_forward_kernel<<<static_cast<unsigned>(C), kAggThreads, smem, stream>>>(
+        static_cast<const scalar_t*>(t), a, static_cast<scalar_t*>(out), u32, w, n, r, M, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_aggregate_backward(DType dt, const float* g, const void* t, const float* w, const float* n,
+                               const float* r, const float* u32, const float* extra, int64_t C, int64_t M, int64_t D,
+                               void* dtext, float* da, cudaStream_t stream) {
+  const size_t smem = 2 * M * sizeof(float);
+  DEMUL_DISPATCH(dt, [&] {
+    aggregate_backward_kernel<<<static_cast<unsigned>(C), kAggThreads, smem, stream>>>(
+        g, static_cast<const scalar_t*>(t), w, n, r, u32, extra, static_cast<scalar_t*>(dtext), da, M, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace demul

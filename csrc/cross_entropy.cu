@@ -1,0 +1,205 @@
+// Cosine logits + cross-entropy with an online log-sum-exp, SPEC.md section 4 / 4.1 / 4.2.
+//
+//   s[b,c] = tau <x[b], u[c]> / max(||x[b]||, eps)      (u: class features, float32)
+//   L_ce   = (1/B) sum_b (logsumexp_c s[b,:] - sum_c q[b,c] s[b,c]),  q = (1-ls)[c==y_b] + ls/C
+// Forward: blocks own 64 images x a range of classes and keep (max, sum-exp, sum q s) per
+// row; a one-block kernel merges the ranges, so the [B, C] logits are written only when
+// asked for. Backward: two sweeps (sweep.cuh) recompute s tile by tile, with
+// G = dL/ds = g (softmax(s) - q) / B (+ the logits' own gradient, if any):
+//   dL/du[c] = tau sum_b G[b,c] x^[b],  dL/dx^[b] = tau sum_c G[b,c] u[c],
+//   dL/dtau  = sum_{b,c} G[b,c] s[b,c] / tau.
+// Labels are only compared with class indices, never used to address memory.
+#include "common.cuh"
+#include "ops.h"
+#include "sweep.cuh"
+
+namespace demul {
+namespace {
+
+// Per-(split, image) partial state: max, sum of exp(s - max), sum of q s.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+ce_forward_partial_kernel(const T* __restrict__ x, const float* __restrict__ u, const int64_t* __restrict__ labels,
+                          const float* __restrict__ scale, const float* __restrict__ xnorm, float ls, int64_t B,
+                          int64_t C, int64_t D, int64_t cols_per_split, T* __restrict__ logits,
+                          float* __restrict__ partial) {
+  __shared__ DotSmem sm;
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
+  const int64_t c_end = c_begin + cols_per_split < C ? c_begin + cols_per_split : C;
+  const float tau = scale[0];
+  const float q_off = ls / static_cast<float>(C), q_on = 1.f - ls + q_off;
+  float rowf[kPer], m[kPer], l[kPer], qs[kPer];
+  int64_t lab[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t r = r0 + ty + 16 * i;
+    rowf[i] = r < B ? tau * inv_floor(xnorm[r]) : 0.f;
+    lab[i] = r < B ? labels[r] : -1;
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+    qs[i] = 0.f;
+  }
+  float acc[kPer][kPer];
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kTile) {
+    tile_dot(x, B, r0, u, C, c0, D, sm, acc);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t r = r0 + ty + 16 * i;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int64_t c = c0 + tx + 16 * j;
+        if (c < c_end) {
+          const float s = acc[i][j] * rowf[i];
+          lse_merge(m[i], l[i], s, 1.f);
+          qs[i] = fmaf(c == lab[i] ? q_on : q_off, s, qs[i]);
+          if (logits != nullptr && r < B) logits[r * C + c] = from_f<T>(s);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m[i], o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l[i], o);
+      lse_merge(m[i], l[i], m2, l2);
+    }
+    qs[i] = row_sum16(qs[i]);
+    const int64_t r = r0 + ty + 16 * i;
+    if (tx == 0 && r < B) {
+      float* p = partial + (static_cast<int64_t>(blockIdx.y) * B + r) * 3;
+      p[0] = m[i];
+      p[1] = l[i];
+      p[2] = qs[i];
+    }
+  }
+}
+
+// One block: lse[b] from the splits' partial states, ce = mean_b (lse - sum q s);
+// loss_out (optional) gets the same value (the head without distillation).
+__global__ void __launch_bounds__(1024)
+ce_finalize_kernel(const float* __restrict__ partial, int64_t splits, int64_t B, float* __restrict__ lse,
+                   float* __restrict__ ce, float* __restrict__ loss_out) {
+  __shared__ float scratch[32];
+  float total = 0.f;
+  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+    float m = -INFINITY, l = 0.f, qs = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* p = partial + (s * B + b) * 3;
+      lse_merge(m, l, p[0], p[1]);
+      qs += p[2];
+    }
+    const float v = m + logf(l);
+    lse[b] = v;
+    total += v - qs;
+  }
+  total = block_sum(total, scratch);
+  if (threadIdx.x == 0) {
+    const float mean = total / static_cast<float>(B);
+    ce[0] = mean;
+    if (loss_out != nullptr) loss_out[0] = mean;
+  }
+}
+
+// G[b,c] = dL/ds[b,c], shared by both sweeps.
+struct CeGrad {
+  const float* xnorm;
+  const float* lse;
+  const int64_t* labels;
+  const float* scale;
+  const float* grad_logits;  // [B, C] float32 or null
+  GradWeight gw;
+  float ls;
+  int64_t B, C;
+  float tau, g_over_b, q_off, q_on;
+
+  __device__ __forceinline__ void prepare() {
+    tau = scale[0];
+    g_over_b = gw.value() / static_cast<float>(B);
+    q_off = ls / static_cast<float>(C);
+    q_on = 1.f - ls + q_off;
+  }
+  // cosine cos = <x^[b], u[c]> -> G
+  __device__ __forceinline__ float grad(float cos, int64_t b, int64_t c) const {
+    const float s = tau * cos;
+    const float q = labels[b] == c ? q_on : q_off;
+    float gv = (expf(s - lse[b]) - q) * g_over_b;
+    if (grad_logits != nullptr) gv += grad_logits[b * C + c];
+    return gv;
+  }
+};
+
+// Rows are images, columns classes: returns tau G (dL/dx^ = sum_c tau G u[c]) and adds
+// G cos to `extra` (dL/dtau).
+struct CeImageRows {
+  CeGrad g;
+  __device__ __forceinline__ void prepare() { g.prepare(); }
+  __device__ __forceinline__ float operator()(float dot, int64_t b, int64_t c, float& extra) const {
+    const float cos = dot * inv_floor(g.xnorm[b]);
+    const float gv = g.grad(cos, b, c);
+    extra = fmaf(gv, cos, extra);
+    return g.tau * gv;
+  }
+};
+
+// Rows are classes, columns images (B operand = raw x): returns tau G / max(||x||, eps).
+struct CeClassRows {
+  CeGrad g;
+  __device__ __forceinline__ void prepare() { g.prepare(); }
+  __device__ __forceinline__ float operator()(float dot, int64_t c, int64_t b, float&) const {
+    const float xi = inv_floor(g.xnorm[b]);
+    return g.tau * xi * g.grad(dot * xi, b, c);
+  }
+};
+
+// out[0] = sum of n partial values (one block).
+__global__ void __launch_bounds__(1024) sum_kernel(const float* __restrict__ p, int64_t n, float* __restrict__ out) {
+  __shared__ float scratch[32];
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += p[i];
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) out[0] = s;
+}
+
+}  // namespace
+
+void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logits, float* lse, float* ce,
+                       float* loss_out, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.B, kTile)), static_cast<unsigned>(split.splits));
+  DEMUL_DISPATCH(a.dtype, [&] {
+    ce_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(a.x), a.u, a.labels, a.scale, a.xnorm, a.ls, a.B, a.C, a.D,
+        split.cols_per_split, static_cast<scalar_t*>(logits), partial);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  ce_finalize_kernel<<<1, 1024, 0, stream>>>(partial, split.splits, a.B, lse, ce, loss_out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
+                        float* scale_partial, float* dscale, float* du, cudaStream_t stream) {
+  const CeGrad g{a.xnorm, lse, a.labels, a.scale, grad_logits, gw, a.ls, a.B, a.C, 0.f, 0.f, 0.f, 0.f};
+  DEMUL_DISPATCH(a.dtype, [&] {
+    const auto* x = static_cast<const scalar_t*>(a.x);
+    if (dxh != nullptr) {
+      const auto blocks = static_cast<unsigned>(ceil_div(a.B, kTile));
+      sweep_kernel<<<blocks, kThreads, 0, stream>>>(x, a.B, a.u, a.C, a.D, CeImageRows{g}, dxh,
+                                                    dscale ? scale_partial : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (dscale != nullptr) {
+        sum_kernel<<<1, 1024, 0, stream>>>(scale_partial, blocks, dscale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+    if (du != nullptr) {
+      sweep_kernel<<<static_cast<unsigned>(ceil_div(a.C, kTile)), kThreads, 0, stream>>>(
+          a.u, a.C, x, a.B, a.D, CeClassRows{g}, du, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
+
+}  // namespace demul

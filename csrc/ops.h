@@ -1,0 +1,110 @@
+// Kernel launchers of the extension (defined in the .cu files), on raw pointers so that the
+// .cu files need no PyTorch headers (they compile in seconds). bindings.cpp checks the
+// tensors, allocates outputs and scratch, and calls these with the current CUDA stream.
+// None of them synchronises with the host. Shapes follow SPEC.md section 2: C classes,
+// M prompts, D joint dim, B images, K LLM dim, R = C * M prompt rows. "Features" pointers
+// (t, x, w, v, out, dt, dv, logits) have the DType; every other pointer is float32.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace demul {
+
+enum class DType : int { kFloat, kHalf, kBFloat16 };
+
+// Rows of one GEMM-shaped block; also the granularity of the split over columns.
+constexpr int64_t kTileRows = 64;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Scalar gradient weight of a loss, read on the device (no host sync):
+// ca * a[0] + cb * b[0], a null pointer counting as zero.
+struct GradWeight {
+  const float* a;
+  const float* b;
+  float ca;
+  float cb;
+#ifdef __CUDACC__
+  __device__ __forceinline__ float value() const { return (a ? ca * a[0] : 0.f) + (b ? cb * b[0] : 0.f); }
+#endif
+};
+
+// How a row-reducing forward kernel splits its columns over blocks: enough blocks to fill
+// the device about twice, every split non-empty.
+struct Split {
+  int64_t splits;
+  int64_t cols_per_split;
+};
+
+inline Split plan_split(int64_t rows, int64_t cols, int64_t sms) {
+  const int64_t row_tiles = ceil_div(rows, kTileRows), col_tiles = ceil_div(cols, kTileRows);
+  const int64_t want = std::min<int64_t>(col_tiles, std::max<int64_t>(1, ceil_div(2 * sms, row_tiles)));
+  const int64_t per = ceil_div(col_tiles, want) * kTileRows;
+  return {ceil_div(cols, per), per};
+}
+
+// norm[r] = ||v[r]|| for v: [R, D].
+void launch_row_norms(DType dt, const void* v, int64_t R, int64_t D, float* norm, cudaStream_t stream);
+
+// dv[r] = normalize_backward(v^[r], dvh[r], norm[r]) for v, dv: [R, D], dvh: [R, D].
+void launch_normalize_rows_backward(DType dt, const void* v, const float* dvh, const float* norm, int64_t R,
+                                    int64_t D, void* dv, cudaStream_t stream);
+
+// t: [C, M, D], a: [C, M] -> u32 [C, D] (u^), w, n [C, M], r [C]; out [C, D] (u^ in t's dtype) if non-null.
+void launch_aggregate_forward(DType dt, const void* t, const float* a, int64_t C, int64_t M, int64_t D, void* out,
+                              float* u32, float* w, float* n, float* r, cudaStream_t stream);
+
+// g: [C, D] (dL/du^), extra: [C, M, D] (more dL/dt^) or null -> dt [C, M, D], da [C, M].
+void launch_aggregate_backward(DType dt, const float* g, const void* t, const float* w, const float* n,
+                               const float* r, const float* u32, const float* extra, int64_t C, int64_t M, int64_t D,
+                               void* dtext, float* da, cudaStream_t stream);
+
+// Cosine cross-entropy operands: x [B, D], u [C, D] (class features, float32), labels [B]
+// int64, scale [1], xnorm [B] = ||x||.
+struct CeArgs {
+  DType dtype;
+  const void* x;
+  const float* u;
+  const int64_t* labels;
+  const float* scale;
+  const float* xnorm;
+  float ls;
+  int64_t B, C, D;
+};
+
+// partial: [split.splits, B, 3] scratch -> lse [B], ce [1]; logits [B, C] and loss_out [1]
+// (= ce) when non-null.
+void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logits, float* lse, float* ce,
+                       float* loss_out, cudaStream_t stream);
+
+// dxh [B, D] = dL/dx^ (required when dscale is wanted; scale_partial then has ceil(B/64)
+// floats), dscale [1], du [C, D] = dL/du; each null when not wanted.
+void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
+                        float* scale_partial, float* dscale, float* du, cudaStream_t stream);
+
+// Distillation operands: t [C, M, D], w [K, D] (t's dtype), bias [K] or null, e [C, K],
+// n [C*M] = ||t||, en [C] = ||e||.
+struct DistillArgs {
+  DType dtype;
+  const void* t;
+  const void* w;
+  const float* bias;
+  const float* e;
+  const float* n;
+  const float* en;
+  int64_t C, M, D, K;
+};
+
+// partial: [split.splits, C*M, 2] scratch -> cos, zn [C*M], dist [1]; loss_out [1] =
+// ce[0] + alpha * dist when non-null.
+void launch_distill_forward(const DistillArgs& a, Split split, float* partial, float* cos, float* zn, float* dist,
+                            const float* ce, float alpha, float* loss_out, cudaStream_t stream);
+
+// -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw.
+void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
+                             cudaStream_t stream);
+
+}  // namespace demul

@@ -1,0 +1,116 @@
+// The backward sweep shared by the cross-entropy and distillation kernels.
+//
+// For a 64-row tile of A [R, D] it walks over B [J, D] in 64-row chunks:
+//   P = A_tile B_chunk^T                       (tile_dot, reduced over D)
+//   G[r, j] = epi(P[r, j], r, j)               (the loss's gradient w.r.t. P, in shared memory)
+//   out[r, :] += sum_j G[r, j] B[j, :]         (a second product, accumulated in float32)
+// so the [R, J] matrix of logits / projections is never stored. One block owns its 64
+// rows of `out` for the whole sweep (no atomics; deterministic). `out` is overwritten
+// (the first chunk stores, later chunks add). Each epilogue may also accumulate a
+// per-block scalar (`extra`), summed over the block into extra_out[blockIdx.x].
+#pragma once
+
+#include "common.cuh"
+
+namespace demul {
+
+template <typename TA, typename TB, class Epi>
+__global__ void __launch_bounds__(kThreads)
+sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int64_t J, int64_t D, Epi epi,
+             float* __restrict__ out, float* __restrict__ extra_out) {
+  // The operand tiles of tile_dot and the B chunk of the second product are never live
+  // together (barriers separate them), so they share memory.
+  __shared__ union {
+    DotSmem dot;
+    float v[kTile][kTile + 1];
+  } sm;
+  __shared__ float g[kTile][kTile + 1];
+  __shared__ float scratch[32];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  Epi e = epi;
+  e.prepare();
+  float extra = 0.f;
+  float acc[kPer][kPer];
+
+  for (int64_t j0 = 0; j0 < J; j0 += kTile) {
+    tile_dot(A, R, r0, B, J, j0, D, sm.dot, acc);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t r = r0 + ty + 16 * i;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int64_t jj = j0 + tx + 16 * j;
+        g[ty + 16 * i][tx + 16 * j] = (r < R && jj < J) ? e(acc[i][j], r, jj, extra) : 0.f;
+      }
+    }
+    for (int64_t d0 = 0; d0 < D; d0 += kTile) {
+      // B[j0 .. j0+64, d0 .. d0+64] -> sm.v, 64 consecutive threads on one row (coalesced).
+      const int ld_d = tid & 63, ld_j = tid >> 6;
+#pragma unroll 4
+      for (int p = 0; p < kTile / 4; ++p) {
+        const int jl = ld_j + 4 * p;
+        const int64_t jj = j0 + jl, d = d0 + ld_d;
+        sm.v[jl][ld_d] = (jj < J && d < D) ? to_f(B[jj * D + d]) : 0.f;
+      }
+      __syncthreads();  // also publishes g
+      float o[kPer][kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i)
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) o[i][k] = 0.f;
+#pragma unroll 8
+      for (int jl = 0; jl < kTile; ++jl) {
+        float gv[kPer], bv[kPer];
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) gv[i] = g[ty + 16 * i][jl];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) bv[k] = sm.v[jl][tx + 16 * k];
+#pragma unroll
+        for (int i = 0; i < kPer; ++i)
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) o[i][k] = fmaf(gv[i], bv[k], o[i][k]);
+      }
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int64_t r = r0 + ty + 16 * i;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const int64_t d = d0 + tx + 16 * k;
+          if (r < R && d < D) {
+            // Same thread, same (r, d) in every chunk: it re-reads its own store.
+            float* dst = out + r * D + d;
+            *dst = (j0 == 0 ? 0.f : *dst) + o[i][k];
+          }
+        }
+      }
+      __syncthreads();  // sm.v and g are rewritten next
+    }
+  }
+  if (extra_out != nullptr) {
+    const float s = block_sum(extra, scratch);
+    if (tid == 0) extra_out[blockIdx.x] = s;
+  }
+}
+
+// Online log-sum-exp state merge: (m, l) represents l * exp(m); m = -inf means empty.
+__device__ __forceinline__ void lse_merge(float& m, float& l, float m2, float l2) {
+  if (m2 == -INFINITY) return;
+  if (m == -INFINITY) {
+    m = m2;
+    l = l2;
+    return;
+  }
+  const float mx = fmaxf(m, m2);
+  l = l * expf(m - mx) + l2 * expf(m2 - mx);
+  m = mx;
+}
+
+// Sum of the 16 lanes that share a row of a 64 x 64 tile (lanes tx = 0..15 of a half-warp).
+__device__ __forceinline__ float row_sum16(float v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+}  // namespace demul

@@ -1,0 +1,346 @@
+"""The "cuda" backend: the hand-written CUDA kernels of ``demul_fast._C`` (csrc/).
+
+Each kernel entry point is registered as a ``torch.library`` custom op
+(``demul_fast::cuda_*``) with a fake (meta) implementation and, for the forward ops, an
+autograd formula whose backward is again a custom op; so the ops run under
+``torch.compile`` without graph breaks. ``OPS`` lists them (for ``torch.library.opcheck``).
+The four backend functions below have the reference's signatures
+(demul_fast/_torch_backend.py); the math is SPEC.md section 4, the gradients section 4.1.
+
+Inputs arrive validated (demul_fast/_validate.py). Here they are only made contiguous and
+brought to the extension's dtypes: the features (text_features, image_features,
+phi_weight) in their dtype (float32, bfloat16 or float16), the small operands
+(prompt_logits, class_features, phi_bias, llm_embeddings, scale) in float32. Gradients
+flow back to the caller's tensors through those casts. Losses are float32; the frozen
+map phi and the LLM embeddings get no gradient (SPEC 4.1), and asking for one is an error.
+
+If the extension was not built, ``UNAVAILABLE_REASON`` says why and the backend layer
+never picks this module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import HeadOutput
+
+try:
+    from . import _C
+except ImportError as exc:  # the backend layer reports UNAVAILABLE_REASON
+    _C = None
+    UNAVAILABLE_REASON = (f"the CUDA extension demul_fast._C is not built ({exc}); "
+                          "reinstall with DEMUL_FAST_BUILD_CUDA=1 to see why")
+
+Tensor = torch.Tensor
+_F32 = torch.float32
+
+
+def _f32(like: Tensor, *shape: int) -> Tensor:
+    return like.new_empty(shape, dtype=_F32)
+
+
+def _opt_f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.to(_F32).contiguous()
+
+
+def _grad_scalar(g: Optional[Tensor]) -> Optional[Tensor]:
+    return None if g is None else g.to(_F32).reshape(()).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# Aggregation: T [C, M, D], A [C, M] -> u^ [C, D]
+
+
+@torch.library.custom_op("demul_fast::cuda_aggregate", mutates_args=())
+def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (u^ [C, D] in T's dtype, u^ float32, w [C, M], n [C, M], r [C])"""
+    return tuple(_C.aggregate_forward(text_features, prompt_logits))
+
+
+@_aggregate.register_fake
+def _(text_features, prompt_logits):
+    c, m, d = text_features.shape
+    t = text_features
+    return t.new_empty((c, d)), _f32(t, c, d), _f32(t, c, m), _f32(t, c, m), _f32(t, c)
+
+
+@torch.library.custom_op("demul_fast::cuda_aggregate_backward", mutates_args=())
+def _aggregate_backward(grad: Tensor, text_features: Tensor, w: Tensor, n: Tensor, r: Tensor,
+                        u32: Tensor) -> tuple[Tensor, Tensor]:
+    """grad: dL/du^ [C, D] float32 -> (dL/dT [C, M, D], dL/dA [C, M] float32)"""
+    return tuple(_C.aggregate_backward(grad, text_features, w, n, r, u32))
+
+
+@_aggregate_backward.register_fake
+def _(grad, text_features, w, n, r, u32):
+    return torch.empty_like(text_features), torch.empty_like(w)
+
+
+def _aggregate_setup(ctx, inputs, output):
+    _, u32, w, n, r = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(u32, w, n, r)
+    ctx.save_for_backward(inputs[0], w, n, r, u32)
+
+
+def _aggregate_grad(ctx, g_out, *unused):
+    if g_out is None:
+        return None, None
+    t, w, n, r, u32 = ctx.saved_tensors
+    dt, da = _aggregate_backward(g_out.to(_F32).contiguous(), t, w, n, r, u32)
+    return dt, da
+
+
+_aggregate.register_autograd(_aggregate_grad, setup_context=_aggregate_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# Cosine cross-entropy: X [B, D], U [C, D] (float32), labels [B] -> scalar
+
+
+@torch.library.custom_op("demul_fast::cuda_cross_entropy", mutates_args=())
+def _cross_entropy(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor,
+                   label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (loss [], lse [B], ||x|| [B]), all float32"""
+    return tuple(_C.cross_entropy_forward(image_features, class_features, labels, scale, label_smoothing))
+
+
+@_cross_entropy.register_fake
+def _(image_features, class_features, labels, scale, label_smoothing):
+    b = image_features.shape[0]
+    return _f32(image_features), _f32(image_features, b), _f32(image_features, b)
+
+
+@torch.library.custom_op("demul_fast::cuda_cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward(grad: Optional[Tensor], image_features: Tensor, class_features: Tensor, labels: Tensor,
+                            scale: Tensor, label_smoothing: float, lse: Tensor, xnorm: Tensor, need_image: bool,
+                            need_class: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (dL/dX or [0], dL/dU float32 or [0], dL/dscale [] or [0])"""
+    return tuple(_C.cross_entropy_backward(grad, image_features, class_features, labels, scale, label_smoothing, lse,
+                                           xnorm, need_image, need_class, need_scale))
+
+
+@_cross_entropy_backward.register_fake
+def _(grad, image_features, class_features, labels, scale, label_smoothing, lse, xnorm, need_image, need_class,
+      need_scale):
+    x, u = image_features, class_features
+    return (torch.empty_like(x) if need_image else x.new_empty(0),
+            torch.empty_like(u) if need_class else u.new_empty(0),
+            _f32(u) if need_scale else u.new_empty(0))
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    x, u, labels, scale, ls = inputs
+    _, lse, xnorm = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, xnorm)
+    ctx.label_smoothing = ls
+    ctx.save_for_backward(x, u, labels, scale, lse, xnorm)
+
+
+def _cross_entropy_grad(ctx, g_loss, *unused):
+    need_x, need_u, _, need_s, _ = ctx.needs_input_grad
+    if g_loss is None or not (need_x or need_u or need_s):
+        return None, None, None, None, None
+    x, u, labels, scale, lse, xnorm = ctx.saved_tensors
+    dx, du, ds = _cross_entropy_backward(_grad_scalar(g_loss), x, u, labels, scale, ctx.label_smoothing, lse, xnorm,
+                                         need_x, need_u, need_s)
+    return dx if need_x else None, du if need_u else None, None, ds if need_s else None, None
+
+
+_cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# Distillation: T [C, M, D], W [K, D], b [K] (float32) or None, E [C, K] (float32) -> scalar
+
+
+@torch.library.custom_op("demul_fast::cuda_distill", mutates_args=())
+def _distill(text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
+             llm_embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [], cos [C*M], ||z|| [C*M], ||t|| [C*M], ||e|| [C]), all float32"""
+    return tuple(_C.distill_forward(text_features, phi_weight, phi_bias, llm_embeddings))
+
+
+@_distill.register_fake
+def _(text_features, phi_weight, phi_bias, llm_embeddings):
+    c, m, _ = text_features.shape
+    t = text_features
+    return _f32(t), _f32(t, c * m), _f32(t, c * m), _f32(t, c * m), _f32(t, c)
+
+
+@torch.library.custom_op("demul_fast::cuda_distill_backward", mutates_args=())
+def _distill_backward(grad: Optional[Tensor], text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
+                      llm_embeddings: Tensor, cos: Tensor, zn: Tensor, n: Tensor, en: Tensor) -> Tensor:
+    """-> dL/dT [C, M, D]"""
+    return _C.distill_backward(grad, text_features, phi_weight, phi_bias, llm_embeddings, cos, zn, n, en)
+
+
+@_distill_backward.register_fake
+def _(grad, text_features, phi_weight, phi_bias, llm_embeddings, cos, zn, n, en):
+    return torch.empty_like(text_features)
+
+
+def _distill_setup(ctx, inputs, output):
+    _, cos, zn, n, en = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(cos, zn, n, en)
+    ctx.save_for_backward(*inputs, cos, zn, n, en)
+
+
+def _distill_grad(ctx, g_loss, *unused):
+    if g_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    t, w, b, e, cos, zn, n, en = ctx.saved_tensors
+    return _distill_backward(_grad_scalar(g_loss), t, w, b, e, cos, zn, n, en), None, None, None
+
+
+_distill.register_autograd(_distill_grad, setup_context=_distill_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# The whole head
+
+
+@torch.library.custom_op("demul_fast::cuda_head", mutates_args=())
+def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
+          llm_embeddings: Optional[Tensor], phi_weight: Optional[Tensor], phi_bias: Optional[Tensor], alpha: float,
+          label_smoothing: float, return_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                 Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                 Tensor]:
+    """-> (loss, ce, dist, logits [B, C] or [0], then saved statistics: u^ [C, D], w, n [C, M], r [C],
+    ||x|| [B], lse [B], cos, ||z|| [C*M], ||e|| [C] (the last three [0] without llm_embeddings))"""
+    return tuple(_C.head_forward(text_features, prompt_logits, image_features, labels, scale, llm_embeddings,
+                                 phi_weight, phi_bias, alpha, label_smoothing, return_logits))
+
+
+@_head.register_fake
+def _(text_features, prompt_logits, image_features, labels, scale, llm_embeddings, phi_weight, phi_bias, alpha,
+      label_smoothing, return_logits):
+    c, m, d = text_features.shape
+    b = image_features.shape[0]
+    t = text_features
+    logits = image_features.new_empty((b, c)) if return_logits else image_features.new_empty(0)
+    rows, classes = (c * m, c) if llm_embeddings is not None else (0, 0)
+    return (_f32(t), _f32(t), _f32(t), logits, _f32(t, c, d), _f32(t, c, m), _f32(t, c, m), _f32(t, c),
+            _f32(t, b), _f32(t, b), _f32(t, rows), _f32(t, rows), _f32(t, classes))
+
+
+@torch.library.custom_op("demul_fast::cuda_head_backward", mutates_args=())
+def _head_backward(grad_loss: Optional[Tensor], grad_ce: Optional[Tensor], grad_dist: Optional[Tensor],
+                   grad_logits: Optional[Tensor], text_features: Tensor, image_features: Tensor, labels: Tensor,
+                   scale: Tensor, llm_embeddings: Optional[Tensor], phi_weight: Optional[Tensor],
+                   phi_bias: Optional[Tensor], alpha: float, label_smoothing: float, u32: Tensor, w: Tensor,
+                   n: Tensor, r: Tensor, xnorm: Tensor, lse: Tensor, cos: Tensor, zn: Tensor, en: Tensor,
+                   need_text: bool, need_image: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dL/dT, dL/dA float32, dL/dX, dL/dscale []), each [0] when not needed"""
+    return tuple(_C.head_backward(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels,
+                                  scale, llm_embeddings, phi_weight, phi_bias, alpha, label_smoothing, u32, w, n, r,
+                                  xnorm, lse, cos, zn, en, need_text, need_image, need_scale))
+
+
+@_head_backward.register_fake
+def _(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels, scale, llm_embeddings,
+      phi_weight, phi_bias, alpha, label_smoothing, u32, w, n, r, xnorm, lse, cos, zn, en, need_text, need_image,
+      need_scale):
+    t, x = text_features, image_features
+    return (torch.empty_like(t) if need_text else t.new_empty(0),
+            torch.empty_like(w) if need_text else w.new_empty(0),
+            torch.empty_like(x) if need_image else x.new_empty(0),
+            _f32(w) if need_scale else w.new_empty(0))
+
+
+def _head_setup(ctx, inputs, output):
+    t, _, x, labels, scale, e, w_phi, b_phi, alpha, ls, _ = inputs
+    saved = output[4:]
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*saved)
+    ctx.alpha, ctx.label_smoothing = alpha, ls
+    ctx.save_for_backward(t, x, labels, scale, e, w_phi, b_phi, *saved)
+
+
+def _head_grad(ctx, g_loss, g_ce, g_dist, g_logits, *unused):
+    need_t, need_a, need_x, _, need_s = ctx.needs_input_grad[:5]
+    if all(g is None for g in (g_loss, g_ce, g_dist, g_logits)) or not (need_t or need_a or need_x or need_s):
+        return (None,) * 11
+    t, x, labels, scale, e, w_phi, b_phi, u32, w, n, r, xnorm, lse, cos, zn, en = ctx.saved_tensors
+    gl = None if g_logits is None else g_logits.to(_F32).contiguous()
+    dt, da, dx, ds = _head_backward(_grad_scalar(g_loss), _grad_scalar(g_ce), _grad_scalar(g_dist), gl, t, x, labels,
+                                    scale, e, w_phi, b_phi, ctx.alpha, ctx.label_smoothing, u32, w, n, r, xnorm, lse,
+                                    cos, zn, en, need_t or need_a, need_x, need_s)
+    return (dt if need_t else None, da if need_a else None, dx if need_x else None, None, ds if need_s else None,
+            None, None, None, None, None, None)
+
+
+_head.register_autograd(_head_grad, setup_context=_head_setup)
+
+OPS = [_aggregate, _aggregate_backward, _cross_entropy, _cross_entropy_backward, _distill, _distill_backward,
+       _head, _head_backward]
+
+
+# ---------------------------------------------------------------------------------------
+# The backend functions (signatures of demul_fast._torch_backend)
+
+
+def _scale(scale, device: torch.device) -> Tensor:
+    """The logit multiplier as a float32 0-dim tensor on ``device`` (no host sync)."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device, dtype=_F32).reshape(())
+    return torch.full((), float(scale), dtype=_F32, device=device)
+
+
+def _refuse_frozen_grads(**tensors) -> None:
+    """phi and the LLM embeddings are frozen (SPEC 4.1): these kernels compute no gradient
+    for them, so a request for one is refused rather than silently dropped."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but the cuda backend treats it as frozen (SPEC 4.1) and "
+                             f"computes no gradient for it: detach it, or use backend='torch'")
+
+
+def _distill_operands(text_features, phi_weight, phi_bias, llm_embeddings):
+    _refuse_frozen_grads(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
+    return (phi_weight.to(text_features.dtype).contiguous(), _opt_f32(phi_bias), llm_embeddings.to(_F32).contiguous())
+
+
+def aggregate_prompts(text_features: Tensor, prompt_logits: Tensor) -> Tensor:
+    """text_features: [C, M, D], prompt_logits: [C, M] -> unit-norm class features [C, D]"""
+    return _aggregate(text_features.contiguous(), prompt_logits.to(_F32).contiguous())[0]
+
+
+def cosine_cross_entropy(image_features: Tensor, class_features: Tensor, labels: Tensor, scale,
+                         label_smoothing: float = 0.0) -> Tensor:
+    """image_features: [B, D], class_features: [C, D], labels: [B] -> scalar float32 loss"""
+    x = image_features.contiguous()
+    return _cross_entropy(x, class_features.to(_F32).contiguous(), labels.to(torch.int64).contiguous(),
+                          _scale(scale, x.device), float(label_smoothing))[0]
+
+
+def prompt_distill_loss(text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
+                        llm_embeddings: Tensor) -> Tensor:
+    """text_features: [C, M, D], phi_weight: [K, D], phi_bias: [K] or None, llm_embeddings: [C, K]
+    -> scalar float32 loss"""
+    w, b, e = _distill_operands(text_features, phi_weight, phi_bias, llm_embeddings)
+    return _distill(text_features.contiguous(), w, b, e)[0]
+
+
+def demul_head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale,
+               llm_embeddings: Optional[Tensor] = None, phi_weight: Optional[Tensor] = None,
+               phi_bias: Optional[Tensor] = None, alpha: float = 1.0, label_smoothing: float = 0.0,
+               return_logits: bool = False) -> HeadOutput:
+    """The whole head in one custom op (SPEC 4): HeadOutput(loss, ce_loss, distill_loss, logits [B, C] or None)"""
+    t = text_features.contiguous()
+    w = b = e = None
+    if llm_embeddings is not None:
+        w, b, e = _distill_operands(t, phi_weight, phi_bias, llm_embeddings)
+    out = _head(t, prompt_logits.to(_F32).contiguous(), image_features.contiguous(),
+                labels.to(torch.int64).contiguous(), _scale(scale, t.device), e, w, b, float(alpha),
+                float(label_smoothing), bool(return_logits))
+    return HeadOutput(out[0], out[1], out[2], out[3] if return_logits else None)
+
+
+__all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput", "OPS"]
