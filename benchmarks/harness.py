@@ -337,8 +337,10 @@ def summary(suite: str, rows: List[Row]) -> str:
     return f"[{suite}] rows: {status}. fastest fwd+bwd: " + ("; ".join(parts) if parts else "none timed")
 
 
-def run(workloads: List[Workload], ceilings: floors.Ceilings, settings: Settings, quiet: bool = False) -> List[Row]:
-    """Run every workload with a tqdm bar over the (provider, mode) cases."""
+def run(workloads: List[Workload], ceilings: floors.Ceilings, settings: Settings, quiet: bool = False,
+        on_rows=None) -> List[Row]:
+    """Run every workload with a tqdm bar over the (provider, mode) cases; ``on_rows(rows)``
+    is called after each workload (to save rows as they come, should the run be cut short)."""
     total = sum(len(w.providers) * len(w.modes) for w in workloads)
     bar = None
     if not quiet:
@@ -349,7 +351,10 @@ def run(workloads: List[Workload], ceilings: floors.Ceilings, settings: Settings
         for wl in workloads:
             if bar:
                 bar.set_postfix_str(f"{wl.suite}/{wl.op}")
-            rows += run_workload(wl, ceilings, settings, progress=bar)
+            new = run_workload(wl, ceilings, settings, progress=bar)
+            rows += new
+            if on_rows:
+                on_rows(new)
     finally:
         if bar:
             bar.close()

@@ -8,7 +8,9 @@ Suites: ``head`` (the four head functions, SPEC.md section 4; fwd, bwd, fwd+bwd)
 ``encoder`` (reference.FullTextEncoder vs PrefixSharedTextEncoder, SPEC.md section 3),
 ``step`` (a DeMul training step from given image features: DeMulReference vs DeMul).
 Every provider is checked against the reference on the benchmark's own inputs before it
-is timed; unavailable providers are listed as skipped with the reason. Rows are printed
+is timed; unavailable providers are listed as skipped with the reason. On CUDA the
+functional API's value checks (a host synchronisation per call) are off
+(``DEMUL_FAST_CHECK_VALUES=0``) unless the environment sets them. Rows are printed
 as a table and appended as JSON lines to ``benchmarks/results/<preset>-<device>.jsonl``
 (``--out`` to change the folder). How time, memory and floors are measured:
 benchmarks/measure.py and benchmarks/floors.py.
@@ -62,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include torch.compile providers (default: on for CUDA, off for CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers to run (eager always runs), e.g. eager,compile,triton,cuda,liger,cce")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (default 1 CPU, 0.2 GPU)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per row (default 0.1 CPU, 0.025 GPU)")
     p.add_argument("--ceiling-mib", type=int, default=None,
@@ -118,6 +122,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, sizes, suites, settings = resolve(args)
+    if device.type == "cuda":
+        # The value checks of demul_fast's public functions (label range, finite scale) cost
+        # a host synchronisation per call on the GPU; the reference has none. Off unless asked.
+        os.environ.setdefault("DEMUL_FAST_CHECK_VALUES", "0")
     t0 = time.perf_counter()
     ceilings = floors.measure_ceilings(device, dtype, copy_bytes=(args.ceiling_mib or 0) << 20 or None,
                                        matmul_n=args.ceiling_n)
@@ -125,15 +133,20 @@ def main(argv=None) -> int:
           f"sizes {sizes}")
     print(floors.describe(ceilings))
     workloads = build_workloads(suites, sizes, dtype, device, args)
-    rows = harness.run(workloads, ceilings, settings, quiet=args.quiet)
+    if args.providers:
+        keep = {p.strip() for p in args.providers.split(",")} | {"eager"}  # eager: the gate's and ratios' baseline
+        for wl in workloads:
+            wl.providers = [p for p in wl.providers if p.name in keep]
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    meta = harness.run_metadata(device, args.preset, ceilings, sys.argv[1:] if argv is None else list(argv))
+    meta["check_values"] = os.environ.get("DEMUL_FAST_CHECK_VALUES", "1")
+    path = os.path.join(out_dir, f"{args.preset}-{device.type}.jsonl")
+    save = None if args.no_save else (lambda new_rows: harness.write_jsonl(path, meta, new_rows))
+    rows = harness.run(workloads, ceilings, settings, quiet=args.quiet, on_rows=save)
     print(harness.format_table(rows))
     for suite in suites:
         print(harness.summary(suite, rows))
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    meta = harness.run_metadata(device, args.preset, ceilings, sys.argv[1:] if argv is None else list(argv))
     if not args.no_save:
-        path = os.path.join(out_dir, f"{args.preset}-{device.type}.jsonl")
-        harness.write_jsonl(path, meta, rows)
         print(f"rows appended to {os.path.relpath(path)} (run_id {meta['run_id']})")
     if args.plot:
         from benchmarks import plot

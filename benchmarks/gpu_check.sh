@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: run it in a single call on a machine with an NVIDIA GPU,
+# from the repository root. It takes about 9 minutes at most (each step is time-boxed;
+# limits add up to 530 s, plus the wheel install and the reports). With the device tool:
+# run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600).
+#
+#   bash benchmarks/gpu_check.sh      # results under $OUT (default /tmp/demul_fast_gpu_check)
+#
+# Steps: (1) install carried wheels from .whl/ if present, (2) install the package
+# editable, building the CUDA extension, (3) print the backend report, (4) the GPU tests
+# (pytest -m gpu), (5) the head benchmark on the imagenet preset in bfloat16 (eager,
+# triton, cuda) and the peers
+# (Liger-Kernel, cut-cross-entropy) on their sub-problems, (6) the head on imagenet21k,
+# (7) the encoder and step suites on the imagenet preset, (8) the whole head in float32 and
+# torch.compile of the head (its compile time is the rows' first_call_s), (9) the rest of
+# the tests, quickly.
+# A step that fails or runs out of time is reported and the script goes on; the last lines
+# printed are a summary. Files under $OUT (flat, at most 8): gpu_check.log (everything),
+# summary.txt, backends.txt, imagenet-cuda.jsonl, imagenet21k-cuda.jsonl (benchmark rows,
+# as benchmarks/run.py writes them), two PNG charts of the imagenet head run.
+#
+# Preparing .whl (on a machine with a package index, in the repository root; .whl/ is in
+# .gitignore, and the device call must carry it, e.g. carry=[".whl"]). The GPU machine
+# runs Python 3.12 and lacks open_clip_torch (needed by the encoder and step suites and
+# their tests); the peers Liger-Kernel and cut-cross-entropy are optional:
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl \
+#     open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+#
+# Keep one version of each package in .whl/. Nothing is fetched on the GPU machine.
+
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/demul_fast_gpu_check}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+declare -a SUMMARY=()
+
+log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+# step NAME SECONDS COMMAND...: run time-boxed, log everything, record the outcome.
+step() {
+  local name=$1 secs=$2; shift 2
+  log "== $name (limit ${secs}s): $*"
+  local t0=$(date +%s)
+  timeout -k 10 "$secs" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  local what="rc=$rc"
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && what="TIMED OUT"
+  SUMMARY+=("$name: $what, ${took}s")
+  log "== $name: $what after ${took}s"
+  return $rc
+}
+
+log "start $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo unknown), OUT=$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >>"$LOG" 2>&1
+
+# (1) carried wheels
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  log "no .whl/ folder: open_clip-based suites and the peers will be skipped if their packages are missing"
+fi
+"$PY" - >>"$LOG" 2>&1 <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
+for m in ("triton", "open_clip", "liger_kernel", "cut_cross_entropy"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as exc:
+        print(m, "missing:", exc)
+EOF
+
+# (2) editable install, which builds the CUDA extension (offline: no index, no
+# dependencies, the installed torch). The editable install also maps kernels/ to
+# demul_fast.kernels. If the CUDA build fails, install without it so the rest still runs.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then  # a dry run of the script's flow elsewhere
+  log "build skipped (GPU_CHECK_SKIP_BUILD=1)"
+else
+  PIP_E=("$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .)
+  step build 150 env DEMUL_FAST_BUILD_CUDA=1 "${PIP_E[@]}" \
+    || step install-without-cuda 60 env DEMUL_FAST_BUILD_CUDA=0 "${PIP_E[@]}"
+fi
+
+# (3) which backends run here
+"$PY" -m demul_fast.backends >"$OUT/backends.txt" 2>&1
+cat "$OUT/backends.txt" >>"$LOG"
+
+# (4) GPU tests
+step gpu-tests 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra"
+
+# (5)-(8) benchmarks (rows are appended to $OUT/<preset>-cuda.jsonl as each workload ends;
+# the peers compile on first use, so they run in their own step)
+BENCH=("$PY" benchmarks/run.py --device cuda --out "$OUT" --quiet)
+step head-imagenet-bf16 50 "${BENCH[@]}" --preset imagenet --suite head --dtype bfloat16 --no-compile \
+  --providers eager,triton,cuda --plot
+step peers-imagenet-bf16 45 "${BENCH[@]}" --preset imagenet --suite head --op distill --op cross_entropy \
+  --dtype bfloat16 --providers eager,liger,cce --modes fwd+bwd
+step head-imagenet21k-bf16 50 "${BENCH[@]}" --preset imagenet21k --suite head --dtype bfloat16 --no-compile \
+  --providers eager,triton,cuda
+step encoder-step-imagenet-bf16 60 "${BENCH[@]}" --preset imagenet --suite encoder --suite step --dtype bfloat16 \
+  --no-compile
+step head-imagenet-fp32 25 "${BENCH[@]}" --preset imagenet --suite head --op head --dtype float32 --no-compile \
+  --providers eager,triton,cuda
+step head-imagenet-compile 40 "${BENCH[@]}" --preset imagenet --suite head --op head --dtype bfloat16 --compile \
+  --providers eager,compile --modes fwd+bwd
+
+# (9) the rest of the tests, quickly
+step cpu-tests 20 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider -o addopts="" --maxfail=5
+
+log "summary (full log: $LOG)"
+for line in "${SUMMARY[@]}"; do log "  $line"; done
+grep -h "^\[head\]\|^\[encoder\]\|^\[step\]\|^ceilings:\|^device " "$LOG" | tee -a "$OUT/summary.txt"
+ls -la "$OUT"
