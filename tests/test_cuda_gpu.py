@@ -1,0 +1,199 @@
+"""GPU tests of the "cuda" backend (the kernels of demul_fast._C): each function and the
+whole head against the float64 reference with the error rule (tests/numerics.py: outputs
+k=2, gradients k=3, relative to the plain PyTorch path's own error in the same dtype),
+and against the triton backend where it is available. Fresh random inputs, odd and
+ImageNet-scale shapes, all three dtypes. Before every call the CUDA caching allocator is
+filled with NaN blocks, so an output element a kernel forgets to write shows up as
+non-finite. Skipped at collection without a CUDA device (tests/conftest.py)."""
+
+import pytest
+import torch
+
+from demul_fast import backends, functional as F, reference as ref
+from numerics import assert_error_rule, max_err
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+ODD = dict(C=37, M=3, D=100, B=5, K=70)
+PRIMES = dict(C=67, M=5, D=131, B=97, K=193)  # every dimension crosses a 64-wide tile
+LARGE = dict(C=1000, M=8, D=512, B=256, K=3072)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def cuda_available():
+    reason = backends.why_not("cuda", torch.device(DEV), torch.float32)
+    if reason is not None:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+
+
+def poison():
+    """Leave NaN-filled blocks of many sizes in the caching allocator for outputs to reuse."""
+    blocks = [torch.full((n,), float("nan"), device=DEV) for n in (1, 64, 1 << 10, 1 << 14, 1 << 18, 1 << 22)
+              for _ in range(4)]
+    del blocks
+
+
+def make_inputs(gen, C, M, D, B, K, bias=True):
+    """float64 CUDA inputs (cast per dtype by the tests)."""
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEV)
+    y = torch.randint(0, C, (B,), generator=gen).to(DEV)
+    return r(C, M, D), r(C, M), r(B, D), y, r(C, K), r(K, D) / D ** 0.5, (r(K) if bias else None)
+
+
+def run(fn, args, diff, dtype, cotangents):
+    """fn on copies of args (floating ones cast to dtype, those in diff made leaves) ->
+    (outputs, gradients of sum(<output, cotangent>) w.r.t. the diff leaves)."""
+    leaves = []
+    call = []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = a.detach().to(dtype).clone()
+            if i in diff:
+                a.requires_grad_()
+                leaves.append(a)
+        call.append(a)
+    poison()
+    outs = fn(*call)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    total = sum((o.double() * c).sum() for o, c in zip(outs, cotangents) if o is not None)
+    grads = torch.autograd.grad(total, leaves)
+    torch.cuda.synchronize()
+    return [o.detach() for o in outs if o is not None], [g.detach() for g in grads]
+
+
+def check(name, fns, args, diff, dtype, cotangents, grad_names):
+    """Error rule for outputs and gradients; then cuda vs triton within their two bounds."""
+    cuda_fn, ref_fn, triton_fn = fns
+    fo, fg = run(cuda_fn, args, diff, dtype, cotangents)
+    ro, rg = run(ref_fn, args, diff, torch.float64, cotangents)
+    po, pg = run(ref_fn, args, diff, dtype, cotangents)
+    for i, (f, r, p) in enumerate(zip(fo, ro, po)):
+        assert_error_rule(f"{name} out{i}", f, r, p, k=2.0, dtype=dtype)
+    for label, f, r, p in zip(grad_names, fg, rg, pg):
+        assert_error_rule(f"{name} {label}", f, r, p, k=3.0, dtype=dtype)
+    if backends.why_not("triton", torch.device(DEV), dtype) is None:
+        to, tg = run(triton_fn, args, diff, dtype, cotangents)
+        eps = torch.finfo(dtype).eps
+        for label, f, t, r, p, k in ([(f"out{i}", *v, 2.0) for i, v in enumerate(zip(fo, to, ro, po))]
+                                     + [(g, *v, 3.0) for g, v in zip(grad_names, zip(fg, tg, rg, pg))]):
+            bound = 2 * (k * max_err(p, r) + 4 * eps * float(r.abs().max()))
+            diff_ct = max_err(f, t)
+            print(f"{name} {label}: |cuda - triton| {diff_ct:.3e}, bound {bound:.3e}")
+            assert diff_ct <= bound, f"{name} {label}: cuda and triton differ by {diff_ct:.3e} > {bound:.3e}"
+    return fo, fg
+
+
+def rand(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEV)
+
+
+def backend_fn(name, backend):
+    fn = getattr(F, name)
+    return lambda *a, **k: fn(*a, **k, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [ODD, PRIMES, LARGE], ids=["odd", "primes", "large"])
+def test_aggregate_prompts(gen, shape, dtype):
+    T, A, *_ = make_inputs(gen, **shape)
+    fo, _ = check(f"aggregate {dtype}", (backend_fn("aggregate_prompts", "cuda"), ref.aggregate_prompts,
+                                          backend_fn("aggregate_prompts", "triton")),
+                  [T, A], [0, 1], dtype, [rand(gen, shape["C"], shape["D"])], ["dT", "dA"])
+    assert fo[0].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ls", [(ODD, 0.0), (PRIMES, 0.1), (LARGE, 0.1)], ids=["odd", "primes", "large"])
+def test_cosine_cross_entropy(gen, shape, ls, dtype):
+    _, _, X, y, *_ = make_inputs(gen, **shape)
+    U = ref.l2_normalize(rand(gen, shape["C"], shape["D"]))
+    tau = torch.tensor(57.0, dtype=torch.float64, device=DEV)
+
+    def with_ls(fn):
+        return lambda x, u, s: fn(x, u, y, s, ls)
+    fo, _ = check(f"ce {dtype}", (with_ls(backend_fn("cosine_cross_entropy", "cuda")), with_ls(ref.cosine_cross_entropy),
+                                   with_ls(backend_fn("cosine_cross_entropy", "triton"))),
+                  [X, U, tau], [0, 1, 2], dtype, [torch.tensor(0.7, device=DEV)], ["dX", "dU", "dscale"])
+    assert fo[0].dtype == torch.float32 and fo[0].dim() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,bias", [(ODD, True), (PRIMES, False), (LARGE, True)], ids=["odd", "primes", "large"])
+def test_prompt_distill_loss(gen, shape, bias, dtype):
+    T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **shape)
+
+    def frozen(fn):
+        return lambda t: fn(t, W.to(t.dtype), None if b is None else b.to(t.dtype), E.to(t.dtype))
+    fo, _ = check(f"distill {dtype}", (frozen(backend_fn("prompt_distill_loss", "cuda")),
+                                        frozen(ref.prompt_distill_loss),
+                                        frozen(backend_fn("prompt_distill_loss", "triton"))),
+                  [T], [0], dtype, [torch.tensor(1.3, device=DEV)], ["dT"])
+    assert fo[0].dtype == torch.float32
+
+
+def _head_fns(y, E, W, b, alpha, ls, distill):
+    def make(fn):
+        def call(t, a, x, s):
+            cast = (lambda v: None if v is None or not distill else v.to(t.dtype))
+            return tuple(fn(t, a, x, y, s, cast(E), cast(W), cast(b), alpha=alpha, label_smoothing=ls,
+                            return_logits=True))
+        return call
+    return make(backend_fn("demul_head", "cuda")), make(ref.demul_head), make(backend_fn("demul_head", "triton"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,distill", [(ODD, True), (PRIMES, False), (PRIMES, True), (LARGE, True)],
+                         ids=["odd", "primes-ce-only", "primes", "large"])
+def test_demul_head(gen, shape, distill, dtype):
+    T, A, X, y, E, W, b = make_inputs(gen, **shape)
+    tau = torch.tensor(100.0, dtype=torch.float64, device=DEV)
+    B, C = shape["B"], shape["C"]
+    # Weights on loss, ce, dist and logits: every output gradient path is exercised.
+    cot = [torch.tensor(v, dtype=torch.float64, device=DEV) for v in (1.0, 0.5, -0.25)]
+    cot.append(rand(gen, B, C) / (B * C))
+    fo, _ = check(f"head {dtype}", _head_fns(y, E, W, b, 0.7, 0.1, distill), [T, A, X, tau], [0, 1, 2, 3], dtype,
+                  cot, ["dT", "dA", "dX", "dscale"])
+    assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
+
+
+def test_head_without_logits_matches_with_logits(gen):
+    T, A, X, y, E, W, b = make_inputs(gen, **ODD)
+    args = [v.float() for v in (T, A, X)]
+    with_l = F.demul_head(*args, y, 30.0, E.float(), W.float(), b.float(), return_logits=True, backend="cuda")
+    without = F.demul_head(*args, y, 30.0, E.float(), W.float(), b.float(), backend="cuda")
+    assert without.logits is None
+    for a, c in zip(with_l[:3], without[:3]):
+        assert torch.equal(a, c)
+
+
+def test_out_of_range_labels_never_read_out_of_bounds(gen, monkeypatch):
+    """With value checks off, a bad label gives an undefined loss but no memory error."""
+    monkeypatch.setenv("DEMUL_FAST_CHECK_VALUES", "0")
+    T, A, X, y, E, W, b = make_inputs(gen, **ODD)
+    y = y.clone()
+    y[0] = 10 ** 9
+    y[1] = -(10 ** 9)
+    leaves = [v.float().requires_grad_() for v in (T, A, X)]
+    out = F.demul_head(*leaves, y, 30.0, E.float(), W.float(), b.float(), backend="cuda")
+    out.loss.backward()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_host_sync_in_the_ops(gen, dtype):
+    """The head's forward and backward never synchronise with the host."""
+    T, A, X, y, E, W, b = make_inputs(gen, **PRIMES)
+    from demul_fast import cuda_ops
+    leaves = [v.to(dtype).requires_grad_() for v in (T, X)]
+    a = A.float().requires_grad_()
+    e, w, bb = E.to(dtype), W.to(dtype), b.to(dtype)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = cuda_ops.demul_head(leaves[0], a, leaves[1], y, torch.full((), 30.0, device=DEV), e, w, bb)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(leaves[0].grad).all()
