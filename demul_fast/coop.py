@@ -96,7 +96,7 @@ class _Bucket:
 @dataclass
 class _TokenInfo:
     ids: Tensor        # the tokenized_prompts tensor this was computed from (kept alive)
-    version: int       # its _version when computed
+    version: Optional[int]  # its _version when computed (None: not cached)
     device: torch.device
     eot: Tensor        # [N] int64 on `device`: pooled position of each row
     lengths: List[int]  # eot + 1 per row (host copy)
@@ -203,7 +203,7 @@ def _row_summed_len(node, output_nr: int = 0) -> float:
 def gradient_shareable_len(prompts: Tensor) -> float:
     """Leading positions of ``prompts [N, L, W]`` that may be computed from row 0 alone
     without changing any leaf's gradient (see the module docstring)."""
-    if not prompts.requires_grad or prompts.shape[0] <= 1:
+    if not (prompts.requires_grad and torch.is_grad_enabled()) or prompts.shape[0] <= 1:
         return math.inf
     if prompts.grad_fn is None:
         return 0  # a leaf of N rows: every row is its own parameter
@@ -228,6 +228,14 @@ def equal_prefix_len(prompts: Tensor, limit: int) -> int:
 # --------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------
+
+def _version_of(t: Tensor) -> Optional[int]:
+    """The in-place version counter, None for tensors without one (inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
 
 class CoOpTextEncoder(nn.Module):
     """CoOp's ``TextEncoder``, exact, truncated after the last EOT and prefix-shared.
@@ -299,11 +307,13 @@ class CoOpTextEncoder(nn.Module):
 
     def _token_info(self, ids: Tensor, device: torch.device) -> _TokenInfo:
         info = self._tokens
-        if info is not None and info.ids is ids and info.version == ids._version and info.device == device:
+        version = _version_of(ids)
+        if (info is not None and info.ids is ids and version is not None and info.version == version
+                and info.device == device):
             return info
         eot = self._tower.pool_positions(ids).to(dtype=torch.long)
         lengths = (eot + 1).tolist()  # one host read per new tokenized_prompts tensor
-        info = _TokenInfo(ids=ids, version=ids._version, device=device, eot=eot.to(device), lengths=lengths,
+        info = _TokenInfo(ids=ids, version=version, device=device, eot=eot.to(device), lengths=lengths,
                           seq_len=max(lengths), min_eot=min(lengths) - 1)
         self._tokens = info
         return info

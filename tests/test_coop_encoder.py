@@ -173,6 +173,10 @@ def test_equal_values_are_shared_when_no_gradient_is_needed(model64, tokens, gen
         out = enc(prompts, tokens)
     assert enc.last_plan.shared_len == 1 + N_CTX
     torch.testing.assert_close(out, plain_coop(model64, prompts, tokens), rtol=0, atol=TOL64)
+    ctx.requires_grad_()  # a CSC parameter, but no graph is recorded: sharing is safe
+    with torch.no_grad():
+        enc(coop_prompts(model64, tokens, ctx), tokens)
+    assert enc.last_plan.shared_len == 1 + N_CTX
 
 
 def test_prompts_leaf_requiring_grad_is_not_shared(model64, tokens, gen):
