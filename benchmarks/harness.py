@@ -83,10 +83,10 @@ def _free(device: torch.device) -> None:
 
 
 def n_rotations(input_bytes: int, settings: Settings) -> int:
-    """Input sets to cycle through: enough that together they exceed ``rotate_bytes``, 1 to 4."""
+    """Input sets to cycle through: enough that together they exceed ``rotate_bytes``, 1 to 8."""
     if input_bytes >= settings.rotate_bytes:
         return 1
-    return max(1, min(4, math.ceil(settings.rotate_bytes / max(input_bytes, 1))))
+    return max(1, min(8, math.ceil(settings.rotate_bytes / max(input_bytes, 1))))
 
 
 def _time_mode(wl: Workload, prov: Provider, inputs: list, mode: str, settings: Settings):
@@ -307,7 +307,8 @@ def format_table(rows: List[Row]) -> str:
                          f"{r.speedup_vs_eager:.2f}" if r.speedup_vs_eager else "",
                          _fmt_bytes(r.peak_mem_bytes), f"{r.mem_vs_eager:.2f}" if r.mem_vs_eager else "",
                          f"{_fmt_ms(r.floor_ms)} {r.floor_bound[:3]}", f"{100 * r.frac_of_floor:.1f}",
-                         f"{r.gb_per_s:.1f}", f"{r.tflop_per_s:.3f}", f"{r.max_rel_error:.1e}", ""])
+                         f"{r.gb_per_s:.1f}", f"{r.tflop_per_s:.3f}", f"{r.max_rel_error:.1e}",
+                         f"first call {r.first_call_s:.1f} s (compiles)" if r.provider == "compile" else ""])
         else:
             err = f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else ""
             note = r.note if len(r.note) <= 90 else r.note[:87] + "..."

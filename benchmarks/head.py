@@ -16,7 +16,10 @@ Ops: ``aggregate`` (aggregate_prompts), ``cross_entropy`` (cosine_cross_entropy)
   E^T [K, C] when C <= K, else E repeated per prompt [C*M, K] with the identity [K, K]
   (the smaller teacher product; it is work Liger does that the fused op does not need).
   weight_hard_loss=0, weight_soft_loss=1, beta=1, temperature=1, all labels valid: the
-  loss is sum(1 - cos) / (C*M), exactly L_dist.
+  loss is sum(1 - cos) / (C*M), exactly L_dist. Liger computes the gradients inside its
+  forward (chunk by chunk), so its ``fwd`` row holds the gradient work and its ``bwd`` row
+  is nearly free: compare ``fwd+bwd``. It also computes dW and db, which the fused op
+  skips (phi is frozen).
 * ``cce`` (``cross_entropy`` only, CUDA, label_smoothing 0): Apple's cut-cross-entropy
   ``linear_cross_entropy(e, c, targets)`` with e = scale * normalize(X) [B, D] (computed in
   the timed call), c = the class features [C, D], ``filter_eps=None`` (no gradient
