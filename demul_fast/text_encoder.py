@@ -37,7 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .prompts import Prompts, build_prompts
+from .prefix_attention import PackedLayout, shared_prefix_attention
+from .prompts import build_prompts
 
 Tensor = torch.Tensor
 
@@ -254,32 +255,6 @@ def text_tower(model: nn.Module) -> TextTower:
 # The core: prefix-shared forward
 # --------------------------------------------------------------------------------------
 
-def _shared_prefix_attention(qs: Tensor, ks: Tensor, vs: Tensor, kp: Tensor, vp: Tensor,
-                             suffix_mask: Tensor) -> Tensor:
-    """Attention of suffix queries over [shared prefix keys ; own suffix keys].
-
-    qs: [G, H, N, Sq, hd] (already scaled)   ks, vs: [G, H, N, S, hd]
-    kp, vp: [G, H, P, hd]                    suffix_mask: bool, broadcastable to
-    [G, H, N, Sq, S], True where a suffix key is visible
-    returns [G, H, N, Sq, hd]
-
-    The prefix scores of all N*Sq queries of a group are one product with the group's P
-    keys; a joint softmax over the P + S scores equals the log-sum-exp merge of the two
-    partial attentions (exact; no copy of the prefix per suffix).
-    """
-    g, h, n, sq, hd = qs.shape
-    p = kp.shape[2]
-    sp = torch.matmul(qs.reshape(g, h, n * sq, hd), kp.transpose(-1, -2)).view(g, h, n, sq, p)
-    ss = torch.matmul(qs, ks.transpose(-1, -2)).masked_fill(~suffix_mask, float("-inf"))
-    scores = torch.cat([sp, ss], dim=-1)
-    # softmax in float32 at least (half inputs), as SDPA does
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    probs = probs.to(qs.dtype)
-    pp, ps = probs.split([p, probs.shape[-1] - p], dim=-1)
-    out = torch.matmul(pp.reshape(g, h, n * sq, p), vp).view(g, h, n, sq, hd)
-    return out + torch.matmul(ps, vs)
-
-
 def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suffix_eot: Tensor) -> Tensor:
     """Pooled text features of G*N sequences that share a prefix per group (SPEC 3.1).
 
@@ -305,47 +280,25 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     if tuple(suffix_eot.shape) != (g, n):
         raise ValueError(f"suffix_eot must be [G={g}, N={n}], got {tuple(suffix_eot.shape)}")
     dtype = prefix.dtype
+    layout = PackedLayout.build(g, p, n, s, suffix_eot.to(prefix.device))
     pos = tower.positional_embedding.to(dtype)
-    x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), (suffix.to(dtype) + pos[p:p + s]).reshape(g * n * s, w)])
-    n_pre = g * p
-    causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-    eot = suffix_eot.to(device=x.device, dtype=torch.long)
+    suffix_rows = (suffix.to(dtype) + pos[p:p + s]).reshape(g * n * s, w).index_select(0, layout.valid_slots)
+    x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), suffix_rows])       # [G*P + Ts, W], packed
     last = len(tower.layers) - 1
     for i, layer in enumerate(tower.layers):
-        heads = layer.heads
-        hd = w // heads
-        scale = hd ** -0.5
         q, k, v = layer.qkv(layer.ln_1(x))
-
-        def split(t: Tensor) -> Tuple[Tensor, Tensor]:
-            tp = t[:n_pre].view(g, p, heads, hd).transpose(1, 2)                         # [G, H, P, hd]
-            ts = t[n_pre:].view(g, n, s, heads, hd).permute(0, 3, 1, 2, 4)              # [G, H, N, S, hd]
-            return tp, ts
-
-        kp, ks = split(k)
-        vp, vs = split(v)
         if i < last:
-            qp, qs = split(q * scale)
-            a_pre = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=1.0)
-            a_suf = _shared_prefix_attention(qs, ks, vs, kp, vp, causal)
-            a = torch.cat([a_pre.transpose(1, 2).reshape(n_pre, w),
-                           a_suf.permute(0, 2, 3, 1, 4).reshape(g * n * s, w)])
-            x = x + layer.ls_1(layer.out_proj(a))
-            x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
+            a = shared_prefix_attention(q, k, v, layout, layer.heads)
         else:
-            # Last layer: only the pooled (EOT) rows are needed; every row's keys and
-            # values were computed above, queries and the MLP run on G*N rows only.
-            xs = x[n_pre:].view(g, n, s, w)
-            idx = eot.view(g, n, 1, 1).expand(g, n, 1, w)
-            x_eot = xs.gather(2, idx)                                                   # [G, N, 1, W]
-            q_eot = q[n_pre:].view(g, n, s, w).gather(2, idx) * scale
-            qs = q_eot.view(g, n, 1, heads, hd).permute(0, 3, 1, 2, 4)                 # [G, H, N, 1, hd]
-            visible = torch.arange(s, device=x.device).view(1, 1, 1, 1, s) <= eot.view(g, 1, n, 1, 1)
-            a = _shared_prefix_attention(qs, ks, vs, kp, vp, visible)
-            x = x_eot.reshape(g * n, w) + layer.ls_1(layer.out_proj(a.permute(0, 2, 3, 1, 4).reshape(g * n, w)))
-            x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
+            # Last layer: only the pooled (EOT) rows matter. Keys and values of every row
+            # were computed above; the attention output, out_proj and MLP run on G*N rows.
+            rows = layout.eot_rows + g * p
+            x = x.index_select(0, rows)
+            a = shared_prefix_attention(q.index_select(0, rows), k, v, layout, layer.heads, eot_only=True)
+        x = x + layer.ls_1(layer.out_proj(a))
+        x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
     if last < 0:  # a tower without layers
-        x = x[n_pre:].view(g, n, s, w).gather(2, eot.view(g, n, 1, 1).expand(g, n, 1, w)).reshape(g * n, w)
+        x = x.index_select(0, layout.eot_rows + g * p)
     return tower.project(tower.ln_final(x)).view(g, n, -1)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
+from demul_fast.prefix_attention import PackedLayout, shared_prefix_attention
 from demul_fast.reference import FullTextEncoder
 from demul_fast.text_encoder import (PrefixSharedTextEncoder, UnsupportedTextTower, prefix_shared_forward,
                                      text_tower)
@@ -238,3 +239,16 @@ def test_state_dict_holds_no_clip_weights(tokenizer):
     model = make_clip()
     enc = PrefixSharedTextEncoder(model, tokenizer, NAMES, 4)
     assert list(enc.state_dict()) == [] and list(enc.parameters()) == []
+
+
+@pytest.mark.parametrize("eot_only", [False, True])
+def test_shared_prefix_attention_gradcheck(eot_only):
+    """The hand-written backward of the packed attention op against finite differences."""
+    g, p, n, s, heads, hd = 2, 3, 3, 4, 2, 3
+    layout = PackedLayout.build(g, p, n, s, torch.tensor([[0, 3, 1], [2, 3, 0]]))
+    gen = torch.Generator().manual_seed(6)
+    rows = g * p + layout.suffix_rows
+    k, v = (torch.randn(rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    q = torch.randn(g * n if eot_only else rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: shared_prefix_attention(a, b, c, layout, heads, eot_only),
+                                    (q, k, v))
