@@ -192,8 +192,15 @@ def _exercise(rec, backend, device):
     rec.backward(ce + dist, [T, A, X])
 
 
+def _overload(op):
+    """The OpOverload of an OPS entry (an OpOverload, an OpOverloadPacket or a CustomOpDef)."""
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return op.default
+    return getattr(op, "_opoverload", op)
+
+
 def _recorded_calls(backend, device):
-    ops = getattr(backend_module(backend), "OPS", None)
+    ops = [_overload(op) for op in getattr(backend_module(backend), "OPS", None) or []]
     if not ops:
         return []
     recorder = _OpRecorder(ops)
