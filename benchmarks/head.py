@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import os
 from typing import Dict
 
 import torch
@@ -122,9 +123,14 @@ def _compile_provider(op: str, device: torch.device, allow_compile: bool) -> Pro
     return Provider("compile", lambda i: compiled(*_args(op, i)), note="torch.compile(reference), default mode")
 
 
+def _interpret_requested() -> bool:
+    """run.py --interpret: triton rows on a CPU under the interpreter (wiring checks only)."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DEMUL_FAST_BENCH_INTERPRET") == "1"
+
+
 def _backend_provider(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Provider:
     reason = why_not(name, device, dtype)
-    if reason is None and name == "triton" and device.type != "cuda":
+    if reason is None and name == "triton" and device.type != "cuda" and not _interpret_requested():
         reason = "the Triton interpreter is a correctness tool, not a performance path (needs a CUDA device)"
     if reason is not None:
         return unavailable(name, reason)

@@ -35,6 +35,7 @@ from demul_fast import reference as ref
 from demul_fast.backends import why_not
 
 from .floors import Cost, encoder_cost
+from .head import _interpret_requested
 from .workload import Inputs, Provider, Workload, unavailable
 
 CUSTOM_TOWERS = {
@@ -241,7 +242,7 @@ def step_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
             provs.append(unavailable(name, "demul_fast.DeMul is not in this build"))
             continue
         reason = why_not(backend, device, dtype)
-        if reason is None and backend == "triton" and device.type != "cuda":
+        if reason is None and backend == "triton" and device.type != "cuda" and not _interpret_requested():
             reason = "the Triton interpreter is a correctness tool, not a performance path (needs a CUDA device)"
         if reason:
             provs.append(unavailable(name, reason))

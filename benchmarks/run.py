@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", action="store_true", help="write PNG charts next to the JSON lines")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--interpret", action="store_true",
+                   help="CPU only: run the triton provider under the Triton interpreter (checks the wiring and "
+                        "the gate; its times mean nothing)")
     return p.parse_args(argv)
 
 
@@ -125,6 +128,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, sizes, suites, settings = resolve(args)
+    if args.interpret:
+        if device.type != "cpu":
+            raise SystemExit("--interpret is for CPU runs")
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
+        os.environ["DEMUL_FAST_BENCH_INTERPRET"] = "1"
     if device.type == "cuda":
         # The value checks of demul_fast's public functions (label range, finite scale) cost
         # a host synchronisation per call on the GPU; the reference has none. Off unless asked.

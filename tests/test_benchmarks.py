@@ -154,7 +154,7 @@ def test_rotation_count():
     s = harness.Settings(rotate_bytes=100)
     assert harness.n_rotations(1000, s) == 1
     assert harness.n_rotations(50, s) == 2
-    assert harness.n_rotations(1, s) == 4
+    assert harness.n_rotations(1, s) == 8
 
 
 def test_timing_statistics():
@@ -163,3 +163,19 @@ def test_timing_statistics():
                            budget_s=0, min_reps=5)
     assert t.reps == 5 and t.q20_s <= t.median_s <= t.q80_s
     assert calls == list(range(len(calls))) and len(calls) == 7  # first call, one warm-up, 5 timed
+
+
+def test_triton_provider_wired_under_interpreter(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("triton")
+    # run.main sets both variables; monkeypatch puts them back afterwards
+    monkeypatch.setenv("DEMUL_FAST_BENCH_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    from demul_fast.backends import why_not
+    if why_not("triton", torch.device("cpu"), torch.float32) is not None and torch.cuda.is_available():
+        pytest.skip("the interpreter check is for CPU machines")
+    rc = run.main(["--preset", "tiny", "--device", "cpu", "--suite", "head", "--op", "aggregate", "--op", "distill",
+                   "--providers", "eager,triton", "--interpret", "--out", str(tmp_path), *FAST])
+    assert rc == 0, capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "tiny-cpu.jsonl").read_text().splitlines()]
+    triton_rows = [r for r in rows if r["provider"] == "triton"]
+    assert len(triton_rows) == 6 and all(r["status"] == "ok" for r in triton_rows), triton_rows
