@@ -92,18 +92,17 @@ def test_compiled_head_one_graph_aot_eager(backend):
     dims = dict(C=5, M=3, D=8, B=4, K=6)
     torch._dynamo.reset()
     counter, fn = _counting_compile("aot_eager")
-    inputs = _cpu_inputs(**dims)
-    _assert_same(_head_call(fn, inputs, backend=backend, **OPTS), _head_call(df.demul_head, inputs, backend=backend,
-                                                                               **OPTS))
-    inputs = _cpu_inputs(seed=3, **dims)
-    _assert_same(_head_call(fn, inputs, backend=backend, **OPTS), _head_call(df.demul_head, inputs, backend=backend,
-                                                                               **OPTS))
+    for seed in (0, 3):
+        inputs = _cpu_inputs(seed=seed, **dims)
+        _assert_same(_head_call(fn, inputs, backend=backend, **OPTS),
+                     _head_call(df.demul_head, inputs, backend=backend, **OPTS))
     assert counter.frame_count == 1, f"{counter.frame_count} graphs compiled (graph break or recompile)"
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason="demul_fast.backends._load imports a backend module with importlib "
-                   "on first use, which dynamo cannot trace: the first call of demul_head must be eager "
-                   "(or the module imported) before compiling with fullgraph=True")
+@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
+                   reason="demul_fast.backends._load imports a backend module with importlib on first "
+                   "use, which dynamo cannot trace: the first call of demul_head must be eager (or the "
+                   "module imported) before compiling with fullgraph=True")
 def test_compile_before_any_eager_call(monkeypatch):
     monkeypatch.setattr(backends, "_loaded", {})
     torch._dynamo.reset()
@@ -127,7 +126,6 @@ def test_compiled_head_matches_eager_gpu(backend, dtype):
     compiled = _head_call(fn, inputs, backend=backend, **OPTS)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     _assert_same(compiled, eager, rtol=tol, atol=tol)
-    assert HAS_GPU
 
 
 # ---- registration: torch.library.opcheck on every op of every backend here -------------------
