@@ -54,3 +54,44 @@ def tile_rows(bd: int) -> int:
 
 def num_warps(elements: int) -> int:
     return 4 if elements <= 4096 else 8
+
+
+# Shared memory of the compiled kernels (triton 3.8, sm_90, measured with triton.compile
+# without a GPU). Text kernels, per tile of BLOCK_R rows x BLOCK_D: fp32 16 x 512: 101,376 B,
+# 64 x 512: 208,896 B, 16 x 1024: 199,680 B, 32 x 1024: 268,288 B; bf16 32 x 1024: 106,496 B,
+# 64 x 512: 131,072 B; roughly BLOCK_D x (128 + 4.4 BLOCK_R) B in fp32 and
+# BLOCK_D x (64 + 4 BLOCK_R) B in half. CE kernels (the dU kernel is the largest), per
+# [rows, BLOCK_D] tile: fp32 16 x 512: 134,528 B, 64 x 128: 181,760 B, 16 x 1024: 265,600 B,
+# about 16.2 rows BLOCK_D + 12 rows^2 B; half about 10 rows BLOCK_D + 4 rows^2 B.
+# Hopper allows 232,448 B per block. Configurations estimated to exceed the
+# device's limit are refused up front with a clear error instead of failing at launch.
+_SMEM_LIMIT = {}
+
+
+def _smem_limit(device) -> int:
+    index = torch.device(device).index or 0
+    if index not in _SMEM_LIMIT:
+        props = torch.cuda.get_device_properties(index)
+        _SMEM_LIMIT[index] = getattr(props, "shared_memory_per_block_optin", 232448)
+    return _SMEM_LIMIT[index]
+
+
+def check_fits(kind: str, dtype: torch.dtype, block_rows: int, bd: int, device) -> None:
+    if interpreting():
+        return
+    limit = _smem_limit(device)
+    if kind == "text":
+        need = bd * (128 + 4.5 * block_rows) if dtype == torch.float32 else bd * (64 + 4 * block_rows)
+        if need > limit:
+            raise ValueError(
+                f"the triton backend's text kernels hold a class's M prompts x D in one tile: {block_rows} "
+                f"rows x D={bd} (padded) in {dtype} needs about {int(need)} B of shared memory, more than "
+                f"this GPU's {limit} B; use fewer prompts, half precision, backend='cuda' or backend='torch'")
+    else:
+        need = (16.2 * block_rows * bd + 12 * block_rows ** 2 if dtype == torch.float32
+                else 10 * block_rows * bd + 4 * block_rows ** 2)
+        if need > limit:
+            raise ValueError(
+                f"the triton backend's cross-entropy kernels at D={bd} (padded) in {dtype} need about "
+                f"{int(need)} B of shared memory, more than this GPU's {limit} B; use bfloat16/float16 "
+                "features, backend='cuda' or backend='torch'")

@@ -159,9 +159,10 @@ def _ce_bwd_dx_kernel(
              mask=(offs_b[:, None] < B) & (offs_d[None, :] < D))
 
 
-def _meta(D):
+def _meta(D, dtype, device):
     bd = _common.block_d(D)
     rows = _common.tile_rows(bd)
+    _common.check_fits("ce", dtype, rows, bd, device)
     return dict(BLOCK_B=rows, BLOCK_C=rows, BLOCK_D=bd, num_warps=_common.num_warps(rows * bd))
 
 
@@ -170,7 +171,7 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
     Returns (per-image loss [B] fp32, lse [B] fp32, logits [B, C] in X.dtype or None)."""
     B, D = X.shape
     C = U.shape[0]
-    meta = _meta(D)
+    meta = _meta(D, X.dtype, X.device)
     dev = X.device
     lse = _common.new_output((B,), torch.float32, dev)
     loss = _common.new_output((B,), torch.float32, dev)
@@ -186,7 +187,7 @@ def ce_backward(X, U, y, scale, lse, grad_over_b, grad_logits, ls: float, need_d
     Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32, dX [B, D] or None)."""
     B, D = X.shape
     C = U.shape[0]
-    meta = _meta(D)
+    meta = _meta(D, X.dtype, X.device)
     dev = X.device
     has_gl = grad_logits is not None
     gl = grad_logits if has_gl else lse

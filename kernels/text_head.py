@@ -82,7 +82,8 @@ def _text_fwd_kernel(
     U, ZN, COS, EN,                # U [C, D] (u^), ZN/COS/EN [C*M] fp32: |z|, cos, |e| per row
     C, M, D, K,
     AGG: tl.constexpr, DIST: tl.constexpr, HAS_BIAS: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Forward of SPEC 4 for the text side, one read of T: u^ (if AGG) and per-row
     |z|, cos(z, e), |e| (if DIST)."""
@@ -98,7 +99,6 @@ def _text_fwd_kernel(
         tl.store(U + offs_c[:, None] * D + offs_d[None, :], u_hat.to(U.dtype.element_ty),
                  mask=(offs_c[:, None] < C) & (offs_d[None, :] < D))
     if DIST:
-        BLOCK_R: tl.constexpr = BLOCK_CLS * BLOCK_M
         t2 = tl.reshape(t_hat, [BLOCK_R, BLOCK_D])
         offs_r = tl.arange(0, BLOCK_R)
         row_c = pid * BLOCK_CLS + offs_r // BLOCK_M
@@ -132,7 +132,8 @@ def _text_bwd_kernel(
     DT, DA,                         # DT [C, M, D], DA [C, M]
     C, M, D, K, inv_cm,
     AGG: tl.constexpr, DIST: tl.constexpr, HAS_BIAS: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Backward of SPEC 4.1 for the text side, one read of T:
     du = nb(u^, GU, |u|), dw = <du, t^>, dA = w (dw - <w, dw>),
@@ -159,7 +160,6 @@ def _text_bwd_kernel(
         tl.store(DA + offs_c[:, None] * M + offs_m[None, :], da.to(DA.dtype.element_ty), mask=row_ok2)
         dt_hat += w[:, :, None] * du[:, None, :]
     if DIST:
-        BLOCK_R: tl.constexpr = BLOCK_CLS * BLOCK_M
         t2 = tl.reshape(t_hat, [BLOCK_R, BLOCK_D])
         offs_r = tl.arange(0, BLOCK_R)
         row_c = pid * BLOCK_CLS + offs_r // BLOCK_M
@@ -190,13 +190,14 @@ def _text_bwd_kernel(
     tl.store(ptrs, dt.to(DT.dtype.element_ty), mask=row_ok2[:, :, None] & (offs_d[None, None, :] < D))
 
 
-def _blocks(C, M, D, K):
+def _blocks(C, M, D, K, dtype, device):
     bd = _common.block_d(D)
     bm = triton.next_power_of_2(M)
     bcls = max(1, 16 // bm)  # rows per program >= 16, the smallest tl.dot tile
     bk = _common.tile_rows(bd)
+    _common.check_fits("text", dtype, bcls * bm, bd, device)
     grid = (triton.cdiv(C, bcls),)
-    return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_D=bd, BLOCK_K=bk,
+    return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_R=bcls * bm, BLOCK_D=bd, BLOCK_K=bk,
                 num_warps=_common.num_warps(bcls * bm * bd)), grid
 
 
@@ -206,7 +207,7 @@ def text_forward(T, A, W, b, E, agg: bool, dist: bool, u_dtype=None):
     T.dtype) or None, zn, cos, en [C*M] fp32 or None)."""
     C, M, D = T.shape
     K = W.shape[0] if dist else 0
-    meta, grid = _blocks(C, M, D, max(K, 1))
+    meta, grid = _blocks(C, M, D, max(K, 1), T.dtype, T.device)
     dev = T.device
     u = _common.new_output((C, D), u_dtype or T.dtype, dev) if agg else None
     stats = [_common.new_output((C * M,), torch.float32, dev) for _ in range(3)] if dist else [None] * 3
@@ -223,7 +224,7 @@ def text_backward(T, A, W, b, E, zn, cos, en, grad_u, grad_dist, agg: bool, dist
     Returns (dT [C, M, D] in T.dtype, dA [C, M] in a_dtype (default A.dtype) or None)."""
     C, M, D = T.shape
     K = W.shape[0] if dist else 0
-    meta, grid = _blocks(C, M, D, max(K, 1))
+    meta, grid = _blocks(C, M, D, max(K, 1), T.dtype, T.device)
     dev = T.device
     dT = _common.new_output((C, M, D), T.dtype, dev)
     dA = _common.new_output((C, M), a_dtype or A.dtype, dev) if agg else None
