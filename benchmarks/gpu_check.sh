@@ -110,7 +110,7 @@ step peers-imagenet-bf16 60 "${BENCH[@]}" --preset imagenet --suite head --op di
 step head-imagenet21k-bf16 50 "${BENCH[@]}" --preset imagenet21k --suite head --dtype bfloat16 --no-compile \
   --providers eager,triton,cuda
 step encoder-step-imagenet-bf16 60 "${BENCH[@]}" --preset imagenet --suite encoder --suite step --dtype bfloat16 \
-  --no-compile
+  --no-compile --image-tower
 step head-imagenet-fp32 25 "${BENCH[@]}" --preset imagenet --suite head --op head --dtype float32 --no-compile \
   --providers eager,triton,cuda
 step head-imagenet-compile 40 "${BENCH[@]}" --preset imagenet --suite head --op head --dtype bfloat16 --compile \

@@ -7,7 +7,8 @@ prompts at 77 tokens), ``compile`` (torch.compile of it), ``prefix``
 
 ``step``: loss = model(image_features=X, labels=y) and its backward into ``ctx`` and
 ``head.prompt_logits`` (image features given; the optimizer update, over those two small
-tensors, is left out), providers ``eager`` (``reference.DeMulReference``), ``compile``
+tensors, is left out); with ``image_tower`` also op ``step+images``, the same from random
+images through the frozen image tower, providers ``eager`` (``reference.DeMulReference``), ``compile``
 (torch.compile of it), ``demul-<backend>`` (``demul_fast.DeMul(backend=...)`` for each head
 backend available here). All models share one frozen CLIP model and start from the same
 ``ctx`` and prompt logits.
@@ -189,7 +190,18 @@ def _head_tensors(C, D, K, B, dtype, device, seed):
     return E, W, b
 
 
-def step_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
+def _image_cost(model, B: int, e: int) -> Cost:
+    """Lower bound of the frozen image tower's forward: 2 x weights x tokens per image (the
+    linear layers; attention left out), weights read once, images read, features written."""
+    visual = model.visual
+    n_params = sum(p.numel() for p in visual.parameters())
+    grid = getattr(visual, "grid_size", (1, 1))
+    tokens = grid[0] * grid[1] + 1
+    size = getattr(visual, "image_size", (224, 224))
+    return Cost(e * (n_params + B * 3 * size[0] * size[1]), 2 * n_params * tokens * B)
+
+
+def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool = False) -> Workload:
     C = sizes.get("enc_C") or sizes["C"]
     M = sizes.get("enc_M") or sizes["M"]
     n_ctx, B, K = sizes["n_ctx"], sizes["B"], sizes["K"]
@@ -220,8 +232,13 @@ def step_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
     def params(m):
         return lambda inputs: {"ctx": m.ctx, "prompt_logits": m.head.prompt_logits}
 
+    def call(m, i):
+        if image_tower:
+            return m(images=i["images"], labels=i["y"])
+        return m(image_features=i["X"], labels=i["y"])
+
     def step_provider(name, m, note):
-        return Provider(name, lambda i: m(image_features=i["X"], labels=i["y"]), params=params(m), note=note)
+        return Provider(name, lambda i: call(m, i), params=params(m), note=note)
 
     if ref_cls is None:
         provs.append(unavailable("eager", "demul_fast.reference.DeMulReference is not in this build"))
@@ -234,7 +251,7 @@ def step_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
         else:
             comp_model = build(ref_cls)
             compiled = torch.compile(comp_model)
-            provs.append(Provider("compile", lambda i: compiled(image_features=i["X"], labels=i["y"]),
+            provs.append(Provider("compile", lambda i: call(compiled, i),
                                   params=params(comp_model), note="torch.compile(DeMulReference)"))
     for backend in ("torch", "triton", "cuda"):
         name = f"demul-{backend}"
@@ -252,27 +269,36 @@ def step_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
         except Exception as exc:  # noqa: BLE001
             provs.append(unavailable(name, f"construction failed: {type(exc).__name__}: {exc}"))
 
+    size = getattr(model.visual, "image_size", (224, 224))
+
     def make_inputs(i: int) -> Inputs:
         gi = torch.Generator().manual_seed(200 + i)
-        return {"X": torch.randn(B, D, generator=gi).to(device=device, dtype=dtype),
-                "y": torch.randint(0, C, (B,), generator=gi).to(device)}
+        inputs = {"X": torch.randn(B, D, generator=gi).to(device=device, dtype=dtype),
+                  "y": torch.randint(0, C, (B,), generator=gi).to(device)}
+        if image_tower:
+            inputs["images"] = torch.randn(B, 3, size[0], size[1], generator=gi).to(device=device, dtype=dtype)
+        return inputs
 
     def gold(inputs: Inputs) -> Dict[str, torch.Tensor]:
         gd = gold_enc.dtype
         T = gold_enc.features(ctx0).requires_grad_(True)
         A = a0.detach().to(gd).requires_grad_(True)
-        out = ref.demul_head(T, A, inputs["X"].to(gd), inputs["y"], scale.to(gd), E.to(gd), W.to(gd), b.to(gd))
+        # with the image tower, its features come from the run's own (frozen) model: the gold
+        # checks what the providers compute from them
+        X = ref.encode_images(model, inputs["images"]) if image_tower else inputs["X"]
+        out = ref.demul_head(T, A, X.to(gd), inputs["y"], scale.to(gd), E.to(gd), W.to(gd), b.to(gd))
         out.loss.backward()
         return {"loss": out.loss.detach(), "grad:ctx": gold_enc.ctx_grad(ctx0, T.grad),
                 "grad:prompt_logits": A.grad}
 
     e = torch.empty((), dtype=dtype).element_size()
+    image_cost = _image_cost(model, B, e) if image_tower else Cost(0, 0)
     return Workload(
-        suite="step", op="step", sizes=wsizes, dtype=dtype, device=device, make_inputs=make_inputs,
+        suite="step", op="step+images" if image_tower else "step", sizes=wsizes, dtype=dtype, device=device, make_inputs=make_inputs,
         outputs=lambda out: {"loss": out.loss}, root=lambda out, i: (out.loss, None), gold=gold,
         cost=lambda mode: (_encoder_cost(mode, model, tokenizer, names, M, n_ctx, dtype)
-                           + _head_step_cost(mode, C, M, D, B, K, e)),
-        input_bytes=e * (B * D + C * K + K * D) + tw["text_params"] * e,
+                           + _head_step_cost(mode, C, M, D, B, K, e) + image_cost),
+        input_bytes=e * (B * D + C * K + K * D) + tw["text_params"] * e + image_cost.bytes,
         providers=provs, gold_dtype=gold_enc.dtype, modes=("fwd+bwd",))
 
 
@@ -281,10 +307,12 @@ def _head_step_cost(mode, C, M, D, B, K, e) -> Cost:
     return head_cost("head", mode, C, M, D, B, K, e)
 
 
-def workloads(suites, sizes, dtype, device, allow_compile: bool = False) -> List[Workload]:
+def workloads(suites, sizes, dtype, device, allow_compile: bool = False, image_tower: bool = False) -> List[Workload]:
     out = []
     if "encoder" in suites:
         out.append(encoder_workload(sizes, dtype, device, allow_compile))
     if "step" in suites:
         out.append(step_workload(sizes, dtype, device, allow_compile))
+        if image_tower:
+            out.append(step_workload(sizes, dtype, device, allow_compile, image_tower=True))
     return out

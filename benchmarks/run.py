@@ -60,6 +60,8 @@ def parse_args(argv=None):
         p.add_argument(f"--{k}", type=int, default=None, help=f"override the preset's {k}")
     p.add_argument("--clip", default=None, help="text tower: an open_clip model name (random init) or 'tiny'")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--image-tower", action="store_true",
+                   help="step suite: also a step from images through the frozen image tower (op step+images)")
     p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="head suite modes, comma separated")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include torch.compile providers (default: on for CUDA, off for CPU)")
@@ -119,7 +121,8 @@ def build_workloads(suites, sizes, dtype, device, args):
                 wl.modes = modes
                 out.append(wl)
     if "encoder" in suites or "step" in suites:
-        out += models.workloads(suites, sizes, dtype, device, allow_compile=allow_compile)
+        out += models.workloads(suites, sizes, dtype, device, allow_compile=allow_compile,
+                                image_tower=args.image_tower)
     return out
 
 
