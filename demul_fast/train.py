@@ -448,28 +448,35 @@ def _phi_names(cfg: TrainConfig, classnames: List[str]) -> List[str]:
     return mapping.compute_union([names, classnames])
 
 
-def _llm_and_phi(cfg: TrainConfig, out: Path, clip, tokenizer, classnames, device, resumed: bool) -> tuple:
-    """(E [C, K], phi) for the distillation, or (None, None) when alpha is 0."""
+def _llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device) -> tuple:
+    """(E [C, K], phi, fit report) for the distillation, or (None, None, None) when alpha is 0.
+
+    phi is loaded from --phi, or fitted on the --phi-names names; with a file of embeddings
+    as --llm, only the file's own names have LLM vectors, so phi is fitted on those.
+    """
     if cfg.alpha == 0:
-        return None, None
-    if resumed:
-        emb = llm_mod.load_embeddings(out / LLM_FILE, classnames)
-        phi, _ = mapping.load_phi(out / PHI_FILE)
-        return emb, phi
+        return None, None, None
     emb = llm_mod.class_name_embeddings(classnames, cfg.llm)
     if cfg.phi:
         phi, info = mapping.load_phi(cfg.phi)
-        arch = info["arch"]
-        if arch["out_dim"] != emb.shape[1]:
-            raise ValueError(f"--phi maps to K={arch['out_dim']} but the LLM embeddings have K={emb.shape[1]}")
-        report = info.get("report")
+        if info["arch"]["out_dim"] != emb.shape[1]:
+            raise ValueError(f"--phi maps to K={info['arch']['out_dim']} but the LLM embeddings have "
+                             f"K={emb.shape[1]}")
+        return emb, phi, info.get("report")
+    if cfg.llm.lower() != "minilm" and Path(cfg.llm).is_file():
+        names, y = list(classnames), emb
     else:
         names = _phi_names(cfg, classnames)
-        x = mapping.clip_text_features(clip, tokenizer, names, device=device)
         y = llm_mod.class_name_embeddings(names, cfg.llm)
-        phi, rep = mapping.fit_phi(x, y, seed=cfg.seed)
-        report = asdict(rep)
-        _log(rep.summary(), cfg.progress)
+    x = mapping.clip_text_features(clip, tokenizer, names, device=device)
+    phi, rep = mapping.fit_phi(x, y, seed=cfg.seed)
+    _log(rep.summary(), cfg.progress)
+    return emb, phi, asdict(rep)
+
+
+def _save_llm_and_phi(out: Path, cfg: TrainConfig, classnames, emb, phi, report) -> None:
+    if emb is None:
+        return
     llm_mod.save_embeddings(out / LLM_FILE, classnames, emb)
     mapping.save_phi(out / PHI_FILE, phi, meta={"llm": cfg.llm, "model": cfg.model, "pretrained": cfg.pretrained,
                                                 "template": mapping.DEFAULT_TEMPLATE, "source": cfg.phi})
@@ -477,7 +484,6 @@ def _llm_and_phi(cfg: TrainConfig, out: Path, clip, tokenizer, classnames, devic
         info = json.loads((out / "phi.json").read_text())
         info["report"] = report
         _write_json(out / "phi.json", info)
-    return emb, phi
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -522,15 +528,22 @@ def train(cfg: TrainConfig) -> dict:
         if saved["clip"]["fingerprint"] != clip_info["fingerprint"]:
             raise CheckpointError(f"--resume: the CLIP model differs from the one the checkpoint in {out} was "
                                   "trained with (weights fingerprint)")
+        emb = phi = None
+        if cfg.alpha != 0:
+            emb = llm_mod.load_embeddings(out / LLM_FILE, classnames)
+            phi, _ = mapping.load_phi(out / PHI_FILE)
+        module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
     else:
+        # everything that can fail on bad input runs before the output folder is written
+        emb, phi, report = _llm_and_phi(cfg, clip, tokenizer, classnames, device)
+        module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
         if cfg.overwrite and out.is_dir():
             for f in (RUN_FILE, SPLIT_FILE, LOG_FILE, STATE_FILE, LLM_FILE, PHI_FILE, "phi.json"):
                 (out / f).unlink(missing_ok=True)
             shutil.rmtree(out / PROMPTS_DIR, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / SPLIT_FILE, split)
-    emb, phi = _llm_and_phi(cfg, out, clip, tokenizer, classnames, device, cfg.resume)
-    module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
+        _save_llm_and_phi(out, cfg, classnames, emb, phi, report)
 
     train_tf, eval_tf = build_transforms(pre_cfg, cfg.augment)
     train_ds = ImageList(_items(split["train"], classnames), train_tf)

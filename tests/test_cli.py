@@ -1,0 +1,236 @@
+"""demul-fast train / eval end to end on CPU: a generated image folder, a tiny random open_clip
+model, the shipped MiniLM, phi fitted on the spot. Then every bad input of issue 7."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from demul_fast import cli, llm
+from demul_fast.train import CheckpointError, DataError, OutputExistsError, TrainConfig, evaluate, train
+from clip_tiny import tiny_config
+
+CLASSES = ("blue_checks", "green_stripes", "red_plain")  # sorted, as the folders are read
+
+
+def _image(kind: str, rng) -> np.ndarray:
+    """40x40 RGB: visually distinct classes, with per-image noise and a random shift."""
+    yy, xx = np.mgrid[0:40, 0:40] + rng.integers(0, 8, size=2)[:, None, None]
+    img = np.zeros((40, 40, 3), np.float64)
+    if kind == "red_plain":
+        img[:] = (230, 30, 30)
+    elif kind == "green_stripes":
+        img[:] = np.where(((yy // 4) % 2)[..., None] == 0, (30, 210, 40), (250, 250, 250))
+    else:
+        img[:] = np.where((((yy // 5) + (xx // 5)) % 2)[..., None] == 0, (20, 30, 220), (240, 240, 60))
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_folder(root: Path, per_class: int, classes=CLASSES, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_image(c, rng)).save(root / c / f"{c}_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The model config, an isolated embeddings cache, a dataset and one trained run."""
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DEMUL_FAST_CACHE", str(root / "cache"))
+        model = str(tiny_config(root))
+        data = root / "data"  # the train/test layout; the plain layout is used by the other tests
+        make_folder(data / "train", per_class=8)
+        make_folder(data / "test", per_class=3, seed=9)
+        common = ["--model", model, "--pretrained", "none", "--prompts", "2", "--n-ctx", "4", "--workers", "0",
+                  "--device", "cpu", "--phi-names", "task"]
+        out = root / "run"
+        argv = ["train", "--data", str(data), "--out", str(out), "--shots", "8", "--epochs", "12",
+                "--batch-size", "8", "--lr", "0.05", "--warmup-epochs", "0"] + common
+        assert cli.main(argv) == 0
+        yield {"root": root, "data": data, "out": out, "common": common, "model": model, "mp": mp}
+
+
+def _log(out):
+    return json.loads((Path(out) / "log.json").read_text())["epochs"]
+
+
+def test_training_learns_and_writes_a_complete_run(env):
+    out = env["out"]
+    for f in ("run.json", "split.json", "log.json", "trainer_state.pt", "phi.safetensors", "phi.json",
+              "llm_embeddings.safetensors", "prompts/prompts.safetensors", "prompts/config.json"):
+        assert (out / f).is_file(), f
+    log = _log(out)
+    assert [r["epoch"] for r in log] == list(range(1, 13))
+    ce = [r["ce_loss"] for r in log]
+    print("ce loss per epoch:", [round(v, 4) for v in ce], "test acc:", [round(r["test_acc"]) for r in log])
+    # a real learning signal: the cross-entropy falls well below its start (chance is ln 3 = 1.10)
+    # and the test images, never trained on, are classified above chance
+    assert min(ce[-3:]) < 0.8 * ce[0], ce
+    assert log[-1]["test_acc"] > 50.0, log[-1]
+    assert all(0.0 < r["distill_loss"] < 2.0 for r in log)  # the distillation term is active
+    split = json.loads((out / "split.json").read_text())
+    assert split["classes"] == list(CLASSES)
+    assert split["layout"] == "splits" and list(split["eval"]) == ["test"]
+    assert all(len(v) == 8 for v in split["train"].values()) and all(len(v) == 3 for v in split["eval"]["test"].values())
+    run = json.loads((out / "run.json").read_text())
+    assert run["module"] == "DeMul" and run["n_train"] == 24
+    phi = json.loads((out / "phi.json").read_text())
+    assert phi["report"]["method"] == "ridge" and phi["arch"]["out_dim"] == 384
+
+
+def test_eval_reproduces_the_final_accuracy(env, tmp_path, capsys):
+    out = env["out"]
+    target = tmp_path / "result.json"
+    assert cli.main(["eval", "--checkpoint", str(out), "--json", str(target), "--no-progress"]) == 0
+    result = json.loads(target.read_text())
+    assert result["split"] == "test" and result["n"] == 9
+    assert result["top1"] == _log(out)[-1]["test_acc"]
+    assert f"top-1 on test (9 images): {result['top1']:.2f}%" in capsys.readouterr().out
+    # the sampled training shots, and another folder with the same classes
+    train_acc = evaluate(out, split="train", progress=False)
+    assert train_acc["n"] == 24
+    other = make_folder(tmp_path / "other", per_class=3, seed=5)
+    res = evaluate(out, data=str(other), progress=False)
+    assert res["split"] == "all" and res["n"] == 9
+
+
+def test_same_seed_same_shots_and_resume_continues(env):
+    out = env["out"]
+    argv = ["train", "--data", str(env["data"]), "--out", str(out), "--shots", "8", "--epochs", "13",
+            "--batch-size", "8", "--lr", "0.05", "--warmup-epochs", "0", "--resume", "--no-progress"] + env["common"]
+    before = (out / "split.json").read_text()
+    assert cli.main(argv) == 0
+    log = _log(out)
+    assert [r["epoch"] for r in log] == list(range(1, 14))
+    assert (out / "split.json").read_text() == before
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    assert state["epoch"] == 12
+
+
+def test_reference_module_and_no_distillation(env, tmp_path):
+    argv = ["train", "--data", str(env["data"]), "--out", str(tmp_path / "ref"), "--shots", "2", "--epochs", "1",
+            "--batch-size", "6", "--reference", "--alpha", "0", "--no-progress"] + env["common"]
+    assert cli.main(argv) == 0
+    run = json.loads((tmp_path / "ref" / "run.json").read_text())
+    assert run["module"] == "DeMulReference"
+    assert _log(tmp_path / "ref")[0]["distill_loss"] == 0.0
+    assert not (tmp_path / "ref" / "phi.safetensors").exists()
+
+
+def _cfg(env, data, out, **kw):
+    base = dict(data=str(data), out=str(out), shots=2, epochs=1, batch_size=6, model=env["model"],
+                pretrained="none", prompts=2, n_ctx=4, workers=0, device="cpu", phi_names="task", progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_bad_dataset_folders(env, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        train(_cfg(env, tmp_path / "nowhere", tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no class folders"):
+        train(_cfg(env, tmp_path / "empty", tmp_path / "o"))
+    data = make_folder(tmp_path / "d", per_class=2)
+    (data / "zebra").mkdir()
+    (data / "zebra" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="without images.*'zebra'"):
+        train(_cfg(env, data, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()  # nothing written on refusal
+
+
+def test_too_few_shots_and_allow_fewer(env, tmp_path, capsys):
+    data = make_folder(tmp_path / "d", per_class=3)
+    for f in sorted((data / "red_plain").iterdir())[1:]:
+        f.unlink()
+    with pytest.raises(DataError, match=r"fewer than --shots=2 images: 'red_plain' \(1\).*--allow-fewer"):
+        train(_cfg(env, data, tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    train(_cfg(env, data, tmp_path / "o", allow_fewer=True))
+    assert "--allow-fewer: 1 class(es) have fewer than 2 images" in capsys.readouterr().out
+    split = json.loads((tmp_path / "o" / "split.json").read_text())
+    assert split["short"] == {"red_plain": 1} and len(split["train"]["red_plain"]) == 1
+
+
+def test_unreadable_images_are_reported_by_path(env, tmp_path):
+    data = make_folder(tmp_path / "d", per_class=3)
+    bad = data / "green_stripes" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    for shots in (3, 1):  # a sampled training image, or an evaluation image
+        with pytest.raises(DataError, match="broken.png"):
+            train(_cfg(env, data, tmp_path / "o", shots=shots, seed=shots))
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_folder(env, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
+        train(_cfg(env, env["data"], out))
+    assert (out / "keep.txt").read_text() == "precious"
+    with pytest.raises(ValueError, match="exclude"):
+        train(_cfg(env, env["data"], out, resume=True, overwrite=True))
+    with pytest.raises(CheckpointError, match="not a resumable run folder"):
+        train(_cfg(env, env["data"], out, resume=True))
+
+
+def test_checkpoint_that_does_not_fit(env, tmp_path):
+    out = env["out"]
+    other = make_folder(tmp_path / "other", per_class=2, classes=("blue_checks", "green_stripes", "yellow_dot"))
+    with pytest.raises(CheckpointError, match=r"class 2 is 'yellow_dot'.*'red_plain'"):
+        evaluate(out, data=str(other), progress=False)
+    with pytest.raises(CheckpointError, match=r"class 2 is 'yellow_dot'"):
+        train(_cfg(env, other, out, resume=True))
+    # other shapes: a resumed run with another n_ctx, and prompts of another shape on disk
+    with pytest.raises(CheckpointError, match="n_ctx is 8 but .* trained with 4"):
+        train(_cfg(env, env["data"], out, resume=True, n_ctx=8, shots=8, batch_size=8, seed=1))
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    tensors = load_file(str(copy / "prompts" / "prompts.safetensors"))
+    tensors["ctx"] = torch.zeros(2, 5, tensors["ctx"].shape[-1])
+    save_file(tensors, str(copy / "prompts" / "prompts.safetensors"))
+    with pytest.raises(CheckpointError, match="ctx"):
+        evaluate(copy, progress=False)
+    with pytest.raises(CheckpointError, match="not a run folder"):
+        evaluate(tmp_path, progress=False)
+
+
+def test_embeddings_file_with_other_names_is_refused(env, tmp_path, capsys):
+    names = ["blue checks", "green stripes", "purple haze"]
+    emb_file = llm.save_embeddings(tmp_path / "openai.safetensors", names, torch.randn(3, 3072))
+    argv = ["train", "--data", str(env["data"]), "--out", str(tmp_path / "o"), "--shots", "2", "--epochs", "1",
+            "--llm", str(emb_file), "--no-progress"] + env["common"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demul-fast: error:") and "class 2 is 'purple haze'" in err and "'red_plain'" in err
+    assert not (tmp_path / "o").exists()
+    # the same file with the right names trains, phi fitted on the file's own pairs (K = 3072)
+    llm.save_embeddings(emb_file, list(CLASSES), torch.randn(3, 3072))
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "o" / "phi.json").read_text())["arch"]["out_dim"] == 3072
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "demul_fast.cli", "train", "--data", str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "o"), "--pretrained", "none"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 2
+    assert "demul-fast: error: dataset folder" in proc.stderr and "does not exist" in proc.stderr
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
