@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import floors, measure
-from .workload import MODES, Provider, Workload, run_once
+from .workload import Provider, Workload, run_once
 
 
 @dataclass

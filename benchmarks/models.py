@@ -121,7 +121,7 @@ class ChunkedGold:
 
 def _gold_setup(model, tokenizer, names, n_ctx, M, device):
     gold_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    seqs = 1 << 30 if device.type == "cpu" else 2048
+    seqs = 1 << 30 if device.type == "cpu" else 1024
     return ChunkedGold(model, tokenizer, names, n_ctx, gold_dtype, seqs, M)
 
 
