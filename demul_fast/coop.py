@@ -14,10 +14,9 @@ returns the same ``[N, D]`` up to float rounding, doing less work:
 * **prefix sharing**: when every row starts with the same block of embeddings ([SOT] and
   the learned context in CoOp's unified-context layout), that block runs once and the N
   suffixes attend to its keys and values (``text_encoder.prefix_shared_forward``).
-* **length buckets**: rows run in a few groups of similar length (EOT position), each
-  padded to its own longest row rather than the longest of all (``bucket_rows``: an exact
-  dynamic programme over the distinct lengths minimising token work); with sharing, each
-  group recomputes the short shared block.
+* **packing**: the rows' positions up to their own EOT are packed into one batch of
+  tokens for the linear layers (no padding to the longest row); ``prefix_shared_forward``
+  does this, with an empty shared block when nothing is shared.
 
 When is sharing gradient-safe?  The shared block is computed from row 0's copy, so in the
 backward pass the gradients of all N rows' copies arrive summed, in row 0. That is exactly
@@ -49,8 +48,8 @@ every step) and recomputed if that tensor is modified in place.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -69,28 +68,14 @@ class CoOpPlan:
     rows:       N, sequences encoded
     seq_len:    positions of the longest row after truncation (max EOT + 1)
     shared_len: leading positions computed once for all rows (0: no sharing)
-    buckets:    (rows, positions) of each length bucket that ran (rows of similar length
-                run together, padded to the bucket's longest; with sharing, each bucket
-                recomputes the shared block)
+    tokens:     token positions the linear layers ran: shared_len + sum over rows of
+                (EOT + 1 - shared_len), against N * 77 for CoOp
     """
 
     rows: int
     seq_len: int
     shared_len: int
-    buckets: Tuple[Tuple[int, int], ...] = ()
-
-    @property
-    def tokens(self) -> int:
-        """Token positions the transformer ran, against N * 77 for CoOp."""
-        p = self.shared_len
-        return sum(p + n * (length - p) for n, length in self.buckets)
-
-
-@dataclass
-class _Bucket:
-    rows: Optional[Tensor]  # [n_b] int64 row indices on the device, None: all rows in order
-    eot: Tensor             # [n_b] their pooled positions
-    length: int             # positions of the bucket's longest row
+    tokens: int
 
 
 @dataclass
@@ -102,45 +87,6 @@ class _TokenInfo:
     lengths: List[int]  # eot + 1 per row (host copy)
     seq_len: int       # max(eot) + 1
     min_eot: int
-    plans: Dict[Tuple[int, int], Tuple[List[_Bucket], Optional[Tensor]]] = field(default_factory=dict)
-
-
-def bucket_rows(lengths: Sequence[int], base: int, overhead: int, max_buckets: int) -> List[List[int]]:
-    """Split rows into at most ``max_buckets`` groups of similar length, minimising the
-    token work sum_g (overhead + base + n_g * (max length in g - base)): each group runs
-    padded to its longest row, and ``base`` positions (the shared block) are recomputed
-    per group. ``lengths``: per-row positions (EOT + 1). Returns row indices per group,
-    shortest group first. Exact dynamic programme over the sorted distinct lengths."""
-    values = sorted(set(lengths))
-    count = [0] * len(values)
-    where = {v: i for i, v in enumerate(values)}
-    for length in lengths:
-        count[where[length]] += 1
-    u = len(values)
-    prefix = [0]
-    for c in count:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # cost[k][j]: best cost of covering values[:j] with k groups; cut[k][j]: start of the last
-    cost = [[inf] * (u + 1) for _ in range(max_buckets + 1)]
-    cut = [[0] * (u + 1) for _ in range(max_buckets + 1)]
-    cost[0][0] = 0
-    for k in range(1, max_buckets + 1):
-        for j in range(1, u + 1):
-            for i in range(j):
-                c = cost[k - 1][i] + overhead + base + (prefix[j] - prefix[i]) * (values[j - 1] - base)
-                if c < cost[k][j]:
-                    cost[k][j], cut[k][j] = c, i
-    k = min(range(1, max_buckets + 1), key=lambda q: cost[q][u])
-    bounds, j = [], u
-    while k > 0:
-        i = cut[k][j]
-        bounds.append((values[i], values[j - 1]))
-        j, k = i, k - 1
-    groups = []
-    for lo, hi in reversed(bounds):
-        groups.append([r for r, length in enumerate(lengths) if lo <= length <= hi])
-    return groups
 
 
 # --------------------------------------------------------------------------------------
@@ -247,28 +193,16 @@ class CoOpTextEncoder(nn.Module):
                     ``.half()`` of the enclosing model move them; weights are not copied.
     share_prefix:   False turns prefix sharing off (truncation stays).
     min_shared_len: share only a common block of at least this many positions.
-    max_buckets:    rows are run in at most this many groups of similar length, each
-                    padded to its own longest row instead of the longest of all (chosen
-                    to minimise token work, counting a recomputed shared block and
-                    ``BUCKET_OVERHEAD`` tokens per group). None: 4 on CPU, where it was
-                    measured to pay; 1 elsewhere (on a GPU small shapes are bound by
-                    launches, not tokens; not measured there).
 
     ``forward(prompts [N, L, width], tokenized_prompts [N, L]) -> [N, D]`` (L <= the
     context length, 77 for CLIP), unnormalised, CoOp's result up to float rounding, in the
     dtype of ``prompts``. ``last_plan`` (a ``CoOpPlan``) says what the last call ran.
     """
 
-    BUCKET_OVERHEAD = 16  # tokens of work one more group is assumed to cost (launches, Python)
-
-    def __init__(self, clip_model: nn.Module, share_prefix: bool = True, min_shared_len: int = 2,
-                 max_buckets: Optional[int] = None):
+    def __init__(self, clip_model: nn.Module, share_prefix: bool = True, min_shared_len: int = 2):
         super().__init__()
         if not isinstance(min_shared_len, int) or min_shared_len < 1:
             raise ValueError(f"min_shared_len must be an int >= 1, got {min_shared_len!r}")
-        if max_buckets is not None and (not isinstance(max_buckets, int) or max_buckets < 1):
-            raise ValueError(f"max_buckets must be None or an int >= 1, got {max_buckets!r}")
-        self.max_buckets = max_buckets
         tower = text_tower(clip_model)  # raises UnsupportedTextTower with the reason
         self.__dict__["_clip_model"] = clip_model  # not a submodule: no vision weights here
         self._register_text_modules(clip_model)
@@ -318,23 +252,6 @@ class CoOpTextEncoder(nn.Module):
         self._tokens = info
         return info
 
-    def _buckets(self, info: _TokenInfo, shared: int, device: torch.device):
-        """(buckets, inverse permutation or None) for ``shared`` shared positions; cached."""
-        max_buckets = self.max_buckets or (4 if device.type == "cpu" else 1)
-        key = (shared, max_buckets)
-        if key not in info.plans:
-            groups = bucket_rows(info.lengths, shared, self.BUCKET_OVERHEAD, max_buckets)
-            if len(groups) == 1:
-                info.plans[key] = ([_Bucket(None, info.eot, info.seq_len)], None)
-            else:
-                buckets = []
-                for g in groups:
-                    rows = torch.tensor(g, dtype=torch.long, device=device)
-                    buckets.append(_Bucket(rows, info.eot.index_select(0, rows), max(info.lengths[r] for r in g)))
-                order = torch.cat([b.rows for b in buckets])
-                info.plans[key] = (buckets, torch.argsort(order))
-        return info.plans[key]
-
     def forward(self, prompts: Tensor, tokenized_prompts: Tensor) -> Tensor:
         """prompts [N, L, width], tokenized_prompts [N, L] -> [N, D]."""
         tower = self._tower
@@ -362,17 +279,10 @@ class CoOpTextEncoder(nn.Module):
                 shared = equal_prefix_len(prompts, int(limit))
                 if shared < self.min_shared_len:
                     shared = 0
-        buckets, inverse = self._buckets(info, shared, prompts.device)
         self.last_plan = CoOpPlan(rows=n, seq_len=seq_len, shared_len=shared,
-                                  buckets=tuple((b.eot.shape[0], b.length) for b in buckets))
-
-        outs = []
-        for b in buckets:
-            x = prompts[:, shared:b.length]
-            x = x if b.rows is None else x.index_select(0, b.rows)     # [n_b, length - P, W]
-            if shared == 0:
-                outs.append(tower.full_forward(x, b.eot))
-            else:  # the block [0, P) from row 0's copy: gradients of all rows arrive summed
-                outs.append(prefix_shared_forward(tower, prompts[:1, :shared], x.unsqueeze(0),
-                                                  (b.eot - shared).unsqueeze(0))[0])
-        return outs[0] if inverse is None else torch.cat(outs).index_select(0, inverse)
+                                  tokens=shared + sum(info.lengths) - n * shared)
+        # [0, P) from row 0's copy (the gradients of all rows arrive summed there); with
+        # nothing shared, P = 0 and the rows are only truncated and packed.
+        prefix = prompts[:1, :shared]                                   # [1, P, W]
+        suffix = prompts[:, shared:seq_len].unsqueeze(0)                # [1, N, S, W]
+        return prefix_shared_forward(tower, prefix, suffix, (info.eot - shared).unsqueeze(0))[0]

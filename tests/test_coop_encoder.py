@@ -9,7 +9,6 @@ and with identical values (no sharing: each class keeps its own gradient), and c
 names of different token lengths; float32 under the package's error rule.
 """
 
-import itertools
 import math
 
 import open_clip
@@ -17,7 +16,7 @@ import pytest
 import torch
 from open_clip.model import CLIP
 
-from demul_fast.coop import CoOpTextEncoder, bucket_rows, equal_prefix_len, gradient_shareable_len
+from demul_fast.coop import CoOpTextEncoder, equal_prefix_len, gradient_shareable_len
 from demul_fast.text_encoder import UnsupportedTextTower
 from numerics import assert_error_rule
 
@@ -99,48 +98,10 @@ def test_shared_context_shares_and_is_exact(model64, tokens, gen):
     plan = enc.last_plan
     assert plan.shared_len == 1 + N_CTX
     assert plan.seq_len == eot_len(tokens) < 77
-    assert len(plan.buckets) > 1 and sum(n for n, _ in plan.buckets) == len(CLASSNAMES)  # the long name alone
-    assert plan.tokens < plan.shared_len + len(CLASSNAMES) * (plan.seq_len - plan.shared_len)
+    # [SOT] + ctx once, then each row's own positions up to its EOT (packed, no padding)
+    assert plan.tokens == 1 + N_CTX + int((tokens.argmax(-1) + 1 - (1 + N_CTX)).sum())
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
     torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
-
-
-@pytest.mark.parametrize("share", [True, False])
-def test_one_bucket_gives_the_same_result(model64, tokens, gen, share):
-    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
-    enc = CoOpTextEncoder(model64, share_prefix=share, max_buckets=1)
-    out, ref, g_out, g_ref, _ = run_both(model64, tokens, ctx, encoder=enc, gen=gen)
-    assert enc.last_plan.buckets == ((len(CLASSNAMES), eot_len(tokens)),)
-    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
-    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
-
-
-def test_bucket_rows_is_optimal(gen):
-    def cost(groups, lengths, base, overhead):
-        return sum(overhead + base + len(g) * (max(lengths[r] for r in g) - base) for g in groups)
-
-    for trial in range(30):
-        n = int(torch.randint(1, 12, (1,), generator=gen))
-        lengths = torch.randint(3, 15, (n,), generator=gen).tolist()
-        base = int(torch.randint(0, 3, (1,), generator=gen))
-        overhead = int(torch.randint(0, 20, (1,), generator=gen))
-        k = int(torch.randint(1, 5, (1,), generator=gen))
-        groups = bucket_rows(lengths, base, overhead, k)
-        assert sorted(r for g in groups for r in g) == list(range(n)) and len(groups) <= k
-        values = sorted(set(lengths))
-        best = math.inf  # brute force over the cuts between distinct lengths
-        for cuts in itertools.product([False, True], repeat=len(values) - 1):
-            if sum(cuts) + 1 > k:
-                continue
-            bounds, start = [], 0
-            for i, c in enumerate(cuts):
-                if c:
-                    bounds.append(values[start:i + 1])
-                    start = i + 1
-            bounds.append(values[start:])
-            trial_groups = [[r for r in range(n) if lengths[r] in b] for b in bounds]
-            best = min(best, cost(trial_groups, lengths, base, overhead))
-        assert cost(groups, lengths, base, overhead) == best
 
 
 def test_csc_random_contexts_fall_back_and_are_exact(model64, tokens, gen):
@@ -148,6 +109,7 @@ def test_csc_random_contexts_fall_back_and_are_exact(model64, tokens, gen):
     out, ref, g_out, g_ref, enc = run_both(model64, tokens, ctx, gen=gen)
     assert enc.last_plan.shared_len == 0
     assert enc.last_plan.seq_len == eot_len(tokens)
+    assert enc.last_plan.tokens == int((tokens.argmax(-1) + 1).sum())  # truncated and packed
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
     torch.testing.assert_close(g_out, g_ref, rtol=0, atol=TOL64)
 
@@ -340,8 +302,6 @@ def test_bad_inputs_name_the_argument(model64, tokens):
         enc(good, tokens.double())
     with pytest.raises(ValueError, match="min_shared_len"):
         CoOpTextEncoder(model64, min_shared_len=0)
-    with pytest.raises(ValueError, match="max_buckets"):
-        CoOpTextEncoder(model64, max_buckets=0)
     with pytest.raises(UnsupportedTextTower):
         CoOpTextEncoder(tiny_clip(no_causal_mask=True))
 
