@@ -31,8 +31,10 @@ never decides. A leading block is shared only if both hold:
    gradient at all, or its autograd graph shows that, at those positions, it is built
    (through ``cat`` along the sequence, dtype casts and copies) from tensors that need no
    gradient or are broadcast along the rows by ``expand``. Anything else (a per-row leaf
-   such as a CSC context, an unknown op) ends the shareable block: no sharing, plain
-   truncated computation, still exact.
+   such as a CSC context, an unknown op) ends the shareable block: no sharing, rows only
+   truncated and packed, still exact. The graph walk reads autograd node attributes
+   (``_input_metadata``, ``_saved_dim``, ``_saved_self_sym_sizes``); a torch version
+   without them gets no sharing, never a wrong gradient.
 
 So gradients w.r.t. parameters (leaves) are exact in every case. The gradient w.r.t. the
 intermediate ``prompts`` tensor itself (e.g. with ``prompts.retain_grad()``) differs from
