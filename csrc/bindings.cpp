@@ -75,20 +75,35 @@ void run_distill_forward(const DistillArgs& a, const at::Tensor& like, at::Tenso
                          stream());
 }
 
+// Float32 scratch of n floats, or an undefined tensor (null pointer) when n == 0.
+float* scratch(at::Tensor& holder, int64_t n, const at::Tensor& like) {
+  if (n == 0) return nullptr;
+  holder = at::empty({n}, f32(like));
+  return fp(holder);
+}
+
 // Backward of the cross-entropy into dxh (dL/dx^, also when only dscale is wanted), du, dscale.
 void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& lse, GradWeight gw,
                      const float* grad_logits, at::Tensor* dxh, at::Tensor* du, at::Tensor* dscale) {
-  at::Tensor dxh_buf, partial;
+  at::Tensor dxh_buf, partial, work_x, work_u;
   float* dxh_ptr = dxh ? fp(*dxh) : nullptr;
-  if (dscale != nullptr) {
-    if (dxh_ptr == nullptr) {
-      dxh_buf = at::empty({a.B, a.D}, f32(like));
-      dxh_ptr = fp(dxh_buf);
-    }
-    partial = at::empty({ceil_div(a.B, kTileRows)}, f32(like));
-  }
-  launch_ce_backward(a, cfp(lse), gw, grad_logits, dxh_ptr, dscale ? fp(partial) : nullptr,
-                     dscale ? fp(*dscale) : nullptr, du ? fp(*du) : nullptr, stream());
+  if (dscale != nullptr && dxh_ptr == nullptr) dxh_ptr = scratch(dxh_buf, a.B * a.D, like);
+  const Split split_x = plan_split(a.B, a.C, sm_count()), split_u = plan_split(a.C, a.B, sm_count());
+  float* wx = dxh_ptr && split_x.splits > 1 ? scratch(work_x, split_x.splits * a.B * a.D, like) : nullptr;
+  float* wu = du && split_u.splits > 1 ? scratch(work_u, split_u.splits * a.C * a.D, like) : nullptr;
+  float* sp = dscale ? scratch(partial, split_x.splits * ceil_div(a.B, kTileRows), like) : nullptr;
+  launch_ce_backward(a, cfp(lse), gw, grad_logits, dxh_ptr, split_x, wx, sp, dscale ? fp(*dscale) : nullptr,
+                     du ? fp(*du) : nullptr, split_u, wu, stream());
+}
+
+// Backward of the distillation into dth = dL/dt^ [C*M, D].
+void run_distill_backward(const DistillArgs& a, const at::Tensor& like, const float* cos, const float* zn,
+                          GradWeight gw, at::Tensor& dth) {
+  const int64_t R = a.C * a.M;
+  const Split split = plan_split(R, a.K, sm_count());
+  at::Tensor work;
+  float* w = split.splits > 1 ? scratch(work, split.splits * R * a.D, like) : nullptr;
+  launch_distill_backward(a, cos, zn, gw, fp(dth), split, w, stream());
 }
 
 void normalize_rows_backward(const at::Tensor& v, const at::Tensor& dvh, const at::Tensor& norm, int64_t R, int64_t D,
@@ -296,8 +311,8 @@ at::Tensor distill_backward(const OptTensor& grad_loss, const at::Tensor& text_f
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
   const int64_t R = text_features.size(0) * text_features.size(1), D = text_features.size(2);
   at::Tensor dth = at::empty({R, D}, f32(text_features));
-  launch_distill_backward(distill_args(text_features, phi_weight, phi_bias, llm_embeddings, n, en), cfp(cos), cfp(zn),
-                          GradWeight{opt_ptr(grad_loss), nullptr, 1.f, 0.f}, fp(dth), stream());
+  run_distill_backward(distill_args(text_features, phi_weight, phi_bias, llm_embeddings, n, en), text_features, cfp(cos),
+                       cfp(zn), GradWeight{opt_ptr(grad_loss), nullptr, 1.f, 0.f}, dth);
   at::Tensor dt = at::empty_like(text_features);
   normalize_rows_backward(text_features, dth, n, R, D, dt);
   return dt;
@@ -410,8 +425,8 @@ std::vector<at::Tensor> head_backward(const OptTensor& grad_loss, const OptTenso
     if (distill) {
       dth = at::empty({C, M, D}, f32(text_features));
       const GradWeight gw_dist{opt_ptr(grad_loss), opt_ptr(grad_dist), static_cast<float>(alpha), 1.f};
-      launch_distill_backward(distill_args(text_features, *phi_weight, phi_bias, *llm_embeddings, n, en), cfp(cos),
-                              cfp(zn), gw_dist, fp(dth), stream());
+      run_distill_backward(distill_args(text_features, *phi_weight, phi_bias, *llm_embeddings, n, en), text_features,
+                           cfp(cos), cfp(zn), gw_dist, dth);
     }
     dt = at::empty_like(text_features);
     da = at::empty_like(w);

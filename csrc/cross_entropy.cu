@@ -180,25 +180,20 @@ void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logit
 }
 
 void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
-                        float* scale_partial, float* dscale, float* du, cudaStream_t stream) {
+                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, Split split_u,
+                        float* work_u, cudaStream_t stream) {
   const CeGrad g{a.xnorm, lse, a.labels, a.scale, grad_logits, gw, a.ls, a.B, a.C, 0.f, 0.f, 0.f, 0.f};
   DEMUL_DISPATCH(a.dtype, [&] {
     const auto* x = static_cast<const scalar_t*>(a.x);
     if (dxh != nullptr) {
-      const auto blocks = static_cast<unsigned>(ceil_div(a.B, kTile));
-      sweep_kernel<<<blocks, kThreads, 0, stream>>>(x, a.B, a.u, a.C, a.D, CeImageRows{g}, dxh,
-                                                    dscale ? scale_partial : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      run_sweep(x, a.B, a.u, a.C, a.D, split_x, CeImageRows{g}, dxh, work_x, dscale ? scale_partial : nullptr,
+                stream);
       if (dscale != nullptr) {
-        sum_kernel<<<1, 1024, 0, stream>>>(scale_partial, blocks, dscale);
+        sum_kernel<<<1, 1024, 0, stream>>>(scale_partial, split_x.splits * ceil_div(a.B, kTile), dscale);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-    if (du != nullptr) {
-      sweep_kernel<<<static_cast<unsigned>(ceil_div(a.C, kTile)), kThreads, 0, stream>>>(
-          a.u, a.C, x, a.B, a.D, CeClassRows{g}, du, nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (du != nullptr) run_sweep(a.u, a.C, x, a.B, a.D, split_u, CeClassRows{g}, du, work_u, nullptr, stream);
   });
 }
 

@@ -135,13 +135,12 @@ void launch_distill_forward(const DistillArgs& a, Split split, float* partial, f
 }
 
 void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
-                             cudaStream_t stream) {
+                             Split split, float* work, cudaStream_t stream) {
   const int64_t R = a.C * a.M;
   const DistillRows epi{a.n, a.bias, a.e, a.en, cos, zn, gw, a.M, a.K, R, 0.f};
   DEMUL_DISPATCH(a.dtype, [&] {
-    sweep_kernel<<<static_cast<unsigned>(ceil_div(R, kTile)), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(a.t), R, static_cast<const scalar_t*>(a.w), a.K, a.D, epi, dth, nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    run_sweep(static_cast<const scalar_t*>(a.t), R, static_cast<const scalar_t*>(a.w), a.K, a.D, split, epi, dth,
+              work, nullptr, stream);
   });
 }
 

@@ -80,10 +80,14 @@ struct CeArgs {
 void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logits, float* lse, float* ce,
                        float* loss_out, cudaStream_t stream);
 
-// dxh [B, D] = dL/dx^ (required when dscale is wanted; scale_partial then has ceil(B/64)
-// floats), dscale [1], du [C, D] = dL/du; each null when not wanted.
+// dxh [B, D] = dL/dx^ (required when dscale is wanted), dscale [1], du [C, D] = dL/du;
+// each null when not wanted. The dxh sweep splits the classes by split_x (work_x:
+// split_x.splits * B * D floats if split_x.splits > 1; scale_partial: split_x.splits *
+// ceil(B / 64) floats if dscale), the du sweep the images by split_u (work_u:
+// split_u.splits * C * D floats if split_u.splits > 1).
 void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
-                        float* scale_partial, float* dscale, float* du, cudaStream_t stream);
+                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, Split split_u,
+                        float* work_u, cudaStream_t stream);
 
 // Distillation operands: t [C, M, D], w [K, D] (t's dtype), bias [K] or null, e [C, K],
 // n [C*M] = ||t||, en [C] = ||e||.
@@ -103,8 +107,9 @@ struct DistillArgs {
 void launch_distill_forward(const DistillArgs& a, Split split, float* partial, float* cos, float* zn, float* dist,
                             const float* ce, float alpha, float* loss_out, cudaStream_t stream);
 
-// -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw.
+// -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw; the sweep splits K by
+// `split` (work: split.splits * C*M * D floats if split.splits > 1).
 void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
-                             cudaStream_t stream);
+                             Split split, float* work, cudaStream_t stream);
 
 }  // namespace demul

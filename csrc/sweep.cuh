@@ -1,13 +1,16 @@
 // The backward sweep shared by the cross-entropy and distillation kernels.
 //
-// For a 64-row tile of A [R, D] it walks over B [J, D] in 64-row chunks:
+// For a 64-row tile of A [R, D] it walks over a range of rows of B [J, D] in 64-row chunks:
 //   P = A_tile B_chunk^T                       (tile_dot, reduced over D)
 //   G[r, j] = epi(P[r, j], r, j)               (the loss's gradient w.r.t. P, in shared memory)
 //   out[r, :] += sum_j G[r, j] B[j, :]         (a second product, accumulated in float32)
-// so the [R, J] matrix of logits / projections is never stored. One block owns its 64
-// rows of `out` for the whole sweep (no atomics; deterministic). `out` is overwritten
-// (the first chunk stores, later chunks add). Each epilogue may also accumulate a
-// per-block scalar (`extra`), summed over the block into extra_out[blockIdx.x].
+// so the [R, J] matrix of logits / projections is never stored. Block (x, y) owns rows
+// 64x .. 64x+63 of its split y's output, out + y * R * D, for the whole range
+// [y * cols_per_split, (y+1) * cols_per_split) of J: no atomics, so the result is
+// deterministic; sum_splits_kernel adds the splits in a fixed order. The output is
+// overwritten (the first chunk stores, later chunks add). Each epilogue may also
+// accumulate a per-block scalar (`extra`), summed over the block into
+// extra_out[y * gridDim.x + x].
 #pragma once
 
 #include "common.cuh"
@@ -16,8 +19,8 @@ namespace demul {
 
 template <typename TA, typename TB, class Epi>
 __global__ void __launch_bounds__(kThreads)
-sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int64_t J, int64_t D, Epi epi,
-             float* __restrict__ out, float* __restrict__ extra_out) {
+sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int64_t J, int64_t D,
+             int64_t cols_per_split, Epi epi, float* __restrict__ out, float* __restrict__ extra_out) {
   // The operand tiles of tile_dot and the B chunk of the second product are never live
   // together (barriers separate them), so they share memory.
   __shared__ union {
@@ -28,12 +31,15 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
   __shared__ float scratch[32];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t j_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
+  const int64_t j_end = j_begin + cols_per_split < J ? j_begin + cols_per_split : J;
+  out += static_cast<int64_t>(blockIdx.y) * R * D;
   Epi e = epi;
   e.prepare();
   float extra = 0.f;
   float acc[kPer][kPer];
 
-  for (int64_t j0 = 0; j0 < J; j0 += kTile) {
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kTile) {
     tile_dot(A, R, r0, B, J, j0, D, sm.dot, acc);
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
@@ -41,7 +47,7 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
         const int64_t jj = j0 + tx + 16 * j;
-        g[ty + 16 * i][tx + 16 * j] = (r < R && jj < J) ? e(acc[i][j], r, jj, extra) : 0.f;
+        g[ty + 16 * i][tx + 16 * j] = (r < R && jj < j_end) ? e(acc[i][j], r, jj, extra) : 0.f;
       }
     }
     for (int64_t d0 = 0; d0 < D; d0 += kTile) {
@@ -51,7 +57,7 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
       for (int p = 0; p < kTile / 4; ++p) {
         const int jl = ld_j + 4 * p;
         const int64_t jj = j0 + jl, d = d0 + ld_d;
-        sm.v[jl][ld_d] = (jj < J && d < D) ? to_f(B[jj * D + d]) : 0.f;
+        sm.v[jl][ld_d] = (jj < j_end && d < D) ? to_f(B[jj * D + d]) : 0.f;
       }
       __syncthreads();  // also publishes g
       float o[kPer][kPer];
@@ -80,7 +86,7 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
           if (r < R && d < D) {
             // Same thread, same (r, d) in every chunk: it re-reads its own store.
             float* dst = out + r * D + d;
-            *dst = (j0 == 0 ? 0.f : *dst) + o[i][k];
+            *dst = (j0 == j_begin ? 0.f : *dst) + o[i][k];
           }
         }
       }
@@ -89,7 +95,36 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
   }
   if (extra_out != nullptr) {
     const float s = block_sum(extra, scratch);
-    if (tid == 0) extra_out[blockIdx.x] = s;
+    if (tid == 0) extra_out[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = s;
+  }
+}
+
+// out[i] = sum_s partial[s * n + i], s = 0 .. splits-1 in order (deterministic).
+static __global__ void __launch_bounds__(kThreads)
+sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t n, float* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int64_t k = 0; k < splits; ++k) s += partial[k * n + i];
+    out[i] = s;
+  }
+}
+
+// Runs a sweep over `split` and leaves the sum of its splits in `out` [R, D]. With more
+// than one split the splits go to `work` (split.splits * R * D floats) and one pass adds
+// them into out. extra_out, if given, gets split.splits * ceil(R / 64) per-block values.
+template <typename TA, typename TB, class Epi>
+void run_sweep(const TA* A, int64_t R, const TB* B, int64_t J, int64_t D, Split split, const Epi& epi, float* out,
+               float* work, float* extra_out, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(R, kTile)), static_cast<unsigned>(split.splits));
+  float* dst = split.splits > 1 ? work : out;
+  sweep_kernel<<<grid, kThreads, 0, stream>>>(A, R, B, J, D, split.cols_per_split, epi, dst, extra_out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (split.splits > 1) {
+    const int64_t n = R * D;
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096));
+    sum_splits_kernel<<<blocks, kThreads, 0, stream>>>(work, split.splits, n, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
