@@ -126,6 +126,13 @@ def run_workload(wl: Workload, ceilings: floors.Ceilings, settings: Settings, pr
     """Gate, time and measure every provider of ``wl`` in each of its modes."""
     base = dict(suite=wl.suite, op=wl.op, sizes=dict(wl.sizes), dtype=str(wl.dtype).replace("torch.", ""))
     rows: List[Row] = []
+    if all(p.reason is not None for p in wl.providers):  # nothing to run: no inputs, no reference
+        for prov in wl.providers:
+            for mode in wl.modes:
+                rows.append(Row(mode=mode, provider=prov.name, status="skipped", **base, note=prov.reason))
+                if progress:
+                    progress.update(1)
+        return rows
     n_rot = n_rotations(wl.input_bytes, settings)
     try:
         inputs = [wl.make_inputs(i) for i in range(n_rot)]

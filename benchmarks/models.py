@@ -307,12 +307,39 @@ def _head_step_cost(mode, C, M, D, B, K, e) -> Cost:
     return head_cost("head", mode, C, M, D, B, K, e)
 
 
+def _not_buildable(suite: str, op: str, sizes, dtype, device, names, reason: str) -> Workload:
+    """A workload whose providers are all skipped with ``reason`` (it never runs)."""
+    def never(*_):
+        raise RuntimeError(reason)
+
+    return Workload(suite=suite, op=op, sizes=dict(sizes), dtype=dtype, device=device, make_inputs=never,
+                    outputs=never, root=never, gold=never, cost=never, input_bytes=0,
+                    providers=[unavailable(n, reason) for n in names],
+                    modes=("fwd", "fwd+bwd") if suite == "encoder" else ("fwd+bwd",))
+
+
 def workloads(suites, sizes, dtype, device, allow_compile: bool = False, image_tower: bool = False) -> List[Workload]:
-    out = []
+    """The encoder and step workloads; where one cannot be built (open_clip missing, say),
+    a workload whose providers are listed as skipped with the reason."""
+    jobs = []
     if "encoder" in suites:
-        out.append(encoder_workload(sizes, dtype, device, allow_compile))
+        jobs.append(("encoder", "encoder", ("eager", "compile", "prefix"),
+                     lambda: encoder_workload(sizes, dtype, device, allow_compile)))
+    step_names = ("eager", "compile", "demul-torch", "demul-triton", "demul-cuda")
     if "step" in suites:
-        out.append(step_workload(sizes, dtype, device, allow_compile))
+        jobs.append(("step", "step", step_names, lambda: step_workload(sizes, dtype, device, allow_compile)))
         if image_tower:
-            out.append(step_workload(sizes, dtype, device, allow_compile, image_tower=True))
+            jobs.append(("step", "step+images", step_names,
+                         lambda: step_workload(sizes, dtype, device, allow_compile, image_tower=True)))
+    out = []
+    for suite, op, names, build in jobs:
+        try:
+            out.append(build())
+        except ImportError as exc:
+            reason = (f"{exc.name or 'a module'} is not installed ({exc}); the encoder and step suites need "
+                      "open_clip_torch (pip install open_clip_torch, or the [clip] extra)")
+            out.append(_not_buildable(suite, op, sizes, dtype, device, names, reason))
+        except Exception as exc:  # noqa: BLE001 - reported in the rows, the run goes on
+            out.append(_not_buildable(suite, op, sizes, dtype, device, names,
+                                      f"could not build the workload: {type(exc).__name__}: {exc}"))
     return out

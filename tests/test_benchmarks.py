@@ -179,3 +179,19 @@ def test_triton_provider_wired_under_interpreter(tmp_path, capsys, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "tiny-cpu.jsonl").read_text().splitlines()]
     triton_rows = [r for r in rows if r["provider"] == "triton"]
     assert len(triton_rows) == 6 and all(r["status"] == "ok" for r in triton_rows), triton_rows
+
+
+def test_missing_open_clip_is_a_skip_not_a_crash(monkeypatch):
+    from benchmarks import models
+
+    def no_open_clip(*args, **kwargs):
+        raise ImportError("No module named 'open_clip'", name="open_clip")
+
+    monkeypatch.setattr(models, "encoder_workload", no_open_clip)
+    monkeypatch.setattr(models, "step_workload", no_open_clip)
+    sizes = dict(run.PRESETS["tiny"], label_smoothing=0.0)
+    wls = models.workloads(("encoder", "step"), sizes, torch.float32, torch.device("cpu"))
+    ceil = floors.Ceilings(bandwidth=1e10, matmul_rate=1e10, copy_bytes=1, matmul_n=1, dtype="float32")
+    rows = harness.run(wls, ceil, harness.Settings(), quiet=True)
+    assert {r.suite for r in rows} == {"encoder", "step"}
+    assert all(r.status == "skipped" and "open_clip" in r.note for r in rows)
