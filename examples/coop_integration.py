@@ -47,7 +47,7 @@ WORDS = ["dog", "sea lion", "golden retriever", "red-winged blackbird", "cat", "
 
 
 def classnames(n: int) -> List[str]:
-    """n distinct class names of different token lengths."""
+    """n class names of different token lengths (distinct for n <= 256)."""
     names = []
     for i in range(n):
         w = WORDS[i % len(WORDS)]
