@@ -40,13 +40,14 @@ def _load_text_tile(T, pid, C, M, D, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.conste
 
 @triton.jit
 def _prompt_weights(A, pid, C, M, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """w = softmax_m(A[c, :]) [BLOCK_CLS, BLOCK_M], zero for m >= M (finite everywhere)."""
+    """w = softmax_m(A[c, :]) [BLOCK_CLS, BLOCK_M], zero for m >= M."""
     offs_c = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = (offs_c[:, None] < C) & (offs_m[None, :] < M)
     a = tl.load(A + offs_c[:, None] * M + offs_m[None, :], mask=row_ok, other=float("-inf")).to(tl.float32)
     a_max = tl.max(a, axis=1)
-    a_max = tl.where(a_max == float("-inf"), 0.0, a_max)  # classes past C: all masked
+    # classes past C are all masked; a real class whose logits are all -inf gets NaN, as in the reference
+    a_max = tl.where(offs_c < C, a_max, 0.0)
     ex = tl.exp(a - a_max[:, None])
     den = tl.sum(ex, axis=1)
     return ex / tl.where(den == 0.0, 1.0, den)[:, None]
