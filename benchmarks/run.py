@@ -23,8 +23,9 @@ import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: import this folder as the package benchmarks
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _here] + [os.path.dirname(_here)]
 
 import torch  # noqa: E402
 
@@ -146,6 +147,11 @@ def main(argv=None) -> int:
     print(f"device {harness.device_name(device)}, dtype {str(dtype).replace('torch.', '')}, preset {args.preset}, "
           f"sizes {sizes}")
     print(floors.describe(ceilings))
+    if device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            print(f"note: the machine is busy (load {load:.1f} on {cores} cores): CPU timings will be noisy; "
+                  "--threads 1 steadies them")
     workloads = build_workloads(suites, sizes, dtype, device, args)
     if args.providers:
         keep = {p.strip() for p in args.providers.split(",")} | {"eager"}  # eager: the gate's and ratios' baseline
