@@ -147,23 +147,26 @@ def _ridge_solve(x: torch.Tensor, y: torch.Tensor, lam: float) -> Tuple[torch.Te
 
 
 def _choose_ridge(x: torch.Tensor, y: torch.Tensor, grid: Sequence[float], folds: int, seed: int) -> float:
+    """The grid lambda with the best mean held-out cosine over ``folds`` folds. One
+    eigendecomposition of the fold's Gram matrix serves every lambda of the grid."""
     n = x.shape[0]
     folds = min(folds, n)
     if folds < 2:
         return float(grid[len(grid) // 2])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
     parts = order.chunk(folds)
-    best, best_cos = None, -math.inf
-    for lam in grid:
-        score = 0.0
-        for k in range(folds):
-            val = parts[k]
-            fit = torch.cat([parts[j] for j in range(folds) if j != k])
-            w, b = _ridge_solve(x[fit], y[fit], lam)
-            score += _mean_cos(x[val] @ w.T + b, y[val]) * len(val)
-        if score > best_cos:
-            best, best_cos = lam, score
-    return float(best)
+    scores = torch.zeros(len(grid), dtype=torch.float64)
+    for k in range(folds):
+        val = parts[k]
+        fit = torch.cat([parts[j] for j in range(folds) if j != k])
+        xm, ym = x[fit].mean(0), y[fit].mean(0)
+        xc, yc = x[fit] - xm, y[fit] - ym
+        evals, evecs = torch.linalg.eigh(xc.T @ xc)  # [D], [D, D]
+        proj = evecs.T @ (xc.T @ yc)  # [D, K]
+        for i, lam in enumerate(grid):
+            wt = evecs @ (proj / (evals.clamp_min(0) + lam).unsqueeze(1))  # W^T [D, K]
+            scores[i] += _mean_cos((x[val] - xm) @ wt + ym, y[val]) * len(val)
+    return float(grid[int(scores.argmax())])
 
 
 def _fit_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int, epochs: int, lr: float, weight_decay: float,

@@ -144,7 +144,7 @@ def discover(root) -> Dict[str, Dict[str, List[str]]]:
     if not root.is_dir():
         raise DataError(f"dataset path {root} is not a folder")
     subdirs = {p.name for p in _class_dirs(root)}
-    if "train" in subdirs and subdirs <= set(SPLITS) and len(subdirs) > 1:
+    if "train" in subdirs and subdirs <= set(SPLITS):
         splits = {s: _scan(root / s, f"{s} split") for s in SPLITS if s in subdirs}
         classes = list(splits["train"])
         for s, data in splits.items():
@@ -270,7 +270,7 @@ def load_clip(model: str, pretrained: str, device: torch.device, init_seed: int 
         try:
             clip = open_clip.create_model(name, pretrained=None if random_init else pretrained)
         except RuntimeError as exc:
-            raise RuntimeError(f"could not load --pretrained {pretrained!r} for {name}: {exc}. Pass a local "
+            raise ValueError(f"could not load --pretrained {pretrained!r} for {name}: {exc}. Pass a local "
                                "checkpoint file, or --pretrained none for a randomly initialised model") from exc
     clip = clip.to(device).eval().requires_grad_(False)
     info = {"model_name": name, "random_init": random_init, "fingerprint": _fingerprint(clip)}
@@ -448,11 +448,21 @@ def _phi_names(cfg: TrainConfig, classnames: List[str]) -> List[str]:
     return mapping.compute_union([names, classnames])
 
 
-def _llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device) -> tuple:
+def _source_identity(source: str) -> str:
+    path = Path(source)
+    if source.lower() != "minilm" and path.exists():
+        st = path.stat()
+        return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return source
+
+
+def _llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device, clip_fingerprint: str) -> tuple:
     """(E [C, K], phi, fit report) for the distillation, or (None, None, None) when alpha is 0.
 
     phi is loaded from --phi, or fitted on the --phi-names names; with a file of embeddings
-    as --llm, only the file's own names have LLM vectors, so phi is fitted on those.
+    as --llm, only the file's own names have LLM vectors, so phi is fitted on those. Fits are
+    cached beside the LLM embeddings, keyed by the CLIP weights, the LLM, the names and the
+    seed (encoding a few thousand prompts with a large CLIP on a CPU takes minutes).
     """
     if cfg.alpha == 0:
         return None, None, None
@@ -468,9 +478,22 @@ def _llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device) -> tuple
     else:
         names = _phi_names(cfg, classnames)
         y = llm_mod.class_name_embeddings(names, cfg.llm)
+    key = json.dumps([clip_fingerprint, _source_identity(cfg.llm), names, mapping.DEFAULT_TEMPLATE, cfg.seed])
+    cached = llm_mod.cache_dir().parent / "phi" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
+    if cached.exists():
+        try:
+            phi, info = mapping.load_phi(cached)
+            _log(f"phi loaded from the cache {cached}", cfg.progress)
+            return emb, phi, info.get("report")
+        except (OSError, ValueError, KeyError, RuntimeError):
+            pass  # a damaged cache entry is refitted
     x = mapping.clip_text_features(clip, tokenizer, names, device=device)
     phi, rep = mapping.fit_phi(x, y, seed=cfg.seed)
     _log(rep.summary(), cfg.progress)
+    try:
+        mapping.save_phi(cached, phi, rep)
+    except OSError:
+        pass  # the cache is an optimisation
     return emb, phi, asdict(rep)
 
 
@@ -535,7 +558,7 @@ def train(cfg: TrainConfig) -> dict:
         module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
     else:
         # everything that can fail on bad input runs before the output folder is written
-        emb, phi, report = _llm_and_phi(cfg, clip, tokenizer, classnames, device)
+        emb, phi, report = _llm_and_phi(cfg, clip, tokenizer, classnames, device, clip_info["fingerprint"])
         module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
         if cfg.overwrite and out.is_dir():
             for f in (RUN_FILE, SPLIT_FILE, LOG_FILE, STATE_FILE, LLM_FILE, PHI_FILE, "phi.json"):

@@ -158,7 +158,13 @@ def test_too_few_shots_and_allow_fewer(env, tmp_path, capsys):
         train(_cfg(env, data, tmp_path / "o"))
     assert not (tmp_path / "o").exists()
     train(_cfg(env, data, tmp_path / "o", allow_fewer=True))
-    assert "--allow-fewer: 1 class(es) have fewer than 2 images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--allow-fewer: 1 class(es) have fewer than 2 images" in printed
+    # same CLIP weights, LLM, names and seed as the module's first run: phi comes from the cache
+    assert "phi loaded from the cache" in printed
+    from safetensors.torch import load_file
+    a, b = (load_file(str(o / "phi.safetensors")) for o in (env["out"], tmp_path / "o"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     split = json.loads((tmp_path / "o" / "split.json").read_text())
     assert split["short"] == {"red_plain": 1} and len(split["train"]["red_plain"]) == 1
 
