@@ -254,6 +254,9 @@ class CoOpTextEncoder(nn.Module):
         self._tokens = info
         return info
 
+    # Its decisions are data-dependent host logic (autograd graph walk, value check,
+    # cached lengths): inside a torch.compile'd model it runs eagerly (a graph break).
+    @torch.compiler.disable
     def forward(self, prompts: Tensor, tokenized_prompts: Tensor) -> Tensor:
         """prompts [N, L, width], tokenized_prompts [N, L] -> [N, D]."""
         tower = self._tower

@@ -330,3 +330,22 @@ def test_transformers_clip_model(tokens):
     own = own if isinstance(own, torch.Tensor) else own.pooler_output
     assert enc.last_plan.shared_len == 1 + N_CTX
     torch.testing.assert_close(out, own, rtol=0, atol=TOL64)
+
+
+def test_inside_a_compiled_function(model64, tokens, gen):
+    """torch.compile of code that calls the encoder: it runs eagerly there (graph break),
+    with the same result and gradient."""
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
+    enc = CoOpTextEncoder(model64)
+
+    def step(ctx):
+        return enc(coop_prompts(model64, tokens, ctx), tokens).square().sum()
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, backend="eager")(ctx)
+    (g,) = torch.autograd.grad(loss, ctx)
+    assert enc.last_plan.shared_len == 1 + N_CTX
+    ref = plain_coop(model64, coop_prompts(model64, tokens, ctx), tokens).square().sum()
+    (g_ref,) = torch.autograd.grad(ref, ctx)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=TOL64)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=TOL64)
