@@ -240,3 +240,33 @@ def test_python_dash_m_entry_point(tmp_path):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
     assert exc.value.code == 0
+
+
+def test_interrupted_run_resumes_to_the_same_prompts(env, tmp_path, monkeypatch):
+    """Stop after epoch 2 of 3 (right after its checkpoint), resume: the prompts equal an
+    uninterrupted run's bit for bit (shuffle, augmentation and optimizer state restored)."""
+    from safetensors.torch import load_file
+    from demul_fast import train as train_mod
+
+    data = make_folder(tmp_path / "d", per_class=3)
+    kw = dict(shots=2, epochs=3, batch_size=2, lr=0.05, warmup_epochs=0)
+    train(_cfg(env, data, tmp_path / "straight", **kw))
+
+    real_log = train_mod._log
+
+    def stop_after_epoch_2(msg, progress):
+        real_log(msg, progress)
+        if msg.startswith("epoch 2/3"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_log", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(env, data, tmp_path / "stopped", **kw))
+    monkeypatch.setattr(train_mod, "_log", real_log)
+    assert [r["epoch"] for r in _log(tmp_path / "stopped")] == [1, 2]
+    train(_cfg(env, data, tmp_path / "stopped", resume=True, **kw))
+    a = load_file(str(tmp_path / "straight" / "prompts" / "prompts.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "prompts" / "prompts.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in ("ctx", "prompt_logits"))
+    assert _log(tmp_path / "stopped") == [dict(r, seconds=s["seconds"]) for r, s in
+                                          zip(_log(tmp_path / "straight"), _log(tmp_path / "stopped"))]
