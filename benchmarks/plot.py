@@ -34,7 +34,7 @@ def _bars(rows, value_key: str, ylabel: str, path: str, scale: float = 1.0) -> N
         key = f"{_get(r, 'op')} {_get(r, 'mode')}\nC={_get(r, 'sizes').get('C', '')}"
         groups.setdefault(key, {})[_get(r, "provider")] = v * scale
     providers = list(dict.fromkeys(p for g in groups.values() for p in g))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(providers)) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.6 * len(groups) * max(1, len(providers)))), 4.5))
     width = 0.8 / max(1, len(providers))
     for j, prov in enumerate(providers):
         xs = [i + j * width for i, g in enumerate(groups.values()) if prov in g]
