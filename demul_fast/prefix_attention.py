@@ -67,13 +67,15 @@ class PackedLayout:
         return self.valid_slots.numel()
 
     def indices(self, heads: int):
-        """(gather, scatter, gather_eot, scatter_eot, query_valid) for ``heads``:
+        """(gather, scatter, gather_eot, scatter_eot, masks) for ``heads``:
 
         gather:  [G*H*P + G*H*N*S] index into the [T*H, hd] view of a row tensor, giving the
                  head-major buffer [prefix (G, H, P) ; suffix (G, H, N, S)] of hd-vectors
         scatter: [T*H] index into that buffer giving back the rows ([T, W] view)
         gather_eot / scatter_eot: the same for the G*N EOT rows only (buffer (G, H, N))
-        query_valid: [G, 1, N, S, 1] bool, False at padded slots
+        masks: dict of bool masks, True where visible/valid: "prefix" [P, P] causal,
+               "suffix" [S, S] causal, "eot" [G, 1, N, 1, S] keys up to each EOT,
+               "query_valid" [G, 1, N, S, 1] False at padded query slots
         """
         if heads in self._cache:
             return self._cache[heads]
@@ -95,8 +97,12 @@ class PackedLayout:
         gn = torch.arange(g * n, device=dev)
         gather_eot = ((gn.view(g, 1, n) * heads) + h.view(1, heads, 1)).flatten()
         scatter_eot = ((gn.view(g, n, 1) // n * heads + h.view(1, 1, heads)) * n + gn.view(g, n, 1) % n).flatten()
-        query_valid = (torch.arange(s, device=dev).view(1, 1, s) <= self.eot.view(g, n, 1)).view(g, 1, n, s, 1)
-        self._cache[heads] = (gather, scatter, gather_eot, scatter_eot, query_valid)
+        positions = torch.arange(s, device=dev)
+        masks = {"prefix": torch.ones(p, p, dtype=torch.bool, device=dev).tril(),
+                 "suffix": torch.ones(s, s, dtype=torch.bool, device=dev).tril(),
+                 "eot": positions.view(1, 1, 1, 1, s) <= self.eot.view(g, 1, n, 1, 1),
+                 "query_valid": (positions.view(1, 1, s) <= self.eot.view(g, n, 1)).view(g, 1, n, s, 1)}
+        self._cache[heads] = (gather, scatter, gather_eot, scatter_eot, masks)
         return self._cache[heads]
 
 
@@ -123,7 +129,7 @@ class _SharedPrefixAttention(torch.autograd.Function):
         w = k.shape[-1]
         hd = w // heads
         scale = hd ** -0.5
-        gather, scatter, gather_eot, scatter_eot, query_valid = layout.indices(heads)
+        gather, scatter, gather_eot, scatter_eot, masks = layout.indices(heads)
         kbuf = k.reshape(-1, hd).index_select(0, gather)
         vbuf = v.reshape(-1, hd).index_select(0, gather)
         kp, ks = _split(kbuf, g, heads, p, n, s)
@@ -132,19 +138,19 @@ class _SharedPrefixAttention(torch.autograd.Function):
         if eot_only:
             qbuf = q.reshape(-1, hd).index_select(0, gather_eot)
             qp, qs = None, qbuf.view(g, heads, n, 1, hd)
-            smask = torch.arange(s, device=q.device).view(1, 1, 1, 1, s) <= layout.eot.view(g, 1, n, 1, 1)
+            smask = masks["eot"]
             out = torch.empty(g * heads * n, hd, dtype=q.dtype, device=q.device)
             out_s = out.view(g, heads, n, 1, hd)
             probs_p = None
         else:
             qbuf = q.reshape(-1, hd).index_select(0, gather)
             qp, qs = _split(qbuf, g, heads, p, n, s)
-            smask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+            smask = masks["suffix"]
             out = torch.empty_like(qbuf)
             out_p, out_s = _split(out, g, heads, p, n, s)
             # the prefixes' own causal attention
             scores = torch.matmul(qp, kp.transpose(-1, -2)).to(sdt).mul_(scale)
-            scores.masked_fill_(~torch.ones(p, p, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            scores.masked_fill_(~masks["prefix"], float("-inf"))
             probs_p = torch.softmax(scores, dim=-1)
             torch.matmul(probs_p.to(q.dtype), vp, out=out_p)
         sq = qs.shape[3]
@@ -154,7 +160,7 @@ class _SharedPrefixAttention(torch.autograd.Function):
         scores[..., p:].masked_fill_(~smask, float("-inf"))
         probs_s = torch.softmax(scores, dim=-1)
         if not eot_only:
-            probs_s.mul_(query_valid)  # padded query slots: zero weight, so zero output and gradient
+            probs_s.mul_(masks["query_valid"])  # padded query slots: zero weight, so zero output and gradient
         pd = probs_s.to(q.dtype)
         torch.matmul(pd[..., :p].reshape(g, heads, n * sq, p), vp, out=out_s.view(g, heads, n * sq, hd))
         out_s.add_(torch.matmul(pd[..., p:], vs))

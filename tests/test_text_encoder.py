@@ -113,24 +113,25 @@ def test_x_context_equals_encode_text(tokenizer):
     torch.testing.assert_close(fast(ctx), expected.unsqueeze(1).expand(-1, 2, -1), rtol=1e-11, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["default", "layerscale"])
-def test_float32_error_rule(variant, tokenizer):
-    """float32 prefix path vs float64 reference: at most 2x (3x for gradients) the error of
-    the float32 full path (tests/numerics.py)."""
+@pytest.mark.parametrize("variant, dtype", [("default", torch.float32), ("layerscale", torch.float32),
+                                            ("default", torch.bfloat16), ("default", torch.float16)])
+def test_low_precision_error_rule(variant, dtype, tokenizer):
+    """Prefix path in float32/bfloat16/float16 vs float64 reference: at most 2x (3x for
+    gradients) the error of the full path in the same dtype (tests/numerics.py)."""
     model64 = make_clip(seed=5, **VARIANTS[variant])
-    model32 = copy.deepcopy(model64).float()
+    model_lp = copy.deepcopy(model64).to(dtype)
     n_ctx, m = 7, 2
     gen = torch.Generator().manual_seed(2)
     ctx = 0.3 * torch.randn(m, n_ctx, 64, generator=gen, dtype=torch.float64)
     upstream = torch.randn(len(NAMES), m, 48, generator=gen, dtype=torch.float64)
     t64, g64 = features_and_grad(FullTextEncoder(model64, tokenizer, NAMES, n_ctx), ctx, upstream)
-    t_plain, g_plain = features_and_grad(FullTextEncoder(model32, tokenizer, NAMES, n_ctx), ctx.float(),
-                                         upstream.float())
-    t_fast, g_fast = features_and_grad(PrefixSharedTextEncoder(model32, tokenizer, NAMES, n_ctx), ctx.float(),
-                                       upstream.float())
-    assert t_fast.dtype == torch.float32
-    assert_error_rule("T", t_fast, t64, t_plain, k=2.0)
-    assert_error_rule("dctx", g_fast, g64, g_plain, k=3.0)
+    t_plain, g_plain = features_and_grad(FullTextEncoder(model_lp, tokenizer, NAMES, n_ctx), ctx.to(dtype),
+                                         upstream.to(dtype))
+    t_fast, g_fast = features_and_grad(PrefixSharedTextEncoder(model_lp, tokenizer, NAMES, n_ctx), ctx.to(dtype),
+                                       upstream.to(dtype))
+    assert t_fast.dtype == dtype and g_fast.dtype == dtype
+    assert_error_rule(f"T {dtype}", t_fast, t64, t_plain, k=2.0)
+    assert_error_rule(f"dctx {dtype}", g_fast, g64, g_plain, k=3.0)
 
 
 def test_vit_b16_text_tower(tokenizer):
@@ -251,4 +252,4 @@ def test_shared_prefix_attention_gradcheck(eot_only):
     k, v = (torch.randn(rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     q = torch.randn(g * n if eot_only else rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: shared_prefix_attention(a, b, c, layout, heads, eot_only),
-                                    (q, k, v))
+                                    (q, k, v), fast_mode=True)
