@@ -16,6 +16,7 @@ as in the reference (README, "Guarantees").
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -108,7 +109,7 @@ def check_labels(labels, batch: int, num_classes: int) -> None:
 
 
 def check_scale(scale, device: torch.device) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.Tensor)):
         raise TypeError(f"scale must be a float or a 0-dim tensor, got {type(scale).__name__}")
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or scale.dim() > 1:
@@ -127,7 +128,7 @@ def check_scale(scale, device: torch.device) -> None:
 
 
 def check_float(value, name: str, lo: Optional[float] = None, hi: Optional[float] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")

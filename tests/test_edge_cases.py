@@ -128,6 +128,16 @@ def test_tiny_and_huge_scalar_options(gen, request, backend, device, dtype, name
     assert_head_matches_reference(inputs, backend, return_logits=True, **opts)
 
 
+@pytest.mark.parametrize("backend,device,dtype", F32)
+def test_numpy_scalar_options(gen, backend, device, dtype):
+    """numpy scalars (what a config loaded with numpy gives) are accepted for scale, alpha and
+    label_smoothing, like Python floats."""
+    np = pytest.importorskip("numpy")
+    inputs = _inputs(gen, device, dtype)
+    inputs["scale"] = np.float32(30.0)
+    assert_head_matches_reference(inputs, backend, alpha=np.float32(0.5), label_smoothing=np.float64(0.1))
+
+
 # ---- labels --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device,dtype", F32)
