@@ -58,7 +58,7 @@ def test_bad_files(tmp_path):
         llm.class_name_embeddings([], "minilm")
 
 
-def test_minilm_is_offline_normalised_and_matches_sentence_transformers(minilm_vectors):
+def test_minilm_is_normalised_and_matches_sentence_transformers(minilm_vectors):
     assert minilm_vectors.shape == (len(NAMES), 384)
     torch.testing.assert_close(minilm_vectors.norm(dim=-1), torch.ones(len(NAMES)))
     st = pytest.importorskip("sentence_transformers")
