@@ -85,6 +85,23 @@ def make_head_inputs(gen, C=5, M=3, D=8, B=4, K=6, dtype=torch.float32, device="
     )
 
 
+def strided_view(name, t):
+    """A differentiable, non-contiguous view with the same values: transposed storage for
+    matrices and T, a view with gaps (every other element) for vectors, a storage offset for
+    image_features."""
+    if name == "labels":
+        return torch.stack([t, t.flip(0)], dim=1)[:, 0]
+    if name == "image_features":
+        big = torch.cat([t.new_zeros(1, t.shape[1]), t], dim=0)
+        big = torch.cat([big, big], dim=1)
+        return big[1:, : t.shape[1]]
+    if t.dim() == 1:
+        return torch.stack([t, t], dim=1)[:, 0]
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    return t.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
 GRAD_ARGS = ("text_features", "prompt_logits", "image_features")
 
 

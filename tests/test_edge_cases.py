@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import demul_fast as df
-from backend_cases import assert_head_matches_reference, backend_params, make_head_inputs, run_head
+from backend_cases import (assert_head_matches_reference, backend_params, make_head_inputs, run_head,
+                           strided_view)
 from numerics import assert_error_rule
 
 F32 = backend_params((torch.float32,))
@@ -157,31 +158,14 @@ def test_all_labels_the_same_class(gen, backend, device, dtype, label_dtype):
 
 # ---- memory layout ----------------------------------------------------------------------------
 
-def _strided(name, t):
-    """A differentiable, non-contiguous view with the same values: transposed storage for
-    matrices and T, a view with gaps (every other element) for vectors, a storage offset for
-    image_features."""
-    if name == "labels":
-        return torch.stack([t, t.flip(0)], dim=1)[:, 0]
-    if name == "image_features":
-        big = torch.cat([t.new_zeros(1, t.shape[1]), t], dim=0)
-        big = torch.cat([big, big], dim=1)
-        return big[1:, : t.shape[1]]
-    if t.dim() == 1:
-        return torch.stack([t, t], dim=1)[:, 0]
-    if t.dim() == 2:
-        return t.t().contiguous().t()
-    return t.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-
-
 @pytest.mark.parametrize("backend,device,dtype", F32 + LOW)
 def test_non_contiguous_views(gen, backend, device, dtype):
     inputs = _inputs(gen, device, dtype, C=5, M=3, D=9, B=4, K=6)
     for name, t in inputs.items():
         if isinstance(t, torch.Tensor):
-            view = _strided(name, t)
+            view = strided_view(name, t)
             assert not view.is_contiguous() and torch.equal(view, t), name
-    assert_head_matches_reference(inputs, backend, view=_strided, label_smoothing=0.1, return_logits=True)
+    assert_head_matches_reference(inputs, backend, view=strided_view, label_smoothing=0.1, return_logits=True)
 
 
 def _broadcast(name, t):

@@ -1,8 +1,9 @@
 """Property tests (hypothesis).
 
 1. Agreement: over random shapes, dtypes, label smoothing, alpha, with or without
-   distillation and phi_bias, every available backend matches the float64 reference within
-   the package's error rule (tests/numerics.py), loss parts, logits and gradients.
+   distillation and phi_bias, contiguous or strided inputs, every available backend
+   matches the float64 reference within the package's error rule (tests/numerics.py): loss
+   parts, logits and gradients.
 2. Refusal: every malformed call (wrong rank, mismatched C/M/D/K/B, wrong dtype, labels out
    of range, mixed devices, empty, non-tensor, wrong layout) of each public function raises a
    ValueError or TypeError naming the bad argument, whatever backend is asked for, and no
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 import demul_fast as df
 from backend_cases import (DTYPE_IDS, HAS_GPU, KERNEL_DTYPES, assert_head_matches_reference,
-                           available_backends, backend_module, make_head_inputs)
+                           available_backends, backend_module, make_head_inputs, strided_view)
 from numerics import assert_error_rule
 from demul_fast import backends
 
@@ -59,6 +60,7 @@ def head_cases(draw, dtypes, big=False):
         dtype=draw(st.sampled_from(dtypes)),
         distill=draw(st.booleans()),
         bias=draw(st.booleans()),
+        strided=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
         scale=draw(st.sampled_from([1.0, 30.0, 100.0])),
         opts=dict(
@@ -81,8 +83,8 @@ def test_every_backend_agrees_with_the_reference(backend, device, dtypes, data):
                               **case["dims"])
     inputs["scale"] = case["scale"]
     print(f"{backend} {DTYPE_IDS[case['dtype']]} {case['dims']} distill={case['distill']} bias={case['bias']} "
-          f"{case['opts']}")
-    assert_head_matches_reference(inputs, backend, **case["opts"])
+          f"strided={case['strided']} {case['opts']}")
+    assert_head_matches_reference(inputs, backend, view=strided_view if case["strided"] else None, **case["opts"])
 
 
 def _parts(inputs, backend, ls, cast=None, reference=False):
