@@ -188,3 +188,26 @@ def test_save_load_round_trip(clip64, tokenizer, gen, tmp_path):
         DeMul(clip64, tokenizer, NAMES[:-1], n_prompts=M, n_ctx=N_CTX).load_prompts(str(tmp_path))
     with pytest.raises(ValueError, match="shape"):
         DeMul(clip64, tokenizer, NAMES, n_prompts=M + 1, n_ctx=N_CTX).load_prompts(str(tmp_path))
+
+
+def test_transformers_clip_model(tokenizer, gen):
+    """DeMul over a small random transformers CLIPModel: same loss and ctx gradient as the
+    reference, images encoded by get_image_features."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, eos_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=16), projection_dim=D)
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(config).double()
+    fast = DeMul(hf, tokenizer, NAMES, n_prompts=M, n_ctx=N_CTX).double()
+    ref = DeMulReference(hf, tokenizer, NAMES, n_prompts=M, n_ctx=N_CTX).double()
+    ref.load_state_dict(fast.state_dict())
+    images = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    y = torch.tensor([1, 3])
+    fast_out, ref_out = fast(images=images, labels=y), ref(images=images, labels=y)
+    torch.testing.assert_close(fast_out.loss, ref_out.loss, rtol=1e-10, atol=1e-12)
+    (g_fast,) = torch.autograd.grad(fast_out.loss, fast.ctx)
+    (g_ref,) = torch.autograd.grad(ref_out.loss, ref.ctx)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-12)
