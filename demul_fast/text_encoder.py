@@ -8,13 +8,13 @@ CLIP's text transformer is causal and pools the hidden state at the EOT token, s
   one of them (prefix sharing).
 
 ``prefix_shared_forward`` runs such a batch: G groups, each one shared prefix of P
-tokens and N suffixes of S tokens. The prefix runs once per group (causal within
+tokens and N suffixes (up to S tokens). The prefix runs once per group (causal within
 itself); every suffix token attends to [its group's prefix keys ; its own suffix keys,
-causally]. The scores against the prefix are one batched product over all N*S suffix
-queries of a group, the scores against the suffix a product per suffix; both are
-concatenated before one softmax, which is the same as a log-sum-exp merge of the two
-partial attentions, so the result is exact and the prefix keys/values are never copied
-per suffix. Token work drops from G*N*(P+S) to G*P + G*N*S.
+causally] (``demul_fast.prefix_attention``: one batched product per group against the
+prefix, one softmax over both parts, which is the exact log-sum-exp merge; the prefix keys
+and values are never copied per suffix). Suffix tokens after each EOT are dropped and the
+rest packed without padding, so the linear layers run on G*P + sum(len) rows instead of
+G*N*77; the last layer runs its attention output and MLP on the G*N EOT rows only.
 
 ``TextTower`` is a light view (no weight copies) of a supported text tower: open_clip's
 ``CLIP`` / ``CustomTextCLIP`` (causal mask, argmax or EOS pooling, standard residual
