@@ -21,7 +21,7 @@ Softmax and its backward run in float32 (float64 stays float64).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

@@ -9,7 +9,7 @@ spaces) is tokenised by the model's tokenizer and the token embeddings at positi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
