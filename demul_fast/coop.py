@@ -192,7 +192,8 @@ class CoOpTextEncoder(nn.Module):
                     with a causal, EOT-pooled text tower (else
                     ``text_encoder.UnsupportedTextTower``). Its text modules are registered
                     here as submodules, as CoOp's ``TextEncoder`` does, so ``.to()`` /
-                    ``.half()`` of the enclosing model move them; weights are not copied.
+                    ``.half()`` of the enclosing model move them and ``nn.DataParallel``
+                    replicas use their own copies; weights are not copied.
     share_prefix:   False turns prefix sharing off (truncation stays).
     min_shared_len: share only a common block of at least this many positions.
 
@@ -205,41 +206,48 @@ class CoOpTextEncoder(nn.Module):
         super().__init__()
         if not isinstance(min_shared_len, int) or min_shared_len < 1:
             raise ValueError(f"min_shared_len must be an int >= 1, got {min_shared_len!r}")
-        tower = text_tower(clip_model)  # raises UnsupportedTextTower with the reason
-        self.__dict__["_clip_model"] = clip_model  # not a submodule: no vision weights here
+        text_tower(clip_model)  # raises UnsupportedTextTower with the reason
         self._register_text_modules(clip_model)
-        self.__dict__["_tower"] = tower
         self.share_prefix = bool(share_prefix)
         self.min_shared_len = min_shared_len
         self.last_plan: Optional[CoOpPlan] = None
         self._tokens: Optional[_TokenInfo] = None
+        self.tower  # build the view of the registered modules now (refusals surface here)
 
     def _register_text_modules(self, clip_model: nn.Module) -> None:
-        """Register the modules and parameters the text tower uses (no copies)."""
-        if hasattr(clip_model, "text_model"):           # transformers CLIPModel
+        """Register what the text tower uses (no copies), under the names ``text_tower``
+        reads, so that the tower view is built from this module's own submodules."""
+        if hasattr(clip_model, "text_model"):           # transformers CLIPModel / CLIPTextModel
             self.text_model = clip_model.text_model
-            proj = getattr(clip_model, "text_projection", None)
-            if proj is not None:
-                self.text_projection = proj
+            self.text_projection = getattr(clip_model, "text_projection", None)
         elif isinstance(getattr(clip_model, "text", None), nn.Module):   # open_clip CustomTextCLIP
             self.text = clip_model.text
         else:                                            # open_clip CLIP
+            self.token_embedding = clip_model.token_embedding
+            self.positional_embedding = clip_model.positional_embedding
             self.transformer = clip_model.transformer
             self.ln_final = clip_model.ln_final
-            self.positional_embedding = clip_model.positional_embedding
-            if isinstance(clip_model.text_projection, (nn.Module, nn.Parameter)):
-                self.text_projection = clip_model.text_projection
+            self.text_projection = clip_model.text_projection
+            self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
+            self.text_pool_type = getattr(clip_model, "text_pool_type", "argmax")
+            self.text_eos_id = getattr(clip_model, "text_eos_id", None)
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() may replace parameter objects: rebuild the tower view after it.
         out = super()._apply(fn, *args, **kwargs)
-        self.__dict__["_tower"] = text_tower(self._clip_model)
+        self.__dict__.pop("_tower", None)
         self._tokens = None
         return out
 
     @property
     def tower(self) -> TextTower:
-        return self._tower
+        """The view of this module's text modules (rebuilt for a copy or a DataParallel
+        replica, whose attribute dict is copied from the original's)."""
+        if self.__dict__.get("_tower_owner") != id(self) or "_tower" not in self.__dict__:
+            self.__dict__["_tower"] = text_tower(self)
+            self.__dict__["_tower_owner"] = id(self)
+            self._tokens = None
+        return self.__dict__["_tower"]
 
     def _token_info(self, ids: Tensor, device: torch.device) -> _TokenInfo:
         info = self._tokens
@@ -247,7 +255,7 @@ class CoOpTextEncoder(nn.Module):
         if (info is not None and info.ids is ids and version is not None and info.version == version
                 and info.device == device):
             return info
-        eot = self._tower.pool_positions(ids).to(dtype=torch.long)
+        eot = self.tower.pool_positions(ids).to(dtype=torch.long)
         lengths = (eot + 1).tolist()  # one host read per new tokenized_prompts tensor
         info = _TokenInfo(ids=ids, version=version, device=device, eot=eot.to(device), lengths=lengths,
                           seq_len=max(lengths), min_eot=min(lengths) - 1)
@@ -259,7 +267,7 @@ class CoOpTextEncoder(nn.Module):
     @torch.compiler.disable
     def forward(self, prompts: Tensor, tokenized_prompts: Tensor) -> Tensor:
         """prompts [N, L, width], tokenized_prompts [N, L] -> [N, D]."""
-        tower = self._tower
+        tower = self.tower
         if not isinstance(prompts, Tensor) or prompts.dim() != 3 or prompts.shape[2] != tower.width:
             raise ValueError(f"prompts must be a tensor [N, L, width={tower.width}], got "
                              f"{tuple(prompts.shape) if isinstance(prompts, Tensor) else type(prompts).__name__}")

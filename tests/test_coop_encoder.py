@@ -9,6 +9,7 @@ and with identical values (no sharing: each class keeps its own gradient), and c
 names of different token lengths; float32 under the package's error rule.
 """
 
+import copy
 import math
 
 import open_clip
@@ -265,6 +266,25 @@ def test_registers_the_text_modules_without_copies():
     assert model.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float64
     assert enc.tower.positional_embedding.dtype == torch.float64
     assert not any(n.startswith("visual") for n, _ in enc.named_parameters())
+
+
+def test_a_copy_uses_its_own_weights(model64, tokens, gen):
+    """A deepcopy (like an nn.DataParallel replica, whose attribute dict is copied from the
+    original) computes with its own submodules, not the original's."""
+    enc = CoOpTextEncoder(model64)
+    twin = copy.deepcopy(enc)
+    with torch.no_grad():
+        twin.transformer.resblocks[0].mlp.c_fc.weight.mul_(1.5)
+        twin.ln_final.weight.mul_(2.0)
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen)
+    prompts = coop_prompts(model64, tokens, ctx)
+    with torch.no_grad():
+        out_twin, out = twin(prompts, tokens), enc(prompts, tokens)
+    torch.testing.assert_close(out, plain_coop(model64, prompts, tokens), rtol=0, atol=TOL64)
+    twin_model = copy.deepcopy(model64)
+    twin_model.transformer, twin_model.ln_final = twin.transformer, twin.ln_final
+    torch.testing.assert_close(out_twin, plain_coop(twin_model, prompts, tokens), rtol=0, atol=TOL64)
+    assert (out_twin - out).abs().max() > 1e-3
 
 
 def test_gradient_shareable_len_rules():
