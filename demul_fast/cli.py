@@ -3,6 +3,7 @@
     demul-fast train --data DIR --out RUN [--shots 16 --seed 1 --model ViT-B-16
                      --pretrained openai|FILE|none --llm minilm|FILE|DIR ...]
     demul-fast eval --checkpoint RUN [--data DIR --split test|val|train|all]
+    demul-fast fit-phi --out phi.safetensors [--model --pretrained --llm --names --method]
 
 Also runnable as ``python -m demul_fast.cli``. Errors in the input (dataset, checkpoint,
 output folder) are printed as one ``demul-fast: error: ...`` line with exit status 2.
@@ -91,11 +92,61 @@ def _eval_parser(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+def _fit_phi_parser(sub) -> None:
+    p = sub.add_parser("fit-phi", help="fit the map phi (CLIP text space -> LLM space) and save it",
+                       description="Fit phi on pairs (CLIP text feature of 'a photo of a {name}.', LLM embedding "
+                                   "of the name) and save phi.safetensors + phi.json for 'train --phi'.")
+    p.add_argument("--out", required=True, help="file to write (.safetensors; a .json is written beside it)")
+    p.add_argument("--model", default=DEFAULTS.model)
+    p.add_argument("--pretrained", default=DEFAULTS.pretrained)
+    p.add_argument("--llm", default=DEFAULTS.llm, help="minilm, a model folder, or an embeddings file (then its "
+                                                       "own names are used unless --names is given)")
+    p.add_argument("--names", default=None, help="'union' (the 11 datasets' class names, default for models) "
+                                                 "or a text file with one name per line")
+    p.add_argument("--method", default="ridge", choices=["ridge", "mlp"])
+    p.add_argument("--heldout", type=float, default=0.1, help="share of names kept out for the report")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --pretrained none")
+
+
+def fit_phi_command(args) -> dict:
+    """``demul-fast fit-phi``: returns the fit report as a dict."""
+    from pathlib import Path
+
+    from . import llm, mapping
+    from .train import _device, load_clip
+
+    source = args.llm
+    is_file = source.lower() != "minilm" and Path(source).is_file()
+    if args.names is None or args.names == "union":
+        names = None if is_file and args.names is None else mapping.union_classnames()
+    else:
+        path = Path(args.names)
+        if not path.is_file():
+            raise FileNotFoundError(f"--names file {path} does not exist")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if names is None:
+        names, y = llm.read_embeddings_file(source)
+    else:
+        y = llm.class_name_embeddings(names, source)
+    device = _device(args.device)
+    clip, tokenizer, _, info = load_clip(args.model, args.pretrained, device, args.init_seed)
+    x = mapping.clip_text_features(clip, tokenizer, names, device=device)
+    phi, rep = mapping.fit_phi(x, y, method=args.method, heldout=args.heldout, seed=args.seed)
+    rep.extra.update({"template": mapping.DEFAULT_TEMPLATE, "n_names": len(names)})
+    mapping.save_phi(args.out, phi, rep, meta={"llm": source, "model": args.model, "pretrained": args.pretrained,
+                                               "clip_fingerprint": info["fingerprint"]})
+    print(rep.summary())
+    return {"report": vars(rep), "out": str(Path(args.out).with_suffix(".safetensors"))}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="demul-fast", description="Few-shot DeMul prompt learning on CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
+    _fit_phi_parser(sub)
     return parser
 
 
@@ -109,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             result = train(TrainConfig(**fields))
             print(json.dumps({"final": result}))
+        elif args.command == "fit-phi":
+            fit_phi_command(args)
         else:
             result = evaluate(args.checkpoint, data=args.data, split=args.split, device=args.device,
                               batch_size=args.batch_size, workers=args.workers, progress=args.progress)

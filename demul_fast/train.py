@@ -469,9 +469,10 @@ def _llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device, clip_fin
     emb = llm_mod.class_name_embeddings(classnames, cfg.llm)
     if cfg.phi:
         phi, info = mapping.load_phi(cfg.phi)
-        if info["arch"]["out_dim"] != emb.shape[1]:
-            raise ValueError(f"--phi maps to K={info['arch']['out_dim']} but the LLM embeddings have "
-                             f"K={emb.shape[1]}")
+        d = mapping.clip_text_features(clip, tokenizer, classnames[:1], device=device).shape[1]
+        if info["arch"]["out_dim"] != emb.shape[1] or info["arch"]["in_dim"] != d:
+            raise ValueError(f"--phi maps D={info['arch']['in_dim']} to K={info['arch']['out_dim']}, but this "
+                             f"CLIP model has D={d} and the LLM embeddings K={emb.shape[1]}")
         return emb, phi, info.get("report")
     if cfg.llm.lower() != "minilm" and Path(cfg.llm).is_file():
         names, y = list(classnames), emb
@@ -618,7 +619,8 @@ def train(cfg: TrainConfig) -> dict:
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with _autocast(device, amp_dtype):
-                feats = clip.encode_image(images)
+                with torch.no_grad():  # the image tower is frozen
+                    feats = clip.encode_image(images)
                 o = module(image_features=feats, labels=labels)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

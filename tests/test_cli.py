@@ -270,3 +270,25 @@ def test_interrupted_run_resumes_to_the_same_prompts(env, tmp_path, monkeypatch)
     assert all(torch.equal(a[k], b[k]) for k in ("ctx", "prompt_logits"))
     assert _log(tmp_path / "stopped") == [dict(r, seconds=s["seconds"]) for r, s in
                                           zip(_log(tmp_path / "straight"), _log(tmp_path / "stopped"))]
+
+
+def test_fit_phi_command_and_training_with_it(env, tmp_path):
+    from demul_fast import mapping
+
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(list(CLASSES) + mapping.dataset_classnames("dtd")[:17]) + "\n")
+    target = tmp_path / "phi.safetensors"
+    argv = ["fit-phi", "--out", str(target), "--model", env["model"], "--pretrained", "none", "--names", str(names),
+            "--device", "cpu"]
+    assert cli.main(argv) == 0
+    phi, info = mapping.load_phi(target)
+    assert isinstance(phi, torch.nn.Linear) and phi.weight.shape == (384, 32)
+    assert info["report"]["n_fit"] + info["report"]["n_heldout"] == 20 and info["report"]["n_heldout"] == 2
+    run = ["train", "--data", str(env["data"]), "--shots", "2", "--epochs", "1", "--no-progress"] + env["common"]
+    assert cli.main(run + ["--out", str(tmp_path / "o"), "--phi", str(target)]) == 0
+    used, _ = mapping.load_phi(tmp_path / "o" / "phi.safetensors")
+    assert torch.equal(used.weight, phi.weight) and torch.equal(used.bias, phi.bias)
+    mapping.save_phi(tmp_path / "wrong", torch.nn.Linear(16, 384))
+    with pytest.raises(ValueError, match="maps D=16 to K=384, but this CLIP model has D=32"):
+        train(_cfg(env, env["data"], tmp_path / "o2", phi=str(tmp_path / "wrong.safetensors")))
+    assert not (tmp_path / "o2").exists()
