@@ -182,6 +182,35 @@ def test_mixed_shared_and_class_specific_tokens(model64, tokens, gen):
         torch.testing.assert_close(a, b, rtol=0, atol=TOL64)
 
 
+def test_cocoop_style_conditional_context(model64, tokens, gen):
+    """CoCoOp: per image, ctx + meta_net(image feature) broadcast to all classes by expand.
+    Shared per call; gradients reach ctx and the meta-net exactly."""
+    ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
+    meta = torch.nn.Linear(16, WIDTH).double()
+    feats = torch.randn(2, 16, dtype=torch.float64, generator=gen)
+    emb = model64.token_embedding(tokens)
+    n = len(CLASSNAMES)
+
+    def loss(encode):
+        total = 0
+        for f in feats:
+            shifted = ctx + meta(f)                                  # [n_ctx, W]
+            prompts = torch.cat([emb[:, :1], shifted.unsqueeze(0).expand(n, -1, -1), emb[:, 1 + N_CTX:]], 1)
+            total = total + encode(prompts).square().sum()
+        return total
+
+    params = (ctx, meta.weight, meta.bias)
+    ref = loss(lambda p: plain_coop(model64, p, tokens))
+    g_ref = torch.autograd.grad(ref, params)
+    enc = CoOpTextEncoder(model64)
+    out = loss(lambda p: enc(p, tokens))
+    g_out = torch.autograd.grad(out, params)
+    assert enc.last_plan.shared_len == 1 + N_CTX
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL64)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL64)
+
+
 def test_share_prefix_off_gives_the_same_result(model64, tokens, gen):
     ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
     enc = CoOpTextEncoder(model64, share_prefix=False)
