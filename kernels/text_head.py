@@ -173,8 +173,10 @@ def _text_bwd_kernel(
         coef = -tl.load(GDIST).to(tl.float32) * inv_cm
         zden = tl.maximum(zn, EPS)
         cos_p = tl.where(zn >= EPS, cos, 0.0)
-        a_e = coef / (tl.maximum(en, EPS) * zden)      # dz = a_e * e + a_z * z
-        a_z = -coef * cos_p / (zden * zden)
+        # dz = coef * (a_e e + a_z z): coef (~1/(C M)) is applied after the K sweep, so that
+        # half-precision dot operands stay far from float16's subnormal range
+        a_e = 1.0 / (tl.maximum(en, EPS) * zden)
+        a_z = -cos_p / (zden * zden)
         acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             z, w_tile = _project_tile(t2, W, Bias, k0, K, D, HAS_BIAS, LOWP, T.dtype.element_ty, BLOCK_K, BLOCK_D)
@@ -184,7 +186,7 @@ def _text_bwd_kernel(
             dz = a_e[:, None] * e + a_z[:, None] * z
             dz = tl.where((offs_k[None, :] < K) & row_ok[:, None], dz, 0.0)
             acc += _dot(dz, w_tile, LOWP, T.dtype.element_ty)
-        dt_hat += tl.reshape(acc, [BLOCK_CLS, BLOCK_M, BLOCK_D])
+        dt_hat += coef * tl.reshape(acc, [BLOCK_CLS, BLOCK_M, BLOCK_D])
     proj_t = tl.where(n >= EPS, tl.sum(t_hat * dt_hat, axis=2), 0.0)
     dt = (dt_hat - t_hat * proj_t[:, :, None]) / tl.maximum(n, EPS)[:, :, None]
     ptrs = DT + (offs_c[:, None, None] * M + offs_m[None, :, None]) * D + offs_d[None, None, :]
