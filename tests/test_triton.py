@@ -166,7 +166,7 @@ def test_head_noncontiguous_and_mixed_dtypes(gen):
     """Strided T and X, prompt logits / phi / E in float64 beside float32 features."""
     C, M, D, B, K = 6, 3, 20, 4, 16
     T, A, X, y, E, W, b = make_inputs(gen, C=C, M=M, D=D, B=B, K=K)
-    T_strided = T.float().permute(2, 0, 1).contiguous().permute(1, 2, 0)  # same values, strides (1, D*?...)
+    T_strided = T.float().permute(2, 0, 1).contiguous().permute(1, 2, 0)  # same values, D-stride C*M
     X_strided = X.float().t().contiguous().t()
     assert not T_strided.is_contiguous() and not X_strided.is_contiguous()
     T_strided.requires_grad_(True)
