@@ -245,3 +245,22 @@ def test_double_backward_refused(gen):
     (dT,) = torch.autograd.grad(out.loss, [T], create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         dT.sum().backward()
+
+
+def test_shared_memory_guard(monkeypatch):
+    """On a GPU, tiles estimated (from sizes measured by compiling for sm_90) to exceed the
+    shared memory of a block are refused with a clear error; the sizes the GPU tests use fit."""
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_smem_limit", lambda device: 232448)
+    f32, bf16 = torch.float32, torch.bfloat16
+    _common.check_fits("text", f32, 16, 512, "cuda")     # C=1000, M=8, D=512: 101,376 B measured
+    _common.check_fits("ce", f32, 16, 512, "cuda")       # 134,528 B measured
+    _common.check_fits("ce", f32, 64, 128, "cuda")       # D=100: 181,760 B measured
+    _common.check_fits("text", bf16, 32, 1024, "cuda")   # 106,496 B measured
+    _common.check_fits("ce", bf16, 16, 1024, "cuda")     # 164,352 B measured
+    with pytest.raises(ValueError, match="cross-entropy"):
+        _common.check_fits("ce", f32, 16, 1024, "cuda")  # 265,600 B measured
+    with pytest.raises(ValueError, match="text kernels"):
+        _common.check_fits("text", f32, 32, 1024, "cuda")  # 268,288 B measured
+    with pytest.raises(ValueError, match="D <= 1024"):
+        _common.block_d(1025)
