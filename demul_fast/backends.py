@@ -86,26 +86,40 @@ def default_order(device: torch.device) -> Tuple[str, ...]:
     return ("cuda", "triton", "torch") if torch.device(device).type == "cuda" else ("torch",)
 
 
-def select(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> Tuple[str, ModuleType]:
+def select(backend: Optional[str], device: torch.device, dtype: torch.dtype,
+           call: Optional[Tuple[str, dict]] = None) -> Tuple[str, ModuleType]:
     """Return (name, module) of the backend that runs a call on (device, dtype).
 
     ``backend`` (or else ``DEMUL_FAST_BACKEND``) is an explicit request: it runs or raises
     ``BackendUnavailable``. With neither, the first available of ``default_order(device)``.
+    ``call`` = (function name, its arguments) lets a backend refuse a particular call
+    through its optional ``unsupported(fn, **args) -> reason or None`` hook (a shape beyond
+    its kernels' limits, a frozen input that requires grad): an explicit request then
+    raises with that reason, the automatic choice moves on to the next backend.
     """
     requested = backend if backend is not None else (os.environ.get("DEMUL_FAST_BACKEND") or None)
     if requested is not None:
         if not isinstance(requested, str) or requested not in BACKENDS:
             source = "backend" if backend is not None else "DEMUL_FAST_BACKEND"
             raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} or None, got {requested!r}")
-        reason = why_not(requested, device, dtype)
+        reason = why_not(requested, device, dtype) or _refuses(requested, call)
         if reason is not None:
             source = "" if backend is not None else " (from DEMUL_FAST_BACKEND)"
             raise BackendUnavailable(f"backend {requested!r}{source} is unavailable: {reason}")
         return requested, _load(requested)[0]
     for name in default_order(device):
-        if why_not(name, device, dtype) is None:
+        if why_not(name, device, dtype) is None and _refuses(name, call) is None:
             return name, _load(name)[0]
     raise BackendUnavailable("no backend can run this call")  # unreachable: torch always can
+
+
+def _refuses(name: str, call: Optional[Tuple[str, dict]]) -> Optional[str]:
+    """The backend's own reason to refuse this particular call, or None."""
+    hook = getattr(_load(name)[0], "unsupported", None)
+    if call is None or hook is None:
+        return None
+    fn, args = call
+    return hook(fn, **args)
 
 
 def report(device: Optional[torch.device] = None) -> Dict[str, dict]:

@@ -307,6 +307,25 @@ def _distill_operands(text_features, phi_weight, phi_bias, llm_embeddings):
     return (phi_weight.to(text_features.dtype).contiguous(), _opt_f32(phi_bias), llm_embeddings.to(_F32).contiguous())
 
 
+MAX_PROMPTS = 4096  # csrc/bindings.cpp kMaxPrompts: the aggregation kernels keep 2 * M floats in shared memory
+
+
+def unsupported(fn: str, text_features=None, phi_weight=None, phi_bias=None, llm_embeddings=None,
+                **_) -> Optional[str]:
+    """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
+
+    Read by demul_fast.backends.select: an explicit backend="cuda" raises with the reason,
+    the automatic choice falls back to the next backend.
+    """
+    try:
+        _refuse_frozen_grads(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
+    except ValueError as exc:
+        return str(exc)
+    if text_features is not None and text_features.shape[1] > MAX_PROMPTS:
+        return f"the cuda kernels take at most M={MAX_PROMPTS} prompts, got M={text_features.shape[1]}"
+    return None
+
+
 def aggregate_prompts(text_features: Tensor, prompt_logits: Tensor) -> Tensor:
     """text_features: [C, M, D], prompt_logits: [C, M] -> unit-norm class features [C, D]"""
     return _aggregate(text_features.contiguous(), prompt_logits.to(_F32).contiguous())[0]
@@ -343,4 +362,5 @@ def demul_head(text_features: Tensor, prompt_logits: Tensor, image_features: Ten
     return HeadOutput(out[0], out[1], out[2], out[3] if return_logits else None)
 
 
-__all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput", "OPS"]
+__all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput", "OPS",
+           "unsupported"]

@@ -26,7 +26,8 @@ def aggregate_prompts(text_features: torch.Tensor, prompt_logits: torch.Tensor,
     text_features: [C, M, D], prompt_logits: [C, M] -> class features [C, D]
     """
     v.validate_aggregate(text_features, prompt_logits)
-    _, impl = select(backend, text_features.device, text_features.dtype)
+    _, impl = select(backend, text_features.device, text_features.dtype,
+                     ("aggregate_prompts", dict(text_features=text_features, prompt_logits=prompt_logits)))
     return impl.aggregate_prompts(text_features, prompt_logits)
 
 
@@ -37,7 +38,8 @@ def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Ten
     image_features: [B, D], class_features: [C, D] (unit norm), labels: [B] -> scalar loss
     """
     v.validate_cross_entropy(image_features, class_features, labels, scale, label_smoothing)
-    _, impl = select(backend, image_features.device, image_features.dtype)
+    _, impl = select(backend, image_features.device, image_features.dtype,
+                     ("cosine_cross_entropy", dict(image_features=image_features, class_features=class_features)))
     return impl.cosine_cross_entropy(image_features, class_features, labels, scale, label_smoothing)
 
 
@@ -49,7 +51,9 @@ def prompt_distill_loss(text_features: torch.Tensor, phi_weight: torch.Tensor, p
     -> scalar loss
     """
     v.validate_distill(text_features, phi_weight, phi_bias, llm_embeddings)
-    _, impl = select(backend, text_features.device, text_features.dtype)
+    _, impl = select(backend, text_features.device, text_features.dtype,
+                     ("prompt_distill_loss", dict(text_features=text_features, phi_weight=phi_weight,
+                                                  phi_bias=phi_bias, llm_embeddings=llm_embeddings)))
     return impl.prompt_distill_loss(text_features, phi_weight, phi_bias, llm_embeddings)
 
 
@@ -66,6 +70,9 @@ def demul_head(text_features: torch.Tensor, prompt_logits: torch.Tensor, image_f
     """
     v.validate_head(text_features, prompt_logits, image_features, labels, scale, llm_embeddings,
                     phi_weight, phi_bias, alpha, label_smoothing)
-    _, impl = select(backend, text_features.device, text_features.dtype)
+    _, impl = select(backend, text_features.device, text_features.dtype,
+                     ("demul_head", dict(text_features=text_features, prompt_logits=prompt_logits,
+                                         image_features=image_features, llm_embeddings=llm_embeddings,
+                                         phi_weight=phi_weight, phi_bias=phi_bias)))
     return impl.demul_head(text_features, prompt_logits, image_features, labels, scale, llm_embeddings,
                            phi_weight, phi_bias, alpha, label_smoothing, return_logits)

@@ -323,6 +323,26 @@ def _scale_tensor(scale, device: torch.device) -> Tensor:
     return torch.full((), float(scale), dtype=torch.float32, device=device)
 
 
+def unsupported(fn: str, text_features=None, image_features=None, class_features=None,
+                phi_weight=None, phi_bias=None, llm_embeddings=None, **_) -> Optional[str]:
+    """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
+
+    Read by demul_fast.backends.select: an explicit backend="triton" raises with the reason,
+    the automatic choice falls back to the next backend.
+    """
+    try:
+        _check_frozen(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
+        if text_features is not None:
+            c, m, d = text_features.shape
+            _text.check_shape(c, m, d, text_features.dtype, text_features.device)
+        feats = image_features if image_features is not None else class_features
+        if fn in ("cosine_cross_entropy", "demul_head") and feats is not None:
+            _ce.check_shape(feats.shape[1], feats.dtype, feats.device)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def aggregate_prompts(text_features, prompt_logits):
     """T [C, M, D], A [C, M] -> unit-norm class features [C, D] in T's dtype (SPEC 4)."""
     return torch.ops.demul_fast.triton_aggregate(text_features, prompt_logits)
@@ -353,4 +373,4 @@ def demul_head(text_features, prompt_logits, image_features, labels, scale, llm_
 
 
 __all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput",
-           "OPS", "UNAVAILABLE_REASON"]
+           "OPS", "UNAVAILABLE_REASON", "unsupported"]

@@ -77,7 +77,7 @@ def _smem_limit(device) -> int:
 
 
 def check_fits(kind: str, dtype: torch.dtype, block_rows: int, bd: int, device) -> None:
-    if interpreting():
+    if interpreting() or torch.device(device).type != "cuda":
         return
     limit = _smem_limit(device)
     if kind == "text":

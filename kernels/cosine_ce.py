@@ -166,6 +166,11 @@ def _meta(D, dtype, device):
     return dict(BLOCK_B=rows, BLOCK_C=rows, BLOCK_D=bd, num_warps=_common.num_warps(rows * bd))
 
 
+def check_shape(D, dtype, device) -> None:
+    """Raise ValueError if feature dimension D in ``dtype`` is beyond these kernels' tiles."""
+    _meta(D, dtype, device)
+
+
 def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
     """X [B, D], U [C, D] (same dtype), y [B] int, scale [1] fp32, all contiguous.
     Returns (per-image loss [B] fp32, lse [B] fp32, logits [B, C] in X.dtype or None)."""

@@ -204,6 +204,11 @@ def _blocks(C, M, D, K, dtype, device):
                 num_warps=_common.num_warps(bcls * bm * bd)), grid
 
 
+def check_shape(C, M, D, dtype, device) -> None:
+    """Raise ValueError if [C, M, D] in ``dtype`` is beyond these kernels' tiles on ``device``."""
+    _blocks(C, M, D, 1, dtype, device)
+
+
 def text_forward(T, A, W, b, E, agg: bool, dist: bool, u_dtype=None):
     """Launch the forward. T [C, M, D] contiguous; A [C, M] (if agg); W [K, D], b [K] or
     None, E [C, K] (if dist), all contiguous. Returns (u^ [C, D] in u_dtype (default

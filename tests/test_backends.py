@@ -85,3 +85,31 @@ def test_torch_backend_accumulates_in_float32(gen, dtype):
     for name, a, r, p in zip(("dT", "dA", "dX"), leaves, ref_leaves, plain_leaves):
         assert a.grad.dtype == dtype
         assert_error_rule(name, a.grad, r.grad, p.grad, k=3.0, dtype=dtype)
+
+
+def test_backend_hook_refuses_a_call(gen, monkeypatch):
+    """A backend's ``unsupported`` hook: explicit request raises with its reason, the
+    automatic choice falls back to the next backend."""
+    import types
+
+    fake = types.SimpleNamespace(unsupported=lambda fn, **args: "D too large for the fake kernels"
+                                 if args["text_features"].shape[2] > 4 else None)
+    monkeypatch.setitem(backends._loaded, "cuda", (fake, None))
+    monkeypatch.setattr(backends, "why_not", lambda name, device=None, dtype=None: None)
+    monkeypatch.setattr(backends, "default_order", lambda device: ("cuda", "torch"))
+    monkeypatch.delenv("DEMUL_FAST_BACKEND", raising=False)
+    big = ("demul_head", dict(text_features=torch.zeros(2, 3, 8)))
+    small = ("demul_head", dict(text_features=torch.zeros(2, 3, 4)))
+    assert backends.select(None, torch.device("cpu"), torch.float32, big)[0] == "torch"
+    assert backends.select(None, torch.device("cpu"), torch.float32, small)[0] == "cuda"
+    with pytest.raises(backends.BackendUnavailable, match="D too large"):
+        backends.select("cuda", torch.device("cpu"), torch.float32, big)
+
+
+def test_triton_refuses_frozen_inputs_that_require_grad(gen):
+    reason_fn = getattr(backends._load("triton")[0], "unsupported", None)
+    if reason_fn is None:
+        pytest.skip(f"triton backend not importable: {backends._load('triton')[1]}")
+    W = torch.randn(6, 8, requires_grad=True)
+    assert "frozen" in reason_fn("prompt_distill_loss", text_features=torch.randn(5, 3, 8), phi_weight=W)
+    assert reason_fn("prompt_distill_loss", text_features=torch.randn(5, 3, 8), phi_weight=W.detach()) is None

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from demul_fast import backends, reference as ref
+from demul_fast.backends import BackendUnavailable
 from demul_fast import functional as F
 from numerics import assert_error_rule
 
@@ -223,10 +224,14 @@ def test_labels_out_of_range_read_nothing(gen):
 def test_frozen_parameters_refuse_grad(gen):
     T, A, X, y, E, W, b = make_inputs(gen, C=4, M=2, D=8, B=2, K=8)
     W = W.float().requires_grad_(True)
-    with pytest.raises(ValueError, match="phi_weight"):
+    # refused by the backend's `unsupported` hook before any kernel: an explicit request raises
+    with pytest.raises(BackendUnavailable, match="phi_weight"):
         F.demul_head(T.float(), A.float(), X.float(), y, 5.0, E.float(), W, None, backend="triton")
-    with pytest.raises(ValueError, match="llm_embeddings"):
+    with pytest.raises(BackendUnavailable, match="llm_embeddings"):
         F.prompt_distill_loss(T.float(), W.detach(), None, E.float().requires_grad_(True), backend="triton")
+    # and the module refuses a direct call too
+    with pytest.raises(ValueError, match="phi_weight"):
+        triton_ops.demul_head(T.float(), A.float(), X.float(), y, 5.0, E.float(), W, None)
     with torch.no_grad():  # nothing to differentiate: fine
         F.prompt_distill_loss(T.float(), W, None, E.float(), backend="triton")
 
