@@ -255,7 +255,8 @@ def text_tower(model: nn.Module) -> TextTower:
 # The core: prefix-shared forward
 # --------------------------------------------------------------------------------------
 
-def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suffix_eot: Tensor) -> Tensor:
+def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suffix_eot: Tensor,
+                          layout: Optional[PackedLayout] = None) -> Tensor:
     """Pooled text features of G*N sequences that share a prefix per group (SPEC 3.1).
 
     tower:      a TextTower (``text_tower(model)``), causal with EOT pooling
@@ -266,6 +267,8 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
                              padding and never influence its result
     suffix_eot: [G, N] int   the pooled position of each sequence, relative to the suffix
                              start (0 <= suffix_eot < S)
+    layout:     optional ``PackedLayout.build(G, P, N, S, suffix_eot)``, to reuse across calls
+                with the same suffix_eot (building one reads suffix_eot: a host sync on GPU)
     returns     [G, N, D]    ``text_projection(ln_final(hidden[EOT]))`` of each sequence,
                              equal to running the tower on the P+S (or 77) tokens of each
                              sequence separately, up to float rounding
@@ -280,7 +283,11 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     if tuple(suffix_eot.shape) != (g, n):
         raise ValueError(f"suffix_eot must be [G={g}, N={n}], got {tuple(suffix_eot.shape)}")
     dtype = prefix.dtype
-    layout = PackedLayout.build(g, p, n, s, suffix_eot.to(prefix.device))
+    if layout is None:
+        layout = PackedLayout.build(g, p, n, s, suffix_eot.to(prefix.device))
+    elif (layout.g, layout.p, layout.n, layout.s) != (g, p, n, s):
+        raise ValueError(f"layout is for (G, P, N, S) = {(layout.g, layout.p, layout.n, layout.s)}, "
+                         f"inputs are {(g, p, n, s)}")
     pos = tower.positional_embedding.to(dtype)
     suffix_rows = (suffix.to(dtype) + pos[p:p + s]).reshape(g * n * s, w).index_select(0, layout.valid_slots)
     x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), suffix_rows])       # [G*P + Ts, W], packed
@@ -349,6 +356,7 @@ class PrefixSharedTextEncoder(nn.Module):
         self.register_buffer("sot_id", prompts.ids[:1, :1].clone(), persistent=False)            # [1, 1]
         self.register_buffer("suffix_ids", prompts.suffix_ids, persistent=False)                 # [C, S]
         self.register_buffer("suffix_eot", prompts.suffix_eot, persistent=False)                 # [C]
+        self.__dict__["_layout"] = None
 
     @property
     def num_tokens(self) -> Tuple[int, int]:
@@ -368,6 +376,10 @@ class PrefixSharedTextEncoder(nn.Module):
         prefix = torch.cat([sot, ctx], dim=1)                                              # [M, P, W]
         suffix = tower.token_embedding(self.suffix_ids).to(ctx.dtype)                      # [C, S, W]
         c = suffix.shape[0]
-        out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1),
-                                    self.suffix_eot.unsqueeze(0).expand(m, c))            # [M, C, D]
+        eot = self.suffix_eot.unsqueeze(0).expand(m, c)
+        key = (m, eot.device)
+        if self._layout is None or self._layout[0] != key:  # built once: no host sync per step
+            self.__dict__["_layout"] = (key, PackedLayout.build(m, prefix.shape[1], c, suffix.shape[1], eot))
+        out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1), eot,
+                                    layout=self._layout[1])                                # [M, C, D]
         return out.transpose(0, 1)

@@ -170,6 +170,10 @@ def test_prefix_shared_forward_groups_with_distinct_suffixes(tokenizer):
     (ga,) = torch.autograd.grad((out * up).sum(), prefix)
     (gb,) = torch.autograd.grad((expected * up).sum(), prefix)
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-11)
+    layout = PackedLayout.build(g, p, n, s, eot)  # a layout built once and reused
+    torch.testing.assert_close(prefix_shared_forward(text_tower(model), prefix, suffix, eot, layout=layout), out)
+    with pytest.raises(ValueError, match="layout is for"):
+        prefix_shared_forward(text_tower(model), prefix[:, :2], suffix, eot, layout=layout)
 
 
 @pytest.mark.parametrize("eos_token_id", [49407, 2])
