@@ -117,7 +117,7 @@ def _split(buf: Tensor, g: int, heads: int, p: int, n: int, sq: int) -> Tuple[Te
     return buf[:n_pre].view(g, heads, p, hd), buf[n_pre:].view(g, heads, n, sq, hd)
 
 
-def _causal_softmax_backward(probs: Tensor, dprobs: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+def _softmax_backward(probs: Tensor, dprobs: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     """d(scores before scaling) from softmax probabilities and their gradient (float32)."""
     return (probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True))).mul_(scale).to(dtype)
 
@@ -205,7 +205,7 @@ class _SharedPrefixAttention(torch.autograd.Function):
         torch.matmul(pd[..., p:].transpose(-1, -2), dout_s, out=dvs)
         dprobs = torch.cat([torch.matmul(dflat, vp.transpose(-1, -2)).view(g, heads, n, sq, p),
                             torch.matmul(dout_s, vs.transpose(-1, -2))], dim=-1).to(probs_s.dtype)
-        ds = _causal_softmax_backward(probs_s, dprobs, scale, dtype)
+        ds = _softmax_backward(probs_s, dprobs, scale, dtype)
         dsp = ds[..., :p].reshape(g, heads, n * sq, p)
         torch.matmul(dsp, kp, out=dqs.view(g, heads, n * sq, hd))
         dqs.add_(torch.matmul(ds[..., p:], ks))
@@ -215,7 +215,7 @@ class _SharedPrefixAttention(torch.autograd.Function):
             # the prefixes' own causal attention
             dvp.add_(torch.matmul(probs_p.to(dtype).transpose(-1, -2), dout_p))
             dpp = torch.matmul(dout_p, vp.transpose(-1, -2)).to(probs_p.dtype)
-            dsq = _causal_softmax_backward(probs_p, dpp, scale, dtype)
+            dsq = _softmax_backward(probs_p, dpp, scale, dtype)
             torch.matmul(dsq, kp, out=dqp)
             dkp.add_(torch.matmul(dsq.transpose(-1, -2), qp))
         # pad slots of dk/dv hold zeros (their keys had zero weight); scatter keeps valid rows
