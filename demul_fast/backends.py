@@ -14,7 +14,7 @@ cosine_cross_entropy, prompt_distill_loss, demul_head):
 on a GPU; torch on the CPU. ``DEMUL_FAST_BACKEND`` overrides that default. An explicitly
 requested backend that cannot run the call raises ``BackendUnavailable`` saying why; the
 automatic choice falls back. ``describe()`` reports all of this;
-``python -m demul_fast.backends`` prints it.
+``python -m demul_fast`` prints it.
 """
 
 from __future__ import annotations
@@ -162,6 +162,3 @@ def _extension():
     except ImportError as exc:
         return None, f"not built ({exc}); reinstall with DEMUL_FAST_BUILD_CUDA=1 to see why"
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(describe())
