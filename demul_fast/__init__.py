@@ -19,6 +19,8 @@ from . import nn
 from .model import DeMul
 from .text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower
 
+backends.preload()
+
 __version__ = "0.1.0"
 
 __all__ = [

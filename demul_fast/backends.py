@@ -57,6 +57,15 @@ def _load(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
     return _loaded[name]
 
 
+def preload() -> None:
+    """Import every backend module now (demul_fast's import calls this), so that selecting a
+    backend inside torch.compile'd code never has to import anything (dynamo cannot trace
+    an import). Failures are recorded as reasons, never raised. ``TRITON_INTERPRET`` must
+    therefore be set before demul_fast is imported."""
+    for name in BACKENDS:
+        _load(name)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

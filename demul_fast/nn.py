@@ -83,8 +83,13 @@ class DeMulHead(HeadParameters):
         return out
 
 
-__all__ = ["DeMulHead"]
+__all__ = ["DeMulHead", "CoOpTextEncoder"]
 
-from .coop import CoOpTextEncoder  # noqa: E402  (the CoOp drop-in encoder lives in coop.py)
 
-__all__ += ["CoOpTextEncoder"]
+def __getattr__(name):
+    # The CoOp drop-in encoder lives in coop.py; it is imported on first use because its
+    # torch.compiler.disable decorator imports torch._dynamo (about 2 s on import).
+    if name == "CoOpTextEncoder":
+        from .coop import CoOpTextEncoder
+        return CoOpTextEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

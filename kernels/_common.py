@@ -31,6 +31,21 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+FP32_TINY = 1.1754943508222875e-38  # smallest normal float32
+
+
+def fp32_scalar(x: float) -> float:
+    """A Python float kernel argument that Triton types as fp32.
+
+    Triton types a Python float it cannot hold in fp32 (below the smallest normal, e.g.
+    label_smoothing=1e-42 or 1e-300) as fp64, and fp64 mixed with fp32 fails to compile.
+    Such a value is flushed to 0: in a float32 computation its contribution is far below
+    rounding anyway.
+    """
+    x = float(x)
+    return 0.0 if abs(x) < FP32_TINY else x
+
+
 def lowp_dot(dtype: torch.dtype) -> bool:
     """Feed tl.dot in the input's half precision (fp32 accumulate) on a GPU.
 

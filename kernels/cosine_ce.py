@@ -182,7 +182,7 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
     loss = _common.new_output((B,), torch.float32, dev)
     logits = _common.new_output((B, C), X.dtype, dev) if return_logits else None
     _ce_fwd_kernel[(triton.cdiv(B, meta["BLOCK_B"]),)](
-        X, U, y, scale, lse, loss, logits if return_logits else lse, B, C, D, float(ls),
+        X, U, y, scale, lse, loss, logits if return_logits else lse, B, C, D, _common.fp32_scalar(ls),
         STORE_LOGITS=return_logits, LOWP=_common.lowp_dot(X.dtype), **meta)
     return loss, lse, logits
 
@@ -200,11 +200,11 @@ def ce_backward(X, U, y, scale, lse, grad_over_b, grad_logits, ls: float, need_d
     n_c = triton.cdiv(C, meta["BLOCK_C"])
     dU = _common.new_output((C, D), du_dtype or U.dtype, dev)
     dscale = _common.new_output((n_c,), torch.float32, dev)
-    _ce_bwd_du_kernel[(n_c,)](X, U, y, scale, lse, grad_over_b, gl, dU, dscale, B, C, D, float(ls),
+    _ce_bwd_du_kernel[(n_c,)](X, U, y, scale, lse, grad_over_b, gl, dU, dscale, B, C, D, _common.fp32_scalar(ls),
                               HAS_GL=has_gl, LOWP=lowp, **meta)
     dX = None
     if need_dx:
         dX = _common.new_output((B, D), X.dtype, dev)
         _ce_bwd_dx_kernel[(triton.cdiv(B, meta["BLOCK_B"]),)](
-            X, U, y, scale, lse, grad_over_b, gl, dX, B, C, D, float(ls), HAS_GL=has_gl, LOWP=lowp, **meta)
+            X, U, y, scale, lse, grad_over_b, gl, dX, B, C, D, _common.fp32_scalar(ls), HAS_GL=has_gl, LOWP=lowp, **meta)
     return dU, dscale.sum(), dX
