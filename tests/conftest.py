@@ -32,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
 def gen():
     """A torch.Generator seeded per test (fixed seed, fresh inputs per case)."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: intra-op threads only add synchronisation (and on a busy shared CPU,
+    OpenMP spin-waits make them tens of times slower). Restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

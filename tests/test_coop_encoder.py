@@ -28,14 +28,7 @@ CLASSNAMES = ["dog", "sea lion", "a very long class name with many many words in
 TOL64 = 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: intra-op threads only add synchronisation (and on a busy shared CPU,
-    OpenMP spin-waits make them tens of times slower). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_clip(seed=0, **text_overrides):

@@ -10,14 +10,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coop_integration.p
 ARGS = ["--classes", "6", "--prompts", "2", "--n-ctx", "3", "--batch", "4", "--steps", "3", "--lr", "0.05"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: intra-op threads only add synchronisation (and on a busy shared CPU,
-    OpenMP spin-waits make them tens of times slower). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
