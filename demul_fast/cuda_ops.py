@@ -253,11 +253,11 @@ def _(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features,
 
 
 def _head_setup(ctx, inputs, output):
-    t, _, x, labels, scale, e, w_phi, b_phi, alpha, ls, _ = inputs
+    t, _, x, labels, scale, e, w_phi, b_phi, alpha, ls, return_logits = inputs
     saved = output[4:]
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*saved)
-    ctx.alpha, ctx.label_smoothing = alpha, ls
+    ctx.alpha, ctx.label_smoothing, ctx.return_logits = alpha, ls, return_logits
     ctx.save_for_backward(t, x, labels, scale, e, w_phi, b_phi, *saved)
 
 
@@ -266,7 +266,9 @@ def _head_grad(ctx, g_loss, g_ce, g_dist, g_logits, *unused):
     if all(g is None for g in (g_loss, g_ce, g_dist, g_logits)) or not (need_t or need_a or need_x or need_s):
         return (None,) * 11
     t, x, labels, scale, e, w_phi, b_phi, u32, w, n, r, xnorm, lse, cos, zn, en = ctx.saved_tensors
-    gl = None if g_logits is None else g_logits.to(_F32).contiguous()
+    # Without return_logits the logits output is a [0] placeholder; a traced backward may
+    # still hand it a [0] zero gradient, which is not a [B, C] one: ignore it.
+    gl = None if g_logits is None or not ctx.return_logits else g_logits.to(_F32).contiguous()
     dt, da, dx, ds = _head_backward(_grad_scalar(g_loss), _grad_scalar(g_ce), _grad_scalar(g_dist), gl, t, x, labels,
                                     scale, e, w_phi, b_phi, ctx.alpha, ctx.label_smoothing, u32, w, n, r, xnorm, lse,
                                     cos, zn, en, need_t or need_a, need_x, need_s)
