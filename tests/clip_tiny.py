@@ -34,3 +34,17 @@ def tiny_clip(folder, seed: int = 0):
         torch.manual_seed(seed)
         model = open_clip.create_model(NAME, pretrained=None)
     return model.eval(), open_clip.get_tokenizer(NAME)
+
+
+def tiny_hf_clip(eos_token_id: int = 49407, width: int = 64, seed: int = 0):
+    """A small random transformers CLIPModel (2 text layers, float64, eval, frozen)."""
+    import transformers
+
+    text_cfg = dict(vocab_size=49408, hidden_size=width, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, eos_token_id=eos_token_id,
+                    bos_token_id=49406, pad_token_id=0, hidden_act="quick_gelu")
+    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=16)
+    torch.manual_seed(seed)
+    config = transformers.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=48)
+    return transformers.CLIPModel(config).double().eval().requires_grad_(False)

@@ -19,6 +19,7 @@ from open_clip.model import CLIP
 
 from demul_fast.coop import CoOpTextEncoder, equal_prefix_len, gradient_shareable_len
 from demul_fast.text_encoder import UnsupportedTextTower
+from clip_tiny import tiny_hf_clip
 from numerics import assert_error_rule
 
 WIDTH, N_CTX = 64, 4
@@ -354,15 +355,8 @@ def test_bad_inputs_name_the_argument(model64, tokens):
 def test_transformers_clip_model(tokens):
     """A small random transformers CLIPModel: the encoder on the plain token embeddings
     (no learned context; rows share [SOT] + "X" * n_ctx by value) vs its get_text_features."""
-    transformers = pytest.importorskip("transformers")
-    text_cfg = dict(vocab_size=49408, hidden_size=WIDTH, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=2, max_position_embeddings=77, eos_token_id=49407,
-                    bos_token_id=49406, pad_token_id=0, hidden_act="quick_gelu")
-    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=32, patch_size=16)
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=48)
-    model = transformers.CLIPModel(config).double().eval().requires_grad_(False)
+    pytest.importorskip("transformers")
+    model = tiny_hf_clip(eos_token_id=49407, width=WIDTH)
     enc = CoOpTextEncoder(model)
     assert any(p is model.text_projection.weight for p in enc.parameters())
     with torch.no_grad():

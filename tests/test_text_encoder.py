@@ -17,6 +17,7 @@ from demul_fast.prefix_attention import PackedLayout, shared_prefix_attention
 from demul_fast.reference import FullTextEncoder
 from demul_fast.text_encoder import (PrefixSharedTextEncoder, UnsupportedTextTower, prefix_shared_forward,
                                      text_tower)
+from clip_tiny import tiny_hf_clip
 from numerics import assert_error_rule
 
 TINY_VISION = dict(image_size=32, layers=1, width=32, patch_size=16, head_width=32)
@@ -180,15 +181,8 @@ def test_prefix_shared_forward_groups_with_distinct_suffixes(tokenizer):
 def test_transformers_clip(eos_token_id, tokenizer):
     """A small random transformers CLIPModel: prefix path vs full path vs its own
     get_text_features (new configs pool at the first eos_token_id, legacy eos 2 at argmax)."""
-    transformers = pytest.importorskip("transformers")
-    text_cfg = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=2, max_position_embeddings=77, eos_token_id=eos_token_id,
-                    bos_token_id=49406, pad_token_id=0, hidden_act="quick_gelu")
-    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=32, patch_size=16)
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=48)
-    model = transformers.CLIPModel(config).double().eval().requires_grad_(False)
+    pytest.importorskip("transformers")
+    model = tiny_hf_clip(eos_token_id=eos_token_id)
     n_ctx, m = 4, 2
     fast = PrefixSharedTextEncoder(model, tokenizer, NAMES, n_ctx)
     full = FullTextEncoder(model, tokenizer, NAMES, n_ctx)
