@@ -199,3 +199,15 @@ def validate_head(text_features, prompt_logits, image_features, labels, scale, l
     if phi_weight is None:
         raise ValueError("phi_weight [K, D] is required when llm_embeddings is given")
     validate_distill(text_features, phi_weight, phi_bias, llm_embeddings)
+
+
+def refuse_frozen_grads(backend: str, **tensors) -> None:
+    """phi and the LLM embeddings are frozen (SPEC 4.1): the kernel backends compute no
+    gradient for them, so a request for one is refused rather than silently dropped."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but the {backend} backend treats phi_weight, phi_bias and llm_embeddings "
+                f"as frozen (SPEC 4.1) and computes no gradient for them; detach {name} or use backend='torch'")

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ._validate import refuse_frozen_grads
 from .reference import HeadOutput
 
 try:
@@ -294,14 +295,7 @@ def _scale(scale, device: torch.device) -> Tensor:
 
 
 def _refuse_frozen_grads(**tensors) -> None:
-    """phi and the LLM embeddings are frozen (SPEC 4.1): these kernels compute no gradient
-    for them, so a request for one is refused rather than silently dropped."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if t is not None and t.requires_grad:
-            raise ValueError(f"{name} requires grad, but the cuda backend treats it as frozen (SPEC 4.1) and "
-                             f"computes no gradient for it: detach it, or use backend='torch'")
+    refuse_frozen_grads("cuda", **tensors)
 
 
 def _distill_operands(text_features, phi_weight, phi_bias, llm_embeddings):

@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._validate import refuse_frozen_grads
 from .reference import HeadOutput
 
 try:
@@ -307,13 +308,7 @@ OPS = [
 # ---------------------------------------------------------------- the backend's four functions
 
 def _check_frozen(**tensors) -> None:
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if t is not None and t.requires_grad:
-            raise ValueError(
-                f"{name} requires grad, but the triton backend treats phi_weight, phi_bias and llm_embeddings "
-                f"as frozen (SPEC 4.1) and computes no gradient for them; detach {name} or use backend='torch'")
+    refuse_frozen_grads("triton", **tensors)
 
 
 def _scale_tensor(scale, device: torch.device) -> Tensor:
