@@ -54,6 +54,16 @@ def _prompt_weights(A, pid, C, M, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _flat_rows(pid, C, M, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The program's tile flattened to BLOCK_R = BLOCK_CLS * BLOCK_M rows (c, m): returns the
+    class row_c, the prompt row_m and row_ok (inside [C, M]), each [BLOCK_R]."""
+    offs_r = tl.arange(0, BLOCK_R)
+    row_c = pid * BLOCK_CLS + offs_r // BLOCK_M
+    row_m = offs_r % BLOCK_M
+    return row_c, row_m, (row_c < C) & (row_m < M)
+
+
+@triton.jit
 def _dot(a, b, LOWP: tl.constexpr, DTYPE: tl.constexpr):
     """a @ b accumulated in fp32; operands in DTYPE (the input's half type) when LOWP,
     else fp32 with IEEE precision (TF32 would break the error rule)."""
@@ -101,10 +111,7 @@ def _text_fwd_kernel(
                  mask=(offs_c[:, None] < C) & (offs_d[None, :] < D))
     if DIST:
         t2 = tl.reshape(t_hat, [BLOCK_R, BLOCK_D])
-        offs_r = tl.arange(0, BLOCK_R)
-        row_c = pid * BLOCK_CLS + offs_r // BLOCK_M
-        row_m = offs_r % BLOCK_M
-        row_ok = (row_c < C) & (row_m < M)
+        row_c, row_m, row_ok = _flat_rows(pid, C, M, BLOCK_CLS, BLOCK_M, BLOCK_R)
         zz = tl.zeros([BLOCK_R], dtype=tl.float32)
         ze = tl.zeros([BLOCK_R], dtype=tl.float32)
         ee = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -162,10 +169,7 @@ def _text_bwd_kernel(
         dt_hat += w[:, :, None] * du[:, None, :]
     if DIST:
         t2 = tl.reshape(t_hat, [BLOCK_R, BLOCK_D])
-        offs_r = tl.arange(0, BLOCK_R)
-        row_c = pid * BLOCK_CLS + offs_r // BLOCK_M
-        row_m = offs_r % BLOCK_M
-        row_ok = (row_c < C) & (row_m < M)
+        row_c, row_m, row_ok = _flat_rows(pid, C, M, BLOCK_CLS, BLOCK_M, BLOCK_R)
         row = row_c * M + row_m
         zn = tl.load(ZN + row, mask=row_ok, other=1.0)
         cos = tl.load(COS + row, mask=row_ok, other=0.0)
