@@ -14,7 +14,7 @@ Public API (see README.md and SPEC.md):
 
 from . import backends, reference
 from .functional import aggregate_prompts, cosine_cross_entropy, demul_head, prompt_distill_loss
-from .reference import HeadOutput
+from .common import HeadOutput
 from . import nn
 from .model import DeMul
 from .text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .reference import HeadOutput
+from .common import HeadOutput
 
 
 def _up(x, like=None):

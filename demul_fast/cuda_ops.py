@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ._validate import refuse_frozen_grads
-from .reference import HeadOutput
+from .common import HeadOutput
 
 try:
     from . import _C

@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .reference import EPS, l2_normalize
+from .common import EPS, l2_normalize
 
 
 class DistillBasis(NamedTuple):

@@ -16,7 +16,7 @@ import torch
 
 from . import _validate as v
 from .backends import select
-from .reference import HeadOutput, Scale
+from .common import HeadOutput, Scale
 
 
 def aggregate_prompts(text_features: torch.Tensor, prompt_logits: torch.Tensor,

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import reference
 from .nn import DeMulHead, Phi
-from .reference import DeMulModule, read_prompt_config
+from .prompt_learner import DeMulModule, read_prompt_config
 from .text_encoder import PrefixSharedTextEncoder
 
 Tensor = torch.Tensor

@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 
 from . import functional
-from .reference import HeadOutput, HeadParameters, Scale, l2_normalize, mlp_distill_loss, neg_entropy
+from .common import HeadOutput, Scale, l2_normalize
+from .prompt_learner import HeadParameters
+from .reference import mlp_distill_loss, neg_entropy
 
 Tensor = torch.Tensor
 Phi = Union[nn.Linear, nn.Sequential, Tuple[Tensor, Optional[Tensor]], Sequence]

@@ -403,7 +403,7 @@ def _check_resume(out: Path, cfg: TrainConfig, classnames: List[str]) -> dict:
 
 
 def _load_prompts(module, folder: Path) -> None:
-    from .reference import read_prompt_config
+    from .prompt_learner import read_prompt_config
 
     try:
         saved = read_prompt_config(str(folder))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._validate import refuse_frozen_grads
-from .reference import HeadOutput
+from .common import HeadOutput
 
 try:
     from .kernels import cosine_ce as _ce
