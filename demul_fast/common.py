@@ -8,6 +8,7 @@ which tests/test_constants.py compares with this module.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -35,9 +36,14 @@ class HeadOutput(NamedTuple):
     logits: Optional[torch.Tensor] = None
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def l2_normalize(v: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     """v / max(||v||, eps) along ``dim`` (the floor is a constant for autograd)."""
     return v / torch.linalg.vector_norm(v, dim=dim, keepdim=True).clamp_min(eps)
 
 
-__all__ = ["EPS", "MAX_PROMPTS", "KERNEL_DTYPES", "Scale", "HeadOutput", "l2_normalize"]
+__all__ = ["EPS", "MAX_PROMPTS", "KERNEL_DTYPES", "Scale", "HeadOutput", "interpreting", "l2_normalize"]

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ._validate import refuse_frozen_grads
-from .common import HeadOutput
+from .common import MAX_PROMPTS, HeadOutput
 
 try:
     from . import _C
@@ -303,7 +303,6 @@ def _distill_operands(text_features, phi_weight, phi_bias, llm_embeddings):
     return (phi_weight.to(text_features.dtype).contiguous(), _opt_f32(phi_bias), llm_embeddings.to(_F32).contiguous())
 
 
-MAX_PROMPTS = 4096  # csrc/bindings.cpp kMaxPrompts: the aggregation kernels keep 2 * M floats in shared memory
 
 
 def unsupported(fn: str, text_features=None, phi_weight=None, phi_bias=None, llm_embeddings=None,

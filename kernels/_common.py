@@ -14,14 +14,12 @@ import os
 import torch
 import triton
 
+from demul_fast.common import interpreting
+
 MAX_D = 1024
 # Tests set this to True: every output buffer is then filled with NaN before the kernel
 # runs, so an element a kernel forgot to write fails the comparison with the reference.
 POISON_OUTPUTS = os.environ.get("DEMUL_FAST_POISON_OUTPUTS", "0") == "1"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:

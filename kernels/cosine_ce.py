@@ -18,9 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from demul_fast import common
+
 from . import _common
 
-EPS = tl.constexpr(1e-6)
+EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
 
 
 @triton.jit
