@@ -103,8 +103,8 @@ def write(run: Path, epoch: int, write_files: Callable[[Path], None]) -> Path:
 
 def staging_folder(out: Path) -> Path:
     """A new empty hidden folder beside ``out`` to build a new run in (parents of ``out`` are
-    created)."""
-    out = Path(out)
+    created). A symbolic link ``out`` stands for the folder it points to."""
+    out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
@@ -116,7 +116,7 @@ def swap_in(staging: Path, out: Path) -> None:
     Two renames: between them (a process killed in that instant) the old run survives as
     ``.<name>.replaced-*`` beside ``out``.
     """
-    staging, out = Path(staging), Path(out)
+    staging, out = Path(staging), Path(out).resolve()
     if current(staging) is None:
         raise CheckpointError(f"{staging} has no checkpoint yet; it cannot replace {out}")
     if out.is_dir() and not any(out.iterdir()):

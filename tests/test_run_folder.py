@@ -247,3 +247,27 @@ def test_workers_default_to_the_available_cores_up_to_4(monkeypatch):
     assert default_workers() == 3
     monkeypatch.setattr(train_mod.os, "cpu_count", lambda: None)
     assert default_workers() == 1
+
+
+# -------------------------------------------------------------------------------------------
+# checkpoint.py on its own
+
+
+def test_swap_in_needs_a_checkpoint_and_replaces_the_folder_a_link_points_to(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "run.json").write_text("old run")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    staging = checkpoint.staging_folder(link)
+    assert staging.parent == target.parent.resolve() and staging.name.startswith(".real.partial-")
+    with pytest.raises(CheckpointError, match="no checkpoint yet"):
+        checkpoint.swap_in(staging, link)
+    assert (target / "run.json").read_text() == "old run"
+    checkpoint.write(staging, 1, lambda folder: (folder / "x").write_text("1"))
+    checkpoint.swap_in(staging, link)
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["checkpoint-0001", "checkpoint.json"]
+    assert (checkpoint.current(link) / "x").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    with pytest.raises(CheckpointError, match="cannot be rewritten in place"):
+        checkpoint.write(link, 1, lambda folder: None)
