@@ -60,7 +60,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="(default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default %(default)s)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default %(default)s)")
-    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes (default %(default)s)")
+    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes, also the threads that "
+                                                                  "decode every image before training (default: "
+                                                                  "min(4, available cores) = %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
@@ -73,7 +75,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--backend", default=None, choices=["cuda", "triton", "torch"], help="head backend "
                                                                                         "(default: automatic)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out; the new run is built "
+                                                            "beside it and replaces it at its first checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 

@@ -9,17 +9,23 @@ An output folder holds everything a run needs to be evaluated or resumed:
 
     run.json                   the configuration, the class names, what was resolved
     split.json                 the sampled training images and the evaluation images
-    prompts/                   the learned prompts (DeMul.save_prompts: safetensors + JSON)
     llm_embeddings.safetensors the LLM class-name embeddings used (names inside)
     phi.safetensors, phi.json  the frozen map phi and its fit report
-    trainer_state.pt           optimizer state and the last finished epoch (for --resume)
-    log.json                   per-epoch loss, accuracy, learning rate and time
+    checkpoint.json            names the current checkpoint folder
+    checkpoint-<epoch>/        the last finished epoch, replaced as one unit (checkpoint.py):
+      prompts/                 the learned prompts (DeMul.save_prompts: safetensors + JSON)
+      trainer_state.pt         optimizer state and the last finished epoch (for --resume)
+      log.json                 per-epoch loss, accuracy, learning rate and time
+
+A new run (also one that replaces another with --overwrite) is built in a hidden folder
+beside the output folder and moved to its place once its first checkpoint exists.
 
 The optimisation follows CoOp: SGD (momentum 0.9, weight decay 5e-4), lr 0.002, a cosine
 schedule over the epochs after one warm-up epoch at constant lr 1e-5, batch size 32,
 random resized crop (scale 0.08..1) + horizontal flip on top of the model's own resize and
-normalisation. Bad input raises ``DataError`` / ``CheckpointError`` / ``OutputExistsError``
-(all ``ValueError`` or ``FileExistsError``) before anything is written.
+normalisation. Bad input (an image that does not decode included) raises ``DataError`` /
+``CheckpointError`` / ``OutputExistsError`` (all ``ValueError`` or ``FileExistsError``)
+before anything is written.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -38,12 +45,16 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import checkpoint
 from . import llm as llm_mod
 from . import mapping
+from .checkpoint import CheckpointError
+from .checkpoint import write_json as _write_json
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
 RUN_FILE, SPLIT_FILE, LOG_FILE, STATE_FILE = "run.json", "split.json", "log.json", "trainer_state.pt"
+RUN_FILES = (RUN_FILE, SPLIT_FILE, checkpoint.POINTER_FILE)  # what every finished run folder holds
 PROMPTS_DIR, LLM_FILE, PHI_FILE = "prompts", "llm_embeddings.safetensors", "phi.safetensors"
 # settings a resumed run must share with the checkpoint (epochs, lr and the like may change)
 RESUME_KEYS = ("shots", "seed", "model", "pretrained", "llm", "phi", "phi_names", "prompts", "n_ctx", "ctx_init",
@@ -54,12 +65,17 @@ class DataError(ValueError):
     """The dataset folder cannot be used as asked (missing, empty, too few images, unreadable)."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit: other class names, other shapes, other settings, missing files."""
-
-
 class OutputExistsError(FileExistsError):
     """The output folder already holds files and neither --resume nor --overwrite was given."""
+
+
+def default_workers() -> int:
+    """Data loader processes by default: min(4, the CPU cores this process may run on)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        cores = os.cpu_count() or 1
+    return min(4, cores)
 
 
 @dataclass
@@ -87,7 +103,7 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     batch_size: int = 32
     eval_batch_size: int = 128
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     device: Optional[str] = None
     precision: str = "auto"
     augment: bool = True
@@ -176,23 +192,31 @@ def sample_shots(images: Dict[str, List[str]], shots: int, seed: int, allow_fewe
     return train, rest, short
 
 
-def check_images(paths: Sequence[str], full: bool) -> None:
-    """Open every image (``full``: decode it) and raise DataError listing all unreadable ones."""
+def open_rgb(path: str):
+    """The image at ``path`` decoded completely, as RGB: how training and evaluation read it
+    (a truncated file raises here, where ``Image.verify`` would pass it)."""
     from PIL import Image
 
-    bad = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                if full:
-                    im.convert("RGB").load()
-                else:
-                    im.verify()
-        except Exception as exc:  # noqa: BLE001 - every failure is reported with its path
-            bad.append(f"{p} ({type(exc).__name__}: {exc})")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _decode_error(path: str) -> Optional[str]:
+    try:
+        open_rgb(path)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported with its path
+        return f"{path} ({type(exc).__name__}: {' '.join(str(exc).split())})"
+    return None
+
+
+def check_images(paths: Sequence[str], threads: int = 1) -> None:
+    """Decode every image as ``open_rgb`` does (``threads`` at a time) and raise DataError
+    naming all unreadable ones, on one line."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        bad = [e for e in pool.map(_decode_error, paths) if e is not None]
     if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise DataError(f"{len(bad)} image file(s) cannot be read (remove or replace them):\n  {shown}")
+        shown = "; ".join(bad[:20]) + (f"; ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} image file(s) cannot be read (remove or replace them): {shown}")
 
 
 class ImageList(torch.utils.data.Dataset):
@@ -205,12 +229,9 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         path, label = self.items[i]
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
+            img = open_rgb(path)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
         return self.transform(img), label
@@ -350,26 +371,29 @@ def accuracy(module, feats: torch.Tensor, labels: torch.Tensor) -> float:
 # files
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _save_checkpoint(work: Path, out: Path, module, optimizer, scaler, epoch: int, history: List[dict]) -> Path:
+    """Write the checkpoint of ``epoch`` (0-based): prompts, trainer state and log, as one unit
+    (checkpoint.write), into the run folder ``work``. A new run's first checkpoint then moves
+    it from its staging folder to ``out`` (replacing an --overwrite'd run only now).
+    Returns the run's folder. All writes during training go through here."""
+
+    def write_files(folder: Path) -> None:
+        module.save_prompts(str(folder / PROMPTS_DIR))
+        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, folder / STATE_FILE)
+        _write_json(folder / LOG_FILE, {"epochs": history})
+
+    checkpoint.write(work, epoch + 1, write_files)
+    if work != out:
+        checkpoint.swap_in(work, out)
+    return out
 
 
-def _save_checkpoint(out: Path, module, optimizer, scaler, epoch: int) -> None:
-    """Prompts and trainer state, each file replaced atomically (a crash leaves the last epoch)."""
-    tmp = out / (PROMPTS_DIR + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    module.save_prompts(str(tmp))
-    (out / PROMPTS_DIR).mkdir(exist_ok=True)
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out / PROMPTS_DIR / f.name)
-    tmp.rmdir()
-    state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None}
-    torch.save(state, out / (STATE_FILE + ".tmp"))
-    os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
+def _checkpoint_folder(out: Path) -> Path:
+    folder = checkpoint.current(out)
+    if folder is None:
+        raise CheckpointError(f"{out} holds no checkpoint ({checkpoint.POINTER_FILE} is missing)")
+    return folder
 
 
 def _prepare_output(cfg: TrainConfig) -> Path:
@@ -379,13 +403,18 @@ def _prepare_output(cfg: TrainConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {out} exists and is not a folder")
     if cfg.resume:
-        missing = [f for f in (RUN_FILE, SPLIT_FILE, STATE_FILE, PROMPTS_DIR) if not (out / f).exists()]
+        missing = [f for f in RUN_FILES if not (out / f).exists()]
         if missing:
             raise CheckpointError(f"--resume: {out} is not a resumable run folder (missing {', '.join(missing)})")
+        _checkpoint_folder(out)
         return out
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise OutputExistsError(f"output folder {out} already exists and is not empty; pass --resume to continue "
-                                "that run or --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise OutputExistsError(f"output folder {out} already exists and is not empty; pass --resume to "
+                                    "continue that run or --overwrite to replace it")
+        if not (out / RUN_FILE).is_file():
+            raise OutputExistsError(f"--overwrite replaces a run folder written by demul-fast train, and {out} "
+                                    f"is not one (no {RUN_FILE}); choose another --out or empty it")
     return out
 
 
@@ -511,7 +540,18 @@ def _save_llm_and_phi(out: Path, cfg: TrainConfig, classnames, emb, phi, report)
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run few-shot training; returns the final log record (see ``log.json``)."""
+    """Run few-shot training; returns the final log record (see ``log.json``). A new run that
+    stops before its first checkpoint leaves nothing behind (a run it was to replace intact)."""
+    staged: List[Path] = []
+    try:
+        return _train(cfg, staged)
+    except BaseException:
+        for folder in staged:  # gone already once swapped in
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
     from tqdm.auto import tqdm
 
     for name in ("epochs", "batch_size", "prompts", "n_ctx"):
@@ -528,7 +568,6 @@ def train(cfg: TrainConfig) -> dict:
         split = json.loads((out / SPLIT_FILE).read_text())
         classnames = split["classes"]
         _check_resume(out, cfg, _dataset_classes(cfg.data))
-        check_images([p for files in split["train"].values() for p in files], full=True)
         short = split.get("short", {})
     else:
         found = discover(cfg.data)
@@ -540,8 +579,8 @@ def train(cfg: TrainConfig) -> dict:
             evals["test"] = rest
         split = {"layout": "splits" if "train" in found else "folder", "classes": classnames, "short": short,
                  "train": train_split, "eval": evals}
-        check_images([p for files in train_split.values() for p in files], full=True)
-        check_images([p for s in evals.values() for files in s.values() for p in files], full=False)
+    check_images([p for part in [split["train"], *split["eval"].values()] for files in part.values() for p in files],
+                 threads=cfg.workers)
     if short:
         _log(f"--allow-fewer: {len(short)} class(es) have fewer than {cfg.shots} images and train with all they "
              "have: " + ", ".join(f"{c} ({n})" for c, n in short.items()), cfg.progress)
@@ -557,17 +596,15 @@ def train(cfg: TrainConfig) -> dict:
             emb = llm_mod.load_embeddings(out / LLM_FILE, classnames)
             phi, _ = mapping.load_phi(out / PHI_FILE)
         module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
+        work = out
     else:
         # everything that can fail on bad input runs before the output folder is written
         emb, phi, report = _llm_and_phi(cfg, clip, tokenizer, classnames, device, clip_info["fingerprint"])
         module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
-        if cfg.overwrite and out.is_dir():
-            for f in (RUN_FILE, SPLIT_FILE, LOG_FILE, STATE_FILE, LLM_FILE, PHI_FILE, "phi.json"):
-                (out / f).unlink(missing_ok=True)
-            shutil.rmtree(out / PROMPTS_DIR, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / SPLIT_FILE, split)
-        _save_llm_and_phi(out, cfg, classnames, emb, phi, report)
+        work = checkpoint.staging_folder(out)  # moved to out (over an --overwrite'd run) at the first checkpoint
+        staged.append(work)
+        _write_json(work / SPLIT_FILE, split)
+        _save_llm_and_phi(work, cfg, classnames, emb, phi, report)
 
     train_tf, eval_tf = build_transforms(pre_cfg, cfg.augment)
     train_ds = ImageList(_items(split["train"], classnames), train_tf)
@@ -580,19 +617,19 @@ def train(cfg: TrainConfig) -> dict:
 
     start, history = 0, []
     if cfg.resume:
-        _load_prompts(module, out / PROMPTS_DIR)
-        state = torch.load(out / STATE_FILE, map_location=device, weights_only=True)
+        last = _checkpoint_folder(out)
+        _load_prompts(module, last / PROMPTS_DIR)
+        state = torch.load(last / STATE_FILE, map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start = state["epoch"] + 1
-        history = json.loads((out / LOG_FILE).read_text())["epochs"] if (out / LOG_FILE).exists() else []
-        history = [h for h in history if h["epoch"] <= start]  # log epochs count from 1
+        history = json.loads((last / LOG_FILE).read_text())["epochs"]
     run = {"config": asdict(cfg), "classnames": classnames, "clip": clip_info,
            "device": str(device), "amp": str(amp_dtype), "module": type(module).__name__,
            "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pre_cfg.items()},
            "n_train": len(train_ds)}
-    _write_json(out / RUN_FILE, run)
+    _write_json(work / RUN_FILE, run)
 
     eval_sets = {}
     for s, data in split["eval"].items():
@@ -641,9 +678,8 @@ def train(cfg: TrainConfig) -> dict:
                   "train_acc": 100.0 * tot["correct"] / tot["n"]}
         for s, (f, y) in eval_sets.items():
             record[f"{s}_acc"] = accuracy(module, f, y)
-        _save_checkpoint(out, module, optimizer, scaler, epoch)
         history.append(record)
-        _write_json(out / LOG_FILE, {"epochs": history})
+        work = _save_checkpoint(work, out, module, optimizer, scaler, epoch, history)
         _log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} (ce {record['ce_loss']:.4f}, "
              f"distill {record['distill_loss']:.4f}), train acc {record['train_acc']:.2f}%"
              + "".join(f", {s} acc {record[s + '_acc']:.2f}%" for s in eval_sets)
@@ -668,7 +704,7 @@ def evaluate(checkpoint, data: Optional[str] = None, split: Optional[str] = None
           ``test``/``val`` folder, or for a plain folder all its images, are evaluated.
     """
     out = Path(checkpoint)
-    missing = [f for f in (RUN_FILE, SPLIT_FILE, PROMPTS_DIR) if not (out / f).exists()]
+    missing = [f for f in RUN_FILES if not (out / f).exists()]
     if missing:
         raise CheckpointError(f"{out} is not a run folder written by demul-fast train (missing {', '.join(missing)})")
     run = json.loads((out / RUN_FILE).read_text())
@@ -694,7 +730,7 @@ def evaluate(checkpoint, data: Optional[str] = None, split: Optional[str] = None
             llm_mod.check_classnames(list(images), classnames, f"dataset {data}")
         except llm_mod.ClassNameMismatch as exc:
             raise CheckpointError(f"the checkpoint's classes differ from the data: {exc}") from exc
-        check_images([p for files in images.values() for p in files], full=False)
+    check_images([p for files in images.values() for p in files], threads=workers)
 
     clip, tokenizer, pre_cfg, info = load_clip(cfg.model, cfg.pretrained, dev, cfg.init_seed)
     if info["fingerprint"] != run["clip"]["fingerprint"]:
@@ -702,7 +738,7 @@ def evaluate(checkpoint, data: Optional[str] = None, split: Optional[str] = None
                               f"the prompts in {out} were trained with (weights fingerprint)")
     cfg.alpha = 0.0  # accuracy needs no LLM embeddings
     module = build_module(cfg, clip, tokenizer, classnames, None, None).to(dev)
-    _load_prompts(module, out / PROMPTS_DIR)
+    _load_prompts(module, _checkpoint_folder(out) / PROMPTS_DIR)
     _, eval_tf = build_transforms(run.get("preprocess", pre_cfg), False)
     loader = torch.utils.data.DataLoader(ImageList(_items(images, classnames), eval_tf),
                                          batch_size=batch_size or cfg.eval_batch_size, shuffle=False,

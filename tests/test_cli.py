@@ -7,40 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from demul_fast import cli, llm
+from demul_fast import checkpoint, cli, llm
 from demul_fast.train import CheckpointError, DataError, OutputExistsError, TrainConfig, evaluate, train
 from clip_tiny import tiny_config
-
-CLASSES = ("blue_checks", "green_stripes", "red_plain")  # sorted, as the folders are read
-
-
-def _image(kind: str, rng) -> np.ndarray:
-    """40x40 RGB: visually distinct classes, with per-image noise and a random shift."""
-    yy, xx = np.mgrid[0:40, 0:40] + rng.integers(0, 8, size=2)[:, None, None]
-    img = np.zeros((40, 40, 3), np.float64)
-    if kind == "red_plain":
-        img[:] = (230, 30, 30)
-    elif kind == "green_stripes":
-        img[:] = np.where(((yy // 4) % 2)[..., None] == 0, (30, 210, 40), (250, 250, 250))
-    else:
-        img[:] = np.where((((yy // 5) + (xx // 5)) % 2)[..., None] == 0, (20, 30, 220), (240, 240, 60))
-    img += rng.normal(0, 12, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def make_folder(root: Path, per_class: int, classes=CLASSES, seed: int = 0) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(_image(c, rng)).save(root / c / f"{c}_{i:02d}.png")
-    return root
+from image_folder import CLASSES, make_folder
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +36,18 @@ def env(tmp_path_factory):
 
 
 def _log(out):
-    return json.loads((Path(out) / "log.json").read_text())["epochs"]
+    return json.loads((checkpoint.current(Path(out)) / "log.json").read_text())["epochs"]
 
 
 def test_training_learns_and_writes_a_complete_run(env):
     out = env["out"]
-    for f in ("run.json", "split.json", "log.json", "trainer_state.pt", "phi.safetensors", "phi.json",
-              "llm_embeddings.safetensors", "prompts/prompts.safetensors", "prompts/config.json"):
+    for f in ("run.json", "split.json", "checkpoint.json", "phi.safetensors", "phi.json",
+              "llm_embeddings.safetensors", "checkpoint-0012/log.json", "checkpoint-0012/trainer_state.pt",
+              "checkpoint-0012/prompts/prompts.safetensors", "checkpoint-0012/prompts/config.json"):
         assert (out / f).is_file(), f
+    # one checkpoint (the last), and nothing left beside the run by its staging folder
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-0012"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".run.")] == []
     log = _log(out)
     assert [r["epoch"] for r in log] == list(range(1, 13))
     ce = [r["ce_loss"] for r in log]
@@ -115,8 +92,9 @@ def test_same_seed_same_shots_and_resume_continues(env):
     log = _log(out)
     assert [r["epoch"] for r in log] == list(range(1, 14))
     assert (out / "split.json").read_text() == before
-    state = torch.load(out / "trainer_state.pt", weights_only=True)
-    assert state["epoch"] == 12
+    state = torch.load(checkpoint.current(out) / "trainer_state.pt", weights_only=True)
+    assert state["epoch"] == 12 and checkpoint.current(out).name == "checkpoint-0013"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-0013"]
 
 
 def test_reference_module_and_no_distillation(env, tmp_path):
@@ -190,6 +168,11 @@ def test_existing_output_folder(env, tmp_path):
         train(_cfg(env, env["data"], out, resume=True, overwrite=True))
     with pytest.raises(CheckpointError, match="not a resumable run folder"):
         train(_cfg(env, env["data"], out, resume=True))
+    # --overwrite replaces a whole run folder, so it refuses a folder that holds no run
+    with pytest.raises(OutputExistsError, match="--overwrite replaces a run folder.*no run.json"):
+        train(_cfg(env, env["data"], out, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 def test_checkpoint_that_does_not_fit(env, tmp_path):
@@ -207,9 +190,10 @@ def test_checkpoint_that_does_not_fit(env, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    tensors = load_file(str(copy / "prompts" / "prompts.safetensors"))
+    prompts = checkpoint.current(copy) / "prompts" / "prompts.safetensors"
+    tensors = load_file(str(prompts))
     tensors["ctx"] = torch.zeros(2, 5, tensors["ctx"].shape[-1])
-    save_file(tensors, str(copy / "prompts" / "prompts.safetensors"))
+    save_file(tensors, str(prompts))
     with pytest.raises(CheckpointError, match="ctx"):
         evaluate(copy, progress=False)
     with pytest.raises(CheckpointError, match="not a run folder"):
@@ -240,36 +224,6 @@ def test_python_dash_m_entry_point(tmp_path):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
     assert exc.value.code == 0
-
-
-def test_interrupted_run_resumes_to_the_same_prompts(env, tmp_path, monkeypatch):
-    """Stop after epoch 2 of 3 (right after its checkpoint), resume: the prompts equal an
-    uninterrupted run's bit for bit (shuffle, augmentation and optimizer state restored)."""
-    from safetensors.torch import load_file
-    from demul_fast import train as train_mod
-
-    data = make_folder(tmp_path / "d", per_class=3)
-    kw = dict(shots=2, epochs=3, batch_size=2, lr=0.05, warmup_epochs=0)
-    train(_cfg(env, data, tmp_path / "straight", **kw))
-
-    real_log = train_mod._log
-
-    def stop_after_epoch_2(msg, progress):
-        real_log(msg, progress)
-        if msg.startswith("epoch 2/3"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "_log", stop_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(env, data, tmp_path / "stopped", **kw))
-    monkeypatch.setattr(train_mod, "_log", real_log)
-    assert [r["epoch"] for r in _log(tmp_path / "stopped")] == [1, 2]
-    train(_cfg(env, data, tmp_path / "stopped", resume=True, **kw))
-    a = load_file(str(tmp_path / "straight" / "prompts" / "prompts.safetensors"))
-    b = load_file(str(tmp_path / "stopped" / "prompts" / "prompts.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in ("ctx", "prompt_logits"))
-    assert _log(tmp_path / "stopped") == [dict(r, seconds=s["seconds"]) for r, s in
-                                          zip(_log(tmp_path / "straight"), _log(tmp_path / "stopped"))]
 
 
 def test_fit_phi_command_and_training_with_it(env, tmp_path):
