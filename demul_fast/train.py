@@ -48,8 +48,8 @@ SPLITS = ("train", "val", "test")
 RUN_FILE, SPLIT_FILE, LOG_FILE, STATE_FILE = "run.json", "split.json", "log.json", "trainer_state.pt"
 PROMPTS_DIR, LLM_FILE, PHI_FILE = "prompts", "llm_embeddings.safetensors", "phi.safetensors"
 # settings a resumed run must share with the checkpoint (epochs, lr and the like may change)
-RESUME_KEYS = ("dataset", "shots", "seed", "model", "pretrained", "llm", "phi", "phi_names", "prompts", "n_ctx", "ctx_init",
-               "alpha", "allow_fewer", "reference", "text_encoder", "init_seed", "batch_size")
+RESUME_KEYS = ("shots", "seed", "model", "pretrained", "llm", "phi", "phi_names", "prompts", "n_ctx", "ctx_init",
+               "dataset", "alpha", "allow_fewer", "reference", "text_encoder", "init_seed", "batch_size")
 
 
 class DataError(ValueError):
@@ -157,16 +157,20 @@ def discover(root) -> Dict[str, Dict[str, List[str]]]:
     return {"all": _scan(root, "dataset")}
 
 
+def _check_source(cfg: TrainConfig) -> None:
+    if cfg.dataset is None and (cfg.root is not None or not cfg.data):
+        raise ValueError("give --data DIR (an image folder), or --dataset NAME with --root DIR (CoOp's layout)")
+    if cfg.dataset is not None and (cfg.data or not cfg.root):
+        raise ValueError("--dataset reads CoOp's layout under --root DIR and excludes --data")
+
+
 def data_split(cfg: TrainConfig) -> dict:
     """The run's split record, from --data (the folder layouts) or --dataset/--root (CoOp's):
     {"layout", "classes", "short": {class: count}, "train": {class: [paths]},
      "eval": {split: {class: [paths]}}}"""
+    _check_source(cfg)
     if cfg.dataset is None:
-        if cfg.root is not None or not cfg.data:
-            raise ValueError("give --data DIR (an image folder), or --dataset NAME with --root DIR (CoOp's layout)")
         return folder_split(cfg)
-    if cfg.data or not cfg.root:
-        raise ValueError("--dataset reads CoOp's layout under --root DIR and excludes --data")
     from . import datasets
 
     return datasets.coop_split(cfg.dataset, cfg.root, cfg.shots, cfg.seed, cfg.allow_fewer)
@@ -424,7 +428,8 @@ def _prepare_output(cfg: TrainConfig) -> Path:
 def _check_resume(out: Path, cfg: TrainConfig, classnames: List[str]) -> dict:
     saved = json.loads((out / RUN_FILE).read_text())
     try:
-        llm_mod.check_classnames(classnames, saved.get("classnames", []), f"--resume: the dataset {cfg.data or cfg.dataset}")
+        llm_mod.check_classnames(classnames, saved.get("classnames", []),
+                                 f"--resume: the dataset {cfg.data or cfg.dataset}")
     except llm_mod.ClassNameMismatch as exc:
         raise CheckpointError(str(exc)) from exc
     for key in RESUME_KEYS:
@@ -677,6 +682,7 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _dataset_classes(cfg: TrainConfig) -> List[str]:
+    _check_source(cfg)
     if cfg.dataset is not None:
         from . import datasets
 

@@ -180,4 +180,5 @@ def test_data_and_dataset_exclude_each_other(tmp_path):
         data_split(TrainConfig(data=None, out=""))
     with pytest.raises(DataError, match="--dataset 'cifar10' is not one of imagenet"):
         data_split(TrainConfig(data=None, out="", dataset="cifar10", root=str(tmp_path)))
-    assert data_split(TrainConfig(data=None, out="", dataset="dtd", root=str(tmp_path), shots=2))["layout"] == "coop:dtd"
+    split = data_split(TrainConfig(data=None, out="", dataset="dtd", root=str(tmp_path), shots=2))
+    assert split["layout"] == "coop:dtd"
