@@ -4,7 +4,6 @@ train` / `sweep` / `zeroshot` with one error line and nothing written."""
 
 import json
 import os
-import random
 import warnings
 
 import pytest
@@ -62,22 +61,36 @@ def test_coop_split_draws_k_train_and_min_k_4_val_shots_by_seed(tmp_path, name):
     assert short["short"] == {c: 7 for c in classes}
 
 
-def test_fewshot_draws_the_images_dassl_draws():
+def test_coop_split_draws_the_images_dassl_draws(tmp_path):
     """Known answer from Dassl's own generate_fewshot_dataset (run once, outside the repository,
     after random.seed(1) as CoOp's set_random_seed does): K=2 from train, then min(2, 4) from
-    val with the same generator; label 3 has one image in each and keeps it."""
-    labels = [2, 0, 1, 2, 0, 3, 1, 2, 0, 1, 2, 0, 3, 1, 2, 0, 1, 0, 2, 1, 0]
-    train = [(f"tr{i}.jpg", label) for i, label in enumerate(labels)]
-    val = [(f"va{i}.jpg", label) for i, label in enumerate([1, 0, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1])]
-    rng = random.Random(1)
-    got_train, short_train = datasets.fewshot(train, 2, rng)
-    got_val, short_val = datasets.fewshot(val, 2, rng)
-    assert [p for p, _ in got_train] == ["tr3.jpg", "tr14.jpg", "tr20.jpg", "tr1.jpg", "tr9.jpg", "tr2.jpg",
-                                         "tr12.jpg", "tr5.jpg"]
-    assert [p for p, _ in got_val] == ["va11.jpg", "va7.jpg", "va10.jpg", "va1.jpg", "va2.jpg", "va5.jpg",
-                                       "va9.jpg"]
-    assert short_train == {}  # label 3 has exactly 2 train images
-    assert short_val == {3: 1}
+    val with the same generator; label 3 has one val image and keeps it."""
+    names = mapping.dataset_classnames("eurosat")[:4]
+    train_labels = [2, 0, 1, 2, 0, 3, 1, 2, 0, 1, 2, 0, 3, 1, 2, 0, 1, 0, 2, 1, 0]
+    val_labels = [1, 0, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]
+    split = {"train": [[f"tr{i}.jpg", label, names[label]] for i, label in enumerate(train_labels)],
+             "val": [[f"va{i}.jpg", label, names[label]] for i, label in enumerate(val_labels)],
+             "test": [["te0.jpg", 0, names[0]]]}
+    folder = tmp_path / "eurosat"
+    (folder / "2750").mkdir(parents=True)
+    for items in split.values():
+        for rel, _, _ in items:
+            (folder / "2750" / rel).touch()  # the draw reads the split, not the pixels
+    (folder / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    got = datasets.coop_split("eurosat", tmp_path, shots=2, seed=1, allow_fewer=False)
+
+    def drawn(by_class):  # in the order CoOp lists them: class by class, each in draw order
+        return [os.path.basename(p) for c in names if c in by_class for p in by_class[c]]
+
+    by_label = {n: [] for n in names}
+    for p in ["tr3.jpg", "tr14.jpg", "tr20.jpg", "tr1.jpg", "tr9.jpg", "tr2.jpg", "tr12.jpg", "tr5.jpg"]:
+        by_label[names[train_labels[int(p[2:-4])]]].append(p)
+    assert drawn(got["train"]) == drawn(by_label)
+    by_label = {n: [] for n in names}
+    for p in ["va11.jpg", "va7.jpg", "va10.jpg", "va1.jpg", "va2.jpg", "va5.jpg", "va9.jpg"]:
+        by_label[names[val_labels[int(p[2:-4])]]].append(p)
+    assert drawn(got["eval"]["val"]) == drawn(by_label)
+    assert got["short"] == {}
 
 
 def test_renamed_class_warns_with_the_first_difference(tmp_path):

@@ -144,3 +144,30 @@ def test_run_state(tmp_path):
     for bad in ("1,x", "0,1", "1,1", ""):
         with pytest.raises(ValueError, match="--shots must be"):
             sweep.parse_ints(bad, "--shots")
+
+
+def test_a_coop_run_resumes_with_its_dataset(done, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(done["out"] / "eurosat" / "shots_2" / "seed_1", run)
+    split = (run / "split.json").read_text()
+    options = done["argv"][done["argv"].index("--model"):]
+    argv = ["train", "--dataset", "eurosat", "--root", str(done["root"] / "data"), "--out", str(run), "--shots", "2",
+            "--seed", "1", "--resume"] + options + ["--epochs", "2"]
+    assert cli.main(argv) == 0
+    assert [r["epoch"] for r in json.loads((run / "log.json").read_text())["epochs"]] == [1, 2]
+    assert (run / "split.json").read_text() == split
+    assert cli.main(argv[:argv.index("--seed")] + ["--seed", "2"] + argv[argv.index("--seed") + 2:]) == 2
+
+
+def test_missing_matplotlib_stops_the_sweep_before_anything(done, tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    argv = done["argv"][:done["argv"].index("--out") + 1] + [str(tmp_path / "o")] + done["argv"][
+        done["argv"].index("--out") + 2:]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["demul-fast: error: the sweep's plot needs matplotlib: pip install matplotlib (the 'sweep' extra)"]
+    assert not (tmp_path / "o").exists()
