@@ -25,10 +25,12 @@ def done(tmp_path_factory, one_thread):
         mp.setenv("DEMUL_FAST_CACHE", str(root / "cache"))
         model = str(tiny_config(root))
         for name in NAMES:
-            make_dataset(root / "data", name)
-        # alpha 0: no LLM; the sweep logic does not depend on the distillation (test_cli covers it)
+            make_dataset(root / "data", name, counts={"train": 4, "val": 2, "test": 5})
+        # alpha 0: no LLM; the sweep logic does not depend on the distillation (test_cli covers it).
+        # One epoch at lr 0.1 without warm-up: the runs' numbers differ by seed and shot count
         options = ["--model", model, "--pretrained", "none", "--prompts", "2", "--n-ctx", "4", "--workers", "0",
-                   "--device", "cpu", "--alpha", "0", "--epochs", "1", "--batch-size", "4",
+                   "--device", "cpu", "--alpha", "0", "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.1",
+                   "--batch-size", "4",
                    "--eval-batch-size", "8", "--no-progress"]
         argv = ["sweep", "--root", str(root / "data"), "--datasets", ",".join(NAMES), "--shots", "1,2",
                 "--seeds", "1,2", "--out", str(root / "out")] + options
@@ -55,7 +57,9 @@ def _runs(out):
 def test_table_and_csv_hold_the_runs_numbers(done):
     out = done["out"]
     acc = _runs(out)
-    assert len(set(acc.values())) > 1  # the runs differ: a table of one repeated number would pass nothing
+    # the runs differ by seed and by shot count: a swapped cell would show
+    assert any(acc[n, 1, s] != acc[n, 2, s] for n in NAMES for s in SEEDS)
+    assert any(acc[n, k, 1] != acc[n, k, 2] for n in NAMES for k in SHOTS)
     zs = {n: json.loads((out / n / "zeroshot.json").read_text())["top1"] for n in NAMES}
     rows = list(csv.DictReader((out / "results.csv").open()))
     table = {(r["method"], r["dataset"], int(r["shots"])): r for r in rows}
@@ -109,7 +113,7 @@ def test_second_call_trains_nothing_and_other_settings_are_refused(done, capsys,
     table = (out / "results.md").read_text()
     assert cli.main(done["argv"] + ["--lr", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was trained with other settings: lr 0.002 (asked: 0.5); use another --out" in err[0]
+    assert len(err) == 1 and "was trained with other settings: lr 0.1 (asked: 0.5); use another --out" in err[0]
     assert trained == [] and (out / "results.md").read_text() == table
 
 
@@ -121,9 +125,27 @@ def test_zeroshot_command(done, capsys, tmp_path):
             "--pretrained", "none", "--device", "cpu", "--workers", "0", "--no-progress", "--json", str(target)]
     assert cli.main(argv) == 0
     result = json.loads(target.read_text())
-    assert result["n"] == 6 and result["template"] == "a centered satellite photo of {}."
+    assert result["n"] == 15 and result["template"] == "a centered satellite photo of {}."
     assert result["top1"] == json.loads((out / "eurosat" / "zeroshot.json").read_text())["top1"]
     assert f"{result['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_summary_puts_every_number_in_its_cell():
+    """Distinct numbers per (dataset, shots, seed): a swapped row, column or seed shows."""
+    names, shots, seeds = ["caltech101", "dtd", "ucf101"], [1, 4, 16], [1, 2, 3]
+    top1 = {(n, k, s): 10.0 * i + k + 0.1 * s * s for i, n in enumerate(names) for k in shots for s in seeds}
+    summary = sweep.summarize([{"dataset": n, "shots": k, "seed": s, "top1": v} for (n, k, s), v in top1.items()],
+                              {"caltech101": 90.5, "dtd": 44.25, "ucf101": 61.0}, names, shots, seeds)
+    md = sweep.markdown_table(summary, "header").splitlines()
+    rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")[1:] for line in md if line.startswith("| ")}
+    assert rows["Dataset"] == ["Zero-shot CLIP", "DeMul 1 shot", "DeMul 4 shots", "DeMul 16 shots"]
+    # seeds add 0.1, 0.4, 0.9: mean 0.4667, population std 0.3300
+    assert rows["Caltech101"] == ["90.50", "1.47 ± 0.33", "4.47 ± 0.33", "16.47 ± 0.33"]
+    assert rows["UCF101"] == ["61.00", "21.47 ± 0.33", "24.47 ± 0.33", "36.47 ± 0.33"]
+    assert rows["**Average**"] == ["65.25", "11.47 ± 0.33", "14.47 ± 0.33", "26.47 ± 0.33"]
+    table = list(csv.DictReader(sweep.csv_table(summary).splitlines()))
+    row = next(r for r in table if r["dataset"] == "dtd" and r["shots"] == "16")
+    assert row["values"] == "26.1000;26.4000;26.9000" and row["n_seeds"] == "3"
 
 
 def test_run_state(tmp_path):
