@@ -33,11 +33,12 @@ SWEEP_OWNED = ("--data", "--dataset", "--root", "--shots", "--seed", "--out", "-
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="few-shot training on an image folder",
                        description="Few-shot DeMul training. Data: DIR/<class>/<image> (K shots per class are "
-                                   "sampled, the other images are the test set) or DIR/train|val|test/<class>/<image>.")
+                                   "sampled, the other images are the test set) or DIR/train|val|test/<class>/<image>; "
+                                   "or --dataset NAME --root DIR for one of the 11 benchmarks in CoOp's layout.")
     d = DEFAULTS
     p.add_argument("--data", default=None, help="dataset folder (or --dataset and --root)")
-    p.add_argument("--dataset", default=None, choices=list(LAYOUTS), help="one of the 11 benchmarks in CoOp's "
-                                                                          "layout under --root")
+    p.add_argument("--dataset", default=None, choices=list(LAYOUTS), metavar="NAME",
+                   help="a benchmark in CoOp's layout under --root: " + ", ".join(LAYOUTS))
     p.add_argument("--root", default=None, help="the folder holding CoOp's dataset folders (or the dataset's)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty, "
                                                 "unless --resume or --overwrite)")
@@ -171,7 +172,7 @@ def _zeroshot_parser(sub) -> None:
     p = sub.add_parser("zeroshot", help="zero-shot CLIP top-1 on a benchmark's test split",
                        description="Zero-shot CLIP with CoOp's per-dataset prompt (e.g. 'a photo of a {}, a type "
                                    "of pet.') on the test split of a dataset in CoOp's layout.")
-    p.add_argument("--dataset", required=True, choices=list(LAYOUTS))
+    p.add_argument("--dataset", required=True, choices=list(LAYOUTS), metavar="NAME", help=", ".join(LAYOUTS))
     p.add_argument("--root", required=True, help="the folder holding CoOp's dataset folders (or the dataset's)")
     p.add_argument("--model", default=DEFAULTS.model)
     p.add_argument("--pretrained", default=DEFAULTS.pretrained)

@@ -309,8 +309,9 @@ def parse_names(text: str) -> List[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
         raise DataError("--datasets is empty (give 'all' or names such as dtd,eurosat)")
-    for n in names:
-        layout(n)
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        raise DataError(f"--datasets: {unknown[0]!r} is not one of {', '.join(LAYOUTS)}")
     if len(set(names)) != len(names):
         raise DataError(f"--datasets names a dataset twice: {text}")
     return [n for n in LAYOUTS if n in names]

@@ -195,3 +195,12 @@ def test_data_and_dataset_exclude_each_other(tmp_path):
         data_split(TrainConfig(data=None, out="", dataset="cifar10", root=str(tmp_path)))
     split = data_split(TrainConfig(data=None, out="", dataset="dtd", root=str(tmp_path), shots=2))
     assert split["layout"] == "coop:dtd"
+
+
+def test_parse_names():
+    assert datasets.parse_names("all") == list(LAYOUTS)
+    assert datasets.parse_names(" eurosat, DTD ") == ["dtd", "eurosat"]  # table order
+    for bad, message in (("dtd,foo", "--datasets: 'foo' is not one of imagenet"), (",", "--datasets is empty"),
+                         ("dtd,dtd", "names a dataset twice")):
+        with pytest.raises(DataError, match=message):
+            datasets.parse_names(bad)
