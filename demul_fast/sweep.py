@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from . import datasets
-from .train import LOG_FILE, RUN_FILE, STATE_FILE, DataError, TrainConfig, _log, _write_json, train
+from .train import RUN_FILE, DataError, TrainConfig, _log, _write_json, run_log, train
 from .zeroshot import zeroshot
 
 RESULTS_MD, RESULTS_CSV, PLOT_FILE = "results.md", "results.csv", "accuracy_vs_shots.png"
@@ -77,11 +77,11 @@ def run_state(folder: Path, cfg: TrainConfig) -> str:
     raises DataError for a run folder trained with other settings."""
     if not folder.is_dir() or not any(folder.iterdir()):
         return "new"
-    if not (folder / STATE_FILE).exists():
-        return "restart"
     try:
+        epochs = run_log(folder)
+        if epochs is None:
+            return "restart"
         saved = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))["config"]
-        epochs = json.loads((folder / LOG_FILE).read_text(encoding="utf-8"))["epochs"]
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"run folder {folder} cannot be read ({type(exc).__name__}: {exc}); move it away") from exc
     diff = _differing(saved, cfg)
@@ -92,7 +92,8 @@ def run_state(folder: Path, cfg: TrainConfig) -> str:
 
 def final_top1(folder: Path) -> float:
     """The test top-1 (%) of a finished run's last epoch."""
-    last = json.loads((folder / LOG_FILE).read_text(encoding="utf-8"))["epochs"][-1]
+    epochs = run_log(folder)
+    last = epochs[-1] if epochs else {}
     if "test_acc" not in last:
         raise DataError(f"run folder {folder} has no test accuracy in its log")
     return float(last["test_acc"])

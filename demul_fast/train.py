@@ -408,6 +408,13 @@ def _save_checkpoint(out: Path, module, optimizer, scaler, epoch: int) -> None:
     os.replace(out / (STATE_FILE + ".tmp"), out / STATE_FILE)
 
 
+def run_log(out: Path) -> Optional[List[dict]]:
+    """The per-epoch log records of the run in ``out``; None when no epoch has finished."""
+    if not (out / STATE_FILE).exists():
+        return None
+    return json.loads((out / LOG_FILE).read_text(encoding="utf-8"))["epochs"]
+
+
 def _prepare_output(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:

@@ -4,6 +4,8 @@ and the plot must hold the runs' own numbers; a second call trains nothing."""
 
 import csv
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from clip_tiny import tiny_config
 from coop_mini import make_dataset
 from demul_fast import cli, sweep
 from demul_fast.datasets import LAYOUTS
-from demul_fast.train import DataError, TrainConfig
+from demul_fast.train import DataError, TrainConfig, run_log
 
 NAMES, SHOTS, SEEDS = ("dtd", "eurosat"), (1, 2), (1, 2)
 
@@ -48,7 +50,7 @@ def _runs(out):
                 split = json.loads((folder / "split.json").read_text())
                 assert split["layout"] == f"coop:{name}"
                 assert all(len(v) == k for v in split["train"].values())
-                log = json.loads((folder / "log.json").read_text())["epochs"]
+                log = run_log(folder)
                 assert [r["epoch"] for r in log] == [1]
                 acc[name, k, s] = log[-1]["test_acc"]
     return acc
@@ -104,6 +106,7 @@ def test_plot_draws_the_runs_numbers(done):
 def test_second_call_trains_nothing_and_other_settings_are_refused(done, capsys, monkeypatch):
     out = done["out"]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("log.json")}
+    assert len(before) == len(NAMES) * len(SHOTS) * len(SEEDS)
     trained = []
     monkeypatch.setattr(sweep, "train", lambda cfg: trained.append(cfg))
     monkeypatch.setattr(sweep, "zeroshot", lambda *a, **k: trained.append(a))
@@ -148,20 +151,24 @@ def test_summary_puts_every_number_in_its_cell():
     assert row["values"] == "26.1000;26.4000;26.9000" and row["n_seeds"] == "3"
 
 
-def test_run_state(tmp_path):
-    cfg = TrainConfig(data=None, out=str(tmp_path / "r"), dataset="dtd", epochs=3)
-    assert sweep.run_state(tmp_path / "r", cfg) == "new"
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "split.json").write_text("{}")
-    assert sweep.run_state(tmp_path / "r", cfg) == "restart"  # no epoch finished
-    (tmp_path / "r" / "trainer_state.pt").write_bytes(b"")
-    (tmp_path / "r" / "run.json").write_text(json.dumps({"config": vars(cfg)}))
-    (tmp_path / "r" / "log.json").write_text(json.dumps({"epochs": [{"epoch": 1}, {"epoch": 2}]}))
-    assert sweep.run_state(tmp_path / "r", cfg) == "resume"
-    (tmp_path / "r" / "log.json").write_text(json.dumps({"epochs": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]}))
-    assert sweep.run_state(tmp_path / "r", cfg) == "done"
-    with pytest.raises(DataError, match="other settings: n_ctx 16 .asked: 4."):
-        sweep.run_state(tmp_path / "r", TrainConfig(data=None, out="", dataset="dtd", epochs=3, n_ctx=4))
+def test_run_state(done, tmp_path):
+    run = tmp_path / "r"
+    saved = json.loads((done["out"] / "dtd" / "shots_1" / "seed_1" / "run.json").read_text())["config"]
+    cfg = TrainConfig(**dict(saved, out=str(run)))
+    assert sweep.run_state(run, cfg) == "new"
+    run.mkdir()
+    (run / "split.json").write_text("{}")
+    assert sweep.run_state(run, cfg) == "restart"  # no epoch finished
+    shutil.rmtree(run)
+    shutil.copytree(done["out"] / "dtd" / "shots_1" / "seed_1", run)
+    assert sweep.run_state(run, cfg) == "done"
+    with pytest.raises(DataError, match="other settings: n_ctx 4 .asked: 8."):
+        sweep.run_state(run, replace(cfg, n_ctx=8))
+    # a run of 2 epochs interrupted after its first
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["epochs"] = 2
+    (run / "run.json").write_text(json.dumps(info))
+    assert sweep.run_state(run, replace(cfg, epochs=2)) == "resume"
     assert sweep.parse_ints("1,2, 4", "--shots") == [1, 2, 4]
     for bad in ("1,x", "0,1", "1,1", ""):
         with pytest.raises(ValueError, match="--shots must be"):
@@ -169,8 +176,6 @@ def test_run_state(tmp_path):
 
 
 def test_a_coop_run_resumes_with_its_dataset(done, tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(done["out"] / "eurosat" / "shots_2" / "seed_1", run)
     split = (run / "split.json").read_text()
@@ -178,7 +183,7 @@ def test_a_coop_run_resumes_with_its_dataset(done, tmp_path):
     argv = ["train", "--dataset", "eurosat", "--root", str(done["root"] / "data"), "--out", str(run), "--shots", "2",
             "--seed", "1", "--resume"] + options + ["--epochs", "2"]
     assert cli.main(argv) == 0
-    assert [r["epoch"] for r in json.loads((run / "log.json").read_text())["epochs"]] == [1, 2]
+    assert [r["epoch"] for r in run_log(run)] == [1, 2]
     assert (run / "split.json").read_text() == split
     assert cli.main(argv[:argv.index("--seed")] + ["--seed", "2"] + argv[argv.index("--seed") + 2:]) == 2
 
