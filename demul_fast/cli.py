@@ -2,6 +2,9 @@
 
     demul-fast train --data DIR --out RUN [--shots 16 --seed 1 --model ViT-B-16
                      --pretrained openai|FILE|none --llm minilm|FILE|DIR ...]
+    demul-fast train --dataset NAME --root DIR --out RUN [...]     (CoOp's layout, datasets.py)
+    demul-fast sweep --root DIR --datasets all --shots 1,2,4,8,16 --seeds 1,2,3 --out DIR [train options]
+    demul-fast zeroshot --dataset NAME --root DIR [--model --pretrained --json FILE]
     demul-fast eval --checkpoint RUN [--data DIR --split test|val|train|all]
     demul-fast fit-phi --out phi.safetensors [--model --pretrained --llm --names --method]
 
@@ -14,20 +17,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Optional, Sequence
 
+from .datasets import LAYOUTS, ClassNamesDiffer
 from .llm import ClassNameMismatch
+from .sweep import MissingExtra
 from .train import CheckpointError, DataError, OutputExistsError, TrainConfig, evaluate, train
 
 DEFAULTS = TrainConfig(data="", out="")
+# the sweep sets these for each of its runs
+SWEEP_OWNED = ("--data", "--dataset", "--root", "--shots", "--seed", "--out", "--resume", "--overwrite")
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="few-shot training on an image folder",
                        description="Few-shot DeMul training. Data: DIR/<class>/<image> (K shots per class are "
-                                   "sampled, the other images are the test set) or DIR/train|val|test/<class>/<image>.")
+                                   "sampled, the other images are the test set) or DIR/train|val|test/<class>/<image>; "
+                                   "or --dataset NAME --root DIR for one of the 11 benchmarks in CoOp's layout.")
     d = DEFAULTS
-    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--data", default=None, help="dataset folder (or --dataset and --root)")
+    p.add_argument("--dataset", default=None, choices=list(LAYOUTS), metavar="NAME",
+                   help="a benchmark in CoOp's layout under --root: " + ", ".join(LAYOUTS))
+    p.add_argument("--root", default=None, help="the folder holding CoOp's dataset folders (or the dataset's)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists and is not empty, "
                                                 "unless --resume or --overwrite)")
     p.add_argument("--shots", type=int, default=d.shots, help="training images per class (default %(default)s)")
@@ -144,22 +156,104 @@ def fit_phi_command(args) -> dict:
     return {"report": vars(rep), "out": str(Path(args.out).with_suffix(".safetensors"))}
 
 
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="the paper's grid: datasets x shots x seeds, then the table and plot",
+                       description="Train DeMul on each dataset (CoOp's layout under --root), shot count and seed; "
+                                   "one run folder each under --out (finished runs are skipped, interrupted ones "
+                                   "resumed), zero-shot CLIP beside them, then results.md, results.csv and "
+                                   "accuracy_vs_shots.png in --out. Any other option is a 'demul-fast train' "
+                                   "option applied to every run (e.g. --epochs 50 --model ViT-B-16).")
+    p.add_argument("--root", required=True, help="the folder holding CoOp's dataset folders")
+    p.add_argument("--datasets", default="all", help="'all' or names, e.g. dtd,eurosat (default %(default)s)")
+    p.add_argument("--shots", default="1,2,4,8,16", help="(default %(default)s)")
+    p.add_argument("--seeds", default="1,2,3", help="(default %(default)s)")
+    p.add_argument("--out", required=True, help="the sweep's folder (reused: a second call resumes)")
+    p.add_argument("--no-zeroshot", dest="zeroshot", action="store_false", help="skip the zero-shot CLIP baseline")
+
+
+def _zeroshot_parser(sub) -> None:
+    p = sub.add_parser("zeroshot", help="zero-shot CLIP top-1 on a benchmark's test split",
+                       description="Zero-shot CLIP with CoOp's per-dataset prompt (e.g. 'a photo of a {}, a type "
+                                   "of pet.') on the test split of a dataset in CoOp's layout.")
+    p.add_argument("--dataset", required=True, choices=list(LAYOUTS), metavar="NAME", help=", ".join(LAYOUTS))
+    p.add_argument("--root", required=True, help="the folder holding CoOp's dataset folders (or the dataset's)")
+    p.add_argument("--model", default=DEFAULTS.model)
+    p.add_argument("--pretrained", default=DEFAULTS.pretrained)
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --pretrained none")
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default=DEFAULTS.precision, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.eval_batch_size)
+    p.add_argument("--workers", type=int, default=DEFAULTS.workers)
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def sweep_command(args, train_options: Sequence[str]) -> dict:
+    """``demul-fast sweep``: the train options are parsed as 'demul-fast train' parses them."""
+    from . import datasets, sweep
+
+    owned = [a for a in train_options if a.split("=")[0] in SWEEP_OWNED]
+    if owned:
+        raise ValueError(f"the sweep sets {owned[0]} itself (use --root, --datasets, --shots, --seeds, --out)")
+    names = datasets.parse_names(args.datasets)
+    shots = sweep.parse_ints(args.shots, "--shots")
+    seeds = sweep.parse_ints(args.seeds, "--seeds")
+    targs = build_parser().parse_args(["train", "--dataset", names[0], "--root", args.root, "--out", args.out,
+                                       *train_options])
+    base = TrainConfig(**{k: v for k, v in vars(targs).items() if k != "command"})
+    return sweep.sweep(base, names, shots, seeds, args.out, with_zeroshot=args.zeroshot)
+
+
+def zeroshot_command(args) -> dict:
+    from .zeroshot import zeroshot
+
+    result = zeroshot(args.dataset, args.root, model=args.model, pretrained=args.pretrained, device=args.device,
+                      precision=args.precision, batch_size=args.batch_size, workers=args.workers,
+                      init_seed=args.init_seed, progress=args.progress)
+    print(f"zero-shot CLIP top-1 on {result['dataset']} test ({result['n']} images, prompt "
+          f"{result['template']!r}): {result['top1']:.2f}%")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="demul-fast", description="Few-shot DeMul prompt learning on CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
     _fit_phi_parser(sub)
+    _sweep_parser(sub)
+    _zeroshot_parser(sub)
     return parser
 
 
-USER_ERRORS = (DataError, CheckpointError, OutputExistsError, ClassNameMismatch, FileNotFoundError, ValueError)
+USER_ERRORS = (DataError, CheckpointError, OutputExistsError, ClassNameMismatch, FileNotFoundError, ValueError,
+               MissingExtra)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, ClassNamesDiffer):
+        return f"demul-fast: warning: {message}\n"
+    return _PLAIN_FORMAT(message, category, filename, lineno, line)
+
+
+_PLAIN_FORMAT = warnings.formatwarning
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "sweep":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    warnings.formatwarning = _format_warning
     try:
-        if args.command == "train":
+        if args.command == "sweep":
+            sweep_command(args, extra)
+        elif args.command == "zeroshot":
+            zeroshot_command(args)
+        elif args.command == "train":
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             result = train(TrainConfig(**fields))
             print(json.dumps({"final": result}))

@@ -1,9 +1,11 @@
 """Few-shot DeMul training and evaluation on an image folder (what ``demul-fast train/eval`` run).
 
-Data layout: ``root/<class>/<image>`` (K images per class are sampled for training, the
-rest is the test set), or ``root/train|val|test/<class>/<image>`` (K per class sampled from
-train/; val/ and test/ are used whole). Class names are the folder names (underscores
-become spaces in prompts), in sorted order.
+Data layout (``--data``): ``root/<class>/<image>`` (K images per class are sampled for
+training, the rest is the test set), or ``root/train|val|test/<class>/<image>`` (K per class
+sampled from train/; val/ and test/ are used whole). Class names are the folder names
+(underscores become spaces in prompts), in sorted order. With ``--dataset NAME --root DIR``
+one of the 11 benchmarks is read in CoOp's layout instead (``demul_fast.datasets``). Both
+produce the same split record (``data_split``), which the run saves as ``split.json``.
 
 An output folder holds everything a run needs to be evaluated or resumed:
 
@@ -58,7 +60,7 @@ RUN_FILES = (RUN_FILE, SPLIT_FILE, checkpoint.POINTER_FILE)  # what every finish
 PROMPTS_DIR, LLM_FILE, PHI_FILE = "prompts", "llm_embeddings.safetensors", "phi.safetensors"
 # settings a resumed run must share with the checkpoint (epochs, lr and the like may change)
 RESUME_KEYS = ("shots", "seed", "model", "pretrained", "llm", "phi", "phi_names", "prompts", "n_ctx", "ctx_init",
-               "alpha", "allow_fewer", "reference", "text_encoder", "init_seed", "batch_size")
+               "dataset", "alpha", "allow_fewer", "reference", "text_encoder", "init_seed", "batch_size")
 
 
 class DataError(ValueError):
@@ -82,8 +84,10 @@ def default_workers() -> int:
 class TrainConfig:
     """Everything ``train`` needs; the command line fills it (see cli.py for the help texts)."""
 
-    data: str
+    data: Optional[str]
     out: str
+    dataset: Optional[str] = None  # one of demul_fast.datasets.LAYOUTS, read from root instead of data
+    root: Optional[str] = None
     shots: int = 16
     seed: int = 1
     model: str = "ViT-B-16"
@@ -167,6 +171,38 @@ def discover(root) -> Dict[str, Dict[str, List[str]]]:
             llm_mod.check_classnames(list(data), classes, f"{root / s} (classes compared with train/)")
         return splits
     return {"all": _scan(root, "dataset")}
+
+
+def _check_source(cfg: TrainConfig) -> None:
+    if cfg.dataset is None and (cfg.root is not None or not cfg.data):
+        raise ValueError("give --data DIR (an image folder), or --dataset NAME with --root DIR (CoOp's layout)")
+    if cfg.dataset is not None and (cfg.data or not cfg.root):
+        raise ValueError("--dataset reads CoOp's layout under --root DIR and excludes --data")
+
+
+def data_split(cfg: TrainConfig) -> dict:
+    """The run's split record, from --data (the folder layouts) or --dataset/--root (CoOp's):
+    {"layout", "classes", "short": {class: count}, "train": {class: [paths]},
+     "eval": {split: {class: [paths]}}}"""
+    _check_source(cfg)
+    if cfg.dataset is None:
+        return folder_split(cfg)
+    from . import datasets
+
+    return datasets.coop_split(cfg.dataset, cfg.root, cfg.shots, cfg.seed, cfg.allow_fewer)
+
+
+def folder_split(cfg: TrainConfig) -> dict:
+    """``data_split`` for an image folder: K shots per class from train/ (or from the whole
+    folder, whose other images are then the test set)."""
+    found = discover(cfg.data)
+    pool = found.get("train", found.get("all"))
+    train_split, rest, short = sample_shots(pool, cfg.shots, cfg.seed, cfg.allow_fewer)
+    evals = {s: found[s] for s in ("val", "test") if s in found}
+    if "all" in found and any(rest.values()):
+        evals["test"] = rest
+    return {"layout": "splits" if "train" in found else "folder", "classes": list(pool), "short": short,
+            "train": train_split, "eval": evals}
 
 
 def sample_shots(images: Dict[str, List[str]], shots: int, seed: int, allow_fewer: bool) -> tuple:
@@ -396,6 +432,12 @@ def _checkpoint_folder(out: Path) -> Path:
     return folder
 
 
+def run_log(out: Path) -> Optional[List[dict]]:
+    """The per-epoch log records of the run in ``out``; None when no epoch has finished."""
+    folder = checkpoint.current(out)
+    return None if folder is None else json.loads((folder / LOG_FILE).read_text(encoding="utf-8"))["epochs"]
+
+
 def _prepare_output(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
@@ -421,7 +463,8 @@ def _prepare_output(cfg: TrainConfig) -> Path:
 def _check_resume(out: Path, cfg: TrainConfig, classnames: List[str]) -> dict:
     saved = json.loads((out / RUN_FILE).read_text())
     try:
-        llm_mod.check_classnames(classnames, saved.get("classnames", []), f"--resume: the dataset {cfg.data}")
+        llm_mod.check_classnames(classnames, saved.get("classnames", []),
+                                 f"--resume: the dataset {cfg.data or cfg.dataset}")
     except llm_mod.ClassNameMismatch as exc:
         raise CheckpointError(str(exc)) from exc
     for key in RESUME_KEYS:
@@ -567,18 +610,11 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
     if cfg.resume:
         split = json.loads((out / SPLIT_FILE).read_text())
         classnames = split["classes"]
-        _check_resume(out, cfg, _dataset_classes(cfg.data))
+        _check_resume(out, cfg, _dataset_classes(cfg))
         short = split.get("short", {})
     else:
-        found = discover(cfg.data)
-        pool = found.get("train", found.get("all"))
-        classnames = list(pool)
-        train_split, rest, short = sample_shots(pool, cfg.shots, cfg.seed, cfg.allow_fewer)
-        evals = {s: found[s] for s in ("val", "test") if s in found}
-        if "all" in found and any(rest.values()):
-            evals["test"] = rest
-        split = {"layout": "splits" if "train" in found else "folder", "classes": classnames, "short": short,
-                 "train": train_split, "eval": evals}
+        split = data_split(cfg)
+        classnames, short = split["classes"], split["short"]
     check_images([p for part in [split["train"], *split["eval"].values()] for files in part.values() for p in files],
                  threads=cfg.workers)
     if short:
@@ -687,8 +723,13 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
     return record
 
 
-def _dataset_classes(data) -> List[str]:
-    found = discover(data)
+def _dataset_classes(cfg: TrainConfig) -> List[str]:
+    _check_source(cfg)
+    if cfg.dataset is not None:
+        from . import datasets
+
+        return datasets.read(cfg.dataset, cfg.root).classes
+    found = discover(cfg.data)
     return list(found.get("train", found.get("all")))
 
 
@@ -746,4 +787,4 @@ def evaluate(checkpoint, data: Optional[str] = None, split: Optional[str] = None
     feats, labels = image_features(clip, loader, dev, amp_dtype, progress, f"{split} features")
     acc = accuracy(module, feats, labels)
     return {"split": split, "top1": acc, "n": int(labels.numel()), "checkpoint": str(out),
-            "data": data or cfg.data}
+            "data": data or cfg.data or f"{cfg.dataset} in {cfg.root}"}
