@@ -171,3 +171,12 @@ def test_frozen_operands_requiring_grad_are_refused():
     assert "basis" in cuda_ops.unsupported("demul_head", text_features=T, distill_basis=basis)
     frozen = DistillBasis(*(t.detach() for t in basis))
     assert cuda_ops.unsupported("demul_head", text_features=T, distill_basis=frozen) is None
+
+
+def test_default_order_on_a_gpu_is_triton_first_and_says_why(monkeypatch):
+    """Until a GPU measurement compares the kernel backends, triton comes first (README);
+    ``python -m demul_fast`` prints the reason."""
+    monkeypatch.delenv("DEMUL_FAST_BACKEND", raising=False)
+    assert backends.default_order(torch.device("cuda")) == ("triton", "cuda", "torch")
+    assert backends.default_order(torch.device("cpu")) == ("torch",)
+    assert f"why: {backends.DEFAULT_ORDER_REASON}" in backends.describe(torch.device("cuda"))

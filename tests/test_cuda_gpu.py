@@ -156,12 +156,10 @@ def test_distill_when_the_projection_nearly_cancels_the_bias(gen):
     T, _, _, _, E, W, _ = make_inputs(gen, **SQUARE)
     t_hat = ref.l2_normalize(T)
     b = -(t_hat[0, 0] @ W.T) + 1e-3 * rand(gen, W.shape[0])
-    fo, _ = check("distill near -b", (lambda t: cuda_ops().prompt_distill_loss(t, basis_of(E, W, b)),
-                                      lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), b.to(t.dtype),
-                                                                        E.to(t.dtype)),
-                                      lambda t: F.prompt_distill_loss(t, W.float(), b.float(), E.float(),
-                                                                      backend="triton")),
-                  [T], [0], torch.float32, [torch.tensor(1.0, device=DEV)], ["dT"])
+    check("distill near -b", (lambda t: cuda_ops().prompt_distill_loss(t, basis_of(E, W, b)),
+                              lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), b.to(t.dtype), E.to(t.dtype)),
+                              lambda t: F.prompt_distill_loss(t, W.float(), b.float(), E.float(), backend="triton")),
+          [T], [0], torch.float32, [torch.tensor(1.0, device=DEV)], ["dT"])
 
 
 def _head_fns(y, E, W, b, alpha, ls, distill):
