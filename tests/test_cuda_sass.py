@@ -86,3 +86,20 @@ def test_count_reads_opcodes_not_operands():
     assert cc.count(line, "HMMA") == 1
     assert cc.count(line, "FFMA") == 0
     assert cc.count("        /*0040*/              @P0 STL [R1], R2 ;", "STL") == 1
+
+
+def test_compiled_report_lists_every_launch_with_a_modelled_time(tmp_path):
+    """benchmarks/compiled_cuda.collect: one entry per kernel launch of the head, its SASS
+    written out, the GEMM launches on tensor cores in bfloat16, modelled = roofline."""
+    entries = cc.collect("imagenet", str(tmp_path), "bfloat16")
+    keys = {"name", "backend", "sass", "grid", "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes",
+            "modelled_us", "time_kind"}
+    assert len(entries) >= 8
+    for x in entries:
+        assert keys <= set(x) and x["backend"] == "cuda" and x["time_kind"] == "modelled"
+        assert pathlib.Path(x["sass"]).read_text()
+        assert x["spill_bytes"] == 0
+        expected = max(x["bytes"] / cc.BANDWIDTH, x["flops"] / cc.PEAK_FLOPS[x["mma"]]) * 1e6
+        assert x["modelled_us"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+        gemm = any(k in x["kernel"] for k in ("sweep_kernel", "forward_partial_kernel"))
+        assert (x["mma"] == "mma.sync") == gemm, x["name"]
