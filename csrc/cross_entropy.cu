@@ -8,7 +8,9 @@
 // G = dL/ds = g (softmax(s) - q) / B (+ the logits' own gradient, if any):
 //   dL/du[c] = tau sum_b G[b,c] x^[b],  dL/dx^[b] = tau sum_c G[b,c] u[c],
 //   dL/dtau  = sum_{b,c} G[b,c] s[b,c] / tau.
-// Labels are only compared with class indices, never used to address memory.
+// The products run on tensor cores for 16-bit x (the float32 u rounded to x's type), in
+// fp32 SIMT for float32 x (common.cuh). Labels are only compared with class indices,
+// never used to address memory.
 #include "common.cuh"
 #include "ops.h"
 #include "sweep.cuh"
