@@ -8,12 +8,19 @@ according to ``DEMUL_FAST_BUILD_CUDA``:
 * ``1``: must build; a missing toolkit or a compile error fails the install;
 * ``0``: skip.
 
-``TORCH_CUDA_ARCH_LIST`` (default ``9.0``) picks the target GPUs and ``MAX_JOBS`` the
-number of parallel nvcc/ninja jobs. Install with ``--no-build-isolation`` so that the
-build sees the torch that is already installed.
+``TORCH_CUDA_ARCH_LIST`` (default ``9.0``; the tensor-core kernels need 8.0 or newer)
+picks the target GPUs and ``MAX_JOBS`` the number of parallel nvcc/ninja jobs (one
+translation unit per op, so they compile in parallel). Install with
+``--no-build-isolation`` so that the build sees the torch that is already installed.
+
+The constants of ``demul_fast/common.py`` (EPS, MAX_PROMPTS) reach the kernels as macros,
+read from that file here; the extension exports what it was built with (``_C.EPS``,
+``_C.MAX_PROMPTS``). ptxas prints each kernel's registers, shared memory and spills
+(``-Xptxas -v``) into the build log (``pip install -v``).
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -57,6 +64,15 @@ def _nvidia_pip_includes():
     for base in list(getattr(nvidia, "__path__", [])):
         dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
     return [d for d in dirs if os.path.isdir(d)]
+
+
+def _constants():
+    """The -D flags for the constants of demul_fast/common.py (loaded as a file: importing the
+    package would import the extension being built)."""
+    spec = importlib.util.spec_from_file_location("_demul_fast_common", os.path.join(ROOT, "demul_fast", "common.py"))
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return [f"-DDEMUL_EPS={float(common.EPS)!r}", f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}"]
 
 
 def _cuda_extension():
@@ -104,13 +120,14 @@ def _cuda_extension():
         f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
         f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')})"
     )
+    constants = _constants()
     ext = CUDAExtension(
         name="demul_fast._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_pip_includes(),
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "-lineinfo",
+            "cxx": ["-O3", "-std=c++20"] + constants,
+            "nvcc": ["-O3", "-std=c++20", "-lineinfo", "-Xptxas=-v"] + constants + [
                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_OPERATORS__"],

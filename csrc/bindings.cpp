@@ -3,10 +3,11 @@
 // cross_entropy.cu and distill.cu (SPEC.md section 4). Everything runs on the current
 // CUDA stream without a host synchronisation.
 //
-// Dtypes: the features (text_features, image_features, phi_weight) are float32, bfloat16
-// or float16, all alike; small operands (prompt_logits, class_features, phi_bias,
-// llm_embeddings, scale, gradient scalars) and saved statistics are float32; losses are
-// float32 0-dim tensors. Unused outputs are empty tensors.
+// Dtypes: the features (text_features, image_features) are float32, bfloat16 or float16,
+// both alike; small operands (prompt_logits, class_features, the distillation basis of
+// SPEC 4.3, scale, gradient scalars) and saved statistics are float32; losses are float32
+// 0-dim tensors. Unused outputs are empty tensors. Saved statistics come in SPEC order:
+// n = ||t||, w, r = ||u||, lse, ||x||, ||z||, cos (those kept), then u^ in float32.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -27,7 +28,10 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-constexpr int64_t kMaxPrompts = 4096;  // the aggregation kernels keep 2 * M floats in shared memory
+#ifndef DEMUL_MAX_PROMPTS
+#error "DEMUL_MAX_PROMPTS (demul_fast.common.MAX_PROMPTS) must be defined by the build (setup.py)"
+#endif
+constexpr int64_t kMaxPrompts = DEMUL_MAX_PROMPTS;  // the aggregation kernels keep 2 * M floats in shared memory
 
 at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -53,10 +57,14 @@ CeArgs ce_args(const at::Tensor& x, const at::Tensor& u32, const at::Tensor& lab
           static_cast<float>(ls), x.size(0), u32.size(0), x.size(1)};
 }
 
-DistillArgs distill_args(const at::Tensor& t, const at::Tensor& w, const OptTensor& b, const at::Tensor& e,
-                         const at::Tensor& n, const at::Tensor& en) {
-  return {dtype_of(t), t.data_ptr(), w.data_ptr(), opt_ptr(b), cfp(e), cfp(n), cfp(en),
-          t.size(0), t.size(1), t.size(2), w.size(0)};
+// The frozen-phi basis of SPEC 4.3 (demul_fast.distill_basis.DistillBasis), float32.
+struct Basis {
+  at::Tensor R, c, F, delta, beta;  // [r, D], [r], [C, r], [C], []
+};
+
+DistillArgs distill_args(const at::Tensor& t, const Basis& b, const at::Tensor& n) {
+  return {dtype_of(t), t.data_ptr(), cfp(b.R), cfp(b.c), cfp(b.F), cfp(b.delta), cfp(b.beta), cfp(n),
+          t.size(0), t.size(1), t.size(2), b.R.size(0)};
 }
 
 // Forward of the cross-entropy: lse, ce (and logits, loss_out) from x and u32.
@@ -69,7 +77,7 @@ void run_ce_forward(const CeArgs& a, const at::Tensor& like, void* logits, at::T
 
 void run_distill_forward(const DistillArgs& a, const at::Tensor& like, at::Tensor& cos, at::Tensor& zn,
                          at::Tensor& dist, const float* ce, double alpha, float* loss_out) {
-  const Split split = plan_split(a.C * a.M, a.K, sm_count());
+  const Split split = plan_split(a.C * a.M, a.rank, sm_count());
   at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
   launch_distill_forward(a, split, fp(partial), fp(cos), fp(zn), fp(dist), ce, static_cast<float>(alpha), loss_out,
                          stream());
@@ -88,7 +96,7 @@ void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& 
   at::Tensor dxh_buf, partial, work_x, work_u;
   float* dxh_ptr = dxh ? fp(*dxh) : nullptr;
   if (dscale != nullptr && dxh_ptr == nullptr) dxh_ptr = scratch(dxh_buf, a.B * a.D, like);
-  const Split split_x = plan_split(a.B, a.C, sm_count()), split_u = plan_split(a.C, a.B, sm_count());
+  const Split split_x = plan_sweep_split(a.B, a.C, sm_count()), split_u = plan_sweep_split(a.C, a.B, sm_count());
   float* wx = dxh_ptr && split_x.splits > 1 ? scratch(work_x, split_x.splits * a.B * a.D, like) : nullptr;
   float* wu = du && split_u.splits > 1 ? scratch(work_u, split_u.splits * a.C * a.D, like) : nullptr;
   float* sp = dscale ? scratch(partial, split_x.splits * ceil_div(a.B, kTileRows), like) : nullptr;
@@ -100,7 +108,7 @@ void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& 
 void run_distill_backward(const DistillArgs& a, const at::Tensor& like, const float* cos, const float* zn,
                           GradWeight gw, at::Tensor& dth) {
   const int64_t R = a.C * a.M;
-  const Split split = plan_split(R, a.K, sm_count());
+  const Split split = plan_sweep_split(R, a.rank, sm_count());
   at::Tensor work;
   float* w = split.splits > 1 ? scratch(work, split.splits * R * a.D, like) : nullptr;
   launch_distill_backward(a, cos, zn, gw, fp(dth), split, w, stream());
@@ -141,37 +149,50 @@ void check_aggregate_saved(const at::Tensor& t, const at::Tensor& w, const at::T
   check_size(u32, 1, D, "class_features", "D");
 }
 
-// phi_weight [K, D] (text_features' dtype), phi_bias [K] float32 or None, llm_embeddings [C, K] float32.
-void check_distill_inputs(const at::Tensor& t, const at::Tensor& w, const OptTensor& b, const at::Tensor& e) {
-  check_features(w, "phi_weight", 2, "[K, D]");
-  TORCH_CHECK(w.scalar_type() == t.scalar_type(), "phi_weight (", w.scalar_type(), ") must have the dtype of ",
-              "text_features (", t.scalar_type(), ")");
-  check_same_device(w, "phi_weight", t, "text_features");
-  check_size(w, 1, t.size(2), "phi_weight", "D");
-  const int64_t K = w.size(0);
-  if (has(b)) {
-    check_f32(*b, "phi_bias", 1, "[K]");
-    check_same_device(*b, "phi_bias", t, "text_features");
-    check_size(*b, 0, K, "phi_bias", "K");
-  }
-  check_f32(e, "llm_embeddings", 2, "[C, K]");
-  check_same_device(e, "llm_embeddings", t, "text_features");
-  check_size(e, 0, t.size(0), "llm_embeddings", "C");
-  check_size(e, 1, K, "llm_embeddings", "K");
+// The basis of SPEC 4.3 for text_features [C, M, D]: R [r, D], c [r], F [C, r], delta [C],
+// beta [] (1 element), all float32 on text_features' device.
+Basis check_basis(const at::Tensor& t, const at::Tensor& R, const at::Tensor& c, const at::Tensor& F,
+                  const at::Tensor& delta, const at::Tensor& beta) {
+  check_f32(R, "basis.R", 2, "[r, D]");
+  check_size(R, 1, t.size(2), "basis.R", "D");
+  const int64_t rank = R.size(0);
+  check_f32(c, "basis.c", 1, "[r]");
+  check_size(c, 0, rank, "basis.c", "r");
+  check_f32(F, "basis.F", 2, "[C, r]");
+  check_size(F, 0, t.size(0), "basis.F", "C");
+  check_size(F, 1, rank, "basis.F", "r");
+  check_f32(delta, "basis.delta", 1, "[C]");
+  check_size(delta, 0, t.size(0), "basis.delta", "C");
+  TORCH_CHECK(beta.defined() && beta.numel() == 1, "basis.beta must be a 1-element tensor");
+  TORCH_CHECK(beta.is_cuda(), "basis.beta must be a CUDA tensor, got a tensor on ", beta.device());
+  check_dtype(beta, "basis.beta", at::kFloat);
+  check_same_device(R, "basis.R", t, "text_features");
+  check_same_device(c, "basis.c", t, "text_features");
+  check_same_device(F, "basis.F", t, "text_features");
+  check_same_device(delta, "basis.delta", t, "text_features");
+  check_same_device(beta, "basis.beta", t, "text_features");
+  return {R, c, F, delta, beta};
 }
 
-void check_distill_saved(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& zn, const at::Tensor& n,
-                         const at::Tensor& en) {
+// All five basis tensors or none of them -> the checked basis, or nullopt.
+std::optional<Basis> check_opt_basis(const at::Tensor& t, const OptTensor& R, const OptTensor& c,
+                                     const OptTensor& F, const OptTensor& delta, const OptTensor& beta) {
+  const int given = has(R) + has(c) + has(F) + has(delta) + has(beta);
+  TORCH_CHECK(given == 0 || given == 5, "the distillation basis needs all of R, c, F, delta, beta, got ", given,
+              " of them");
+  if (given == 0) return std::nullopt;
+  return check_basis(t, *R, *c, *F, *delta, *beta);
+}
+
+void check_distill_saved(const at::Tensor& t, const at::Tensor& n, const at::Tensor& zn, const at::Tensor& cos) {
   const int64_t R = t.size(0) * t.size(1);
-  check_f32(cos, "prompt_cosines", 1, "[C*M]");
   check_f32(zn, "projection_norms", 1, "[C*M]");
-  check_f32(en, "llm_norms", 1, "[C]");
+  check_f32(cos, "prompt_cosines", 1, "[C*M]");
   TORCH_CHECK(n.numel() == R && n.scalar_type() == at::kFloat && n.is_contiguous() && n.is_cuda(),
               "prompt_norms must be a contiguous float32 CUDA tensor of C*M=", R, " elements");
-  for (const auto* p : {&cos, &zn, &n, &en}) check_same_device(*p, "a saved statistic", t, "text_features");
+  for (const auto* p : {&cos, &zn, &n}) check_same_device(*p, "a saved statistic", t, "text_features");
   check_size(cos, 0, R, "prompt_cosines", "C*M");
   check_size(zn, 0, R, "projection_norms", "C*M");
-  check_size(en, 0, t.size(0), "llm_norms", "C");
 }
 
 void check_image_side(const at::Tensor& t, const at::Tensor& x, const at::Tensor& labels, const at::Tensor& scale) {
@@ -186,7 +207,7 @@ void check_image_side(const at::Tensor& t, const at::Tensor& x, const at::Tensor
 
 }  // namespace
 
-// -> [class features [C, D] (text_features' dtype), u^ float32 [C, D], w [C, M], n [C, M], r [C]]
+// -> [class features [C, D] (text_features' dtype), n [C, M], w [C, M], r [C], u^ float32 [C, D]]
 std::vector<at::Tensor> aggregate_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits) {
   check_text(text_features);
   check_f32(prompt_logits, "prompt_logits", 2, "[C, M]");
@@ -202,12 +223,12 @@ std::vector<at::Tensor> aggregate_forward(const at::Tensor& text_features, const
   at::Tensor r = at::empty({C}, f32(text_features));
   launch_aggregate_forward(dtype_of(text_features), text_features.data_ptr(), cfp(prompt_logits), C, M, D,
                            out.data_ptr(), fp(u32), fp(w), fp(n), fp(r), stream());
-  return {out, u32, w, n, r};
+  return {out, n, w, r, u32};
 }
 
 // grad_class_features: [C, D] float32 (dL/du^) -> [dL/dtext_features, dL/dprompt_logits (float32)]
 std::vector<at::Tensor> aggregate_backward(const at::Tensor& grad_class_features, const at::Tensor& text_features,
-                                           const at::Tensor& w, const at::Tensor& n, const at::Tensor& r,
+                                           const at::Tensor& n, const at::Tensor& w, const at::Tensor& r,
                                            const at::Tensor& u32) {
   check_text(text_features);
   check_aggregate_saved(text_features, w, n, r, u32);
@@ -279,63 +300,60 @@ std::vector<at::Tensor> cross_entropy_backward(const OptTensor& grad_loss, const
   return {dx, du, dscale};
 }
 
-// phi_bias: [K] float32 or None, llm_embeddings: [C, K] float32
-// -> [dist [], cos [C*M], ||z|| [C*M], ||t|| [C*M], ||e|| [C]]
-std::vector<at::Tensor> distill_forward(const at::Tensor& text_features, const at::Tensor& phi_weight,
-                                        const OptTensor& phi_bias, const at::Tensor& llm_embeddings) {
+// The distillation of SPEC 4.3 against the basis (R [r, D], c [r], F [C, r], delta [C], beta [])
+// -> [dist [], ||t|| [C*M], ||z|| [C*M], cos [C*M]]
+std::vector<at::Tensor> distill_forward(const at::Tensor& text_features, const at::Tensor& basis_r,
+                                        const at::Tensor& basis_c, const at::Tensor& basis_f,
+                                        const at::Tensor& basis_delta, const at::Tensor& basis_beta) {
   check_text(text_features);
-  check_distill_inputs(text_features, phi_weight, phi_bias, llm_embeddings);
+  const Basis basis = check_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
-  const int64_t C = text_features.size(0), R = C * text_features.size(1), D = text_features.size(2);
-  const int64_t K = phi_weight.size(0);
+  const int64_t R = text_features.size(0) * text_features.size(1), D = text_features.size(2);
   at::Tensor n = at::empty({R}, f32(text_features));
-  at::Tensor en = at::empty({C}, f32(text_features));
-  at::Tensor cos = at::empty({R}, f32(text_features));
   at::Tensor zn = at::empty({R}, f32(text_features));
+  at::Tensor cos = at::empty({R}, f32(text_features));
   at::Tensor dist = at::empty({}, f32(text_features));
   launch_row_norms(dtype_of(text_features), text_features.data_ptr(), R, D, fp(n), stream());
-  launch_row_norms(DType::kFloat, llm_embeddings.data_ptr(), C, K, fp(en), stream());
-  run_distill_forward(distill_args(text_features, phi_weight, phi_bias, llm_embeddings, n, en), text_features, cos, zn,
-                      dist, nullptr, 0.0, nullptr);
-  return {dist, cos, zn, n, en};
+  run_distill_forward(distill_args(text_features, basis, n), text_features, cos, zn, dist, nullptr, 0.0, nullptr);
+  return {dist, n, zn, cos};
 }
 
 // -> dL/dtext_features
-at::Tensor distill_backward(const OptTensor& grad_loss, const at::Tensor& text_features, const at::Tensor& phi_weight,
-                            const OptTensor& phi_bias, const at::Tensor& llm_embeddings, const at::Tensor& cos,
-                            const at::Tensor& zn, const at::Tensor& n, const at::Tensor& en) {
+at::Tensor distill_backward(const OptTensor& grad_loss, const at::Tensor& text_features, const at::Tensor& basis_r,
+                            const at::Tensor& basis_c, const at::Tensor& basis_f, const at::Tensor& basis_delta,
+                            const at::Tensor& basis_beta, const at::Tensor& n, const at::Tensor& zn,
+                            const at::Tensor& cos) {
   check_text(text_features);
-  check_distill_inputs(text_features, phi_weight, phi_bias, llm_embeddings);
-  check_distill_saved(text_features, cos, zn, n, en);
+  const Basis basis = check_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
+  check_distill_saved(text_features, n, zn, cos);
   check_grad_scalar(grad_loss, "grad_loss", text_features);
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
   const int64_t R = text_features.size(0) * text_features.size(1), D = text_features.size(2);
   at::Tensor dth = at::empty({R, D}, f32(text_features));
-  run_distill_backward(distill_args(text_features, phi_weight, phi_bias, llm_embeddings, n, en), text_features, cfp(cos),
-                       cfp(zn), GradWeight{opt_ptr(grad_loss), nullptr, 1.f, 0.f}, dth);
+  run_distill_backward(distill_args(text_features, basis, n), text_features, cfp(cos), cfp(zn),
+                       GradWeight{opt_ptr(grad_loss), nullptr, 1.f, 0.f}, dth);
   at::Tensor dt = at::empty_like(text_features);
   normalize_rows_backward(text_features, dth, n, R, D, dt);
   return dt;
 }
 
-// The whole head, L = L_ce + alpha L_dist.
-// -> [loss, ce, dist, logits [B, C] or empty, u^ [C, D], w [C, M], n [C, M], r [C], ||x|| [B], lse [B],
-//     cos [C*M], ||z|| [C*M], ||e|| [C]] (the last three empty without llm_embeddings)
+// The whole head, L = L_ce + alpha L_dist (no distillation without a basis).
+// -> [loss, ce, dist, logits [B, C] or empty, n [C, M], w [C, M], r [C], lse [B], ||x|| [B],
+//     ||z|| [C*M], cos [C*M] (these two empty without a basis), u^ [C, D] float32]
 std::vector<at::Tensor> head_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits,
                                      const at::Tensor& image_features, const at::Tensor& labels,
-                                     const at::Tensor& scale, const OptTensor& llm_embeddings,
-                                     const OptTensor& phi_weight, const OptTensor& phi_bias, double alpha,
-                                     double label_smoothing, bool return_logits) {
+                                     const at::Tensor& scale, const OptTensor& basis_r, const OptTensor& basis_c,
+                                     const OptTensor& basis_f, const OptTensor& basis_delta,
+                                     const OptTensor& basis_beta, double alpha, double label_smoothing,
+                                     bool return_logits) {
   check_text(text_features);
   check_f32(prompt_logits, "prompt_logits", 2, "[C, M]");
   check_same_device(prompt_logits, "prompt_logits", text_features, "text_features");
   check_size(prompt_logits, 0, text_features.size(0), "prompt_logits", "C");
   check_size(prompt_logits, 1, text_features.size(1), "prompt_logits", "M");
   check_image_side(text_features, image_features, labels, scale);
-  const bool distill = has(llm_embeddings);
-  TORCH_CHECK(distill == has(phi_weight), "phi_weight and llm_embeddings must be given together");
-  TORCH_CHECK(distill || !has(phi_bias), "phi_bias was given without llm_embeddings");
-  if (distill) check_distill_inputs(text_features, *phi_weight, phi_bias, *llm_embeddings);
+  const std::optional<Basis> basis =
+      check_opt_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
   const int64_t C = text_features.size(0), M = text_features.size(1), D = text_features.size(2);
   const int64_t B = image_features.size(0);
@@ -352,24 +370,20 @@ std::vector<at::Tensor> head_forward(const at::Tensor& text_features, const at::
                            fp(u32), fp(w), fp(n), fp(r), stream());
   launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
   run_ce_forward(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing), text_features,
-                 return_logits ? logits.data_ptr() : nullptr, lse, ce, distill ? nullptr : fp(loss));
-  at::Tensor dist, cos, zn, en;
-  if (distill) {
-    const int64_t K = phi_weight->size(0);
-    en = at::empty({C}, f32(text_features));
+                 return_logits ? logits.data_ptr() : nullptr, lse, ce, basis ? nullptr : fp(loss));
+  at::Tensor dist, cos, zn;
+  if (basis) {
     cos = at::empty({C * M}, f32(text_features));
     zn = at::empty({C * M}, f32(text_features));
     dist = at::empty({}, f32(text_features));
-    launch_row_norms(DType::kFloat, llm_embeddings->data_ptr(), C, K, fp(en), stream());
-    run_distill_forward(distill_args(text_features, *phi_weight, phi_bias, *llm_embeddings, n, en), text_features,
-                        cos, zn, dist, cfp(ce), alpha, fp(loss));
+    run_distill_forward(distill_args(text_features, *basis, n), text_features, cos, zn, dist, cfp(ce), alpha,
+                        fp(loss));
   } else {
     dist = at::zeros({}, f32(text_features));
     cos = empty0(u32);
     zn = empty0(u32);
-    en = empty0(u32);
   }
-  return {loss, ce, dist, logits, u32, w, n, r, xnorm, lse, cos, zn, en};
+  return {loss, ce, dist, logits, n, w, r, lse, xnorm, zn, cos, u32};
 }
 
 // Gradients of the head given the output gradients (each None or a float32 scalar; grad_logits
@@ -379,12 +393,13 @@ std::vector<at::Tensor> head_forward(const at::Tensor& text_features, const at::
 std::vector<at::Tensor> head_backward(const OptTensor& grad_loss, const OptTensor& grad_ce, const OptTensor& grad_dist,
                                       const OptTensor& grad_logits, const at::Tensor& text_features,
                                       const at::Tensor& image_features, const at::Tensor& labels,
-                                      const at::Tensor& scale, const OptTensor& llm_embeddings,
-                                      const OptTensor& phi_weight, const OptTensor& phi_bias, double alpha,
-                                      double label_smoothing, const at::Tensor& u32, const at::Tensor& w,
-                                      const at::Tensor& n, const at::Tensor& r, const at::Tensor& xnorm,
-                                      const at::Tensor& lse, const at::Tensor& cos, const at::Tensor& zn,
-                                      const at::Tensor& en, bool need_text, bool need_image, bool need_scale) {
+                                      const at::Tensor& scale, const OptTensor& basis_r, const OptTensor& basis_c,
+                                      const OptTensor& basis_f, const OptTensor& basis_delta,
+                                      const OptTensor& basis_beta, double alpha, double label_smoothing,
+                                      const at::Tensor& n, const at::Tensor& w, const at::Tensor& r,
+                                      const at::Tensor& lse, const at::Tensor& xnorm, const at::Tensor& zn,
+                                      const at::Tensor& cos, const at::Tensor& u32, bool need_text,
+                                      bool need_image, bool need_scale) {
   check_text(text_features);
   check_aggregate_saved(text_features, w, n, r, u32);
   check_image_side(text_features, image_features, labels, scale);
@@ -394,12 +409,9 @@ std::vector<at::Tensor> head_backward(const OptTensor& grad_loss, const OptTenso
   check_f32(lse, "lse", 1, "[B]");
   check_size(xnorm, 0, B, "image_norms", "B");
   check_size(lse, 0, B, "lse", "B");
-  const bool distill = has(llm_embeddings);
-  TORCH_CHECK(distill == has(phi_weight), "phi_weight and llm_embeddings must be given together");
-  if (distill) {
-    check_distill_inputs(text_features, *phi_weight, phi_bias, *llm_embeddings);
-    check_distill_saved(text_features, cos, zn, n, en);
-  }
+  const std::optional<Basis> basis =
+      check_opt_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
+  if (basis) check_distill_saved(text_features, n, zn, cos);
   check_grad_scalar(grad_loss, "grad_loss", text_features);
   check_grad_scalar(grad_ce, "grad_ce", text_features);
   check_grad_scalar(grad_dist, "grad_dist", text_features);
@@ -422,16 +434,15 @@ std::vector<at::Tensor> head_backward(const OptTensor& grad_loss, const OptTenso
   }
   if (need_text) {
     at::Tensor dth;
-    if (distill) {
+    if (basis) {
       dth = at::empty({C, M, D}, f32(text_features));
       const GradWeight gw_dist{opt_ptr(grad_loss), opt_ptr(grad_dist), static_cast<float>(alpha), 1.f};
-      run_distill_backward(distill_args(text_features, *phi_weight, phi_bias, *llm_embeddings, n, en), text_features,
-                           cfp(cos), cfp(zn), gw_dist, dth);
+      run_distill_backward(distill_args(text_features, *basis, n), text_features, cfp(cos), cfp(zn), gw_dist, dth);
     }
     dt = at::empty_like(text_features);
     da = at::empty_like(w);
     launch_aggregate_backward(dtype_of(text_features), cfp(du), text_features.data_ptr(), cfp(w), cfp(n), cfp(r),
-                              cfp(u32), distill ? cfp(dth) : nullptr, C, M, D, dt.data_ptr(), fp(da), stream());
+                              cfp(u32), basis ? cfp(dth) : nullptr, C, M, D, dt.data_ptr(), fp(da), stream());
   }
   if (need_image) {
     dx = at::empty_like(image_features);
@@ -446,29 +457,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace demul;
   m.doc() = "demul_fast CUDA kernels of the DeMul head (SPEC.md section 4); see demul_fast/cuda_ops.py";
+  // The constants the kernels were compiled with (demul_fast.common; tests/test_constants.py).
+  m.attr("EPS") = static_cast<double>(DEMUL_EPS);
+  m.attr("MAX_PROMPTS") = static_cast<int64_t>(DEMUL_MAX_PROMPTS);
   m.def("compiled_with", []() { return std::string("CUDA ") + std::to_string(CUDA_VERSION); },
         "CUDA toolkit version the extension was compiled with");
   m.def("aggregate_forward", &aggregate_forward, py::arg("text_features"), py::arg("prompt_logits"));
   m.def("aggregate_backward", &aggregate_backward, py::arg("grad_class_features"), py::arg("text_features"),
-        py::arg("prompt_weights"), py::arg("prompt_norms"), py::arg("class_norms"), py::arg("class_features32"));
+        py::arg("prompt_norms"), py::arg("prompt_weights"), py::arg("class_norms"), py::arg("class_features32"));
   m.def("cross_entropy_forward", &cross_entropy_forward, py::arg("image_features"), py::arg("class_features"),
         py::arg("labels"), py::arg("scale"), py::arg("label_smoothing"));
   m.def("cross_entropy_backward", &cross_entropy_backward, py::arg("grad_loss"), py::arg("image_features"),
         py::arg("class_features"), py::arg("labels"), py::arg("scale"), py::arg("label_smoothing"), py::arg("lse"),
         py::arg("image_norms"), py::arg("need_image"), py::arg("need_class"), py::arg("need_scale"));
-  m.def("distill_forward", &distill_forward, py::arg("text_features"), py::arg("phi_weight"), py::arg("phi_bias"),
-        py::arg("llm_embeddings"));
-  m.def("distill_backward", &distill_backward, py::arg("grad_loss"), py::arg("text_features"), py::arg("phi_weight"),
-        py::arg("phi_bias"), py::arg("llm_embeddings"), py::arg("prompt_cosines"), py::arg("projection_norms"),
-        py::arg("prompt_norms"), py::arg("llm_norms"));
+  m.def("distill_forward", &distill_forward, py::arg("text_features"), py::arg("basis_r"), py::arg("basis_c"),
+        py::arg("basis_f"), py::arg("basis_delta"), py::arg("basis_beta"));
+  m.def("distill_backward", &distill_backward, py::arg("grad_loss"), py::arg("text_features"), py::arg("basis_r"),
+        py::arg("basis_c"), py::arg("basis_f"), py::arg("basis_delta"), py::arg("basis_beta"),
+        py::arg("prompt_norms"), py::arg("projection_norms"), py::arg("prompt_cosines"));
   m.def("head_forward", &head_forward, py::arg("text_features"), py::arg("prompt_logits"), py::arg("image_features"),
-        py::arg("labels"), py::arg("scale"), py::arg("llm_embeddings"), py::arg("phi_weight"), py::arg("phi_bias"),
-        py::arg("alpha"), py::arg("label_smoothing"), py::arg("return_logits"));
+        py::arg("labels"), py::arg("scale"), py::arg("basis_r"), py::arg("basis_c"), py::arg("basis_f"),
+        py::arg("basis_delta"), py::arg("basis_beta"), py::arg("alpha"), py::arg("label_smoothing"),
+        py::arg("return_logits"));
   m.def("head_backward", &head_backward, py::arg("grad_loss"), py::arg("grad_ce"), py::arg("grad_dist"),
         py::arg("grad_logits"), py::arg("text_features"), py::arg("image_features"), py::arg("labels"),
-        py::arg("scale"), py::arg("llm_embeddings"), py::arg("phi_weight"), py::arg("phi_bias"), py::arg("alpha"),
-        py::arg("label_smoothing"), py::arg("class_features32"), py::arg("prompt_weights"), py::arg("prompt_norms"),
-        py::arg("class_norms"), py::arg("image_norms"), py::arg("lse"), py::arg("prompt_cosines"),
-        py::arg("projection_norms"), py::arg("llm_norms"), py::arg("need_text"), py::arg("need_image"),
-        py::arg("need_scale"));
+        py::arg("scale"), py::arg("basis_r"), py::arg("basis_c"), py::arg("basis_f"), py::arg("basis_delta"),
+        py::arg("basis_beta"), py::arg("alpha"), py::arg("label_smoothing"), py::arg("prompt_norms"),
+        py::arg("prompt_weights"), py::arg("class_norms"), py::arg("lse"), py::arg("image_norms"),
+        py::arg("projection_norms"), py::arg("prompt_cosines"), py::arg("class_features32"), py::arg("need_text"),
+        py::arg("need_image"), py::arg("need_scale"));
 }

@@ -1,17 +1,25 @@
 // Shared device helpers of the demul_fast kernels (SPEC.md section 4).
 //
 // Every kernel reads float32, bfloat16 or float16 and accumulates in float32. The
-// GEMM-shaped parts (cosine logits, the distillation projection) use one plain SIMT
-// tile product, `tile_dot`, with shared-memory tiles and fp32 FMAs: this is the only
-// matrix path (no tensor-core path), chosen because it can be checked by reading.
+// GEMM-shaped parts (cosine logits, the distillation projection, the backward sweeps) go
+// through one tile product, `tile_dot`, with two implementations chosen at compile time
+// by the operand types (`MmaType`):
+//  * a bfloat16 or float16 operand: tensor cores (WMMA 16x16x16, `mma.sync`, HMMA in
+//    SASS), both operands rounded to that type in shared memory, float32 accumulation;
+//  * float32 operands only: plain SIMT fp32 FMAs. Tensor cores would need TF32 (10-bit
+//    mantissa), which is not float32 arithmetic; float32 inputs keep float32 products.
+// Both hand the epilogues the same per-thread layout (acc[i][j] is row ty + 16 i, column
+// tx + 16 j of the 64 x 64 tile), so the epilogues are shared.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ops.h"
 
@@ -37,7 +45,11 @@
 
 namespace demul {
 
-constexpr float kEps = 1e-6f;  // the norm floor of SPEC 4
+// Constants of demul_fast/common.py, passed by setup.py as macros (one source of truth).
+#ifndef DEMUL_EPS
+#error "DEMUL_EPS (demul_fast.common.EPS) must be defined by the build (setup.py)"
+#endif
+constexpr float kEps = static_cast<float>(DEMUL_EPS);  // the norm floor of SPEC 4
 
 // Tile shape of every GEMM-shaped kernel: a block of 256 threads (16 x 16) computes a
 // 64 x 64 tile, 4 x 4 values per thread, over the shared dimension in steps of 16.
@@ -45,6 +57,9 @@ constexpr int kTile = static_cast<int>(kTileRows);
 constexpr int kStep = 16;
 constexpr int kThreads = 256;
 constexpr int kPer = 4;  // kTile / 16 values per thread along each side
+// The GEMM-bearing kernels are declared __launch_bounds__(kThreads, 1): with the bare
+// thread count, ptxas of CUDA 13 held them to 64-80 registers and spilled (-Xptxas -v:
+// up to 24 bytes of spill stores, 148 of spill loads); with it they take 96-134, no spill.
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -83,6 +98,17 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return warp_sum(v);
 }
 
+// Maximum over the block; every thread gets the result. Same contract as block_sum.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? scratch[lane] : -INFINITY;
+  return warp_max(v);
+}
+
 // 1 / max(norm, eps) and the normalize backward of SPEC 4.1:
 // dv = (dv^ - v^ <v^, dv^>) / ||v||, or dv^ / eps where ||v|| < eps (the floor is a constant).
 __device__ __forceinline__ float inv_floor(float norm) { return 1.f / fmaxf(norm, kEps); }
@@ -91,7 +117,7 @@ __device__ __forceinline__ float normalize_backward(float v_hat, float dv_hat, f
   return norm >= kEps ? (dv_hat - v_hat * dot) / norm : dv_hat / kEps;
 }
 
-// Shared memory of tile_dot: both operands transposed, [kStep][kTile + 1] (the +1 keeps
+// Shared memory of simt_tile_dot: both operands transposed, [kStep][kTile + 1] (the +1 keeps
 // the transposing stores free of bank conflicts).
 struct DotSmem {
   float a[kStep][kTile + 1];
@@ -102,9 +128,9 @@ struct DotSmem {
 // A: [rows, D] and B: [cols, D], row-major, D contiguous. Out-of-range rows/columns
 // read as zero. Contains __syncthreads: the whole block calls it.
 template <typename TA, typename TB>
-__device__ __forceinline__ void tile_dot(const TA* __restrict__ A, int64_t rows, int64_t r0,
-                                         const TB* __restrict__ B, int64_t cols, int64_t c0, int64_t D,
-                                         DotSmem& sm, float acc[kPer][kPer]) {
+__device__ __forceinline__ void simt_tile_dot(const TA* __restrict__ A, int64_t rows, int64_t r0,
+                                              const TB* __restrict__ B, int64_t cols, int64_t c0, int64_t D,
+                                              DotSmem& sm, float acc[kPer][kPer]) {
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
 #pragma unroll
   for (int i = 0; i < kPer; ++i)
@@ -136,6 +162,109 @@ __device__ __forceinline__ void tile_dot(const TA* __restrict__ A, int64_t rows,
         for (int j = 0; j < kPer; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
     }
     __syncthreads();
+  }
+}
+
+// ---- Tensor-core path ------------------------------------------------------------------
+
+// The tensor-core operand type of a product of TA and TB: the 16-bit one if either is
+// 16-bit (the other is rounded to it), float (the SIMT path) if both are float32.
+template <typename TA, typename TB>
+struct MmaType {
+  using type = std::conditional_t<std::is_same_v<TA, __nv_bfloat16> || std::is_same_v<TB, __nv_bfloat16>,
+                                  __nv_bfloat16,
+                                  std::conditional_t<std::is_same_v<TA, __half> || std::is_same_v<TB, __half>,
+                                                     __half, float>>;
+};
+template <typename TA, typename TB>
+constexpr bool kUseMma = !std::is_same_v<typename MmaType<TA, TB>::type, float>;
+
+constexpr int kMmaStep = 32;       // shared dimension per shared-memory stage
+constexpr int kMmaLd = kMmaStep + 8;  // row stride (elements) of the operand tiles: 80 bytes
+constexpr int kAccLd = kTile + 4;  // row stride (floats) of the accumulator staging tile
+constexpr int kTileLd = kTile + 8;  // row stride (elements) of a 16-bit 64 x 64 tile
+
+// Shared memory of mma_tile_dot: A and B tiles [64 rows][kMmaStep] (the shared dimension
+// contiguous), and the float32 staging tile through which the accumulators reach the
+// epilogue layout. WMMA pointers must be 32-byte aligned: every fragment offset below is.
+template <typename TC>
+struct alignas(128) MmaSmem {
+  TC a[kTile][kMmaLd];
+  TC b[kTile][kMmaLd];
+  float c[kTile][kAccLd];
+};
+
+template <typename TA, typename TB>
+using TileSmem = std::conditional_t<kUseMma<TA, TB>, MmaSmem<typename MmaType<TA, TB>::type>, DotSmem>;
+
+// Warp w of the 8 owns rows 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31 of a 64 x 64
+// tile: two 16 x 16 accumulator fragments.
+using AccFrag = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+
+// Stores the warp's two fragments into c [64][kAccLd] and hands every thread its
+// epilogue-layout values acc[i][j] = c[ty + 16 i][tx + 16 j]. Contains __syncthreads.
+__device__ __forceinline__ void unstage(AccFrag (&f)[2], float (*c)[kAccLd], float acc[kPer][kPer]) {
+  const int warp = threadIdx.x >> 5, wr = 16 * (warp & 3), wc = 32 * (warp >> 2);
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  nvcuda::wmma::store_matrix_sync(&c[wr][wc], f[0], kAccLd, nvcuda::wmma::mem_row_major);
+  nvcuda::wmma::store_matrix_sync(&c[wr][wc + 16], f[1], kAccLd, nvcuda::wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) acc[i][j] = c[ty + 16 * i][tx + 16 * j];
+  __syncthreads();  // c may be rewritten next
+}
+
+// tile_dot on tensor cores: the same contract as simt_tile_dot, operands rounded to TC.
+template <typename TC, typename TA, typename TB>
+__device__ __forceinline__ void mma_tile_dot(const TA* __restrict__ A, int64_t rows, int64_t r0,
+                                             const TB* __restrict__ B, int64_t cols, int64_t c0, int64_t D,
+                                             MmaSmem<TC>& sm, float acc[kPer][kPer]) {
+  using namespace nvcuda;
+  const int tid = threadIdx.x, warp = tid >> 5, wr = 16 * (warp & 3), wc = 32 * (warp >> 2);
+  AccFrag f[2];
+  wmma::fill_fragment(f[0], 0.f);
+  wmma::fill_fragment(f[1], 0.f);
+  // Loader mapping: 256 threads cover [64 rows x 32 d], 8 rows apart; a warp reads 32
+  // consecutive d of one row (coalesced).
+  const int ld_d = tid & 31, ld_r = tid >> 5;
+  for (int64_t d0 = 0; d0 < D; d0 += kMmaStep) {
+    const int64_t d = d0 + ld_d;
+#pragma unroll
+    for (int p = 0; p < kTile / 8; ++p) {
+      const int rr = ld_r + 8 * p;
+      const int64_t ra = r0 + rr, rb = c0 + rr;
+      sm.a[rr][ld_d] = from_f<TC>((ra < rows && d < D) ? to_f(A[ra * D + d]) : 0.f);
+      sm.b[rr][ld_d] = from_f<TC>((rb < cols && d < D) ? to_f(B[rb * D + d]) : 0.f);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kMmaStep; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, TC, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, &sm.a[wr][k], kMmaLd);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // B tile rows are columns of the product: read as a column-major [k x n] operand.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, TC, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, &sm.b[wc + 16 * h][k], kMmaLd);
+        wmma::mma_sync(f[h], fa, fb, f[h]);
+      }
+    }
+    __syncthreads();
+  }
+  unstage(f, sm.c, acc);
+}
+
+// acc = A_tile B_tile^T (see simt_tile_dot), on tensor cores when an operand is 16-bit.
+template <typename TA, typename TB>
+__device__ __forceinline__ void tile_dot(const TA* __restrict__ A, int64_t rows, int64_t r0,
+                                         const TB* __restrict__ B, int64_t cols, int64_t c0, int64_t D,
+                                         TileSmem<TA, TB>& sm, float acc[kPer][kPer]) {
+  if constexpr (kUseMma<TA, TB>) {
+    mma_tile_dot(A, rows, r0, B, cols, c0, D, sm, acc);
+  } else {
+    simt_tile_dot(A, rows, r0, B, cols, c0, D, sm, acc);
   }
 }
 

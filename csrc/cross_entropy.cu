@@ -8,7 +8,9 @@
 // G = dL/ds = g (softmax(s) - q) / B (+ the logits' own gradient, if any):
 //   dL/du[c] = tau sum_b G[b,c] x^[b],  dL/dx^[b] = tau sum_c G[b,c] u[c],
 //   dL/dtau  = sum_{b,c} G[b,c] s[b,c] / tau.
-// Labels are only compared with class indices, never used to address memory.
+// The products run on tensor cores for 16-bit x (the float32 u rounded to x's type), in
+// fp32 SIMT for float32 x (common.cuh). Labels are only compared with class indices,
+// never used to address memory.
 #include "common.cuh"
 #include "ops.h"
 #include "sweep.cuh"
@@ -18,12 +20,12 @@ namespace {
 
 // Per-(split, image) partial state: max, sum of exp(s - max), sum of q s.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
 ce_forward_partial_kernel(const T* __restrict__ x, const float* __restrict__ u, const int64_t* __restrict__ labels,
                           const float* __restrict__ scale, const float* __restrict__ xnorm, float ls, int64_t B,
                           int64_t C, int64_t D, int64_t cols_per_split, T* __restrict__ logits,
                           float* __restrict__ partial) {
-  __shared__ DotSmem sm;
+  __shared__ TileSmem<T, float> sm;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;

@@ -1,12 +1,17 @@
-// Distillation loss with a fused GEMM + cosine epilogue, SPEC.md section 4 / 4.1 / 4.2.
+// The distillation without K (SPEC.md section 4.3): a fused GEMM + cosine epilogue against
+// the frozen-phi basis (R [r, D], c [r], F [C, r], delta [C], beta), r = min(K, D).
 //
-// Rows r = c * M + m of T viewed as [R = C*M, D]:
-//   z[r,k]  = <t[r], W[k]> / max(n[r], eps) + b[k]         (n = ||t[r]||)
-//   cos[r]  = <z[r], e^[c]> / max(||z[r]||, eps),  L_dist = mean_r (1 - cos[r])
-// Forward: blocks own 64 rows x a range of K and keep sum z^2 and sum z e^ per row; a
-// one-block kernel merges the ranges. z ([R, K]) is never stored. Backward: one sweep
-// (sweep.cuh) recomputes z tile by tile with
-//   dz[r,k] = -(g / R) normalize_backward(z^, e^, cos, ||z||)[k],   dt^[r] = sum_k dz[r,k] W[k].
+// Rows i = c * M + m of T viewed as [C*M, D]:
+//   v[i,k]  = <t[i], R[k]> / max(n[i], eps) + c[k]               (n = ||t[i]||)
+//   ||z[i]||^2 = ||v[i]||^2 + beta,   <z[i], e^[c]> = <v[i], F[c]> + delta[c]
+//   cos[i]  = <z[i], e^[c]> / max(||z[i]||, eps),  L_dist = mean_i (1 - cos[i])
+// Forward: blocks own 64 rows x a range of r and keep sum v^2 and sum v F per row; a
+// one-block kernel merges the ranges and adds beta and delta. v ([C*M, r]) is never
+// stored. Backward: one sweep (sweep.cuh) recomputes v tile by tile with
+//   dv[i,k] = -(g / (C*M)) normalize_backward(v/||z||, F[c], cos, ||z||)[k],
+//   dt^[i]  = sum_k dv[i,k] R[k]                                  (= W^T dz of SPEC 4.1).
+// The products run on tensor cores for 16-bit T (R rounded to T's type), in fp32 SIMT for
+// float32 T (common.cuh).
 #include "common.cuh"
 #include "ops.h"
 #include "sweep.cuh"
@@ -14,107 +19,105 @@
 namespace demul {
 namespace {
 
-// Per-(split, row) partial state: sum_k z^2, sum_k z e^.
+// Per-(split, row) partial state: sum_k v^2, sum_k v F.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-distill_forward_partial_kernel(const T* __restrict__ t, const T* __restrict__ w, const float* __restrict__ bias,
-                               const float* __restrict__ e, const float* __restrict__ n,
-                               const float* __restrict__ en, int64_t R, int64_t M, int64_t K, int64_t D,
+__global__ void __launch_bounds__(kThreads, 1)
+distill_forward_partial_kernel(const T* __restrict__ t, const float* __restrict__ basis_r,
+                               const float* __restrict__ basis_c, const float* __restrict__ f,
+                               const float* __restrict__ n, int64_t rows, int64_t M, int64_t rank, int64_t D,
                                int64_t cols_per_split, float* __restrict__ partial) {
-  __shared__ DotSmem sm;
+  __shared__ TileSmem<T, float> sm;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
-  const int64_t k_end = k_begin + cols_per_split < K ? k_begin + cols_per_split : K;
-  float ninv[kPer], einv[kPer], zz[kPer], ze[kPer];
+  const int64_t k_end = k_begin + cols_per_split < rank ? k_begin + cols_per_split : rank;
+  float ninv[kPer], vv[kPer], vf[kPer];
   int64_t cls[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t r = r0 + ty + 16 * i;
-    const bool in = r < R;
+    const bool in = r < rows;
     cls[i] = in ? r / M : 0;
     ninv[i] = in ? inv_floor(n[r]) : 0.f;
-    einv[i] = in ? inv_floor(en[cls[i]]) : 0.f;
-    zz[i] = 0.f;
-    ze[i] = 0.f;
+    vv[i] = 0.f;
+    vf[i] = 0.f;
   }
   float acc[kPer][kPer];
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kTile) {
-    tile_dot(t, R, r0, w, K, k0, D, sm, acc);
+    tile_dot(t, rows, r0, basis_r, rank, k0, D, sm, acc);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       const int64_t k = k0 + tx + 16 * j;
       if (k < k_end) {
-        const float bk = bias ? bias[k] : 0.f;
+        const float ck = basis_c[k];
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
-          const float z = fmaf(acc[i][j], ninv[i], bk);
-          zz[i] = fmaf(z, z, zz[i]);
-          ze[i] = fmaf(z, e[cls[i] * K + k] * einv[i], ze[i]);
+          const float v = fmaf(acc[i][j], ninv[i], ck);
+          vv[i] = fmaf(v, v, vv[i]);
+          vf[i] = fmaf(v, f[cls[i] * rank + k], vf[i]);
         }
       }
     }
   }
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
-    zz[i] = row_sum16(zz[i]);
-    ze[i] = row_sum16(ze[i]);
+    vv[i] = row_sum16(vv[i]);
+    vf[i] = row_sum16(vf[i]);
     const int64_t r = r0 + ty + 16 * i;
-    if (tx == 0 && r < R) {
-      float* p = partial + (static_cast<int64_t>(blockIdx.y) * R + r) * 2;
-      p[0] = zz[i];
-      p[1] = ze[i];
+    if (tx == 0 && r < rows) {
+      float* p = partial + (static_cast<int64_t>(blockIdx.y) * rows + r) * 2;
+      p[0] = vv[i];
+      p[1] = vf[i];
     }
   }
 }
 
-// One block: zn[r] = ||z[r]||, cos[r], dist = mean_r (1 - cos); loss_out (optional) =
+// One block: zn[i] = ||z[i]||, cos[i], dist = mean_i (1 - cos); loss_out (optional) =
 // ce[0] + alpha * dist (the head).
 __global__ void __launch_bounds__(1024)
-distill_finalize_kernel(const float* __restrict__ partial, int64_t splits, int64_t R, float* __restrict__ cos_out,
+distill_finalize_kernel(const float* __restrict__ partial, int64_t splits, int64_t rows, int64_t M,
+                        const float* __restrict__ delta, const float* __restrict__ beta, float* __restrict__ cos_out,
                         float* __restrict__ zn_out, float* __restrict__ dist, const float* __restrict__ ce,
                         float alpha, float* __restrict__ loss_out) {
   __shared__ float scratch[32];
+  const float b = beta[0];
   float total = 0.f;
-  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
-    float zz = 0.f, ze = 0.f;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    float vv = 0.f, vf = 0.f;
     for (int64_t s = 0; s < splits; ++s) {
-      zz += partial[(s * R + r) * 2];
-      ze += partial[(s * R + r) * 2 + 1];
+      vv += partial[(s * rows + r) * 2];
+      vf += partial[(s * rows + r) * 2 + 1];
     }
-    const float zn = sqrtf(zz);
-    const float cs = ze * inv_floor(zn);
+    const float zn = sqrtf(vv + b);
+    const float cs = (vf + delta[r / M]) * inv_floor(zn);
     zn_out[r] = zn;
     cos_out[r] = cs;
     total += 1.f - cs;
   }
   total = block_sum(total, scratch);
   if (threadIdx.x == 0) {
-    const float mean = total / static_cast<float>(R);
+    const float mean = total / static_cast<float>(rows);
     dist[0] = mean;
     if (loss_out != nullptr) loss_out[0] = ce[0] + alpha * mean;
   }
 }
 
-// dz[r,k] for the sweep (rows: prompts r, columns: k of the LLM space).
+// dv[i,k] for the sweep (rows: prompts i, columns: k of the basis).
 struct DistillRows {
   const float* n;
-  const float* bias;  // [K] or null
-  const float* e;     // [C, K]
-  const float* en;
+  const float* basis_c;  // [r]
+  const float* f;        // [C, r]
   const float* cos;
   const float* zn;
   GradWeight gw;
-  int64_t M, K, R;
-  float g_over_r;
+  int64_t M, rank, rows;
+  float g_over_rows;
 
-  __device__ __forceinline__ void prepare() { g_over_r = gw.value() / static_cast<float>(R); }
-  __device__ __forceinline__ float operator()(float dot, int64_t r, int64_t k, float&) const {
-    const float z = fmaf(dot, inv_floor(n[r]), bias ? bias[k] : 0.f);
-    const int64_t c = r / M;
-    const float eh = e[c * K + k] * inv_floor(en[c]);
-    const float znr = zn[r];
-    return -g_over_r * normalize_backward(z * inv_floor(znr), eh, cos[r], znr);
+  __device__ __forceinline__ void prepare() { g_over_rows = gw.value() / static_cast<float>(rows); }
+  __device__ __forceinline__ float operator()(float dot, int64_t i, int64_t k, float&) const {
+    const float v = fmaf(dot, inv_floor(n[i]), basis_c[k]);
+    const float znr = zn[i];
+    return -g_over_rows * normalize_backward(v * inv_floor(znr), f[(i / M) * rank + k], cos[i], znr);
   }
 };
 
@@ -122,25 +125,26 @@ struct DistillRows {
 
 void launch_distill_forward(const DistillArgs& a, Split split, float* partial, float* cos, float* zn, float* dist,
                             const float* ce, float alpha, float* loss_out, cudaStream_t stream) {
-  const int64_t R = a.C * a.M;
-  const dim3 grid(static_cast<unsigned>(ceil_div(R, kTile)), static_cast<unsigned>(split.splits));
+  const int64_t rows = a.C * a.M;
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, kTile)), static_cast<unsigned>(split.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
-    distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(a.t), static_cast<const scalar_t*>(a.w), a.bias, a.e, a.n, a.en, R, a.M, a.K,
-        a.D, split.cols_per_split, partial);
+    distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t), a.basis_r,
+                                                                  a.basis_c, a.f, a.n, rows, a.M, a.rank, a.D,
+                                                                  split.cols_per_split, partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  distill_finalize_kernel<<<1, 1024, 0, stream>>>(partial, split.splits, R, cos, zn, dist, ce, alpha, loss_out);
+  distill_finalize_kernel<<<1, 1024, 0, stream>>>(partial, split.splits, rows, a.M, a.delta, a.beta, cos, zn, dist,
+                                                  ce, alpha, loss_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
                              Split split, float* work, cudaStream_t stream) {
-  const int64_t R = a.C * a.M;
-  const DistillRows epi{a.n, a.bias, a.e, a.en, cos, zn, gw, a.M, a.K, R, 0.f};
+  const int64_t rows = a.C * a.M;
+  const DistillRows epi{a.n, a.basis_c, a.f, cos, zn, gw, a.M, a.rank, rows, 0.f};
   DEMUL_DISPATCH(a.dtype, [&] {
-    run_sweep(static_cast<const scalar_t*>(a.t), R, static_cast<const scalar_t*>(a.w), a.K, a.D, split, epi, dth,
-              work, nullptr, stream);
+    run_sweep(static_cast<const scalar_t*>(a.t), rows, a.basis_r, a.rank, a.D, split, epi, dth, work, nullptr,
+              stream);
   });
 }
 

@@ -2,7 +2,8 @@
 // .cu files need no PyTorch headers (they compile in seconds). bindings.cpp checks the
 // tensors, allocates outputs and scratch, and calls these with the current CUDA stream.
 // None of them synchronises with the host. Shapes follow SPEC.md section 2: C classes,
-// M prompts, D joint dim, B images, K LLM dim, R = C * M prompt rows. "Features" pointers
+// M prompts, D joint dim, B images, r = min(K, D) the rank of the distillation basis
+// (SPEC 4.3), C * M prompt rows. "Features" pointers
 // (t, x, w, v, out, dt, dv, logits) have the DType; every other pointer is float32.
 #pragma once
 
@@ -39,11 +40,21 @@ struct Split {
   int64_t cols_per_split;
 };
 
-inline Split plan_split(int64_t rows, int64_t cols, int64_t sms) {
-  const int64_t row_tiles = ceil_div(rows, kTileRows), col_tiles = ceil_div(cols, kTileRows);
-  const int64_t want = std::min<int64_t>(col_tiles, std::max<int64_t>(1, ceil_div(2 * sms, row_tiles)));
-  const int64_t per = ceil_div(col_tiles, want) * kTileRows;
+inline Split split_into(int64_t cols, int64_t want) {
+  const int64_t col_tiles = ceil_div(cols, kTileRows);
+  const int64_t per = ceil_div(col_tiles, std::min<int64_t>(col_tiles, std::max<int64_t>(1, want))) * kTileRows;
   return {ceil_div(cols, per), per};
+}
+
+inline Split plan_split(int64_t rows, int64_t cols, int64_t sms) {
+  return split_into(cols, ceil_div(2 * sms, ceil_div(rows, kTileRows)));
+}
+
+// The backward sweeps' split: every extra split writes (and the sum reads) a whole float32
+// [rows, D] partial, so split only as far as one wave of blocks needs (none once the row
+// tiles alone fill the SMs).
+inline Split plan_sweep_split(int64_t rows, int64_t cols, int64_t sms) {
+  return split_into(cols, sms / ceil_div(rows, kTileRows));
 }
 
 // norm[r] = ||v[r]|| for v: [R, D].
@@ -89,17 +100,18 @@ void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const 
                         Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, Split split_u,
                         float* work_u, cudaStream_t stream);
 
-// Distillation operands: t [C, M, D], w [K, D] (t's dtype), bias [K] or null, e [C, K],
-// n [C*M] = ||t||, en [C] = ||e||.
+// Distillation operands (SPEC 4.3): t [C, M, D] and the frozen-phi basis, float32:
+// basis_r [r, D] (R), basis_c [r] (c), f [C, r] (F), delta [C], beta [1]; n [C*M] = ||t||.
 struct DistillArgs {
   DType dtype;
   const void* t;
-  const void* w;
-  const float* bias;
-  const float* e;
+  const float* basis_r;
+  const float* basis_c;
+  const float* f;
+  const float* delta;
+  const float* beta;
   const float* n;
-  const float* en;
-  int64_t C, M, D, K;
+  int64_t C, M, D, rank;
 };
 
 // partial: [split.splits, C*M, 2] scratch -> cos, zn [C*M], dist [1]; loss_out [1] =
@@ -107,7 +119,7 @@ struct DistillArgs {
 void launch_distill_forward(const DistillArgs& a, Split split, float* partial, float* cos, float* zn, float* dist,
                             const float* ce, float alpha, float* loss_out, cudaStream_t stream);
 
-// -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw; the sweep splits K by
+// -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw; the sweep splits r by
 // `split` (work: split.splits * C*M * D floats if split.splits > 1).
 void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
                              Split split, float* work, cudaStream_t stream);

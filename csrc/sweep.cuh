@@ -4,6 +4,8 @@
 //   P = A_tile B_chunk^T                       (tile_dot, reduced over D)
 //   G[r, j] = epi(P[r, j], r, j)               (the loss's gradient w.r.t. P, in shared memory)
 //   out[r, :] += sum_j G[r, j] B[j, :]         (a second product, accumulated in float32)
+// Both products run on tensor cores when A or B is 16-bit (G is then rounded to that type,
+// as the operands are), in SIMT fp32 when both are float32 (common.cuh).
 // so the [R, J] matrix of logits / projections is never stored. Block (x, y) owns rows
 // 64x .. 64x+63 of its split y's output, out + y * R * D, for the whole range
 // [y * cols_per_split, (y+1) * cols_per_split) of J: no atomics, so the result is
@@ -17,17 +19,115 @@
 
 namespace demul {
 
-template <typename TA, typename TB, class Epi>
-__global__ void __launch_bounds__(kThreads)
-sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int64_t J, int64_t D,
-             int64_t cols_per_split, Epi epi, float* __restrict__ out, float* __restrict__ extra_out) {
-  // The operand tiles of tile_dot and the B chunk of the second product are never live
-  // together (barriers separate them), so they share memory.
-  __shared__ union {
+// Shared memory of the SIMT sweep: the operand tiles of tile_dot and the B chunk of the
+// second product are never live together (barriers separate them), so they share memory;
+// G is float32.
+struct SimtSweepSmem {
+  union {
     DotSmem dot;
     float v[kTile][kTile + 1];
-  } sm;
-  __shared__ float g[kTile][kTile + 1];
+  };
+  float g[kTile][kTile + 1];
+};
+
+// Shared memory of the tensor-core sweep: G and the B chunk in the operand type TC, the
+// product staged through c; the tile_dot operands share memory with the chunk.
+template <typename TC>
+struct MmaSweepSmem {
+  union {
+    MmaSmem<TC> dot;
+    struct {
+      TC v[kTile][kTileLd];
+      float c[kTile][kAccLd];
+    } prod;
+  };
+  alignas(32) TC g[kTile][kTileLd];
+};
+
+template <typename TA, typename TB>
+using SweepSmem =
+    std::conditional_t<kUseMma<TA, TB>, MmaSweepSmem<typename MmaType<TA, TB>::type>, SimtSweepSmem>;
+
+// o[i][k] = sum_j g[ty + 16 i][j] v[j][tx + 16 k] over the 64 j of the chunk (SIMT, fp32).
+__device__ __forceinline__ void chunk_product(SimtSweepSmem& sm, float o[kPer][kPer]) {
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i)
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) o[i][k] = 0.f;
+#pragma unroll 8
+  for (int jl = 0; jl < kTile; ++jl) {
+    float gv[kPer], bv[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) gv[i] = sm.g[ty + 16 * i][jl];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) bv[k] = sm.v[jl][tx + 16 * k];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) o[i][k] = fmaf(gv[i], bv[k], o[i][k]);
+  }
+}
+
+// The same product on tensor cores (G and the chunk in TC, float32 accumulation).
+// Contains __syncthreads.
+template <typename TC>
+__device__ __forceinline__ void chunk_product(MmaSweepSmem<TC>& sm, float o[kPer][kPer]) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x >> 5, wr = 16 * (warp & 3), wc = 32 * (warp >> 2);
+  AccFrag f[2];
+  wmma::fill_fragment(f[0], 0.f);
+  wmma::fill_fragment(f[1], 0.f);
+#pragma unroll
+  for (int k = 0; k < kTile; k += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, TC, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, &sm.g[wr][k], kTileLd);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, TC, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, &sm.prod.v[k][wc + 16 * h], kTileLd);
+      wmma::mma_sync(f[h], fa, fb, f[h]);
+    }
+  }
+  unstage(f, sm.prod.c, o);
+}
+
+// G is stored in TG for the second product. float16 has 5 exponent bits: gradients of the
+// order of 1/B or 1/(C*M) would fall into its subnormal range and lose their mantissa, so
+// for float16 the tile is first scaled by a power of two (exact) that brings its largest
+// |G| to [2^13, 2^14); the product is scaled back by the returned factor. float32 and
+// bfloat16 (float32's exponent range) store G as it is. Contains __syncthreads for float16.
+template <typename TG>
+__device__ __forceinline__ float scale_for_storage(float g[kPer][kPer], float* scratch) {
+  if constexpr (std::is_same_v<TG, __half>) {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) m = fmaxf(m, fabsf(g[i][j]));
+    m = block_max(m, scratch);
+    if (!(m > 0.f) || !isfinite(m)) return 1.f;
+    int e;
+    frexpf(m, &e);  // m = f 2^e, f in [0.5, 1)
+    const int k = min(max(14 - e, -100), 100);  // 2^k and 2^-k are normal floats
+    const float up = ldexpf(1.f, k);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) g[i][j] *= up;
+    return ldexpf(1.f, -k);
+  } else {
+    return 1.f;
+  }
+}
+
+template <typename TA, typename TB, class Epi>
+__global__ void __launch_bounds__(kThreads, 1)
+sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int64_t J, int64_t D,
+             int64_t cols_per_split, Epi epi, float* __restrict__ out, float* __restrict__ extra_out) {
+  constexpr bool kMma = kUseMma<TA, TB>;
+  using TG = std::conditional_t<kMma, typename MmaType<TA, TB>::type, float>;  // G and chunk storage
+  __shared__ SweepSmem<TA, TB> sm;
   __shared__ float scratch[32];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -47,36 +147,31 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
         const int64_t jj = j0 + tx + 16 * j;
-        g[ty + 16 * i][tx + 16 * j] = (r < R && jj < j_end) ? e(acc[i][j], r, jj, extra) : 0.f;
+        acc[i][j] = (r < R && jj < j_end) ? e(acc[i][j], r, jj, extra) : 0.f;
       }
     }
+    const float unscale = scale_for_storage<TG>(acc, scratch);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) sm.g[ty + 16 * i][tx + 16 * j] = from_f<TG>(acc[i][j]);
     for (int64_t d0 = 0; d0 < D; d0 += kTile) {
-      // B[j0 .. j0+64, d0 .. d0+64] -> sm.v, 64 consecutive threads on one row (coalesced).
+      // B[j0 .. j0+64, d0 .. d0+64] -> the chunk, 64 consecutive threads on one row (coalesced).
       const int ld_d = tid & 63, ld_j = tid >> 6;
 #pragma unroll 4
       for (int p = 0; p < kTile / 4; ++p) {
         const int jl = ld_j + 4 * p;
         const int64_t jj = j0 + jl, d = d0 + ld_d;
-        sm.v[jl][ld_d] = (jj < j_end && d < D) ? to_f(B[jj * D + d]) : 0.f;
+        const float bv = (jj < j_end && d < D) ? to_f(B[jj * D + d]) : 0.f;
+        if constexpr (kMma) {
+          sm.prod.v[jl][ld_d] = from_f<TG>(bv);
+        } else {
+          sm.v[jl][ld_d] = bv;
+        }
       }
       __syncthreads();  // also publishes g
       float o[kPer][kPer];
-#pragma unroll
-      for (int i = 0; i < kPer; ++i)
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) o[i][k] = 0.f;
-#pragma unroll 8
-      for (int jl = 0; jl < kTile; ++jl) {
-        float gv[kPer], bv[kPer];
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) gv[i] = g[ty + 16 * i][jl];
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) bv[k] = sm.v[jl][tx + 16 * k];
-#pragma unroll
-        for (int i = 0; i < kPer; ++i)
-#pragma unroll
-          for (int k = 0; k < kPer; ++k) o[i][k] = fmaf(gv[i], bv[k], o[i][k]);
-      }
+      chunk_product(sm, o);
 #pragma unroll
       for (int i = 0; i < kPer; ++i) {
         const int64_t r = r0 + ty + 16 * i;
@@ -86,11 +181,11 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
           if (r < R && d < D) {
             // Same thread, same (r, d) in every chunk: it re-reads its own store.
             float* dst = out + r * D + d;
-            *dst = (j0 == j_begin ? 0.f : *dst) + o[i][k];
+            *dst = (j0 == j_begin ? 0.f : *dst) + o[i][k] * unscale;
           }
         }
       }
-      __syncthreads();  // sm.v and g are rewritten next
+      __syncthreads();  // the chunk and g are rewritten next
     }
   }
   if (extra_out != nullptr) {

@@ -1,18 +1,24 @@
 """The "cuda" backend: the hand-written CUDA kernels of ``demul_fast._C`` (csrc/).
 
-Each kernel entry point is registered as a ``torch.library`` custom op
-(``demul_fast::cuda_*``) with a fake (meta) implementation and, for the forward ops, an
-autograd formula whose backward is again a custom op; so the ops run under
-``torch.compile`` without graph breaks. ``OPS`` lists them (for ``torch.library.opcheck``).
-The four backend functions below have the reference's signatures
-(demul_fast/_torch_backend.py); the math is SPEC.md section 4, the gradients section 4.1.
+Each kernel entry point is registered as a ``torch.library`` custom op named after the
+public function it implements (``demul_fast::cuda_<function>`` and ``..._backward``,
+demul_fast/op_common.py) with a fake (meta) implementation and, for the forward ops, an
+autograd formula whose backward is again a custom op (not differentiable again); so the
+ops run under ``torch.compile`` without graph breaks. ``OPS`` lists them (for
+``torch.library.opcheck``). The four backend functions below take the distillation as the
+frozen-phi basis of SPEC 4.3 (``DISTILL_BASIS = True``, demul_fast/distill_basis.py); the
+math is SPEC.md section 4, the gradients 4.1, the K-free distillation 4.3.
+
+Numerics: bfloat16 and float16 inputs run every matrix product on tensor cores (operands
+in that type, the float32 class features and basis rounded to it, float32 accumulation);
+float32 inputs run them in float32 on the SIMT cores, not TF32 (csrc/common.cuh).
 
 Inputs arrive validated (demul_fast/_validate.py). Here they are only made contiguous and
-brought to the extension's dtypes: the features (text_features, image_features,
-phi_weight) in their dtype (float32, bfloat16 or float16), the small operands
-(prompt_logits, class_features, phi_bias, llm_embeddings, scale) in float32. Gradients
-flow back to the caller's tensors through those casts. Losses are float32; the frozen
-map phi and the LLM embeddings get no gradient (SPEC 4.1), and asking for one is an error.
+brought to the extension's dtypes: the features (text_features, image_features) in their
+dtype (float32, bfloat16 or float16), the small operands (prompt_logits, class_features,
+the basis, scale) in float32. Gradients flow back to the caller's tensors through those
+casts. Losses are float32; the basis (frozen phi and LLM embeddings) gets no gradient
+(SPEC 4.1), and asking for one is refused through ``unsupported``.
 
 If the extension was not built, ``UNAVAILABLE_REASON`` says why and the backend layer
 never picks this module.
@@ -24,8 +30,10 @@ from typing import Optional
 
 import torch
 
+from . import op_common
 from ._validate import refuse_frozen_grads
 from .common import MAX_PROMPTS, HeadOutput
+from .distill_basis import DistillBasis
 
 try:
     from . import _C
@@ -34,29 +42,33 @@ except ImportError as exc:  # the backend layer reports UNAVAILABLE_REASON
     UNAVAILABLE_REASON = (f"the CUDA extension demul_fast._C is not built ({exc}); "
                           "reinstall with DEMUL_FAST_BUILD_CUDA=1 to see why")
 
+DISTILL_BASIS = True  # the distillation takes a DistillBasis (SPEC 4.3), not phi and E
+
 Tensor = torch.Tensor
 _F32 = torch.float32
+_saved = op_common.saved_tensors
 
 
 def _f32(like: Tensor, *shape: int) -> Tensor:
     return like.new_empty(shape, dtype=_F32)
 
 
-def _opt_f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.to(_F32).contiguous()
-
-
 def _grad_scalar(g: Optional[Tensor]) -> Optional[Tensor]:
     return None if g is None else g.to(_F32).reshape(()).contiguous()
+
+
+def _basis_operands(basis: DistillBasis):
+    """The basis as the extension's five float32 operands (R [r, D], c [r], F [C, r], delta [C], beta [])."""
+    return tuple(t.detach().to(_F32).contiguous() for t in basis)
 
 
 # ---------------------------------------------------------------------------------------
 # Aggregation: T [C, M, D], A [C, M] -> u^ [C, D]
 
 
-@torch.library.custom_op("demul_fast::cuda_aggregate", mutates_args=())
+@torch.library.custom_op("demul_fast::cuda_aggregate_prompts", mutates_args=())
 def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (u^ [C, D] in T's dtype, u^ float32, w [C, M], n [C, M], r [C])"""
+    """-> (u^ [C, D] in T's dtype, n [C, M], w [C, M], r [C], u^ float32 [C, D])"""
     return tuple(_C.aggregate_forward(text_features, prompt_logits))
 
 
@@ -64,33 +76,33 @@ def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> tuple[Tensor, Te
 def _(text_features, prompt_logits):
     c, m, d = text_features.shape
     t = text_features
-    return t.new_empty((c, d)), _f32(t, c, d), _f32(t, c, m), _f32(t, c, m), _f32(t, c)
+    return t.new_empty((c, d)), _f32(t, c, m), _f32(t, c, m), _f32(t, c), _f32(t, c, d)
 
 
-@torch.library.custom_op("demul_fast::cuda_aggregate_backward", mutates_args=())
-def _aggregate_backward(grad: Tensor, text_features: Tensor, w: Tensor, n: Tensor, r: Tensor,
+@torch.library.custom_op("demul_fast::cuda_aggregate_prompts_backward", mutates_args=())
+def _aggregate_backward(grad: Tensor, text_features: Tensor, n: Tensor, w: Tensor, r: Tensor,
                         u32: Tensor) -> tuple[Tensor, Tensor]:
     """grad: dL/du^ [C, D] float32 -> (dL/dT [C, M, D], dL/dA [C, M] float32)"""
-    return tuple(_C.aggregate_backward(grad, text_features, w, n, r, u32))
+    return tuple(_C.aggregate_backward(grad, text_features, n, w, r, u32))
 
 
 @_aggregate_backward.register_fake
-def _(grad, text_features, w, n, r, u32):
+def _(grad, text_features, n, w, r, u32):
     return torch.empty_like(text_features), torch.empty_like(w)
 
 
 def _aggregate_setup(ctx, inputs, output):
-    _, u32, w, n, r = output
+    _, n, w, r, u32 = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(u32, w, n, r)
-    ctx.save_for_backward(inputs[0], w, n, r, u32)
+    ctx.mark_non_differentiable(n, w, r, u32)
+    ctx.save_for_backward(inputs[0], n, w, r, u32)
 
 
 def _aggregate_grad(ctx, g_out, *unused):
     if g_out is None:
         return None, None
-    t, w, n, r, u32 = ctx.saved_tensors
-    dt, da = _aggregate_backward(g_out.to(_F32).contiguous(), t, w, n, r, u32)
+    t, n, w, r, u32 = _saved(ctx)
+    dt, da = _aggregate_backward(g_out.to(_F32).contiguous(), t, n, w, r, u32)
     return dt, da
 
 
@@ -101,7 +113,7 @@ _aggregate.register_autograd(_aggregate_grad, setup_context=_aggregate_setup)
 # Cosine cross-entropy: X [B, D], U [C, D] (float32), labels [B] -> scalar
 
 
-@torch.library.custom_op("demul_fast::cuda_cross_entropy", mutates_args=())
+@torch.library.custom_op("demul_fast::cuda_cosine_cross_entropy", mutates_args=())
 def _cross_entropy(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor,
                    label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (loss [], lse [B], ||x|| [B]), all float32"""
@@ -114,7 +126,7 @@ def _(image_features, class_features, labels, scale, label_smoothing):
     return _f32(image_features), _f32(image_features, b), _f32(image_features, b)
 
 
-@torch.library.custom_op("demul_fast::cuda_cross_entropy_backward", mutates_args=())
+@torch.library.custom_op("demul_fast::cuda_cosine_cross_entropy_backward", mutates_args=())
 def _cross_entropy_backward(grad: Optional[Tensor], image_features: Tensor, class_features: Tensor, labels: Tensor,
                             scale: Tensor, label_smoothing: float, lse: Tensor, xnorm: Tensor, need_image: bool,
                             need_class: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,7 +157,7 @@ def _cross_entropy_grad(ctx, g_loss, *unused):
     need_x, need_u, _, need_s, _ = ctx.needs_input_grad
     if g_loss is None or not (need_x or need_u or need_s):
         return None, None, None, None, None
-    x, u, labels, scale, lse, xnorm = ctx.saved_tensors
+    x, u, labels, scale, lse, xnorm = _saved(ctx)
     dx, du, ds = _cross_entropy_backward(_grad_scalar(g_loss), x, u, labels, scale, ctx.label_smoothing, lse, xnorm,
                                          need_x, need_u, need_s)
     return dx if need_x else None, du if need_u else None, None, ds if need_s else None, None
@@ -155,47 +167,49 @@ _cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entro
 
 
 # ---------------------------------------------------------------------------------------
-# Distillation: T [C, M, D], W [K, D], b [K] (float32) or None, E [C, K] (float32) -> scalar
+# Distillation without K (SPEC 4.3): T [C, M, D] and the basis R [r, D], c [r], F [C, r],
+# delta [C], beta [] (float32) -> scalar
 
 
-@torch.library.custom_op("demul_fast::cuda_distill", mutates_args=())
-def _distill(text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
-             llm_embeddings: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss [], cos [C*M], ||z|| [C*M], ||t|| [C*M], ||e|| [C]), all float32"""
-    return tuple(_C.distill_forward(text_features, phi_weight, phi_bias, llm_embeddings))
+@torch.library.custom_op("demul_fast::cuda_prompt_distill_loss", mutates_args=())
+def _distill(text_features: Tensor, basis_r: Tensor, basis_c: Tensor, basis_f: Tensor, basis_delta: Tensor,
+             basis_beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [], ||t|| [C*M], ||z|| [C*M], cos [C*M]), all float32"""
+    return tuple(_C.distill_forward(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta))
 
 
 @_distill.register_fake
-def _(text_features, phi_weight, phi_bias, llm_embeddings):
+def _(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta):
     c, m, _ = text_features.shape
     t = text_features
-    return _f32(t), _f32(t, c * m), _f32(t, c * m), _f32(t, c * m), _f32(t, c)
+    return _f32(t), _f32(t, c * m), _f32(t, c * m), _f32(t, c * m)
 
 
-@torch.library.custom_op("demul_fast::cuda_distill_backward", mutates_args=())
-def _distill_backward(grad: Optional[Tensor], text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
-                      llm_embeddings: Tensor, cos: Tensor, zn: Tensor, n: Tensor, en: Tensor) -> Tensor:
+@torch.library.custom_op("demul_fast::cuda_prompt_distill_loss_backward", mutates_args=())
+def _distill_backward(grad: Optional[Tensor], text_features: Tensor, basis_r: Tensor, basis_c: Tensor,
+                      basis_f: Tensor, basis_delta: Tensor, basis_beta: Tensor, n: Tensor, zn: Tensor,
+                      cos: Tensor) -> Tensor:
     """-> dL/dT [C, M, D]"""
-    return _C.distill_backward(grad, text_features, phi_weight, phi_bias, llm_embeddings, cos, zn, n, en)
+    return _C.distill_backward(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn, cos)
 
 
 @_distill_backward.register_fake
-def _(grad, text_features, phi_weight, phi_bias, llm_embeddings, cos, zn, n, en):
+def _(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn, cos):
     return torch.empty_like(text_features)
 
 
 def _distill_setup(ctx, inputs, output):
-    _, cos, zn, n, en = output
+    _, n, zn, cos = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(cos, zn, n, en)
-    ctx.save_for_backward(*inputs, cos, zn, n, en)
+    ctx.mark_non_differentiable(n, zn, cos)
+    ctx.save_for_backward(*inputs, n, zn, cos)
 
 
 def _distill_grad(ctx, g_loss, *unused):
     if g_loss is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None
-    t, w, b, e, cos, zn, n, en = ctx.saved_tensors
-    return _distill_backward(_grad_scalar(g_loss), t, w, b, e, cos, zn, n, en), None, None, None
+        return (None,) * 6
+    t, *basis, n, zn, cos = _saved(ctx)
+    return (_distill_backward(_grad_scalar(g_loss), t, *basis, n, zn, cos),) + (None,) * 5
 
 
 _distill.register_autograd(_distill_grad, setup_context=_distill_setup)
@@ -205,47 +219,47 @@ _distill.register_autograd(_distill_grad, setup_context=_distill_setup)
 # The whole head
 
 
-@torch.library.custom_op("demul_fast::cuda_head", mutates_args=())
+@torch.library.custom_op("demul_fast::cuda_demul_head", mutates_args=())
 def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
-          llm_embeddings: Optional[Tensor], phi_weight: Optional[Tensor], phi_bias: Optional[Tensor], alpha: float,
-          label_smoothing: float, return_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                 Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                 Tensor]:
-    """-> (loss, ce, dist, logits [B, C] or [0], then saved statistics: u^ [C, D], w, n [C, M], r [C],
-    ||x|| [B], lse [B], cos, ||z|| [C*M], ||e|| [C] (the last three [0] without llm_embeddings))"""
-    return tuple(_C.head_forward(text_features, prompt_logits, image_features, labels, scale, llm_embeddings,
-                                 phi_weight, phi_bias, alpha, label_smoothing, return_logits))
+          basis_r: Optional[Tensor], basis_c: Optional[Tensor], basis_f: Optional[Tensor],
+          basis_delta: Optional[Tensor], basis_beta: Optional[Tensor], alpha: float, label_smoothing: float,
+          return_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                        Tensor, Tensor, Tensor]:
+    """-> (loss, ce, dist, logits [B, C] or [0], then saved statistics: n [C, M], w [C, M], r [C], lse [B],
+    ||x|| [B], ||z|| [C*M], cos [C*M] (these two [0] without a basis), u^ float32 [C, D])"""
+    return tuple(_C.head_forward(text_features, prompt_logits, image_features, labels, scale, basis_r, basis_c,
+                                 basis_f, basis_delta, basis_beta, alpha, label_smoothing, return_logits))
 
 
 @_head.register_fake
-def _(text_features, prompt_logits, image_features, labels, scale, llm_embeddings, phi_weight, phi_bias, alpha,
-      label_smoothing, return_logits):
+def _(text_features, prompt_logits, image_features, labels, scale, basis_r, basis_c, basis_f, basis_delta,
+      basis_beta, alpha, label_smoothing, return_logits):
     c, m, d = text_features.shape
     b = image_features.shape[0]
     t = text_features
     logits = image_features.new_empty((b, c)) if return_logits else image_features.new_empty(0)
-    rows, classes = (c * m, c) if llm_embeddings is not None else (0, 0)
-    return (_f32(t), _f32(t), _f32(t), logits, _f32(t, c, d), _f32(t, c, m), _f32(t, c, m), _f32(t, c),
-            _f32(t, b), _f32(t, b), _f32(t, rows), _f32(t, rows), _f32(t, classes))
+    rows = c * m if basis_r is not None else 0
+    return (_f32(t), _f32(t), _f32(t), logits, _f32(t, c, m), _f32(t, c, m), _f32(t, c), _f32(t, b), _f32(t, b),
+            _f32(t, rows), _f32(t, rows), _f32(t, c, d))
 
 
-@torch.library.custom_op("demul_fast::cuda_head_backward", mutates_args=())
+@torch.library.custom_op("demul_fast::cuda_demul_head_backward", mutates_args=())
 def _head_backward(grad_loss: Optional[Tensor], grad_ce: Optional[Tensor], grad_dist: Optional[Tensor],
                    grad_logits: Optional[Tensor], text_features: Tensor, image_features: Tensor, labels: Tensor,
-                   scale: Tensor, llm_embeddings: Optional[Tensor], phi_weight: Optional[Tensor],
-                   phi_bias: Optional[Tensor], alpha: float, label_smoothing: float, u32: Tensor, w: Tensor,
-                   n: Tensor, r: Tensor, xnorm: Tensor, lse: Tensor, cos: Tensor, zn: Tensor, en: Tensor,
+                   scale: Tensor, basis_r: Optional[Tensor], basis_c: Optional[Tensor], basis_f: Optional[Tensor],
+                   basis_delta: Optional[Tensor], basis_beta: Optional[Tensor], alpha: float, label_smoothing: float,
+                   n: Tensor, w: Tensor, r: Tensor, lse: Tensor, xnorm: Tensor, zn: Tensor, cos: Tensor, u32: Tensor,
                    need_text: bool, need_image: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dL/dT, dL/dA float32, dL/dX, dL/dscale []), each [0] when not needed"""
     return tuple(_C.head_backward(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels,
-                                  scale, llm_embeddings, phi_weight, phi_bias, alpha, label_smoothing, u32, w, n, r,
-                                  xnorm, lse, cos, zn, en, need_text, need_image, need_scale))
+                                  scale, basis_r, basis_c, basis_f, basis_delta, basis_beta, alpha, label_smoothing,
+                                  n, w, r, lse, xnorm, zn, cos, u32, need_text, need_image, need_scale))
 
 
 @_head_backward.register_fake
-def _(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels, scale, llm_embeddings,
-      phi_weight, phi_bias, alpha, label_smoothing, u32, w, n, r, xnorm, lse, cos, zn, en, need_text, need_image,
-      need_scale):
+def _(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels, scale, basis_r, basis_c,
+      basis_f, basis_delta, basis_beta, alpha, label_smoothing, n, w, r, lse, xnorm, zn, cos, u32, need_text,
+      need_image, need_scale):
     t, x = text_features, image_features
     return (torch.empty_like(t) if need_text else t.new_empty(0),
             torch.empty_like(w) if need_text else w.new_empty(0),
@@ -254,68 +268,58 @@ def _(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features,
 
 
 def _head_setup(ctx, inputs, output):
-    t, _, x, labels, scale, e, w_phi, b_phi, alpha, ls, return_logits = inputs
+    t, _, x, labels, scale, *basis = inputs[:10]
+    alpha, ls, return_logits = inputs[10:]
     saved = output[4:]
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*saved)
     ctx.alpha, ctx.label_smoothing, ctx.return_logits = alpha, ls, return_logits
-    ctx.save_for_backward(t, x, labels, scale, e, w_phi, b_phi, *saved)
+    ctx.has_basis = basis[0] is not None  # saved only when given (saved tensors cannot be None)
+    ctx.save_for_backward(t, x, labels, scale, *(basis if ctx.has_basis else ()), *saved)
 
 
 def _head_grad(ctx, g_loss, g_ce, g_dist, g_logits, *unused):
     need_t, need_a, need_x, _, need_s = ctx.needs_input_grad[:5]
     if all(g is None for g in (g_loss, g_ce, g_dist, g_logits)) or not (need_t or need_a or need_x or need_s):
-        return (None,) * 11
-    t, x, labels, scale, e, w_phi, b_phi, u32, w, n, r, xnorm, lse, cos, zn, en = ctx.saved_tensors
+        return (None,) * 13
+    t, x, labels, scale, *rest = _saved(ctx)
+    basis, saved = (rest[:5], rest[5:]) if ctx.has_basis else ((None,) * 5, rest)
     # Without return_logits the logits output is a [0] placeholder; a traced backward may
     # still hand it a [0] zero gradient, which is not a [B, C] one: ignore it.
     gl = None if g_logits is None or not ctx.return_logits else g_logits.to(_F32).contiguous()
     dt, da, dx, ds = _head_backward(_grad_scalar(g_loss), _grad_scalar(g_ce), _grad_scalar(g_dist), gl, t, x, labels,
-                                    scale, e, w_phi, b_phi, ctx.alpha, ctx.label_smoothing, u32, w, n, r, xnorm, lse,
-                                    cos, zn, en, need_t or need_a, need_x, need_s)
+                                    scale, *basis, ctx.alpha, ctx.label_smoothing, *saved, need_t or need_a, need_x,
+                                    need_s)
     return (dt if need_t else None, da if need_a else None, dx if need_x else None, None, ds if need_s else None,
-            None, None, None, None, None, None)
+            *(None,) * 8)
 
 
 _head.register_autograd(_head_grad, setup_context=_head_setup)
+
+for _op in (_aggregate_backward, _cross_entropy_backward, _distill_backward, _head_backward):
+    op_common.register_backward_op(_op, "cuda")
 
 OPS = [_aggregate, _aggregate_backward, _cross_entropy, _cross_entropy_backward, _distill, _distill_backward,
        _head, _head_backward]
 
 
 # ---------------------------------------------------------------------------------------
-# The backend functions (signatures of demul_fast._torch_backend)
-
-
-def _scale(scale, device: torch.device) -> Tensor:
-    """The logit multiplier as a float32 0-dim tensor on ``device`` (no host sync)."""
-    if isinstance(scale, torch.Tensor):
-        return scale.to(device=device, dtype=_F32).reshape(())
-    return torch.full((), float(scale), dtype=_F32, device=device)
-
-
-def _refuse_frozen_grads(**tensors) -> None:
-    refuse_frozen_grads("cuda", **tensors)
-
-
-def _distill_operands(text_features, phi_weight, phi_bias, llm_embeddings):
-    _refuse_frozen_grads(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
-    return (phi_weight.to(text_features.dtype).contiguous(), _opt_f32(phi_bias), llm_embeddings.to(_F32).contiguous())
-
-
+# The backend functions (the DISTILL_BASIS API of demul_fast.functional)
 
 
 def unsupported(fn: str, text_features=None, phi_weight=None, phi_bias=None, llm_embeddings=None,
-                **_) -> Optional[str]:
+                distill_basis=None, **_) -> Optional[str]:
     """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
 
     Read by demul_fast.backends.select: an explicit backend="cuda" raises with the reason,
     the automatic choice falls back to the next backend.
     """
     try:
-        _refuse_frozen_grads(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
+        refuse_frozen_grads("cuda", phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
     except ValueError as exc:
         return str(exc)
+    if distill_basis is not None and any(t.requires_grad for t in distill_basis):
+        return "the cuda backend gives the distillation basis no gradient (phi and E are frozen, SPEC 4.1)"
     if text_features is not None and text_features.shape[1] > MAX_PROMPTS:
         return f"the cuda kernels take at most M={MAX_PROMPTS} prompts, got M={text_features.shape[1]}"
     return None
@@ -331,31 +335,27 @@ def cosine_cross_entropy(image_features: Tensor, class_features: Tensor, labels:
     """image_features: [B, D], class_features: [C, D], labels: [B] -> scalar float32 loss"""
     x = image_features.contiguous()
     return _cross_entropy(x, class_features.to(_F32).contiguous(), labels.to(torch.int64).contiguous(),
-                          _scale(scale, x.device), float(label_smoothing))[0]
+                          op_common.scale_tensor(scale, x.device), float(label_smoothing))[0]
 
 
-def prompt_distill_loss(text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
-                        llm_embeddings: Tensor) -> Tensor:
-    """text_features: [C, M, D], phi_weight: [K, D], phi_bias: [K] or None, llm_embeddings: [C, K]
-    -> scalar float32 loss"""
-    w, b, e = _distill_operands(text_features, phi_weight, phi_bias, llm_embeddings)
-    return _distill(text_features.contiguous(), w, b, e)[0]
+def prompt_distill_loss(text_features: Tensor, basis: DistillBasis) -> Tensor:
+    """text_features: [C, M, D], basis: DistillBasis (R [r, D], c [r], F [C, r], delta [C], beta [])
+    -> scalar float32 loss (SPEC 4.3)"""
+    return _distill(text_features.contiguous(), *_basis_operands(basis))[0]
 
 
 def demul_head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale,
-               llm_embeddings: Optional[Tensor] = None, phi_weight: Optional[Tensor] = None,
-               phi_bias: Optional[Tensor] = None, alpha: float = 1.0, label_smoothing: float = 0.0,
+               basis: Optional[DistillBasis] = None, alpha: float = 1.0, label_smoothing: float = 0.0,
                return_logits: bool = False) -> HeadOutput:
-    """The whole head in one custom op (SPEC 4): HeadOutput(loss, ce_loss, distill_loss, logits [B, C] or None)"""
+    """The whole head in one custom op (SPEC 4), the distillation against ``basis`` (none without one):
+    HeadOutput(loss, ce_loss, distill_loss, logits [B, C] or None)"""
     t = text_features.contiguous()
-    w = b = e = None
-    if llm_embeddings is not None:
-        w, b, e = _distill_operands(t, phi_weight, phi_bias, llm_embeddings)
+    operands = _basis_operands(basis) if basis is not None else (None,) * 5
     out = _head(t, prompt_logits.to(_F32).contiguous(), image_features.contiguous(),
-                labels.to(torch.int64).contiguous(), _scale(scale, t.device), e, w, b, float(alpha),
-                float(label_smoothing), bool(return_logits))
+                labels.to(torch.int64).contiguous(), op_common.scale_tensor(scale, t.device), *operands,
+                float(alpha), float(label_smoothing), bool(return_logits))
     return HeadOutput(out[0], out[1], out[2], out[3] if return_logits else None)
 
 
 __all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput", "OPS",
-           "unsupported"]
+           "DISTILL_BASIS", "unsupported"]

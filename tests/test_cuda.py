@@ -13,7 +13,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import demul_fast as df
-from demul_fast import _torch_backend, backends
+from demul_fast import backends
+from demul_fast.distill_basis import DistillBasis
 
 
 def _toolchain():
@@ -44,31 +45,41 @@ def test_extension_built_and_importable():
     assert getattr(cuda_ops, "UNAVAILABLE_REASON", None) is None
 
 
+# The backend API of demul_fast.functional for modules with DISTILL_BASIS (the K-free
+# distillation of SPEC 4.3 takes a DistillBasis instead of phi and E).
+API = {
+    "aggregate_prompts": ["text_features", "prompt_logits"],
+    "cosine_cross_entropy": ["image_features", "class_features", "labels", "scale", "label_smoothing"],
+    "prompt_distill_loss": ["text_features", "basis"],
+    "demul_head": ["text_features", "prompt_logits", "image_features", "labels", "scale", "basis", "alpha",
+                   "label_smoothing", "return_logits"],
+}
+
+
 @needs_ext
-def test_backend_functions_have_the_reference_signatures():
+def test_backend_functions_have_the_basis_api_signatures():
     from demul_fast import cuda_ops
-    for name in ("aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head"):
-        ours = list(inspect.signature(getattr(cuda_ops, name)).parameters)
-        model = list(inspect.signature(getattr(_torch_backend, name)).parameters)
-        assert ours == model, name
+    assert cuda_ops.DISTILL_BASIS is True
+    for name, params in API.items():
+        assert list(inspect.signature(getattr(cuda_ops, name)).parameters) == params, name
 
 
 @needs_ext
-def test_ops_are_registered_custom_ops():
+def test_ops_are_registered_custom_ops_named_after_the_public_functions():
     from demul_fast import cuda_ops
     names = {op._qualname for op in cuda_ops.OPS}
-    assert len(names) == len(cuda_ops.OPS) == 8
+    assert names == {f"demul_fast::cuda_{fn}{suffix}" for fn in API for suffix in ("", "_backward")}
     for name in names:
-        assert name.startswith("demul_fast::cuda_")
         torch._C._dispatch_find_schema_or_throw(name, "")
 
 
 def _cpu_inputs(C=5, M=3, D=8, B=4, K=6):
     f = torch.float32
+    r = min(K, D)
     z = dict(t=torch.randn(C, M, D), a=torch.randn(C, M), x=torch.randn(B, D), u=torch.randn(C, D),
-             y=torch.randint(0, C, (B,)), s=torch.tensor(30.0), e=torch.randn(C, K), w=torch.randn(K, D),
-             b=torch.randn(K), wc=torch.rand(C, M), nc=torch.rand(C, M), rc=torch.rand(C), vb=torch.rand(B),
-             vr=torch.rand(C * M), g=torch.ones((), dtype=f))
+             y=torch.randint(0, C, (B,)), s=torch.tensor(30.0), wc=torch.rand(C, M), nc=torch.rand(C, M),
+             rc=torch.rand(C), vb=torch.rand(B), vr=torch.rand(C * M), g=torch.ones((), dtype=f),
+             basis=(torch.randn(r, D), torch.randn(r), torch.randn(C, r), torch.randn(C), torch.rand(())))
     return z
 
 
@@ -77,18 +88,16 @@ def test_direct_calls_on_cpu_tensors_raise_naming_the_argument():
     z = _cpu_inputs()
     calls = {
         "aggregate_forward": lambda: _C.aggregate_forward(z["t"], z["a"]),
-        "aggregate_backward": lambda: _C.aggregate_backward(z["u"], z["t"], z["wc"], z["nc"], z["rc"], z["u"]),
+        "aggregate_backward": lambda: _C.aggregate_backward(z["u"], z["t"], z["nc"], z["wc"], z["rc"], z["u"]),
         "cross_entropy_forward": lambda: _C.cross_entropy_forward(z["x"], z["u"], z["y"], z["s"], 0.0),
         "cross_entropy_backward": lambda: _C.cross_entropy_backward(z["g"], z["x"], z["u"], z["y"], z["s"], 0.0,
                                                                     z["vb"], z["vb"], True, True, True),
-        "distill_forward": lambda: _C.distill_forward(z["t"], z["w"], None, z["e"]),
-        "distill_backward": lambda: _C.distill_backward(None, z["t"], z["w"], z["b"], z["e"], z["vr"], z["vr"],
-                                                        z["vr"], z["rc"]),
-        "head_forward": lambda: _C.head_forward(z["t"], z["a"], z["x"], z["y"], z["s"], z["e"], z["w"], None, 1.0,
-                                                0.0, True),
-        "head_backward": lambda: _C.head_backward(z["g"], None, None, None, z["t"], z["x"], z["y"], z["s"], None,
-                                                  None, None, 1.0, 0.0, z["u"], z["wc"], z["nc"], z["rc"], z["vb"],
-                                                  z["vb"], z["vr"], z["vr"], z["rc"], True, True, True),
+        "distill_forward": lambda: _C.distill_forward(z["t"], *z["basis"]),
+        "distill_backward": lambda: _C.distill_backward(None, z["t"], *z["basis"], z["vr"], z["vr"], z["vr"]),
+        "head_forward": lambda: _C.head_forward(z["t"], z["a"], z["x"], z["y"], z["s"], *z["basis"], 1.0, 0.0, True),
+        "head_backward": lambda: _C.head_backward(z["g"], None, None, None, z["t"], z["x"], z["y"], z["s"],
+                                                  *z["basis"], 1.0, 0.0, z["nc"], z["wc"], z["rc"], z["vb"],
+                                                  z["vb"], z["vr"], z["vr"], z["u"], True, True, True),
     }
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match=r"(text_features|image_features) must be a CUDA tensor, got a tensor "
@@ -129,9 +138,10 @@ def test_fake_head_shapes_dtypes_and_gradients(dtype, distill):
         X = torch.randn(B, D, dtype=dtype, requires_grad=True)
         s = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
         y = torch.randint(0, C, (B,))
-        extra = dict(llm_embeddings=torch.randn(C, K, dtype=dtype), phi_weight=torch.randn(K, D, dtype=dtype),
-                     phi_bias=torch.randn(K, dtype=dtype)) if distill else {}
-        out = cuda_ops.demul_head(T, A, X, y, s, **extra, alpha=0.5, label_smoothing=0.1, return_logits=True)
+        r = min(K, D)
+        basis = DistillBasis(torch.randn(r, D), torch.randn(r), torch.randn(C, r), torch.randn(C),
+                             torch.rand(())) if distill else None
+        out = cuda_ops.demul_head(T, A, X, y, s, basis, alpha=0.5, label_smoothing=0.1, return_logits=True)
         assert out.logits.shape == (B, C) and out.logits.dtype == dtype
         assert all(v.shape == () and v.dtype == torch.float32 for v in out[:3])
         (out.loss + out.logits.float().sum()).backward()
@@ -140,7 +150,8 @@ def test_fake_head_shapes_dtypes_and_gradients(dtype, distill):
         u = cuda_ops.aggregate_prompts(T, A)
         assert u.shape == (C, D) and u.dtype == dtype
         ce = cuda_ops.cosine_cross_entropy(X, u, y, 20.0, 0.0)
-        dist = cuda_ops.prompt_distill_loss(T, torch.randn(K, D, dtype=dtype), None, torch.randn(C, K, dtype=dtype))
+        dist = cuda_ops.prompt_distill_loss(T, DistillBasis(torch.randn(r, D), torch.zeros(r), torch.randn(C, r),
+                                                            torch.zeros(C), torch.zeros(())))
         gT, gA, gX = torch.autograd.grad(ce + dist, [T, A, X])
         assert (gT.shape, gA.shape, gX.shape) == ((C, M, D), (C, M), (B, D))
         assert ce.dtype == dist.dtype == torch.float32
@@ -148,11 +159,24 @@ def test_fake_head_shapes_dtypes_and_gradients(dtype, distill):
 
 @needs_ext
 def test_frozen_operands_requiring_grad_are_refused():
+    """phi/E (or a basis) that require grad are refused through the backend hook: the
+    kernels give them no gradient (SPEC 4.1); functional then runs the direct form on torch."""
     from demul_fast import cuda_ops
-    with FakeTensorMode():
-        T = torch.randn(5, 3, 8)
-        W = torch.randn(6, 8, requires_grad=True)
-        with pytest.raises(ValueError, match="phi_weight requires grad"):
-            cuda_ops.prompt_distill_loss(T, W, None, torch.randn(5, 6))
-        with torch.no_grad():
-            cuda_ops.prompt_distill_loss(T, W, None, torch.randn(5, 6))
+    T = torch.randn(5, 3, 8)
+    W = torch.randn(6, 8, requires_grad=True)
+    reason = cuda_ops.unsupported("prompt_distill_loss", text_features=T, phi_weight=W)
+    assert reason is not None and "phi_weight" in reason
+    basis = DistillBasis(torch.randn(6, 8, requires_grad=True), torch.randn(6), torch.randn(5, 6), torch.randn(5),
+                         torch.rand(()))
+    assert "basis" in cuda_ops.unsupported("demul_head", text_features=T, distill_basis=basis)
+    frozen = DistillBasis(*(t.detach() for t in basis))
+    assert cuda_ops.unsupported("demul_head", text_features=T, distill_basis=frozen) is None
+
+
+def test_default_order_on_a_gpu_is_triton_first_and_says_why(monkeypatch):
+    """Until a GPU measurement compares the kernel backends, triton comes first (README);
+    ``python -m demul_fast`` prints the reason."""
+    monkeypatch.delenv("DEMUL_FAST_BACKEND", raising=False)
+    assert backends.default_order(torch.device("cuda")) == ("triton", "cuda", "torch")
+    assert backends.default_order(torch.device("cpu")) == ("torch",)
+    assert f"why: {backends.DEFAULT_ORDER_REASON}" in backends.describe(torch.device("cuda"))

@@ -2,14 +2,18 @@
 whole head against the float64 reference with the error rule (tests/numerics.py: outputs
 k=2, gradients k=3, relative to the plain PyTorch path's own error in the same dtype),
 and against the triton backend where it is available. Fresh random inputs, odd and
-ImageNet-scale shapes, all three dtypes. Before every call the CUDA caching allocator is
-filled with NaN blocks, so an output element a kernel forgets to write shows up as
+ImageNet-scale shapes, all three dtypes: bfloat16 and float16 run every matrix product on
+tensor cores (csrc/common.cuh), float32 on the SIMT path. The distillation runs K-free
+against the basis of SPEC 4.3 (K > D, K = D, K < D, with and without a bias) and is
+checked against the reference's direct form. Before every call the CUDA caching allocator
+is filled with NaN blocks, so an output element a kernel forgets to write shows up as
 non-finite. Skipped at collection without a CUDA device (tests/conftest.py)."""
 
 import pytest
 import torch
 
 from demul_fast import backends, functional as F, reference as ref
+from demul_fast.distill_basis import build_distill_basis
 from numerics import assert_error_rule, max_err
 
 pytestmark = pytest.mark.gpu
@@ -17,6 +21,7 @@ DEV = "cuda"
 ODD = dict(C=37, M=3, D=100, B=5, K=70)
 PRIMES = dict(C=67, M=5, D=131, B=97, K=193)  # every dimension crosses a 64-wide tile
 LARGE = dict(C=1000, M=8, D=512, B=256, K=3072)
+SQUARE = dict(C=37, M=3, D=96, B=5, K=96)  # K = D: the basis has full rank D
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -89,6 +94,16 @@ def rand(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEV)
 
 
+def basis_of(E, W, b):
+    """The float32 basis of the frozen phi/E (float64 inputs), as demul_fast.functional builds it."""
+    return build_distill_basis(W, b, E, dtype=torch.float32)
+
+
+def cuda_ops():
+    from demul_fast import cuda_ops as module
+    return module
+
+
 def backend_fn(name, backend):
     fn = getattr(F, name)
     return lambda *a, **k: fn(*a, **k, backend=backend)
@@ -120,32 +135,52 @@ def test_cosine_cross_entropy(gen, shape, ls, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,bias", [(ODD, True), (PRIMES, False), (LARGE, True)], ids=["odd", "primes", "large"])
+@pytest.mark.parametrize("shape,bias", [(ODD, True), (ODD, False), (SQUARE, True), (PRIMES, False), (PRIMES, True),
+                                        (LARGE, True)],
+                         ids=["k<d", "k<d-nobias", "k=d", "k>d-nobias", "k>d", "large"])
 def test_prompt_distill_loss(gen, shape, bias, dtype):
     T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **shape)
+    basis = basis_of(E, W, b)
 
     def frozen(fn):
         return lambda t: fn(t, W.to(t.dtype), None if b is None else b.to(t.dtype), E.to(t.dtype))
-    fo, _ = check(f"distill {dtype}", (frozen(backend_fn("prompt_distill_loss", "cuda")),
+    fo, _ = check(f"distill {dtype}", (lambda t: cuda_ops().prompt_distill_loss(t, basis),
                                         frozen(ref.prompt_distill_loss),
                                         frozen(backend_fn("prompt_distill_loss", "triton"))),
                   [T], [0], dtype, [torch.tensor(1.3, device=DEV)], ["dT"])
     assert fo[0].dtype == torch.float32
 
 
+def test_distill_when_the_projection_nearly_cancels_the_bias(gen):
+    """W t^ close to -b (SPEC 4.3): ||z|| is small and comes from a sum of squares."""
+    T, _, _, _, E, W, _ = make_inputs(gen, **SQUARE)
+    t_hat = ref.l2_normalize(T)
+    b = -(t_hat[0, 0] @ W.T) + 1e-3 * rand(gen, W.shape[0])
+    check("distill near -b", (lambda t: cuda_ops().prompt_distill_loss(t, basis_of(E, W, b)),
+                              lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), b.to(t.dtype), E.to(t.dtype)),
+                              lambda t: F.prompt_distill_loss(t, W.float(), b.float(), E.float(), backend="triton")),
+          [T], [0], torch.float32, [torch.tensor(1.0, device=DEV)], ["dT"])
+
+
 def _head_fns(y, E, W, b, alpha, ls, distill):
+    basis = basis_of(E, W, b) if distill else None
+
+    def fast(t, a, x, s):
+        return tuple(cuda_ops().demul_head(t, a, x, y, s, basis, alpha, ls, True))
+
     def make(fn):
         def call(t, a, x, s):
             cast = (lambda v: None if v is None or not distill else v.to(t.dtype))
             return tuple(fn(t, a, x, y, s, cast(E), cast(W), cast(b), alpha=alpha, label_smoothing=ls,
                             return_logits=True))
         return call
-    return make(backend_fn("demul_head", "cuda")), make(ref.demul_head), make(backend_fn("demul_head", "triton"))
+    return fast, make(ref.demul_head), make(backend_fn("demul_head", "triton"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,distill", [(ODD, True), (PRIMES, False), (PRIMES, True), (LARGE, True)],
-                         ids=["odd", "primes-ce-only", "primes", "large"])
+@pytest.mark.parametrize("shape,distill", [(ODD, True), (PRIMES, False), (PRIMES, True), (SQUARE, True),
+                                           (LARGE, True)],
+                         ids=["odd", "primes-ce-only", "primes", "k=d", "large"])
 def test_demul_head(gen, shape, distill, dtype):
     T, A, X, y, E, W, b = make_inputs(gen, **shape)
     tau = torch.tensor(100.0, dtype=torch.float64, device=DEV)
@@ -158,11 +193,27 @@ def test_demul_head(gen, shape, distill, dtype):
     assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_is_bitwise_deterministic(gen, dtype):
+    """No floating-point atomics: the same inputs give the same bits, forward and backward."""
+    T, A, X, y, E, W, b = make_inputs(gen, **PRIMES)
+    basis = basis_of(E, W, b)
+    results = []
+    for _ in range(2):
+        leaves = [T.to(dtype).requires_grad_(), A.float().requires_grad_(), X.to(dtype).requires_grad_()]
+        out = cuda_ops().demul_head(*leaves, y, 30.0, basis, 0.5, 0.1, True)
+        (out.loss + out.logits.float().square().sum()).backward()
+        results.append([out.loss, out.logits] + [v.grad for v in leaves])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
 def test_head_without_logits_matches_with_logits(gen):
     T, A, X, y, E, W, b = make_inputs(gen, **ODD)
     args = [v.float() for v in (T, A, X)]
-    with_l = F.demul_head(*args, y, 30.0, E.float(), W.float(), b.float(), return_logits=True, backend="cuda")
-    without = F.demul_head(*args, y, 30.0, E.float(), W.float(), b.float(), backend="cuda")
+    basis = basis_of(E, W, b)
+    with_l = cuda_ops().demul_head(*args, y, 30.0, basis, return_logits=True)
+    without = cuda_ops().demul_head(*args, y, 30.0, basis)
     assert without.logits is None
     for a, c in zip(with_l[:3], without[:3]):
         assert torch.equal(a, c)
@@ -176,7 +227,7 @@ def test_out_of_range_labels_never_read_out_of_bounds(gen, monkeypatch):
     y[0] = 10 ** 9
     y[1] = -(10 ** 9)
     leaves = [v.float().requires_grad_() for v in (T, A, X)]
-    out = F.demul_head(*leaves, y, 30.0, E.float(), W.float(), b.float(), backend="cuda")
+    out = cuda_ops().demul_head(*leaves, y, 30.0, basis_of(E, W, b))
     out.loss.backward()
     torch.cuda.synchronize()
 
@@ -185,15 +236,32 @@ def test_out_of_range_labels_never_read_out_of_bounds(gen, monkeypatch):
 def test_no_host_sync_in_the_ops(gen, dtype):
     """The head's forward and backward never synchronise with the host."""
     T, A, X, y, E, W, b = make_inputs(gen, **PRIMES)
-    from demul_fast import cuda_ops
     leaves = [v.to(dtype).requires_grad_() for v in (T, X)]
     a = A.float().requires_grad_()
-    e, w, bb = E.to(dtype), W.to(dtype), b.to(dtype)
+    basis = basis_of(E, W, b)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = cuda_ops.demul_head(leaves[0], a, leaves[1], y, torch.full((), 30.0, device=DEV), e, w, bb)
+        out = cuda_ops().demul_head(leaves[0], a, leaves[1], y, torch.full((), 30.0, device=DEV), basis)
         out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(leaves[0].grad).all()
+
+
+def test_basis_errors_name_the_argument(gen):
+    """A direct caller of the extension gets an error naming the basis tensor, before any kernel runs."""
+    from demul_fast import _C
+    T = torch.randn(5, 3, 8, device=DEV)
+    R, c, Fm, delta, beta = (torch.randn(4, 8, device=DEV), torch.randn(4, device=DEV),
+                             torch.randn(5, 4, device=DEV), torch.randn(5, device=DEV), torch.rand((), device=DEV))
+    with pytest.raises(RuntimeError, match="basis.R has D=7, expected 8"):
+        _C.distill_forward(T, R[:, :7].contiguous(), c, Fm, delta, beta)
+    with pytest.raises(RuntimeError, match="basis.F has C=4, expected 5"):
+        _C.distill_forward(T, R, c, Fm[:4].contiguous(), delta, beta)
+    with pytest.raises(RuntimeError, match="basis.c must be Float"):
+        _C.distill_forward(T, R, c.double(), Fm, delta, beta)
+    with pytest.raises(RuntimeError, match="needs all of R, c, F, delta, beta, got 4"):
+        _C.head_forward(T, torch.randn(5, 3, device=DEV), torch.randn(2, 8, device=DEV),
+                        torch.zeros(2, dtype=torch.long, device=DEV), torch.ones((), device=DEV), R, c, Fm, delta,
+                        None, 1.0, 0.0, False)
