@@ -131,8 +131,9 @@ def test_cache_reuses_and_rebuilds_on_every_in_place_edit(gen):
     db.clear_distill_basis_cache()
     t = torch.randn(C, M, D, generator=gen)
     w, b, e = _frozen(gen)
-    first = db.cached_distill_basis(w, b, e)
-    assert db.cached_distill_basis(w, b, e) is first
+    df.prompt_distill_loss(t, w, b, e, backend="torch")  # builds and caches the float32 basis
+    first = db.cached_distill_basis(w, b, e, torch.float32)
+    assert db.cached_distill_basis(w, b, e, torch.float32) is first
     edits = [lambda: w.mul_(2.0), lambda: b[3].fill_(5.0), lambda: e.copy_(torch.randn(C, 12, generator=gen)),
              lambda: w.detach().add_(1.0), lambda: w[:, 2].zero_()]
     for i, edit in enumerate(edits):
@@ -141,8 +142,8 @@ def test_cache_reuses_and_rebuilds_on_every_in_place_edit(gen):
         got = df.prompt_distill_loss(t, w, b, e, backend="torch")
         want = reference.prompt_distill_loss(t.double(), w.double(), b.double(), e.double())
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=f"edit {i}: stale basis")
-        assert db.cached_distill_basis(w, b, e) is not first
-        first = db.cached_distill_basis(w, b, e)
+        assert db.cached_distill_basis(w, b, e, torch.float32) is not first
+        first = db.cached_distill_basis(w, b, e, torch.float32)
 
 
 def test_cache_keys_on_the_tensor_not_its_address(gen):
