@@ -66,34 +66,44 @@ def _logits(image_features: torch.Tensor, class_features: torch.Tensor, scale: S
     return scale * (_normalize(image_features) @ class_features.transpose(0, 1))
 
 
-class _KFreeDistill(torch.autograd.Function):
-    """L_dist from t^ in the basis of SPEC 4.3, its gradient wrt t^ made in the forward.
+def _kfree(t_hat, R, c, F, delta, beta, with_grad: bool):
+    """(L_dist, dL_dist/dt^ or None) of rows t^ [C, M, D] in the basis of SPEC 4.3.
 
-    forward(t^ [C, M, D], R [r, D], c [r], F [C, r], delta [C], beta []) -> scalar L_dist
-    With v = R t^ + c, |z| = sqrt(|v|^2 + beta), cos = (<v, F> + delta) / max(|z|, eps):
+    v = R t^ + c, |z| = sqrt(|v|^2 + beta), cos = (<v, F> + delta) / max(|z|, eps);
     dL/dt^ = R^T g, g = -(1/(C*M)) (F - cos v / |z|) / |z| (below eps: -(1/(C*M)) F / eps).
     """
+    cls, m, d = t_hat.shape
+    v = torch.addmm(c, t_hat.reshape(cls * m, d), R.t()).view(cls, m, -1)  # [C, M, r]
+    z_norm = (v.square().sum(-1) + beta).sqrt()  # [C, M]
+    z_floor = z_norm.clamp_min(EPS)
+    cos = (torch.einsum("cmr,cr->cm", v, F) + delta.unsqueeze(1)) / z_floor
+    loss = (1.0 - cos).mean()
+    if not with_grad:
+        return loss, None
+    inv = 1.0 / z_floor
+    # below the floor the cos term drops out (the floor is a constant, SPEC 4.1)
+    cos_term = torch.where(z_norm >= EPS, cos * inv, torch.zeros_like(cos))
+    g = (v * cos_term.unsqueeze(-1) - F.unsqueeze(1)) * (inv / (cls * m)).unsqueeze(-1)  # [C, M, r]
+    return loss, (g.view(cls * m, -1) @ R).view(cls, m, d)
+
+
+class _KFreeDistill(torch.autograd.Function):
+    """L_dist from t^ [C, M, D] and the basis (R, c, F, delta, beta) of SPEC 4.3, with its
+    gradient made in the forward (SPEC 4.2) and scaled by grad_output in the backward. Under
+    create_graph=True the backward recomputes that gradient differentiably (double backward)."""
 
     @staticmethod
     def forward(ctx, t_hat, R, c, F, delta, beta):
-        cls, m, d = t_hat.shape
-        v = torch.addmm(c, t_hat.reshape(cls * m, d), R.t()).view(cls, m, -1)  # [C, M, r]
-        z_norm = (v.square().sum(-1) + beta).sqrt()  # [C, M]
-        z_floor = z_norm.clamp_min(EPS)
-        cos = (torch.einsum("cmr,cr->cm", v, F) + delta.unsqueeze(1)) / z_floor
-        loss = (1.0 - cos).mean()
-        if ctx.needs_input_grad[0]:
-            inv = 1.0 / z_floor
-            # below the floor the cos term drops out (the floor is a constant, SPEC 4.1)
-            cos_term = torch.where(z_norm >= EPS, cos * inv, torch.zeros_like(cos))
-            g = (v * cos_term.unsqueeze(-1) - F.unsqueeze(1)) * (inv / (cls * m)).unsqueeze(-1)  # [C, M, r]
-            grad_t_hat = (g.view(cls * m, -1) @ R).view(cls, m, d)
-            ctx.save_for_backward(grad_t_hat)
+        loss, grad_t_hat = _kfree(t_hat, R, c, F, delta, beta, ctx.needs_input_grad[0])
+        if grad_t_hat is not None:
+            ctx.save_for_backward(grad_t_hat, t_hat, R, c, F, delta, beta)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad_t_hat,) = ctx.saved_tensors
+        grad_t_hat, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            grad_t_hat = _kfree(*inputs, with_grad=True)[1]
         return grad_t_hat * grad_loss, None, None, None, None, None
 
 

@@ -255,3 +255,15 @@ def test_torch_backend_is_not_the_reference(gen, monkeypatch):
     for name in ("demul_head", "prompt_distill_loss", "aggregate_prompts", "cosine_cross_entropy"):
         monkeypatch.setattr(reference, name, lambda *a, **k: pytest.fail("the reference ran"))
     torch.testing.assert_close(df.demul_head(**inputs, backend="torch").loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_matches_reference(gen):
+    """Under create_graph=True the gradient made in the forward is recomputed differentiably."""
+    t = torch.randn(C, M, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    w, b, e = (x.double() for x in _frozen(gen))
+    second = []
+    for fn in (lambda: df.prompt_distill_loss(t, w, b, e, backend="torch"),
+               lambda: reference.prompt_distill_loss(t, w, b, e)):
+        (g,) = torch.autograd.grad(fn(), t, create_graph=True)
+        second.append(torch.autograd.grad(g.square().sum(), t)[0])
+    torch.testing.assert_close(second[0], second[1], rtol=1e-9, atol=1e-12)
