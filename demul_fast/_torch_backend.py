@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as nnf
 
-from .common import EPS, HeadOutput, Scale
+from .common import EPS, HeadOutput, Scale, l2_normalize
 from .distill_basis import DistillBasis
 
 DISTILL_BASIS = True  # prompt_distill_loss and demul_head take a DistillBasis (SPEC 4.3)
@@ -42,15 +42,10 @@ def _up(x, dtype: torch.dtype):
     return x.to(dtype)
 
 
-def _normalize(v: torch.Tensor) -> torch.Tensor:
-    """v / max(||v||, EPS) over the last dim (SPEC 4's floor)."""
-    return nnf.normalize(v, dim=-1, eps=EPS)
-
-
 def _class_features(t_hat: torch.Tensor, prompt_logits: torch.Tensor) -> torch.Tensor:
     """t^ [C, M, D], A [C, M] -> u^ [C, D] (one batched product for u)."""
     w = torch.softmax(prompt_logits, dim=-1)
-    return _normalize(torch.bmm(w.unsqueeze(1), t_hat).squeeze(1))
+    return l2_normalize(torch.bmm(w.unsqueeze(1), t_hat).squeeze(1))
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -63,7 +58,7 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
 
 
 def _logits(image_features: torch.Tensor, class_features: torch.Tensor, scale: Scale) -> torch.Tensor:
-    return scale * (_normalize(image_features) @ class_features.transpose(0, 1))
+    return scale * (l2_normalize(image_features) @ class_features.transpose(0, 1))
 
 
 def _kfree(t_hat, R, c, F, delta, beta, with_grad: bool):
@@ -115,7 +110,7 @@ def distill_rows(rows: torch.Tensor, basis: DistillBasis) -> torch.Tensor:
 
 def aggregate_prompts(text_features, prompt_logits):
     dtype = _compute_dtype(text_features)
-    u_hat = _class_features(_normalize(_up(text_features, dtype)), _up(prompt_logits, dtype))
+    u_hat = _class_features(l2_normalize(_up(text_features, dtype)), _up(prompt_logits, dtype))
     return u_hat.to(text_features.dtype)
 
 
@@ -126,7 +121,7 @@ def cosine_cross_entropy(image_features, class_features, labels, scale, label_sm
 
 
 def prompt_distill_loss(text_features, basis: DistillBasis):
-    return distill_rows(_normalize(_up(text_features, _compute_dtype(text_features))), basis)
+    return distill_rows(l2_normalize(_up(text_features, _compute_dtype(text_features))), basis)
 
 
 def demul_head(text_features, prompt_logits, image_features, labels, scale, basis: Optional[DistillBasis] = None,
@@ -139,7 +134,7 @@ def _head(text_features, prompt_logits, image_features, labels, scale, alpha, la
           distill) -> HeadOutput:
     """The head with t^ shared; ``distill(t^) -> L_dist or None``."""
     dtype = _compute_dtype(text_features)
-    t_hat = _normalize(_up(text_features, dtype))
+    t_hat = l2_normalize(_up(text_features, dtype))
     logits = _logits(_up(image_features, dtype), _class_features(t_hat, _up(prompt_logits, dtype)),
                      _up(scale, dtype))
     ce = _cross_entropy(logits, labels, label_smoothing)
@@ -154,12 +149,12 @@ def _head(text_features, prompt_logits, image_features, labels, scale, alpha, la
 def _direct_distill(t_hat, phi_weight, phi_bias, llm_embeddings):
     """SPEC 4.1's direct form (z in K dimensions), for gradients of W, b or E."""
     z = nnf.linear(t_hat, phi_weight.to(t_hat.dtype), _up(phi_bias, t_hat.dtype))  # [C, M, K]
-    e_hat = _normalize(llm_embeddings.to(t_hat.dtype))
-    return (1.0 - (_normalize(z) * e_hat.unsqueeze(1)).sum(-1)).mean()
+    e_hat = l2_normalize(llm_embeddings.to(t_hat.dtype))
+    return (1.0 - (l2_normalize(z) * e_hat.unsqueeze(1)).sum(-1)).mean()
 
 
 def prompt_distill_loss_direct(text_features, phi_weight, phi_bias, llm_embeddings):
-    return _direct_distill(_normalize(_up(text_features, _compute_dtype(text_features))), phi_weight, phi_bias,
+    return _direct_distill(l2_normalize(_up(text_features, _compute_dtype(text_features))), phi_weight, phi_bias,
                            llm_embeddings)
 
 
