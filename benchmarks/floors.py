@@ -13,20 +13,28 @@ bound no implementation beats, not a prediction.
 call that reads its inputs again. Losses are float32 (4 bytes); other tensors are in the
 input dtype (``e`` bytes per element); labels are int64.
 
-Head (SPEC.md section 4; C classes, M prompts, D dim, B images, K LLM dim):
+Head (SPEC.md section 4; C classes, M prompts, D dim, B images, K LLM dim). phi and E are
+frozen, so the distillation's floor is the K-free form of SPEC 4.3 (r = min(K, D)): it
+reads T and the float32 basis R [r, D], c [r], F [C, r], delta [C], beta (``4 basis`` =
+4(rD + r + Cr + C + 1) bytes) and multiplies [C*M, D] by [D, r], never by W [K, D]:
 
-=================  ==========================================  ===============================
-op / mode          bytes                                       FLOPs
-=================  ==========================================  ===============================
-aggregate fwd      e(CMD + CM + CD)                            5CMD + 4CD
-aggregate bwd      e(CMD + CM + CD) read, e(CMD + CM) written  10CMD + 6CD
-cross_entropy fwd  e(BD + CD) + 8B                             2BCD + 6BC + 3BD
-cross_entropy bwd  e(BD + CD) + 8B read, eCD written           2BCD + 4BC
-distill fwd        e(CMD + KD + K + CK)                        2CMDK + 6CMK + 3CMD
-distill bwd        e(CMD + KD + K + CK) read, eCMD written      2CMDK + 8CMK + 6CMD
-head fwd           sum of the three fwd reads (T read once)    sum of the three
-head bwd           sum of the reads, e(CMD + CM) written       sum of the three
-=================  ==========================================  ===============================
+=======================  ===========================================  ============================
+op / mode                bytes                                        FLOPs
+=======================  ===========================================  ============================
+aggregate_prompts fwd    e(CMD + CM + CD)                             5CMD + 4CD
+aggregate_prompts bwd    e(CMD + CM + CD) read, e(CMD + CM) written   10CMD + 6CD
+cosine_cross_entropy f.  e(BD + CD) + 8B                              2BCD + 6BC + 3BD
+cosine_cross_entropy b.  e(BD + CD) + 8B read, eCD written            2BCD + 4BC
+prompt_distill_loss fwd  eCMD + 4 basis                               2CMDr + 6CMr + 3CMD
+prompt_distill_loss bwd  eCMD + 4 basis read, eCMD written            2CMDr + 8CMr + 6CMD
+demul_head fwd           sum of the three fwd reads (T read once)     sum of the three
+demul_head bwd           sum of the reads, e(CMD + CM) written        sum of the three
+=======================  ===========================================  ============================
+
+(The direct form of SPEC 4.1 does 2CMDK where these count 2CMDr: 6x more at K=3072,
+D=512.) The basis itself is a one-time cost, reported apart (``basis_flops``): a
+Householder QR of W [K, D] and forming Q, about 4KDr - 4r^3/3 FLOPs, and F = E^ Q, 2CKr,
+in float64.
 
 The text encoder's floor (``encoder_cost``) counts the work of the exact prefix-shared
 computation of SPEC.md section 3.1, whatever the provider: the prefix ([SOT] + context) once
@@ -103,8 +111,8 @@ def head_cost(op: str, mode: str, C: int, M: int, D: int, B: int, K: int, e: int
               with_distill: bool = True) -> Cost:
     """Lower-bound bytes and FLOPs of a head op (table in the module docstring).
 
-    op: aggregate | cross_entropy | distill | head; mode: fwd | bwd | fwd+bwd; e: bytes per
-    element of the input dtype.
+    op: aggregate_prompts | cosine_cross_entropy | prompt_distill_loss | demul_head;
+    mode: fwd | bwd | fwd+bwd; e: bytes per element of the input dtype.
     """
     if mode == "fwd+bwd":
         return (head_cost(op, "fwd", C, M, D, B, K, e, with_distill)
@@ -112,33 +120,40 @@ def head_cost(op: str, mode: str, C: int, M: int, D: int, B: int, K: int, e: int
     if mode not in ("fwd", "bwd"):
         raise ValueError(f"mode must be fwd, bwd or fwd+bwd, got {mode!r}")
     fwd = mode == "fwd"
-    if op == "aggregate":
+    r = min(K, D)
+    basis_bytes = 4 * (r * D + r + C * r + C + 1)
+    distill_flops = (2 * C * M * D * r + 6 * C * M * r + 3 * C * M * D if fwd
+                     else 2 * C * M * D * r + 8 * C * M * r + 6 * C * M * D)
+    if op == "aggregate_prompts":
         read = e * (C * M * D + C * M + (0 if fwd else C * D))
         written = e * C * D if fwd else e * (C * M * D + C * M)
         return Cost(read + written, 5 * C * M * D + 4 * C * D if fwd else 10 * C * M * D + 6 * C * D)
-    if op == "cross_entropy":
+    if op == "cosine_cross_entropy":
         read = e * (B * D + C * D) + 8 * B
         written = 4 if fwd else e * C * D
         flops = 2 * B * C * D + 6 * B * C + 3 * B * D if fwd else 2 * B * C * D + 4 * B * C
         return Cost(read + written, flops)
-    if op == "distill":
-        read = e * (C * M * D + K * D + K + C * K)
+    if op == "prompt_distill_loss":
         written = 4 if fwd else e * C * M * D
-        flops = (2 * C * M * D * K + 6 * C * M * K + 3 * C * M * D if fwd
-                 else 2 * C * M * D * K + 8 * C * M * K + 6 * C * M * D)
-        return Cost(read + written, flops)
-    if op == "head":
+        return Cost(e * C * M * D + basis_bytes + written, distill_flops)
+    if op == "demul_head":
         # T is read once for aggregation and distillation together.
         read = e * (C * M * D + C * M + B * D) + 8 * B
         flops = (5 * C * M * D + 4 * C * D) if fwd else (10 * C * M * D + 6 * C * D)
         flops += 2 * B * C * D + (6 * B * C + 3 * B * D if fwd else 4 * B * C)
         if with_distill:
-            read += e * (K * D + K + C * K)
-            flops += (6 * C * M * K + 3 * C * M * D + 2 * C * M * D * K if fwd
-                      else 8 * C * M * K + 6 * C * M * D + 2 * C * M * D * K)
+            read += basis_bytes
+            flops += distill_flops
         written = 3 * 4 if fwd else e * (C * M * D + C * M)
         return Cost(read + written, flops)
     raise ValueError(f"unknown head op {op!r}")
+
+
+def basis_flops(C: int, D: int, K: int) -> float:
+    """float64 FLOPs of building the frozen-phi basis once (SPEC 4.3): the QR of W [K, D]
+    with Q formed (about 4KDr - 4r^3/3) and F = E^ Q (2CKr), r = min(K, D)."""
+    r = min(K, D)
+    return 4 * K * D * r - 4 * r ** 3 / 3 + 2 * C * K * r
 
 
 def encoder_cost(mode: str, *, n_prompts: int, n_ctx: int, suffix_lengths: Sequence[int],

@@ -106,16 +106,16 @@ step gpu-tests 80 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra"
 # the peers compile on first use, so they run in their own step)
 BENCH=("$PY" benchmarks/run.py --device cuda --out "$OUT" --quiet)
 step head-imagenet-bf16 50 "${BENCH[@]}" --preset imagenet --suite head --dtype bfloat16 --no-compile \
-  --providers eager,triton,cuda --plot
-step peers-imagenet-bf16 60 "${BENCH[@]}" --preset imagenet --suite head --op distill --op cross_entropy \
-  --dtype bfloat16 --providers eager,liger,cce --modes fwd+bwd
+  --providers eager,torch,triton,cuda --plot
+step peers-imagenet-bf16 60 "${BENCH[@]}" --preset imagenet --suite head --op prompt_distill_loss --op cosine_cross_entropy \
+  --dtype bfloat16 --providers eager,torch,liger,cce --modes fwd+bwd
 step head-imagenet21k-bf16 50 "${BENCH[@]}" --preset imagenet21k --suite head --dtype bfloat16 --no-compile \
-  --providers eager,triton,cuda
+  --providers eager,torch,triton,cuda
 step encoder-step-imagenet-bf16 60 "${BENCH[@]}" --preset imagenet --suite encoder --suite step --dtype bfloat16 \
   --no-compile --image-tower
-step head-imagenet-fp32 25 "${BENCH[@]}" --preset imagenet --suite head --op head --dtype float32 --no-compile \
-  --providers eager,triton,cuda
-step head-imagenet-compile 40 "${BENCH[@]}" --preset imagenet --suite head --op head --dtype bfloat16 --compile \
+step head-imagenet-fp32 25 "${BENCH[@]}" --preset imagenet --suite head --op demul_head --dtype float32 --no-compile \
+  --providers eager,torch,triton,cuda
+step head-imagenet-compile 40 "${BENCH[@]}" --preset imagenet --suite head --op demul_head --dtype bfloat16 --compile \
   --providers eager,compile --modes fwd+bwd
 
 # (9) the rest of the tests, quickly

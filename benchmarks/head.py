@@ -1,13 +1,17 @@
 """The ``head`` suite: the four head functions of SPEC.md section 4, each provider side by side.
 
-Ops: ``aggregate`` (aggregate_prompts), ``cross_entropy`` (cosine_cross_entropy),
-``distill`` (prompt_distill_loss), ``head`` (demul_head). Providers:
+Ops are named after the public functions: ``aggregate_prompts``, ``cosine_cross_entropy``,
+``prompt_distill_loss``, ``demul_head``. phi and E are frozen, as in DeMul: each input set
+carries its ``DistillBasis`` (SPEC 4.3), built when the inputs are made (the one-time cost
+is measured apart: ``basis_cost``). Providers:
 
-* ``eager``:   ``demul_fast.reference`` in the run's dtype (the baseline of every ratio);
+* ``eager``:   ``demul_fast.reference`` in the run's dtype (the baseline of every ratio; the
+  direct form of SPEC 4.1, which multiplies by W in every call);
 * ``compile``: ``torch.compile`` of the same reference function;
-* ``triton``, ``cuda``: ``demul_fast.<op>(..., backend=name)``, when the backend can run
-  on this device and dtype (``demul_fast.backends.why_not``);
-* ``liger`` (``distill`` only): Liger-Kernel's ``LigerFusedLinearCosineSimilarityLoss``.
+* ``torch``, ``triton``, ``cuda``: ``demul_fast.<op>(..., backend=name, distill_basis=basis)``
+  (the K-free form where the backend takes the basis), when the backend can run on this
+  device and dtype (``demul_fast.backends.why_not``);
+* ``liger`` (``prompt_distill_loss`` only): Liger-Kernel's ``LigerFusedLinearCosineSimilarityLoss``.
   Its student is a linear layer over hidden states and its loss is 1 - cos between the
   student's and a teacher's outputs; here the student input is t^ = normalize(T) as
   [C*M, D] (normalised inside the timed call, so dT flows back through it), the student
@@ -20,7 +24,7 @@ Ops: ``aggregate`` (aggregate_prompts), ``cross_entropy`` (cosine_cross_entropy)
   forward (chunk by chunk), so its ``fwd`` row holds the gradient work and its ``bwd`` row
   is nearly free: compare ``fwd+bwd``. It also computes dW and db, which the fused op
   skips (phi is frozen).
-* ``cce`` (``cross_entropy`` only, CUDA, label_smoothing 0): Apple's cut-cross-entropy
+* ``cce`` (``cosine_cross_entropy`` only, CUDA, label_smoothing 0): Apple's cut-cross-entropy
   ``linear_cross_entropy(e, c, targets)`` with e = scale * normalize(X) [B, D] (computed in
   the timed call), c = the class features [C, D], ``filter_eps=None`` (no gradient
   filtering: exact), mean reduction: exactly L_ce.
@@ -32,6 +36,7 @@ import functools
 import importlib
 import math
 import os
+import time
 from typing import Dict
 
 import torch
@@ -40,18 +45,21 @@ import demul_fast
 from demul_fast import reference as ref
 from demul_fast.backends import why_not
 
-from .floors import head_cost
+from .floors import basis_flops, head_cost
 from .workload import Inputs, Provider, Workload, gold_inputs, unavailable
 
-OPS = ("aggregate", "cross_entropy", "distill", "head")
-GRAD_NAMES = {"aggregate": ("T", "A"), "cross_entropy": ("U",), "distill": ("T",), "head": ("T", "A")}
+OPS = ("aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head")
+GRAD_NAMES = {"aggregate_prompts": ("T", "A"), "cosine_cross_entropy": ("U",), "prompt_distill_loss": ("T",),
+              "demul_head": ("T", "A")}
+DISTILL_OPS = ("prompt_distill_loss", "demul_head")
 SCALE = 100.0
 
 
 def make_inputs(sizes: Dict[str, int], dtype: torch.dtype, device: torch.device, seed: int,
                 op: str) -> Inputs:
     """Random inputs of the head (never zeros): T [C,M,D], A [C,M], X [B,D], y [B],
-    U [C,D] (unit rows), E [C,K], W [K,D], b [K], G [C,D] (aggregate's output gradient)."""
+    U [C,D] (unit rows), E [C,K], W [K,D], b [K], G [C,D] (aggregate_prompts' output
+    gradient), and for the distillation ops the frozen phi/E's ``basis`` (SPEC 4.3)."""
     C, M, D, B, K = (sizes[k] for k in ("C", "M", "D", "B", "K"))
     g = torch.Generator().manual_seed(seed)
 
@@ -65,6 +73,8 @@ def make_inputs(sizes: Dict[str, int], dtype: torch.dtype, device: torch.device,
         "E": rnd(C, K), "W": rnd(K, D, std=1 / math.sqrt(D)), "b": rnd(K, std=0.1), "G": rnd(C, D),
         "scale": SCALE, "ls": float(sizes.get("label_smoothing", 0.0)), "alpha": 1.0,
     }
+    if op in DISTILL_OPS:
+        inputs["basis"] = demul_fast.build_distill_basis(inputs["W"], inputs["b"], inputs["E"])
     for name in GRAD_NAMES[op]:
         inputs[name].requires_grad_(True)
     return inputs
@@ -72,33 +82,31 @@ def make_inputs(sizes: Dict[str, int], dtype: torch.dtype, device: torch.device,
 
 def _args(op: str, i: Inputs):
     """Positional arguments of the reference/functional signature of ``op``."""
-    if op == "aggregate":
+    if op == "aggregate_prompts":
         return (i["T"], i["A"])
-    if op == "cross_entropy":
+    if op == "cosine_cross_entropy":
         return (i["X"], i["U"], i["y"], i["scale"], i["ls"])
-    if op == "distill":
+    if op == "prompt_distill_loss":
         return (i["T"], i["W"], i["b"], i["E"])
     return (i["T"], i["A"], i["X"], i["y"], i["scale"], i["E"], i["W"], i["b"], i["alpha"], i["ls"])
 
 
-REFERENCE = {"aggregate": ref.aggregate_prompts, "cross_entropy": ref.cosine_cross_entropy,
-             "distill": ref.prompt_distill_loss, "head": ref.demul_head}
-FUNCTIONAL = {"aggregate": demul_fast.aggregate_prompts, "cross_entropy": demul_fast.cosine_cross_entropy,
-              "distill": demul_fast.prompt_distill_loss, "head": demul_fast.demul_head}
+REFERENCE = {op: getattr(ref, op) for op in OPS}
+FUNCTIONAL = {op: getattr(demul_fast, op) for op in OPS}
 
 
 def outputs(op: str, result) -> Dict[str, torch.Tensor]:
-    if op == "aggregate":
+    if op == "aggregate_prompts":
         return {"U": result}
-    if op == "head":
+    if op == "demul_head":
         return {"loss": result.loss, "ce": result.ce_loss, "distill": result.distill_loss}
     return {"loss": result}
 
 
 def root(op: str, result, inputs: Inputs):
-    if op == "aggregate":
+    if op == "aggregate_prompts":
         return result, inputs["G"]
-    if op == "head":
+    if op == "demul_head":
         return result.loss, None
     return result, None
 
@@ -135,7 +143,10 @@ def _backend_provider(op: str, name: str, device: torch.device, dtype: torch.dty
     if reason is not None:
         return unavailable(name, reason)
     fn = functools.partial(FUNCTIONAL[op], backend=name)
-    return Provider(name, lambda i: fn(*_args(op, i)), note=f"demul_fast.{FUNCTIONAL[op].__name__}(backend={name!r})")
+    if op in DISTILL_OPS:
+        return Provider(name, lambda i: fn(*_args(op, i), distill_basis=i["basis"]),
+                        note=f"demul_fast.{op}(backend={name!r}, distill_basis=basis)")
+    return Provider(name, lambda i: fn(*_args(op, i)), note=f"demul_fast.{op}(backend={name!r})")
 
 
 def _import(module: str):
@@ -200,11 +211,12 @@ def _cce_provider(sizes, device: torch.device) -> Provider:
 def providers(op: str, sizes, device: torch.device, dtype: torch.dtype, allow_compile: bool):
     out = [Provider("eager", lambda i: REFERENCE[op](*_args(op, i)), note="demul_fast.reference, run dtype"),
            _compile_provider(op, device, allow_compile),
+           _backend_provider(op, "torch", device, dtype),
            _backend_provider(op, "triton", device, dtype),
            _backend_provider(op, "cuda", device, dtype)]
-    if op == "distill":
+    if op == "prompt_distill_loss":
         out.append(_liger_provider(sizes, device, dtype))
-    if op == "cross_entropy":
+    if op == "cosine_cross_entropy":
         out.append(_cce_provider(sizes, device))
     return out
 
@@ -219,9 +231,9 @@ def workloads(sizes: Dict[str, int], dtype: torch.dtype, device: torch.device, *
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown head op {op!r}; choose from {', '.join(OPS)}")
-        n_bytes = {"aggregate": C * M * D + C * M, "cross_entropy": B * D + C * D,
-                   "distill": C * M * D + K * D + K + C * K,
-                   "head": C * M * D + C * M + B * D + K * D + K + C * K}[op] * e
+        n_bytes = {"aggregate_prompts": C * M * D + C * M, "cosine_cross_entropy": B * D + C * D,
+                   "prompt_distill_loss": C * M * D + K * D + K + C * K,
+                   "demul_head": C * M * D + C * M + B * D + K * D + K + C * K}[op] * e
         out.append(Workload(
             suite="head", op=op, sizes=dict(sizes), dtype=dtype, device=device,
             make_inputs=functools.partial(make_inputs, sizes, dtype, device, op=op),
@@ -231,3 +243,34 @@ def workloads(sizes: Dict[str, int], dtype: torch.dtype, device: torch.device, *
             input_bytes=n_bytes, grad_names=GRAD_NAMES[op],
             providers=providers(op, sizes, device, dtype, allow_compile), gold_dtype=gold_dtype))
     return out
+
+
+def basis_cost(sizes: Dict[str, int], device: torch.device, reps: int = 3) -> Dict[str, float]:
+    """The one-time cost of the frozen-phi basis (SPEC 4.3) at ``sizes`` (C, D, K), measured:
+    ``build_distill_basis`` (QR of W [K, D] and F = E^ Q in float64) from float32 W, b, E.
+
+    returns {"ms": median wall time, "basis_mb": what the basis keeps, "peak_mb": peak memory
+    of the build above its inputs (CUDA; None on a CPU), "gflop": the float64 work counted by
+    benchmarks.floors.basis_cost}
+    """
+    C, D, K = sizes["C"], sizes["D"], sizes["K"]
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(K, D, generator=g) / math.sqrt(D)).to(device)
+    b, E = (0.1 * torch.randn(K, generator=g)).to(device), torch.randn(C, K, generator=g).to(device)
+    times = []
+    peak = None
+    for rep in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        basis = demul_fast.build_distill_basis(W, b, E)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        if rep:  # the first call is a warm-up
+            times.append(time.perf_counter() - t0)
+    kept = sum(t.numel() * t.element_size() for t in basis) / 2**20
+    return {"ms": 1e3 * sorted(times)[len(times) // 2], "basis_mb": kept, "peak_mb": peak,
+            "gflop": basis_flops(C, D, K) / 1e9}

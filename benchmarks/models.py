@@ -304,7 +304,7 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
 
 def _head_step_cost(mode, C, M, D, B, K, e) -> Cost:
     from .floors import head_cost
-    return head_cost("head", mode, C, M, D, B, K, e)
+    return head_cost("demul_head", mode, C, M, D, B, K, e)
 
 
 def _not_buildable(suite: str, op: str, sizes, dtype, device, names, reason: str) -> Workload:

@@ -57,7 +57,7 @@ def _scaling(rows, path: str) -> bool:
 
     pts: Dict[str, List[tuple]] = {}
     for r in rows:
-        if _get(r, "suite") == "head" and _get(r, "op") == "head" and _get(r, "mode") == "fwd+bwd":
+        if _get(r, "suite") == "head" and _get(r, "op") == "demul_head" and _get(r, "mode") == "fwd+bwd":
             pts.setdefault(_get(r, "provider"), []).append((_get(r, "sizes")["C"], _get(r, "time_ms")))
     if not any(len({c for c, _ in v}) > 1 for v in pts.values()):
         return False

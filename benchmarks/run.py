@@ -4,7 +4,8 @@
     python benchmarks/run.py --preset imagenet --device cuda --dtype bfloat16
     python benchmarks/run.py --suite head --C 21841 --M 4 --B 1024 --plot
 
-Suites: ``head`` (the four head functions, SPEC.md section 4; fwd, bwd, fwd+bwd),
+Suites: ``head`` (the four head functions, SPEC.md section 4; fwd, bwd, fwd+bwd; with the
+one-time cost of the frozen-phi basis of SPEC 4.3 printed apart and kept in the JSON meta),
 ``encoder`` (reference.FullTextEncoder vs PrefixSharedTextEncoder, SPEC.md section 3),
 ``step`` (a DeMul training step from given image features: DeMulReference vs DeMul).
 Every provider is checked against the reference on the benchmark's own inputs before it
@@ -53,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--suite", action="append", choices=SUITES + ("all",),
                    help="repeat to pick several (default: all)")
-    p.add_argument("--op", action="append", help="head ops to run (default: all four and the whole head)")
+    p.add_argument("--op", action="append",
+                   help="head ops to run: aggregate_prompts, cosine_cross_entropy, prompt_distill_loss, demul_head "
+                        "(default: all four)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -68,7 +71,8 @@ def parse_args(argv=None):
                    help="include torch.compile providers (default: on for CUDA, off for CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--providers", default=None,
-                   help="comma-separated providers to run (eager always runs), e.g. eager,compile,triton,cuda,liger,cce")
+                   help="comma-separated providers to run (eager always runs), e.g. "
+                        "eager,compile,torch,triton,cuda,liger,cce")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (default 1 CPU, 0.2 GPU)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per row (default 0.1 CPU, 0.025 GPU)")
     p.add_argument("--ceiling-mib", type=int, default=None,
@@ -153,6 +157,14 @@ def main(argv=None) -> int:
             print(f"note: the machine is busy (load {load:.1f} on {cores} cores): CPU timings will be noisy; "
                   "--threads 1 steadies them")
     workloads = build_workloads(suites, sizes, dtype, device, args)
+    basis = None
+    from benchmarks import head
+    if "head" in suites and set(args.op or head.OPS) & set(head.DISTILL_OPS):
+        basis = head.basis_cost(sizes, device)
+        peak = f", peak {basis['peak_mb']:.1f} MB" if basis["peak_mb"] is not None else ""
+        print(f"one-time distill basis (SPEC 4.3, not in the rows): {basis['ms']:.1f} ms, keeps "
+              f"{basis['basis_mb']:.1f} MB{peak} ({basis['gflop']:.1f} GFLOP float64) at C={sizes['C']}, "
+              f"K={sizes['K']}, D={sizes['D']}")
     if args.providers:
         keep = {p.strip() for p in args.providers.split(",")} | {"eager"}  # eager: the gate's and ratios' baseline
         for wl in workloads:
@@ -160,6 +172,8 @@ def main(argv=None) -> int:
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     meta = harness.run_metadata(device, args.preset, ceilings, sys.argv[1:] if argv is None else list(argv))
     meta["check_values"] = os.environ.get("DEMUL_FAST_CHECK_VALUES", "1")
+    if basis is not None:
+        meta["distill_basis"] = basis
     path = os.path.join(out_dir, f"{args.preset}-{device.type}.jsonl")
     save = None if args.no_save else (lambda new_rows: harness.write_jsonl(path, meta, new_rows))
     rows = harness.run(workloads, ceilings, settings, quiet=args.quiet, on_rows=save)

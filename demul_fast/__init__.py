@@ -5,6 +5,8 @@ Public API (see README.md and SPEC.md):
 * ``aggregate_prompts``, ``cosine_cross_entropy``, ``prompt_distill_loss``, ``demul_head``:
   the DeMul head, each with ``backend=None | "cuda" | "triton" | "torch"``;
 * ``HeadOutput``: what ``demul_head`` returns;
+* ``DistillBasis``, ``build_distill_basis``: the frozen-phi basis of the K-free
+  distillation (SPEC 4.3), for ``distill_basis=`` of the head functions;
 * ``backends``: which implementation runs, and why (``demul_fast.backends.describe()``);
 * ``reference``: the specification in plain PyTorch.
 * ``DeMul``: the whole module (prompts, prefix-shared text encoder, fused head);
@@ -17,6 +19,7 @@ from importlib import metadata as _metadata
 from . import backends, reference
 from .functional import aggregate_prompts, cosine_cross_entropy, demul_head, prompt_distill_loss
 from .common import HeadOutput
+from .distill_basis import DistillBasis, build_distill_basis
 from . import nn
 from .model import DeMul
 from .text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower
@@ -34,6 +37,8 @@ __all__ = [
     "prompt_distill_loss",
     "demul_head",
     "HeadOutput",
+    "DistillBasis",
+    "build_distill_basis",
     "backends",
     "reference",
     "nn",

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .distill_basis import DistillBasis
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
@@ -211,3 +213,28 @@ def refuse_frozen_grads(backend: str, **tensors) -> None:
             raise ValueError(
                 f"{name} requires grad, but the {backend} backend treats phi_weight, phi_bias and llm_embeddings "
                 f"as frozen (SPEC 4.1) and computes no gradient for them; detach {name} or use backend='torch'")
+
+
+def validate_basis(text_features, distill_basis) -> None:
+    """A DistillBasis (SPEC 4.3) for T [C, M, D]: R [r, D] (r <= D), c [r], F [C, r],
+    delta [C], beta [] on T's device."""
+    if not isinstance(distill_basis, DistillBasis):
+        raise TypeError(f"distill_basis must be a demul_fast.DistillBasis, got {type(distill_basis).__name__}")
+    R, c, F, delta, beta = distill_basis
+    check_tensor(R, "distill_basis.R", 2, "[r, D]")
+    check_tensor(c, "distill_basis.c", 1, "[r]")
+    check_tensor(F, "distill_basis.F", 2, "[C, r]")
+    check_tensor(delta, "distill_basis.delta", 1, "[C]")
+    if not isinstance(beta, torch.Tensor) or beta.dim() != 0 or not beta.is_floating_point():
+        raise ValueError("distill_basis.beta must be a 0-dim floating tensor")
+    check_same_device(text_features=text_features, **{f"distill_basis.{n}": t for n, t in
+                                                      zip(DistillBasis._fields, distill_basis)})
+    cls, _, d = text_features.shape
+    r = R.shape[0]
+    check_dim(R.shape[1], d, "distill_basis.R", "D", "text_features")
+    if r > d:
+        raise ValueError(f"distill_basis.R must be [r, D] with r <= D={d}, got r={r}")
+    check_dim(c.shape[0], r, "distill_basis.c", "r", "distill_basis.R")
+    check_dim(F.shape[0], cls, "distill_basis.F", "C", "text_features")
+    check_dim(F.shape[1], r, "distill_basis.F", "r", "distill_basis.R")
+    check_dim(delta.shape[0], cls, "distill_basis.delta", "C", "text_features")

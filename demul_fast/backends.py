@@ -7,8 +7,9 @@ cosine_cross_entropy, prompt_distill_loss, demul_head):
                CUDA tensors of float32/bfloat16/float16;
 * ``"triton"`` Triton kernels (module ``demul_fast.triton_ops``), CUDA tensors, or CPU
                tensors under the Triton interpreter (``TRITON_INTERPRET=1``);
-* ``"torch"``  the reference equations in eager PyTorch, computed in float32 (float64
-               stays float64): every device and dtype.
+* ``"torch"``  the head in few eager PyTorch passes (``demul_fast._torch_backend``: the
+               K-free distillation of SPEC 4.3), computed in float32 (float64 stays
+               float64): every device and dtype.
 
 ``backend=None`` picks the first available of a static order (``DEFAULT_ORDER_REASON``
 says why): triton, then cuda, then torch on a GPU; torch on the CPU. ``DEMUL_FAST_BACKEND`` overrides that default. An explicitly

@@ -15,11 +15,23 @@ and for every row v[c,m] = R t^[c,m] + c:
 so a training step needs one [C*M, D] x [D, r] product instead of [C*M, D] x [D, K].
 The factorisation runs in float64; the basis is stored in float32 (float64 when the
 inputs are float64), whatever the dtype of T: the kernels accumulate in float32 anyway.
+
+Caching (``cached_distill_basis``): a basis built from raw tensors is kept under a key
+that a changed tensor cannot hit stale. For each of W, b, E the key holds the tensor
+itself (a weak reference: a freed tensor's entry dies with it, so a new tensor at the
+same address never matches), its version counter ``_version`` (every in-place edit
+through autograd-visible tensors bumps it: ``copy_``, ``mul_``, ``load_state_dict``,
+edits under ``no_grad``, edits of a view or a ``detach()``ed alias), and its data
+pointer, storage offset, shape, strides, dtype and device (``set_``, a move, a cast).
+What the version counter cannot see is not seen: writes through ``.data``, a NumPy
+view or DLPack. After such a write, call ``clear_distill_basis_cache()`` or pass the
+basis explicitly.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import weakref
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -78,4 +90,68 @@ def build_distill_basis(phi_weight: torch.Tensor, phi_bias: Optional[torch.Tenso
     return DistillBasis(r, c, f, delta, beta).to(dtype)
 
 
-__all__ = ["DistillBasis", "build_distill_basis"]
+def _fingerprint(t: Optional[torch.Tensor]) -> Tuple:
+    """What identifies a tensor's current values without reading them (the module docstring)."""
+    if t is None:
+        return (None,)
+    return (t._version, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+class _Entry(NamedTuple):
+    refs: Tuple  # weak references to (W, b or None, E)
+    key: Tuple  # their fingerprints and the basis dtype
+    basis: DistillBasis
+
+
+class DistillBasisCache:
+    """At most ``size`` bases, most recently used first, each kept while its W, b, E live
+    and are unchanged (the module docstring's rule). Not pickled: a copy starts empty."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: List[_Entry] = []
+
+    def get(self, phi_weight: torch.Tensor, phi_bias: Optional[torch.Tensor], llm_embeddings: torch.Tensor,
+            dtype: Optional[torch.dtype] = None) -> DistillBasis:
+        """The cached basis of (W [K, D], b [K] or None, E [C, K]) in ``dtype``, built if absent."""
+        tensors = (phi_weight, phi_bias, llm_embeddings)
+        key = tuple(_fingerprint(t) for t in tensors) + (dtype,)
+        self._entries = [e for e in self._entries if all(r is None or r() is not None for r in e.refs)]
+        for i, entry in enumerate(self._entries):
+            if entry.key == key and all((r is None and t is None) or (r is not None and r() is t)
+                                        for r, t in zip(entry.refs, tensors)):
+                self._entries.insert(0, self._entries.pop(i))
+                return entry.basis
+        basis = build_distill_basis(phi_weight, phi_bias, llm_embeddings, dtype)
+        refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self._entries = [_Entry(refs, key, basis)] + self._entries[: self.size - 1]
+        return basis
+
+    def clear(self) -> None:
+        self._entries = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getstate__(self):
+        return {"size": self.size, "_entries": []}
+
+
+_CACHE = DistillBasisCache(4)  # the functional API's: one basis per frozen phi/E in use
+
+
+def cached_distill_basis(phi_weight: torch.Tensor, phi_bias: Optional[torch.Tensor],
+                         llm_embeddings: torch.Tensor, dtype: Optional[torch.dtype] = None) -> DistillBasis:
+    """``build_distill_basis`` once per frozen (W [K, D], b [K] or None, E [C, K]): the basis
+    of the same tensors with unchanged values is reused (the module docstring's rule)."""
+    return _CACHE.get(phi_weight, phi_bias, llm_embeddings, dtype)
+
+
+def clear_distill_basis_cache() -> None:
+    """Forget every basis the functional API cached (after writing phi or E behind the
+    version counter: through ``.data``, NumPy or DLPack)."""
+    _CACHE.clear()
+
+
+__all__ = ["DistillBasis", "DistillBasisCache", "build_distill_basis", "cached_distill_basis",
+           "clear_distill_basis_cache"]

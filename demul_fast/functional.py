@@ -4,8 +4,12 @@ Each function has the reference's signature (demul_fast.reference) plus ``backen
 ``None`` (best available for the tensors' device and dtype, see demul_fast.backends),
 ``"cuda"``, ``"triton"`` or ``"torch"``. Inputs are checked here, before any kernel runs
 (demul_fast._validate). Fast backends return losses in float32 and tensors in the input
-dtype; the torch backend computes the reference equations in float32 (float64 stays
-float64).
+dtype; the torch backend computes in float32 (float64 stays float64).
+
+phi (W, b) and the LLM embeddings E are frozen in DeMul: the distillation then runs in the
+K-free form of SPEC 4.3 on the basis built from them once (``demul_fast.distill_basis``;
+a backend module that takes it sets ``DISTILL_BASIS``, others still get W, b, E). When a
+caller asks for a gradient of W, b or E, the direct form of SPEC 4.1 runs (torch backend).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from typing import Optional
 import torch
 
 from . import _validate as v
-from .backends import select
+from .backends import BackendUnavailable, select
 from .common import HeadOutput, Scale
+from .distill_basis import DistillBasis, build_distill_basis, cached_distill_basis
 
 
 def aggregate_prompts(text_features: torch.Tensor, prompt_logits: torch.Tensor,
@@ -43,36 +48,101 @@ def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Ten
     return impl.cosine_cross_entropy(image_features, class_features, labels, scale, label_smoothing)
 
 
-def prompt_distill_loss(text_features: torch.Tensor, phi_weight: torch.Tensor, phi_bias: Optional[torch.Tensor],
-                        llm_embeddings: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+def _select(backend: Optional[str], fn: str, distill_basis, phi_weight, args: dict):
+    """The backend module for a distillation call. A module that does not take a basis yet
+    (no ``DISTILL_BASIS``) gets phi/E the old way; given only a basis, the automatic choice
+    then moves to the torch backend and an explicit request is refused."""
+    t = args["text_features"]
+    name, impl = select(backend, t.device, t.dtype, (fn, args))
+    if distill_basis is None or phi_weight is not None or getattr(impl, "DISTILL_BASIS", False):
+        return impl
+    if backend is not None:
+        raise BackendUnavailable(f"backend {name!r} is unavailable: it does not take a distill_basis yet; "
+                                 "pass phi_weight, phi_bias and llm_embeddings instead")
+    return select("torch", t.device, t.dtype, (fn, args))[1]
+
+
+def _like(text_features: torch.Tensor, *tensors):
+    """phi/E in T's dtype, for a backend module that still takes them (no ``DISTILL_BASIS``)."""
+    return tuple(None if t is None else t.to(text_features.dtype) for t in tensors)
+
+
+def _basis(text_features: torch.Tensor, phi_weight, phi_bias, llm_embeddings,
+           distill_basis: Optional[DistillBasis]) -> Optional[DistillBasis]:
+    """The basis of SPEC 4.3 the call runs with, or None for the direct form of SPEC 4.1.
+
+    A given ``distill_basis`` is used as it is. Otherwise, when no gradient of W, b or E
+    is asked for, the basis of the frozen tensors: from the cache (the rule is in
+    demul_fast.distill_basis), or, inside torch.compile (where tensors have no storage to
+    key on), built in the graph.
+    """
+    if distill_basis is not None:
+        return distill_basis
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (phi_weight, phi_bias, llm_embeddings)):
+        return None
+    dtype = torch.float64 if text_features.dtype == torch.float64 else torch.float32
+    if torch.compiler.is_compiling():
+        return build_distill_basis(phi_weight, phi_bias, llm_embeddings, dtype)
+    return cached_distill_basis(phi_weight, phi_bias, llm_embeddings, dtype)
+
+
+def prompt_distill_loss(text_features: torch.Tensor, phi_weight: Optional[torch.Tensor] = None,
+                        phi_bias: Optional[torch.Tensor] = None, llm_embeddings: Optional[torch.Tensor] = None,
+                        backend: Optional[str] = None, distill_basis: Optional[DistillBasis] = None) -> torch.Tensor:
     """Mean (1 - cos(W t^ + b, e)) over classes and prompts (SPEC 4).
 
     text_features: [C, M, D], phi_weight: [K, D], phi_bias: [K] or None, llm_embeddings: [C, K]
-    -> scalar loss
+    -> scalar loss. With frozen phi/E the K-free form of SPEC 4.3 runs (its basis cached,
+    see ``_basis``); ``distill_basis`` (a ``DistillBasis`` of [C, r] classes) replaces
+    phi/E, which may then be omitted.
     """
-    v.validate_distill(text_features, phi_weight, phi_bias, llm_embeddings)
-    _, impl = select(backend, text_features.device, text_features.dtype,
-                     ("prompt_distill_loss", dict(text_features=text_features, phi_weight=phi_weight,
-                                                  phi_bias=phi_bias, llm_embeddings=llm_embeddings)))
-    return impl.prompt_distill_loss(text_features, phi_weight, phi_bias, llm_embeddings)
+    if distill_basis is None or phi_weight is not None or llm_embeddings is not None:
+        v.validate_distill(text_features, phi_weight, phi_bias, llm_embeddings)
+    if distill_basis is not None:
+        v.validate_basis(text_features, distill_basis)
+    impl = _select(backend, "prompt_distill_loss", distill_basis, phi_weight,
+                   dict(text_features=text_features, phi_weight=phi_weight, phi_bias=phi_bias,
+                        llm_embeddings=llm_embeddings, distill_basis=distill_basis))
+    if not getattr(impl, "DISTILL_BASIS", False):
+        return impl.prompt_distill_loss(text_features, *_like(text_features, phi_weight, phi_bias, llm_embeddings))
+    basis = _basis(text_features, phi_weight, phi_bias, llm_embeddings, distill_basis)
+    if basis is None:
+        return impl.prompt_distill_loss_direct(text_features, phi_weight, phi_bias, llm_embeddings)
+    return impl.prompt_distill_loss(text_features, basis)
 
 
 def demul_head(text_features: torch.Tensor, prompt_logits: torch.Tensor, image_features: torch.Tensor,
                labels: torch.Tensor, scale: Scale, llm_embeddings: Optional[torch.Tensor] = None,
                phi_weight: Optional[torch.Tensor] = None, phi_bias: Optional[torch.Tensor] = None,
                alpha: float = 1.0, label_smoothing: float = 0.0, return_logits: bool = False,
-               backend: Optional[str] = None) -> HeadOutput:
+               backend: Optional[str] = None, distill_basis: Optional[DistillBasis] = None) -> HeadOutput:
     """The whole DeMul head, L = L_ce + alpha * L_dist (SPEC 4).
 
     text_features: [C, M, D], prompt_logits: [C, M], image_features: [B, D], labels: [B],
     scale: float or 0-dim tensor, llm_embeddings: [C, K] or None, phi_weight: [K, D],
     phi_bias: [K] or None -> HeadOutput(loss, ce_loss, distill_loss, logits [B, C] or None)
+    With frozen phi/E the distillation runs in the K-free form of SPEC 4.3 (its basis
+    cached, see ``_basis``); ``distill_basis`` replaces phi/E, which may then be omitted.
     """
-    v.validate_head(text_features, prompt_logits, image_features, labels, scale, llm_embeddings,
-                    phi_weight, phi_bias, alpha, label_smoothing)
-    _, impl = select(backend, text_features.device, text_features.dtype,
-                     ("demul_head", dict(text_features=text_features, prompt_logits=prompt_logits,
-                                         image_features=image_features, llm_embeddings=llm_embeddings,
-                                         phi_weight=phi_weight, phi_bias=phi_bias)))
-    return impl.demul_head(text_features, prompt_logits, image_features, labels, scale, llm_embeddings,
-                           phi_weight, phi_bias, alpha, label_smoothing, return_logits)
+    v.validate_head(text_features, prompt_logits, image_features, labels, scale, llm_embeddings, phi_weight,
+                    phi_bias, alpha, label_smoothing)
+    if distill_basis is not None:
+        v.validate_basis(text_features, distill_basis)
+    impl = _select(backend, "demul_head", distill_basis, phi_weight,
+                   dict(text_features=text_features, prompt_logits=prompt_logits, image_features=image_features,
+                        llm_embeddings=llm_embeddings, phi_weight=phi_weight, phi_bias=phi_bias,
+                        distill_basis=distill_basis))
+    if not getattr(impl, "DISTILL_BASIS", False):
+        w, b, e = _like(text_features, phi_weight, phi_bias, llm_embeddings)
+        return impl.demul_head(text_features, prompt_logits, image_features, labels, scale, e, w, b, alpha,
+                               label_smoothing, return_logits)
+    basis = None
+    if distill_basis is not None or llm_embeddings is not None:
+        basis = _basis(text_features, phi_weight, phi_bias, llm_embeddings, distill_basis)
+        if basis is None:
+            return impl.demul_head_direct(text_features, prompt_logits, image_features, labels, scale,
+                                          llm_embeddings, phi_weight, phi_bias, alpha, label_smoothing,
+                                          return_logits)
+    return impl.demul_head(text_features, prompt_logits, image_features, labels, scale, basis, alpha,
+                           label_smoothing, return_logits)

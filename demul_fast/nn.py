@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 
 from . import functional
+from ._torch_backend import distill_rows
 from .common import HeadOutput, Scale, l2_normalize
+from .distill_basis import DistillBasis, DistillBasisCache, build_distill_basis
 from .prompt_learner import HeadParameters
 from .reference import mlp_distill_loss, neg_entropy
 
@@ -37,7 +39,9 @@ class DeMulHead(HeadParameters):
     Parameters/buffers: ``prompt_logits [C, M]`` (init 0), ``llm_embeddings [C, K]``,
     ``phi_weight [K, D]``, ``phi_bias [K]``, and ``phi_pre`` (the MLP's earlier layers), as
     ``reference.HeadParameters`` defines them (so ``reference.ReferenceHead`` loads the same
-    state). An MLP phi's distillation runs in plain PyTorch (``reference.mlp_distill_loss``).
+    state). With frozen phi the distillation runs in the K-free form of SPEC 4.3 on a basis
+    built from these buffers (``distill_basis``); an MLP phi runs its earlier layers on t^,
+    then its last linear layer in that form (torch backend).
     """
 
     def __init__(self, num_classes: int, num_prompts: int, llm_embeddings: Optional[Tensor] = None,
@@ -47,6 +51,22 @@ class DeMulHead(HeadParameters):
                          learn_weights=learn_weights, label_smoothing=label_smoothing,
                          entropy_weight=entropy_weight)
         self.backend = backend
+        self._basis_cache = DistillBasisCache(2)  # float32 and float64 compute
+
+    def distill_basis(self, dtype: torch.dtype = torch.float32) -> Optional[DistillBasis]:
+        """The basis of SPEC 4.3 of the frozen ``phi_weight``, ``phi_bias``, ``llm_embeddings``
+        (None without distillation, or when one of them requires grad: then the direct form
+        runs). Built on first use and rebuilt whenever a buffer changes: edited in place,
+        replaced, moved to another device or dtype (demul_fast.distill_basis's rule; it is
+        not state, so ``state_dict`` does not hold it). Inside torch.compile it is built in
+        the graph (compiled code cannot key a cache on storage)."""
+        tensors = (self.phi_weight, self.phi_bias, self.llm_embeddings)
+        if self.llm_embeddings is None or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in tensors)):
+            return None
+        if torch.compiler.is_compiling():
+            return build_distill_basis(*tensors, dtype=dtype)
+        return self._basis_cache.get(*tensors, dtype=dtype)
 
     def class_features(self, text_features: Tensor) -> Tensor:
         """T [C, M, D] -> unit-norm class features u^ [C, D] (for inference)."""
@@ -66,17 +86,22 @@ class DeMulHead(HeadParameters):
             u = self.class_features(text_features)
             x = l2_normalize(image_features.to(dtype))
             return HeadOutput(None, None, None, scale * (x @ u.transpose(0, 1)))
-        fused_distill = self.llm_embeddings is not None and self.phi_pre is None
-        e = self.llm_embeddings.to(dtype) if fused_distill else None
-        w = self.phi_weight.to(dtype) if fused_distill else None
-        b = self.phi_bias.to(dtype) if fused_distill and self.phi_bias is not None else None
+        basis = self.distill_basis(torch.float64 if dtype == torch.float64 else torch.float32)
+        linear_phi = self.llm_embeddings is not None and self.phi_pre is None
         out = functional.demul_head(text_features, logits_a, image_features.to(dtype), labels, scale,
-                                    llm_embeddings=e, phi_weight=w, phi_bias=b, alpha=self.alpha,
+                                    llm_embeddings=self.llm_embeddings if linear_phi else None,
+                                    phi_weight=self.phi_weight if linear_phi else None,
+                                    phi_bias=self.phi_bias if linear_phi else None,
+                                    distill_basis=basis if linear_phi else None, alpha=self.alpha,
                                     label_smoothing=self.label_smoothing, return_logits=return_logits,
                                     backend=self.backend)
         if self.phi_pre is not None:
             t32 = text_features.to(torch.promote_types(dtype, torch.float32))  # accumulate in float32
-            dist = mlp_distill_loss(t32, self.phi_pre, self.phi_weight, self.phi_bias, self.llm_embeddings)
+            if basis is None:
+                dist = mlp_distill_loss(t32, self.phi_pre, self.phi_weight, self.phi_bias, self.llm_embeddings)
+            else:  # the earlier layers, then the last linear layer in the K-free form (SPEC 4.3)
+                h = self.phi_pre(l2_normalize(t32).to(self.phi_weight.dtype)).to(t32.dtype)
+                dist = distill_rows(h, basis)
             dist = dist.to(out.ce_loss.dtype)
             out = out._replace(loss=out.ce_loss + self.alpha * dist, distill_loss=dist)
         if self.entropy_weight and self.learn_weights:

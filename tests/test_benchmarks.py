@@ -38,6 +38,9 @@ def test_smoke_all_suites_tiny_preset(tmp_path, capsys):
     for op in head.OPS:
         for mode in ("fwd", "bwd", "fwd+bwd"):
             assert ("head", op, mode, "eager") in ok
+            assert ("head", op, mode, "torch") in ok  # the torch backend (K-free with the basis)
+    assert "one-time distill basis" in printed
+    assert all(r["distill_basis"]["basis_mb"] > 0 for r in rows)
     assert ("encoder", "encoder", "fwd+bwd", "eager") in ok
     assert ("step", "step", "fwd+bwd", "eager") in ok
     for r in rows:
@@ -54,31 +57,34 @@ def test_smoke_all_suites_tiny_preset(tmp_path, capsys):
 
 def test_head_cost_known_sizes():
     C, M, D, B, K, e = 10, 2, 4, 3, 5, 4
-    agg = floors.head_cost("aggregate", "fwd", C, M, D, B, K, e)
+    agg = floors.head_cost("aggregate_prompts", "fwd", C, M, D, B, K, e)
     assert agg.bytes == e * (C * M * D + C * M + C * D) == 4 * (80 + 20 + 40)
     assert agg.flops == 5 * C * M * D + 4 * C * D
-    dist_f = floors.head_cost("distill", "fwd", C, M, D, B, K, e)
-    assert dist_f.bytes == e * (C * M * D + K * D + K + C * K) + 4
-    assert dist_f.flops == 2 * C * M * D * K + 6 * C * M * K + 3 * C * M * D
-    dist_b = floors.head_cost("distill", "bwd", C, M, D, B, K, e)
-    both = floors.head_cost("distill", "fwd+bwd", C, M, D, B, K, e)
+    r = min(K, D)  # the K-free form of SPEC 4.3: the float32 basis R, c, F, delta, beta is read
+    dist_f = floors.head_cost("prompt_distill_loss", "fwd", C, M, D, B, K, e)
+    assert dist_f.bytes == e * C * M * D + 4 * (r * D + r + C * r + C + 1) + 4
+    assert dist_f.flops == 2 * C * M * D * r + 6 * C * M * r + 3 * C * M * D
+    dist_b = floors.head_cost("prompt_distill_loss", "bwd", C, M, D, B, K, e)
+    both = floors.head_cost("prompt_distill_loss", "fwd+bwd", C, M, D, B, K, e)
     assert both.bytes == dist_f.bytes + dist_b.bytes and both.flops == dist_f.flops + dist_b.flops
-    ce = floors.head_cost("cross_entropy", "bwd", C, M, D, B, K, 2)
+    ce = floors.head_cost("cosine_cross_entropy", "bwd", C, M, D, B, K, 2)
     assert ce.bytes == 2 * (B * D + C * D) + 8 * B + 2 * C * D
     with pytest.raises(ValueError):
         floors.head_cost("nope", "fwd", C, M, D, B, K, e)
 
 
 def test_imagenet_distill_floor_numbers():
-    # ImageNet distillation GEMM: 2*C*M*D*K = 2*1000*8*512*3072 = 25.2 GFLOP. At 100 TFLOP/s
-    # and 1 TB/s the compute term (0.25 ms) beats the memory term (bf16 T, W, E: ~14.5 MB).
-    cost = floors.head_cost("distill", "fwd", 1000, 8, 512, 256, 3072, 2)
-    assert cost.flops == pytest.approx(2 * 1000 * 8 * 512 * 3072 + 6 * 8000 * 3072 + 3 * 8000 * 512)
+    # ImageNet distillation in the K-free form: 2*C*M*D*r = 2*1000*8*512*512 = 4.2 GFLOP (the
+    # direct form's 25.2 / 6). At 100 TFLOP/s and 1 TB/s the compute term (42 us) beats the
+    # memory term (bf16 T 8.2 MB + the float32 basis 3.1 MB).
+    cost = floors.head_cost("prompt_distill_loss", "fwd", 1000, 8, 512, 256, 3072, 2)
+    assert cost.flops == pytest.approx(2 * 1000 * 8 * 512 * 512 + 6 * 8000 * 512 + 3 * 8000 * 512)
     ceil = floors.Ceilings(bandwidth=1e12, matmul_rate=100e12, copy_bytes=1, matmul_n=1, dtype="bfloat16")
     fl = floors.floor(cost, ceil)
     assert fl.bound == "compute"
     assert fl.compute_s == pytest.approx(cost.flops / 100e12)
-    assert fl.memory_s == pytest.approx(2 * (8000 * 512 + 3072 * 512 + 3072 + 1000 * 3072) / 1e12 + 4e-12)
+    basis = 4 * (512 * 512 + 512 + 1000 * 512 + 1000 + 1)
+    assert fl.memory_s == pytest.approx((2 * 8000 * 512 + basis) / 1e12 + 4e-12)
     assert floors.fraction_of_floor(2 * fl.seconds, fl) == pytest.approx(0.5)
 
 
@@ -99,19 +105,19 @@ def test_ceilings_measured_on_cpu():
 
 def test_wrong_provider_is_reported_wrong_not_timed():
     sizes = dict(C=7, M=3, D=16, B=5, K=12, label_smoothing=0.0)
-    wl, = head.workloads(sizes, torch.float32, torch.device("cpu"), ops=("head",))
+    wl, = head.workloads(sizes, torch.float32, torch.device("cpu"), ops=("demul_head",))
     wl.modes = ("fwd+bwd",)
-    good = Provider("good-copy", lambda i: head.REFERENCE["head"](*head._args("head", i)))
+    good = Provider("good-copy", lambda i: head.REFERENCE["demul_head"](*head._args("demul_head", i)))
 
     def off_by_a_little(i):  # alpha read as 1.1: a plausible bug, a few percent off
-        args = list(head._args("head", i))
+        args = list(head._args("demul_head", i))
         args[8] = 1.1
-        return head.REFERENCE["head"](*args)
+        return head.REFERENCE["demul_head"](*args)
 
     def no_prompt_gradient(i):  # the loss is right but A receives no gradient
-        args = list(head._args("head", i))
+        args = list(head._args("demul_head", i))
         args[1] = args[1].detach()
-        return head.REFERENCE["head"](*args)
+        return head.REFERENCE["demul_head"](*args)
 
     wl.providers = [wl.providers[0], good, Provider("bad-alpha", off_by_a_little),
                     Provider("bad-grad", no_prompt_gradient)]
@@ -129,7 +135,7 @@ def test_wrong_provider_is_reported_wrong_not_timed():
 
 def test_raising_provider_is_an_error_row():
     sizes = dict(C=5, M=2, D=8, B=3, K=4, label_smoothing=0.0)
-    wl, = head.workloads(sizes, torch.float32, torch.device("cpu"), ops=("distill",))
+    wl, = head.workloads(sizes, torch.float32, torch.device("cpu"), ops=("prompt_distill_loss",))
 
     def boom(i):
         raise RuntimeError("kernel launch failed")
@@ -173,7 +179,8 @@ def test_triton_provider_wired_under_interpreter(tmp_path, capsys, monkeypatch):
     from demul_fast.backends import why_not
     if why_not("triton", torch.device("cpu"), torch.float32) is not None and torch.cuda.is_available():
         pytest.skip("the interpreter check is for CPU machines")
-    rc = run.main(["--preset", "tiny", "--device", "cpu", "--suite", "head", "--op", "aggregate", "--op", "distill",
+    rc = run.main(["--preset", "tiny", "--device", "cpu", "--suite", "head", "--op", "aggregate_prompts",
+                   "--op", "prompt_distill_loss",
                    "--providers", "eager,triton", "--interpret", "--out", str(tmp_path), *FAST])
     assert rc == 0, capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "tiny-cpu.jsonl").read_text().splitlines()]
