@@ -142,7 +142,7 @@ def plan_sweep_split(rows: int, cols: int, sms: int = SMS) -> Tuple[int, int]:
 
 
 def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[dict]:
-    """The kernel launches of head_forward + head_backward (need_text only), in order, each
+    """The kernel launches of demul_head_forward + demul_head_backward (need_text only), in order, each
     {"name", "symbol" (a mangled-name pattern), "grid", "flops", "bytes"}."""
     e = ELEMENT_BYTES[dtype]
     t = _MANGLED[dtype]

@@ -208,7 +208,7 @@ void check_image_side(const at::Tensor& t, const at::Tensor& x, const at::Tensor
 }  // namespace
 
 // -> [class features [C, D] (text_features' dtype), n [C, M], w [C, M], r [C], u^ float32 [C, D]]
-std::vector<at::Tensor> aggregate_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits) {
+std::vector<at::Tensor> aggregate_prompts_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits) {
   check_text(text_features);
   check_f32(prompt_logits, "prompt_logits", 2, "[C, M]");
   check_same_device(prompt_logits, "prompt_logits", text_features, "text_features");
@@ -227,7 +227,7 @@ std::vector<at::Tensor> aggregate_forward(const at::Tensor& text_features, const
 }
 
 // grad_class_features: [C, D] float32 (dL/du^) -> [dL/dtext_features, dL/dprompt_logits (float32)]
-std::vector<at::Tensor> aggregate_backward(const at::Tensor& grad_class_features, const at::Tensor& text_features,
+std::vector<at::Tensor> aggregate_prompts_backward(const at::Tensor& grad_class_features, const at::Tensor& text_features,
                                            const at::Tensor& n, const at::Tensor& w, const at::Tensor& r,
                                            const at::Tensor& u32) {
   check_text(text_features);
@@ -246,7 +246,7 @@ std::vector<at::Tensor> aggregate_backward(const at::Tensor& grad_class_features
 }
 
 // class_features: [C, D] float32 -> [ce [], lse [B], ||x|| [B]]
-std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& image_features, const at::Tensor& class_features,
+std::vector<at::Tensor> cosine_cross_entropy_forward(const at::Tensor& image_features, const at::Tensor& class_features,
                                               const at::Tensor& labels, const at::Tensor& scale,
                                               double label_smoothing) {
   check_features(image_features, "image_features", 2, "[B, D]");
@@ -267,7 +267,7 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& image_features, 
 }
 
 // -> [dL/dimage_features or empty, dL/dclass_features (float32) or empty, dL/dscale [] or empty]
-std::vector<at::Tensor> cross_entropy_backward(const OptTensor& grad_loss, const at::Tensor& image_features,
+std::vector<at::Tensor> cosine_cross_entropy_backward(const OptTensor& grad_loss, const at::Tensor& image_features,
                                                const at::Tensor& class_features, const at::Tensor& labels,
                                                const at::Tensor& scale, double label_smoothing, const at::Tensor& lse,
                                                const at::Tensor& xnorm, bool need_image, bool need_class,
@@ -302,7 +302,7 @@ std::vector<at::Tensor> cross_entropy_backward(const OptTensor& grad_loss, const
 
 // The distillation of SPEC 4.3 against the basis (R [r, D], c [r], F [C, r], delta [C], beta [])
 // -> [dist [], ||t|| [C*M], ||z|| [C*M], cos [C*M]]
-std::vector<at::Tensor> distill_forward(const at::Tensor& text_features, const at::Tensor& basis_r,
+std::vector<at::Tensor> prompt_distill_loss_forward(const at::Tensor& text_features, const at::Tensor& basis_r,
                                         const at::Tensor& basis_c, const at::Tensor& basis_f,
                                         const at::Tensor& basis_delta, const at::Tensor& basis_beta) {
   check_text(text_features);
@@ -319,7 +319,7 @@ std::vector<at::Tensor> distill_forward(const at::Tensor& text_features, const a
 }
 
 // -> dL/dtext_features
-at::Tensor distill_backward(const OptTensor& grad_loss, const at::Tensor& text_features, const at::Tensor& basis_r,
+at::Tensor prompt_distill_loss_backward(const OptTensor& grad_loss, const at::Tensor& text_features, const at::Tensor& basis_r,
                             const at::Tensor& basis_c, const at::Tensor& basis_f, const at::Tensor& basis_delta,
                             const at::Tensor& basis_beta, const at::Tensor& n, const at::Tensor& zn,
                             const at::Tensor& cos) {
@@ -340,7 +340,7 @@ at::Tensor distill_backward(const OptTensor& grad_loss, const at::Tensor& text_f
 // The whole head, L = L_ce + alpha L_dist (no distillation without a basis).
 // -> [loss, ce, dist, logits [B, C] or empty, n [C, M], w [C, M], r [C], lse [B], ||x|| [B],
 //     ||z|| [C*M], cos [C*M] (these two empty without a basis), u^ [C, D] float32]
-std::vector<at::Tensor> head_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits,
+std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits,
                                      const at::Tensor& image_features, const at::Tensor& labels,
                                      const at::Tensor& scale, const OptTensor& basis_r, const OptTensor& basis_c,
                                      const OptTensor& basis_f, const OptTensor& basis_delta,
@@ -387,10 +387,10 @@ std::vector<at::Tensor> head_forward(const at::Tensor& text_features, const at::
 }
 
 // Gradients of the head given the output gradients (each None or a float32 scalar; grad_logits
-// None or [B, C] float32) and the saved statistics of head_forward.
+// None or [B, C] float32) and the saved statistics of demul_head_forward.
 // -> [dL/dtext_features, dL/dprompt_logits (float32), dL/dimage_features, dL/dscale []],
 //    the first two only if need_text, the third only if need_image, the last only if need_scale.
-std::vector<at::Tensor> head_backward(const OptTensor& grad_loss, const OptTensor& grad_ce, const OptTensor& grad_dist,
+std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const OptTensor& grad_ce, const OptTensor& grad_dist,
                                       const OptTensor& grad_logits, const at::Tensor& text_features,
                                       const at::Tensor& image_features, const at::Tensor& labels,
                                       const at::Tensor& scale, const OptTensor& basis_r, const OptTensor& basis_c,
@@ -462,24 +462,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_PROMPTS") = static_cast<int64_t>(DEMUL_MAX_PROMPTS);
   m.def("compiled_with", []() { return std::string("CUDA ") + std::to_string(CUDA_VERSION); },
         "CUDA toolkit version the extension was compiled with");
-  m.def("aggregate_forward", &aggregate_forward, py::arg("text_features"), py::arg("prompt_logits"));
-  m.def("aggregate_backward", &aggregate_backward, py::arg("grad_class_features"), py::arg("text_features"),
+  m.def("aggregate_prompts_forward", &aggregate_prompts_forward, py::arg("text_features"), py::arg("prompt_logits"));
+  m.def("aggregate_prompts_backward", &aggregate_prompts_backward, py::arg("grad_class_features"), py::arg("text_features"),
         py::arg("prompt_norms"), py::arg("prompt_weights"), py::arg("class_norms"), py::arg("class_features32"));
-  m.def("cross_entropy_forward", &cross_entropy_forward, py::arg("image_features"), py::arg("class_features"),
+  m.def("cosine_cross_entropy_forward", &cosine_cross_entropy_forward, py::arg("image_features"), py::arg("class_features"),
         py::arg("labels"), py::arg("scale"), py::arg("label_smoothing"));
-  m.def("cross_entropy_backward", &cross_entropy_backward, py::arg("grad_loss"), py::arg("image_features"),
+  m.def("cosine_cross_entropy_backward", &cosine_cross_entropy_backward, py::arg("grad_loss"), py::arg("image_features"),
         py::arg("class_features"), py::arg("labels"), py::arg("scale"), py::arg("label_smoothing"), py::arg("lse"),
         py::arg("image_norms"), py::arg("need_image"), py::arg("need_class"), py::arg("need_scale"));
-  m.def("distill_forward", &distill_forward, py::arg("text_features"), py::arg("basis_r"), py::arg("basis_c"),
+  m.def("prompt_distill_loss_forward", &prompt_distill_loss_forward, py::arg("text_features"), py::arg("basis_r"), py::arg("basis_c"),
         py::arg("basis_f"), py::arg("basis_delta"), py::arg("basis_beta"));
-  m.def("distill_backward", &distill_backward, py::arg("grad_loss"), py::arg("text_features"), py::arg("basis_r"),
+  m.def("prompt_distill_loss_backward", &prompt_distill_loss_backward, py::arg("grad_loss"), py::arg("text_features"), py::arg("basis_r"),
         py::arg("basis_c"), py::arg("basis_f"), py::arg("basis_delta"), py::arg("basis_beta"),
         py::arg("prompt_norms"), py::arg("projection_norms"), py::arg("prompt_cosines"));
-  m.def("head_forward", &head_forward, py::arg("text_features"), py::arg("prompt_logits"), py::arg("image_features"),
+  m.def("demul_head_forward", &demul_head_forward, py::arg("text_features"), py::arg("prompt_logits"), py::arg("image_features"),
         py::arg("labels"), py::arg("scale"), py::arg("basis_r"), py::arg("basis_c"), py::arg("basis_f"),
         py::arg("basis_delta"), py::arg("basis_beta"), py::arg("alpha"), py::arg("label_smoothing"),
         py::arg("return_logits"));
-  m.def("head_backward", &head_backward, py::arg("grad_loss"), py::arg("grad_ce"), py::arg("grad_dist"),
+  m.def("demul_head_backward", &demul_head_backward, py::arg("grad_loss"), py::arg("grad_ce"), py::arg("grad_dist"),
         py::arg("grad_logits"), py::arg("text_features"), py::arg("image_features"), py::arg("labels"),
         py::arg("scale"), py::arg("basis_r"), py::arg("basis_c"), py::arg("basis_f"), py::arg("basis_delta"),
         py::arg("basis_beta"), py::arg("alpha"), py::arg("label_smoothing"), py::arg("prompt_norms"),

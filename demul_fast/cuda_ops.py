@@ -69,7 +69,7 @@ def _basis_operands(basis: DistillBasis):
 @torch.library.custom_op("demul_fast::cuda_aggregate_prompts", mutates_args=())
 def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (u^ [C, D] in T's dtype, n [C, M], w [C, M], r [C], u^ float32 [C, D])"""
-    return tuple(_C.aggregate_forward(text_features, prompt_logits))
+    return tuple(_C.aggregate_prompts_forward(text_features, prompt_logits))
 
 
 @_aggregate.register_fake
@@ -83,7 +83,7 @@ def _(text_features, prompt_logits):
 def _aggregate_backward(grad: Tensor, text_features: Tensor, n: Tensor, w: Tensor, r: Tensor,
                         u32: Tensor) -> tuple[Tensor, Tensor]:
     """grad: dL/du^ [C, D] float32 -> (dL/dT [C, M, D], dL/dA [C, M] float32)"""
-    return tuple(_C.aggregate_backward(grad, text_features, n, w, r, u32))
+    return tuple(_C.aggregate_prompts_backward(grad, text_features, n, w, r, u32))
 
 
 @_aggregate_backward.register_fake
@@ -117,7 +117,7 @@ _aggregate.register_autograd(_aggregate_grad, setup_context=_aggregate_setup)
 def _cross_entropy(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor,
                    label_smoothing: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (loss [], lse [B], ||x|| [B]), all float32"""
-    return tuple(_C.cross_entropy_forward(image_features, class_features, labels, scale, label_smoothing))
+    return tuple(_C.cosine_cross_entropy_forward(image_features, class_features, labels, scale, label_smoothing))
 
 
 @_cross_entropy.register_fake
@@ -131,7 +131,7 @@ def _cross_entropy_backward(grad: Optional[Tensor], image_features: Tensor, clas
                             scale: Tensor, label_smoothing: float, lse: Tensor, xnorm: Tensor, need_image: bool,
                             need_class: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (dL/dX or [0], dL/dU float32 or [0], dL/dscale [] or [0])"""
-    return tuple(_C.cross_entropy_backward(grad, image_features, class_features, labels, scale, label_smoothing, lse,
+    return tuple(_C.cosine_cross_entropy_backward(grad, image_features, class_features, labels, scale, label_smoothing, lse,
                                            xnorm, need_image, need_class, need_scale))
 
 
@@ -175,7 +175,7 @@ _cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entro
 def _distill(text_features: Tensor, basis_r: Tensor, basis_c: Tensor, basis_f: Tensor, basis_delta: Tensor,
              basis_beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [], ||t|| [C*M], ||z|| [C*M], cos [C*M]), all float32"""
-    return tuple(_C.distill_forward(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta))
+    return tuple(_C.prompt_distill_loss_forward(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta))
 
 
 @_distill.register_fake
@@ -190,7 +190,7 @@ def _distill_backward(grad: Optional[Tensor], text_features: Tensor, basis_r: Te
                       basis_f: Tensor, basis_delta: Tensor, basis_beta: Tensor, n: Tensor, zn: Tensor,
                       cos: Tensor) -> Tensor:
     """-> dL/dT [C, M, D]"""
-    return _C.distill_backward(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn, cos)
+    return _C.prompt_distill_loss_backward(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn, cos)
 
 
 @_distill_backward.register_fake
@@ -227,7 +227,7 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
                                         Tensor, Tensor, Tensor]:
     """-> (loss, ce, dist, logits [B, C] or [0], then saved statistics: n [C, M], w [C, M], r [C], lse [B],
     ||x|| [B], ||z|| [C*M], cos [C*M] (these two [0] without a basis), u^ float32 [C, D])"""
-    return tuple(_C.head_forward(text_features, prompt_logits, image_features, labels, scale, basis_r, basis_c,
+    return tuple(_C.demul_head_forward(text_features, prompt_logits, image_features, labels, scale, basis_r, basis_c,
                                  basis_f, basis_delta, basis_beta, alpha, label_smoothing, return_logits))
 
 
@@ -251,7 +251,7 @@ def _head_backward(grad_loss: Optional[Tensor], grad_ce: Optional[Tensor], grad_
                    n: Tensor, w: Tensor, r: Tensor, lse: Tensor, xnorm: Tensor, zn: Tensor, cos: Tensor, u32: Tensor,
                    need_text: bool, need_image: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dL/dT, dL/dA float32, dL/dX, dL/dscale []), each [0] when not needed"""
-    return tuple(_C.head_backward(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels,
+    return tuple(_C.demul_head_backward(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels,
                                   scale, basis_r, basis_c, basis_f, basis_delta, basis_beta, alpha, label_smoothing,
                                   n, w, r, lse, xnorm, zn, cos, u32, need_text, need_image, need_scale))
 

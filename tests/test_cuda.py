@@ -87,15 +87,15 @@ def _cpu_inputs(C=5, M=3, D=8, B=4, K=6):
 def test_direct_calls_on_cpu_tensors_raise_naming_the_argument():
     z = _cpu_inputs()
     calls = {
-        "aggregate_forward": lambda: _C.aggregate_forward(z["t"], z["a"]),
-        "aggregate_backward": lambda: _C.aggregate_backward(z["u"], z["t"], z["nc"], z["wc"], z["rc"], z["u"]),
-        "cross_entropy_forward": lambda: _C.cross_entropy_forward(z["x"], z["u"], z["y"], z["s"], 0.0),
-        "cross_entropy_backward": lambda: _C.cross_entropy_backward(z["g"], z["x"], z["u"], z["y"], z["s"], 0.0,
+        "aggregate_prompts_forward": lambda: _C.aggregate_prompts_forward(z["t"], z["a"]),
+        "aggregate_prompts_backward": lambda: _C.aggregate_prompts_backward(z["u"], z["t"], z["nc"], z["wc"], z["rc"], z["u"]),
+        "cosine_cross_entropy_forward": lambda: _C.cosine_cross_entropy_forward(z["x"], z["u"], z["y"], z["s"], 0.0),
+        "cosine_cross_entropy_backward": lambda: _C.cosine_cross_entropy_backward(z["g"], z["x"], z["u"], z["y"], z["s"], 0.0,
                                                                     z["vb"], z["vb"], True, True, True),
-        "distill_forward": lambda: _C.distill_forward(z["t"], *z["basis"]),
-        "distill_backward": lambda: _C.distill_backward(None, z["t"], *z["basis"], z["vr"], z["vr"], z["vr"]),
-        "head_forward": lambda: _C.head_forward(z["t"], z["a"], z["x"], z["y"], z["s"], *z["basis"], 1.0, 0.0, True),
-        "head_backward": lambda: _C.head_backward(z["g"], None, None, None, z["t"], z["x"], z["y"], z["s"],
+        "prompt_distill_loss_forward": lambda: _C.prompt_distill_loss_forward(z["t"], *z["basis"]),
+        "prompt_distill_loss_backward": lambda: _C.prompt_distill_loss_backward(None, z["t"], *z["basis"], z["vr"], z["vr"], z["vr"]),
+        "demul_head_forward": lambda: _C.demul_head_forward(z["t"], z["a"], z["x"], z["y"], z["s"], *z["basis"], 1.0, 0.0, True),
+        "demul_head_backward": lambda: _C.demul_head_backward(z["g"], None, None, None, z["t"], z["x"], z["y"], z["s"],
                                                   *z["basis"], 1.0, 0.0, z["nc"], z["wc"], z["rc"], z["vb"],
                                                   z["vb"], z["vr"], z["vr"], z["u"], True, True, True),
     }
@@ -109,7 +109,7 @@ def test_direct_calls_on_cpu_tensors_raise_naming_the_argument():
 def test_non_tensor_argument_is_refused():
     z = _cpu_inputs()
     with pytest.raises(TypeError):  # pybind refuses it before any check
-        _C.aggregate_forward(z["t"], "prompt_logits")
+        _C.aggregate_prompts_forward(z["t"], "prompt_logits")
 
 
 def test_backend_report_says_cuda_needs_cuda_tensors(gen, monkeypatch):

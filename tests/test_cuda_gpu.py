@@ -256,12 +256,12 @@ def test_basis_errors_name_the_argument(gen):
     R, c, Fm, delta, beta = (torch.randn(4, 8, device=DEV), torch.randn(4, device=DEV),
                              torch.randn(5, 4, device=DEV), torch.randn(5, device=DEV), torch.rand((), device=DEV))
     with pytest.raises(RuntimeError, match="basis.R has D=7, expected 8"):
-        _C.distill_forward(T, R[:, :7].contiguous(), c, Fm, delta, beta)
+        _C.prompt_distill_loss_forward(T, R[:, :7].contiguous(), c, Fm, delta, beta)
     with pytest.raises(RuntimeError, match="basis.F has C=4, expected 5"):
-        _C.distill_forward(T, R, c, Fm[:4].contiguous(), delta, beta)
+        _C.prompt_distill_loss_forward(T, R, c, Fm[:4].contiguous(), delta, beta)
     with pytest.raises(RuntimeError, match="basis.c must be Float"):
-        _C.distill_forward(T, R, c.double(), Fm, delta, beta)
+        _C.prompt_distill_loss_forward(T, R, c.double(), Fm, delta, beta)
     with pytest.raises(RuntimeError, match="needs all of R, c, F, delta, beta, got 4"):
-        _C.head_forward(T, torch.randn(5, 3, device=DEV), torch.randn(2, 8, device=DEV),
+        _C.demul_head_forward(T, torch.randn(5, 3, device=DEV), torch.randn(2, 8, device=DEV),
                         torch.zeros(2, dtype=torch.long, device=DEV), torch.ones((), device=DEV), R, c, Fm, delta,
                         None, 1.0, 0.0, False)
