@@ -1,0 +1,169 @@
+"""Class-sharded DeMul on torch.distributed (gloo on the CPU), 2 and 3 processes spawned here.
+
+The step of W processes (each: its share of the classes, its share of the global batch)
+must give the loss and the gradients of the single-process step on the whole global batch:
+checked against a float64 single-process reference, within the multiple of the float32
+single-process step's own error that tests/numerics.py allows, for C divisible and not
+divisible by W, the torch and triton (interpreted) head backends, a linear and an MLP phi,
+label smoothing and the entropy regulariser.
+"""
+
+import copy
+import datetime
+import os
+import socket
+import time
+
+import open_clip
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from open_clip.model import CLIP
+
+from demul_fast import DeMul
+from demul_fast.distributed import GlobalBatchSampler, ShardedDeMul, shard_bounds
+from numerics import assert_error_rule
+
+TINY_VISION = dict(image_size=32, layers=1, width=32, patch_size=16, head_width=32)
+SMALL_TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
+NAMES = ["cat", "golden_retriever", "x", "sea anemone", "a rather long class name with many words",
+         "dog", "tree frog"]
+M, N_CTX, D, K, B = 3, 4, 48, 20, 7  # B = 7: no world size divides the global batch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, worker, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker, world: int, *args, timeout: float = 300.0) -> None:
+    """Run worker(rank, world, *args) in ``world`` gloo processes; a failure in any is raised
+    here, and all are killed after ``timeout`` seconds."""
+    ctx = mp.start_processes(_entry, args=(world, free_port(), worker, args), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} processes did not finish within {timeout:.0f} s")
+
+
+def _models(c, kind, backend, gen, **kw):
+    """(float64 single-process reference, float32 single-process, float32 to shard)."""
+    torch.manual_seed(0)
+    clip64 = CLIP(embed_dim=D, vision_cfg=TINY_VISION, text_cfg=SMALL_TEXT).double().eval()
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    e = torch.randn(c, K, generator=gen, dtype=torch.float64)
+    if kind == "linear":
+        phi = torch.nn.Linear(D, K).double()
+    else:
+        phi = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Tanh(), torch.nn.Linear(16, K)).double()
+    kw = dict(kw, n_prompts=M, n_ctx=N_CTX)
+    ref64 = DeMul(clip64, tok, NAMES[:c], llm_embeddings=e, phi=phi, backend="torch", **kw).double()
+    with torch.no_grad():
+        ref64.ctx.normal_(0, 0.3, generator=gen)
+        ref64.head.prompt_logits.normal_(generator=gen)
+    clip32 = copy.deepcopy(clip64).float()
+    state = {k: v for k, v in ref64.state_dict().items() if not k.startswith("clip_model.")}
+    built = []
+    for _ in range(2):
+        m = DeMul(clip32, tok, NAMES[:c], llm_embeddings=e.float(), phi=copy.deepcopy(phi).float(),
+                  backend=backend, **kw).float()
+        m.load_state_dict(state, strict=False)
+        built.append(m)
+    return ref64, built[0], built[1], tok
+
+
+def _loss_and_grads(out, module):
+    params = [module.ctx, module.head.prompt_logits]
+    return [out.loss.detach()] + [g.clone() for g in torch.autograd.grad(out.loss, params)]
+
+
+def _check_case(rank, world, c, backend, kind="linear", **kw):
+    gen = torch.Generator().manual_seed(100 * c + len(backend))  # the same inputs on every rank
+    ref64, single, sharded, tok = _models(c, kind, backend, gen, **kw)
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, c, (B,), generator=gen)
+    want = _loss_and_grads(ref64(image_features=x, labels=y), ref64)
+    base = _loss_and_grads(single(image_features=x.float(), labels=y), single)
+    lo, hi = shard_bounds(B, world, rank)
+    step = ShardedDeMul(sharded, tok)
+    out = step(x[lo:hi].float(), y[lo:hi])
+    out.loss.backward()
+    step.reduce_gradients()
+    got = [out.loss.detach(), sharded.ctx.grad, sharded.head.prompt_logits.grad]
+    for name, f, r, p, k in zip(["loss", "dctx", "dA"], got, want, base, [2.0, 3.0, 3.0]):
+        assert_error_rule(f"W={world} C={c} {backend} {kind} {kw} {name}", f, r, p, k=k, dtype=torch.float32)
+    ref_out = ref64(image_features=x, labels=y)
+    assert_error_rule("ce_loss", out.ce_loss, ref_out.ce_loss, single(image_features=x.float(), labels=y).ce_loss,
+                      dtype=torch.float32)
+    assert torch.equal(out.logits.argmax(-1), ref_out.logits[lo:hi].argmax(-1))
+    gathered = [torch.empty_like(got[1]) for _ in range(world)]
+    dist.all_gather(gathered, got[1])
+    assert all(torch.equal(g, got[1]) for g in gathered), "ranks hold different gradients"
+
+
+def _head_worker(rank, world, cases):
+    for case in cases:
+        _check_case(rank, world, **case)
+
+
+CASES = {
+    2: [dict(c=6, backend="torch"), dict(c=5, backend="triton", label_smoothing=0.1),
+        dict(c=5, backend="torch", kind="mlp", entropy_weight=0.2)],
+    3: [dict(c=6, backend="triton"), dict(c=7, backend="torch", label_smoothing=0.1, entropy_weight=0.2),
+        dict(c=7, backend="triton", kind="mlp")],
+}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_step_equals_single_process_step(world):
+    spawn(_head_worker, world, CASES[world])
+
+
+def test_shard_bounds_cover_everything_once():
+    for total in range(1, 12):
+        for world in range(1, 5):
+            bounds = [shard_bounds(total, world, r) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("n,batch", [(13, 4), (12, 4), (9, 8), (5, 16)])
+def test_global_batches_do_not_depend_on_the_world_size(n, batch):
+    one = GlobalBatchSampler(n, batch)
+    one.set_seed(3)
+    for world in (2, 3):
+        if batch < world:
+            continue
+        shares = [GlobalBatchSampler(n, batch, r, world) for r in range(world)]
+        for s in shares:
+            s.set_seed(3)
+        steps = list(zip(*[list(s) for s in shares]))
+        assert all(len(s) == len(shares[0]) for s in shares)
+        assert all(len(part) > 0 for step in steps for part in step)
+        merged = [sum(step, []) for step in steps]
+        assert sorted(sum(merged, [])) == list(range(n))
+        if n % batch == 0 or n % batch >= world:
+            assert merged == list(one)
+    assert len(list(one)) == len(one)
+
+
+def test_global_batch_smaller_than_the_world_is_refused():
+    with pytest.raises(ValueError, match="at least the number of processes"):
+        GlobalBatchSampler(10, 2, 0, 3)
