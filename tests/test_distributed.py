@@ -167,3 +167,74 @@ def test_global_batches_do_not_depend_on_the_world_size(n, batch):
 def test_global_batch_smaller_than_the_world_is_refused():
     with pytest.raises(ValueError, match="at least the number of processes"):
         GlobalBatchSampler(10, 2, 0, 3)
+
+
+# -------------------------------------------------------------------------------------------
+# demul-fast train under torchrun
+
+
+def _image_folder(root, classes=("blue_checks", "green_stripes", "red_plain"), per_class=6, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for j in range(per_class):
+            img = rng.normal(60 + 60 * i, 40, (36, 36, 3)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / c / f"{j}.png")
+    return root
+
+
+def test_train_under_torchrun_equals_one_process(tmp_path):
+    """2 processes (3 classes: not divisible; global batch 5 of 12 shots: split 3 + 2) give
+    the prompts of the 1-process run within float32 rounding; only rank 0 writes and prints;
+    world_size is recorded; a run stopped after epoch 1 resumes under torchrun."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from clip_tiny import tiny_config
+    from demul_fast import cli
+
+    data = _image_folder(tmp_path / "data")
+    common = ["--data", str(data), "--model", str(tiny_config(tmp_path)), "--pretrained", "none", "--prompts", "2",
+              "--n-ctx", "4", "--workers", "0", "--device", "cpu", "--phi-names", "task", "--shots", "4",
+              "--batch-size", "5", "--lr", "0.05", "--warmup-epochs", "0", "--no-augment", "--no-progress"]
+    env = dict(os.environ, DEMUL_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    os.environ["DEMUL_FAST_CACHE"] = env["DEMUL_FAST_CACHE"]
+    try:
+        assert cli.main(["train", "--out", str(tmp_path / "one"), "--epochs", "2"] + common) == 0
+    finally:
+        del os.environ["DEMUL_FAST_CACHE"]
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "demul_fast.cli", "train", "--out", str(tmp_path / "two")] + list(args) + common
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    # The cosine schedule's first epoch has lr = --lr for any --epochs (no warm-up), so 1 epoch
+    # and a resume to 2 follow the same schedule as the straight 2-epoch run.
+    first = torchrun("--epochs", "1")
+    assert first.count('"final"') == 1  # rank 0 alone prints
+    out = torchrun("--epochs", "2", "--resume")
+    assert out.count('"final"') == 1
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["world_size"] == 2 and json.loads((tmp_path / "one" / "run.json").read_text())["world_size"] == 1
+    logs = [json.loads((tmp_path / d / "log.json").read_text())["epochs"] for d in ("one", "two")]
+    assert [r["world_size"] for r in logs[1]] == [2, 2] and [r["epoch"] for r in logs[1]] == [1, 2]
+    for a, b in zip(*logs):
+        for key in ("loss", "ce_loss", "distill_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a[key], b[key])
+        assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+    one = load_file(str(tmp_path / "one" / "prompts" / "prompts.safetensors"))
+    two = load_file(str(tmp_path / "two" / "prompts" / "prompts.safetensors"))
+    for key in ("ctx", "prompt_logits"):
+        scale = float(one[key].abs().max())
+        err = float((one[key] - two[key]).abs().max())
+        print(f"{key}: max |1 process - 2 processes| {err:.3e}, max |value| {scale:.3e}")
+        assert err <= 64 * torch.finfo(torch.float32).eps * scale, key
