@@ -7,8 +7,8 @@ more; ``shard_bounds``). Each rank
   every rank (``T_r [C_r, M, D]``, the text encoder's rows and activations divided by W);
 * computes its share of the class features ``u^_r = aggregate_prompts(T_r, A_r)`` and of
   the distillation sum; the class features of all ranks are all-gathered with autograd
-  (``torch.distributed.nn.functional.all_gather``: the backward sums every rank's
-  cotangent of u^_r back onto rank r);
+  (``_AllGatherRows``: the backward sums every rank's cotangent of u^_r back onto rank r,
+  a reduce-scatter);
 * runs the cross-entropy of its own image batch (B_r images; ``GlobalBatchSampler``)
   against all C classes.
 
@@ -40,7 +40,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.nn.functional import all_gather as all_gather_autograd
 
 from . import functional
 from .common import HeadOutput, l2_normalize
@@ -145,6 +144,33 @@ def _collective_device() -> torch.device:
 # class-sharded DeMul
 
 
+class _AllGatherRows(torch.autograd.Function):
+    """[n, D] on each of W ranks -> [W*n, D] on every rank; the backward gives each rank the
+    SUM over ranks of the cotangents of its own rows (a reduce-scatter: NCCL's, or an
+    all-reduce and a slice where the backend has none, as gloo)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group) -> Tensor:
+        ctx.group = group
+        local = local.contiguous()
+        out = local.new_empty(dist.get_world_size(group) * local.shape[0], *local.shape[1:])
+        dist.all_gather_into_tensor(out, local, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        grad = grad.contiguous()
+        n = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            mine = grad.new_empty(n, *grad.shape[1:])
+            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            return mine, None
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total[rank * n:(rank + 1) * n], None
+
+
 def gather_class_features(local: Tensor, sizes: Sequence[int], group=None) -> Tensor:
     """All ranks' class features, in class order, with autograd.
 
@@ -154,8 +180,8 @@ def gather_class_features(local: Tensor, sizes: Sequence[int], group=None) -> Te
     width = max(sizes)
     padded = local if local.shape[0] == width else torch.cat([local, local.new_zeros(width - local.shape[0],
                                                                                     *local.shape[1:])])
-    parts = all_gather_autograd(padded, group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    gathered = _AllGatherRows.apply(padded, group)
+    return torch.cat([gathered[r * width:r * width + n] for r, n in enumerate(sizes)])
 
 
 def _shard_text_encoder(module: nn.Module, tokenizer: Callable, classnames: List[str]) -> nn.Module:
