@@ -144,6 +144,12 @@ def _collective_device() -> torch.device:
 # class-sharded DeMul
 
 
+# torch renamed the tensor collectives (all_gather_into_tensor now warns on every call); the
+# package supports torch versions from before the rename
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _AllGatherRows(torch.autograd.Function):
     """[n, D] on each of W ranks -> [W*n, D] on every rank; the backward gives each rank the
     SUM over ranks of the cotangents of its own rows (a reduce-scatter: NCCL's, or an
@@ -154,7 +160,7 @@ class _AllGatherRows(torch.autograd.Function):
         ctx.group = group
         local = local.contiguous()
         out = local.new_empty(dist.get_world_size(group) * local.shape[0], *local.shape[1:])
-        dist.all_gather_into_tensor(out, local, group=group)
+        _all_gather_single(out, local, group=group)
         return out
 
     @staticmethod
@@ -164,7 +170,7 @@ class _AllGatherRows(torch.autograd.Function):
         n = grad.shape[0] // world
         if dist.get_backend(ctx.group) == dist.Backend.NCCL:
             mine = grad.new_empty(n, *grad.shape[1:])
-            dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
+            _reduce_scatter_single(mine, grad, group=ctx.group)
             return mine, None
         total = grad.clone()
         dist.all_reduce(total, group=ctx.group)
