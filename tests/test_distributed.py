@@ -23,6 +23,7 @@ from open_clip.model import CLIP
 
 from demul_fast import DeMul
 from demul_fast.distributed import GlobalBatchSampler, ShardedDeMul, shard_bounds
+from demul_fast.reference import DeMulReference
 from numerics import assert_error_rule
 
 TINY_VISION = dict(image_size=32, layers=1, width=32, patch_size=16, head_width=32)
@@ -61,8 +62,9 @@ def spawn(worker, world: int, *args, timeout: float = 300.0) -> None:
             pytest.fail(f"{world} processes did not finish within {timeout:.0f} s")
 
 
-def _models(c, kind, backend, gen, **kw):
-    """(float64 single-process reference, float32 single-process, float32 to shard)."""
+def _models(c, kind, backend, gen, reference=False, **kw):
+    """(float64 single-process reference, float32 single-process, float32 to shard); with
+    ``reference`` the float32 modules are DeMulReference (full-length encoder, reference head)."""
     torch.manual_seed(0)
     clip64 = CLIP(embed_dim=D, vision_cfg=TINY_VISION, text_cfg=SMALL_TEXT).double().eval()
     tok = open_clip.get_tokenizer("ViT-B-16")
@@ -79,9 +81,10 @@ def _models(c, kind, backend, gen, **kw):
     clip32 = copy.deepcopy(clip64).float()
     state = {k: v for k, v in ref64.state_dict().items() if not k.startswith("clip_model.")}
     built = []
+    cls = DeMulReference if reference else DeMul
     for _ in range(2):
-        m = DeMul(clip32, tok, NAMES[:c], llm_embeddings=e.float(), phi=copy.deepcopy(phi).float(),
-                  backend=backend, **kw).float()
+        m = cls(clip32, tok, NAMES[:c], llm_embeddings=e.float(), phi=copy.deepcopy(phi).float(),
+                backend=backend, **kw).float()
         m.load_state_dict(state, strict=False)
         built.append(m)
     return ref64, built[0], built[1], tok
@@ -95,6 +98,7 @@ def _loss_and_grads(out, module):
 def _check_case(rank, world, c, backend, kind="linear", **kw):
     gen = torch.Generator().manual_seed(100 * c + len(backend))  # the same inputs on every rank
     ref64, single, sharded, tok = _models(c, kind, backend, gen, **kw)
+    kw.pop("reference", None)
     x = torch.randn(B, D, generator=gen, dtype=torch.float64)
     y = torch.randint(0, c, (B,), generator=gen)
     want = _loss_and_grads(ref64(image_features=x, labels=y), ref64)
@@ -122,7 +126,8 @@ def _head_worker(rank, world, cases):
 
 
 CASES = {  # C divisible and not divisible by the world size, both backends, both kinds of phi
-    2: [dict(c=6, backend="torch", entropy_weight=0.2), dict(c=5, backend="triton", label_smoothing=0.1)],
+    2: [dict(c=6, backend="torch", entropy_weight=0.2), dict(c=5, backend="triton", label_smoothing=0.1),
+        dict(c=5, backend="torch", reference=True)],
     3: [dict(c=6, backend="triton"), dict(c=7, backend="torch", kind="mlp", label_smoothing=0.1,
                                           entropy_weight=0.2)],
 }
