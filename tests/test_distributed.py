@@ -193,7 +193,8 @@ def _image_folder(root, classes=("blue_checks", "green_stripes", "red_plain"), p
 def test_train_under_torchrun_equals_one_process(tmp_path):
     """2 processes (3 classes: not divisible; global batch 5 of 12 shots: split 3 + 2) give
     the prompts of the 1-process run within float32 rounding; only rank 0 writes and prints;
-    world_size is recorded; a run stopped after epoch 1 resumes under torchrun."""
+    world_size is recorded; a run stopped after epoch 1 resumes under torchrun; the 2-process
+    run checkpoints the text encoder's activations, the 1-process run does not."""
     import json
     import subprocess
     import sys
@@ -223,12 +224,12 @@ def test_train_under_torchrun_equals_one_process(tmp_path):
 
     # The cosine schedule's first epoch has lr = --lr for any --epochs (no warm-up), so 1 epoch
     # and a resume to 2 follow the same schedule as the straight 2-epoch run.
-    first = torchrun("--epochs", "1")
+    first = torchrun("--epochs", "1", "--checkpoint-text")  # exact: the same prompts
     assert first.count('"final"') == 1  # rank 0 alone prints
-    out = torchrun("--epochs", "2", "--resume")
+    out = torchrun("--epochs", "2", "--resume", "--checkpoint-text")
     assert out.count('"final"') == 1
     run = json.loads((tmp_path / "two" / "run.json").read_text())
-    assert run["world_size"] == 2 and json.loads((tmp_path / "one" / "run.json").read_text())["world_size"] == 1
+    assert run["config"]["checkpoint_text"] and run["world_size"] == 2 and json.loads((tmp_path / "one" / "run.json").read_text())["world_size"] == 1
     logs = [json.loads((tmp_path / d / "log.json").read_text())["epochs"] for d in ("one", "two")]
     assert [r["world_size"] for r in logs[1]] == [2, 2] and [r["epoch"] for r in logs[1]] == [1, 2]
     for a, b in zip(*logs):
