@@ -8,8 +8,10 @@
     demul-fast eval --checkpoint RUN [--data DIR --split test|val|train|all]
     demul-fast fit-phi --out phi.safetensors [--model --pretrained --llm --names --method]
 
-Also runnable as ``python -m demul_fast.cli``. Errors in the input (dataset, checkpoint,
-output folder) are printed as one ``demul-fast: error: ...`` line with exit status 2.
+Also runnable as ``python -m demul_fast.cli``; ``torchrun --nproc_per_node N -m demul_fast.cli
+train ...`` trains on N processes (classes sharded, batches split; see demul_fast.distributed).
+Errors in the input (dataset, checkpoint, output folder) are printed as one
+``demul-fast: error: ...`` line with exit status 2.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import warnings
 from typing import Optional, Sequence
 
 from .datasets import LAYOUTS, ClassNamesDiffer
+from .distributed import is_main
 from .llm import ClassNameMismatch
 from .sweep import MissingExtra
 from .train import CheckpointError, DataError, OutputExistsError, TrainConfig, evaluate, train
@@ -70,7 +73,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="epochs at --warmup-lr "
                                                                               "(default %(default)s)")
     p.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="(default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="the global batch, split over the "
+                                                                        "processes under torchrun (default %(default)s)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default %(default)s)")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes, also the threads that "
                                                                   "decode every image before training (default: "
@@ -84,6 +88,9 @@ def _train_parser(sub) -> None:
                                                             "(the plain PyTorch specification) instead of DeMul")
     p.add_argument("--text-encoder", default=d.text_encoder, choices=["prefix", "auto", "full"],
                    help="DeMul's text encoder (default %(default)s)")
+    p.add_argument("--checkpoint-text", action="store_true",
+                   help="activation checkpointing per layer of the prefix-shared text encoder: less memory, "
+                        "one more forward of the encoder (exact)")
     p.add_argument("--backend", default=None, choices=["cuda", "triton", "torch"], help="head backend "
                                                                                         "(default: automatic)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
@@ -256,7 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "train":
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             result = train(TrainConfig(**fields))
-            print(json.dumps({"final": result}))
+            if is_main():
+                print(json.dumps({"final": result}))
         elif args.command == "fit-phi":
             fit_phi_command(args)
         else:

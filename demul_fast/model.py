@@ -43,6 +43,8 @@ class DeMul(DeMulModule):
                     (prefix, else the full path) or "full" (reference.FullTextEncoder)
     backend:        head backend: None | "cuda" | "triton" | "torch"
     label_smoothing, entropy_weight: SPEC 4 options
+    checkpoint_text: activation checkpointing per layer of the prefix-shared encoder (exact;
+                    trades a second forward of each layer for its activations)
 
     Parameters: ``ctx [M, n_ctx, width]``, ``head.prompt_logits [C, M]``.
     """
@@ -51,13 +53,17 @@ class DeMul(DeMulModule):
                  llm_embeddings: Optional[Tensor] = None, phi: Optional[Phi] = None, n_prompts: int = 4,
                  n_ctx: int = 16, ctx_init: Union[None, str, Sequence[str]] = None, alpha: float = 1.0,
                  learn_weights: bool = True, text_encoder: str = "prefix", backend: Optional[str] = None,
-                 label_smoothing: float = 0.0, entropy_weight: float = 0.0):
+                 label_smoothing: float = 0.0, entropy_weight: float = 0.0, checkpoint_text: bool = False):
         super().__init__()
+        if checkpoint_text and text_encoder == "full":
+            raise ValueError("checkpoint_text applies to the prefix-shared text encoder, not text_encoder='full'")
         self._setup(clip_model, tokenizer, classnames, n_prompts, n_ctx, ctx_init, alpha, learn_weights)
         if text_encoder == "prefix":
-            self.text_encoder = PrefixSharedTextEncoder(clip_model, tokenizer, classnames, n_ctx)
+            self.text_encoder = PrefixSharedTextEncoder(clip_model, tokenizer, classnames, n_ctx,
+                                                        checkpoint=checkpoint_text)
         elif text_encoder == "auto":
-            self.text_encoder = PrefixSharedTextEncoder(clip_model, tokenizer, classnames, n_ctx, fallback="full")
+            self.text_encoder = PrefixSharedTextEncoder(clip_model, tokenizer, classnames, n_ctx, fallback="full",
+                                                        checkpoint=checkpoint_text)
         elif text_encoder == "full":
             self.text_encoder = reference.FullTextEncoder(clip_model, tokenizer, classnames, n_ctx)
         else:

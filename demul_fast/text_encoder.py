@@ -36,6 +36,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .prefix_attention import PackedLayout, shared_prefix_attention
 from .prompts import build_prompts
@@ -256,7 +257,7 @@ def text_tower(model: nn.Module) -> TextTower:
 # --------------------------------------------------------------------------------------
 
 def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suffix_eot: Tensor,
-                          layout: Optional[PackedLayout] = None) -> Tensor:
+                          layout: Optional[PackedLayout] = None, checkpoint: bool = False) -> Tensor:
     """Pooled text features of G*N sequences that share a prefix per group (SPEC 3.1).
 
     tower:      a TextTower (``text_tower(model)``), causal with EOT pooling
@@ -269,6 +270,9 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
                              start (0 <= suffix_eot < S)
     layout:     optional ``PackedLayout.build(G, P, N, S, suffix_eot)``, to reuse across calls
                 with the same suffix_eot (building one reads suffix_eot: a host sync on GPU)
+    checkpoint: activation checkpointing per layer (``torch.utils.checkpoint``, non-reentrant):
+                the backward recomputes each layer from its input instead of keeping its
+                activations; the same operations run again, so the result is the same
     returns     [G, N, D]    ``text_projection(ln_final(hidden[EOT]))`` of each sequence,
                              equal to running the tower on the P+S (or 77) tokens of each
                              sequence separately, up to float rounding
@@ -293,20 +297,28 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), suffix_rows])       # [G*P + Ts, W], packed
     last = len(tower.layers) - 1
     for i, layer in enumerate(tower.layers):
-        q, k, v = layer.qkv(layer.ln_1(x))
-        if i < last:
-            a = shared_prefix_attention(q, k, v, layout, layer.heads)
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(_layer_forward, layer, x, layout, i == last, use_reentrant=False)
         else:
-            # Last layer: only the pooled (EOT) rows matter. Keys and values of every row
-            # were computed above; the attention output, out_proj and MLP run on G*N rows.
-            rows = layout.eot_rows + g * p
-            x = x.index_select(0, rows)
-            a = shared_prefix_attention(q.index_select(0, rows), k, v, layout, layer.heads, eot_only=True)
-        x = x + layer.ls_1(layer.out_proj(a))
-        x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
+            x = _layer_forward(layer, x, layout, i == last)
     if last < 0:  # a tower without layers
         x = x.index_select(0, layout.eot_rows + g * p)
     return tower.project(tower.ln_final(x)).view(g, n, -1)
+
+
+def _layer_forward(layer: LayerView, x: Tensor, layout: PackedLayout, last: bool) -> Tensor:
+    """One residual block on the packed rows x [G*P + Ts, W]; the last block returns only the
+    G*N pooled (EOT) rows [G*N, W]: keys and values of every row are computed, the attention
+    output, out_proj and MLP run on the pooled rows alone."""
+    q, k, v = layer.qkv(layer.ln_1(x))
+    if last:
+        rows = layout.eot_rows + layout.g * layout.p
+        x = x.index_select(0, rows)
+        a = shared_prefix_attention(q.index_select(0, rows), k, v, layout, layer.heads, eot_only=True)
+    else:
+        a = shared_prefix_attention(q, k, v, layout, layer.heads)
+    x = x + layer.ls_1(layer.out_proj(a))
+    return x + layer.ls_2(layer.mlp(layer.ln_2(x)))
 
 
 # --------------------------------------------------------------------------------------
@@ -324,6 +336,8 @@ class PrefixSharedTextEncoder(nn.Module):
     n_ctx:      learned context tokens per prompt
     fallback:   None (refuse an unsupported tower with ``UnsupportedTextTower``) or "full"
                 (run such a tower at full length through ``reference.FullTextEncoder``)
+    checkpoint: activation checkpointing per layer of the prefix path (exact: the backward
+                recomputes each layer instead of keeping its activations)
 
     ``forward(ctx [M, n_ctx, width]) -> T [C, M, D]`` (unnormalised), equal to
     ``reference.FullTextEncoder`` up to float rounding: the prompts are truncated after
@@ -332,8 +346,9 @@ class PrefixSharedTextEncoder(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer: Callable, classnames: Sequence[str], n_ctx: int,
-                 fallback: Optional[str] = None):
+                 fallback: Optional[str] = None, checkpoint: bool = False):
         super().__init__()
+        self.checkpoint = bool(checkpoint)
         if fallback not in (None, "full"):
             raise ValueError(f"fallback must be None or 'full', got {fallback!r}")
         self.__dict__["clip_model"] = clip_model  # plain attribute: no duplicate parameters
@@ -381,5 +396,5 @@ class PrefixSharedTextEncoder(nn.Module):
         if self._layout is None or self._layout[0] != key:  # built once: no host sync per step
             self.__dict__["_layout"] = (key, PackedLayout.build(m, prefix.shape[1], c, suffix.shape[1], eot))
         out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1), eot,
-                                    layout=self._layout[1])                                # [M, C, D]
+                                    layout=self._layout[1], checkpoint=self.checkpoint)    # [M, C, D]
         return out.transpose(0, 1)

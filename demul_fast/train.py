@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from . import distributed
 from . import llm as llm_mod
 from . import mapping
 from .checkpoint import CheckpointError
@@ -113,6 +114,7 @@ class TrainConfig:
     augment: bool = True
     reference: bool = False
     text_encoder: str = "prefix"
+    checkpoint_text: bool = False
     backend: Optional[str] = None
     allow_fewer: bool = False
     resume: bool = False
@@ -370,7 +372,7 @@ def build_module(cfg: TrainConfig, clip, tokenizer, classnames, llm_embeddings, 
     kwargs = dict(llm_embeddings=llm_embeddings, phi=phi, n_prompts=cfg.prompts, n_ctx=cfg.n_ctx,
                   ctx_init=cfg.ctx_init, alpha=cfg.alpha, backend=cfg.backend)
     if not cfg.reference:
-        kwargs["text_encoder"] = cfg.text_encoder
+        kwargs.update(text_encoder=cfg.text_encoder, checkpoint_text=cfg.checkpoint_text)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the context initialisation
         return cls(clip, tokenizer, classnames, **kwargs)
@@ -564,7 +566,8 @@ def _llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device, clip_fin
     phi, rep = mapping.fit_phi(x, y, seed=cfg.seed)
     _log(rep.summary(), cfg.progress)
     try:
-        mapping.save_phi(cached, phi, rep)
+        if distributed.is_main():  # one writer of the shared cache
+            mapping.save_phi(cached, phi, rep)
     except OSError:
         pass  # the cache is an optimisation
     return emb, phi, asdict(rep)
@@ -602,9 +605,13 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not (cfg.lr > 0 and math.isfinite(cfg.alpha) and cfg.alpha >= 0):
         raise ValueError(f"--lr must be > 0 and --alpha >= 0, got {cfg.lr} and {cfg.alpha}")
-    device = _device(cfg.device)
+    proc = distributed.init_from_env(cfg.device)  # torchrun: join the process group; else one process
+    device = proc.device
+    if not proc.is_main:  # rank 0 alone shows progress and writes files
+        cfg = TrainConfig(**{**asdict(cfg), "progress": False})
     amp_dtype = _amp_dtype(cfg.precision, device)
     out = _prepare_output(cfg)
+    proc.barrier()  # every rank has checked the output folder before rank 0 writes to it
 
     # data: everything is checked before the output folder is touched
     if cfg.resume:
@@ -637,13 +644,19 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
         # everything that can fail on bad input runs before the output folder is written
         emb, phi, report = _llm_and_phi(cfg, clip, tokenizer, classnames, device, clip_info["fingerprint"])
         module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
-        work = checkpoint.staging_folder(out)  # moved to out (over an --overwrite'd run) at the first checkpoint
-        staged.append(work)
-        _write_json(work / SPLIT_FILE, split)
-        _save_llm_and_phi(work, cfg, classnames, emb, phi, report)
+        work = out  # the other ranks of a torchrun job write nothing
+        if proc.is_main:
+            work = checkpoint.staging_folder(out)  # moved to out (over an --overwrite'd run) at the first checkpoint
+            staged.append(work)
+            _write_json(work / SPLIT_FILE, split)
+            _save_llm_and_phi(work, cfg, classnames, emb, phi, report)
 
     train_tf, eval_tf = build_transforms(pre_cfg, cfg.augment)
     train_ds = ImageList(_items(split["train"], classnames), train_tf)
+    sharded = None
+    if proc.world_size > 1:
+        sharded = distributed.ShardedDeMul(module, tokenizer)
+        sharded.broadcast_parameters()
     # no persistent workers: each epoch's shuffle and augmentation are seeded afresh (resume
     # reproduces them)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -664,26 +677,30 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
     run = {"config": asdict(cfg), "classnames": classnames, "clip": clip_info,
            "device": str(device), "amp": str(amp_dtype), "module": type(module).__name__,
            "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pre_cfg.items()},
-           "n_train": len(train_ds)}
-    _write_json(work / RUN_FILE, run)
+           "n_train": len(train_ds), "world_size": proc.world_size}
+    if proc.is_main:
+        _write_json(work / RUN_FILE, run)
 
     eval_sets = {}
     for s, data in split["eval"].items():
-        loader = torch.utils.data.DataLoader(ImageList(_items(data, classnames), eval_tf),
+        loader = torch.utils.data.DataLoader(ImageList(proc.share(_items(data, classnames)), eval_tf),
                                              batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw)
         eval_sets[s] = image_features(clip, loader, device, amp_dtype, cfg.progress, f"{s} features")
 
     _log(f"training {type(module).__name__} on {len(classnames)} classes, {len(train_ds)} images "
-         f"({cfg.shots} shots), {cfg.epochs} epochs, device {device}, output {out}", cfg.progress)
+         f"({cfg.shots} shots), {cfg.epochs} epochs, device {device}, world size {proc.world_size}, output {out}",
+         cfg.progress)
     gen = torch.Generator()
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         drop_last=False, **loader_kw)
+    # global batches of cfg.batch_size, each split over the processes: the same steps at any world size
+    sampler = distributed.GlobalBatchSampler(len(train_ds), cfg.batch_size, proc.rank, proc.world_size)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, generator=gen, **loader_kw)
     record = history[-1] if history else {}
     for epoch in range(start, cfg.epochs):
         lr = _lr_at(cfg, epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        gen.manual_seed(cfg.seed * 100003 + epoch)  # shuffle and worker seeds of this epoch
+        gen.manual_seed(cfg.seed * 100003 + epoch)  # worker seeds of this epoch
+        sampler.set_seed(cfg.seed * 100003 + epoch)  # the shuffle of this epoch
         torch.manual_seed(cfg.seed * 100003 + epoch)  # augmentation without workers
         module.train()
         tot = {"loss": 0.0, "ce_loss": 0.0, "distill_loss": 0.0, "correct": 0, "n": 0}
@@ -694,14 +711,15 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
             with _autocast(device, amp_dtype):
                 with torch.no_grad():  # the image tower is frozen
                     feats = clip.encode_image(images)
-                o = module(image_features=feats, labels=labels)
+                o = module(image_features=feats, labels=labels) if sharded is None else sharded(feats, labels)
             optimizer.zero_grad(set_to_none=True)
+            (o.loss if scaler is None else scaler.scale(o.loss)).backward()
+            if sharded is not None:
+                sharded.reduce_gradients()
             if scaler is not None:
-                scaler.scale(o.loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                o.loss.backward()
                 optimizer.step()
             n = labels.numel()
             tot["n"] += n
@@ -709,13 +727,15 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
                 tot[k] += float(getattr(o, k).detach()) * n
             tot["correct"] += int((o.logits.argmax(-1) == labels).sum())
             bar.set_postfix(loss=f"{tot['loss'] / tot['n']:.4f}", acc=f"{100.0 * tot['correct'] / tot['n']:.1f}")
-        record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - t0, 3),
+        tot = proc.all_reduce_sums(tot)
+        record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - t0, 3), "world_size": proc.world_size,
                   **{k: tot[k] / tot["n"] for k in ("loss", "ce_loss", "distill_loss")},
                   "train_acc": 100.0 * tot["correct"] / tot["n"]}
         for s, (f, y) in eval_sets.items():
-            record[f"{s}_acc"] = accuracy(module, f, y)
+            record[f"{s}_acc"] = accuracy(module, f, y) if sharded is None else sharded.accuracy(f, y)
         history.append(record)
-        work = _save_checkpoint(work, out, module, optimizer, scaler, epoch, history)
+        if proc.is_main:
+            work = _save_checkpoint(work, out, module, optimizer, scaler, epoch, history)
         _log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} (ce {record['ce_loss']:.4f}, "
              f"distill {record['distill_loss']:.4f}), train acc {record['train_acc']:.2f}%"
              + "".join(f", {s} acc {record[s + '_acc']:.2f}%" for s in eval_sets)
