@@ -6,7 +6,7 @@ u [C, D] used as given, L_ce = (1/B) sum_b (lse_b - (1 - ls) s[b, y_b] - (ls/C) 
 * forward: one program per BLOCK_B images sweeps the classes in BLOCK_C tiles with an
   online log-sum-exp; it stores lse [B] and the per-image loss [B] (logits only on request);
 * backward, a second sweep that recomputes each tile's logits:
-  G = g_ce/B (softmax(s) - q) (+ an incoming logits gradient),
+  G = g_ce/B (softmax(s) - q) (+ an incoming logits gradient; 1/B applied after the dots),
   dU = tau G^T x^ (one program per class tile, sweeping B; it also sums G * s/tau for
   d tau), dX = nb(x^, tau G U, |x|) (one program per image tile, sweeping C).
 A label outside [0, C) is never used as an address: it only fails to match a class.
@@ -26,12 +26,15 @@ EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.com
 
 
 @triton.jit
-def _dot(a, b, LOWP: tl.constexpr, DTYPE: tl.constexpr):
-    """a @ b in fp32; operands in DTYPE when LOWP, else IEEE fp32 (no TF32)."""
-    if LOWP:
-        return tl.dot(a.to(DTYPE), b.to(DTYPE))
-    else:
+def _dot(a, b, EMULATE: tl.constexpr, DTYPE: tl.constexpr):
+    """a @ b in fp32 with operands in DTYPE (float32: IEEE, no TF32). EMULATE (interpreter):
+    operands rounded to DTYPE, multiplied in fp32 (see _common.emulate_dot)."""
+    if EMULATE:
+        return tl.dot(a.to(DTYPE).to(tl.float32), b.to(DTYPE).to(tl.float32), input_precision="ieee")
+    elif DTYPE == tl.float32:
         return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DTYPE), b.to(DTYPE))
 
 
 @triton.jit
@@ -53,13 +56,14 @@ def _load_rows(U, offs, N, D, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _grad_logits(cos, tau, lse, y, offs_b, offs_c, GL, g, ls, B, C, HAS_GL: tl.constexpr):
-    """G = g (softmax(s) - q) [+ GL tile], zero outside [B, C]; g already holds 1/B."""
+    """B G = g (softmax(s) - q) [+ B GL tile], zero outside [B, C]: the 1/B is applied after
+    the dots that consume it (in float16, G itself would be mostly subnormal)."""
     ok = (offs_b[:, None] < B) & (offs_c[None, :] < C)
     p = tl.exp(tau * cos - lse[:, None])
     q = tl.where(offs_c[None, :] == y[:, None], 1.0 - ls, 0.0) + ls / C
     G = g * (p - q)
     if HAS_GL:
-        G += tl.load(GL + offs_b[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
+        G += B * tl.load(GL + offs_b[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
     return tl.where(ok, G, 0.0)
 
 
@@ -68,7 +72,7 @@ def _ce_fwd_kernel(
     X, U, Y, SCALE,            # X [B, D], U [C, D], Y [B] int, SCALE [1]
     LSE, LOSS, LOGITS,         # LSE [B] fp32, LOSS [B] fp32 (per image), LOGITS [B, C]
     B, C, D, ls,
-    STORE_LOGITS: tl.constexpr, LOWP: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -85,7 +89,7 @@ def _ce_fwd_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < C
         u = _load_rows(U, offs_c, C, D, BLOCK_D)
-        s = tau * _dot(x_hat, tl.trans(u), LOWP, X.dtype.element_ty)
+        s = tau * _dot(x_hat, tl.trans(u), EMULATE, X.dtype.element_ty)
         s_m = tl.where(c_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_m, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_m - m_new[:, None]), axis=1)
@@ -103,10 +107,10 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_bwd_du_kernel(
-    X, U, Y, SCALE, LSE, GRAD, GL,   # GRAD [1] fp32 = dL/dL_ce / B; GL [B, C] logits grad
+    X, U, Y, SCALE, LSE, GRAD, GL,   # GRAD [1] fp32 = dL/dL_ce; GL [B, C] logits grad
     DU, DSCALE,                      # DU [C, D], DSCALE [num programs] fp32 partial sums
     B, C, D, ls,
-    HAS_GL: tl.constexpr, LOWP: tl.constexpr,
+    HAS_GL: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -121,14 +125,14 @@ def _ce_bwd_du_kernel(
         x_hat, _ = _load_rows_normalized(X, offs_b, B, D, BLOCK_D)
         y = tl.load(Y + offs_b, mask=offs_b < B, other=-1).to(tl.int32)
         lse = tl.load(LSE + offs_b, mask=offs_b < B, other=0.0)
-        cos = _dot(x_hat, tl.trans(u), LOWP, X.dtype.element_ty)
+        cos = _dot(x_hat, tl.trans(u), EMULATE, X.dtype.element_ty)
         G = _grad_logits(cos, tau, lse, y, offs_b, offs_c, GL, g, ls, B, C, HAS_GL)
-        acc += _dot(tl.trans(G), x_hat, LOWP, X.dtype.element_ty)
+        acc += _dot(tl.trans(G), x_hat, EMULATE, X.dtype.element_ty)
         dscale += tl.sum(G * cos, axis=0)
     offs_d = tl.arange(0, BLOCK_D)
-    tl.store(DU + offs_c[:, None] * D + offs_d[None, :], (tau * acc).to(DU.dtype.element_ty),
+    tl.store(DU + offs_c[:, None] * D + offs_d[None, :], ((tau / B) * acc).to(DU.dtype.element_ty),
              mask=(offs_c[:, None] < C) & (offs_d[None, :] < D))
-    tl.store(DSCALE + pid, tl.sum(dscale, axis=0))
+    tl.store(DSCALE + pid, tl.sum(dscale, axis=0) / B)
 
 
 @triton.jit
@@ -136,7 +140,7 @@ def _ce_bwd_dx_kernel(
     X, U, Y, SCALE, LSE, GRAD, GL,
     DX,                              # DX [B, D]
     B, C, D, ls,
-    HAS_GL: tl.constexpr, LOWP: tl.constexpr,
+    HAS_GL: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -150,10 +154,10 @@ def _ce_bwd_dx_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         u = _load_rows(U, offs_c, C, D, BLOCK_D)
-        cos = _dot(x_hat, tl.trans(u), LOWP, X.dtype.element_ty)
+        cos = _dot(x_hat, tl.trans(u), EMULATE, X.dtype.element_ty)
         G = _grad_logits(cos, tau, lse, y, offs_b, offs_c, GL, g, ls, B, C, HAS_GL)
-        acc += _dot(G, u, LOWP, X.dtype.element_ty)
-    dx_hat = tau * acc
+        acc += _dot(G, u, EMULATE, X.dtype.element_ty)
+    dx_hat = (tau / B) * acc
     proj = tl.where(xn >= EPS, tl.sum(x_hat * dx_hat, axis=1), 0.0)
     dx = (dx_hat - x_hat * proj[:, None]) / tl.maximum(xn, EPS)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
@@ -185,12 +189,12 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
     logits = _common.new_output((B, C), X.dtype, dev) if return_logits else None
     _ce_fwd_kernel[(triton.cdiv(B, meta["BLOCK_B"]),)](
         X, U, y, scale, lse, loss, logits if return_logits else lse, B, C, D, _common.fp32_scalar(ls),
-        STORE_LOGITS=return_logits, LOWP=_common.lowp_dot(X.dtype), **meta)
+        STORE_LOGITS=return_logits, EMULATE=_common.emulate_dot(X.dtype), **meta)
     return loss, lse, logits
 
 
-def ce_backward(X, U, y, scale, lse, grad_over_b, grad_logits, ls: float, need_dx: bool, du_dtype=None):
-    """grad_over_b [1] fp32 = dL/dL_ce / B; grad_logits [B, C] contiguous or None.
+def ce_backward(X, U, y, scale, lse, grad, grad_logits, ls: float, need_dx: bool, du_dtype=None):
+    """grad [1] fp32 = dL/dL_ce; grad_logits [B, C] contiguous or None.
     Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32, dX [B, D] or None)."""
     B, D = X.shape
     C = U.shape[0]
@@ -198,15 +202,15 @@ def ce_backward(X, U, y, scale, lse, grad_over_b, grad_logits, ls: float, need_d
     dev = X.device
     has_gl = grad_logits is not None
     gl = grad_logits if has_gl else lse
-    lowp = _common.lowp_dot(X.dtype)
+    emulate = _common.emulate_dot(X.dtype)
     n_c = triton.cdiv(C, meta["BLOCK_C"])
     dU = _common.new_output((C, D), du_dtype or U.dtype, dev)
     dscale = _common.new_output((n_c,), torch.float32, dev)
-    _ce_bwd_du_kernel[(n_c,)](X, U, y, scale, lse, grad_over_b, gl, dU, dscale, B, C, D, _common.fp32_scalar(ls),
-                              HAS_GL=has_gl, LOWP=lowp, **meta)
+    _ce_bwd_du_kernel[(n_c,)](X, U, y, scale, lse, grad, gl, dU, dscale, B, C, D, _common.fp32_scalar(ls),
+                              HAS_GL=has_gl, EMULATE=emulate, **meta)
     dX = None
     if need_dx:
         dX = _common.new_output((B, D), X.dtype, dev)
         _ce_bwd_dx_kernel[(triton.cdiv(B, meta["BLOCK_B"]),)](
-            X, U, y, scale, lse, grad_over_b, gl, dX, B, C, D, _common.fp32_scalar(ls), HAS_GL=has_gl, LOWP=lowp, **meta)
+            X, U, y, scale, lse, grad, gl, dX, B, C, D, _common.fp32_scalar(ls), HAS_GL=has_gl, EMULATE=emulate, **meta)
     return dU, dscale.sum(), dX
