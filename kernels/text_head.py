@@ -21,6 +21,8 @@ strides); nothing in float32 the size of a row tile stays live across a loop.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -42,18 +44,58 @@ def _rows(pid, C, M, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _load_t(T, row_c, row_m, row_ok, offs_d, D, stc, stm, std):
-    """The chunk t[rows, offs_d] in T's dtype, zero outside."""
-    ptrs = T + row_c[:, None] * stc + row_m[:, None] * stm + offs_d[None, :] * std
-    return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+def _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """t[rows, d0:d0+BLOCK] as [BLOCK_R, BLOCK] in T's dtype (zero outside), through a block pointer."""
+    p = tl.make_block_ptr(T, shape=(C, M, D), strides=(stc, stm, std), offsets=(pid * BLOCK_CLS, 0, d0),
+                          block_shape=(BLOCK_CLS, BLOCK_M, BLOCK), order=(2, 1, 0))
+    return tl.reshape(tl.load(p, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_CLS * BLOCK_M, BLOCK])
 
 
 @triton.jit
-def _row_norms(T, row_c, row_m, row_ok, D, stc, stm, std, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_cls(X, pid, C, N, n0, BLOCK_CLS: tl.constexpr, BLOCK: tl.constexpr):
+    """X[classes, n0:n0+BLOCK] of a row-major [C, N] tensor as fp32 [BLOCK_CLS, BLOCK] (zero outside)."""
+    p = tl.make_block_ptr(X, shape=(C, N), strides=(N, 1), offsets=(pid * BLOCK_CLS, n0),
+                          block_shape=(BLOCK_CLS, BLOCK), order=(1, 0))
+    return tl.load(p, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+
+
+@triton.jit
+def _per_row(x, BLOCK_M: tl.constexpr):
+    """A per-class [BLOCK_CLS, N] tile repeated for each prompt row: [BLOCK_CLS * BLOCK_M, N]."""
+    BLOCK_CLS: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, None, :], [BLOCK_CLS, BLOCK_M, N]), [BLOCK_CLS * BLOCK_M, N])
+
+
+@triton.jit
+def _row_dot(t, x, BLOCK_M: tl.constexpr):
+    """<t[row], x[class of row]> per row [BLOCK_R] for t [BLOCK_R, N] and a per-class x [BLOCK_CLS, N]."""
+    BLOCK_CLS: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.sum(tl.reshape(t, [BLOCK_CLS, BLOCK_M, N]) * x[:, None, :], axis=2), [BLOCK_CLS * BLOCK_M])
+
+
+@triton.jit
+def _class_sum(x, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """sum over the prompts of each class of a per-row [BLOCK_R] vector: [BLOCK_CLS]."""
+    return tl.sum(tl.reshape(x, [BLOCK_CLS, BLOCK_M]), axis=1)
+
+
+@triton.jit
+def _class_to_rows(x, BLOCK_M: tl.constexpr):
+    """A per-class [BLOCK_CLS] vector repeated for each prompt row: [BLOCK_CLS * BLOCK_M]."""
+    BLOCK_CLS: tl.constexpr = x.shape[0]
+    return tl.reshape(tl.broadcast_to(x[:, None], [BLOCK_CLS, BLOCK_M]), [BLOCK_CLS * BLOCK_M])
+
+
+@triton.jit
+def _row_norms(T, pid, C, M, D, stc, stm, std, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     """n = |t| per row [BLOCK_R] fp32."""
-    tt = tl.zeros([BLOCK_R], dtype=tl.float32)
+    tt = tl.zeros([BLOCK_CLS * BLOCK_M], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
-        t = _load_t(T, row_c, row_m, row_ok, d0 + tl.arange(0, BLOCK_K), D, stc, stm, std).to(tl.float32)
+        t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
         tt += tl.sum(t * t, axis=1)
     return tl.sqrt(tt)
 
@@ -70,13 +112,6 @@ def _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS: tl.constexpr, BLOCK_M: tl
     ex = tl.exp(a - a_max[:, None])
     den = tl.sum(ex, axis=1)
     return tl.reshape(ex / tl.where(den == 0.0, 1.0, den)[:, None], [BLOCK_CLS * BLOCK_M])
-
-
-@triton.jit
-def _class_sum(x, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """sum over the prompts of each class of a per-row [BLOCK_R] vector, broadcast back to the rows."""
-    s = tl.sum(tl.reshape(x, [BLOCK_CLS, BLOCK_M]), axis=1)
-    return tl.reshape(tl.broadcast_to(s[:, None], [BLOCK_CLS, BLOCK_M]), [BLOCK_CLS * BLOCK_M])
 
 
 @triton.jit
@@ -107,29 +142,27 @@ def _text_fwd_kernel(
     CM = C * M
     row_c, row_m, row_ok = _rows(pid, C, M, BLOCK_CLS, BLOCK_M)
     row = row_c * M + row_m
-    n = _row_norms(T, row_c, row_m, row_ok, D, stc, stm, std, BLOCK_R, BLOCK_K)
+    n = _row_norms(T, pid, C, M, D, stc, stm, std, BLOCK_CLS, BLOCK_M, BLOCK_K)
     inv_n = 1.0 / tl.maximum(n, EPS)
     if DIST:
         vv = tl.zeros([BLOCK_R], dtype=tl.float32)
         vf = tl.zeros([BLOCK_R], dtype=tl.float32)
         col_end = tl.minimum(split * cols_per_split + cols_per_split, RANK)
         for n0 in range(split * cols_per_split, col_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < col_end
             acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_K):
-                offs_k = d0 + tl.arange(0, BLOCK_K)
-                t = _load_t(T, row_c, row_m, row_ok, offs_k, D, stc, stm, std)
-                rt = tl.load(R + offs_n[None, :] * D + offs_k[:, None],
-                             mask=n_ok[None, :] & (offs_k[:, None] < D), other=0.0)   # R^T chunk [BLOCK_K, BLOCK_N]
-                acc = _dot(t, rt, acc, DTYPE, EMULATE)
-            cv = tl.load(CV + offs_n, mask=n_ok, other=0.0)
-            ok = row_ok[:, None] & n_ok[None, :]
-            v = tl.where(ok, acc * inv_n[:, None] + cv[None, :], 0.0)
-            f = tl.load(F + row_c[:, None] * RANK + offs_n[None, :], mask=ok, other=0.0)
-            tl.store(V + row[:, None] * RANK + offs_n[None, :], v.to(V.dtype.element_ty), mask=ok)
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K)
+                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(d0, n0),
+                                           block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
+                acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
+            v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
+            v_ptr = tl.make_block_ptr(V, shape=(C, M, RANK), strides=(M * RANK, RANK, 1), offsets=(pid * BLOCK_CLS, 0, n0),
+                                      block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_N), order=(2, 1, 0))
+            tl.store(v_ptr, tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
             vv += tl.sum(v * v, axis=1)
-            vf += tl.sum(v * f, axis=1)
+            vf += _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
         tl.store(VV + split * CM + row, vv, mask=row_ok)
         tl.store(VF + split * CM + row, vf, mask=row_ok)
     if split == 0:
@@ -139,18 +172,18 @@ def _text_fwd_kernel(
             offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
             uu = tl.zeros([BLOCK_CLS], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_K):
-                t = _load_t(T, row_c, row_m, row_ok, d0 + tl.arange(0, BLOCK_K), D, stc, stm, std).to(tl.float32)
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
                 u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
                 uu += tl.sum(u * u, axis=1)
             r = tl.sqrt(uu)
             tl.store(RN + offs_cls, r, mask=offs_cls < C)
             inv_r = 1.0 / tl.maximum(r, EPS)
             for d0 in range(0, D, BLOCK_K):
-                offs_k = d0 + tl.arange(0, BLOCK_K)
-                t = _load_t(T, row_c, row_m, row_ok, offs_k, D, stc, stm, std).to(tl.float32)
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
                 u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
-                tl.store(U + offs_cls[:, None] * D + offs_k[None, :], (u * inv_r[:, None]).to(U.dtype.element_ty),
-                         mask=(offs_cls[:, None] < C) & (offs_k[None, :] < D))
+                u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
+                                          block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0))
+                tl.store(u_ptr, (u * inv_r[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -176,7 +209,7 @@ def _distill_finish_kernel(
 
 @triton.jit
 def _text_bwd_kernel(
-    T, A, NORM, U, RN, GU,          # forward inputs and statistics; GU [C, D] dL/du^ (fp32)
+    T, A, NORM, U, RN, GU,          # forward inputs and statistics; U [C, D] u^ and GU [C, D] dL/du^, fp32
     R, CV, F, V, ZN, COS, GDIST,    # basis, saved v, |z|, cos; GDIST [1] fp32 dL/dL_dist (alpha included)
     DT, DA,                         # DT [C, M, D] contiguous, DA [C, M] contiguous
     C, M, D, RANK, stc, stm, std, sac, sam, inv_cm,
@@ -192,36 +225,31 @@ def _text_bwd_kernel(
     row = row_c * M + row_m
     n = tl.load(NORM + row, mask=row_ok, other=1.0)
     inv_n = 1.0 / tl.maximum(n, EPS)
-    offs_o = chunk * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    o_ok = row_ok[:, None] & (offs_o[None, :] < D)
+    o0 = chunk * BLOCK_DO
     proj_t = tl.zeros([BLOCK_R], dtype=tl.float32)   # <t^, dt^>
-    dt_hat = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
+    dt_hat = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)  # replaced by the product's result when DIST
     if AGG:
         w = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M)
-        r = tl.load(RN + row_c, mask=row_ok, other=1.0)
-        a_tg = tl.zeros([BLOCK_R], dtype=tl.float32)  # <t, gu>
-        a_ug = tl.zeros([BLOCK_R], dtype=tl.float32)  # <u^, gu>
-        a_ut = tl.zeros([BLOCK_R], dtype=tl.float32)  # <u^, t>
+        offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
+        r = tl.load(RN + offs_cls, mask=offs_cls < C, other=1.0)
+        a_tg = tl.zeros([BLOCK_R], dtype=tl.float32)    # <t, gu> per row
+        a_ut = tl.zeros([BLOCK_R], dtype=tl.float32)    # <u^, t> per row
+        a_ug = tl.zeros([BLOCK_CLS], dtype=tl.float32)  # <u^, gu> per class
         for d0 in range(0, D, BLOCK_K):
-            offs_k = d0 + tl.arange(0, BLOCK_K)
-            ok = row_ok[:, None] & (offs_k[None, :] < D)
-            t = _load_t(T, row_c, row_m, row_ok, offs_k, D, stc, stm, std).to(tl.float32)
-            gu = tl.load(GU + row_c[:, None] * D + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-            uh = tl.load(U + row_c[:, None] * D + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-            a_tg += tl.sum(t * gu, axis=1)
+            t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+            gu = _load_cls(GU, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+            uh = _load_cls(U, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+            a_tg += _row_dot(t, gu, BLOCK_M)
+            a_ut += _row_dot(t, uh, BLOCK_M)
             a_ug += tl.sum(uh * gu, axis=1)
-            a_ut += tl.sum(uh * t, axis=1)
         # normalize backward of u^; below the floor the divisor is the constant eps (SPEC 4.1)
         inv_r = 1.0 / tl.maximum(r, EPS)
         proj_u = tl.where(r >= EPS, a_ug, 0.0)
-        dw = (a_tg - proj_u * a_ut) * inv_r * inv_n
+        dw = (a_tg - _class_to_rows(proj_u, BLOCK_M) * a_ut) * _class_to_rows(inv_r, BLOCK_M) * inv_n
         if chunk == 0:
-            da = w * (dw - _class_sum(w * dw, BLOCK_CLS, BLOCK_M))
+            da = w * (dw - _class_to_rows(_class_sum(w * dw, BLOCK_CLS, BLOCK_M), BLOCK_M))
             tl.store(DA + row, da.to(DA.dtype.element_ty), mask=row_ok)
         proj_t += w * dw
-        gu = tl.load(GU + row_c[:, None] * D + offs_o[None, :], mask=o_ok, other=0.0).to(tl.float32)
-        uh = tl.load(U + row_c[:, None] * D + offs_o[None, :], mask=o_ok, other=0.0).to(tl.float32)
-        dt_hat += (w * inv_r)[:, None] * (gu - uh * proj_u[:, None])
     if DIST:
         zn = tl.load(ZN + row, mask=row_ok, other=1.0)
         cos = tl.where(zn >= EPS, tl.load(COS + row, mask=row_ok, other=0.0), 0.0)
@@ -231,21 +259,30 @@ def _text_bwd_kernel(
         acc = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
         for n0 in range(0, RANK, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            ok = row_ok[:, None] & (offs_n[None, :] < RANK)
-            v = tl.load(V + row[:, None] * RANK + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
-            f = tl.load(F + row_c[:, None] * RANK + offs_n[None, :], mask=ok, other=0.0)
+            v_ptr = tl.make_block_ptr(V, shape=(C, M, RANK), strides=(M * RANK, RANK, 1), offsets=(pid * BLOCK_CLS, 0, n0),
+                                      block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_N), order=(2, 1, 0))
+            v = tl.reshape(tl.load(v_ptr, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_R, BLOCK_N])
+            v = v.to(tl.float32)
+            f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
             cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
             dv = (f - (cos * inv_z)[:, None] * v) * inv_z[:, None]
-            proj_v += tl.sum(tl.where(ok, (v - cv[None, :]) * dv, 0.0), axis=1)
-            r_tile = tl.load(R + offs_n[:, None] * D + offs_o[None, :],
-                             mask=(offs_n[:, None] < RANK) & (offs_o[None, :] < D), other=0.0)
-            acc = _dot(dv, r_tile, acc, DTYPE, EMULATE)
-        dt_hat += g * acc
+            proj_v += tl.sum(tl.where(row_ok[:, None], (v - cv[None, :]) * dv, 0.0), axis=1)
+            r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
+                                      block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
+            acc = _dot(dv, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+        dt_hat = g * acc
         proj_t += g * proj_v
+    if AGG:  # after the product: no float32 tile stays live across its loop
+        gu = _load_cls(GU, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
+        uh = _load_cls(U, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
+        du = (gu - uh * proj_u[:, None]) * inv_r[:, None]
+        dt_hat += w[:, None] * _per_row(du, BLOCK_M)
     proj_t = tl.where(n >= EPS, proj_t, 0.0)
-    t = _load_t(T, row_c, row_m, row_ok, offs_o, D, stc, stm, std).to(tl.float32)
+    t = _load_t(T, pid, C, M, D, stc, stm, std, o0, BLOCK_CLS, BLOCK_M, BLOCK_DO).to(tl.float32)
     dt = (dt_hat - (t * inv_n[:, None]) * proj_t[:, None]) * inv_n[:, None]
-    tl.store(DT + row[:, None] * D + offs_o[None, :], dt.to(DT.dtype.element_ty), mask=o_ok)
+    dt_ptr = tl.make_block_ptr(DT, shape=(C, M, D), strides=(M * D, D, 1), offsets=(pid * BLOCK_CLS, 0, o0),
+                               block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_DO), order=(2, 1, 0))
+    tl.store(dt_ptr, tl.reshape(dt.to(DT.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_DO]), boundary_check=(0, 1, 2))
 
 
 # ---------------------------------------------------------------- launch configuration
@@ -275,8 +312,9 @@ def text_config(C: int, M: int, D: int, rank: int) -> dict:
     cols_per_split = block_n * triton.cdiv(n_chunks, splits)
     splits = triton.cdiv(max(rank, 1), cols_per_split)
     block_do = min(128, max(16, triton.next_power_of_2(D)))
+    # the backward holds v, F, dv and its product chunk at once: 64 columns of r keep it in 255 registers
     return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
-                BLOCK_N=block_n, BLOCK_DO=block_do, num_warps=4 * block_r // 64,
+                BLOCK_N=block_n, BLOCK_NB=min(block_n, 64), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
                 tiles=tiles, splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
 
@@ -341,6 +379,6 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
         dT, dA if agg else dummy,
         C, M, D, rank, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M),
         AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DO=cfg["BLOCK_DO"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
         num_warps=cfg["num_warps"])
     return dT, dA
