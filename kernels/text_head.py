@@ -21,7 +21,6 @@ strides); nothing in float32 the size of a row tile stays live across a loop.
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import triton
