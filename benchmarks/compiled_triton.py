@@ -89,27 +89,37 @@ def collect(preset: dict, out_dir: str) -> List[dict]:
     row.update(grid=finish_programs, pass_="fwd", flops=8 * CM, bytes=4 * (CM * (2 * cfg["splits"] + 2) + C),
                merge=True)
     rows.append(row)
-    meta = cosine_ce._meta(D, None, "cpu")
-    warps = meta.pop("num_warps")
-    ce_ptrs = dict(X="*bf16", U="*fp32", Y="*i64", SCALE="*fp32", LSE="*fp32", LOSS="*fp32", LOGITS="*bf16",
-                   GRAD="*fp32", GL="*bf16", DU="*fp32", DSCALE="*fp32", DX="*bf16")
-    ce_consts = dict(meta, EMULATE=False)
-    x_bytes, u_bytes = BF16 * B * D, 4 * C * D
-    row = compile_kernel("ce_fwd", cosine_ce._ce_fwd_kernel, ce_ptrs, dict(ce_consts, STORE_LOGITS=False), warps,
-                         out_dir, floats=("ls",))
-    row.update(grid=triton.cdiv(B, meta["BLOCK_B"]), pass_="fwd", flops=2 * B * C * D,
-               bytes=x_bytes + u_bytes + 16 * B)
-    rows.append(row)
-    row = compile_kernel("ce_bwd_du", cosine_ce._ce_bwd_du_kernel, ce_ptrs, dict(ce_consts, HAS_GL=False), warps,
-                         out_dir, floats=("ls",))
-    row.update(grid=triton.cdiv(C, meta["BLOCK_C"]), pass_="bwd", flops=4 * B * C * D,
-               bytes=x_bytes + 2 * u_bytes + 16 * B)
-    rows.append(row)
-    row = compile_kernel("ce_bwd_dx", cosine_ce._ce_bwd_dx_kernel, ce_ptrs, dict(ce_consts, HAS_GL=False), warps,
-                         out_dir, floats=("ls",))
-    row.update(grid=triton.cdiv(B, meta["BLOCK_B"]), pass_="bwd", flops=4 * B * C * D,
-               bytes=2 * x_bytes + u_bytes + 16 * B)
-    rows.append(row)
+    ce = cosine_ce.ce_config(B, C, D)
+    ce_ptrs = dict(X="*bf16", U="*fp32", Y="*i64", SCALE="*fp32", PM="*fp32", PL="*fp32", PT="*fp32", PS="*fp32",
+                   XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GRAD="*fp32", GL="*bf16", BG="*bf16",
+                   DSCALE="*fp32", DU="*fp32", PDX="*fp32", DX="*bf16", DISTP="*fp32", LOSS="*fp32", CE="*fp32",
+                   DIST="*fp32")
+    tiles = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=ce["BLOCK_C"], BLOCK_K=ce["BLOCK_K"])
+    x_bytes, u_bytes, g_bytes = BF16 * B * D, 4 * C * D, BF16 * B * C
+    part_bytes = 4 * 4 * ce["splits"] * B
+    specs = [
+        ("ce_fwd", cosine_ce._ce_fwd_kernel, dict(tiles, STORE_LOGITS=False), ce["b_tiles"] * ce["splits"], "fwd",
+         2 * B * C * D, x_bytes + u_bytes + part_bytes + 4 * B, False),
+        ("ce_merge", cosine_ce._ce_merge_kernel, dict(BLOCK=cosine_ce.MERGE_ROWS), ce["merge_programs"], "fwd",
+         6 * ce["splits"] * B, part_bytes + 8 * B, True),
+        ("losses", cosine_ce._losses_kernel, dict(BLOCK=256), 1, "fwd", B, 4 * B + 4 * finish_programs, True),
+        ("ce_grad", cosine_ce._ce_grad_kernel, dict(tiles, HAS_GL=False), ce["b_tiles"] * ce["splits"], "bwd",
+         2 * B * C * D, x_bytes + u_bytes + g_bytes + 12 * B, False),
+        ("ce_du", cosine_ce._ce_du_kernel, dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=cosine_ce.BLOCK_CU,
+                                                BLOCK_DO=cosine_ce.BLOCK_DO),
+         ce["du_tiles"] * ce["out_chunks"], "bwd", 2 * B * C * D, x_bytes + g_bytes + u_bytes + 4 * B, False),
+        ("ce_dx", cosine_ce._ce_dx_kernel, dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=cosine_ce.BLOCK_CU,
+                                                BLOCK_DO=cosine_ce.BLOCK_DO),
+         ce["b_tiles"] * ce["out_chunks"] * ce["dx_splits"], "bwd", 2 * B * C * D,
+         g_bytes + u_bytes + 4 * ce["dx_splits"] * B * D, False),
+        ("ce_dx_finish", cosine_ce._ce_dx_finish_kernel, dict(BLOCK_D=ce["BLOCK_D"]), B, "bwd", 8 * B * D,
+         4 * ce["dx_splits"] * B * D + 2 * x_bytes + 4 * B, False),
+    ]
+    for name, kernel, consts, grid, pass_, flops, nbytes, merge in specs:
+        row = compile_kernel(name, kernel, ce_ptrs, consts, 1 if name == "ce_merge" else 4, out_dir,
+                             floats=("ls", "inv_cm", "alpha"))
+        row.update(grid=grid, pass_=pass_, flops=flops, bytes=nbytes, merge=merge)
+        rows.append(row)
     row = compile_kernel("text_bwd", text_head._text_bwd_kernel, dict(text_ptrs),
                          dict(blocks, BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"]), cfg["num_warps"], out_dir,
                          floats=("inv_cm",))

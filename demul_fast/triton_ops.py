@@ -48,25 +48,21 @@ def _basis_args(T: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tensor, beta:
             delta.to(f32).contiguous(), beta.to(f32).reshape(1))
 
 
-def _mean_distill(loss_parts: Tensor, rows: int) -> Tensor:
-    return loss_parts.sum() / rows
-
-
 # ---------------------------------------------------------------- aggregation
 
 @torch.library.custom_op("demul_fast::triton_aggregate_prompts", mutates_args=())
-def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (u^ [C, D] in T's dtype; saved: n [C*M], u^ [C, D] fp32, |u| [C])."""
+def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (u^ [C, D] in T's dtype; saved: n [C*M], |u| [C] fp32)."""
     n, u, r, *_ = _text.text_forward(text_features, prompt_logits, None, None, None, None, None,
-                                     agg=True, dist=False, u_dtype=f32)
-    return u.to(text_features.dtype), n, u, r
+                                     agg=True, dist=False)
+    return u, n, r
 
 
 @_aggregate.register_fake
 def _(text_features, prompt_logits):
     C, M, D = text_features.shape
     f = text_features.new_empty
-    return f((C, D)), f((C * M,), dtype=f32), f((C, D), dtype=f32), f((C,), dtype=f32)
+    return f((C, D)), f((C * M,), dtype=f32), f((C,), dtype=f32)
 
 
 @torch.library.custom_op("demul_fast::triton_aggregate_prompts_backward", mutates_args=())
@@ -82,7 +78,8 @@ def _(text_features, prompt_logits, n, u, r, grad):
 
 
 def _aggregate_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], *output[1:])
+    u, n, r = output
+    ctx.save_for_backward(inputs[0], inputs[1], n, u, r)
 
 
 def _aggregate_backward(ctx, grad, *_unused_stats):
@@ -102,7 +99,7 @@ def _distill(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tens
     T = text_features
     Rk, ck, Fk, dk, bk = _basis_args(T, R, c, F, delta, beta)
     n, _, _, v, zn, cos, parts = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True)
-    return _mean_distill(parts, zn.shape[0]), n, v, zn, cos
+    return _ce.losses(None, parts, zn.shape[0], 1.0, T.device)[2], n, v, zn, cos
 
 
 @_distill.register_fake
@@ -146,30 +143,32 @@ _distill.register_autograd(_distill_backward, setup_context=_distill_setup)
 
 @torch.library.custom_op("demul_fast::triton_cosine_cross_entropy", mutates_args=())
 def _cosine_ce(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor,
-               label_smoothing: float) -> Tuple[Tensor, Tensor]:
-    """-> (loss [] fp32; saved: lse [B] fp32)."""
+               label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (loss [] fp32; saved: lse [B], |x| [B] fp32)."""
     X, U, y = (t.contiguous() for t in (image_features, class_features, labels))
-    rows, lse, _ = _ce.ce_forward(X, U, y, scale, label_smoothing, False)
-    return rows.mean(), lse
+    rows, lse, xn, _ = _ce.ce_forward(X, U, y, scale, label_smoothing, False)
+    return _ce.losses(rows, None, 1, 0.0, X.device)[1], lse, xn
 
 
 @_cosine_ce.register_fake
 def _(image_features, class_features, labels, scale, label_smoothing):
     f = image_features.new_empty
-    return f((), dtype=f32), f((image_features.shape[0],), dtype=f32)
+    B = image_features.shape[0]
+    return f((), dtype=f32), f((B,), dtype=f32), f((B,), dtype=f32)
 
 
 @torch.library.custom_op("demul_fast::triton_cosine_cross_entropy_backward", mutates_args=())
 def _cosine_ce_bwd(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor, lse: Tensor,
-                   grad: Tensor, label_smoothing: float, need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                   xn: Tensor, grad: Tensor, label_smoothing: float, need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (d class_features [C, D], d scale [] fp32, d image_features [B, D] or empty)."""
     X, U, y = (t.contiguous() for t in (image_features, class_features, labels))
-    dU, dscale, dX = _ce.ce_backward(X, U, y, scale, lse, grad.to(f32).reshape(1), None, label_smoothing, need_dx)
+    dU, dscale, dX = _ce.ce_backward(X, U, y, scale, lse, xn, grad.to(f32).reshape(1), None, label_smoothing,
+                                     need_dx)
     return dU, dscale, dX if dX is not None else _empty(X)
 
 
 @_cosine_ce_bwd.register_fake
-def _(image_features, class_features, labels, scale, lse, grad, label_smoothing, need_dx):
+def _(image_features, class_features, labels, scale, lse, xn, grad, label_smoothing, need_dx):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
     return torch.empty_like(class_features), image_features.new_empty((), dtype=f32), dX
 
@@ -177,14 +176,14 @@ def _(image_features, class_features, labels, scale, lse, grad, label_smoothing,
 def _cosine_ce_setup(ctx, inputs, output):
     X, U, y, scale, ls = inputs
     ctx.ls = ls
-    ctx.save_for_backward(X, U, y, scale, output[1])
+    ctx.save_for_backward(X, U, y, scale, output[1], output[2])
 
 
-def _cosine_ce_backward(ctx, grad, _grad_lse):
-    X, U, y, scale, lse = _saved(ctx)
+def _cosine_ce_backward(ctx, grad, _grad_lse, _grad_xn):
+    X, U, y, scale, lse, xn = _saved(ctx)
     need_dx = ctx.needs_input_grad[0]
-    dU, dscale, dX = torch.ops.demul_fast.triton_cosine_cross_entropy_backward(X, U, y, scale, lse, grad, ctx.ls,
-                                                                               need_dx)
+    dU, dscale, dX = torch.ops.demul_fast.triton_cosine_cross_entropy_backward(X, U, y, scale, lse, xn, grad,
+                                                                               ctx.ls, need_dx)
     return (dX if need_dx else None), dU, None, (dscale if ctx.needs_input_grad[3] else None), None
 
 
@@ -198,23 +197,18 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
           R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], delta: Optional[Tensor],
           beta: Optional[Tensor], alpha: float, label_smoothing: float, return_logits: bool) -> List[Tensor]:
     """-> [loss, ce, dist (all [] fp32), logits [B, C] or empty; saved for the backward:
-    n [C*M], u^ [C, D] fp32, |u| [C], lse [B], v [C*M, r], |z|, cos [C*M] (the last three
-    empty without distillation)]."""
+    n [C*M], u^ [C, D] fp32, |u| [C], lse [B], |x| [B], v [C*M, r], |z|, cos [C*M] (the
+    last three empty without distillation)]."""
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     dist = R is not None
     basis = _basis_args(T, R, c, F, delta, beta) if dist else (None,) * 5
     n, U, r, v, zn, cos, parts = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32)
-    rows, lse, logits = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits)
-    ce = rows.mean()
-    if dist:
-        dl = _mean_distill(parts, zn.shape[0])
-        loss = ce + alpha * dl
-    else:
-        dl = torch.zeros_like(ce)
-        loss = ce.clone()
+    rows, lse, xn, logits = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits)
+    loss, ce, dl = _ce.losses(rows, parts, zn.shape[0] if dist else 1, alpha, X.device)
+    if not dist:
         v, zn, cos = _empty(U), _empty(U), _empty(U)
-    return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, v, zn, cos]
+    return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, xn, v, zn, cos]
 
 
 @_head.register_fake
@@ -227,21 +221,22 @@ def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, delt
     logits = f((B, C), dtype=image_features.dtype) if return_logits else f((0,), dtype=image_features.dtype)
     v = f((rows, R.shape[0])) if R is not None else f((0,), dtype=f32)
     return [f((), dtype=f32), f((), dtype=f32), f((), dtype=f32), logits, f((C * M,), dtype=f32),
-            f((C, D), dtype=f32), f((C,), dtype=f32), f((B,), dtype=f32), v, f((rows,), dtype=f32),
+            f((C, D), dtype=f32), f((C,), dtype=f32), f((B,), dtype=f32), f((B,), dtype=f32), v, f((rows,), dtype=f32),
             f((rows,), dtype=f32)]
 
 
 @torch.library.custom_op("demul_fast::triton_demul_head_backward", mutates_args=())
 def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
               R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], n: Tensor, class_features: Tensor,
-              r: Tensor, lse: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_ce: Tensor, grad_dist: Tensor,
+              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_ce: Tensor,
+              grad_dist: Tensor,
               grad_logits: Optional[Tensor], label_smoothing: float, need_dx: bool) -> List[Tensor]:
     """grad_ce, grad_dist: [] dL/dL_ce and dL/dL_dist in total. -> [dT, dA, d scale [] fp32,
     d image_features (empty unless need_dx)]."""
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     GL = grad_logits.contiguous() if grad_logits is not None else None
-    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, grad_ce.to(f32).reshape(1), GL,
+    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, grad_ce.to(f32).reshape(1), GL,
                                      label_smoothing, need_dx, du_dtype=f32)
     dist = R is not None
     basis = (R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous()) if dist else (None,) * 3
@@ -252,8 +247,8 @@ def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tens
 
 
 @_head_bwd.register_fake
-def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, r, lse, v, zn, cos,
-      grad_ce, grad_dist, grad_logits, label_smoothing, need_dx):
+def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, r, lse, xn, v, zn,
+      cos, grad_ce, grad_dist, grad_logits, label_smoothing, need_dx):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
     return [torch.empty_like(text_features, memory_format=torch.contiguous_format),
             torch.empty_like(prompt_logits), text_features.new_empty((), dtype=f32), dX]
@@ -268,13 +263,13 @@ def _head_setup(ctx, inputs, output):
 
 def _head_backward(ctx, grads):
     g_loss, g_ce, g_dist, g_logits = grads[:4]  # the saved outputs' gradients are unused
-    T, A, X, y, scale, n, U, r, lse, v, zn, cos, *basis = _saved(ctx)
+    T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, *basis = _saved(ctx)
     R, c, F = basis if ctx.dist else (None, None, None)
     grad_ce = g_loss + g_ce
     grad_dist = ctx.alpha * g_loss + g_dist
     need_dx = ctx.needs_input_grad[2]
     dT, dA, dscale, dX = torch.ops.demul_fast.triton_demul_head_backward(
-        T, A, X, y, scale, R, c, F, n, U, r, lse, v, zn, cos, grad_ce, grad_dist,
+        T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, grad_ce, grad_dist,
         g_logits if ctx.return_logits else None, ctx.ls, need_dx)
     return (dT, dA, dX if need_dx else None, None, dscale if ctx.needs_input_grad[4] else None,
             None, None, None, None, None, None, None, None)

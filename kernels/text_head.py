@@ -21,6 +21,7 @@ strides); nothing in float32 the size of a row tile stays live across a loop.
 
 from __future__ import annotations
 
+import warnings
 
 import torch
 import triton
@@ -31,6 +32,9 @@ from demul_fast import common
 from . import _common
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
+# Block pointers lower to plain vectorised loads here (tensor descriptors would need a device
+# allocator for TMA descriptors); triton 3.8 calls them deprecated at every compile.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
 
 
 @triton.jit
@@ -307,8 +311,7 @@ def text_config(C: int, M: int, D: int, rank: int) -> dict:
     tiles = triton.cdiv(C, bcls)
     block_n = min(128, max(16, triton.next_power_of_2(max(rank, 1))))
     n_chunks = triton.cdiv(max(rank, 1), block_n)
-    splits = min(n_chunks, triton.cdiv(TARGET_PROGRAMS, tiles))
-    cols_per_split = block_n * triton.cdiv(n_chunks, splits)
+    cols_per_split = block_n * max(1, n_chunks // triton.cdiv(TARGET_PROGRAMS, tiles))  # rounded down: >= a wave
     splits = triton.cdiv(max(rank, 1), cols_per_split)
     block_do = min(128, max(16, triton.next_power_of_2(D)))
     # the backward holds v, F, dv and its product chunk at once: 64 columns of r keep it in 255 registers
