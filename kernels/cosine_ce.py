@@ -246,13 +246,13 @@ def _ce_dx_finish_kernel(X, XN, PDX, SCALE, DX, B, D, SPLITS, BLOCK_D: tl.conste
 # ---------------------------------------------------------------- launch configuration
 
 def ce_config(B: int, C: int, D: int) -> dict:
-    """Block sizes and grids: class tiles of the widest BLOCK_C (128 down to 16) whose grid
+    """Block sizes and grids: class tiles of the widest BLOCK_C (64 down to 16) whose grid
     still covers one wave, class splits until it does (forward and grad pass), and class
     splits of the dX pass likewise."""
     _common.block_d(D)
     b_tiles = triton.cdiv(B, BLOCK_B)
     block_c = 16
-    for cand in (128, 64, 32):
+    for cand in (64, 32):  # 128 spills in the grad pass
         if b_tiles * triton.cdiv(C, cand) >= TARGET_PROGRAMS:
             block_c = cand
             break
