@@ -123,7 +123,7 @@ def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.cons
         l += tl.load(PL + s * B + offs, mask=ok, other=0.0) * tl.exp(m_s - m)
         target += tl.load(PT + s * B + offs, mask=ok, other=0.0)
         s_sum += tl.load(PS + s * B + offs, mask=ok, other=0.0)
-    lse = m + tl.log(l)
+    lse = m + tl.log(tl.where(ok, l, 1.0))  # rows past B: no log(0)
     tl.store(LSE + offs, lse, mask=ok)
     tl.store(ROWS + offs, lse - (1.0 - ls) * target - (ls / C) * s_sum, mask=ok)
 
@@ -222,9 +222,11 @@ def _ce_dx_kernel(
                               block_shape=(BLOCK_C, BLOCK_DO), order=(1, 0))
         acc = _dot(tl.load(bg, boundary_check=(0, 1), padding_option="zero"),
                    tl.load(u, boundary_check=(0, 1), padding_option="zero"), acc, BG.dtype.element_ty, EMULATE)
-    p = tl.make_block_ptr(PDX, shape=(tl.num_programs(2) * B, D), strides=(D, 1), offsets=(split * B + b0, o0),
-                          block_shape=(BLOCK_B, BLOCK_DO), order=(1, 0))
-    tl.store(p, acc, boundary_check=(0, 1))
+    offs_b = b0 + tl.arange(0, BLOCK_B)
+    offs_o = o0 + tl.arange(0, BLOCK_DO)
+    # a masked store: rows past B must not land in the next split's rows
+    tl.store(PDX + (split * B + offs_b[:, None]) * D + offs_o[None, :], acc,
+             mask=(offs_b[:, None] < B) & (offs_o[None, :] < D))
 
 
 @triton.jit

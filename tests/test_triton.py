@@ -112,6 +112,20 @@ def test_cosine_cross_entropy(gen, shape, ls, scale_kind):
     assert fo[0].dtype == torch.float32 and fo[0].dim() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cosine_cross_entropy_split_classes(gen, dtype):
+    """B=70 (two image tiles, the second partial), C=130: nine class splits merged by the
+    merge pass, three class splits of the dX pass summed by its finish."""
+    shape = dict(C=130, M=1, D=32, B=70, K=1)
+    cfg = cosine_ce.ce_config(70, 130, 32)
+    assert cfg["splits"] > 1 and cfg["dx_splits"] > 1 and 70 % 64
+    _, _, X, y, *_ = make_inputs(gen, **shape)
+    U = ref.l2_normalize(rand_like(gen, torch.empty(130, 32)))
+    check(f"ce split {dtype}", lambda x, u: F.cosine_cross_entropy(x, u, y, 20.0, 0.1, backend="triton"),
+          lambda x, u: ref.cosine_cross_entropy(x, u, y, 20.0, 0.1), [X, U], diff=[0, 1], dtype=dtype,
+          grad_names=["dX", "dU"])
+
+
 def test_cosine_cross_entropy_class_grad_only(gen):
     """X without grad: the dX kernel is skipped, dU still right."""
     _, _, X, y, *_ = make_inputs(gen, **ODD)
