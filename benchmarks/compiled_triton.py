@@ -73,7 +73,7 @@ def collect(preset: dict, out_dir: str) -> List[dict]:
     cfg = text_head.text_config(C, M, D, r)
     text_ptrs = dict(T="*bf16", A="*bf16", R="*bf16", CV="*fp32", F="*fp32", NORM="*fp32", U="*fp32",
                      RN="*fp32", V="*bf16", VV="*fp32", VF="*fp32", GU="*fp32", ZN="*fp32", COS="*fp32",
-                     GDIST="*fp32", DT="*bf16", DA="*bf16")
+                     GDIST="*fp32", GLOSS="*fp32", DT="*bf16", DA="*bf16")
     blocks = dict(BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
                   EMULATE=False, AGG=True, DIST=True, std=1, sam=1)
     rows = []
@@ -91,7 +91,7 @@ def collect(preset: dict, out_dir: str) -> List[dict]:
     rows.append(row)
     ce = cosine_ce.ce_config(B, C, D)
     ce_ptrs = dict(X="*bf16", U="*fp32", Y="*i64", SCALE="*fp32", PM="*fp32", PL="*fp32", PT="*fp32", PS="*fp32",
-                   XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GRAD="*fp32", GL="*bf16", BG="*bf16",
+                   XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GLOSS="*fp32", GCE="*fp32", GL="*bf16", BG="*bf16",
                    DSCALE="*fp32", DU="*fp32", PDX="*fp32", DX="*bf16", DISTP="*fp32", LOSS="*fp32", CE="*fp32",
                    DIST="*fp32")
     tiles = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=ce["BLOCK_C"], BLOCK_K=ce["BLOCK_K"])
@@ -117,12 +117,12 @@ def collect(preset: dict, out_dir: str) -> List[dict]:
     ]
     for name, kernel, consts, grid, pass_, flops, nbytes, merge in specs:
         row = compile_kernel(name, kernel, ce_ptrs, consts, 1 if name == "ce_merge" else 4, out_dir,
-                             floats=("ls", "inv_cm", "alpha"))
+                             floats=("ls", "inv_cm", "alpha", "w_loss"))
         row.update(grid=grid, pass_=pass_, flops=flops, bytes=nbytes, merge=merge)
         rows.append(row)
     row = compile_kernel("text_bwd", text_head._text_bwd_kernel, dict(text_ptrs),
                          dict(blocks, BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"]), cfg["num_warps"], out_dir,
-                         floats=("inv_cm",))
+                         floats=("inv_cm", "w_loss"))
     row.update(grid=cfg["tiles"] * cfg["out_chunks"], pass_="bwd", flops=2 * CM * r * D,
                bytes=BF16 * (2 * CM * D + CM * r + r * D + CM) + 4 * (C * r + 2 * C * D + C + 3 * CM))
     rows.append(row)

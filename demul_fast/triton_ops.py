@@ -9,10 +9,11 @@ return ``(outputs, *statistics)`` with the statistics in SPEC order (n, r, lse, 
 u^ and v, the saved features, beside |u| and |z|). ``OPS`` lists them.
 
 Launches of ``demul_head`` (SPEC 4.2), forward: the text kernel (one read of T: n, u^, |u|
-and v = R t^ + c with its partial sums), the distillation finish, the CE forward, and the
-two loss means; backward: the CE dU and dX sweeps and one text kernel that produces dT
-and dA together (du, dw, dA, dv and R^T dv from the saved v, no recompute of the product).
-Half-precision inputs add one cast of R to T's dtype per call.
+and v = R t^ + c with its partial sums), the distillation finish, the CE forward and its
+merge, and one kernel for the three losses; backward: the CE grad pass, dU, dX and its
+finish, and one text kernel that produces dT and dA together (du, dw, dA, dv and R^T dv
+from the saved v, no recompute of the product); the loss gradients are read by the kernels.
+Half-precision inputs add one cast of R to T's dtype per pass; d scale is one torch sum.
 
 phi, b, E and the labels get no gradient (frozen, SPEC 4.3); a tensor ``scale`` that
 requires grad gets d scale.
@@ -228,27 +229,29 @@ def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, delt
 @torch.library.custom_op("demul_fast::triton_demul_head_backward", mutates_args=())
 def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
               R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], n: Tensor, class_features: Tensor,
-              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_ce: Tensor,
-              grad_dist: Tensor,
-              grad_logits: Optional[Tensor], label_smoothing: float, need_dx: bool) -> List[Tensor]:
-    """grad_ce, grad_dist: [] dL/dL_ce and dL/dL_dist in total. -> [dT, dA, d scale [] fp32,
-    d image_features (empty unless need_dx)]."""
+              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_loss: Tensor,
+              grad_ce: Tensor, grad_dist: Tensor, grad_logits: Optional[Tensor], alpha: float,
+              label_smoothing: float, need_dx: bool) -> List[Tensor]:
+    """grad_loss, grad_ce, grad_dist: [] fp32 gradients of the three losses, combined inside
+    the kernels (dL/dL_ce = grad_loss + grad_ce, dL/dL_dist = alpha grad_loss + grad_dist).
+    -> [dT, dA, d scale [] fp32, d image_features (empty unless need_dx)]."""
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     GL = grad_logits.contiguous() if grad_logits is not None else None
-    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, grad_ce.to(f32).reshape(1), GL,
-                                     label_smoothing, need_dx, du_dtype=f32)
+    g_loss, g_ce, g_dist = (g.to(f32).reshape(1) for g in (grad_loss, grad_ce, grad_dist))
+    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
+                                     du_dtype=f32, grad_loss=g_loss, w_loss=1.0)
     dist = R is not None
     basis = (R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous()) if dist else (None,) * 3
-    gd = grad_dist.to(f32).reshape(1) if dist else None
     dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, *basis, v if dist else None,
-                                 zn if dist else None, cos if dist else None, gd, agg=True, dist=dist)
+                                 zn if dist else None, cos if dist else None, g_dist if dist else None, agg=True,
+                                 dist=dist, grad_loss=g_loss, w_loss=alpha)
     return [dT, dA, dscale, dX if dX is not None else _empty(X)]
 
 
 @_head_bwd.register_fake
 def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, r, lse, xn, v, zn,
-      cos, grad_ce, grad_dist, grad_logits, label_smoothing, need_dx):
+      cos, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
     return [torch.empty_like(text_features, memory_format=torch.contiguous_format),
             torch.empty_like(prompt_logits), text_features.new_empty((), dtype=f32), dX]
@@ -265,12 +268,10 @@ def _head_backward(ctx, grads):
     g_loss, g_ce, g_dist, g_logits = grads[:4]  # the saved outputs' gradients are unused
     T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, *basis = _saved(ctx)
     R, c, F = basis if ctx.dist else (None, None, None)
-    grad_ce = g_loss + g_ce
-    grad_dist = ctx.alpha * g_loss + g_dist
     need_dx = ctx.needs_input_grad[2]
     dT, dA, dscale, dX = torch.ops.demul_fast.triton_demul_head_backward(
-        T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, grad_ce, grad_dist,
-        g_logits if ctx.return_logits else None, ctx.ls, need_dx)
+        T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, g_loss, g_ce, g_dist,
+        g_logits if ctx.return_logits else None, ctx.alpha, ctx.ls, need_dx)
     return (dT, dA, dX if need_dx else None, None, dscale if ctx.needs_input_grad[4] else None,
             None, None, None, None, None, None, None, None)
 

@@ -148,9 +148,9 @@ def _losses_kernel(ROWS, B, DISTP, N_DIST, inv_cm, alpha, LOSS, CE, DIST, BLOCK:
 
 @triton.jit
 def _ce_grad_kernel(
-    X, U, Y, SCALE, LSE, XN, GRAD, GL,   # GRAD [1] fp32 = dL/dL_ce; GL [B, C] incoming logits gradient
+    X, U, Y, SCALE, LSE, XN, GLOSS, GCE, GL,  # dL/dL_ce = w_loss GLOSS + GCE ([1] each); GL [B, C] logits gradient
     BG, DSCALE,                          # BG [B, C] = B G in X's dtype; DSCALE [programs] partial sums of B G s/tau
-    B, C, D, cls_per_split, ls,
+    B, C, D, cls_per_split, ls, w_loss,
     HAS_GL: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -163,7 +163,7 @@ def _ce_grad_kernel(
     y = tl.load(Y + offs_b, mask=b_ok, other=-1).to(tl.int32)
     lse = tl.load(LSE + offs_b, mask=b_ok, other=0.0)
     tau = tl.load(SCALE).to(tl.float32)
-    g = tl.load(GRAD).to(tl.float32)
+    g = w_loss * tl.load(GLOSS) + tl.load(GCE)
     dscale = tl.zeros([BLOCK_B], dtype=tl.float32)
     c_end = tl.minimum(split * cls_per_split + cls_per_split, C)
     for c0 in range(split * cls_per_split, c_end, BLOCK_C):
@@ -308,8 +308,10 @@ def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
     return out
 
 
-def ce_backward(X, U, y, scale, lse, xn, grad, grad_logits, ls: float, need_dx: bool, du_dtype=None):
-    """grad [1] fp32 = dL/dL_ce; grad_logits [B, C] contiguous or None.
+def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_dx: bool, du_dtype=None,
+                grad_loss=None, w_loss: float = 0.0):
+    """dL/dL_ce = w_loss grad_loss + grad_ce (fp32 [1] tensors, read by the kernel: no torch
+    op to combine them); grad_logits [B, C] contiguous or None.
     Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32, dX [B, D] or None)."""
     B, D = X.shape
     C = U.shape[0]
@@ -320,8 +322,9 @@ def ce_backward(X, U, y, scale, lse, xn, grad, grad_logits, ls: float, need_dx: 
     bg = _common.new_output((B, C), X.dtype, dev)
     dscale = _common.new_output((cfg["b_tiles"] * cfg["splits"],), torch.float32, dev)
     _ce_grad_kernel[(cfg["b_tiles"], cfg["splits"])](
-        X, U, y, scale, lse, xn, grad, grad_logits if has_gl else bg, bg, dscale, B, C, D, cfg["cls_per_split"],
-        _common.fp32_scalar(ls), HAS_GL=has_gl, EMULATE=emulate, BLOCK_B=BLOCK_B, BLOCK_C=cfg["BLOCK_C"],
+        X, U, y, scale, lse, xn, grad_ce if grad_loss is None else grad_loss, grad_ce,
+        grad_logits if has_gl else bg, bg, dscale, B, C, D, cfg["cls_per_split"],
+        _common.fp32_scalar(ls), _common.fp32_scalar(w_loss), HAS_GL=has_gl, EMULATE=emulate, BLOCK_B=BLOCK_B, BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = _common.new_output((C, D), du_dtype or U.dtype, dev)
     _ce_du_kernel[(cfg["du_tiles"], cfg["out_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,

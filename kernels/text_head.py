@@ -213,9 +213,10 @@ def _distill_finish_kernel(
 @triton.jit
 def _text_bwd_kernel(
     T, A, NORM, U, RN, GU,          # forward inputs and statistics; U [C, D] u^ and GU [C, D] dL/du^, fp32
-    R, CV, F, V, ZN, COS, GDIST,    # basis, saved v, |z|, cos; GDIST [1] fp32 dL/dL_dist (alpha included)
+    R, CV, F, V, ZN, COS,           # basis, saved v, |z|, cos
+    GLOSS, GDIST,                   # dL/dL_dist = w_loss GLOSS + GDIST ([1] fp32 each)
     DT, DA,                         # DT [C, M, D] contiguous, DA [C, M] contiguous
-    C, M, D, RANK, stc, stm, std, sac, sam, inv_cm,
+    C, M, D, RANK, stc, stm, std, sac, sam, inv_cm, w_loss,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DO: tl.constexpr,
@@ -257,7 +258,7 @@ def _text_bwd_kernel(
         zn = tl.load(ZN + row, mask=row_ok, other=1.0)
         cos = tl.where(zn >= EPS, tl.load(COS + row, mask=row_ok, other=0.0), 0.0)
         inv_z = 1.0 / tl.maximum(zn, EPS)
-        g = -tl.load(GDIST) * inv_cm
+        g = -(w_loss * tl.load(GLOSS) + tl.load(GDIST)) * inv_cm
         proj_v = tl.zeros([BLOCK_R], dtype=tl.float32)  # <v - c, dv> = <t^, R^T dv>
         acc = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
         for n0 in range(0, RANK, BLOCK_N):
@@ -363,8 +364,9 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
 
 
 def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, agg: bool, dist: bool,
-                  a_dtype=None):
-    """grad_u [C, D] dL/du^ (if agg); grad_dist [1] fp32 dL/dL_dist (if dist); the other
+                  a_dtype=None, grad_loss=None, w_loss: float = 0.0):
+    """grad_u [C, D] dL/du^ (if agg); dL/dL_dist = w_loss grad_loss + grad_dist (fp32 [1]
+    tensors, if dist); the other
     tensors as text_forward takes and returns them.
     Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
@@ -377,9 +379,10 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     _text_bwd_kernel[(cfg["tiles"], cfg["out_chunks"])](
         T, A if agg else dummy, norm, u if agg else dummy, rn if agg else dummy, grad_u if agg else dummy,
         R if dist else T, cv if dist else dummy, F if dist else dummy, v if dist else T,
-        zn if dist else dummy, cos if dist else dummy, grad_dist if dist else dummy,
+        zn if dist else dummy, cos if dist else dummy,
+        (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
         dT, dA if agg else dummy,
-        C, M, D, rank, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M),
+        C, M, D, rank, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), _common.fp32_scalar(w_loss),
         AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
         num_warps=cfg["num_warps"])
