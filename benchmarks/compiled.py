@@ -96,7 +96,8 @@ def collect(preset_name: str, out_dir: str) -> dict:
     report = dict(preset=preset_name, sizes=dict(C=C, M=M, D=D, B=B, K=K), dtype="bfloat16", kernels=kernels,
                   head_fwd_bwd_us=head.get("triton", next(iter(head.values()), None)),
                   head_fwd_bwd_us_by_backend=head,
-                  eager_fwd_bwd_us=sum(modelled_us(k["flops"], k["bytes"], "wgmma") for k in eager_kernels(C, M, D, B, K)),
+                  eager_fwd_bwd_us=sum(modelled_us(k["flops"], k["bytes"], "wgmma")
+                                       for k in eager_kernels(C, M, D, B, K)),
                   floor_us=floor_us(C, M, D, B, K), sms=SMS, smem_limit=SMEM_LIMIT, skipped=skipped,
                   assumptions=ASSUMPTIONS)
     with open(os.path.join(out_dir, "report.json"), "w") as f:
@@ -107,7 +108,8 @@ def collect(preset_name: str, out_dir: str) -> dict:
 def table(report: dict) -> str:
     head = f"{'kernel':<18} {'backend':<7} {'pass':<4} {'grid':>6} {'mma':<8} {'regs':>4} {'spill':>5} " \
            f"{'smem':>7} {'GFLOP':>7} {'MB':>7} {'modelled us':>11}"
-    lines = [f"compiled-code report, preset {report['preset']} {report['sizes']}, bf16, sm_90a (MODELLED, not measured)",
+    lines = [f"compiled-code report, preset {report['preset']} {report['sizes']}, bf16, sm_90a "
+             "(MODELLED, not measured)",
              head]
     for k in report["kernels"]:
         lines.append(f"{k['name']:<18} {k['backend']:<7} {k.get('pass', ''):<4} {k['grid']:>6} {k['mma']:<8} "
@@ -115,7 +117,8 @@ def table(report: dict) -> str:
                      f"{k['bytes'] / 1e6:>7.2f} {k['modelled_us']:>11.2f}")
     for b, us in report["head_fwd_bwd_us_by_backend"].items():
         lines.append(f"modelled demul_head fwd+bwd ({b}): {us:.1f} us")
-    lines.append(f"modelled eager fwd+bwd: {report['eager_fwd_bwd_us']:.1f} us; modelled floor: {report['floor_us']:.1f} us")
+    lines.append(f"modelled eager fwd+bwd: {report['eager_fwd_bwd_us']:.1f} us; "
+                 f"modelled floor: {report['floor_us']:.1f} us")
     for b, why in report["skipped"].items():
         lines.append(f"skipped {b}: {why}")
     return "\n".join(lines)

@@ -91,7 +91,8 @@ def collect(preset: dict, out_dir: str) -> List[dict]:
     rows.append(row)
     ce = cosine_ce.ce_config(B, C, D)
     ce_ptrs = dict(X="*bf16", U="*fp32", Y="*i64", SCALE="*fp32", PM="*fp32", PL="*fp32", PT="*fp32", PS="*fp32",
-                   XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GLOSS="*fp32", GCE="*fp32", GL="*bf16", BG="*bf16",
+                   XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GLOSS="*fp32", GCE="*fp32", GL="*bf16",
+                   BG="*bf16",
                    DSCALE="*fp32", DU="*fp32", PDX="*fp32", DX="*bf16", DISTP="*fp32", LOSS="*fp32", CE="*fp32",
                    DIST="*fp32")
     tiles = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=ce["BLOCK_C"], BLOCK_K=ce["BLOCK_K"])

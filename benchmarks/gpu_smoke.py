@@ -69,8 +69,8 @@ def correctness(log) -> bool:
     ok = True
     for dtype in DTYPES:
         fast = head_grads(lambda t, a, x: triton_ops.demul_head(t, a, x, y, 17.0, basis, 0.7, 0.1), T, A, X, dtype)
-        plain = head_grads(lambda t, a, x: ref.demul_head(t, a, x, y, 17.0, *(v.to(dtype) for v in (E, W, b)),
-                                                          0.7, 0.1), T, A, X, dtype)
+        frozen = [v.to(dtype) for v in (E, W, b)]
+        plain = head_grads(lambda t, a, x, fz=frozen: ref.demul_head(t, a, x, y, 17.0, *fz, 0.7, 0.1), T, A, X, dtype)
         for name, f, p, g in zip(names, fast, plain, gold):
             ef, ep = rel(f, g), rel(p, g)
             bad = not math.isfinite(ef) or ef > 3 * ep + 4 * torch.finfo(dtype).eps

@@ -324,7 +324,8 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
     _ce_grad_kernel[(cfg["b_tiles"], cfg["splits"])](
         X, U, y, scale, lse, xn, grad_ce if grad_loss is None else grad_loss, grad_ce,
         grad_logits if has_gl else bg, bg, dscale, B, C, D, cfg["cls_per_split"],
-        _common.fp32_scalar(ls), _common.fp32_scalar(w_loss), HAS_GL=has_gl, EMULATE=emulate, BLOCK_B=BLOCK_B, BLOCK_C=cfg["BLOCK_C"],
+        _common.fp32_scalar(ls), _common.fp32_scalar(w_loss), HAS_GL=has_gl, EMULATE=emulate, BLOCK_B=BLOCK_B,
+        BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = _common.new_output((C, D), du_dtype or U.dtype, dev)
     _ce_du_kernel[(cfg["du_tiles"], cfg["out_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,

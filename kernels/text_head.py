@@ -56,6 +56,13 @@ def _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS: tl.constexpr, BLOCK_M
 
 
 @triton.jit
+def _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block pointer to v[rows, n0:n0+BLOCK_N] of V [C*M, r] seen as [C, M, r]."""
+    return tl.make_block_ptr(V, shape=(C, M, RANK), strides=(M * RANK, RANK, 1), offsets=(pid * BLOCK_CLS, 0, n0),
+                             block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_N), order=(2, 1, 0))
+
+
+@triton.jit
 def _load_cls(X, pid, C, N, n0, BLOCK_CLS: tl.constexpr, BLOCK: tl.constexpr):
     """X[classes, n0:n0+BLOCK] of a row-major [C, N] tensor as fp32 [BLOCK_CLS, BLOCK] (zero outside)."""
     p = tl.make_block_ptr(X, shape=(C, N), strides=(N, 1), offsets=(pid * BLOCK_CLS, n0),
@@ -161,9 +168,8 @@ def _text_fwd_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
             v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
-            v_ptr = tl.make_block_ptr(V, shape=(C, M, RANK), strides=(M * RANK, RANK, 1), offsets=(pid * BLOCK_CLS, 0, n0),
-                                      block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_N), order=(2, 1, 0))
-            tl.store(v_ptr, tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
+            tl.store(_v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N),
+                     tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
             vv += tl.sum(v * v, axis=1)
             vf += _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
         tl.store(VV + split * CM + row, vv, mask=row_ok)
@@ -263,8 +269,7 @@ def _text_bwd_kernel(
         acc = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
         for n0 in range(0, RANK, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            v_ptr = tl.make_block_ptr(V, shape=(C, M, RANK), strides=(M * RANK, RANK, 1), offsets=(pid * BLOCK_CLS, 0, n0),
-                                      block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_N), order=(2, 1, 0))
+            v_ptr = _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N)
             v = tl.reshape(tl.load(v_ptr, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_R, BLOCK_N])
             v = v.to(tl.float32)
             f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)

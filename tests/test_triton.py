@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from demul_fast import backends, reference as ref
-from demul_fast.backends import BackendUnavailable
 from demul_fast import functional as F
 from demul_fast.distill_basis import build_distill_basis
 from numerics import assert_error_rule
