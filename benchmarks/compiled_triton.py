@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from benchmarks.run import PRESETS
 from demul_fast.kernels import cosine_ce, text_head
 
 TARGET = GPUTarget("cuda", 90, 32)  # sm_90a: Triton targets the "a" variant for capability 9.0
@@ -64,10 +65,12 @@ def compile_kernel(name, kernel, pointers, constexprs, num_warps, out_dir, float
                 ptxas_warnings=[line.strip() for line in info.splitlines() if "Performance" in line])
 
 
-def collect(preset: dict, out_dir: str) -> List[dict]:
-    """Rows (without modelled_us) for the Triton kernels of one head step at ``preset``
-    (a dict with C, M, D, B, K) in bfloat16."""
-    C, M, D, B, K = (preset[k] for k in ("C", "M", "D", "B", "K"))
+def collect(preset: str, out_dir: str) -> List[dict]:
+    """Rows (without modelled_us) for the Triton kernels of one head step at ``preset`` (a
+    preset name of benchmarks/run.py) in bfloat16; [] when ``unavailable_reason()``."""
+    if unavailable_reason() is not None:
+        return []
+    C, M, D, B, K = (PRESETS[preset][k] for k in ("C", "M", "D", "B", "K"))
     r = min(K, D)
     CM = C * M
     cfg = text_head.text_config(C, M, D, r)
@@ -133,8 +136,8 @@ def collect(preset: dict, out_dir: str) -> List[dict]:
     return rows
 
 
-def available() -> str:
-    """Why this collector cannot run here ('' if it can)."""
+def unavailable_reason() -> Optional[str]:
+    """Why this collector cannot run here (None if it can)."""
     if not os.path.exists(ptxas_path()):
         return "ptxas not found in triton's nvidia backend"
-    return ""
+    return None
