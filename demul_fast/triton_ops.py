@@ -288,7 +288,7 @@ OPS = [getattr(torch.ops.demul_fast, f"triton_{name}{suffix}").default
 # ---------------------------------------------------------------- the backend's four functions
 
 def unsupported(fn: str, text_features=None, image_features=None, class_features=None,
-                phi_weight=None, phi_bias=None, llm_embeddings=None, **_) -> Optional[str]:
+                phi_weight=None, phi_bias=None, llm_embeddings=None, distill_basis=None, **_) -> Optional[str]:
     """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
 
     Read by demul_fast.backends.select: an explicit backend="triton" raises with the reason,
@@ -304,6 +304,8 @@ def unsupported(fn: str, text_features=None, image_features=None, class_features
             _ce.check_shape(feats.shape[1], feats.dtype, feats.device)
     except ValueError as exc:
         return str(exc)
+    if distill_basis is not None and any(t.requires_grad for t in distill_basis):
+        return "the triton backend gives the distillation basis no gradient (phi and E are frozen, SPEC 4.3)"
     return None
 
 

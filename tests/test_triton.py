@@ -282,6 +282,10 @@ def test_frozen_parameters_refuse_grad(gen):
                                  llm_embeddings=E.float().requires_grad_(True))
     assert why and "llm_embeddings" in why
     assert triton_ops.unsupported("demul_head", text_features=T.float(), image_features=X.float()) is None
+    basis = basis_of(W, b, E)
+    assert triton_ops.unsupported("demul_head", text_features=T.float(), distill_basis=basis) is None
+    grad_basis = basis._replace(F=basis.F.clone().requires_grad_(True))
+    assert "no gradient" in triton_ops.unsupported("demul_head", text_features=T.float(), distill_basis=grad_basis)
 
 
 def test_ops_registered():
