@@ -14,8 +14,9 @@ strides); nothing in float32 the size of a row tile stays live across a loop.
   and per-program sums of (1 - cos).
 * backward, grid (row tiles, D chunks): du = nb(u^, dL/du^, |u|), dw = <du, t^>,
   dA = w (dw - <w, dw>), dv = (F - cos v/|z|)/|z| (eps floor: no cos term, divide by eps),
-  dt^ = w du + g R^T dv with g = -(dL/dL_dist)/(C M) applied after the product (float16
-  operands stay far from subnormals), dT = nb(t^, dt^, |t|) with <t^, R^T dv> = <v - c, dv>
+  dt^ = w du + g R^T dv with g = -(dL/dL_dist)/(C M) and the row's 1/|z| applied after the
+  product (float16 operands stay within [-2, 2]: no subnormals, no overflow when |z| is
+  small), dT = nb(t^, dt^, |t|) with <t^, R^T dv> = <v - c, dv>
   taken in r-space, so each program needs only its own D chunk of the output.
 """
 
@@ -265,7 +266,7 @@ def _text_bwd_kernel(
         cos = tl.where(zn >= EPS, tl.load(COS + row, mask=row_ok, other=0.0), 0.0)
         inv_z = 1.0 / tl.maximum(zn, EPS)
         g = -(w_loss * tl.load(GLOSS) + tl.load(GDIST)) * inv_cm
-        proj_v = tl.zeros([BLOCK_R], dtype=tl.float32)  # <v - c, dv> = <t^, R^T dv>
+        proj_v = tl.zeros([BLOCK_R], dtype=tl.float32)  # <v - c, dv |z|> = |z| <t^, R^T dv>
         acc = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
         for n0 in range(0, RANK, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -274,13 +275,15 @@ def _text_bwd_kernel(
             v = v.to(tl.float32)
             f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
             cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
-            dv = (f - (cos * inv_z)[:, None] * v) * inv_z[:, None]
-            proj_v += tl.sum(tl.where(row_ok[:, None], (v - cv[None, :]) * dv, 0.0), axis=1)
+            # dv |z| (entries within [-2, 2]): the row factor 1/|z| is applied after the product, so
+            # that float16 operands cannot overflow when |z| is small
+            dvz = f - (cos * inv_z)[:, None] * v
+            proj_v += tl.sum(tl.where(row_ok[:, None], (v - cv[None, :]) * dvz, 0.0), axis=1)
             r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
                                       block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
-            acc = _dot(dv, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
-        dt_hat = g * acc
-        proj_t += g * proj_v
+            acc = _dot(dvz, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+        dt_hat = (g * inv_z)[:, None] * acc
+        proj_t += g * inv_z * proj_v
     if AGG:  # after the product: no float32 tile stays live across its loop
         gu = _load_cls(GU, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
         uh = _load_cls(U, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
