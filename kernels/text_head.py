@@ -323,9 +323,10 @@ def text_config(C: int, M: int, D: int, rank: int) -> dict:
     cols_per_split = block_n * max(1, n_chunks // triton.cdiv(TARGET_PROGRAMS, tiles))  # rounded down: >= a wave
     splits = triton.cdiv(max(rank, 1), cols_per_split)
     block_do = min(128, max(16, triton.next_power_of_2(D)))
-    # the backward holds v, F, dv and its product chunk at once: 64 columns of r keep it in 255 registers
+    # the backward holds v, F, dv and its product chunk at once: 32 columns of r keep it within the
+    # registers (64 spill at imagenet21k, where a tile holds 16 classes of M=4)
     return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
-                BLOCK_N=block_n, BLOCK_NB=min(block_n, 64), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
+                BLOCK_N=block_n, BLOCK_NB=min(block_n, 32), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
                 tiles=tiles, splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
 
