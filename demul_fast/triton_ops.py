@@ -1,28 +1,22 @@
 """The "triton" backend: the DeMul head on the Triton kernels of ``demul_fast.kernels``.
 
-Each function has the signature of its twin in ``demul_fast._torch_backend`` (inputs are
-validated by ``demul_fast.functional`` before they get here). Every kernel launch sits
-inside a ``torch.library.custom_op`` ("demul_fast::triton_*", no mutated arguments) with a
-fake (meta) implementation, and each forward op is tied to a backward op by
-``register_autograd``, so torch.compile traces them as opaque ops. ``OPS`` lists them.
+Each function has the signature of its twin in ``demul_fast._torch_backend`` in the K-free
+form of SPEC 4.3 (``DISTILL_BASIS = True``: the distillation takes a ``DistillBasis``;
+inputs are validated by ``demul_fast.functional`` before they get here). Every kernel launch
+sits inside a ``torch.library.custom_op`` named ``demul_fast::triton_<function>`` (and
+``..._backward``) with a fake implementation, tied by ``register_autograd``; forward ops
+return ``(outputs, *statistics)`` with the statistics in SPEC order (n, r, lse, |z|, cos;
+u^ and v, the saved features, beside |u| and |z|). ``OPS`` lists them.
 
-Passes over T [C, M, D] (SPEC 4.2), for ``demul_head``:
+Launches of ``demul_head`` (SPEC 4.2), forward: the text kernel (one read of T: n, u^, |u|
+and v = R t^ + c with its partial sums), the distillation finish, the CE forward and its
+merge, and one kernel for the three losses; backward: the CE grad pass, dU, dX and its
+finish, and one text kernel that produces dT and dA together (du, dw, dA, dv and R^T dv
+from the saved v, no recompute of the product); the loss gradients are read by the kernels.
+Half-precision inputs add one cast of R to T's dtype per pass; d scale is one torch sum.
 
-* forward: one read of T (``text_forward``: aggregation and the distillation GEMM's
-  epilogue statistics from the same register tile), then the CE sweep over X and u^;
-* backward: the CE second sweep gives dL/du^ [C, D]; then one read of T
-  (``text_backward``) produces dT and dA together, recomputing t^, w, u^ and z in
-  registers. dz is finished from the saved per-row |z|, cos, |e| (no [C*M, K] tensor).
-
-That is the floor for this design: the forward must read T once; dT[c, m] needs t^[c, m]
-and du[c], and du depends on the CE over all classes, which can only start once the
-forward has seen all of T, so T (or a T-sized saved copy, no fewer bytes) is read once
-more in the backward. Gradient-in-forward for the distillation would save the backward's
-two K-sweeps but would have to write and read a T-sized dT buffer, and the backward would
-still read T for the aggregation term.
-
-W, b, E and the labels get no gradient (SPEC 4.1: frozen); asking for one raises.
-A tensor ``scale`` that requires grad gets d scale.
+phi, b, E and the labels get no gradient (frozen, SPEC 4.3); a tensor ``scale`` that
+requires grad gets d scale.
 """
 
 from typing import List, Optional, Tuple
@@ -30,8 +24,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import op_common
 from ._validate import refuse_frozen_grads
 from .common import HeadOutput
+from .distill_basis import DistillBasis
 
 try:
     from .kernels import cosine_ce as _ce
@@ -41,115 +37,104 @@ except Exception as exc:  # noqa: BLE001 - reported by demul_fast.backends
     _ce = _text = None
     UNAVAILABLE_REASON = f"triton kernels cannot be imported: {type(exc).__name__}: {exc}"
 
-
-def _empty(like: Tensor) -> Tensor:
-    """A placeholder output (custom ops cannot return None)."""
-    return like.new_empty((0,))
-
-
-def _contig(*ts):
-    return [None if t is None else t.contiguous() for t in ts]
+DISTILL_BASIS = True
+_empty = op_common.empty_like_placeholder
+_saved = op_common.saved_tensors
+f32 = torch.float32
 
 
-def _saved(ctx):
-    """The saved tensors for a backward op. In a plain backward (grad mode off) they are
-    detached: the backward ops are not differentiable. Under create_graph=True they stay
-    attached so that differentiating a gradient reaches _no_double_backward and raises."""
-    ts = ctx.saved_tensors
-    return ts if torch.is_grad_enabled() else tuple(t.detach() for t in ts)
-
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("the triton backend has no second derivatives (double backward); "
-                              "use backend='torch' for higher-order gradients")
-
-
-def _register_backward_op(op):
-    op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+def _basis_args(T: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tensor, beta: Tensor):
+    """The basis as the kernels take it: R in T's dtype (the dot operand), the rest fp32."""
+    return (R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous(),
+            delta.to(f32).contiguous(), beta.to(f32).reshape(1))
 
 
 # ---------------------------------------------------------------- aggregation
 
-@torch.library.custom_op("demul_fast::triton_aggregate", mutates_args=())
-def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> Tensor:
-    T, A = _contig(text_features, prompt_logits)
-    return _text.text_forward(T, A, None, None, None, agg=True, dist=False)[0]
+@torch.library.custom_op("demul_fast::triton_aggregate_prompts", mutates_args=())
+def _aggregate(text_features: Tensor, prompt_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (u^ [C, D] in T's dtype; saved: n [C*M], |u| [C] fp32)."""
+    n, u, r, *_ = _text.text_forward(text_features, prompt_logits, None, None, None, None, None,
+                                     agg=True, dist=False)
+    return u, n, r
 
 
 @_aggregate.register_fake
 def _(text_features, prompt_logits):
-    C, _, D = text_features.shape
-    return text_features.new_empty((C, D))
+    C, M, D = text_features.shape
+    f = text_features.new_empty
+    return f((C, D)), f((C * M,), dtype=f32), f((C,), dtype=f32)
 
 
-@torch.library.custom_op("demul_fast::triton_aggregate_bwd", mutates_args=())
-def _aggregate_bwd(text_features: Tensor, prompt_logits: Tensor, grad: Tensor) -> Tuple[Tensor, Tensor]:
-    T, A, G = _contig(text_features, prompt_logits, grad)
-    return _text.text_backward(T, A, None, None, None, None, None, None, G, None, agg=True, dist=False)
+@torch.library.custom_op("demul_fast::triton_aggregate_prompts_backward", mutates_args=())
+def _aggregate_bwd(text_features: Tensor, prompt_logits: Tensor, n: Tensor, u: Tensor, r: Tensor,
+                   grad: Tensor) -> Tuple[Tensor, Tensor]:
+    return _text.text_backward(text_features, prompt_logits, n, u, r, grad.contiguous(), None, None, None, None,
+                               None, None, None, agg=True, dist=False)
 
 
 @_aggregate_bwd.register_fake
-def _(text_features, prompt_logits, grad):
-    return torch.empty_like(text_features), torch.empty_like(prompt_logits)
+def _(text_features, prompt_logits, n, u, r, grad):
+    return torch.empty_like(text_features, memory_format=torch.contiguous_format), torch.empty_like(prompt_logits)
 
 
 def _aggregate_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1])
+    u, n, r = output
+    ctx.save_for_backward(inputs[0], inputs[1], n, u, r)
 
 
-def _aggregate_backward(ctx, grad):
-    T, A = _saved(ctx)
-    dT, dA = torch.ops.demul_fast.triton_aggregate_bwd(T, A, grad)
-    return dT, dA
+def _aggregate_backward(ctx, grad, *_unused_stats):
+    T, A, n, u, r = _saved(ctx)
+    return torch.ops.demul_fast.triton_aggregate_prompts_backward(T, A, n, u, r, grad)
 
 
 _aggregate.register_autograd(_aggregate_backward, setup_context=_aggregate_setup)
 
 
-# ---------------------------------------------------------------- distillation
+# ---------------------------------------------------------------- distillation (K-free, SPEC 4.3)
 
-@torch.library.custom_op("demul_fast::triton_distill", mutates_args=())
-def _distill(text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor],
-             llm_embeddings: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss [] fp32, |z|, cos, |e| [C*M] fp32 saved for the backward)."""
-    T, W, b, E = _contig(text_features, phi_weight, phi_bias, llm_embeddings)
-    _, zn, cos, en = _text.text_forward(T, None, W, b, E, agg=False, dist=True)
-    return (1.0 - cos).mean(), zn, cos, en
+@torch.library.custom_op("demul_fast::triton_prompt_distill_loss", mutates_args=())
+def _distill(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tensor,
+             beta: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [] fp32; saved: n [C*M], v [C*M, r] in T's dtype, |z|, cos [C*M])."""
+    T = text_features
+    Rk, ck, Fk, dk, bk = _basis_args(T, R, c, F, delta, beta)
+    n, _, _, v, zn, cos, parts = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True)
+    return _ce.losses(None, parts, zn.shape[0], 1.0, T.device)[2], n, v, zn, cos
 
 
 @_distill.register_fake
-def _(text_features, phi_weight, phi_bias, llm_embeddings):
+def _(text_features, R, c, F, delta, beta):
     C, M, _ = text_features.shape
     f = text_features.new_empty
-    return (f((), dtype=torch.float32), f((C * M,), dtype=torch.float32), f((C * M,), dtype=torch.float32),
-            f((C * M,), dtype=torch.float32))
+    rows = C * M
+    return (f((), dtype=f32), f((rows,), dtype=f32), f((rows, R.shape[0])), f((rows,), dtype=f32),
+            f((rows,), dtype=f32))
 
 
-@torch.library.custom_op("demul_fast::triton_distill_bwd", mutates_args=())
-def _distill_bwd(text_features: Tensor, phi_weight: Tensor, phi_bias: Optional[Tensor], llm_embeddings: Tensor,
-                 zn: Tensor, cos: Tensor, en: Tensor, grad: Tensor) -> Tensor:
-    T, W, b, E = _contig(text_features, phi_weight, phi_bias, llm_embeddings)
-    g = grad.to(torch.float32).reshape(1)
-    return _text.text_backward(T, None, W, b, E, zn, cos, en, None, g, agg=False, dist=True)[0]
+@torch.library.custom_op("demul_fast::triton_prompt_distill_loss_backward", mutates_args=())
+def _distill_bwd(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, n: Tensor, v: Tensor, zn: Tensor,
+                 cos: Tensor, grad: Tensor) -> Tensor:
+    T = text_features
+    Rk, ck, Fk = R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous()
+    g = grad.to(f32).reshape(1)
+    return _text.text_backward(T, None, n, None, None, None, Rk, ck, Fk, v, zn, cos, g, agg=False, dist=True)[0]
 
 
 @_distill_bwd.register_fake
-def _(text_features, phi_weight, phi_bias, llm_embeddings, zn, cos, en, grad):
-    return torch.empty_like(text_features)
+def _(text_features, R, c, F, n, v, zn, cos, grad):
+    return torch.empty_like(text_features, memory_format=torch.contiguous_format)
 
 
 def _distill_setup(ctx, inputs, output):
-    T, W, b, E = inputs
-    _, zn, cos, en = output
-    ctx.has_bias = b is not None
-    ctx.save_for_backward(T, W, E, zn, cos, en, *([b] if b is not None else []))
+    T, R, c, F, _, _ = inputs
+    ctx.save_for_backward(T, R, c, F, *output[1:])
 
 
 def _distill_backward(ctx, grad, *_unused_stats):
-    T, W, E, zn, cos, en, *rest = _saved(ctx)
-    b = rest[0] if ctx.has_bias else None
-    dT = torch.ops.demul_fast.triton_distill_bwd(T, W, b, E, zn, cos, en, grad)
-    return dT, None, None, None
+    T, R, c, F, n, v, zn, cos = _saved(ctx)
+    dT = torch.ops.demul_fast.triton_prompt_distill_loss_backward(T, R, c, F, n, v, zn, cos, grad)
+    return dT, None, None, None, None, None
 
 
 _distill.register_autograd(_distill_backward, setup_context=_distill_setup)
@@ -157,47 +142,49 @@ _distill.register_autograd(_distill_backward, setup_context=_distill_setup)
 
 # ---------------------------------------------------------------- cosine cross-entropy
 
-@torch.library.custom_op("demul_fast::triton_cosine_ce", mutates_args=())
+@torch.library.custom_op("demul_fast::triton_cosine_cross_entropy", mutates_args=())
 def _cosine_ce(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor,
-               label_smoothing: float) -> Tuple[Tensor, Tensor]:
-    """-> (loss [] fp32, lse [B] fp32 saved for the backward)."""
-    X, U, y = _contig(image_features, class_features, labels)
-    rows, lse, _ = _ce.ce_forward(X, U, y, scale, label_smoothing, False)
-    return rows.mean(), lse
+               label_smoothing: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (loss [] fp32; saved: lse [B], |x| [B] fp32)."""
+    X, U, y = (t.contiguous() for t in (image_features, class_features, labels))
+    rows, lse, xn, _ = _ce.ce_forward(X, U, y, scale, label_smoothing, False)
+    return _ce.losses(rows, None, 1, 0.0, X.device)[1], lse, xn
 
 
 @_cosine_ce.register_fake
 def _(image_features, class_features, labels, scale, label_smoothing):
     f = image_features.new_empty
-    return f((), dtype=torch.float32), f((image_features.shape[0],), dtype=torch.float32)
+    B = image_features.shape[0]
+    return f((), dtype=f32), f((B,), dtype=f32), f((B,), dtype=f32)
 
 
-@torch.library.custom_op("demul_fast::triton_cosine_ce_bwd", mutates_args=())
+@torch.library.custom_op("demul_fast::triton_cosine_cross_entropy_backward", mutates_args=())
 def _cosine_ce_bwd(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor, lse: Tensor,
-                   grad: Tensor, label_smoothing: float, need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                   xn: Tensor, grad: Tensor, label_smoothing: float, need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (d class_features [C, D], d scale [] fp32, d image_features [B, D] or empty)."""
-    X, U, y = _contig(image_features, class_features, labels)
-    g = (grad.to(torch.float32) / X.shape[0]).reshape(1)
-    dU, dscale, dX = _ce.ce_backward(X, U, y, scale, lse, g, None, label_smoothing, need_dx)
+    X, U, y = (t.contiguous() for t in (image_features, class_features, labels))
+    dU, dscale, dX = _ce.ce_backward(X, U, y, scale, lse, xn, grad.to(f32).reshape(1), None, label_smoothing,
+                                     need_dx)
     return dU, dscale, dX if dX is not None else _empty(X)
 
 
 @_cosine_ce_bwd.register_fake
-def _(image_features, class_features, labels, scale, lse, grad, label_smoothing, need_dx):
+def _(image_features, class_features, labels, scale, lse, xn, grad, label_smoothing, need_dx):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
-    return torch.empty_like(class_features), image_features.new_empty((), dtype=torch.float32), dX
+    return torch.empty_like(class_features), image_features.new_empty((), dtype=f32), dX
 
 
 def _cosine_ce_setup(ctx, inputs, output):
     X, U, y, scale, ls = inputs
     ctx.ls = ls
-    ctx.save_for_backward(X, U, y, scale, output[1])
+    ctx.save_for_backward(X, U, y, scale, output[1], output[2])
 
 
-def _cosine_ce_backward(ctx, grad, _grad_lse):
-    X, U, y, scale, lse = _saved(ctx)
+def _cosine_ce_backward(ctx, grad, _grad_lse, _grad_xn):
+    X, U, y, scale, lse, xn = _saved(ctx)
     need_dx = ctx.needs_input_grad[0]
-    dU, dscale, dX = torch.ops.demul_fast.triton_cosine_ce_bwd(X, U, y, scale, lse, grad, ctx.ls, need_dx)
+    dU, dscale, dX = torch.ops.demul_fast.triton_cosine_cross_entropy_backward(X, U, y, scale, lse, xn, grad,
+                                                                               ctx.ls, need_dx)
     return (dX if need_dx else None), dU, None, (dscale if ctx.needs_input_grad[3] else None), None
 
 
@@ -206,166 +193,149 @@ _cosine_ce.register_autograd(_cosine_ce_backward, setup_context=_cosine_ce_setup
 
 # ---------------------------------------------------------------- the whole head
 
-@torch.library.custom_op("demul_fast::triton_head", mutates_args=())
+@torch.library.custom_op("demul_fast::triton_demul_head", mutates_args=())
 def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
-          llm_embeddings: Optional[Tensor], phi_weight: Optional[Tensor], phi_bias: Optional[Tensor],
-          alpha: float, label_smoothing: float, return_logits: bool) -> List[Tensor]:
-    """-> [loss, ce, dist (all [] fp32), logits [B, C] or empty, then saved for the
-    backward: u^ [C, D] fp32, lse [B], |z|, cos, |e| [C*M] (empty without distillation)]."""
-    T, A, X, y, E, W, b = _contig(text_features, prompt_logits, image_features, labels, llm_embeddings,
-                                  phi_weight, phi_bias)
-    dist = E is not None
-    U, zn, cos, en = _text.text_forward(T, A, W, b, E, agg=True, dist=dist, u_dtype=torch.float32)
-    rows, lse, logits = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits)
-    ce = rows.mean()
-    if dist:
-        dl = (1.0 - cos).mean()
-        loss = ce + alpha * dl
-    else:
-        dl = torch.zeros_like(ce)
-        loss = ce.clone()
-        zn, cos, en = _empty(U), _empty(U), _empty(U)
-    return [loss, ce, dl, logits if return_logits else _empty(X), U, lse, zn, cos, en]
+          R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], delta: Optional[Tensor],
+          beta: Optional[Tensor], alpha: float, label_smoothing: float, return_logits: bool) -> List[Tensor]:
+    """-> [loss, ce, dist (all [] fp32), logits [B, C] or empty; saved for the backward:
+    n [C*M], u^ [C, D] fp32, |u| [C], lse [B], |x| [B], v [C*M, r], |z|, cos [C*M] (the
+    last three empty without distillation)]."""
+    T = text_features
+    X, y = image_features.contiguous(), labels.contiguous()
+    dist = R is not None
+    basis = _basis_args(T, R, c, F, delta, beta) if dist else (None,) * 5
+    n, U, r, v, zn, cos, parts = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32)
+    rows, lse, xn, logits = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits)
+    loss, ce, dl = _ce.losses(rows, parts, zn.shape[0] if dist else 1, alpha, X.device)
+    if not dist:
+        v, zn, cos = _empty(U), _empty(U), _empty(U)
+    return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, xn, v, zn, cos]
 
 
 @_head.register_fake
-def _(text_features, prompt_logits, image_features, labels, scale, llm_embeddings, phi_weight, phi_bias,
-      alpha, label_smoothing, return_logits):
+def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, delta, beta, alpha, label_smoothing,
+      return_logits):
     C, M, D = text_features.shape
     B = image_features.shape[0]
     f = text_features.new_empty
-    f32 = torch.float32
-    rows = C * M if llm_embeddings is not None else 0
+    rows = C * M if R is not None else 0
     logits = f((B, C), dtype=image_features.dtype) if return_logits else f((0,), dtype=image_features.dtype)
-    return [f((), dtype=f32), f((), dtype=f32), f((), dtype=f32), logits, f((C, D), dtype=f32),
-            f((B,), dtype=f32), f((rows,), dtype=f32), f((rows,), dtype=f32), f((rows,), dtype=f32)]
+    v = f((rows, R.shape[0])) if R is not None else f((0,), dtype=f32)
+    return [f((), dtype=f32), f((), dtype=f32), f((), dtype=f32), logits, f((C * M,), dtype=f32),
+            f((C, D), dtype=f32), f((C,), dtype=f32), f((B,), dtype=f32), f((B,), dtype=f32), v, f((rows,), dtype=f32),
+            f((rows,), dtype=f32)]
 
 
-@torch.library.custom_op("demul_fast::triton_head_bwd", mutates_args=())
+@torch.library.custom_op("demul_fast::triton_demul_head_backward", mutates_args=())
 def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
-              llm_embeddings: Optional[Tensor], phi_weight: Optional[Tensor], phi_bias: Optional[Tensor],
-              class_features: Tensor, lse: Tensor, zn: Tensor, cos: Tensor, en: Tensor, grad_ce: Tensor,
-              grad_dist: Tensor, grad_logits: Optional[Tensor], label_smoothing: float,
-              need_dx: bool) -> List[Tensor]:
-    """grad_ce, grad_dist: [] dL/dL_ce and dL/dL_dist in total. -> [dT, dA, d scale [] fp32,
-    d image_features (empty unless need_dx)]."""
-    T, A, X, y, E, W, b, GL = _contig(text_features, prompt_logits, image_features, labels, llm_embeddings,
-                                      phi_weight, phi_bias, grad_logits)
-    g = (grad_ce.to(torch.float32) / X.shape[0]).reshape(1)
-    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, g, GL, label_smoothing, need_dx,
-                                     du_dtype=torch.float32)
-    dist = E is not None
-    gd = grad_dist.to(torch.float32).reshape(1) if dist else None
-    dT, dA = _text.text_backward(T, A, W, b, E, zn, cos, en, dU, gd, agg=True, dist=dist)
+              R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], n: Tensor, class_features: Tensor,
+              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_loss: Tensor,
+              grad_ce: Tensor, grad_dist: Tensor, grad_logits: Optional[Tensor], alpha: float,
+              label_smoothing: float, need_dx: bool) -> List[Tensor]:
+    """grad_loss, grad_ce, grad_dist: [] fp32 gradients of the three losses, combined inside
+    the kernels (dL/dL_ce = grad_loss + grad_ce, dL/dL_dist = alpha grad_loss + grad_dist).
+    -> [dT, dA, d scale [] fp32, d image_features (empty unless need_dx)]."""
+    T = text_features
+    X, y = image_features.contiguous(), labels.contiguous()
+    GL = grad_logits.contiguous() if grad_logits is not None else None
+    g_loss, g_ce, g_dist = (g.to(f32).reshape(1) for g in (grad_loss, grad_ce, grad_dist))
+    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
+                                     du_dtype=f32, grad_loss=g_loss, w_loss=1.0)
+    dist = R is not None
+    basis = (R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous()) if dist else (None,) * 3
+    dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, *basis, v if dist else None,
+                                 zn if dist else None, cos if dist else None, g_dist if dist else None, agg=True,
+                                 dist=dist, grad_loss=g_loss, w_loss=alpha)
     return [dT, dA, dscale, dX if dX is not None else _empty(X)]
 
 
 @_head_bwd.register_fake
-def _(text_features, prompt_logits, image_features, labels, scale, llm_embeddings, phi_weight, phi_bias,
-      class_features, lse, zn, cos, en, grad_ce, grad_dist, grad_logits, label_smoothing, need_dx):
+def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, r, lse, xn, v, zn,
+      cos, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
-    return [torch.empty_like(text_features), torch.empty_like(prompt_logits),
-            text_features.new_empty((), dtype=torch.float32), dX]
+    return [torch.empty_like(text_features, memory_format=torch.contiguous_format),
+            torch.empty_like(prompt_logits), text_features.new_empty((), dtype=f32), dX]
 
 
 def _head_setup(ctx, inputs, output):
-    T, A, X, y, scale, E, W, b, alpha, ls, return_logits = inputs
+    T, A, X, y, scale, R, c, F, delta, beta, alpha, ls, return_logits = inputs
     ctx.alpha, ctx.ls, ctx.return_logits = alpha, ls, return_logits
-    ctx.optional = (E is not None, W is not None, b is not None)
-    ctx.save_for_backward(T, A, X, y, scale, *output[4:], *[t for t in (E, W, b) if t is not None])
+    ctx.dist = R is not None
+    ctx.save_for_backward(T, A, X, y, scale, *output[4:], *((R, c, F) if ctx.dist else ()))
 
 
 def _head_backward(ctx, grads):
     g_loss, g_ce, g_dist, g_logits = grads[:4]  # the saved outputs' gradients are unused
-    T, A, X, y, scale, U, lse, zn, cos, en, *rest = _saved(ctx)
-    E, W, b = (rest.pop(0) if present else None for present in ctx.optional)
-    grad_ce = g_loss + g_ce
-    grad_dist = ctx.alpha * g_loss + g_dist
+    T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, *basis = _saved(ctx)
+    R, c, F = basis if ctx.dist else (None, None, None)
     need_dx = ctx.needs_input_grad[2]
-    dT, dA, dscale, dX = torch.ops.demul_fast.triton_head_bwd(
-        T, A, X, y, scale, E, W, b, U, lse, zn, cos, en, grad_ce, grad_dist,
-        g_logits if ctx.return_logits else None, ctx.ls, need_dx)
+    dT, dA, dscale, dX = torch.ops.demul_fast.triton_demul_head_backward(
+        T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, g_loss, g_ce, g_dist,
+        g_logits if ctx.return_logits else None, ctx.alpha, ctx.ls, need_dx)
     return (dT, dA, dX if need_dx else None, None, dscale if ctx.needs_input_grad[4] else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 _head.register_autograd(_head_backward, setup_context=_head_setup)
 for _op in (_aggregate_bwd, _distill_bwd, _cosine_ce_bwd, _head_bwd):
-    _register_backward_op(_op)
+    op_common.register_backward_op(_op, "triton")
 
-OPS = [
-    torch.ops.demul_fast.triton_aggregate.default,
-    torch.ops.demul_fast.triton_aggregate_bwd.default,
-    torch.ops.demul_fast.triton_distill.default,
-    torch.ops.demul_fast.triton_distill_bwd.default,
-    torch.ops.demul_fast.triton_cosine_ce.default,
-    torch.ops.demul_fast.triton_cosine_ce_bwd.default,
-    torch.ops.demul_fast.triton_head.default,
-    torch.ops.demul_fast.triton_head_bwd.default,
-]
+OPS = [getattr(torch.ops.demul_fast, f"triton_{name}{suffix}").default
+       for name in ("aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head")
+       for suffix in ("", "_backward")]
 
 
 # ---------------------------------------------------------------- the backend's four functions
 
-def _check_frozen(**tensors) -> None:
-    refuse_frozen_grads("triton", **tensors)
-
-
-def _scale_tensor(scale, device: torch.device) -> Tensor:
-    """scale as a 0-dim fp32 tensor on ``device`` (autograd flows back to a tensor scale)."""
-    if isinstance(scale, Tensor):
-        return scale.to(device=device, dtype=torch.float32).reshape(())
-    return torch.full((), float(scale), dtype=torch.float32, device=device)
-
-
 def unsupported(fn: str, text_features=None, image_features=None, class_features=None,
-                phi_weight=None, phi_bias=None, llm_embeddings=None, **_) -> Optional[str]:
+                phi_weight=None, phi_bias=None, llm_embeddings=None, distill_basis=None, **_) -> Optional[str]:
     """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
 
     Read by demul_fast.backends.select: an explicit backend="triton" raises with the reason,
     the automatic choice falls back to the next backend.
     """
     try:
-        _check_frozen(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
+        refuse_frozen_grads("triton", phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
         if text_features is not None:
             c, m, d = text_features.shape
-            _text.check_shape(c, m, d, text_features.dtype, text_features.device)
+            _text.text_config(c, m, d, d)
         feats = image_features if image_features is not None else class_features
         if fn in ("cosine_cross_entropy", "demul_head") and feats is not None:
             _ce.check_shape(feats.shape[1], feats.dtype, feats.device)
     except ValueError as exc:
         return str(exc)
+    if distill_basis is not None and any(t.requires_grad for t in distill_basis):
+        return "the triton backend gives the distillation basis no gradient (phi and E are frozen, SPEC 4.3)"
     return None
 
 
 def aggregate_prompts(text_features, prompt_logits):
     """T [C, M, D], A [C, M] -> unit-norm class features [C, D] in T's dtype (SPEC 4)."""
-    return torch.ops.demul_fast.triton_aggregate(text_features, prompt_logits)
+    return torch.ops.demul_fast.triton_aggregate_prompts(text_features, prompt_logits)[0]
 
 
 def cosine_cross_entropy(image_features, class_features, labels, scale, label_smoothing=0.0):
     """X [B, D], class features [C, D], labels [B] -> scalar fp32 loss (SPEC 4)."""
-    s = _scale_tensor(scale, image_features.device)
-    return torch.ops.demul_fast.triton_cosine_ce(image_features, class_features, labels, s,
-                                                 float(label_smoothing))[0]
+    s = op_common.scale_tensor(scale, image_features.device)
+    return torch.ops.demul_fast.triton_cosine_cross_entropy(image_features, class_features, labels, s,
+                                                            float(label_smoothing))[0]
 
 
-def prompt_distill_loss(text_features, phi_weight, phi_bias, llm_embeddings):
-    """T [C, M, D], W [K, D], b [K] or None, E [C, K] -> scalar fp32 loss (SPEC 4)."""
-    _check_frozen(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
-    return torch.ops.demul_fast.triton_distill(text_features, phi_weight, phi_bias, llm_embeddings)[0]
+def prompt_distill_loss(text_features, basis: DistillBasis):
+    """T [C, M, D] and the frozen-phi basis (SPEC 4.3) -> scalar fp32 loss mean(1 - cos)."""
+    return torch.ops.demul_fast.triton_prompt_distill_loss(text_features, *basis)[0]
 
 
-def demul_head(text_features, prompt_logits, image_features, labels, scale, llm_embeddings=None,
-               phi_weight=None, phi_bias=None, alpha=1.0, label_smoothing=0.0, return_logits=False):
-    """The whole head (SPEC 4) as one op: HeadOutput(loss, ce_loss, distill_loss, logits or None)."""
-    _check_frozen(phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
-    s = _scale_tensor(scale, text_features.device)
-    out = torch.ops.demul_fast.triton_head(text_features, prompt_logits, image_features, labels, s,
-                                           llm_embeddings, phi_weight, phi_bias, float(alpha),
-                                           float(label_smoothing), bool(return_logits))
+def demul_head(text_features, prompt_logits, image_features, labels, scale, basis: Optional[DistillBasis] = None,
+               alpha=1.0, label_smoothing=0.0, return_logits=False):
+    """The whole head (SPEC 4, distillation by SPEC 4.3; basis None: none) as one op:
+    HeadOutput(loss, ce_loss, distill_loss, logits or None)."""
+    s = op_common.scale_tensor(scale, text_features.device)
+    parts = tuple(basis) if basis is not None else (None,) * 5
+    out = torch.ops.demul_fast.triton_demul_head(text_features, prompt_logits, image_features, labels, s, *parts,
+                                                 float(alpha), float(label_smoothing), bool(return_logits))
     return HeadOutput(out[0], out[1], out[2], out[3] if return_logits else None)
 
 
 __all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput",
-           "OPS", "UNAVAILABLE_REASON", "unsupported"]
+           "DISTILL_BASIS", "OPS", "UNAVAILABLE_REASON", "unsupported"]

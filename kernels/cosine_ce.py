@@ -2,13 +2,17 @@
 
 SPEC.md sections 4, 4.1, 4.2. x^ = x / max(|x|, eps), s = tau <x^, u> for class features
 u [C, D] used as given, L_ce = (1/B) sum_b (lse_b - (1 - ls) s[b, y_b] - (ls/C) sum_c s[b, c]).
+Tiles have 64 image rows (Hopper's warpgroup MMA), D is streamed in BLOCK_K chunks, and the
+classes are split across programs so that a grid covers the GPU even at B=256.
 
-* forward: one program per BLOCK_B images sweeps the classes in BLOCK_C tiles with an
-  online log-sum-exp; it stores lse [B] and the per-image loss [B] (logits only on request);
-* backward, a second sweep that recomputes each tile's logits:
-  G = g_ce/B (softmax(s) - q) (+ an incoming logits gradient),
-  dU = tau G^T x^ (one program per class tile, sweeping B; it also sums G * s/tau for
-  d tau), dX = nb(x^, tau G U, |x|) (one program per image tile, sweeping C).
+* forward, grid (image tiles, class splits): online log-sum-exp partials (max, sum, target
+  logit, logit sum) per image and split, |x|; a merge pass combines them into lse and the
+  per-image loss; one small pass reduces all the losses of a call (ce, dist, their sum);
+* backward: the grad pass recomputes the logit tiles and stores B G = g (softmax(s) - q)
+  (+ B x the incoming logits gradient) [B, C] in the input dtype, with d scale partials;
+  dU = (tau/B) (BG)^T x^ per (class tile, D chunk); dX^ = (tau/B) (BG) U per (image tile,
+  D chunk, class split) in float32 partials, then dX = nb(x^, dX^, |x|) per image. The 1/B
+  is applied after the dots (in float16, G itself would be mostly subnormal).
 A label outside [0, C) is never used as an address: it only fails to match a class.
 """
 
@@ -21,71 +25,71 @@ import triton.language as tl
 from demul_fast import common
 
 from . import _common
+from .text_head import TARGET_PROGRAMS, _dot
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
+BLOCK_B = 64     # image rows per program (warpgroup MMA)
+BLOCK_CU = 64    # class rows per program of the dU pass
+BLOCK_DO = 32    # output columns per program of the dU and dX passes
+MERGE_ROWS = 32  # images per program of the merge pass
 
 
 @triton.jit
-def _dot(a, b, LOWP: tl.constexpr, DTYPE: tl.constexpr):
-    """a @ b in fp32; operands in DTYPE when LOWP, else IEEE fp32 (no TF32)."""
-    if LOWP:
-        return tl.dot(a.to(DTYPE), b.to(DTYPE))
-    else:
-        return tl.dot(a, b, input_precision="ieee")
+def _x_tile(X, b0, B, D, d0, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    p = tl.make_block_ptr(X, shape=(B, D), strides=(D, 1), offsets=(b0, d0), block_shape=(BLOCK_B, BLOCK_K),
+                          order=(1, 0))
+    return tl.load(p, boundary_check=(0, 1), padding_option="zero")
 
 
 @triton.jit
-def _load_rows_normalized(X, offs, N, D, BLOCK_D: tl.constexpr):
-    """x^ [len(offs), BLOCK_D] fp32 and |x| of the rows ``offs`` of X [N, D]."""
-    offs_d = tl.arange(0, BLOCK_D)
-    x = tl.load(X + offs[:, None] * D + offs_d[None, :],
-                mask=(offs[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    xn = tl.sqrt(tl.sum(x * x, axis=1))
-    return x / tl.maximum(xn, EPS)[:, None], xn
+def _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """<x^[b], u[c]> for a [BLOCK_B, BLOCK_C] tile (zero outside), D streamed in BLOCK_K chunks."""
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        x = _x_tile(X, b0, B, D, d0, BLOCK_B, BLOCK_K)
+        ut = tl.make_block_ptr(U, shape=(D, C), strides=(1, D), offsets=(d0, c0), block_shape=(BLOCK_K, BLOCK_C),
+                               order=(0, 1))
+        acc = _dot(x, tl.load(ut, boundary_check=(0, 1), padding_option="zero"), acc, X.dtype.element_ty, EMULATE)
+    return acc * inv_x[:, None]
 
 
 @triton.jit
-def _load_rows(U, offs, N, D, BLOCK_D: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(U + offs[:, None] * D + offs_d[None, :],
-                   mask=(offs[:, None] < N) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _grad_logits(cos, tau, lse, y, offs_b, offs_c, GL, g, ls, B, C, HAS_GL: tl.constexpr):
-    """G = g (softmax(s) - q) [+ GL tile], zero outside [B, C]; g already holds 1/B."""
-    ok = (offs_b[:, None] < B) & (offs_c[None, :] < C)
-    p = tl.exp(tau * cos - lse[:, None])
-    q = tl.where(offs_c[None, :] == y[:, None], 1.0 - ls, 0.0) + ls / C
-    G = g * (p - q)
-    if HAS_GL:
-        G += tl.load(GL + offs_b[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
-    return tl.where(ok, G, 0.0)
+def _inv_norms(X, b0, B, D, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """|x| and 1 / max(|x|, eps) of the tile's images."""
+    xx = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        x = _x_tile(X, b0, B, D, d0, BLOCK_B, BLOCK_K).to(tl.float32)
+        xx += tl.sum(x * x, axis=1)
+    xn = tl.sqrt(xx)
+    return xn, 1.0 / tl.maximum(xn, EPS)
 
 
 @triton.jit
 def _ce_fwd_kernel(
-    X, U, Y, SCALE,            # X [B, D], U [C, D], Y [B] int, SCALE [1]
-    LSE, LOSS, LOGITS,         # LSE [B] fp32, LOSS [B] fp32 (per image), LOGITS [B, C]
-    B, C, D, ls,
-    STORE_LOGITS: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, U, Y, SCALE,                 # X [B, D], U [C, D], Y [B] int, SCALE [1] fp32
+    PM, PL, PT, PS, XN, LOGITS,     # partials [splits, B] fp32 (max, sum, target, logit sum), XN [B], LOGITS [B, C]
+    B, C, D, cls_per_split,
+    STORE_LOGITS: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    split = tl.program_id(1)
+    b0 = pid * BLOCK_B
+    offs_b = b0 + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    x_hat, _ = _load_rows_normalized(X, offs_b, B, D, BLOCK_D)
+    xn, inv_x = _inv_norms(X, b0, B, D, BLOCK_B, BLOCK_K)
     y = tl.load(Y + offs_b, mask=b_ok, other=-1).to(tl.int32)
     tau = tl.load(SCALE).to(tl.float32)
     m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
     target = tl.zeros([BLOCK_B], dtype=tl.float32)
     s_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    c_end = tl.minimum(split * cls_per_split + cls_per_split, C)
+    for c0 in range(split * cls_per_split, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = offs_c < C
-        u = _load_rows(U, offs_c, C, D, BLOCK_D)
-        s = tau * _dot(x_hat, tl.trans(u), LOWP, X.dtype.element_ty)
+        c_ok = offs_c < c_end
+        s = tau * _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
         s_m = tl.where(c_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_m, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_m - m_new[:, None]), axis=1)
@@ -95,118 +99,245 @@ def _ce_fwd_kernel(
         if STORE_LOGITS:
             tl.store(LOGITS + offs_b[:, None] * C + offs_c[None, :], s.to(LOGITS.dtype.element_ty),
                      mask=b_ok[:, None] & c_ok[None, :])
-    lse = m_i + tl.log(l_i)
-    loss = lse - (1.0 - ls) * target - (ls / C) * s_sum
-    tl.store(LSE + offs_b, lse, mask=b_ok)
-    tl.store(LOSS + offs_b, loss, mask=b_ok)
+    tl.store(PM + split * B + offs_b, m_i, mask=b_ok)
+    tl.store(PL + split * B + offs_b, l_i, mask=b_ok)
+    tl.store(PT + split * B + offs_b, target, mask=b_ok)
+    tl.store(PS + split * B + offs_b, s_sum, mask=b_ok)
+    if split == 0:
+        tl.store(XN + offs_b, xn, mask=b_ok)
 
 
 @triton.jit
-def _ce_bwd_du_kernel(
-    X, U, Y, SCALE, LSE, GRAD, GL,   # GRAD [1] fp32 = dL/dL_ce / B; GL [B, C] logits grad
-    DU, DSCALE,                      # DU [C, D], DSCALE [num programs] fp32 partial sums
-    B, C, D, ls,
-    HAS_GL: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr):
+    """lse [B] and the per-image loss ROWS [B] from the splits' partials."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < B
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(PM + s * B + offs, mask=ok, other=0.0))
+    l = tl.zeros([BLOCK], dtype=tl.float32)
+    target = tl.zeros([BLOCK], dtype=tl.float32)
+    s_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        m_s = tl.load(PM + s * B + offs, mask=ok, other=0.0)
+        l += tl.load(PL + s * B + offs, mask=ok, other=0.0) * tl.exp(m_s - m)
+        target += tl.load(PT + s * B + offs, mask=ok, other=0.0)
+        s_sum += tl.load(PS + s * B + offs, mask=ok, other=0.0)
+    lse = m + tl.log(tl.where(ok, l, 1.0))  # rows past B: no log(0)
+    tl.store(LSE + offs, lse, mask=ok)
+    tl.store(ROWS + offs, lse - (1.0 - ls) * target - (ls / C) * s_sum, mask=ok)
+
+
+@triton.jit
+def _losses_kernel(ROWS, B, DISTP, N_DIST, inv_cm, alpha, LOSS, CE, DIST, BLOCK: tl.constexpr):
+    """ce = mean(ROWS), dist = inv_cm * sum(DISTP), loss = ce + alpha dist (one program)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        acc += tl.load(ROWS + offs, mask=offs < B, other=0.0)
+    dacc = tl.zeros([BLOCK], dtype=tl.float32)
+    for d0 in range(0, N_DIST, BLOCK):
+        offs = d0 + tl.arange(0, BLOCK)
+        dacc += tl.load(DISTP + offs, mask=offs < N_DIST, other=0.0)
+    ce = tl.sum(acc, axis=0) / tl.maximum(B, 1)
+    dist = tl.sum(dacc, axis=0) * inv_cm
+    tl.store(CE, ce)
+    tl.store(DIST, dist)
+    tl.store(LOSS, ce + alpha * dist)
+
+
+@triton.jit
+def _ce_grad_kernel(
+    X, U, Y, SCALE, LSE, XN, GLOSS, GCE, GL,  # dL/dL_ce = w_loss GLOSS + GCE ([1] each); GL [B, C] logits gradient
+    BG, DSCALE,                          # BG [B, C] = B G in X's dtype; DSCALE [programs] partial sums of B G s/tau
+    B, C, D, cls_per_split, ls, w_loss,
+    HAS_GL: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    u = _load_rows(U, offs_c, C, D, BLOCK_D)
+    split = tl.program_id(1)
+    b0 = pid * BLOCK_B
+    offs_b = b0 + tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    inv_x = 1.0 / tl.maximum(tl.load(XN + offs_b, mask=b_ok, other=1.0), EPS)
+    y = tl.load(Y + offs_b, mask=b_ok, other=-1).to(tl.int32)
+    lse = tl.load(LSE + offs_b, mask=b_ok, other=0.0)
     tau = tl.load(SCALE).to(tl.float32)
-    g = tl.load(GRAD).to(tl.float32)
-    acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-    dscale = tl.zeros([BLOCK_C], dtype=tl.float32)
+    g = w_loss * tl.load(GLOSS) + tl.load(GCE)
+    dscale = tl.zeros([BLOCK_B], dtype=tl.float32)
+    c_end = tl.minimum(split * cls_per_split + cls_per_split, C)
+    for c0 in range(split * cls_per_split, c_end, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        ok = b_ok[:, None] & (offs_c[None, :] < c_end)
+        cos = _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
+        p = tl.exp(tau * cos - lse[:, None])
+        q = tl.where(offs_c[None, :] == y[:, None], 1.0 - ls, 0.0) + ls / C
+        bg = g * (p - q)
+        if HAS_GL:
+            bg += B * tl.load(GL + offs_b[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
+        bg = tl.where(ok, bg, 0.0)
+        tl.store(BG + offs_b[:, None] * C + offs_c[None, :], bg.to(BG.dtype.element_ty), mask=ok)
+        dscale += tl.sum(bg * cos, axis=1)
+    tl.store(DSCALE + pid * tl.num_programs(1) + split, tl.sum(dscale, axis=0))
+
+
+@triton.jit
+def _ce_du_kernel(
+    X, XN, BG, SCALE, DU,                # DU [C, D] = (tau/B) (BG)^T x^
+    B, C, D, EMULATE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr,
+):
+    c0 = tl.program_id(0) * BLOCK_C
+    o0 = tl.program_id(1) * BLOCK_DO
+    acc = tl.zeros([BLOCK_C, BLOCK_DO], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        x_hat, _ = _load_rows_normalized(X, offs_b, B, D, BLOCK_D)
-        y = tl.load(Y + offs_b, mask=offs_b < B, other=-1).to(tl.int32)
-        lse = tl.load(LSE + offs_b, mask=offs_b < B, other=0.0)
-        cos = _dot(x_hat, tl.trans(u), LOWP, X.dtype.element_ty)
-        G = _grad_logits(cos, tau, lse, y, offs_b, offs_c, GL, g, ls, B, C, HAS_GL)
-        acc += _dot(tl.trans(G), x_hat, LOWP, X.dtype.element_ty)
-        dscale += tl.sum(G * cos, axis=0)
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(DU + offs_c[:, None] * D + offs_d[None, :], (tau * acc).to(DU.dtype.element_ty),
-             mask=(offs_c[:, None] < C) & (offs_d[None, :] < D))
-    tl.store(DSCALE + pid, tl.sum(dscale, axis=0))
+        inv_x = 1.0 / tl.maximum(tl.load(XN + offs_b, mask=offs_b < B, other=1.0), EPS)
+        x_hat = _x_tile(X, b0, B, D, o0, BLOCK_B, BLOCK_DO).to(tl.float32) * inv_x[:, None]
+        bgt = tl.make_block_ptr(BG, shape=(C, B), strides=(1, C), offsets=(c0, b0), block_shape=(BLOCK_C, BLOCK_B),
+                                order=(0, 1))
+        acc = _dot(tl.load(bgt, boundary_check=(0, 1), padding_option="zero"), x_hat, acc, X.dtype.element_ty,
+                   EMULATE)
+    tau = tl.load(SCALE).to(tl.float32)
+    p = tl.make_block_ptr(DU, shape=(C, D), strides=(D, 1), offsets=(c0, o0), block_shape=(BLOCK_C, BLOCK_DO),
+                          order=(1, 0))
+    tl.store(p, ((tau / B) * acc).to(DU.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
-def _ce_bwd_dx_kernel(
-    X, U, Y, SCALE, LSE, GRAD, GL,
-    DX,                              # DX [B, D]
-    B, C, D, ls,
-    HAS_GL: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _ce_dx_kernel(
+    U, BG, PDX,                          # PDX [splits, B, D] fp32 partial (BG) U over the split's classes
+    B, C, D, cls_per_split, EMULATE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    x_hat, xn = _load_rows_normalized(X, offs_b, B, D, BLOCK_D)
-    y = tl.load(Y + offs_b, mask=offs_b < B, other=-1).to(tl.int32)
-    lse = tl.load(LSE + offs_b, mask=offs_b < B, other=0.0)
-    tau = tl.load(SCALE).to(tl.float32)
-    g = tl.load(GRAD).to(tl.float32)
-    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        u = _load_rows(U, offs_c, C, D, BLOCK_D)
-        cos = _dot(x_hat, tl.trans(u), LOWP, X.dtype.element_ty)
-        G = _grad_logits(cos, tau, lse, y, offs_b, offs_c, GL, g, ls, B, C, HAS_GL)
-        acc += _dot(G, u, LOWP, X.dtype.element_ty)
-    dx_hat = tau * acc
-    proj = tl.where(xn >= EPS, tl.sum(x_hat * dx_hat, axis=1), 0.0)
-    dx = (dx_hat - x_hat * proj[:, None]) / tl.maximum(xn, EPS)[:, None]
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(DX + offs_b[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
-             mask=(offs_b[:, None] < B) & (offs_d[None, :] < D))
+    b0 = tl.program_id(0) * BLOCK_B
+    o0 = tl.program_id(1) * BLOCK_DO
+    split = tl.program_id(2)
+    acc = tl.zeros([BLOCK_B, BLOCK_DO], dtype=tl.float32)
+    c_end = tl.minimum(split * cls_per_split + cls_per_split, C)
+    for c0 in range(split * cls_per_split, c_end, BLOCK_C):
+        bg = tl.make_block_ptr(BG, shape=(B, c_end), strides=(C, 1), offsets=(b0, c0),
+                               block_shape=(BLOCK_B, BLOCK_C), order=(1, 0))
+        u = tl.make_block_ptr(U, shape=(c_end, D), strides=(D, 1), offsets=(c0, o0),
+                              block_shape=(BLOCK_C, BLOCK_DO), order=(1, 0))
+        acc = _dot(tl.load(bg, boundary_check=(0, 1), padding_option="zero"),
+                   tl.load(u, boundary_check=(0, 1), padding_option="zero"), acc, BG.dtype.element_ty, EMULATE)
+    offs_b = b0 + tl.arange(0, BLOCK_B)
+    offs_o = o0 + tl.arange(0, BLOCK_DO)
+    # a masked store: rows past B must not land in the next split's rows
+    tl.store(PDX + (split * B + offs_b[:, None]) * D + offs_o[None, :], acc,
+             mask=(offs_b[:, None] < B) & (offs_o[None, :] < D))
 
 
-def _meta(D, dtype, device):
-    bd = _common.block_d(D)
-    rows = _common.tile_rows(bd)
-    _common.check_fits("ce", dtype, rows, bd, device)
-    return dict(BLOCK_B=rows, BLOCK_C=rows, BLOCK_D=bd, num_warps=_common.num_warps(rows * bd))
+@triton.jit
+def _ce_dx_finish_kernel(X, XN, PDX, SCALE, DX, B, D, SPLITS, BLOCK_D: tl.constexpr):
+    """dX[b] = nb(x^[b], (tau/B) sum_splits PDX[:, b], |x[b]|), one image per program."""
+    b = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(PDX + (s * B + b) * D + offs, mask=ok, other=0.0)
+    xn = tl.load(XN + b)
+    x_hat = tl.load(X + b * D + offs, mask=ok, other=0.0).to(tl.float32) / tl.maximum(xn, EPS)
+    dx_hat = (tl.load(SCALE).to(tl.float32) / B) * acc
+    proj = tl.where(xn >= EPS, tl.sum(x_hat * dx_hat, axis=0), 0.0)
+    tl.store(DX + b * D + offs, ((dx_hat - x_hat * proj) / tl.maximum(xn, EPS)).to(DX.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------- launch configuration
+
+def ce_config(B: int, C: int, D: int) -> dict:
+    """Block sizes and grids: class tiles of the widest BLOCK_C (64 down to 16) whose grid
+    still covers one wave, class splits until it does (forward and grad pass), and class
+    splits of the dX pass likewise."""
+    _common.block_d(D)
+    b_tiles = triton.cdiv(B, BLOCK_B)
+    block_c = 16
+    for cand in (64, 32):  # 128 spills in the grad pass
+        if b_tiles * triton.cdiv(C, cand) >= TARGET_PROGRAMS:
+            block_c = cand
+            break
+    c_tiles = triton.cdiv(C, block_c)
+    # tiles per split rounded down, so that the splits are at least the wave's share
+    cls_per_split = block_c * max(1, c_tiles // triton.cdiv(TARGET_PROGRAMS, b_tiles))
+    out_chunks = triton.cdiv(D, BLOCK_DO)
+    dx_tiles = triton.cdiv(C, BLOCK_CU)
+    dx_cls = BLOCK_CU * max(1, dx_tiles // triton.cdiv(TARGET_PROGRAMS, b_tiles * out_chunks))
+    return dict(b_tiles=b_tiles, BLOCK_C=block_c, splits=triton.cdiv(C, cls_per_split), cls_per_split=cls_per_split,
+                BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)), out_chunks=out_chunks,
+                du_tiles=triton.cdiv(C, BLOCK_CU), dx_splits=triton.cdiv(C, dx_cls), dx_cls=dx_cls,
+                merge_programs=triton.cdiv(B, MERGE_ROWS), BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
 def check_shape(D, dtype, device) -> None:
-    """Raise ValueError if feature dimension D in ``dtype`` is beyond these kernels' tiles."""
-    _meta(D, dtype, device)
+    """Raise ValueError if feature dimension D is beyond these kernels (D <= MAX_D)."""
+    _common.block_d(D)
 
 
 def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
-    """X [B, D], U [C, D] (same dtype), y [B] int, scale [1] fp32, all contiguous.
-    Returns (per-image loss [B] fp32, lse [B] fp32, logits [B, C] in X.dtype or None)."""
+    """X [B, D], U [C, D] (contiguous), y [B] int, scale [1] fp32.
+    Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None)."""
     B, D = X.shape
     C = U.shape[0]
-    meta = _meta(D, X.dtype, X.device)
+    cfg = ce_config(B, C, D)
     dev = X.device
-    lse = _common.new_output((B,), torch.float32, dev)
-    loss = _common.new_output((B,), torch.float32, dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    parts = [_common.new_output((cfg["splits"], B), **f32) for _ in range(4)]
+    xn = _common.new_output((B,), **f32)
     logits = _common.new_output((B, C), X.dtype, dev) if return_logits else None
-    _ce_fwd_kernel[(triton.cdiv(B, meta["BLOCK_B"]),)](
-        X, U, y, scale, lse, loss, logits if return_logits else lse, B, C, D, _common.fp32_scalar(ls),
-        STORE_LOGITS=return_logits, LOWP=_common.lowp_dot(X.dtype), **meta)
-    return loss, lse, logits
+    _ce_fwd_kernel[(cfg["b_tiles"], cfg["splits"])](
+        X, U, y, scale, *parts, xn, logits if return_logits else xn, B, C, D, cfg["cls_per_split"],
+        STORE_LOGITS=return_logits, EMULATE=_common.emulate_dot(X.dtype), BLOCK_B=BLOCK_B,
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=4)
+    lse, rows = _common.new_output((B,), **f32), _common.new_output((B,), **f32)
+    _ce_merge_kernel[(cfg["merge_programs"],)](*parts, lse, rows, B, C, cfg["splits"], _common.fp32_scalar(ls),
+                                               BLOCK=MERGE_ROWS, num_warps=1)
+    return rows, lse, xn, logits
 
 
-def ce_backward(X, U, y, scale, lse, grad_over_b, grad_logits, ls: float, need_dx: bool, du_dtype=None):
-    """grad_over_b [1] fp32 = dL/dL_ce / B; grad_logits [B, C] contiguous or None.
+def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
+    """(loss, ce, dist) [] fp32 from the per-image CE losses [B] (or None) and the
+    distillation's per-program sums of (1 - cos) (or None), in one launch."""
+    out = [_common.new_output((), torch.float32, device) for _ in range(3)]
+    dummy = out[0]
+    _losses_kernel[(1,)](rows if rows is not None else dummy, rows.shape[0] if rows is not None else 0,
+                         dist_parts if dist_parts is not None else dummy,
+                         dist_parts.shape[0] if dist_parts is not None else 0, 1.0 / max(rows_dist, 1),
+                         _common.fp32_scalar(alpha), *out, BLOCK=256, num_warps=4)
+    return out
+
+
+def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_dx: bool, du_dtype=None,
+                grad_loss=None, w_loss: float = 0.0):
+    """dL/dL_ce = w_loss grad_loss + grad_ce (fp32 [1] tensors, read by the kernel: no torch
+    op to combine them); grad_logits [B, C] contiguous or None.
     Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32, dX [B, D] or None)."""
     B, D = X.shape
     C = U.shape[0]
-    meta = _meta(D, X.dtype, X.device)
+    cfg = ce_config(B, C, D)
     dev = X.device
+    emulate = _common.emulate_dot(X.dtype)
     has_gl = grad_logits is not None
-    gl = grad_logits if has_gl else lse
-    lowp = _common.lowp_dot(X.dtype)
-    n_c = triton.cdiv(C, meta["BLOCK_C"])
+    bg = _common.new_output((B, C), X.dtype, dev)
+    dscale = _common.new_output((cfg["b_tiles"] * cfg["splits"],), torch.float32, dev)
+    _ce_grad_kernel[(cfg["b_tiles"], cfg["splits"])](
+        X, U, y, scale, lse, xn, grad_ce if grad_loss is None else grad_loss, grad_ce,
+        grad_logits if has_gl else bg, bg, dscale, B, C, D, cfg["cls_per_split"],
+        _common.fp32_scalar(ls), _common.fp32_scalar(w_loss), HAS_GL=has_gl, EMULATE=emulate, BLOCK_B=BLOCK_B,
+        BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = _common.new_output((C, D), du_dtype or U.dtype, dev)
-    dscale = _common.new_output((n_c,), torch.float32, dev)
-    _ce_bwd_du_kernel[(n_c,)](X, U, y, scale, lse, grad_over_b, gl, dU, dscale, B, C, D, _common.fp32_scalar(ls),
-                              HAS_GL=has_gl, LOWP=lowp, **meta)
+    _ce_du_kernel[(cfg["du_tiles"], cfg["out_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
+                                                        BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=BLOCK_DO,
+                                                        num_warps=4)
     dX = None
     if need_dx:
+        pdx = _common.new_output((cfg["dx_splits"], B, D), torch.float32, dev)
+        _ce_dx_kernel[(cfg["b_tiles"], cfg["out_chunks"], cfg["dx_splits"])](
+            U, bg, pdx, B, C, D, cfg["dx_cls"], EMULATE=emulate, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU,
+            BLOCK_DO=BLOCK_DO, num_warps=4)
         dX = _common.new_output((B, D), X.dtype, dev)
-        _ce_bwd_dx_kernel[(triton.cdiv(B, meta["BLOCK_B"]),)](
-            X, U, y, scale, lse, grad_over_b, gl, dX, B, C, D, _common.fp32_scalar(ls), HAS_GL=has_gl, LOWP=lowp, **meta)
-    return dU, dscale.sum(), dX
+        _ce_dx_finish_kernel[(B,)](X, xn, pdx, scale, dX, B, D, cfg["dx_splits"], BLOCK_D=cfg["BLOCK_D"],
+                                   num_warps=4)
+    return dU, dscale.sum() / B, dX

@@ -1,20 +1,28 @@
-"""Fused text-side kernels of the DeMul head: prompt aggregation and distillation.
+"""Text-side kernels of the DeMul head: prompt aggregation and the K-free distillation.
 
-SPEC.md sections 4, 4.1, 4.2. One program owns BLOCK_CLS whole classes, i.e. the rows
-(c, m) of T [C, M, D] of those classes, as a [BLOCK_CLS, BLOCK_M, BLOCK_D] register tile
-(all of D, all of M). From that single read of T it does both jobs:
+SPEC.md sections 4, 4.1, 4.3. A program owns BLOCK_R >= 64 rows (c, m) of T [C, M, D]:
+BLOCK_CLS whole classes x BLOCK_M prompts, so that its products lower to Hopper's warpgroup
+MMA (64 rows per 4 warps). T is read in [BLOCK_R, BLOCK_K] chunks of its own dtype (any
+strides); nothing in float32 the size of a row tile stays live across a loop.
 
-* aggregation: t^ = t / max(|t|, eps), w = softmax_m(A), u = sum_m w t^, u^ = u / max(|u|, eps);
-* distillation: z = t^ W^T + b as a GEMM over K tiles (tile [BLOCK_CLS*BLOCK_M, BLOCK_K]),
-  epilogue per row: |z|^2, <z, e>, |e|^2 -> cos = <z, e> / (max(|z|, eps) max(|e|, eps)).
-  z is never stored.
-
-The backward kernel reads T once more and produces dT and dA: it recomputes t^, w, u^
-(registers only), du from the class-feature gradient, and the distillation term W^T dz by
-recomputing z tile by tile (dz of a row needs only that row's saved |z|, cos, |e|).
+* forward, grid (row tiles, r splits): n = |t|; v = R t^ + c over the split's columns of r
+  (a [BLOCK_R, D] x [D, BLOCK_N] product per column chunk, v stored in T's dtype for the
+  backward), with the partial sums |v|^2 and <v, F_c> per row; the programs of split 0 also
+  aggregate: w = softmax_m(A), u = sum_m w t^, u^ = u / max(|u|, eps) (two sweeps of the
+  tile: |u| first, then u^).
+* finish, a small pass: |z| = sqrt(sum |v|^2 + beta), cos = (sum <v, F> + delta) / max(|z|, eps)
+  and per-program sums of (1 - cos).
+* backward, grid (row tiles, D chunks): du = nb(u^, dL/du^, |u|), dw = <du, t^>,
+  dA = w (dw - <w, dw>), dv = (F - cos v/|z|)/|z| (eps floor: no cos term, divide by eps),
+  dt^ = w du + g R^T dv with g = -(dL/dL_dist)/(C M) and the row's 1/|z| applied after the
+  product (float16 operands stay within [-2, 2]: no subnormals, no overflow when |z| is
+  small), dT = nb(t^, dt^, |t|) with <t^, R^T dv> = <v - c, dv>
+  taken in r-space, so each program needs only its own D chunk of the output.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -25,228 +33,366 @@ from demul_fast import common
 from . import _common
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
+# Block pointers lower to plain vectorised loads here (tensor descriptors would need a device
+# allocator for TMA descriptors); triton 3.8 calls them deprecated at every compile.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
 
 
 @triton.jit
-def _load_text_tile(T, pid, C, M, D, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """t^ [BLOCK_CLS, BLOCK_M, BLOCK_D] (fp32, zero outside the tensor) and n = |t| [BLOCK_CLS, BLOCK_M]."""
-    offs_c = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (offs_c[:, None] < C) & (offs_m[None, :] < M)
-    ptrs = T + (offs_c[:, None, None] * M + offs_m[None, :, None]) * D + offs_d[None, None, :]
-    t = tl.load(ptrs, mask=row_ok[:, :, None] & (offs_d[None, None, :] < D), other=0.0).to(tl.float32)
-    n = tl.sqrt(tl.sum(t * t, axis=2))
-    return t / tl.maximum(n, EPS)[:, :, None], n
-
-
-@triton.jit
-def _prompt_weights(A, pid, C, M, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """w = softmax_m(A[c, :]) [BLOCK_CLS, BLOCK_M], zero for m >= M."""
-    offs_c = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = (offs_c[:, None] < C) & (offs_m[None, :] < M)
-    a = tl.load(A + offs_c[:, None] * M + offs_m[None, :], mask=row_ok, other=float("-inf")).to(tl.float32)
-    a_max = tl.max(a, axis=1)
-    # classes past C are all masked; a real class whose logits are all -inf gets NaN, as in the reference
-    a_max = tl.where(offs_c < C, a_max, 0.0)
-    ex = tl.exp(a - a_max[:, None])
-    den = tl.sum(ex, axis=1)
-    return ex / tl.where(den == 0.0, 1.0, den)[:, None]
-
-
-@triton.jit
-def _flat_rows(pid, C, M, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The program's tile flattened to BLOCK_R = BLOCK_CLS * BLOCK_M rows (c, m): returns the
-    class row_c, the prompt row_m and row_ok (inside [C, M]), each [BLOCK_R]."""
-    offs_r = tl.arange(0, BLOCK_R)
+def _rows(pid, C, M, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The program's rows flattened: class row_c, prompt row_m, row_ok (inside [C, M]), each [BLOCK_R]."""
+    offs_r = tl.arange(0, BLOCK_CLS * BLOCK_M)
     row_c = pid * BLOCK_CLS + offs_r // BLOCK_M
     row_m = offs_r % BLOCK_M
     return row_c, row_m, (row_c < C) & (row_m < M)
 
 
 @triton.jit
-def _dot(a, b, LOWP: tl.constexpr, DTYPE: tl.constexpr):
-    """a @ b accumulated in fp32; operands in DTYPE (the input's half type) when LOWP,
-    else fp32 with IEEE precision (TF32 would break the error rule)."""
-    if LOWP:
-        return tl.dot(a.to(DTYPE), b.to(DTYPE))
-    else:
-        return tl.dot(a, b, input_precision="ieee")
+def _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """t[rows, d0:d0+BLOCK] as [BLOCK_R, BLOCK] in T's dtype (zero outside), through a block pointer."""
+    p = tl.make_block_ptr(T, shape=(C, M, D), strides=(stc, stm, std), offsets=(pid * BLOCK_CLS, 0, d0),
+                          block_shape=(BLOCK_CLS, BLOCK_M, BLOCK), order=(2, 1, 0))
+    return tl.reshape(tl.load(p, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_CLS * BLOCK_M, BLOCK])
 
 
 @triton.jit
-def _project_tile(t2, W, Bias, k0, K, D, HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, DOT_T: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """z[:, k0:k0+BLOCK_K] = t2 W[k0:k0+BLOCK_K]^T + b (fp32, zero past K) and the W tile."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    w_tile = tl.load(W + offs_k[:, None] * D + offs_d[None, :],
-                     mask=(offs_k[:, None] < K) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    z = _dot(t2, tl.trans(w_tile), LOWP, DOT_T)
-    if HAS_BIAS:
-        z += tl.load(Bias + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
-    return z, w_tile
+def _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block pointer to v[rows, n0:n0+BLOCK_N] of V [C*M, r] seen as [C, M, r]."""
+    return tl.make_block_ptr(V, shape=(C, M, RANK), strides=(M * RANK, RANK, 1), offsets=(pid * BLOCK_CLS, 0, n0),
+                             block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_N), order=(2, 1, 0))
+
+
+@triton.jit
+def _load_cls(X, pid, C, N, n0, BLOCK_CLS: tl.constexpr, BLOCK: tl.constexpr):
+    """X[classes, n0:n0+BLOCK] of a row-major [C, N] tensor as fp32 [BLOCK_CLS, BLOCK] (zero outside)."""
+    p = tl.make_block_ptr(X, shape=(C, N), strides=(N, 1), offsets=(pid * BLOCK_CLS, n0),
+                          block_shape=(BLOCK_CLS, BLOCK), order=(1, 0))
+    return tl.load(p, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
+
+
+@triton.jit
+def _per_row(x, BLOCK_M: tl.constexpr):
+    """A per-class [BLOCK_CLS, N] tile repeated for each prompt row: [BLOCK_CLS * BLOCK_M, N]."""
+    BLOCK_CLS: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, None, :], [BLOCK_CLS, BLOCK_M, N]), [BLOCK_CLS * BLOCK_M, N])
+
+
+@triton.jit
+def _row_dot(t, x, BLOCK_M: tl.constexpr):
+    """<t[row], x[class of row]> per row [BLOCK_R] for t [BLOCK_R, N] and a per-class x [BLOCK_CLS, N]."""
+    BLOCK_CLS: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.sum(tl.reshape(t, [BLOCK_CLS, BLOCK_M, N]) * x[:, None, :], axis=2), [BLOCK_CLS * BLOCK_M])
+
+
+@triton.jit
+def _class_sum(x, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """sum over the prompts of each class of a per-row [BLOCK_R] vector: [BLOCK_CLS]."""
+    return tl.sum(tl.reshape(x, [BLOCK_CLS, BLOCK_M]), axis=1)
+
+
+@triton.jit
+def _class_to_rows(x, BLOCK_M: tl.constexpr):
+    """A per-class [BLOCK_CLS] vector repeated for each prompt row: [BLOCK_CLS * BLOCK_M]."""
+    BLOCK_CLS: tl.constexpr = x.shape[0]
+    return tl.reshape(tl.broadcast_to(x[:, None], [BLOCK_CLS, BLOCK_M]), [BLOCK_CLS * BLOCK_M])
+
+
+@triton.jit
+def _row_norms(T, pid, C, M, D, stc, stm, std, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """n = |t| per row [BLOCK_R] fp32."""
+    tt = tl.zeros([BLOCK_CLS * BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+        tt += tl.sum(t * t, axis=1)
+    return tl.sqrt(tt)
+
+
+@triton.jit
+def _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """w = softmax_m(A[c, :]) flattened to [BLOCK_R], zero for m >= M."""
+    offs_c = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
+    offs_m = tl.arange(0, BLOCK_M)
+    ok = (offs_c[:, None] < C) & (offs_m[None, :] < M)
+    a = tl.load(A + offs_c[:, None] * sac + offs_m[None, :] * sam, mask=ok, other=float("-inf")).to(tl.float32)
+    # classes past C are all masked; a real class whose logits are all -inf gets NaN, as in the reference
+    a_max = tl.where(offs_c < C, tl.max(a, axis=1), 0.0)
+    ex = tl.exp(a - a_max[:, None])
+    den = tl.sum(ex, axis=1)
+    return tl.reshape(ex / tl.where(den == 0.0, 1.0, den)[:, None], [BLOCK_CLS * BLOCK_M])
+
+
+@triton.jit
+def _dot(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b in fp32. Operands in DTYPE: half types on the tensor cores, float32 in IEEE
+    precision (TF32 would break the error rule). EMULATE (the interpreter, whose half dot is
+    wrong): operands rounded to DTYPE as the GPU sees them, then multiplied in fp32."""
+    if EMULATE:
+        return tl.dot(a.to(DTYPE).to(tl.float32), b.to(DTYPE).to(tl.float32), acc, input_precision="ieee")
+    elif DTYPE == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DTYPE), b.to(DTYPE), acc)
 
 
 @triton.jit
 def _text_fwd_kernel(
-    T, A, W, Bias, E,              # T [C, M, D], A [C, M], W [K, D], Bias [K], E [C, K]
-    U, ZN, COS, EN,                # U [C, D] (u^), ZN/COS/EN [C*M] fp32: |z|, cos, |e| per row
-    C, M, D, K,
-    AGG: tl.constexpr, DIST: tl.constexpr, HAS_BIAS: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
+    NORM, U, RN, V, VV, VF,         # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF [splits, C*M]
+    C, M, D, RANK, stc, stm, std, sac, sam, cols_per_split,
+    AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Forward of SPEC 4 for the text side, one read of T: u^ (if AGG) and per-row
-    |z|, cos(z, e), |e| (if DIST)."""
     pid = tl.program_id(0)
-    t_hat, n = _load_text_tile(T, pid, C, M, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
-    if AGG:
-        w = _prompt_weights(A, pid, C, M, BLOCK_CLS, BLOCK_M)
-        u = tl.sum(w[:, :, None] * t_hat, axis=1)
-        r = tl.sqrt(tl.sum(u * u, axis=1))
-        u_hat = u / tl.maximum(r, EPS)[:, None]
-        offs_c = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.store(U + offs_c[:, None] * D + offs_d[None, :], u_hat.to(U.dtype.element_ty),
-                 mask=(offs_c[:, None] < C) & (offs_d[None, :] < D))
+    split = tl.program_id(1)
+    BLOCK_R: tl.constexpr = BLOCK_CLS * BLOCK_M
+    DTYPE: tl.constexpr = T.dtype.element_ty
+    CM = C * M
+    row_c, row_m, row_ok = _rows(pid, C, M, BLOCK_CLS, BLOCK_M)
+    row = row_c * M + row_m
+    n = _row_norms(T, pid, C, M, D, stc, stm, std, BLOCK_CLS, BLOCK_M, BLOCK_K)
+    inv_n = 1.0 / tl.maximum(n, EPS)
     if DIST:
-        t2 = tl.reshape(t_hat, [BLOCK_R, BLOCK_D])
-        row_c, row_m, row_ok = _flat_rows(pid, C, M, BLOCK_CLS, BLOCK_M, BLOCK_R)
-        zz = tl.zeros([BLOCK_R], dtype=tl.float32)
-        ze = tl.zeros([BLOCK_R], dtype=tl.float32)
-        ee = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            z, w_tile = _project_tile(t2, W, Bias, k0, K, D, HAS_BIAS, LOWP, T.dtype.element_ty, BLOCK_K, BLOCK_D)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            e = tl.load(E + row_c[:, None] * K + offs_k[None, :],
-                        mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            zz += tl.sum(z * z, axis=1)
-            ze += tl.sum(z * e, axis=1)
-            ee += tl.sum(e * e, axis=1)
-        zn = tl.sqrt(zz)
-        en = tl.sqrt(ee)
-        cos = ze / (tl.maximum(zn, EPS) * tl.maximum(en, EPS))
-        row = row_c * M + row_m
-        tl.store(ZN + row, zn, mask=row_ok)
-        tl.store(COS + row, cos, mask=row_ok)
-        tl.store(EN + row, en, mask=row_ok)
+        vv = tl.zeros([BLOCK_R], dtype=tl.float32)
+        vf = tl.zeros([BLOCK_R], dtype=tl.float32)
+        col_end = tl.minimum(split * cols_per_split + cols_per_split, RANK)
+        for n0 in range(split * cols_per_split, col_end, BLOCK_N):
+            acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_K):
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K)
+                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(d0, n0),
+                                           block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
+                acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
+            v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
+            tl.store(_v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N),
+                     tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
+            vv += tl.sum(v * v, axis=1)
+            vf += _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+        tl.store(VV + split * CM + row, vv, mask=row_ok)
+        tl.store(VF + split * CM + row, vf, mask=row_ok)
+    if split == 0:
+        tl.store(NORM + row, n, mask=row_ok)
+        if AGG:
+            scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
+            offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
+            uu = tl.zeros([BLOCK_CLS], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_K):
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+                u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
+                uu += tl.sum(u * u, axis=1)
+            r = tl.sqrt(uu)
+            tl.store(RN + offs_cls, r, mask=offs_cls < C)
+            inv_r = 1.0 / tl.maximum(r, EPS)
+            for d0 in range(0, D, BLOCK_K):
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+                u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
+                u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
+                                          block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0))
+                tl.store(u_ptr, (u * inv_r[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _distill_finish_kernel(
+    VV, VF, DELTA, BETA,            # partial sums [splits, C*M], DELTA [C], BETA [1]
+    ZN, COS, LOSSP,                 # ZN/COS [C*M] fp32, LOSSP [programs] fp32: sum of (1 - cos)
+    CM, M, SPLITS, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = row < CM
+    vv = tl.zeros([BLOCK], dtype=tl.float32)
+    vf = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        vv += tl.load(VV + s * CM + row, mask=ok, other=0.0)
+        vf += tl.load(VF + s * CM + row, mask=ok, other=0.0)
+    zn = tl.sqrt(vv + tl.load(BETA))
+    cos = (vf + tl.load(DELTA + row // M, mask=ok, other=0.0)) / tl.maximum(zn, EPS)
+    tl.store(ZN + row, zn, mask=ok)
+    tl.store(COS + row, cos, mask=ok)
+    tl.store(LOSSP + pid, tl.sum(tl.where(ok, 1.0 - cos, 0.0), axis=0))
 
 
 @triton.jit
 def _text_bwd_kernel(
-    T, A, W, Bias, E, ZN, COS, EN,  # inputs as in the forward, plus its saved per-row stats
-    GU,                             # GU [C, D]: dL/du^ (fp32 or any float dtype)
-    GDIST,                          # GDIST [1] fp32: dL/dL_dist (already times alpha)
-    DT, DA,                         # DT [C, M, D], DA [C, M]
-    C, M, D, K, inv_cm,
-    AGG: tl.constexpr, DIST: tl.constexpr, HAS_BIAS: tl.constexpr, LOWP: tl.constexpr,
-    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    T, A, NORM, U, RN, GU,          # forward inputs and statistics; U [C, D] u^ and GU [C, D] dL/du^, fp32
+    R, CV, F, V, ZN, COS,           # basis, saved v, |z|, cos
+    GLOSS, GDIST,                   # dL/dL_dist = w_loss GLOSS + GDIST ([1] fp32 each)
+    DT, DA,                         # DT [C, M, D] contiguous, DA [C, M] contiguous
+    C, M, D, RANK, stc, stm, std, sac, sam, inv_cm, w_loss,
+    AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
 ):
-    """Backward of SPEC 4.1 for the text side, one read of T:
-    du = nb(u^, GU, |u|), dw = <du, t^>, dA = w (dw - <w, dw>),
-    dz = -(GDIST/(C M)) (e^ - cos z/|z|)/|z|, dt^ = w du + W^T dz, dT = nb(t^, dt^, |t|)."""
     pid = tl.program_id(0)
-    t_hat, n = _load_text_tile(T, pid, C, M, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
-    offs_c = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok2 = (offs_c[:, None] < C) & (offs_m[None, :] < M)
-    dt_hat = tl.zeros([BLOCK_CLS, BLOCK_M, BLOCK_D], dtype=tl.float32)
+    chunk = tl.program_id(1)
+    BLOCK_R: tl.constexpr = BLOCK_CLS * BLOCK_M
+    DTYPE: tl.constexpr = T.dtype.element_ty
+    row_c, row_m, row_ok = _rows(pid, C, M, BLOCK_CLS, BLOCK_M)
+    row = row_c * M + row_m
+    n = tl.load(NORM + row, mask=row_ok, other=1.0)
+    inv_n = 1.0 / tl.maximum(n, EPS)
+    o0 = chunk * BLOCK_DO
+    proj_t = tl.zeros([BLOCK_R], dtype=tl.float32)   # <t^, dt^>
+    dt_hat = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)  # replaced by the product's result when DIST
     if AGG:
-        w = _prompt_weights(A, pid, C, M, BLOCK_CLS, BLOCK_M)
-        u = tl.sum(w[:, :, None] * t_hat, axis=1)
-        r = tl.sqrt(tl.sum(u * u, axis=1))
-        u_hat = u / tl.maximum(r, EPS)[:, None]
-        gu = tl.load(GU + offs_c[:, None] * D + offs_d[None, :],
-                     mask=(offs_c[:, None] < C) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        # normalize backward; below the floor the divisor is the constant eps (SPEC 4.1)
-        proj = tl.where(r >= EPS, tl.sum(u_hat * gu, axis=1), 0.0)
-        du = (gu - u_hat * proj[:, None]) / tl.maximum(r, EPS)[:, None]
-        dw = tl.sum(du[:, None, :] * t_hat, axis=2)
-        da = w * (dw - tl.sum(w * dw, axis=1)[:, None])
-        tl.store(DA + offs_c[:, None] * M + offs_m[None, :], da.to(DA.dtype.element_ty), mask=row_ok2)
-        dt_hat += w[:, :, None] * du[:, None, :]
+        w = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M)
+        offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
+        r = tl.load(RN + offs_cls, mask=offs_cls < C, other=1.0)
+        a_tg = tl.zeros([BLOCK_R], dtype=tl.float32)    # <t, gu> per row
+        a_ut = tl.zeros([BLOCK_R], dtype=tl.float32)    # <u^, t> per row
+        a_ug = tl.zeros([BLOCK_CLS], dtype=tl.float32)  # <u^, gu> per class
+        for d0 in range(0, D, BLOCK_K):
+            t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+            gu = _load_cls(GU, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+            uh = _load_cls(U, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+            a_tg += _row_dot(t, gu, BLOCK_M)
+            a_ut += _row_dot(t, uh, BLOCK_M)
+            a_ug += tl.sum(uh * gu, axis=1)
+        # normalize backward of u^; below the floor the divisor is the constant eps (SPEC 4.1)
+        inv_r = 1.0 / tl.maximum(r, EPS)
+        proj_u = tl.where(r >= EPS, a_ug, 0.0)
+        dw = (a_tg - _class_to_rows(proj_u, BLOCK_M) * a_ut) * _class_to_rows(inv_r, BLOCK_M) * inv_n
+        if chunk == 0:
+            da = w * (dw - _class_to_rows(_class_sum(w * dw, BLOCK_CLS, BLOCK_M), BLOCK_M))
+            tl.store(DA + row, da.to(DA.dtype.element_ty), mask=row_ok)
+        proj_t += w * dw
     if DIST:
-        t2 = tl.reshape(t_hat, [BLOCK_R, BLOCK_D])
-        row_c, row_m, row_ok = _flat_rows(pid, C, M, BLOCK_CLS, BLOCK_M, BLOCK_R)
-        row = row_c * M + row_m
         zn = tl.load(ZN + row, mask=row_ok, other=1.0)
-        cos = tl.load(COS + row, mask=row_ok, other=0.0)
-        en = tl.load(EN + row, mask=row_ok, other=1.0)
-        coef = -tl.load(GDIST).to(tl.float32) * inv_cm
-        zden = tl.maximum(zn, EPS)
-        cos_p = tl.where(zn >= EPS, cos, 0.0)
-        # dz = coef * (a_e e + a_z z): coef (~1/(C M)) is applied after the K sweep, so that
-        # half-precision dot operands stay far from float16's subnormal range
-        a_e = 1.0 / (tl.maximum(en, EPS) * zden)
-        a_z = -cos_p / (zden * zden)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            z, w_tile = _project_tile(t2, W, Bias, k0, K, D, HAS_BIAS, LOWP, T.dtype.element_ty, BLOCK_K, BLOCK_D)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            e = tl.load(E + row_c[:, None] * K + offs_k[None, :],
-                        mask=row_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-            dz = a_e[:, None] * e + a_z[:, None] * z
-            dz = tl.where((offs_k[None, :] < K) & row_ok[:, None], dz, 0.0)
-            acc += _dot(dz, w_tile, LOWP, T.dtype.element_ty)
-        dt_hat += coef * tl.reshape(acc, [BLOCK_CLS, BLOCK_M, BLOCK_D])
-    proj_t = tl.where(n >= EPS, tl.sum(t_hat * dt_hat, axis=2), 0.0)
-    dt = (dt_hat - t_hat * proj_t[:, :, None]) / tl.maximum(n, EPS)[:, :, None]
-    ptrs = DT + (offs_c[:, None, None] * M + offs_m[None, :, None]) * D + offs_d[None, None, :]
-    tl.store(ptrs, dt.to(DT.dtype.element_ty), mask=row_ok2[:, :, None] & (offs_d[None, None, :] < D))
+        cos = tl.where(zn >= EPS, tl.load(COS + row, mask=row_ok, other=0.0), 0.0)
+        inv_z = 1.0 / tl.maximum(zn, EPS)
+        g = -(w_loss * tl.load(GLOSS) + tl.load(GDIST)) * inv_cm
+        proj_v = tl.zeros([BLOCK_R], dtype=tl.float32)  # <v - c, dv |z|> = |z| <t^, R^T dv>
+        acc = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
+        for n0 in range(0, RANK, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            v_ptr = _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N)
+            v = tl.reshape(tl.load(v_ptr, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_R, BLOCK_N])
+            v = v.to(tl.float32)
+            f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+            cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
+            # dv |z| (entries within [-2, 2]): the row factor 1/|z| is applied after the product, so
+            # that float16 operands cannot overflow when |z| is small
+            dvz = f - (cos * inv_z)[:, None] * v
+            proj_v += tl.sum(tl.where(row_ok[:, None], (v - cv[None, :]) * dvz, 0.0), axis=1)
+            r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
+                                      block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
+            acc = _dot(dvz, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+        dt_hat = (g * inv_z)[:, None] * acc
+        proj_t += g * inv_z * proj_v
+    if AGG:  # after the product: no float32 tile stays live across its loop
+        gu = _load_cls(GU, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
+        uh = _load_cls(U, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
+        du = (gu - uh * proj_u[:, None]) * inv_r[:, None]
+        dt_hat += w[:, None] * _per_row(du, BLOCK_M)
+    proj_t = tl.where(n >= EPS, proj_t, 0.0)
+    t = _load_t(T, pid, C, M, D, stc, stm, std, o0, BLOCK_CLS, BLOCK_M, BLOCK_DO).to(tl.float32)
+    dt = (dt_hat - (t * inv_n[:, None]) * proj_t[:, None]) * inv_n[:, None]
+    dt_ptr = tl.make_block_ptr(DT, shape=(C, M, D), strides=(M * D, D, 1), offsets=(pid * BLOCK_CLS, 0, o0),
+                               block_shape=(BLOCK_CLS, BLOCK_M, BLOCK_DO), order=(2, 1, 0))
+    tl.store(dt_ptr, tl.reshape(dt.to(DT.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_DO]), boundary_check=(0, 1, 2))
 
 
-def _blocks(C, M, D, K, dtype, device):
-    bd = _common.block_d(D)
+# ---------------------------------------------------------------- launch configuration
+
+TARGET_PROGRAMS = 132  # one wave of an H100/H200 (132 SMs): grids are split until they cover it
+MAX_BLOCK_M = 128      # prompts per class the row tiles hold (a class's prompts share a program)
+
+
+def text_config(C: int, M: int, D: int, rank: int) -> dict:
+    """Block sizes and grids of the text kernels for T [C, M, D] and a basis of rank r.
+
+    Rows per program: max(64, next_pow2(M)) (whole classes), 4 warps per 64 rows (Hopper's
+    warpgroup MMA needs 64 rows). The forward splits r until the grid covers one wave; the
+    backward splits its output D into BLOCK_DO-column chunks.
+    """
     bm = triton.next_power_of_2(M)
-    bcls = max(1, 16 // bm)  # rows per program >= 16, the smallest tl.dot tile
-    bk = _common.tile_rows(bd)
-    _common.check_fits("text", dtype, bcls * bm, bd, device)
-    grid = (triton.cdiv(C, bcls),)
-    return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_R=bcls * bm, BLOCK_D=bd, BLOCK_K=bk,
-                num_warps=_common.num_warps(bcls * bm * bd)), grid
+    if bm > MAX_BLOCK_M:
+        raise ValueError(f"the triton backend's text kernels hold a class's prompts in one tile: M <= {MAX_BLOCK_M}, "
+                         f"got M={M}; use backend='torch' or 'cuda'")
+    _common.block_d(D)
+    block_r = max(64, bm)
+    bcls = block_r // bm
+    tiles = triton.cdiv(C, bcls)
+    block_n = min(128, max(16, triton.next_power_of_2(max(rank, 1))))
+    n_chunks = triton.cdiv(max(rank, 1), block_n)
+    cols_per_split = block_n * max(1, n_chunks // triton.cdiv(TARGET_PROGRAMS, tiles))  # rounded down: >= a wave
+    splits = triton.cdiv(max(rank, 1), cols_per_split)
+    block_do = min(128, max(16, triton.next_power_of_2(D)))
+    # the backward holds v, F, dv and its product chunk at once: 32 columns of r keep it within the
+    # registers (64 spill at imagenet21k, where a tile holds 16 classes of M=4)
+    return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
+                BLOCK_N=block_n, BLOCK_NB=min(block_n, 32), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
+                tiles=tiles, splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
 
-def check_shape(C, M, D, dtype, device) -> None:
-    """Raise ValueError if [C, M, D] in ``dtype`` is beyond these kernels' tiles on ``device``."""
-    _blocks(C, M, D, 1, dtype, device)
+FINISH_BLOCK = 1024
 
 
-def text_forward(T, A, W, b, E, agg: bool, dist: bool, u_dtype=None):
-    """Launch the forward. T [C, M, D] contiguous; A [C, M] (if agg); W [K, D], b [K] or
-    None, E [C, K] (if dist), all contiguous. Returns (u^ [C, D] in u_dtype (default
-    T.dtype) or None, zn, cos, en [C*M] fp32 or None)."""
+def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None):
+    """T [C, M, D] (any strides), A [C, M] (if agg); basis R [r, D] in T's dtype, cv [r],
+    F [C, r], delta [C], beta [1] fp32 (if dist).
+
+    Returns (n [C*M], u^ [C, D] in u_dtype (default T's) or None, |u| [C] or None,
+    v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos))
+    with the statistics in float32 (None where not computed).
+    """
     C, M, D = T.shape
-    K = W.shape[0] if dist else 0
-    meta, grid = _blocks(C, M, D, max(K, 1), T.dtype, T.device)
+    rank = R.shape[0] if dist else 0
+    cfg = text_config(C, M, D, rank)
     dev = T.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    splits = cfg["splits"] if dist else 1
+    norm = _common.new_output((C * M,), **f32)
     u = _common.new_output((C, D), u_dtype or T.dtype, dev) if agg else None
-    stats = [_common.new_output((C * M,), torch.float32, dev) for _ in range(3)] if dist else [None] * 3
-    dummy = T
-    _text_fwd_kernel[grid](
-        T, A if agg else dummy, W if dist else dummy, b if b is not None else dummy, E if dist else dummy,
-        u if agg else dummy, *(s if dist else dummy for s in stats),
-        C, M, D, K, AGG=agg, DIST=dist, HAS_BIAS=b is not None, LOWP=_common.lowp_dot(T.dtype), **meta)
-    return (u, *stats)
+    rn = _common.new_output((C,), **f32) if agg else None
+    v = _common.new_output((C * M, rank), T.dtype, dev) if dist else None
+    vv = _common.new_output((splits, C * M), **f32) if dist else None
+    vf = _common.new_output((splits, C * M), **f32) if dist else None
+    dummy = norm
+    A_ = A if agg else dummy
+    _text_fwd_kernel[(cfg["tiles"], splits)](
+        T, A_, R if dist else T, cv if dist else dummy, F if dist else dummy,
+        norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
+        vf if dist else dummy,
+        C, M, D, rank, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"],
+        AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    zn = cos = loss_parts = None
+    if dist:
+        programs = triton.cdiv(C * M, FINISH_BLOCK)
+        zn, cos = _common.new_output((C * M,), **f32), _common.new_output((C * M,), **f32)
+        loss_parts = _common.new_output((programs,), **f32)
+        _distill_finish_kernel[(programs,)](vv, vf, delta, beta, zn, cos, loss_parts, C * M, M, splits,
+                                            BLOCK=FINISH_BLOCK, num_warps=4)
+    return norm, u, rn, v, zn, cos, loss_parts
 
 
-def text_backward(T, A, W, b, E, zn, cos, en, grad_u, grad_dist, agg: bool, dist: bool, a_dtype=None):
-    """Launch the backward. grad_u [C, D] (if agg); grad_dist [1] fp32, dL/dL_dist (if dist).
-    Returns (dT [C, M, D] in T.dtype, dA [C, M] in a_dtype (default A.dtype) or None)."""
+def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, agg: bool, dist: bool,
+                  a_dtype=None, grad_loss=None, w_loss: float = 0.0):
+    """grad_u [C, D] dL/du^ (if agg); dL/dL_dist = w_loss grad_loss + grad_dist (fp32 [1]
+    tensors, if dist); the other
+    tensors as text_forward takes and returns them.
+    Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
-    K = W.shape[0] if dist else 0
-    meta, grid = _blocks(C, M, D, max(K, 1), T.dtype, T.device)
+    rank = R.shape[0] if dist else 0
+    cfg = text_config(C, M, D, rank)
     dev = T.device
     dT = _common.new_output((C, M, D), T.dtype, dev)
     dA = _common.new_output((C, M), a_dtype or A.dtype, dev) if agg else None
-    dummy = T
-    _text_bwd_kernel[grid](
-        T, A if agg else dummy, W if dist else dummy, b if b is not None else dummy, E if dist else dummy,
-        zn if dist else dummy, cos if dist else dummy, en if dist else dummy,
-        grad_u if agg else dummy, grad_dist if dist else dummy, dT, dA if agg else dummy,
-        C, M, D, K, 1.0 / (C * M), AGG=agg, DIST=dist, HAS_BIAS=b is not None,
-        LOWP=_common.lowp_dot(T.dtype), **meta)
+    dummy = norm
+    _text_bwd_kernel[(cfg["tiles"], cfg["out_chunks"])](
+        T, A if agg else dummy, norm, u if agg else dummy, rn if agg else dummy, grad_u if agg else dummy,
+        R if dist else T, cv if dist else dummy, F if dist else dummy, v if dist else T,
+        zn if dist else dummy, cos if dist else dummy,
+        (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
+        dT, dA if agg else dummy,
+        C, M, D, rank, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), _common.fp32_scalar(w_loss),
+        AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
+        num_warps=cfg["num_warps"])
     return dT, dA

@@ -1,11 +1,13 @@
 """The "triton" backend against the float64 reference, with the error rule (tests/numerics.py).
 
-Without a GPU these run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest),
-where every tl.dot runs in fp32: the bf16/fp16 numerics of the GPU dot path and the large
-shapes are GPU tests (tests/test_triton_gpu.py). Every output buffer is filled with NaN
-before its kernel runs (POISON_OUTPUTS), so an element a kernel forgets to write fails.
-Shapes are odd (C=37, M=3, D=100, B=5, K=70) or cross the kernels' block boundaries
-(D=300 -> 16-row tiles: B=20, C=40, K=40 span two or three tiles; M=17 -> BLOCK_M=32).
+Without a GPU these run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest); its
+dots round their operands to the input dtype first (kernels/_common.emulate_dot), so the
+bf16/fp16 products the tensor cores would form are tested here in float32, bfloat16 and
+float16. Every output buffer is filled with NaN before its kernel runs (POISON_OUTPUTS), so
+an element a kernel forgets to write fails. The distillation is the K-free form (SPEC 4.3)
+against the reference's direct form, for K > D, K = D and K < D, with and without bias.
+Shapes are odd (C=37, M=3, D=100) or cross block boundaries (D=300: five 64-column chunks,
+three output chunks; C=40 at M=5: three row tiles; M=17: BLOCK_M=32).
 """
 
 import math
@@ -14,14 +16,14 @@ import pytest
 import torch
 
 from demul_fast import backends, reference as ref
-from demul_fast.backends import BackendUnavailable
 from demul_fast import functional as F
+from demul_fast.distill_basis import build_distill_basis
 from numerics import assert_error_rule
 
 triton_ops = pytest.importorskip("demul_fast.triton_ops")
 if triton_ops.UNAVAILABLE_REASON:
     pytest.skip(triton_ops.UNAVAILABLE_REASON, allow_module_level=True)
-from demul_fast.kernels import _common, cosine_ce  # noqa: E402
+from demul_fast.kernels import _common, cosine_ce, text_head  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ODD = dict(C=37, M=3, D=100, B=5, K=70)
@@ -109,6 +111,20 @@ def test_cosine_cross_entropy(gen, shape, ls, scale_kind):
     assert fo[0].dtype == torch.float32 and fo[0].dim() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cosine_cross_entropy_split_classes(gen, dtype):
+    """B=70 (two image tiles, the second partial), C=130: nine class splits merged by the
+    merge pass, three class splits of the dX pass summed by its finish."""
+    shape = dict(C=130, M=1, D=32, B=70, K=1)
+    cfg = cosine_ce.ce_config(70, 130, 32)
+    assert cfg["splits"] > 1 and cfg["dx_splits"] > 1 and 70 % 64
+    _, _, X, y, *_ = make_inputs(gen, **shape)
+    U = ref.l2_normalize(rand_like(gen, torch.empty(130, 32)))
+    check(f"ce split {dtype}", lambda x, u: F.cosine_cross_entropy(x, u, y, 20.0, 0.1, backend="triton"),
+          lambda x, u: ref.cosine_cross_entropy(x, u, y, 20.0, 0.1), [X, U], diff=[0, 1], dtype=dtype,
+          grad_names=["dX", "dU"])
+
+
 def test_cosine_cross_entropy_class_grad_only(gen):
     """X without grad: the dX kernel is skipped, dU still right."""
     _, _, X, y, *_ = make_inputs(gen, **ODD)
@@ -117,12 +133,46 @@ def test_cosine_cross_entropy_class_grad_only(gen):
           lambda x, u, yy: ref.cosine_cross_entropy(x, u, yy, 30.0), [X, U, y], diff=[1], grad_names=["dU"])
 
 
-@pytest.mark.parametrize("shape,bias", [(ODD, True), (CROSSING, False)], ids=["odd-bias", "crossing-nobias"])
-def test_prompt_distill_loss(gen, shape, bias):
-    T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **shape)
-    fo, _ = check("distill", lambda t, w, bb, e: F.prompt_distill_loss(t, w, bb, e, backend="triton"),
-                  ref.prompt_distill_loss, [T, W, b, E], diff=[0], grad_names=["dT"])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SMALL = dict(C=5, M=3, D=24, B=4, K=40)
+
+
+def basis_of(W, b, E):
+    return build_distill_basis(W, b, E) if W is not None else None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,bias", [(40, True), (24, False), (16, True)], ids=["K>D-bias", "K=D", "K<D-bias"])
+def test_prompt_distill_loss(gen, K, bias, dtype):
+    T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **dict(SMALL, K=K))
+    basis = basis_of(W, b, E)
+    fo, _ = check(f"distill {dtype}", lambda t: triton_ops.prompt_distill_loss(t, basis),
+                  lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), None if b is None else b.to(t.dtype),
+                                                    E.to(t.dtype)), [T], diff=[0], dtype=dtype, grad_names=["dT"])
     assert fo[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [ODD, CROSSING], ids=["odd", "crossing"])
+def test_prompt_distill_loss_shapes(gen, shape):
+    T, _, _, _, E, W, b = make_inputs(gen, **shape)
+    basis = basis_of(W, b, E)
+    check("distill", lambda t: triton_ops.prompt_distill_loss(t, basis),
+          lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), b.to(t.dtype), E.to(t.dtype)), [T], diff=[0],
+          grad_names=["dT"])
+
+
+def test_distill_small_projection():
+    """W t^ close to -b (|z| << |b|): the K-free form has no cancellation (SPEC 4.3)."""
+    gen = torch.Generator().manual_seed(7)
+    C, M, D, K = 3, 2, 16, 24
+    T = torch.randn(C, M, D, generator=gen, dtype=torch.float64)
+    W = torch.randn(K, D, generator=gen, dtype=torch.float64)
+    t_hat = ref.l2_normalize(T)
+    b = -(t_hat[0, 0] @ W.T) + 1e-3 * torch.randn(K, generator=gen, dtype=torch.float64)
+    E = torch.randn(C, K, generator=gen, dtype=torch.float64)
+    basis = basis_of(W, b, E)
+    check("distill near -b", lambda t: triton_ops.prompt_distill_loss(t, basis),
+          lambda t: ref.prompt_distill_loss(t, W.to(t), b.to(t), E.to(t)), [T.to(DEVICE)], diff=[0], grad_names=["dT"])
 
 
 HEAD_CASES = [
@@ -134,6 +184,23 @@ HEAD_CASES = [
 ]
 
 
+def head_fns(y, E, W, b, alpha, ls, return_logits):
+    """(triton, reference) callables (t, a, x, s) -> tuple of HeadOutput fields."""
+    basis = basis_of(W, b, E)
+
+    def fast(t, a, x, s):
+        out = triton_ops.demul_head(t, a, x, y, s, basis, alpha=alpha, label_smoothing=ls, return_logits=return_logits)
+        assert (out.logits is not None) == return_logits
+        return tuple(o for o in out if o is not None)
+
+    def slow(t, a, x, s):
+        cast = (lambda v: None if v is None else v.to(t.dtype))
+        out = ref.demul_head(t, a, x, y, s, cast(E), cast(W), cast(b), alpha=alpha, label_smoothing=ls,
+                             return_logits=return_logits)
+        return tuple(o for o in out if o is not None)
+    return fast, slow
+
+
 @pytest.mark.parametrize("shape,ls,alpha,bias,with_llm,return_logits,scale_tensor", HEAD_CASES,
                          ids=["odd", "odd-ls-alpha0-logits", "crossing-logits", "no-llm"])
 def test_demul_head(gen, shape, ls, alpha, bias, with_llm, return_logits, scale_tensor):
@@ -141,30 +208,35 @@ def test_demul_head(gen, shape, ls, alpha, bias, with_llm, return_logits, scale_
     if not with_llm:
         E = W = b = None
     tau = torch.tensor(17.0, dtype=torch.float64, device=DEVICE) if scale_tensor else 17.0
-
-    def head(fn):
-        def call(t, a, x, s):
-            out = fn(t, a, x, y, s, E if E is None else E.to(t.dtype), W if W is None else W.to(t.dtype),
-                     b if b is None else b.to(t.dtype), alpha=alpha, label_smoothing=ls, return_logits=return_logits)
-            assert (out.logits is not None) == return_logits
-            return tuple(out)
-        return call
-
     # a different weight on every output, so each output's gradient path is exercised
     C, B = shape["C"], shape["B"]
     cot = [torch.tensor(w, dtype=torch.float64, device=DEVICE) for w in (1.0, 0.3, -0.7)]
     if return_logits:
         cot.append(rand_like(gen, torch.empty(B, C)) / (B * C))
     diff = [0, 1, 2, 3] if scale_tensor else [0, 1, 2]
-    fo, _ = check("head", head(lambda *a, **k: F.demul_head(*a, **k, backend="triton")), head(ref.demul_head),
-                  [T, A, X, tau], diff=diff, cotangents=cot, grad_names=["dT", "dA", "dX", "dscale"])
+    fast, slow = head_fns(y, E, W, b, alpha, ls, return_logits)
+    fo, _ = check("head", fast, slow, [T, A, X, tau], diff=diff, cotangents=cot,
+                  grad_names=["dT", "dA", "dX", "dscale"])
     assert all(o.dtype == torch.float32 for o in fo[:3])
     if not with_llm:
         assert float(fo[2].detach()) == 0.0
 
 
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_head_half_precision(gen, dtype):
+    """Half inputs, the GPU's operand rounding emulated: outputs in the input dtype, losses
+    in float32, the error rule against the plain path in that dtype."""
+    T, A, X, y, E, W, b = make_inputs(gen, **dict(SMALL, C=9, B=6))
+    fast, slow = head_fns(y, E, W, b, 1.0, 0.1, True)
+    cot = [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)] * 3 + [rand_like(gen, torch.empty(6, 9)) / 54]
+    fo, fg = check(f"head {dtype}", lambda t, a, x: fast(t, a, x, 12.0), lambda t, a, x: slow(t, a, x, 12.0),
+                   [T, A, X], diff=[0, 1, 2], dtype=dtype, cotangents=cot, grad_names=["dT", "dA", "dX"])
+    assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
+    assert all(g.dtype == dtype for g in fg)
+
+
 def test_head_noncontiguous_and_mixed_dtypes(gen):
-    """Strided T and X, prompt logits / phi / E in float64 beside float32 features."""
+    """Strided T (read in place, no copy) and X, prompt logits in float64 beside float32 features."""
     C, M, D, B, K = 6, 3, 20, 4, 16
     T, A, X, y, E, W, b = make_inputs(gen, C=C, M=M, D=D, B=B, K=K)
     T_strided = T.float().permute(2, 0, 1).contiguous().permute(1, 2, 0)  # same values, D-stride C*M
@@ -172,7 +244,7 @@ def test_head_noncontiguous_and_mixed_dtypes(gen):
     assert not T_strided.is_contiguous() and not X_strided.is_contiguous()
     T_strided.requires_grad_(True)
     A64 = A.clone().requires_grad_(True)
-    out = F.demul_head(T_strided, A64, X_strided, y.int(), 9.0, E, W, b, alpha=0.5, backend="triton")
+    out = triton_ops.demul_head(T_strided, A64, X_strided, y.int(), 9.0, basis_of(W, b, E), alpha=0.5)
     out.loss.backward()
     T64, A_ref = T.clone().requires_grad_(True), A.clone().requires_grad_(True)
     r = ref.demul_head(T64, A_ref, X, y, 9.0, E, W, b, alpha=0.5)
@@ -183,28 +255,6 @@ def test_head_noncontiguous_and_mixed_dtypes(gen):
     torch.testing.assert_close(A64.grad, A_ref.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_head_half_inputs_interpreted(gen, dtype):
-    """Half inputs: outputs in the input dtype, losses in float32, error rule vs the plain
-    path in that dtype. Interpreter only checks the plumbing (its dots run in fp32)."""
-    shape = dict(C=9, M=3, D=24, B=6, K=20)
-    T, A, X, y, E, W, b = make_inputs(gen, **shape)
-
-    def head(fn):
-        def call(t, a, x):
-            out = fn(t, a, x, y, 12.0, E.to(t.dtype), W.to(t.dtype), b.to(t.dtype), alpha=1.0,
-                     label_smoothing=0.1, return_logits=True)
-            return tuple(out)
-        return call
-
-    cot = [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)] * 3 + [rand_like(gen, torch.empty(6, 9)) / 54]
-    fo, fg = check(f"head {dtype}", head(lambda *a, **k: F.demul_head(*a, **k, backend="triton")),
-                   head(ref.demul_head), [T, A, X], diff=[0, 1, 2], dtype=dtype, cotangents=cot,
-                   grad_names=["dT", "dA", "dX"])
-    assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
-    assert all(g.dtype == dtype for g in fg)
-
-
 def test_labels_out_of_range_read_nothing(gen):
     """Validation is bypassed here: a label outside [0, C) must only fail to match a class
     (no out-of-bounds read), leaving lse - (ls/C) sum_c s for that row."""
@@ -213,7 +263,7 @@ def test_labels_out_of_range_read_nothing(gen):
     U = ref.l2_normalize(torch.randn(C, D, generator=gen)).to(DEVICE)
     y = torch.tensor([C + 1000, -7, 2], device=DEVICE)
     scale = torch.full((), 5.0, device=DEVICE)
-    rows, lse, logits = cosine_ce.ce_forward(X, U, y, scale, 0.1, True)
+    rows, lse, _, logits = cosine_ce.ce_forward(X, U, y, scale, 0.1, True)
     s = ref.cosine_logits(X, U, 5.0)
     torch.testing.assert_close(logits, s)
     expect = torch.logsumexp(s, -1) - 0.1 / C * s.sum(-1)
@@ -222,50 +272,57 @@ def test_labels_out_of_range_read_nothing(gen):
 
 
 def test_frozen_parameters_refuse_grad(gen):
+    """phi/E that require grad are refused by the backend's `unsupported` hook, naming the
+    argument (demul_fast.functional then runs the direct form on the torch backend)."""
     T, A, X, y, E, W, b = make_inputs(gen, C=4, M=2, D=8, B=2, K=8)
-    W = W.float().requires_grad_(True)
-    # refused by the backend's `unsupported` hook before any kernel: an explicit request raises
-    with pytest.raises(BackendUnavailable, match="phi_weight"):
-        F.demul_head(T.float(), A.float(), X.float(), y, 5.0, E.float(), W, None, backend="triton")
-    with pytest.raises(BackendUnavailable, match="llm_embeddings"):
-        F.prompt_distill_loss(T.float(), W.detach(), None, E.float().requires_grad_(True), backend="triton")
-    # and the module refuses a direct call too
-    with pytest.raises(ValueError, match="phi_weight"):
-        triton_ops.demul_head(T.float(), A.float(), X.float(), y, 5.0, E.float(), W, None)
-    with torch.no_grad():  # nothing to differentiate: fine
-        F.prompt_distill_loss(T.float(), W, None, E.float(), backend="triton")
+    why = triton_ops.unsupported("demul_head", text_features=T.float(), image_features=X.float(),
+                                 phi_weight=W.float().requires_grad_(True), phi_bias=None, llm_embeddings=E.float())
+    assert why and "phi_weight" in why
+    why = triton_ops.unsupported("prompt_distill_loss", text_features=T.float(), phi_weight=W.float(),
+                                 llm_embeddings=E.float().requires_grad_(True))
+    assert why and "llm_embeddings" in why
+    assert triton_ops.unsupported("demul_head", text_features=T.float(), image_features=X.float()) is None
+    basis = basis_of(W, b, E)
+    assert triton_ops.unsupported("demul_head", text_features=T.float(), distill_basis=basis) is None
+    grad_basis = basis._replace(F=basis.F.clone().requires_grad_(True))
+    assert "no gradient" in triton_ops.unsupported("demul_head", text_features=T.float(), distill_basis=grad_basis)
 
 
 def test_ops_registered():
     names = {str(op) for op in triton_ops.OPS}
-    for base in ("triton_aggregate", "triton_distill", "triton_cosine_ce", "triton_head"):
-        assert f"demul_fast.{base}.default" in names and f"demul_fast.{base}_bwd.default" in names
+    for base in ("aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head"):
+        assert f"demul_fast.triton_{base}.default" in names and f"demul_fast.triton_{base}_backward.default" in names
     assert all(isinstance(op, torch._ops.OpOverload) for op in triton_ops.OPS)
+    assert triton_ops.DISTILL_BASIS is True
 
 
 def test_double_backward_refused(gen):
     T, A, X, y, E, W, b = make_inputs(gen, C=4, M=2, D=8, B=2, K=8)
     T = T.float().requires_grad_(True)
-    out = F.demul_head(T, A.float(), X.float(), y, 5.0, E.float(), W.float(), b.float(), backend="triton")
+    out = triton_ops.demul_head(T, A.float(), X.float(), y, 5.0, basis_of(W, b, E))
     (dT,) = torch.autograd.grad(out.loss, [T], create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         dT.sum().backward()
 
 
-def test_shared_memory_guard(monkeypatch):
-    """On a GPU, tiles estimated (from sizes measured by compiling for sm_90) to exceed the
-    shared memory of a block are refused with a clear error; the sizes the GPU tests use fit."""
-    monkeypatch.setattr(_common, "interpreting", lambda: False)
-    monkeypatch.setattr(_common, "_smem_limit", lambda device: 232448)
-    f32, bf16 = torch.float32, torch.bfloat16
-    _common.check_fits("text", f32, 16, 512, "cuda")     # C=1000, M=8, D=512: 101,376 B measured
-    _common.check_fits("ce", f32, 16, 512, "cuda")       # 134,528 B measured
-    _common.check_fits("ce", f32, 64, 128, "cuda")       # D=100: 181,760 B measured
-    _common.check_fits("text", bf16, 32, 1024, "cuda")   # 106,496 B measured
-    _common.check_fits("ce", bf16, 16, 1024, "cuda")     # 164,352 B measured
-    with pytest.raises(ValueError, match="cross-entropy"):
-        _common.check_fits("ce", f32, 16, 1024, "cuda")  # 265,600 B measured
-    with pytest.raises(ValueError, match="text kernels"):
-        _common.check_fits("text", f32, 32, 1024, "cuda")  # 268,288 B measured
+def test_shape_limits():
+    """Text tiles beyond MAX_BLOCK_M prompts and D beyond MAX_D are refused with a clear error
+    (before any launch, through the backend's `unsupported` hook)."""
     with pytest.raises(ValueError, match="D <= 1024"):
         _common.block_d(1025)
+    with pytest.raises(ValueError, match="M <= 128"):
+        text_head.text_config(10, 129, 64, 64)
+    assert "M <= 128" in triton_ops.unsupported("aggregate_prompts", text_features=torch.empty(2, 129, 8))
+
+
+@pytest.mark.parametrize("B,C,D", [(256, 1000, 512), (1024, 21841, 512), (5, 37, 100)])
+def test_launch_configs(B, C, D):
+    """Row tiles of 64 with 4 warps; the grids cover a wave of 132 programs at the presets."""
+    cfg = text_head.text_config(C, 8, D, D)
+    assert cfg["BLOCK_CLS"] * cfg["BLOCK_M"] == 64 and cfg["num_warps"] == 4
+    ce = cosine_ce.ce_config(B, C, D)
+    assert ce["splits"] * ce["cls_per_split"] >= C > (ce["splits"] - 1) * ce["cls_per_split"]
+    if C >= 1000:
+        assert cfg["tiles"] * cfg["splits"] >= 132 and cfg["tiles"] * cfg["out_chunks"] >= 132
+        assert ce["b_tiles"] * ce["splits"] >= 132 and ce["du_tiles"] * ce["out_chunks"] >= 132
+        assert ce["b_tiles"] * ce["out_chunks"] * ce["dx_splits"] >= 132
