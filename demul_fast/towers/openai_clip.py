@@ -19,7 +19,7 @@ pre-LN residual block.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -54,9 +54,9 @@ def _check_block_forward(blk: nn.Module, view: LayerView, where: str, length: in
         try:
             got = blk(x)
         except Exception as exc:  # a custom forward (e.g. MaPLe's takes [x, prompts, counter])
-            raise UnsupportedTextTower(f"{where}: its forward does not take hidden states [L, N, W] "
-                                       f"({type(exc).__name__}: {exc}); a custom attention block is not "
-                                       "supported") from exc
+            raise UnsupportedTextTower(f"{where}: its forward fails on {dtype} hidden states [L, N, W] "
+                                       f"({type(exc).__name__}: {exc}); a custom attention block (or "
+                                       "weights it cannot run in this dtype) is not supported") from exc
         if not isinstance(got, Tensor) or got.shape != x.shape:
             raise UnsupportedTextTower(f"{where}: its forward returns {type(got).__name__}, not hidden states "
                                        "[L, N, W]; a custom attention block is not supported")
@@ -136,31 +136,6 @@ class OpenAIClipFamily(TowerFamily):
         return {"token_embedding": model.token_embedding, "positional_embedding": model.positional_embedding,
                 "transformer": model.transformer, "ln_final": model.ln_final,
                 "text_projection": model.text_projection}
-
-
-class OpenAITokenizer:
-    """``clip.tokenize`` without importing ``clip/clip.py`` (which needs pkg_resources):
-    texts -> LongTensor [N, context_length], [SOT] BPE tokens [EOT] and zero padding,
-    truncated to end in [EOT] when too long (``clip.tokenize(..., truncate=True)``). Uses
-    the BPE of ``clip.simple_tokenizer``."""
-
-    def __init__(self, context_length: int = 77):
-        from clip.simple_tokenizer import SimpleTokenizer
-
-        self.bpe = SimpleTokenizer()
-        self.context_length = context_length
-        self.sot = self.bpe.encoder["<|startoftext|>"]
-        self.eot = self.bpe.encoder["<|endoftext|>"]
-
-    def __call__(self, texts: Sequence[str] | str) -> Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for i, text in enumerate(texts):
-            tokens = [self.sot] + self.bpe.encode(text) + [self.eot]
-            if len(tokens) > self.context_length:
-                tokens = tokens[:self.context_length - 1] + [self.eot]
-            out[i, :len(tokens)] = torch.tensor(tokens)
-        return out
 
 
 FAMILY = OpenAIClipFamily()
