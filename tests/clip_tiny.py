@@ -50,7 +50,8 @@ def tiny_hf_clip(eos_token_id: int = 49407, width: int = 64, seed: int = 0):
     return transformers.CLIPModel(config).double().eval().requires_grad_(False)
 
 
-def tiny_openai_clip(width: int = 64, heads: int = 2, layers: int = 2, seed: int = 0, dtype=torch.float64):
+def tiny_openai_clip(width: int = 64, heads: int = 2, layers: int = 2, seed: int = 0, dtype=torch.float64,
+                     embed_dim: int = 48):
     """A small random OpenAI ``clip.model.CLIP`` (ViT image tower of width 64 at 32 px),
     LayerNorm affines and biases moved away from their init, eval, frozen, the same weights
     for every ``dtype``:
@@ -64,7 +65,7 @@ def tiny_openai_clip(width: int = 64, heads: int = 2, layers: int = 2, seed: int
     import clip.model
 
     torch.manual_seed(seed)
-    model = clip.model.CLIP(embed_dim=48, image_resolution=32, vision_layers=1, vision_width=64,
+    model = clip.model.CLIP(embed_dim=embed_dim, image_resolution=32, vision_layers=1, vision_width=64,
                             vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=width,
                             transformer_heads=heads, transformer_layers=layers)
     with torch.no_grad():

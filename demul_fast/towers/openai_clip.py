@@ -139,3 +139,41 @@ class OpenAIClipFamily(TowerFamily):
 
 
 FAMILY = OpenAIClipFamily()
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint files (``demul-fast train --pretrained FILE``)
+# --------------------------------------------------------------------------------------
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def is_checkpoint(path: str) -> bool:
+    """True if ``path`` is a TorchScript archive (how OpenAI ships its CLIP weights). A
+    plain state dict in OpenAI's layout is open_clip's layout too: open_clip loads it."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def load_checkpoint(path: str, device: torch.device):
+    """(``clip.model.CLIP``, ``clip.tokenize`` truncating to 77 tokens, preprocess cfg) from
+    an OpenAI TorchScript checkpoint, as ``clip.load(jit=False)`` builds it: weights cast to
+    float16 (``clip.build_model``), float32 on CPU."""
+    import functools
+
+    import clip
+    import clip.model
+
+    state = torch.jit.load(path, map_location="cpu").state_dict()
+    model = clip.model.build_model(state)
+    if device.type == "cpu":
+        model = model.float()
+    model = model.to(device).eval().requires_grad_(False)
+    size = model.visual.input_resolution
+    preprocess = {"size": (size, size), "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic"}
+    return model, functools.partial(clip.tokenize, truncate=True), preprocess
