@@ -67,7 +67,8 @@ class OpenClipFamily(TowerFamily):
                                        "so prefix sharing would not be exact")
         pool_type, eos_id = p["pool_type"], p["eos_id"]
         if pool_type not in ("argmax", "eos"):
-            raise UnsupportedTextTower(f"text pooling {pool_type!r} is not EOT pooling ('argmax' or 'eos')")
+            found = {"first": " (a class token in front)", "last": " (a class token at the end)"}.get(pool_type, "")
+            raise UnsupportedTextTower(f"text pooling {pool_type!r}{found} is not EOT pooling ('argmax' or 'eos')")
         if pool_type == "eos" and eos_id is None:
             raise UnsupportedTextTower("pool_type 'eos' without an eos id")
         layers = []
