@@ -272,7 +272,7 @@ def load_clip(model: str, pretrained: str, device: torch.device, init_seed: int 
     if not random_init and looks_like_path and openai_clip.is_checkpoint(pretrained):
         clip, tokenizer, pre_cfg = openai_clip.load_checkpoint(pretrained, device)
         cfg = open_clip.get_model_config(name)
-        found = (clip.text_projection.shape[1], clip.ln_final.weight.shape[0], clip.visual.input_resolution)
+        found = openai_clip.architecture(clip)
         size = cfg["vision_cfg"]["image_size"]
         expected = (cfg["embed_dim"], cfg["text_cfg"]["width"], size[0] if isinstance(size, (list, tuple)) else size)
         if found != expected:

@@ -218,3 +218,36 @@ def test_load_clip_reads_an_openai_checkpoint(tmp_path):
     torch.testing.assert_close(clip_model.encode_text(ids), model.encode_text(ids), rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="OpenAI CLIP checkpoint"):
         load_clip("ViT-B-16", str(path), torch.device("cpu"))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+def test_train_and_eval_with_an_openai_checkpoint(tmp_path):
+    """``demul-fast train --pretrained <OpenAI checkpoint file>`` end to end on CPU (one
+    epoch, no distillation), and ``eval`` rebuilds the same model from the file."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from clip_tiny import tiny_config
+    from demul_fast import cli
+
+    model = tiny_openai_clip(heads=1, dtype=torch.float32, embed_dim=32, seed=6)
+    ckpt = tmp_path / "openai.pt"
+    traced = torch.jit.trace(model, (torch.randn(1, 3, 32, 32), openai_tokenize(["a cat."])), check_trace=False)
+    traced.save(str(ckpt))
+    rng = np.random.default_rng(0)
+    for c, colour in (("red_thing", (230, 30, 30)), ("blue_thing", (30, 30, 230))):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            img = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "data" / c / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "data"), "--out", str(out), "--model", str(tiny_config(tmp_path)),
+            "--pretrained", str(ckpt), "--shots", "2", "--epochs", "1", "--batch-size", "4", "--prompts", "2",
+            "--n-ctx", "2", "--alpha", "0", "--workers", "0", "--device", "cpu", "--no-progress"]
+    assert cli.main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["clip"]["family"] == "openai_clip" and run["module"] == "DeMul"
+    assert cli.main(["eval", "--checkpoint", str(out), "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 2

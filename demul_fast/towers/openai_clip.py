@@ -160,6 +160,12 @@ def is_checkpoint(path: str) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+def architecture(model: nn.Module) -> Tuple[int, int, int]:
+    """(embed dim, text width, image size) of a ``clip.model.CLIP``, to check it against an
+    open_clip model config."""
+    return model.text_projection.shape[1], model.ln_final.weight.shape[0], model.visual.input_resolution
+
+
 def load_checkpoint(path: str, device: torch.device):
     """(``clip.model.CLIP``, ``clip.tokenize`` truncating to 77 tokens, preprocess cfg) from
     an OpenAI TorchScript checkpoint, as ``clip.load(jit=False)`` builds it: weights cast to
