@@ -146,3 +146,24 @@ def test_mapping_features_are_the_librarys_own(family):
     ids = open_clip.get_tokenizer("ViT-B-16")(["a photo of a cat.", "a photo of a sea anemone."])  # same BPE
     own = torch.nn.functional.normalize(encode(ids).float(), dim=-1)
     torch.testing.assert_close(feats, own)
+
+
+def test_transformers_text_model_with_projection():
+    """``CLIPTextModelWithProjection`` (no image tower, no get_text_features): the tower,
+    the prefix path and the mapping's features all match its own ``text_embeds``."""
+    transformers = pytest.importorskip("transformers")
+    full = tiny_hf_clip()
+    model = transformers.CLIPTextModelWithProjection(full.config.text_config).double().eval().requires_grad_(False)
+    model.text_model.load_state_dict(full.text_model.state_dict())
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.randn_like(model.text_projection.weight))
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    assert towers.family(model).name == "transformers"
+    fast = PrefixSharedTextEncoder(model, tok, NAMES, N_CTX)
+    x = model.text_model.embeddings.token_embedding(tok(["X"])[0, 1]).expand(1, N_CTX, -1)
+    ids = tok([" ".join(["X"] * N_CTX) + " " + n.replace("_", " ") + "." for n in NAMES])
+    own = model(input_ids=ids).text_embeds
+    torch.testing.assert_close(fast(x)[:, 0], own, rtol=1e-10, atol=1e-12)
+    feats = clip_text_features(model, tok, ["cat"], device="cpu")
+    own = model(input_ids=tok(["a photo of a cat."])).text_embeds
+    torch.testing.assert_close(feats, torch.nn.functional.normalize(own.float(), dim=-1))
