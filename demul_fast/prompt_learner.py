@@ -102,8 +102,8 @@ def init_context(clip_model: nn.Module, tokenizer: Callable, n_prompts: int, n_c
     if len(phrases) != n_prompts:
         raise ValueError(f"ctx_init has {len(phrases)} phrases but n_prompts={n_prompts}")
     rows = []
+    pool_type, eos_id = family.pool_rule(clip_model)
     for phrase in phrases:
-        pool_type, eos_id = family.pool_rule(clip_model)
         ids = init_phrase_tokens(phrase, tokenizer, lambda t: towers.pool_positions(t, pool_type, eos_id),
                                  context_length=family.context_length(clip_model))
         if ids.numel() != n_ctx:

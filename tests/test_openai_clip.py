@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from demul_fast import DeMul, towers
 from demul_fast.coop import CoOpTextEncoder
-from demul_fast.reference import DeMulReference, FullTextEncoder
+from demul_fast.reference import DeMulReference
 from demul_fast.text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower
 from clip_tiny import openai_tokenize, tiny_openai_clip
 from numerics import assert_error_rule
