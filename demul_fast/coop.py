@@ -56,6 +56,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+from . import towers
 from .text_encoder import TextTower, prefix_shared_forward, text_tower
 
 Tensor = torch.Tensor
@@ -188,8 +189,9 @@ def _version_of(t: Tensor) -> Optional[int]:
 class CoOpTextEncoder(nn.Module):
     """CoOp's ``TextEncoder``, exact, truncated after the last EOT and prefix-shared.
 
-    clip_model:     open_clip ``CLIP`` / ``CustomTextCLIP`` or transformers ``CLIPModel``
-                    with a causal, EOT-pooled text tower (else
+    clip_model:     open_clip ``CLIP`` / ``CustomTextCLIP``, transformers ``CLIPModel`` or
+                    OpenAI ``clip.model.CLIP`` (float16-cast weights compute in float16, as
+                    CoOp does) with a causal, EOT-pooled text tower (else
                     ``text_encoder.UnsupportedTextTower``). Its text modules are registered
                     here as submodules, as CoOp's ``TextEncoder`` does, so ``.to()`` /
                     ``.half()`` of the enclosing model move them and ``nn.DataParallel``
@@ -215,22 +217,14 @@ class CoOpTextEncoder(nn.Module):
         self.tower  # build the view of the registered modules now (refusals surface here)
 
     def _register_text_modules(self, clip_model: nn.Module) -> None:
-        """Register what the text tower uses (no copies), under the names ``text_tower``
-        reads, so that the tower view is built from this module's own submodules."""
-        if hasattr(clip_model, "text_model"):           # transformers CLIPModel / CLIPTextModel
-            self.text_model = clip_model.text_model
-            self.text_projection = getattr(clip_model, "text_projection", None)
-        elif isinstance(getattr(clip_model, "text", None), nn.Module):   # open_clip CustomTextCLIP
-            self.text = clip_model.text
-        else:                                            # open_clip CLIP
-            self.token_embedding = clip_model.token_embedding
-            self.positional_embedding = clip_model.positional_embedding
-            self.transformer = clip_model.transformer
-            self.ln_final = clip_model.ln_final
-            self.text_projection = clip_model.text_projection
-            self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
-            self.text_pool_type = getattr(clip_model, "text_pool_type", "argmax")
-            self.text_eos_id = getattr(clip_model, "text_eos_id", None)
+        """Register what the text tower uses (no copies), under the names its family reads
+        (``towers.TowerFamily.text_modules``), so that the tower view is built from this
+        module's own submodules."""
+        for name, value in towers.family(clip_model).text_modules(clip_model).items():
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                self.register_buffer(name, value, persistent=False)
+            else:
+                setattr(self, name, value)
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() may replace parameter objects: rebuild the tower view after it.

@@ -6,7 +6,8 @@ so phi must first be fitted, once, from pairs over a list of names:
     x_n = normalize(CLIP text feature of the prompt "a photo of a {name}.")   [N, D]
     y_n = normalize(LLM embedding of the name)                               [N, K]
 
-The CLIP text features come from the frozen CLIP text tower (``clip_model.encode_text`` on
+The CLIP text features come from the frozen CLIP text tower (the family's own
+``encode_text`` / ``get_text_features``, ``demul_fast.towers``, on
 the tokenised prompt ``template.format(name)``, default ``"a photo of a {}."``); the LLM
 embeddings from ``demul_fast.llm``. By default the names are the union of the class names
 of the 11 standard few-shot datasets shipped in ``demul_fast/data`` (``union_classnames``).
@@ -38,6 +39,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from . import towers
+from .prompts import tokenize
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -88,9 +92,11 @@ def clip_text_features(clip_model: nn.Module, tokenizer, names: Sequence[str], t
                        batch_size: int = 256, device=None) -> torch.Tensor:
     """Normalised CLIP text features [N, D] (float32, CPU) of ``template.format(name)``.
 
-    clip_model: an open_clip model (``encode_text``); tokenizer: its open_clip tokenizer.
-    Underscores in names become spaces.
+    clip_model: a CLIP model of any family in ``demul_fast.towers`` (its own
+    ``encode_text`` / ``get_text_features``); tokenizer: its tokenizer (open_clip's,
+    ``clip.tokenize`` or a Hugging Face one). Underscores in names become spaces.
     """
+    family = towers.family(clip_model)
     if device is None:
         device = next(clip_model.parameters()).device
     prompts = [template.format(" ".join(n.replace("_", " ").split())) for n in names]
@@ -99,8 +105,8 @@ def clip_text_features(clip_model: nn.Module, tokenizer, names: Sequence[str], t
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[i:i + batch_size]).to(device)
-            feats = clip_model.encode_text(tokens).float()
+            tokens = tokenize(tokenizer, prompts[i:i + batch_size], family.context_length(clip_model))
+            feats = family.encode_text(clip_model, tokens.to(device)).float()
             out.append(nn.functional.normalize(feats, dim=-1).cpu())
     finally:
         clip_model.train(was_training)

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from .common import HeadOutput, l2_normalize
-from .prompts import init_phrase_tokens, token_embedding_module
+from . import towers
+from .prompts import init_phrase_tokens
 
 PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "config.json"
@@ -90,7 +91,8 @@ def init_context(clip_model: nn.Module, tokenizer: Callable, n_prompts: int, n_c
     """Initial context ``[M, n_ctx, width]`` (CoOp): normal(std 0.02), or the token
     embeddings of a phrase (one phrase for all prompts, or one per prompt) whose token
     count must equal n_ctx. Float32, or float64 for a float64 model."""
-    emb = token_embedding_module(clip_model)
+    family = towers.family(clip_model)
+    emb = family.token_embedding(clip_model)
     width = emb.weight.shape[1]
     dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
     if ctx_init is None:
@@ -100,8 +102,10 @@ def init_context(clip_model: nn.Module, tokenizer: Callable, n_prompts: int, n_c
     if len(phrases) != n_prompts:
         raise ValueError(f"ctx_init has {len(phrases)} phrases but n_prompts={n_prompts}")
     rows = []
+    pool_type, eos_id = family.pool_rule(clip_model)
     for phrase in phrases:
-        ids = init_phrase_tokens(phrase, tokenizer, context_length=emb_context_length(clip_model))
+        ids = init_phrase_tokens(phrase, tokenizer, lambda t: towers.pool_positions(t, pool_type, eos_id),
+                                 context_length=family.context_length(clip_model))
         if ids.numel() != n_ctx:
             raise ValueError(f"ctx_init {phrase!r} has {ids.numel()} tokens but n_ctx={n_ctx}: they must match")
         with torch.no_grad():
@@ -109,25 +113,10 @@ def init_context(clip_model: nn.Module, tokenizer: Callable, n_prompts: int, n_c
     return torch.stack(rows)
 
 
-def emb_context_length(clip_model: nn.Module) -> Optional[int]:
-    """The text context length of a CLIP model (for padding a Hugging Face tokenizer)."""
-    text = getattr(clip_model, "text_model", None)
-    if text is not None:
-        text = getattr(text, "text_model", text)
-        return text.embeddings.position_embedding.weight.shape[0]
-    text = getattr(clip_model, "text", clip_model)
-    pos = getattr(text, "positional_embedding", None)
-    return None if pos is None else pos.shape[0]
-
-
 def encode_images(clip_model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Frozen CLIP image features [B, D] (open_clip ``encode_image`` or transformers
-    ``get_image_features``), without gradient."""
+    """Frozen CLIP image features [B, D] (the family's own image encoder), without gradient."""
     with torch.no_grad():
-        if hasattr(clip_model, "encode_image"):
-            return clip_model.encode_image(images)
-        out = clip_model.get_image_features(pixel_values=images)
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
+        return towers.family(clip_model).encode_images(clip_model, images)
 
 
 def logit_scale(clip_model: nn.Module) -> torch.Tensor:

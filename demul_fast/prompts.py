@@ -19,8 +19,8 @@ Tensor = torch.Tensor
 def tokenize(tokenizer: Callable, texts: Sequence[str], context_length: Optional[int] = None) -> Tensor:
     """Token ids [N, L] (int64) of ``texts``.
 
-    ``tokenizer`` is an open_clip tokenizer (returns a LongTensor), any callable that does
-    the same, or a Hugging Face tokenizer (called with max-length padding to
+    ``tokenizer`` is an open_clip tokenizer or ``clip.tokenize`` (return an integer tensor),
+    any callable that does the same, or a Hugging Face tokenizer (called with max-length padding to
     ``context_length``).
     """
     texts = list(texts)
@@ -100,17 +100,3 @@ def init_phrase_tokens(phrase: str, tokenizer: Callable, pool_positions: Callabl
     ids = tokenize(tokenizer, [phrase.replace("_", " ")], context_length)
     eot = int(pool_positions(ids)[0])
     return ids[0, 1:eot]
-
-
-def token_embedding_module(clip_model: torch.nn.Module) -> torch.nn.Module:
-    """The token embedding (nn.Embedding) of an open_clip ``CLIP`` / ``CustomTextCLIP`` or a
-    transformers CLIP model: what the context vectors replace and ``ctx_init`` reads."""
-    text = getattr(clip_model, "text_model", None)
-    if text is not None:
-        text = getattr(text, "text_model", text)
-        return text.embeddings.token_embedding
-    text = getattr(clip_model, "text", clip_model)
-    emb = getattr(text, "token_embedding", None)
-    if emb is None:
-        raise ValueError(f"{type(clip_model).__name__} has no text token embedding (not a CLIP model?)")
-    return emb

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .common import EPS, HeadOutput, Scale, l2_normalize  # noqa: F401  (part of the spec: EPS, HeadOutput)
+from . import towers
 from .prompt_learner import DeMulModule, HeadParameters
 from .prompts import build_prompts
 
@@ -130,126 +131,45 @@ def demul_head(
 # SPEC.md section 3: the text encoder the CoOp way, and the whole DeMul module
 # --------------------------------------------------------------------------------------
 
-
-# --------------------------------------------------------------------------------------
-# SPEC.md section 3: the text encoder the CoOp way, and the whole DeMul module
-# --------------------------------------------------------------------------------------
-
-def _hf_text_model(model: nn.Module) -> Optional[nn.Module]:
-    """The transformers CLIP text transformer inside ``model``, or None for open_clip."""
-    text = getattr(model, "text_model", model)
-    text = getattr(text, "text_model", text)
-    if hasattr(text, "embeddings") and hasattr(text, "encoder") and hasattr(text, "final_layer_norm"):
-        return text
-    return None
-
-
-def _openclip_text_parts(model: nn.Module) -> dict:
-    """The pieces of an open_clip text tower that ``encode_text`` uses."""
-    text = getattr(model, "text", None)
-    src, pool_attr, eos_attr = (text, "pool_type", "eos_id") if text is not None else (model, "text_pool_type",
-                                                                                        "text_eos_id")
-    if text is not None and getattr(text, "cls_emb", None) is not None:
-        raise ValueError("open_clip text towers with a class token (embed_cls) are not supported")
-    return dict(token_embedding=src.token_embedding, positional_embedding=src.positional_embedding,
-                transformer=src.transformer, ln_final=src.ln_final, text_projection=src.text_projection,
-                attn_mask=getattr(src, "attn_mask", None), pool_type=getattr(src, pool_attr, "argmax"),
-                eos_id=getattr(src, eos_attr, None))
-
-
-def _pool_positions(ids: torch.Tensor, pool_type: str, eos_id: Optional[int]) -> torch.Tensor:
-    """The position each tokenised prompt is pooled at, by the tower's rule."""
-    if pool_type == "argmax":
-        return ids.argmax(dim=-1)
-    if pool_type == "eos":
-        return (ids == eos_id).int().argmax(dim=-1)
-    if pool_type == "first":
-        return torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-    if pool_type == "last":
-        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
-    raise ValueError(f"unsupported text pooling {pool_type!r}")
-
-
 class FullTextEncoder(nn.Module):
     """Per-prompt text features the CoOp way (SPEC 3): all C*M prompts at full context
     length through the CLIP text tower.
 
-    clip_model: open_clip ``CLIP`` / ``CustomTextCLIP`` or transformers ``CLIPModel`` (used in
-                place, not registered as a submodule)
+    clip_model: open_clip ``CLIP`` / ``CustomTextCLIP``, transformers ``CLIPModel`` or OpenAI
+                ``clip.model.CLIP`` (used in place, not registered as a submodule)
     tokenizer, classnames, n_ctx: as ``demul_fast.prompts.build_prompts``
 
     ``forward(ctx [M, n_ctx, width]) -> T [C, M, D]``: token embeddings with positions
-    1..n_ctx replaced by ctx[m], + positional embedding, the transformer with the model's
-    own attention mask, ln_final, the hidden state at the pooled (EOT) position,
-    text_projection.
+    1..n_ctx replaced by ctx[m], then the family's own text forward
+    (``towers.TowerFamily.encode_embeddings``: + positional embedding, the transformer with
+    the model's own attention mask, ln_final, the hidden state at the pooled (EOT)
+    position, text_projection), in the dtype the family computes in.
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer, classnames, n_ctx: int):
         super().__init__()
         self.__dict__["clip_model"] = clip_model
-        hf = _hf_text_model(clip_model)
-        if hf is not None:
-            eos = getattr(hf, "eos_token_id", None)
-            pool_type, eos_id = ("argmax", None) if eos in (None, 2) else ("eos", eos)
-            context_length = hf.embeddings.position_embedding.weight.shape[0]
-        else:
-            parts = _openclip_text_parts(clip_model)
-            pool_type, eos_id = parts["pool_type"], parts["eos_id"]
-            context_length = parts["positional_embedding"].shape[0]
-        prompts = build_prompts(classnames, n_ctx, tokenizer, lambda ids: _pool_positions(ids, pool_type, eos_id),
-                                context_length)
+        family = towers.family(clip_model)
+        self.__dict__["family"] = family
+        pool_type, eos_id = family.pool_rule(clip_model)
+        prompts = build_prompts(classnames, n_ctx, tokenizer, lambda ids: towers.pool_positions(ids, pool_type, eos_id),
+                                family.context_length(clip_model))
         self.n_ctx = n_ctx
         self.classnames = prompts.classnames
         self.register_buffer("ids", prompts.ids, persistent=False)    # [C, L]
         self.register_buffer("eot", prompts.eot, persistent=False)    # [C]
 
-    def _embed(self, token_embedding: nn.Module, ctx: torch.Tensor) -> torch.Tensor:
-        """[C*M, L, W] prompt embeddings with ctx[m] at positions 1..n_ctx."""
-        x = token_embedding(self.ids).to(ctx.dtype)                           # [C, L, W]
+    def forward(self, ctx: torch.Tensor) -> torch.Tensor:
+        """ctx [M, n_ctx, width] -> T [C, M, D]."""
+        model = self.clip_model
+        ctx = ctx.to(self.family.compute_dtype(model))
+        x = self.family.token_embedding(model)(self.ids).to(ctx.dtype)        # [C, L, W]
         c, length, w = x.shape
         m = ctx.shape[0]
         x = x.unsqueeze(1).expand(c, m, length, w)
         x = torch.cat([x[:, :, :1], ctx.unsqueeze(0).expand(c, m, self.n_ctx, w), x[:, :, 1 + self.n_ctx:]], dim=2)
-        return x.reshape(c * m, length, w)
-
-    def forward(self, ctx: torch.Tensor) -> torch.Tensor:
-        """ctx [M, n_ctx, width] -> T [C, M, D]."""
-        model = self.clip_model
-        m = ctx.shape[0]
-        c = self.ids.shape[0]
         pool = self.eot.repeat_interleave(m)                                  # rows are (c, m), m fastest
-        hf = _hf_text_model(model)
-        if hf is not None:
-            ctx = ctx.to(hf.embeddings.position_embedding.weight.dtype)
-            x = self._embed(hf.embeddings.token_embedding, ctx)
-            length = x.shape[1]
-            x = x + hf.embeddings.position_embedding.weight[:length]
-            mask = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
-            for layer in hf.encoder.layers:
-                out = layer(x, mask[None, None])
-                x = out[0] if isinstance(out, tuple) else out
-            x = hf.final_layer_norm(x)
-            x = x[torch.arange(c * m, device=x.device), pool]
-            proj = getattr(model, "text_projection", None)
-            x = proj(x) if proj is not None else x
-        else:
-            p = _openclip_text_parts(model)
-            ctx = ctx.to(p["positional_embedding"].dtype)
-            x = self._embed(p["token_embedding"], ctx)
-            x = x + p["positional_embedding"][:x.shape[1]]
-            # open_clip >= 2.23's Transformer takes [N, L, W] (it has ``batch_first``); older ones [L, N, W]
-            batch_first = hasattr(p["transformer"], "batch_first")
-            if not batch_first:
-                x = x.permute(1, 0, 2)
-            x = p["transformer"](x, attn_mask=p["attn_mask"])
-            if not batch_first:
-                x = x.permute(1, 0, 2)
-            x = p["ln_final"](x)
-            x = x[torch.arange(c * m, device=x.device), pool]
-            proj = p["text_projection"]
-            if proj is not None:
-                x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        return x.view(c, m, -1)
+        return self.family.encode_embeddings(model, x.reshape(c * m, length, w), pool).view(c, m, -1)
 
 
 def mlp_distill_loss(text_features: torch.Tensor, pre: nn.Module, phi_weight: torch.Tensor,

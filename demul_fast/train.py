@@ -304,11 +304,15 @@ def build_transforms(preprocess_cfg: dict, augment: bool):
 
 
 def load_clip(model: str, pretrained: str, device: torch.device, init_seed: int = 0):
-    """(open_clip model, tokenizer, preprocess cfg, description). ``model`` is an open_clip
+    """(CLIP model, tokenizer, preprocess cfg, description). ``model`` is an open_clip
     name or a path to an open_clip model-config JSON (its file name is the model name);
     ``pretrained`` an open_clip tag, a local checkpoint file, or "none" (random init seeded
-    by ``init_seed``, so that eval rebuilds the same model)."""
+    by ``init_seed``, so that eval rebuilds the same model). An OpenAI checkpoint file (the
+    TorchScript archives OpenAI ships) gives OpenAI's ``clip.model.CLIP`` and
+    ``clip.tokenize``; ``model`` must then name the same architecture."""
     import open_clip
+
+    from .towers import openai_clip
 
     name = model
     if model.endswith(".json"):
@@ -324,6 +328,17 @@ def load_clip(model: str, pretrained: str, device: torch.device, init_seed: int 
     looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if not random_init and looks_like_path and not Path(pretrained).is_file():
         raise FileNotFoundError(f"--pretrained checkpoint {pretrained} does not exist")
+    if not random_init and looks_like_path and openai_clip.is_checkpoint(pretrained):
+        clip, tokenizer, pre_cfg = openai_clip.load_checkpoint(pretrained, device)
+        cfg = open_clip.get_model_config(name)
+        found = openai_clip.architecture(clip)
+        size = cfg["vision_cfg"]["image_size"]
+        expected = (cfg["embed_dim"], cfg["text_cfg"]["width"], size[0] if isinstance(size, (list, tuple)) else size)
+        if found != expected:
+            raise ValueError(f"--pretrained {pretrained} is an OpenAI CLIP checkpoint with (embed dim, text width, "
+                             f"image size) {found}, but --model {model} has {expected}")
+        info = {"model_name": name, "random_init": False, "family": "openai_clip", "fingerprint": _fingerprint(clip)}
+        return clip, tokenizer, pre_cfg, info
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         try:

@@ -48,3 +48,42 @@ def tiny_hf_clip(eos_token_id: int = 49407, width: int = 64, seed: int = 0):
     torch.manual_seed(seed)
     config = transformers.CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=48)
     return transformers.CLIPModel(config).double().eval().requires_grad_(False)
+
+
+def tiny_openai_clip(width: int = 64, heads: int = 2, layers: int = 2, seed: int = 0, dtype=torch.float64,
+                     embed_dim: int = 48):
+    """A small random OpenAI ``clip.model.CLIP`` (ViT image tower of width 64 at 32 px),
+    LayerNorm affines and biases moved away from their init, eval, frozen, the same weights
+    for every ``dtype``:
+
+    * float32: as built;
+    * float16: cast as ``clip.build_model`` casts (``convert_weights``: linear layers,
+      attention and projections float16; embeddings and LayerNorms stay float32);
+    * float64: ``.double()``, with clip's LayerNorm (which runs in float32 and fails on
+      float64 weights) made a plain ``nn.LayerNorm``: the same function in float64.
+    """
+    import clip.model
+
+    torch.manual_seed(seed)
+    model = clip.model.CLIP(embed_dim=embed_dim, image_resolution=32, vision_layers=1, vision_width=64,
+                            vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=width,
+                            transformer_heads=heads, transformer_layers=layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    if dtype == torch.float16:
+        clip.model.convert_weights(model)
+    elif dtype == torch.float64:
+        for module in model.modules():
+            if isinstance(module, clip.model.LayerNorm):
+                module.__class__ = torch.nn.LayerNorm
+        model = model.double()
+    return model.eval().requires_grad_(False)
+
+
+def openai_tokenize(texts):
+    """OpenAI's ``clip.tokenize`` (truncating names past 77 tokens to end in EOT)."""
+    import clip
+
+    return clip.tokenize(texts, truncate=True)
