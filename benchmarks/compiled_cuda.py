@@ -206,9 +206,10 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16") -> List[dict]:
         kind = mma_kind(sass[symbol])
         use = res.get(symbol, {})
         modelled = max(launch["bytes"] / BANDWIDTH, launch["flops"] / PEAK_FLOPS[kind]) * 1e6
-        entries.append(dict(name=f"cuda {launch['name']}", backend="cuda", kernel=symbol, sass=path,
-                            grid=launch["grid"], mma=kind, regs=use.get("REG"),
-                            spill_bytes=use.get("LOCAL", 0) + use.get("STACK", 0), smem_bytes=use.get("SHARED"),
+        entries.append(dict(name=f"cuda {launch['name']}", backend="cuda", kernel=symbol,
+                            sass=os.path.relpath(path, out_dir), grid=math.prod(launch["grid"]),
+                            grid_dims=launch["grid"], mma=kind, regs=use.get("REG"),
+                            spill_bytes=use.get("LOCAL", 0) + use.get("STACK", 0), smem_bytes=use.get("SHARED", 0),
                             flops=launch["flops"], bytes=launch["bytes"], modelled_us=round(modelled, 3),
                             time_kind="modelled", preset=preset, dtype=dtype))
     return entries

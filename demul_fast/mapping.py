@@ -30,7 +30,6 @@ The returned phi is the one fitted without them, so the held-out number describe
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from importlib import resources

@@ -97,7 +97,7 @@ def test_compiled_report_lists_every_launch_with_a_modelled_time(tmp_path):
     assert len(entries) >= 8
     for x in entries:
         assert keys <= set(x) and x["backend"] == "cuda" and x["time_kind"] == "modelled"
-        assert pathlib.Path(x["sass"]).read_text()
+        assert (tmp_path / x["sass"]).read_text() and isinstance(x["grid"], int) and x["grid"] >= 1
         assert x["spill_bytes"] == 0
         expected = max(x["bytes"] / cc.BANDWIDTH, x["flops"] / cc.PEAK_FLOPS[x["mma"]]) * 1e6
         assert x["modelled_us"] == pytest.approx(expected, rel=1e-3, abs=1e-3)

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from open_clip.model import CLIP
 
-from demul_fast import DeMul
+from demul_fast import DeMul, checkpoint
+from demul_fast.train import run_log
 from demul_fast.distributed import GlobalBatchSampler, ShardedDeMul, shard_bounds
 from demul_fast.reference import DeMulReference
 from numerics import assert_error_rule
@@ -230,14 +231,14 @@ def test_train_under_torchrun_equals_one_process(tmp_path):
     assert out.count('"final"') == 1
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["config"]["checkpoint_text"] and run["world_size"] == 2 and json.loads((tmp_path / "one" / "run.json").read_text())["world_size"] == 1
-    logs = [json.loads((tmp_path / d / "log.json").read_text())["epochs"] for d in ("one", "two")]
+    logs = [run_log(tmp_path / d) for d in ("one", "two")]
     assert [r["world_size"] for r in logs[1]] == [2, 2] and [r["epoch"] for r in logs[1]] == [1, 2]
     for a, b in zip(*logs):
         for key in ("loss", "ce_loss", "distill_loss"):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (key, a[key], b[key])
         assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
-    one = load_file(str(tmp_path / "one" / "prompts" / "prompts.safetensors"))
-    two = load_file(str(tmp_path / "two" / "prompts" / "prompts.safetensors"))
+    one = load_file(str(checkpoint.current(tmp_path / "one") / "prompts" / "prompts.safetensors"))
+    two = load_file(str(checkpoint.current(tmp_path / "two") / "prompts" / "prompts.safetensors"))
     for key in ("ctx", "prompt_logits"):
         scale = float(one[key].abs().max())
         err = float((one[key] - two[key]).abs().max())
