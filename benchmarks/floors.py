@@ -13,7 +13,7 @@ bound no implementation beats, not a prediction.
 call that reads its inputs again. Losses are float32 (4 bytes); other tensors are in the
 input dtype (``e`` bytes per element); labels are int64.
 
-Head (SPEC.md section 4; C classes, M prompts, D dim, B images, K LLM dim). phi and E are
+Head (docs/SPEC.md section 4; C classes, M prompts, D dim, B images, K LLM dim). phi and E are
 frozen, so the distillation's floor is the K-free form of SPEC 4.3 (r = min(K, D)): it
 reads T and the float32 basis R [r, D], c [r], F [C, r], delta [C], beta (``4 basis`` =
 4(rD + r + Cr + C + 1) bytes) and multiplies [C*M, D] by [D, r], never by W [K, D]:
@@ -37,7 +37,7 @@ Householder QR of W [K, D] and forming Q, about 4KDr - 4r^3/3 FLOPs, and F = E^ 
 in float64.
 
 The text encoder's floor (``encoder_cost``) counts the work of the exact prefix-shared
-computation of SPEC.md section 3.1, whatever the provider: the prefix ([SOT] + context) once
+computation of docs/SPEC.md section 3.1, whatever the provider: the prefix ([SOT] + context) once
 per prompt, each class's suffix once per prompt, attention over exactly the keys each query
 sees; the backward computes activation gradients only (the CLIP weights are frozen), the
 same matrix FLOPs as the forward. Bytes: the frozen weights read once, ``ctx`` read and ``T``

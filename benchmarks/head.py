@@ -1,4 +1,4 @@
-"""The ``head`` suite: the four head functions of SPEC.md section 4, each provider side by side.
+"""The ``head`` suite: the four head functions of docs/SPEC.md section 4, each provider side by side.
 
 Ops are named after the public functions: ``aggregate_prompts``, ``cosine_cross_entropy``,
 ``prompt_distill_loss``, ``demul_head``. phi and E are frozen, as in DeMul: each input set

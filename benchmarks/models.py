@@ -19,7 +19,7 @@ for the tests; any open_clip model name (e.g. ``ViT-B-16``) builds that architec
 float64 copy of the model (float32 on CUDA, where float64 is slow), in chunks of classes so
 that it fits where the eager reference itself may not: T chunk by chunk, then d ctx as the
 sum of the chunks' vector-Jacobian products; for ``step`` the head in between is
-``reference.demul_head`` (SPEC.md section 4) on the gold T.
+``reference.demul_head`` (docs/SPEC.md section 4) on the gold T.
 """
 
 from __future__ import annotations

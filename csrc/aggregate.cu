@@ -1,4 +1,4 @@
-// Prompt-weighted aggregation, SPEC.md section 4 (forward) and 4.1 (backward).
+// Prompt-weighted aggregation, docs/SPEC.md section 4 (forward) and 4.1 (backward).
 //
 // One block per class c; T[c] ([M, D]) is read twice per pass (norms, then the weighted
 // sum), the second read mostly from L2.

@@ -1,6 +1,6 @@
 // Entry points of demul_fast._C: argument checks (each error names the argument), output
 // allocation, and the DeMul head chained from the kernels of aggregate.cu,
-// cross_entropy.cu and distill.cu (SPEC.md section 4). Everything runs on the current
+// cross_entropy.cu and distill.cu (docs/SPEC.md section 4). Everything runs on the current
 // CUDA stream without a host synchronisation.
 //
 // Dtypes: the features (text_features, image_features) are float32, bfloat16 or float16,
@@ -456,7 +456,7 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace demul;
-  m.doc() = "demul_fast CUDA kernels of the DeMul head (SPEC.md section 4); see demul_fast/cuda_ops.py";
+  m.doc() = "demul_fast CUDA kernels of the DeMul head (docs/SPEC.md section 4); see demul_fast/cuda_ops.py";
   // The constants the kernels were compiled with (demul_fast.common; tests/test_constants.py).
   m.attr("EPS") = static_cast<double>(DEMUL_EPS);
   m.attr("MAX_PROMPTS") = static_cast<int64_t>(DEMUL_MAX_PROMPTS);

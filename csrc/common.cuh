@@ -1,4 +1,4 @@
-// Shared device helpers of the demul_fast kernels (SPEC.md section 4).
+// Shared device helpers of the demul_fast kernels (docs/SPEC.md section 4).
 //
 // Every kernel reads float32, bfloat16 or float16 and accumulates in float32. The
 // GEMM-shaped parts (cosine logits, the distillation projection, the backward sweeps) go

@@ -1,4 +1,4 @@
-// Cosine logits + cross-entropy with an online log-sum-exp, SPEC.md section 4 / 4.1 / 4.2.
+// Cosine logits + cross-entropy with an online log-sum-exp, docs/SPEC.md section 4 / 4.1 / 4.2.
 //
 //   s[b,c] = tau <x[b], u[c]> / max(||x[b]||, eps)      (u: class features, float32)
 //   L_ce   = (1/B) sum_b (logsumexp_c s[b,:] - sum_c q[b,c] s[b,c]),  q = (1-ls)[c==y_b] + ls/C

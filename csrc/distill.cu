@@ -1,4 +1,4 @@
-// The distillation without K (SPEC.md section 4.3): a fused GEMM + cosine epilogue against
+// The distillation without K (docs/SPEC.md section 4.3): a fused GEMM + cosine epilogue against
 // the frozen-phi basis (R [r, D], c [r], F [C, r], delta [C], beta), r = min(K, D).
 //
 // Rows i = c * M + m of T viewed as [C*M, D]:

@@ -1,7 +1,7 @@
 // Kernel launchers of the extension (defined in the .cu files), on raw pointers so that the
 // .cu files need no PyTorch headers (they compile in seconds). bindings.cpp checks the
 // tensors, allocates outputs and scratch, and calls these with the current CUDA stream.
-// None of them synchronises with the host. Shapes follow SPEC.md section 2: C classes,
+// None of them synchronises with the host. Shapes follow docs/SPEC.md section 2: C classes,
 // M prompts, D joint dim, B images, r = min(K, D) the rank of the distillation basis
 // (SPEC 4.3), C * M prompt rows. "Features" pointers
 // (t, x, w, v, out, dt, dv, logits) have the DType; every other pointer is float32.

@@ -1,6 +1,6 @@
 """demul_fast: fused kernels and an exact prefix-shared text encoder for DeMul.
 
-Public API (see README.md and SPEC.md):
+Public API (see README.md and docs/SPEC.md):
 
 * ``aggregate_prompts``, ``cosine_cross_entropy``, ``prompt_distill_loss``, ``demul_head``:
   the DeMul head, each with ``backend=None | "cuda" | "triton" | "torch"``;

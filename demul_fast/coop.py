@@ -1,4 +1,4 @@
-"""A drop-in, exact and faster replacement for CoOp's ``TextEncoder`` (SPEC.md section 3.1).
+"""A drop-in, exact and faster replacement for CoOp's ``TextEncoder`` (docs/SPEC.md section 3.1).
 
 CoOp-style code bases encode prompts with
 

@@ -7,7 +7,7 @@ autograd formula whose backward is again a custom op (not differentiable again);
 ops run under ``torch.compile`` without graph breaks. ``OPS`` lists them (for
 ``torch.library.opcheck``). The four backend functions below take the distillation as the
 frozen-phi basis of SPEC 4.3 (``DISTILL_BASIS = True``, demul_fast/distill_basis.py); the
-math is SPEC.md section 4, the gradients 4.1, the K-free distillation 4.3.
+math is docs/SPEC.md section 4, the gradients 4.1, the K-free distillation 4.3.
 
 Numerics: bfloat16 and float16 inputs run every matrix product on tensor cores (operands
 in that type, the float32 class features and basis rounded to it, float32 accumulation);

@@ -1,4 +1,4 @@
-"""LLM embeddings of class names: E [C, K] for the distillation term (SPEC.md section 4).
+"""LLM embeddings of class names: E [C, K] for the distillation term (docs/SPEC.md section 4).
 
 DeMul distils an LLM's embedding of each class *name* (no descriptions) into the prompts.
 This module produces those embeddings from one of four sources:

@@ -1,4 +1,4 @@
-"""The frozen map phi: CLIP text space (D) -> LLM embedding space (K), SPEC.md section 4.
+"""The frozen map phi: CLIP text space (D) -> LLM embedding space (K), docs/SPEC.md section 4.
 
 DeMul's distillation compares phi(t^[c, m]) with the LLM embedding e[c] of class c's name,
 so phi must first be fitted, once, from pairs over a list of names:

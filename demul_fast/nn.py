@@ -1,6 +1,6 @@
 """Drop-in layers for prompt-learning code (CoOp/Dassl-style codebases).
 
-``DeMulHead`` owns what the DeMul head learns and keeps frozen (SPEC.md section 4): the
+``DeMulHead`` owns what the DeMul head learns and keeps frozen (docs/SPEC.md section 4): the
 prompt weight logits, the LLM class-name embeddings and the map phi, and calls the fused
 ``demul_fast.demul_head`` with its ``backend``.
 """

@@ -1,4 +1,4 @@
-"""Attention of one layer over shared prefixes and packed suffixes (SPEC.md section 3.1).
+"""Attention of one layer over shared prefixes and packed suffixes (docs/SPEC.md section 3.1).
 
 Layout of the token rows (``T = G*P + Ts``): rows ``[0, G*P)`` are the G shared prefixes of
 P tokens, then the suffix tokens of all G*N sequences packed without padding (sequence

@@ -1,4 +1,4 @@
-"""CoOp prompt construction and tokenisation (SPEC.md section 3).
+"""CoOp prompt construction and tokenisation (docs/SPEC.md section 3).
 
 Prompt m of class c is ``[SOT] ctx_m[0] .. ctx_m[n_ctx-1] <class name> . [EOT] <padding>``:
 the text ``"X X ... X <name>."`` (n_ctx placeholders, underscores of the name replaced by

@@ -1,10 +1,10 @@
-"""The specification in code: SPEC.md section 4 in plain eager PyTorch.
+"""The specification in code: docs/SPEC.md section 4 in plain eager PyTorch.
 
 Every function here computes in the dtype of its inputs (it is also the "plain PyTorch
 path" whose own low-precision error the fast paths are measured against) and is
 differentiable by autograd. Nothing here imports a kernel.
 
-Shapes (SPEC.md section 2): C classes, M prompts, D joint embedding dim, B images,
+Shapes (docs/SPEC.md section 2): C classes, M prompts, D joint embedding dim, B images,
 K LLM embedding dim.
 """
 
@@ -128,7 +128,7 @@ def demul_head(
 
 
 # --------------------------------------------------------------------------------------
-# SPEC.md section 3: the text encoder the CoOp way, and the whole DeMul module
+# docs/SPEC.md section 3: the text encoder the CoOp way, and the whole DeMul module
 # --------------------------------------------------------------------------------------
 
 class FullTextEncoder(nn.Module):

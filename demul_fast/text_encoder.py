@@ -1,4 +1,4 @@
-"""Exact prefix-shared CLIP text encoder (SPEC.md section 3.1).
+"""Exact prefix-shared CLIP text encoder (docs/SPEC.md section 3.1).
 
 CLIP's text transformer is causal and pools the hidden state at the EOT token, so
 

@@ -4,7 +4,7 @@ A CoOp-style model (Zhou et al., "Learning to Prompt for Vision-Language Models"
 ``PromptLearner`` (token prefix buffer, learned ``ctx``, token suffix buffer), a
 ``TextEncoder`` that runs the prompt embeddings through CLIP's text transformer, the frozen
 image encoder and cosine logits with cross-entropy. Turning it into DeMul (M learned
-prompts, per-class prompt weights, LLM distillation; SPEC.md) with demul_fast takes two
+prompts, per-class prompt weights, LLM distillation; docs/SPEC.md) with demul_fast takes two
 swaps in ``CustomCLIP``:
 
 1. ``TextEncoder(clip_model)``  ->  ``demul_fast.nn.CoOpTextEncoder(clip_model)``: the

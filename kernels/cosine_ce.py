@@ -1,6 +1,6 @@
 """Cosine logits + label-smoothed cross-entropy without storing the [B, C] logits.
 
-SPEC.md sections 4, 4.1, 4.2. x^ = x / max(|x|, eps), s = tau <x^, u> for class features
+docs/SPEC.md sections 4, 4.1, 4.2. x^ = x / max(|x|, eps), s = tau <x^, u> for class features
 u [C, D] used as given, L_ce = (1/B) sum_b (lse_b - (1 - ls) s[b, y_b] - (ls/C) sum_c s[b, c]).
 Tiles have 64 image rows (Hopper's warpgroup MMA), D is streamed in BLOCK_K chunks, and the
 classes are split across programs so that a grid covers the GPU even at B=256.

@@ -1,6 +1,6 @@
 """Text-side kernels of the DeMul head: prompt aggregation and the K-free distillation.
 
-SPEC.md sections 4, 4.1, 4.3. A program owns BLOCK_R >= 64 rows (c, m) of T [C, M, D]:
+docs/SPEC.md sections 4, 4.1, 4.3. A program owns BLOCK_R >= 64 rows (c, m) of T [C, M, D]:
 BLOCK_CLS whole classes x BLOCK_M prompts, so that its products lower to Hopper's warpgroup
 MMA (64 rows per 4 warps). T is read in [BLOCK_R, BLOCK_K] chunks of its own dtype (any
 strides); nothing in float32 the size of a row tile stays live across a loop.

@@ -1,5 +1,5 @@
 """The interface every CLIP family adapter implements, and the view of a text tower that
-the prefix-shared encoder runs (SPEC.md section 3.1).
+the prefix-shared encoder runs (docs/SPEC.md section 3.1).
 
 ``TextTower`` is a light view (no weight copies) of a causal, EOT-pooled text tower: token
 and positional embedding, the residual blocks (``LayerView``: attention and MLP weights,
