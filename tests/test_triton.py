@@ -18,7 +18,8 @@ from demul_fast.backends import BackendUnavailable
 from demul_fast import functional as F
 from numerics import assert_error_rule, default_compute_dtype, round_trip
 
-triton_ops = pytest.importorskip("demul_fast.triton_ops")
+from demul_fast import triton_ops  # triton is in the test extra (checked by conftest)
+
 if triton_ops.UNAVAILABLE_REASON:
     pytest.skip(triton_ops.UNAVAILABLE_REASON, allow_module_level=True)
 from demul_fast.kernels import _common, cosine_ce  # noqa: E402
