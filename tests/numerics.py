@@ -10,7 +10,7 @@ rounded) inputs:
 * ``plain`` (the yardstick) is the plain PyTorch path on the same inputs, computed in the
   precision the fast path promises to accumulate in (``compute_dtype``: float32 for
   float32/bfloat16/float16 inputs, float64 for float64). For half-precision inputs that is
-  the reference on the inputs upcast to float32 (``yardstick``), never the reference run in
+  the reference on the inputs upcast to float32, never the reference run in
   half precision: a half-precision yardstick would let a half-accumulating kernel pass by
   construction, so the rule refuses one unless the caller says that the path stores its
   intermediates in half precision by design (``compute_dtype=torch.bfloat16``, e.g. a model
@@ -61,15 +61,6 @@ def default_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def yardstick(t):
-    """Cast a floating input of a half-precision computation to float32 (float32/float64
-    pass through): the yardstick is the reference on the same rounded inputs, accumulated
-    in float32. Non-tensors and integer tensors pass through."""
-    if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16):
-        return t.float()
-    return t
-
-
 def round_trip(dtype: torch.dtype, *tensors):
     """Each tensor rounded to ``dtype`` and back to its own dtype (None passes): frozen
     operands that a test casts to the inputs' dtype inside its call, so that the float64
@@ -96,7 +87,8 @@ def error_bound(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, k:
         magnitude = float(ref.abs().max()) if ref.numel() else 0.0
     if isinstance(magnitude, torch.Tensor):
         magnitude = magnitude.detach().double().to(ref.device)
-    floor = FLOOR_UNITS[compute_dtype] * torch.finfo(compute_dtype).eps * magnitude + torch.finfo(compute_dtype).tiny
+    info = torch.finfo(compute_dtype)  # below info.tiny, underflow
+    floor = FLOOR_UNITS[compute_dtype] * info.eps * magnitude + info.tiny
     excess = float((diff - stored - floor).max()) if diff.numel() else 0.0
     plain_err = max_err(plain, ref64)
     self_compare = torch.equal(fast.detach(), plain.detach().to(fast.dtype)) if fast.numel() else False
@@ -124,7 +116,7 @@ def assert_error_rule(name: str, fast: torch.Tensor, ref64: torch.Tensor, plain:
     compute_dtype = compute_dtype or default_compute_dtype(dtype)
     assert _unit(plain.dtype) <= _unit(compute_dtype), (
         f"{name}: the yardstick is in {plain.dtype} but the path promises {compute_dtype} accumulation: "
-        f"compute it on the same inputs upcast (numerics.yardstick), or pass compute_dtype={plain.dtype} "
+        f"compute it on the same inputs upcast to {compute_dtype}, or pass compute_dtype={plain.dtype} "
         "for a path that stores its intermediates in that precision by design")
     excess, bound, p = error_bound(fast, ref64, plain, k, compute_dtype, magnitude, stored_ulps)
     if p["self_compare"]:
@@ -148,9 +140,8 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
     * distill_loss: summands 1 - cos in [0, 2]; loss: ce + |alpha| distill;
     * a gradient through v^ = v / max(|v|, eps) (T, X) is (dv^ - v^ <v^, dv^>) / max(|v|, eps):
       its terms are |dv^| / max(|v|, eps), per row, with dv^ the float64 gradient reaching
-      v^ (summed over the uses of v);
-    * dA[c, m] = w (dw - sum w dw) with |dw| <= |du[c]| <= |du^[c]| / max(|u[c]|, eps): twice
-      that, per class.
+      v^ (summed over the uses of v), plus the cross-entropy's cancelling sums (below);
+    * dA[c, m] = w (dw - sum w dw) with |dw| <= |du[c]|: twice w |du[c]|'s terms.
     The gradients reaching each v^ come from one float64 reference run with
     ``reference.l2_normalize`` wrapped to record them.
     """
@@ -197,7 +188,8 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
 
     # The cross-entropy part reaches T, A, X through dL/du^[c] = tau sum_b G[b,c] x^[b] and
     # dL/dx^[b] = tau sum_c G[b,c] u^[c], sums that cancel: their terms are bounded with
-    # |G[b,c]| <= 1/B and sum_c |G[b,c]| <= 2/B.
+    # |G[b,c]| <= 1/B and sum_c |G[b,c]| <= 2/B. G = softmax(s) - q inherits the rounding of
+    # the logits (|s| <= tau) through exp, relative tau eps: hence the factor 1 + tau.
     with torch.no_grad():
         B = X.shape[0]
         w = torch.softmax(A, dim=-1)
@@ -205,9 +197,9 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
         r = torch.linalg.vector_norm(torch.einsum("cm,cmd->cd", w, t_hat), dim=-1).clamp_min(reference.EPS)
         n = torch.linalg.vector_norm(T, dim=-1).clamp_min(reference.EPS)
         xn = torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(reference.EPS)
-        du = tau / r  # [C]: terms of du[c]
+        du = tau * (1 + tau) / r  # [C]: terms of du[c]
         mags["text_features"] = terms(T) + (w * du[:, None] / n)[..., None]
-        mags["image_features"] = terms(X) + (2 * tau / B) / xn
+        mags["image_features"] = terms(X) + (2 * tau * (1 + tau) / B) / xn
         mags["prompt_logits"] = 2 * w * du[:, None]
     return {k: (v.to(inputs["text_features"].device) if isinstance(v, torch.Tensor) else v)
             for k, v in mags.items()}
