@@ -22,7 +22,6 @@ META_FIELDS = {"run_id", "date", "device", "device_name", "torch", "triton", "gi
 
 
 def test_smoke_all_suites_tiny_preset(tmp_path, capsys):
-    pytest.importorskip("open_clip")
     rc = run.main(["--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path), *FAST])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -172,7 +171,6 @@ def test_timing_statistics():
 
 
 def test_triton_provider_wired_under_interpreter(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("triton")
     # run.main sets both variables; monkeypatch puts them back afterwards
     monkeypatch.setenv("DEMUL_FAST_BENCH_INTERPRET", "0")
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))

@@ -233,8 +233,9 @@ def test_low_precision_error_rule(tokens, gen, dtype):
     (g_fast,) = torch.autograd.grad((fast * cot.to(dtype)).sum(), ctx_lp)
     assert enc.last_plan.shared_len == 1 + N_CTX
     assert fast.dtype == dtype
-    assert_error_rule(f"coop out {dtype}", fast, ref64, plain, k=2.0)
-    assert_error_rule(f"coop dctx {dtype}", g_fast, g64, g_plain, k=3.0)
+    # the model's layers run in dtype by design: the yardstick is the plain CoOp path in dtype
+    assert_error_rule(f"coop out {dtype}", fast, ref64, plain, k=2.0, compute_dtype=dtype)
+    assert_error_rule(f"coop dctx {dtype}", g_fast, g64, g_plain, k=3.0, compute_dtype=dtype)
 
 
 def test_token_analysis_follows_a_modified_tokenized_tensor(model64, tokens, gen):
@@ -355,7 +356,6 @@ def test_bad_inputs_name_the_argument(model64, tokens):
 def test_transformers_clip_model(tokens):
     """A small random transformers CLIPModel: the encoder on the plain token embeddings
     (no learned context; rows share [SOT] + "X" * n_ctx by value) vs its get_text_features."""
-    pytest.importorskip("transformers")
     model = tiny_hf_clip(eos_token_id=49407, width=WIDTH)
     enc = CoOpTextEncoder(model)
     assert any(p is model.text_projection.weight for p in enc.parameters())

@@ -13,7 +13,7 @@ import torch
 import demul_fast as df
 from backend_cases import (assert_head_matches_reference, backend_params, make_head_inputs, run_head,
                            strided_view)
-from numerics import assert_error_rule
+from numerics import assert_error_rule, head_magnitudes
 
 F32 = backend_params((torch.float32,))
 LOW = backend_params((torch.bfloat16, torch.float16))
@@ -129,7 +129,8 @@ def test_tiny_and_huge_scalar_options(gen, backend, device, dtype, name, value):
 def test_numpy_scalar_options(gen, backend, device, dtype):
     """numpy scalars (what a config loaded with numpy gives) are accepted for scale, alpha and
     label_smoothing, like Python floats."""
-    np = pytest.importorskip("numpy")
+    import numpy as np  # noqa: PLC0415 - a dependency of the package
+
     inputs = _inputs(gen, device, dtype)
     inputs["scale"] = np.float32(30.0)
     assert_head_matches_reference(inputs, backend, alpha=np.float32(0.5), label_smoothing=np.float64(0.1))
@@ -199,7 +200,7 @@ def test_meta_tensors_give_shapes_without_values(gen, backend):
 def test_float16_products_overflow_without_float32_accumulation(gen, backend, device, dtype):
     """Feature norms beyond float16's range (65504): a float16 accumulator overflows to inf;
     accumulating in float32 gives the right, finite answer. The yardstick is the float64
-    reference rounded to float16 (the best a float16 result can be)."""
+    reference itself: the rule allows the one rounding of each stored result and its floor."""
     inputs = _inputs(gen, device, dtype, C=4, M=2, D=16, B=3, K=16)
     big = {"text_features": 6e4, "image_features": 6e4, "llm_embeddings": 6e4, "phi_weight": 2e3}
     for name, factor in big.items():
@@ -211,11 +212,12 @@ def test_float16_products_overflow_without_float32_accumulation(gen, backend, de
     fast, fast_g = run_head(inputs, backend, label_smoothing=0.1, return_logits=True)
     ref, ref_g = run_head(inputs, None, reference=True, cast=torch.float64, label_smoothing=0.1,
                           return_logits=True)
+    mags = head_magnitudes(inputs, label_smoothing=0.1)
     for part in ("loss", "ce_loss", "distill_loss", "logits"):
         r = getattr(ref, part)
-        assert_error_rule(f"{backend}:{part}", getattr(fast, part), r, r.to(dtype), k=2.0, dtype=dtype)
+        assert_error_rule(f"{backend}:{part}", getattr(fast, part), r, r, k=2.0, dtype=dtype, magnitude=mags[part])
     for k, g in fast_g.items():
-        assert_error_rule(f"{backend}:d{k}", g, ref_g[k], ref_g[k].to(dtype), k=3.0, dtype=dtype)
+        assert_error_rule(f"{backend}:d{k}", g, ref_g[k], ref_g[k], k=3.0, dtype=dtype, magnitude=mags[k])
 
 
 # ---- NaN / inf propagate, never masked ----------------------------------------------------------

@@ -61,7 +61,8 @@ def test_bad_files(tmp_path):
 def test_minilm_is_normalised_and_matches_sentence_transformers(minilm_vectors):
     assert minilm_vectors.shape == (len(NAMES), 384)
     torch.testing.assert_close(minilm_vectors.norm(dim=-1), torch.ones(len(NAMES)))
-    st = pytest.importorskip("sentence_transformers")
+    import sentence_transformers as st  # noqa: PLC0415 - the test extra (checked by conftest)
+
     ref = st.SentenceTransformer(str(llm.minilm_path()), device="cpu").encode(
         [llm.display_name(n) for n in NAMES], convert_to_tensor=True)
     torch.testing.assert_close(minilm_vectors, ref.float().cpu(), rtol=1e-4, atol=1e-5)

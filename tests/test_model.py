@@ -193,7 +193,8 @@ def test_save_load_round_trip(clip64, tokenizer, gen, tmp_path):
 def test_transformers_clip_model(tokenizer, gen):
     """DeMul over a small random transformers CLIPModel: same loss and ctx gradient as the
     reference, images encoded by get_image_features."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # noqa: PLC0415 - the test extra (checked by conftest)
+
     config = transformers.CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, eos_token_id=49407),

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from demul_fast import functional as F, reference as ref, triton_ops
+from numerics import round_trip
 from test_triton import CROSSING, ODD, basis_of, check, head_fns, make_inputs, rand_like
 
 pytestmark = pytest.mark.gpu
@@ -22,6 +23,7 @@ def poison_outputs(monkeypatch):
 
 def _head_check(gen, shape, dtype, ls=0.1, alpha=1.0, bias=True):
     T, A, X, y, E, W, b = make_inputs(gen, bias=bias, **shape)
+    E, W, b = round_trip(dtype, E, W, b)
     tau = torch.tensor(100.0, dtype=torch.float64, device=T.device)
     fast, slow = head_fns(y, E, W, b, alpha, ls, True)
     B, C = shape["B"], shape["C"]
@@ -47,6 +49,7 @@ def test_head_half_odd_shapes(gen, shape, dtype):
 @pytest.mark.parametrize("shape", [ODD, LARGE], ids=["odd", "large"])
 def test_parts(gen, shape, dtype):
     T, A, X, y, E, W, b = make_inputs(gen, **shape)
+    E, W, b = round_trip(dtype, E, W, b)
     cot = [rand_like(gen, torch.empty(shape["C"], shape["D"]))]
     check(f"aggregate {dtype}", lambda t, a: F.aggregate_prompts(t, a, backend="triton"), ref.aggregate_prompts,
           [T, A], diff=[0, 1], dtype=dtype, cotangents=cot, grad_names=["dT", "dA"])
