@@ -33,7 +33,9 @@ def _assert_distill_rule(t, w, b, e, fast_fn, name):
     fast = _distill_and_grad(t, w, b, e, fast_fn)
     ref64 = _distill_and_grad(t.double(), w.double(), None if b is None else b.double(), e.double(),
                               reference.prompt_distill_loss)
-    plain = _distill_and_grad(t, w, b, e, reference.prompt_distill_loss)
+    up = torch.float64 if dtype == torch.float64 else torch.float32  # the same inputs, float32 accumulation
+    plain = _distill_and_grad(t.to(up), w.to(up), None if b is None else b.to(up), e.to(up),
+                              reference.prompt_distill_loss)
     assert fast[1].dtype == dtype
     assert_error_rule(f"{name} L_dist", fast[0], ref64[0], plain[0], k=2.0, dtype=dtype)
     assert_error_rule(f"{name} dT", fast[1], ref64[1], plain[1], k=3.0, dtype=dtype)
@@ -99,12 +101,14 @@ def _row_losses(t, w, b, e, fn):
 
 def _assert_hard_rule(t, w, b, e, fast_fn, name):
     ref_args = (t.double(), w.double(), b.double(), e.double())
+    up = torch.float64 if t.dtype == torch.float64 else torch.float32  # the yardstick accumulates in float32
+    plain_args = tuple(x.to(up) for x in (t, w, b, e))
     rows = [_row_losses(*args, fn) for args, fn in [((t, w, b, e), fast_fn), (ref_args, reference.prompt_distill_loss),
-                                                      ((t, w, b, e), reference.prompt_distill_loss)]]
+                                                      (plain_args, reference.prompt_distill_loss)]]
     assert_error_rule(f"{name} per-row L_dist", *rows, k=2.0, dtype=t.dtype)
     grads = [_distill_and_grad(*args, fn)[1] for args, fn in [((t, w, b, e), fast_fn),
                                                               (ref_args, reference.prompt_distill_loss),
-                                                              ((t, w, b, e), reference.prompt_distill_loss)]]
+                                                              (plain_args, reference.prompt_distill_loss)]]
     assert_error_rule(f"{name} dT", *grads, k=3.0, dtype=t.dtype)
 
 
