@@ -10,7 +10,7 @@ is measured apart: ``basis_cost``). Providers:
 * ``compile``: ``torch.compile`` of the same reference function;
 * ``torch``, ``triton``, ``cuda``: ``demul_fast.<op>(..., backend=name, distill_basis=basis)``
   (the K-free form where the backend takes the basis), when the backend can run on this
-  device and dtype (``demul_fast.backends.why_not``);
+  device and dtype (``demul_fast.ops.backends.why_not``);
 * ``liger`` (``prompt_distill_loss`` only): Liger-Kernel's ``LigerFusedLinearCosineSimilarityLoss``.
   Its student is a linear layer over hidden states and its loss is 1 - cos between the
   student's and a teacher's outputs; here the student input is t^ = normalize(T) as
@@ -43,7 +43,7 @@ import torch
 
 import demul_fast
 from demul_fast import reference as ref
-from demul_fast.backends import why_not
+from demul_fast.ops.backends import why_not
 
 from .floors import basis_flops, head_cost
 from .workload import Inputs, Provider, Workload, gold_inputs, unavailable

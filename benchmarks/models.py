@@ -33,7 +33,7 @@ import torch
 
 import demul_fast
 from demul_fast import reference as ref
-from demul_fast.backends import why_not
+from demul_fast.ops.backends import why_not
 
 from .floors import Cost, encoder_cost
 from .head import _interpret_requested

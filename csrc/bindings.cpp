@@ -57,7 +57,7 @@ CeArgs ce_args(const at::Tensor& x, const at::Tensor& u32, const at::Tensor& lab
           static_cast<float>(ls), x.size(0), u32.size(0), x.size(1)};
 }
 
-// The frozen-phi basis of SPEC 4.3 (demul_fast.distill_basis.DistillBasis), float32.
+// The frozen-phi basis of SPEC 4.3 (demul_fast.ops.distill_basis.DistillBasis), float32.
 struct Basis {
   at::Tensor R, c, F, delta, beta;  // [r, D], [r], [C, r], [C], []
 };
@@ -456,7 +456,7 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using namespace demul;
-  m.doc() = "demul_fast CUDA kernels of the DeMul head (docs/SPEC.md section 4); see demul_fast/cuda_ops.py";
+  m.doc() = "demul_fast CUDA kernels of the DeMul head (docs/SPEC.md section 4); see demul_fast/ops/cuda_ops.py";
   // The constants the kernels were compiled with (demul_fast.common; tests/test_constants.py).
   m.attr("EPS") = static_cast<double>(DEMUL_EPS);
   m.attr("MAX_PROMPTS") = static_cast<int64_t>(DEMUL_MAX_PROMPTS);

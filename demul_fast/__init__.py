@@ -7,7 +7,7 @@ Public API (see README.md and docs/SPEC.md):
 * ``HeadOutput``: what ``demul_head`` returns;
 * ``DistillBasis``, ``build_distill_basis``: the frozen-phi basis of the K-free
   distillation (SPEC 4.3), for ``distill_basis=`` of the head functions;
-* ``backends``: which implementation runs, and why (``demul_fast.backends.describe()``);
+* ``backends``: which implementation runs, and why (``demul_fast.ops.backends.describe()``);
 * ``reference``: the specification in plain PyTorch.
 * ``DeMul``: the whole module (prompts, prefix-shared text encoder, fused head);
   ``PrefixSharedTextEncoder``: the exact prefix-shared CLIP text encoder;
@@ -16,10 +16,11 @@ Public API (see README.md and docs/SPEC.md):
 
 from importlib import metadata as _metadata
 
-from . import backends, reference
-from .functional import aggregate_prompts, cosine_cross_entropy, demul_head, prompt_distill_loss
+from . import reference
+from .ops import backends, functional
+from .ops.functional import aggregate_prompts, cosine_cross_entropy, demul_head, prompt_distill_loss
 from .common import HeadOutput
-from .distill_basis import DistillBasis, build_distill_basis
+from .ops.distill_basis import DistillBasis, build_distill_basis
 from . import nn
 from .model import DeMul
 from .text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower

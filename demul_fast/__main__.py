@@ -1,5 +1,5 @@
 """``python -m demul_fast``: print which backends can run here, and why not."""
 
-from .backends import describe
+from .ops.backends import describe
 
 print(describe())

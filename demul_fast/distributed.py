@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import functional
+from .ops import functional
 from .common import HeadOutput, l2_normalize
 from .prompt_learner import logit_scale
 from .reference import FullTextEncoder, mlp_distill_loss, neg_entropy

@@ -12,10 +12,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from . import functional
-from ._torch_backend import distill_rows
+from .ops import functional
+from .ops.torch_ops import distill_rows
 from .common import HeadOutput, Scale, l2_normalize
-from .distill_basis import DistillBasis, DistillBasisCache, build_distill_basis
+from .ops.distill_basis import DistillBasis, DistillBasisCache, build_distill_basis
 from .prompt_learner import HeadParameters
 from .reference import mlp_distill_loss, neg_entropy
 
@@ -57,7 +57,7 @@ class DeMulHead(HeadParameters):
         """The basis of SPEC 4.3 of the frozen ``phi_weight``, ``phi_bias``, ``llm_embeddings``
         (None without distillation, or when one of them requires grad: then the direct form
         runs). Built on first use and rebuilt whenever a buffer changes: edited in place,
-        replaced, moved to another device or dtype (demul_fast.distill_basis's rule; it is
+        replaced, moved to another device or dtype (demul_fast.ops.distill_basis's rule; it is
         not state, so ``state_dict`` does not hold it). Inside torch.compile it is built in
         the graph (compiled code cannot key a cache on storage)."""
         tensors = (self.phi_weight, self.phi_bias, self.llm_embeddings)

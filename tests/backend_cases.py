@@ -3,7 +3,7 @@ shared helpers that run the head on one backend and on the reference.
 
 Collection-time decisions, never silent:
 
-* CPU: every backend that ``demul_fast.backends.why_not(name, "cpu", dtype)`` accepts. That
+* CPU: every backend that ``demul_fast.ops.backends.why_not(name, "cpu", dtype)`` accepts. That
   is ``torch`` always, and ``triton`` under the Triton interpreter (conftest sets
   ``TRITON_INTERPRET=1`` without a GPU) once the backend exists; the interpreter runs only
   float32 (its bf16 ``tl.dot`` is broken), so triton-on-CPU cases are float32 only.
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import demul_fast as df
-from demul_fast import backends
+from demul_fast.ops import backends
 
 HAS_GPU = torch.cuda.is_available()
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

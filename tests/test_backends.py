@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import demul_fast as df
-from demul_fast import backends
+from demul_fast.ops import backends
 from numerics import assert_error_rule
 
 

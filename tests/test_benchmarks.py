@@ -174,7 +174,7 @@ def test_triton_provider_wired_under_interpreter(tmp_path, capsys, monkeypatch):
     # run.main sets both variables; monkeypatch puts them back afterwards
     monkeypatch.setenv("DEMUL_FAST_BENCH_INTERPRET", "0")
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
-    from demul_fast.backends import why_not
+    from demul_fast.ops.backends import why_not
     if why_not("triton", torch.device("cpu"), torch.float32) is not None and torch.cuda.is_available():
         pytest.skip("the interpreter check is for CPU machines")
     rc = run.main(["--preset", "tiny", "--device", "cpu", "--suite", "head", "--op", "aggregate_prompts",

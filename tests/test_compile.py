@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_map
 
 import demul_fast as df
 from backend_cases import GRAD_ARGS, HAS_GPU, available_backends, backend_module, make_head_inputs, run_head
-from demul_fast import backends
+from demul_fast.ops import backends
 
 OPTS = dict(alpha=0.5, label_smoothing=0.1, return_logits=True)
 

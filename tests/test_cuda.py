@@ -13,8 +13,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import demul_fast as df
-from demul_fast import backends
-from demul_fast.distill_basis import DistillBasis
+from demul_fast.ops import backends
+from demul_fast.ops.distill_basis import DistillBasis
 
 
 def _toolchain():
@@ -41,11 +41,11 @@ def test_extension_built_and_importable():
     assert _C is not None, (f"{HAVE_TOOLCHAIN} are present but demul_fast._C does not import ({C_ERROR}); "
                             "build it with DEMUL_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .")
     assert _C.compiled_with().startswith("CUDA ")
-    from demul_fast import cuda_ops
+    from demul_fast.ops import cuda_ops
     assert getattr(cuda_ops, "UNAVAILABLE_REASON", None) is None
 
 
-# The backend API of demul_fast.functional for modules with DISTILL_BASIS (the K-free
+# The backend API of demul_fast.ops.functional for modules with DISTILL_BASIS (the K-free
 # distillation of SPEC 4.3 takes a DistillBasis instead of phi and E).
 API = {
     "aggregate_prompts": ["text_features", "prompt_logits"],
@@ -58,7 +58,7 @@ API = {
 
 @needs_ext
 def test_backend_functions_have_the_basis_api_signatures():
-    from demul_fast import cuda_ops
+    from demul_fast.ops import cuda_ops
     assert cuda_ops.DISTILL_BASIS is True
     for name, params in API.items():
         assert list(inspect.signature(getattr(cuda_ops, name)).parameters) == params, name
@@ -66,7 +66,7 @@ def test_backend_functions_have_the_basis_api_signatures():
 
 @needs_ext
 def test_ops_are_registered_custom_ops_named_after_the_public_functions():
-    from demul_fast import cuda_ops
+    from demul_fast.ops import cuda_ops
     names = {op._qualname for op in cuda_ops.OPS}
     assert names == {f"demul_fast::cuda_{fn}{suffix}" for fn in API for suffix in ("", "_backward")}
     for name in names:
@@ -130,7 +130,7 @@ def test_backend_report_says_cuda_needs_cuda_tensors(gen, monkeypatch):
 @pytest.mark.parametrize("distill", [True, False], ids=["distill", "ce-only"])
 def test_fake_head_shapes_dtypes_and_gradients(dtype, distill):
     """Fake tensors run the fake implementations and the autograd formulas end to end."""
-    from demul_fast import cuda_ops
+    from demul_fast.ops import cuda_ops
     C, M, D, B, K = 7, 3, 10, 4, 6
     with FakeTensorMode():
         T = torch.randn(C, M, D, dtype=dtype, requires_grad=True)
@@ -161,7 +161,7 @@ def test_fake_head_shapes_dtypes_and_gradients(dtype, distill):
 def test_frozen_operands_requiring_grad_are_refused():
     """phi/E (or a basis) that require grad are refused through the backend hook: the
     kernels give them no gradient (SPEC 4.1); functional then runs the direct form on torch."""
-    from demul_fast import cuda_ops
+    from demul_fast.ops import cuda_ops
     T = torch.randn(5, 3, 8)
     W = torch.randn(6, 8, requires_grad=True)
     reason = cuda_ops.unsupported("prompt_distill_loss", text_features=T, phi_weight=W)

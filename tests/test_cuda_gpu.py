@@ -13,8 +13,9 @@ non-finite. Skipped at collection without a CUDA device (tests/conftest.py)."""
 import pytest
 import torch
 
-from demul_fast import backends, functional as F, reference as ref
-from demul_fast.distill_basis import build_distill_basis
+from demul_fast import reference as ref
+from demul_fast.ops import backends, functional as F
+from demul_fast.ops.distill_basis import build_distill_basis
 from numerics import assert_error_rule, default_compute_dtype, max_err, round_trip
 
 pytestmark = pytest.mark.gpu
@@ -99,12 +100,12 @@ def rand(gen, *shape):
 
 
 def basis_of(E, W, b):
-    """The float32 basis of the frozen phi/E (float64 inputs), as demul_fast.functional builds it."""
+    """The float32 basis of the frozen phi/E (float64 inputs), as demul_fast.ops.functional builds it."""
     return build_distill_basis(W, b, E, dtype=torch.float32)
 
 
 def cuda_ops():
-    from demul_fast import cuda_ops as module
+    from demul_fast.ops import cuda_ops as module
     return module
 
 

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import demul_fast as df
 from backend_cases import DTYPE_IDS, KERNEL_DTYPES, assert_head_matches_reference, make_head_inputs
-from demul_fast import distill_basis as db, reference
+from demul_fast import reference
+from demul_fast.ops import distill_basis as db
 from demul_fast.common import l2_normalize
 from demul_fast.nn import DeMulHead
 from numerics import assert_error_rule

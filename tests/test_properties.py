@@ -34,7 +34,7 @@ import demul_fast as df
 from backend_cases import (DTYPE_IDS, HAS_GPU, KERNEL_DTYPES, assert_head_matches_reference,
                            available_backends, backend_module, make_head_inputs, strided_view)
 from numerics import assert_error_rule, default_compute_dtype
-from demul_fast import backends
+from demul_fast.ops import backends
 from demul_fast.kernels import _common
 
 EXAMPLES = settings.default.max_examples  # of the loaded profile

@@ -15,9 +15,10 @@ import math
 import pytest
 import torch
 
-from demul_fast import backends, reference as ref
-from demul_fast import functional as F
-from demul_fast.distill_basis import build_distill_basis
+from demul_fast import reference as ref
+from demul_fast.ops import backends
+from demul_fast.ops import functional as F
+from demul_fast.ops.distill_basis import build_distill_basis
 from numerics import assert_error_rule, default_compute_dtype
 
 from demul_fast import triton_ops  # triton is in the test extra (checked by conftest)
@@ -287,7 +288,7 @@ def test_labels_out_of_range_read_nothing(gen):
 
 def test_frozen_parameters_refuse_grad(gen):
     """phi/E that require grad are refused by the backend's `unsupported` hook, naming the
-    argument (demul_fast.functional then runs the direct form on the torch backend)."""
+    argument (demul_fast.ops.functional then runs the direct form on the torch backend)."""
     T, A, X, y, E, W, b = make_inputs(gen, C=4, M=2, D=8, B=2, K=8)
     why = triton_ops.unsupported("demul_head", text_features=T.float(), image_features=X.float(),
                                  phi_weight=W.float().requires_grad_(True), phi_bias=None, llm_embeddings=E.float())

@@ -6,7 +6,8 @@ form). Skipped at collection without a CUDA device (tests/conftest.py)."""
 import pytest
 import torch
 
-from demul_fast import functional as F, reference as ref, triton_ops
+from demul_fast import reference as ref
+from demul_fast.ops import functional as F, triton_ops
 from numerics import round_trip
 from test_triton import CROSSING, ODD, basis_of, check, head_fns, make_inputs, rand_like
 

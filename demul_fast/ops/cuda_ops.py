@@ -2,18 +2,18 @@
 
 Each kernel entry point is registered as a ``torch.library`` custom op named after the
 public function it implements (``demul_fast::cuda_<function>`` and ``..._backward``,
-demul_fast/op_common.py) with a fake (meta) implementation and, for the forward ops, an
+demul_fast/ops/custom_op_common.py) with a fake (meta) implementation and, for the forward ops, an
 autograd formula whose backward is again a custom op (not differentiable again); so the
 ops run under ``torch.compile`` without graph breaks. ``OPS`` lists them (for
 ``torch.library.opcheck``). The four backend functions below take the distillation as the
-frozen-phi basis of SPEC 4.3 (``DISTILL_BASIS = True``, demul_fast/distill_basis.py); the
+frozen-phi basis of SPEC 4.3 (``DISTILL_BASIS = True``, demul_fast/ops/distill_basis.py); the
 math is docs/SPEC.md section 4, the gradients 4.1, the K-free distillation 4.3.
 
 Numerics: bfloat16 and float16 inputs run every matrix product on tensor cores (operands
 in that type, the float32 class features and basis rounded to it, float32 accumulation);
 float32 inputs run them in float32 on the SIMT cores, not TF32 (csrc/common.cuh).
 
-Inputs arrive validated (demul_fast/_validate.py). Here they are only made contiguous and
+Inputs arrive validated (demul_fast/ops/validate.py). Here they are only made contiguous and
 brought to the extension's dtypes: the features (text_features, image_features) in their
 dtype (float32, bfloat16 or float16), the small operands (prompt_logits, class_features,
 the basis, scale) in float32. Gradients flow back to the caller's tensors through those
@@ -30,13 +30,13 @@ from typing import Optional
 
 import torch
 
-from . import op_common
-from ._validate import refuse_frozen_grads
-from .common import MAX_PROMPTS, HeadOutput
+from . import custom_op_common as op_common
+from .validate import refuse_frozen_grads
+from ..common import MAX_PROMPTS, HeadOutput
 from .distill_basis import DistillBasis
 
 try:
-    from . import _C
+    from .. import _C
 except ImportError as exc:  # the backend layer reports UNAVAILABLE_REASON
     _C = None
     UNAVAILABLE_REASON = (f"the CUDA extension demul_fast._C is not built ({exc}); "
@@ -304,14 +304,14 @@ OPS = [_aggregate, _aggregate_backward, _cross_entropy, _cross_entropy_backward,
 
 
 # ---------------------------------------------------------------------------------------
-# The backend functions (the DISTILL_BASIS API of demul_fast.functional)
+# The backend functions (the DISTILL_BASIS API of demul_fast.ops.functional)
 
 
 def unsupported(fn: str, text_features=None, phi_weight=None, phi_bias=None, llm_embeddings=None,
                 distill_basis=None, **_) -> Optional[str]:
     """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
 
-    Read by demul_fast.backends.select: an explicit backend="cuda" raises with the reason,
+    Read by demul_fast.ops.backends.select: an explicit backend="cuda" raises with the reason,
     the automatic choice falls back to the next backend.
     """
     try:

@@ -1,13 +1,13 @@
 """The public functional API: validate, choose a backend, run it.
 
 Each function has the reference's signature (demul_fast.reference) plus ``backend``:
-``None`` (best available for the tensors' device and dtype, see demul_fast.backends),
+``None`` (best available for the tensors' device and dtype, see demul_fast.ops.backends),
 ``"cuda"``, ``"triton"`` or ``"torch"``. Inputs are checked here, before any kernel runs
-(demul_fast._validate). Fast backends return losses in float32 and tensors in the input
+(demul_fast.ops.validate). Fast backends return losses in float32 and tensors in the input
 dtype; the torch backend computes in float32 (float64 stays float64).
 
 phi (W, b) and the LLM embeddings E are frozen in DeMul: the distillation then runs in the
-K-free form of SPEC 4.3 on the basis built from them once (``demul_fast.distill_basis``;
+K-free form of SPEC 4.3 on the basis built from them once (``demul_fast.ops.distill_basis``;
 a backend module that takes it sets ``DISTILL_BASIS``, others still get W, b, E). When a
 caller asks for a gradient of W, b or E, the direct form of SPEC 4.1 runs (torch backend).
 """
@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from . import _validate as v
+from . import validate as v
 from .backends import BackendUnavailable, select
-from .common import HeadOutput, Scale
+from ..common import HeadOutput, Scale
 from .distill_basis import DistillBasis, build_distill_basis, cached_distill_basis
 
 
@@ -73,7 +73,7 @@ def _basis(text_features: torch.Tensor, phi_weight, phi_bias, llm_embeddings,
 
     A given ``distill_basis`` is used as it is. Otherwise, when no gradient of W, b or E
     is asked for, the basis of the frozen tensors: from the cache (the rule is in
-    demul_fast.distill_basis), or, inside torch.compile (where tensors have no storage to
+    demul_fast.ops.distill_basis), or, inside torch.compile (where tensors have no storage to
     key on), built in the graph.
     """
     if distill_basis is not None:

@@ -13,7 +13,7 @@ computed with less work:
 
 Half-precision inputs are upcast to float32 once (float64 stays float64), so every sum
 accumulates in float32. Losses come back in float32 (or float64); class features and
-logits in the input dtype. The backend-module API (demul_fast.functional): the basis
+logits in the input dtype. The backend-module API (demul_fast.ops.functional): the basis
 functions below (``DISTILL_BASIS = True``), and ``*_direct`` for the direct form of
 SPEC 4.1, which functional runs when a caller asks for gradients of W, b or E.
 """
@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as nnf
 
-from .common import EPS, HeadOutput, Scale, l2_normalize
+from ..common import EPS, HeadOutput, Scale, l2_normalize
 from .distill_basis import DistillBasis
 
 DISTILL_BASIS = True  # prompt_distill_loss and demul_head take a DistillBasis (SPEC 4.3)

@@ -3,11 +3,11 @@
 Three backends implement the same four functions (aggregate_prompts,
 cosine_cross_entropy, prompt_distill_loss, demul_head):
 
-* ``"cuda"``   the compiled extension ``demul_fast._C`` (module ``demul_fast.cuda_ops``),
+* ``"cuda"``   the compiled extension ``demul_fast._C`` (module ``demul_fast.ops.cuda_ops``),
                CUDA tensors of float32/bfloat16/float16;
-* ``"triton"`` Triton kernels (module ``demul_fast.triton_ops``), CUDA tensors, or CPU
+* ``"triton"`` Triton kernels (module ``demul_fast.ops.triton_ops``), CUDA tensors, or CPU
                tensors under the Triton interpreter (``TRITON_INTERPRET=1``);
-* ``"torch"``  the head in few eager PyTorch passes (``demul_fast._torch_backend``: the
+* ``"torch"``  the head in few eager PyTorch passes (``demul_fast.ops.torch_ops``: the
                K-free distillation of SPEC 4.3), computed in float32 (float64 stays
                float64): every device and dtype.
 
@@ -27,13 +27,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .common import KERNEL_DTYPES, interpreting
+from ..common import KERNEL_DTYPES, interpreting
 
 BACKENDS = ("cuda", "triton", "torch")
 _MODULES = {
-    "cuda": "demul_fast.cuda_ops",
-    "triton": "demul_fast.triton_ops",
-    "torch": "demul_fast._torch_backend",
+    "cuda": "demul_fast.ops.cuda_ops",
+    "triton": "demul_fast.ops.triton_ops",
+    "torch": "demul_fast.ops.torch_ops",
 }
 _loaded: Dict[str, Tuple[Optional[ModuleType], Optional[str]]] = {}
 

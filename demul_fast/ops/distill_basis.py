@@ -35,7 +35,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .common import EPS, l2_normalize
+from ..common import EPS, l2_normalize
 
 
 class DistillBasis(NamedTuple):

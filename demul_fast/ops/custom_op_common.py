@@ -1,5 +1,5 @@
-"""Helpers that the kernel backends' custom-op layers share (demul_fast.triton_ops and
-demul_fast.cuda_ops), so that both wrap their kernels the same way.
+"""Helpers that the kernel backends' custom-op layers share (demul_fast.ops.triton_ops and
+demul_fast.ops.cuda_ops), so that both wrap their kernels the same way.
 
 Conventions of every kernel backend (docs/OPS.md):
 

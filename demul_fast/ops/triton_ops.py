@@ -1,8 +1,8 @@
 """The "triton" backend: the DeMul head on the Triton kernels of ``demul_fast.kernels``.
 
-Each function has the signature of its twin in ``demul_fast._torch_backend`` in the K-free
+Each function has the signature of its twin in ``demul_fast.ops.torch_ops`` in the K-free
 form of SPEC 4.3 (``DISTILL_BASIS = True``: the distillation takes a ``DistillBasis``;
-inputs are validated by ``demul_fast.functional`` before they get here). Every kernel launch
+inputs are validated by ``demul_fast.ops.functional`` before they get here). Every kernel launch
 sits inside a ``torch.library.custom_op`` named ``demul_fast::triton_<function>`` (and
 ``..._backward``) with a fake implementation, tied by ``register_autograd``; forward ops
 return ``(outputs, *statistics)`` with the statistics in SPEC order (n, r, lse, |z|, cos;
@@ -24,16 +24,16 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import op_common
-from ._validate import refuse_frozen_grads
-from .common import HeadOutput
+from . import custom_op_common as op_common
+from .validate import refuse_frozen_grads
+from ..common import HeadOutput
 from .distill_basis import DistillBasis
 
 try:
-    from .kernels import cosine_ce as _ce
-    from .kernels import text_head as _text
+    from ..kernels import cosine_ce as _ce
+    from ..kernels import text_head as _text
     UNAVAILABLE_REASON = None
-except Exception as exc:  # noqa: BLE001 - reported by demul_fast.backends
+except Exception as exc:  # noqa: BLE001 - reported by demul_fast.ops.backends
     _ce = _text = None
     UNAVAILABLE_REASON = f"triton kernels cannot be imported: {type(exc).__name__}: {exc}"
 
@@ -291,7 +291,7 @@ def unsupported(fn: str, text_features=None, image_features=None, class_features
                 phi_weight=None, phi_bias=None, llm_embeddings=None, distill_basis=None, **_) -> Optional[str]:
     """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
 
-    Read by demul_fast.backends.select: an explicit backend="triton" raises with the reason,
+    Read by demul_fast.ops.backends.select: an explicit backend="triton" raises with the reason,
     the automatic choice falls back to the next backend.
     """
     try:
