@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from demul_fast import reference as ref, triton_ops  # noqa: E402
+from demul_fast import reference as ref  # noqa: E402
+from demul_fast.ops import triton_ops  # noqa: E402
 from demul_fast.ops.distill_basis import build_distill_basis  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -21,7 +21,7 @@ from demul_fast.ops import functional as F
 from demul_fast.ops.distill_basis import build_distill_basis
 from numerics import assert_error_rule, default_compute_dtype
 
-from demul_fast import triton_ops  # triton is in the test extra (checked by conftest)
+from demul_fast.ops import triton_ops  # triton is in the test extra (checked by conftest)
 
 if triton_ops.UNAVAILABLE_REASON:
     pytest.skip(triton_ops.UNAVAILABLE_REASON, allow_module_level=True)
