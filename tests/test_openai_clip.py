@@ -112,8 +112,9 @@ def test_coop_layout_low_precision_error_rule(dtype):
     t_plain, g_plain = coop_step(learner_lp, TextEncoder(model_lp), upstream)
     t_fast, g_fast = coop_step(learner_lp, CoOpTextEncoder(model_lp), upstream)
     assert t_fast.dtype == dtype and g_fast.dtype == dtype
-    assert_error_rule(f"CoOp T {dtype}", t_fast, t64, t_plain, k=2.0)
-    assert_error_rule(f"CoOp dctx {dtype}", g_fast, g64, g_plain, k=3.0)
+    # float16-cast weights compute in float16 by design (CoOp's setting): so does the yardstick
+    assert_error_rule(f"CoOp T {dtype}", t_fast, t64, t_plain, k=2.0, compute_dtype=dtype)
+    assert_error_rule(f"CoOp dctx {dtype}", g_fast, g64, g_plain, k=3.0, compute_dtype=dtype)
 
 
 def test_demul_over_openai_clip_matches_the_reference():

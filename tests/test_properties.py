@@ -10,9 +10,10 @@
    backend function is ever called.
 
 The shapes cross the kernels' tiles: sizes are drawn either small or just around a tile
-edge (the triton kernels' cross-entropy and K tiles hold ``tile_rows(BLOCK_D)`` rows, 64 for
-D <= 128 and 32 for D <= 256; their text programs 16 (class, prompt) rows; the CUDA kernels'
-tiles are 64 wide and step 16 along D). Most examples distil (alpha > 0), and the half
+edge (the triton kernels' tiles as their launchers choose them: ``text_head.text_config``,
+whole classes in 64+-row programs, D in 64-column chunks, and ``cosine_ce.ce_config``,
+64-image tiles and 16-64-class tiles; the CUDA kernels' tiles are 64 wide and step 16
+along D). Most examples distil (alpha > 0), and the half
 dtypes are drawn on every backend that takes them (the triton interpreter included).
 ``test_the_strategy_crosses_tiles`` checks those proportions, so a change to the strategy
 cannot quietly stop crossing tiles.
@@ -35,7 +36,7 @@ from backend_cases import (DTYPE_IDS, HAS_GPU, KERNEL_DTYPES, assert_head_matche
                            available_backends, backend_module, make_head_inputs, strided_view)
 from numerics import assert_error_rule, default_compute_dtype
 from demul_fast.ops import backends
-from demul_fast.kernels import _common
+from demul_fast.kernels import cosine_ce, text_head
 
 EXAMPLES = settings.default.max_examples  # of the loaded profile
 
@@ -94,8 +95,15 @@ def head_cases(draw, dtypes, big=False):
 def crosses_a_tile(dims) -> bool:
     """Whether a head of these sizes spans more than one tile of some kernel: triton's
     cross-entropy tiles (B or C) or K tiles, or the CUDA kernels' 64-wide tiles."""
-    rows = _common.tile_rows(max(16, 1 << (dims["D"] - 1).bit_length()))
-    return max(dims["B"], dims["C"], dims["K"]) > min(rows, 64)
+    C, M, D, B, K = (dims[k] for k in ("C", "M", "D", "B", "K"))
+    if max(B, C, K) > 64:  # the CUDA kernels' 64-wide tiles
+        return True
+    try:
+        text, ce = text_head.text_config(C, M, D, min(K, D)), cosine_ce.ce_config(B, C, D)
+    except ValueError:  # beyond the triton kernels' limits: no tile of theirs to cross
+        return False
+    return (text["tiles"] > 1 or text["splits"] > 1 or D > text["BLOCK_K"] or ce["b_tiles"] > 1
+            or C > ce["BLOCK_C"] or ce["splits"] > 1)
 
 
 def test_the_strategy_crosses_tiles():
@@ -178,13 +186,15 @@ def test_every_backend_agrees_with_the_reference_part_by_part(backend, device, d
     # |R| (through the aggregate) and of unit loss cotangents, which cancel where an exact
     # gradient is ~0 (e.g. D=1: u^ = +-1 is constant).
     ulps = 1.0 if backend == "triton" and device == "cpu" else 0.5  # interpreter truncates to bf16
+    # the kernel backends round their tensor-core operands to a half input dtype by design (tests/numerics.py)
+    operands = dtype if backend in ("triton", "cuda") and dtype in (torch.bfloat16, torch.float16) else None
     mags = dict(aggregate=1.0, cross_entropy=31.0 + torch.tensor(float(C)).log().item(), distill=2.0)
     grad_mag = max(1.0, float(inputs["cotangent"].abs().max()))
     for (name, f), (_, r), (_, p) in zip(fast, ref, plain):
         grad = " d" in name
         mag = max(grad_mag, float(r.abs().max())) if grad else mags[name]
         assert_error_rule(f"{backend}:{name}", f, r, p, k=3.0 if grad else 2.0, dtype=dtype, magnitude=mag,
-                          stored_ulps=ulps)
+                          stored_ulps=ulps, operands=operands)
 
 
 # ---- 2. malformed input is refused before any backend runs -----------------------------------

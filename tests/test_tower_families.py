@@ -134,8 +134,9 @@ def test_low_precision_error_rule(family, dtype):
     t_plain, g_plain = features_and_grad(lambda c: own_features(family, model_lp, ids, c), ctx_lp, upstream)
     t_fast, g_fast = features_and_grad(fast, ctx_lp, upstream)
     assert t_fast.dtype == t_plain.dtype == dtype
-    assert_error_rule(f"{family} T {dtype}", t_fast, t64, t_plain, k=2.0, dtype=dtype)
-    assert_error_rule(f"{family} dctx {dtype}", g_fast, g64, g_plain, k=3.0, dtype=dtype)
+    # float16-cast OpenAI weights compute in float16 by design (CoOp's setting): so does the yardstick
+    assert_error_rule(f"{family} T {dtype}", t_fast, t64, t_plain, k=2.0, dtype=dtype, compute_dtype=dtype)
+    assert_error_rule(f"{family} dctx {dtype}", g_fast, g64, g_plain, k=3.0, dtype=dtype, compute_dtype=dtype)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
