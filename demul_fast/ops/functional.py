@@ -8,7 +8,7 @@ dtype; the torch backend computes in float32 (float64 stays float64).
 
 phi (W, b) and the LLM embeddings E are frozen in DeMul: the distillation then runs in the
 K-free form of SPEC 4.3 on the basis built from them once (``demul_fast.ops.distill_basis``;
-a backend module that takes it sets ``DISTILL_BASIS``, others still get W, b, E). When a
+every backend module takes it: ``DISTILL_BASIS``). When a
 caller asks for a gradient of W, b or E, the direct form of SPEC 4.1 runs (torch backend).
 """
 
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from . import validate as v
-from .backends import BackendUnavailable, select
+from .backends import select
 from ..common import HeadOutput, Scale
 from .distill_basis import DistillBasis, build_distill_basis, cached_distill_basis
 
@@ -48,23 +48,10 @@ def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Ten
     return impl.cosine_cross_entropy(image_features, class_features, labels, scale, label_smoothing)
 
 
-def _select(backend: Optional[str], fn: str, distill_basis, phi_weight, args: dict):
-    """The backend module for a distillation call. A module that does not take a basis yet
-    (no ``DISTILL_BASIS``) gets phi/E the old way; given only a basis, the automatic choice
-    then moves to the torch backend and an explicit request is refused."""
+def _select(backend: Optional[str], fn: str, args: dict):
+    """The backend module for a call (demul_fast.ops.backends.select)."""
     t = args["text_features"]
-    name, impl = select(backend, t.device, t.dtype, (fn, args))
-    if distill_basis is None or phi_weight is not None or getattr(impl, "DISTILL_BASIS", False):
-        return impl
-    if backend is not None:
-        raise BackendUnavailable(f"backend {name!r} is unavailable: it does not take a distill_basis yet; "
-                                 "pass phi_weight, phi_bias and llm_embeddings instead")
-    return select("torch", t.device, t.dtype, (fn, args))[1]
-
-
-def _like(text_features: torch.Tensor, *tensors):
-    """phi/E in T's dtype, for a backend module that still takes them (no ``DISTILL_BASIS``)."""
-    return tuple(None if t is None else t.to(text_features.dtype) for t in tensors)
+    return select(backend, t.device, t.dtype, (fn, args))[1]
 
 
 def _basis(text_features: torch.Tensor, phi_weight, phi_bias, llm_embeddings,
@@ -101,11 +88,9 @@ def prompt_distill_loss(text_features: torch.Tensor, phi_weight: Optional[torch.
         v.validate_distill(text_features, phi_weight, phi_bias, llm_embeddings)
     if distill_basis is not None:
         v.validate_basis(text_features, distill_basis)
-    impl = _select(backend, "prompt_distill_loss", distill_basis, phi_weight,
+    impl = _select(backend, "prompt_distill_loss",
                    dict(text_features=text_features, phi_weight=phi_weight, phi_bias=phi_bias,
                         llm_embeddings=llm_embeddings, distill_basis=distill_basis))
-    if not getattr(impl, "DISTILL_BASIS", False):
-        return impl.prompt_distill_loss(text_features, *_like(text_features, phi_weight, phi_bias, llm_embeddings))
     basis = _basis(text_features, phi_weight, phi_bias, llm_embeddings, distill_basis)
     if basis is None:
         return impl.prompt_distill_loss_direct(text_features, phi_weight, phi_bias, llm_embeddings)
@@ -129,14 +114,10 @@ def demul_head(text_features: torch.Tensor, prompt_logits: torch.Tensor, image_f
                     phi_bias, alpha, label_smoothing)
     if distill_basis is not None:
         v.validate_basis(text_features, distill_basis)
-    impl = _select(backend, "demul_head", distill_basis, phi_weight,
+    impl = _select(backend, "demul_head",
                    dict(text_features=text_features, prompt_logits=prompt_logits, image_features=image_features,
                         llm_embeddings=llm_embeddings, phi_weight=phi_weight, phi_bias=phi_bias,
                         distill_basis=distill_basis))
-    if not getattr(impl, "DISTILL_BASIS", False):
-        w, b, e = _like(text_features, phi_weight, phi_bias, llm_embeddings)
-        return impl.demul_head(text_features, prompt_logits, image_features, labels, scale, e, w, b, alpha,
-                               label_smoothing, return_logits)
     basis = None
     if distill_basis is not None or llm_embeddings is not None:
         basis = _basis(text_features, phi_weight, phi_bias, llm_embeddings, distill_basis)
