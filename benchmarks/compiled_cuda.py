@@ -136,22 +136,17 @@ def plan_split(rows: int, cols: int, sms: int = SMS) -> Tuple[int, int]:
     return _split_into(cols, math.ceil(2 * sms / math.ceil(rows / TILE)))
 
 
-def plan_sweep_split(rows: int, cols: int, sms: int = SMS) -> Tuple[int, int]:
-    """(splits, cols_per_split) of a backward sweep, as ops.h plan_sweep_split."""
-    return _split_into(cols, sms // math.ceil(rows / TILE))
-
-
 def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[dict]:
     """The kernel launches of demul_head_forward + demul_head_backward (need_text only), in order, each
     {"name", "symbol" (a mangled-name pattern), "grid", "flops", "bytes"}."""
     e = ELEMENT_BYTES[dtype]
     t = _MANGLED[dtype]
+    g = 2 if dtype == "bfloat16" else 4  # ops.h ce_grad_type: the stored dL/ds
     r = min(K, D)
     R = C * M
     ce_s, _ = plan_split(B, C)
     dist_s, _ = plan_split(R, r)
-    du_s, _ = plan_sweep_split(C, B)
-    dth_s, _ = plan_sweep_split(R, r)
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
     L = []
 
     def add(name, symbol, grid, flops, nbytes):
@@ -160,27 +155,24 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[di
     # forward
     add("fwd aggregate", rf"24aggregate_forward_kernelI{t}E", (C,), 5 * R * D + 4 * C * D,
         e * R * D + 4 * (R + C * D + 2 * R + C))
-    add("fwd image norms", rf"16row_norms_kernelI{t}E", (math.ceil(B / 8),), 2 * B * D, e * B * D + 4 * B)
-    add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (math.ceil(B / TILE), ce_s),
+    add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
+    add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
         2 * B * C * D + 8 * B * C, e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
     add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8)
-    add("fwd distill", rf"30distill_forward_partial_kernelI{t}E", (math.ceil(R / TILE), dist_s),
-        2 * R * D * r + 6 * R * r, e * R * D + 4 * (r * D + r + C * r + R) + 8 * dist_s * R)
+    # the head's distillation also stores p = R t^ [C*M, r] in T's dtype for the fused backward
+    add("fwd distill", rf"30distill_forward_partial_kernelI{t}E", (cdiv(R, TILE), dist_s),
+        2 * R * D * r + 6 * R * r, e * R * D + e * R * r + 4 * (r * D + r + C * r + R) + 8 * dist_s * R)
     add("fwd distill finalize", r"23distill_finalize_kernelE", (1,), 4 * dist_s * R + 6 * R,
         8 * dist_s * R + 4 * (C + 2 * R) + 8)
-    # backward: dL/du (class rows), the distillation sweep, the aggregation backward
-    add("bwd ce class sweep", rf"12sweep_kernelIf{t}N\w*CeClassRows", (math.ceil(C / TILE), du_s),
-        4 * B * C * D + 12 * B * C, 4 * C * D + e * B * D + 8 * B + 4 * du_s * C * D)
-    if du_s > 1:
-        add("bwd ce class sum", r"17sum_splits_kernelE", (min(math.ceil(C * D / 256), 4096),), du_s * C * D,
-            4 * (du_s + 1) * C * D)
-    add("bwd distill sweep", rf"12sweep_kernelI{t}fN\w*DistillRows", (math.ceil(R / TILE), dth_s),
-        4 * R * D * r + 10 * R * r, e * R * D + 4 * (r * D + r + C * r + 3 * R) + 4 * dth_s * R * D)
-    if dth_s > 1:
-        add("bwd distill sum", r"17sum_splits_kernelE", (min(math.ceil(R * D / 256), 4096),), dth_s * R * D,
-            4 * (dth_s + 1) * R * D)
-    add("bwd aggregate", rf"25aggregate_backward_kernelI{t}E", (C,), 16 * R * D + 8 * C * D,
-        2 * e * R * D + 4 * (R * D + 2 * C * D + 3 * R + C))
+    # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA
+    add("bwd ce grad", rf"14ce_grad_kernelI{t}", (cdiv(C, TILE), cdiv(B, TILE)), 2 * B * C * D + 12 * B * C,
+        4 * C * D + e * B * D + 16 * B + g * C * B)
+    add("bwd ce class grad", rf"20ce_class_grad_kernelI{t}", (cdiv(C, TILE), cdiv(D, TILE)), 2 * B * C * D,
+        g * C * B + e * B * D + 4 * C * D)
+    add("bwd text", rf"20text_backward_kernelI{t}E", (cdiv(R, TILE), cdiv(D, TILE)),
+        2 * R * r * D + 4 * R * r * cdiv(D, TILE) + 16 * R * D,
+        2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
+    add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
     return L
 
 

@@ -1,7 +1,8 @@
-// Prompt-weighted aggregation, docs/SPEC.md section 4 (forward) and 4.1 (backward).
+// Prompt-weighted aggregation, docs/SPEC.md section 4 (forward; its backward is part of the
+// fused text backward, text_head.cu), and the row norms of the image side.
 //
-// One block per class c; T[c] ([M, D]) is read twice per pass (norms, then the weighted
-// sum), the second read mostly from L2.
+// One block per class c; T[c] ([M, D]) is read twice (norms, then the weighted sum), the
+// second read mostly from L2.
 #include "common.cuh"
 #include "ops.h"
 
@@ -74,64 +75,6 @@ aggregate_forward_kernel(const T* __restrict__ t, const float* __restrict__ a, T
   }
 }
 
-// Backward of the aggregation (SPEC 4.1), given g = dL/du^ [C, D] (float32) and an
-// optional extra dL/dt^ [C, M, D] (float32, the distillation's W^T dz):
-//   du = normalize_backward(u^, g, r), dw[m] = <du, t^[m]>, dA = w (dw - sum w dw),
-//   dt^[m] = w[m] du + extra[m], dT[m] = normalize_backward(t^[m], dt^[m], n[m]),
-// using <t^[m], dt^[m]> = w[m] dw[m] + <t^[m], extra[m]>. Dynamic shared memory: 2 * M floats.
-template <typename T>
-__global__ void __launch_bounds__(kAggThreads)
-aggregate_backward_kernel(const float* __restrict__ g, const T* __restrict__ t, const float* __restrict__ w,
-                          const float* __restrict__ n, const float* __restrict__ r, const float* __restrict__ uh,
-                          const float* __restrict__ extra, T* __restrict__ dt, float* __restrict__ da,
-                          int64_t M, int64_t D) {
-  extern __shared__ float sh[];
-  __shared__ float scratch[32];
-  float* dw = sh;
-  float* q = sh + M;
-  const int64_t c = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  const T* tc = t + c * M * D;
-  const float* gc = g + c * D;
-  const float* uc = uh + c * D;
-  const float* ec = extra ? extra + c * M * D : nullptr;
-
-  float p = 0.f;
-  for (int64_t d = tid; d < D; d += blockDim.x) p = fmaf(uc[d], gc[d], p);
-  const float ug = block_sum(p, scratch);
-  const float rc = r[c];
-
-  for (int64_t m = warp; m < M; m += nwarps) {
-    float s1 = 0.f, s2 = 0.f;
-    for (int64_t d = lane; d < D; d += 32) {
-      const float tv = to_f(tc[m * D + d]);
-      s1 = fmaf(normalize_backward(uc[d], gc[d], ug, rc), tv, s1);
-      if (ec) s2 = fmaf(ec[m * D + d], tv, s2);
-    }
-    s1 = warp_sum(s1);
-    s2 = warp_sum(s2);
-    if (lane == 0) {
-      const float ni = inv_floor(n[c * M + m]);
-      dw[m] = s1 * ni;
-      q[m] = s2 * ni;
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-    float s = 0.f;
-    for (int64_t m = lane; m < M; m += 32) s = fmaf(w[c * M + m], dw[m], s);
-    s = warp_sum(s);
-    for (int64_t m = lane; m < M; m += 32) da[c * M + m] = w[c * M + m] * (dw[m] - s);
-  }
-  for (int64_t i = tid; i < M * D; i += blockDim.x) {
-    const int64_t m = i / D, d = i - m * D;
-    const float wm = w[c * M + m], nm = n[c * M + m];
-    const float th = to_f(tc[i]) * inv_floor(nm);
-    const float dth = wm * normalize_backward(uc[d], gc[d], ug, rc) + (ec ? ec[i] : 0.f);
-    dt[c * M * D + i] = from_f<T>(normalize_backward(th, dth, wm * dw[m] + q[m], nm));
-  }
-}
-
 // norm[r] = ||v[r]|| for v: [R, D]; one warp per row.
 template <typename T>
 __global__ void __launch_bounds__(kAggThreads)
@@ -188,17 +131,6 @@ void launch_aggregate_forward(DType dt, const void* t, const float* a, int64_t C
   DEMUL_DISPATCH(dt, [&] {
     aggregate_forward_kernel<<<static_cast<unsigned>(C), kAggThreads, smem, stream>>>(
         static_cast<const scalar_t*>(t), a, static_cast<scalar_t*>(out), u32, w, n, r, M, D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void launch_aggregate_backward(DType dt, const float* g, const void* t, const float* w, const float* n,
-                               const float* r, const float* u32, const float* extra, int64_t C, int64_t M, int64_t D,
-                               void* dtext, float* da, cudaStream_t stream) {
-  const size_t smem = 2 * M * sizeof(float);
-  DEMUL_DISPATCH(dt, [&] {
-    aggregate_backward_kernel<<<static_cast<unsigned>(C), kAggThreads, smem, stream>>>(
-        g, static_cast<const scalar_t*>(t), w, n, r, u32, extra, static_cast<scalar_t*>(dtext), da, M, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -76,12 +76,13 @@ void run_ce_forward(const CeArgs& a, const at::Tensor& like, void* logits, at::T
 }
 
 void run_distill_forward(const DistillArgs& a, const at::Tensor& like, at::Tensor& cos, at::Tensor& zn,
-                         at::Tensor& dist, const float* ce, double alpha, float* loss_out) {
+                         at::Tensor& dist, const float* ce, double alpha, float* loss_out, void* proj) {
   const Split split = plan_split(a.C * a.M, a.rank, sm_count());
   at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
   launch_distill_forward(a, split, fp(partial), fp(cos), fp(zn), fp(dist), ce, static_cast<float>(alpha), loss_out,
-                         stream());
+                         proj, stream());
 }
+
 
 // Float32 scratch of n floats, or an undefined tensor (null pointer) when n == 0.
 float* scratch(at::Tensor& holder, int64_t n, const at::Tensor& like) {
@@ -90,18 +91,34 @@ float* scratch(at::Tensor& holder, int64_t n, const at::Tensor& like) {
   return fp(holder);
 }
 
+// The fused text backward (aggregation with dL/du^ = g [C, D] float32 if g, distillation
+// from the forward's proj if proj) -> dt (t's dtype), da [C, M] float32 if g.
+void run_text_backward(const at::Tensor& t, const at::Tensor& n, const float* g, const float* u32, const float* w,
+                       const float* r, const Basis* basis, const at::Tensor* proj, const float* cos, const float* zn,
+                       GradWeight gw, at::Tensor& dt, float* da) {
+  TextBackwardArgs a{dtype_of(t), t.data_ptr(), cfp(n), g, u32, w, r,
+                     proj ? proj->data_ptr() : nullptr,
+                     basis ? cfp(basis->R) : nullptr, basis ? cfp(basis->c) : nullptr, basis ? cfp(basis->F) : nullptr,
+                     cos, zn, gw, t.size(0), t.size(1), t.size(2), basis ? basis->R.size(0) : 0};
+  at::Tensor dw;
+  float* dw_ptr = g ? scratch(dw, t.size(0) * t.size(1), t) : nullptr;
+  launch_text_backward(a, dt.data_ptr(), dw_ptr, da, stream());
+}
+
 // Backward of the cross-entropy into dxh (dL/dx^, also when only dscale is wanted), du, dscale.
 void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& lse, GradWeight gw,
                      const float* grad_logits, at::Tensor* dxh, at::Tensor* du, at::Tensor* dscale) {
-  at::Tensor dxh_buf, partial, work_x, work_u;
+  at::Tensor dxh_buf, partial, work_x, gt;
   float* dxh_ptr = dxh ? fp(*dxh) : nullptr;
   if (dscale != nullptr && dxh_ptr == nullptr) dxh_ptr = scratch(dxh_buf, a.B * a.D, like);
-  const Split split_x = plan_sweep_split(a.B, a.C, sm_count()), split_u = plan_sweep_split(a.C, a.B, sm_count());
+  const Split split_x = plan_sweep_split(a.B, a.C, sm_count());
   float* wx = dxh_ptr && split_x.splits > 1 ? scratch(work_x, split_x.splits * a.B * a.D, like) : nullptr;
-  float* wu = du && split_u.splits > 1 ? scratch(work_u, split_u.splits * a.C * a.D, like) : nullptr;
   float* sp = dscale ? scratch(partial, split_x.splits * ceil_div(a.B, kTileRows), like) : nullptr;
+  if (du != nullptr)  // dL/ds transposed, [C, B]
+    gt = at::empty({a.C, a.B}, like.options().dtype(ce_grad_type(a.dtype) == DType::kBFloat16 ? at::kBFloat16
+                                                                                              : at::kFloat));
   launch_ce_backward(a, cfp(lse), gw, grad_logits, dxh_ptr, split_x, wx, sp, dscale ? fp(*dscale) : nullptr,
-                     du ? fp(*du) : nullptr, split_u, wu, stream());
+                     du ? fp(*du) : nullptr, du ? gt.data_ptr() : nullptr, stream());
 }
 
 // Backward of the distillation into dth = dL/dt^ [C*M, D].
@@ -239,9 +256,8 @@ std::vector<at::Tensor> aggregate_prompts_backward(const at::Tensor& grad_class_
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
   at::Tensor dt = at::empty_like(text_features);
   at::Tensor da = at::empty_like(w);
-  launch_aggregate_backward(dtype_of(text_features), cfp(grad_class_features), text_features.data_ptr(), cfp(w),
-                            cfp(n), cfp(r), cfp(u32), nullptr, text_features.size(0), text_features.size(1),
-                            text_features.size(2), dt.data_ptr(), fp(da), stream());
+  run_text_backward(text_features, n, cfp(grad_class_features), cfp(u32), cfp(w), cfp(r), nullptr, nullptr, nullptr,
+                    nullptr, GradWeight{nullptr, nullptr, 0.f, 0.f}, dt, fp(da));
   return {dt, da};
 }
 
@@ -314,7 +330,8 @@ std::vector<at::Tensor> prompt_distill_loss_forward(const at::Tensor& text_featu
   at::Tensor cos = at::empty({R}, f32(text_features));
   at::Tensor dist = at::empty({}, f32(text_features));
   launch_row_norms(dtype_of(text_features), text_features.data_ptr(), R, D, fp(n), stream());
-  run_distill_forward(distill_args(text_features, basis, n), text_features, cos, zn, dist, nullptr, 0.0, nullptr);
+  run_distill_forward(distill_args(text_features, basis, n), text_features, cos, zn, dist, nullptr, 0.0, nullptr,
+                      nullptr);
   return {dist, n, zn, cos};
 }
 
@@ -339,7 +356,8 @@ at::Tensor prompt_distill_loss_backward(const OptTensor& grad_loss, const at::Te
 
 // The whole head, L = L_ce + alpha L_dist (no distillation without a basis).
 // -> [loss, ce, dist, logits [B, C] or empty, n [C, M], w [C, M], r [C], lse [B], ||x|| [B],
-//     ||z|| [C*M], cos [C*M] (these two empty without a basis), u^ [C, D] float32]
+//     ||z|| [C*M], cos [C*M] (these two empty without a basis), u^ [C, D] float32,
+//     p = R t^ [C*M, r] in text_features' dtype (empty without a basis)]
 std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, const at::Tensor& prompt_logits,
                                      const at::Tensor& image_features, const at::Tensor& labels,
                                      const at::Tensor& scale, const OptTensor& basis_r, const OptTensor& basis_c,
@@ -371,19 +389,21 @@ std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, cons
   launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
   run_ce_forward(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing), text_features,
                  return_logits ? logits.data_ptr() : nullptr, lse, ce, basis ? nullptr : fp(loss));
-  at::Tensor dist, cos, zn;
+  at::Tensor dist, cos, zn, proj;
   if (basis) {
     cos = at::empty({C * M}, f32(text_features));
     zn = at::empty({C * M}, f32(text_features));
     dist = at::empty({}, f32(text_features));
+    proj = at::empty({C * M, basis->R.size(0)}, text_features.options());
     run_distill_forward(distill_args(text_features, *basis, n), text_features, cos, zn, dist, cfp(ce), alpha,
-                        fp(loss));
+                        fp(loss), proj.data_ptr());
   } else {
     dist = at::zeros({}, f32(text_features));
     cos = empty0(u32);
     zn = empty0(u32);
+    proj = empty0(text_features);
   }
-  return {loss, ce, dist, logits, n, w, r, lse, xnorm, zn, cos, u32};
+  return {loss, ce, dist, logits, n, w, r, lse, xnorm, zn, cos, u32, proj};
 }
 
 // Gradients of the head given the output gradients (each None or a float32 scalar; grad_logits
@@ -398,7 +418,8 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
                                       const OptTensor& basis_beta, double alpha, double label_smoothing,
                                       const at::Tensor& n, const at::Tensor& w, const at::Tensor& r,
                                       const at::Tensor& lse, const at::Tensor& xnorm, const at::Tensor& zn,
-                                      const at::Tensor& cos, const at::Tensor& u32, bool need_text,
+                                      const at::Tensor& cos, const at::Tensor& u32, const at::Tensor& proj,
+                                      bool need_text,
                                       bool need_image, bool need_scale) {
   check_text(text_features);
   check_aggregate_saved(text_features, w, n, r, u32);
@@ -411,7 +432,14 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
   check_size(lse, 0, B, "lse", "B");
   const std::optional<Basis> basis =
       check_opt_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
-  if (basis) check_distill_saved(text_features, n, zn, cos);
+  if (basis) {
+    check_distill_saved(text_features, n, zn, cos);
+    TORCH_CHECK(proj.dim() == 2 && proj.size(0) == C * M && proj.size(1) == basis->R.size(0) &&
+                    proj.scalar_type() == text_features.scalar_type() && proj.is_contiguous(),
+                "prompt_projections must be a contiguous [C*M, r] tensor of text_features' dtype, got ",
+                proj.sizes(), " ", proj.scalar_type());
+    check_same_device(proj, "prompt_projections", text_features, "text_features");
+  }
   check_grad_scalar(grad_loss, "grad_loss", text_features);
   check_grad_scalar(grad_ce, "grad_ce", text_features);
   check_grad_scalar(grad_dist, "grad_dist", text_features);
@@ -433,16 +461,12 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
                     need_scale ? &dscale : nullptr);
   }
   if (need_text) {
-    at::Tensor dth;
-    if (basis) {
-      dth = at::empty({C, M, D}, f32(text_features));
-      const GradWeight gw_dist{opt_ptr(grad_loss), opt_ptr(grad_dist), static_cast<float>(alpha), 1.f};
-      run_distill_backward(distill_args(text_features, *basis, n), text_features, cfp(cos), cfp(zn), gw_dist, dth);
-    }
     dt = at::empty_like(text_features);
     da = at::empty_like(w);
-    launch_aggregate_backward(dtype_of(text_features), cfp(du), text_features.data_ptr(), cfp(w), cfp(n), cfp(r),
-                              cfp(u32), basis ? cfp(dth) : nullptr, C, M, D, dt.data_ptr(), fp(da), stream());
+    const GradWeight gw_dist{opt_ptr(grad_loss), opt_ptr(grad_dist), static_cast<float>(alpha), 1.f};
+    run_text_backward(text_features, n, cfp(du), cfp(u32), cfp(w), cfp(r), basis ? &*basis : nullptr,
+                      basis ? &proj : nullptr, basis ? cfp(cos) : nullptr, basis ? cfp(zn) : nullptr, gw_dist, dt,
+                      fp(da));
   }
   if (need_image) {
     dx = at::empty_like(image_features);
@@ -484,6 +508,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("basis_r"), py::arg("basis_c"), py::arg("basis_f"), py::arg("basis_delta"),
         py::arg("basis_beta"), py::arg("alpha"), py::arg("label_smoothing"), py::arg("prompt_norms"),
         py::arg("prompt_weights"), py::arg("class_norms"), py::arg("lse"), py::arg("image_norms"),
-        py::arg("projection_norms"), py::arg("prompt_cosines"), py::arg("class_features32"), py::arg("need_text"),
+        py::arg("projection_norms"), py::arg("prompt_cosines"), py::arg("class_features32"),
+        py::arg("prompt_projections"), py::arg("need_text"),
         py::arg("need_image"), py::arg("need_scale"));
 }

@@ -4,8 +4,10 @@
 //   L_ce   = (1/B) sum_b (logsumexp_c s[b,:] - sum_c q[b,c] s[b,c]),  q = (1-ls)[c==y_b] + ls/C
 // Forward: blocks own 64 images x a range of classes and keep (max, sum-exp, sum q s) per
 // row; a one-block kernel merges the ranges, so the [B, C] logits are written only when
-// asked for. Backward: two sweeps (sweep.cuh) recompute s tile by tile, with
-// G = dL/ds = g (softmax(s) - q) / B (+ the logits' own gradient, if any):
+// asked for. Backward, with G = dL/ds = g (softmax(s) - q) / B (+ the logits' own
+// gradient, if any): dL/dx^ and dL/dtau by a sweep (sweep.cuh) that recomputes s tile by
+// tile; dL/du by two kernels: G^T (scaled by tau / ||x||) is written once ([C, B], small),
+// then multiplied by x, a block per 64 x 64 tile of du (no split partials):
 //   dL/du[c] = tau sum_b G[b,c] x^[b],  dL/dx^[b] = tau sum_c G[b,c] u[c],
 //   dL/dtau  = sum_{b,c} G[b,c] s[b,c] / tau.
 // The products run on tensor cores for 16-bit x (the float32 u rounded to x's type), in
@@ -147,15 +149,83 @@ struct CeImageRows {
   }
 };
 
-// Rows are classes, columns images (B operand = raw x): returns tau G / max(||x||, eps).
-struct CeClassRows {
-  CeGrad g;
-  __device__ __forceinline__ void prepare() { g.prepare(); }
-  __device__ __forceinline__ float operator()(float dot, int64_t c, int64_t b, float&) const {
-    const float xi = inv_floor(g.xnorm[b]);
-    return g.tau * xi * g.grad(dot * xi, b, c);
+// G^T for the class gradient: gt[c, b] = tau G[b,c] / max(||x[b]||, eps) in TG (a 64 x 64
+// tile per block, classes as rows, so that the stores run along b).
+template <typename T, typename TG>
+__global__ void __launch_bounds__(kThreads, 1)
+ce_grad_kernel(const float* __restrict__ u, const T* __restrict__ x, CeGrad g, int64_t D, TG* __restrict__ gt) {
+  __shared__ TileSmem<float, T> sm;
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, b0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  g.prepare();
+  float acc[kPer][kPer];
+  tile_dot(u, g.C, c0, x, g.B, b0, D, sm, acc);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t c = c0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t b = b0 + tx + 16 * j;
+      if (c < g.C && b < g.B) {
+        const float xi = inv_floor(g.xnorm[b]);
+        gt[c * g.B + b] = from_f<TG>(g.tau * xi * g.grad(acc[i][j] * xi, b, c));
+      }
+    }
   }
-};
+}
+
+// du[c, d] = sum_b gt[c, b] x[b, d]: block (x, y) owns classes 64x.. and columns 64y.., the
+// images in 64-wide chunks (ChunkAcc: tensor cores for 16-bit x, fp32 SIMT for float32).
+// For float16 x the float32 gt of the block's classes is scaled by one power of two before
+// rounding (sweep.cuh storage_scale), so that small gradients stay out of float16's
+// subnormals; the result is scaled back exactly.
+template <typename T, typename TG>
+__global__ void __launch_bounds__(kThreads, 1)
+ce_class_grad_kernel(const TG* __restrict__ gt, const T* __restrict__ x, int64_t B, int64_t C, int64_t D,
+                     float* __restrict__ du) {
+  constexpr bool kMma = kUseMma<T, float>;
+  using TC = std::conditional_t<kMma, typename MmaType<T, float>::type, float>;
+  __shared__ SweepSmem<T, float> sm;
+  __shared__ float scratch[32];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile, d0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int ld_c = tid & 63, ld_r = tid >> 6;  // 64 consecutive threads on one row (coalesced)
+  float up = 1.f;
+  if constexpr (std::is_same_v<T, __half>) {
+    float m = 0.f;
+    for (int il = ld_r; il < kTile; il += 4)
+      if (c0 + il < C)
+        for (int64_t b = ld_c; b < B; b += 64) m = fmaxf(m, fabsf(to_f(gt[(c0 + il) * B + b])));
+    up = storage_scale<TC>(block_max(m, scratch));
+  }
+  ChunkAcc<kMma, TC> acc;
+  acc.zero();
+  for (int64_t bb = 0; bb < B; bb += kTile) {
+#pragma unroll 4
+    for (int q = 0; q < kTile / 4; ++q) {
+      const int il = ld_r + 4 * q;
+      const int64_t c = c0 + il, b = bb + ld_c, d = d0 + ld_c;
+      put_g(sm, il, ld_c, (c < C && b < B) ? to_f(gt[c * B + b]) * up : 0.f);
+      const int64_t bj = bb + il;  // il doubles as the chunk row of x
+      put_v(sm, il, ld_c, (bj < B && d < D) ? to_f(x[bj * D + d]) : 0.f);
+    }
+    __syncthreads();
+    acc.add(sm);
+    __syncthreads();
+  }
+  float o[kPer][kPer];
+  acc.finish(sm, o);
+  const float down = 1.f / up;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t c = c0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t d = d0 + tx + 16 * j;
+      if (c < C && d < D) du[c * D + d] = o[i][j] * down;
+    }
+  }
+}
 
 // out[0] = sum of n partial values (one block).
 __global__ void __launch_bounds__(1024) sum_kernel(const float* __restrict__ p, int64_t n, float* __restrict__ out) {
@@ -182,8 +252,8 @@ void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logit
 }
 
 void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
-                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, Split split_u,
-                        float* work_u, cudaStream_t stream) {
+                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, void* gt_work,
+                        cudaStream_t stream) {
   const CeGrad g{a.xnorm, lse, a.labels, a.scale, grad_logits, gw, a.ls, a.B, a.C, 0.f, 0.f, 0.f, 0.f};
   DEMUL_DISPATCH(a.dtype, [&] {
     const auto* x = static_cast<const scalar_t*>(a.x);
@@ -195,7 +265,17 @@ void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const 
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-    if (du != nullptr) run_sweep(a.u, a.C, x, a.B, a.D, split_u, CeClassRows{g}, du, work_u, nullptr, stream);
+    if (du != nullptr) {
+      // ce_grad_type (ops.h): bfloat16 for bfloat16 features, float32 otherwise
+      using TG = std::conditional_t<std::is_same_v<scalar_t, __nv_bfloat16>, __nv_bfloat16, float>;
+      auto* gt = static_cast<TG*>(gt_work);
+      const dim3 grid_g(static_cast<unsigned>(ceil_div(a.C, kTile)), static_cast<unsigned>(ceil_div(a.B, kTile)));
+      ce_grad_kernel<<<grid_g, kThreads, 0, stream>>>(a.u, x, g, a.D, gt);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const dim3 grid_u(static_cast<unsigned>(ceil_div(a.C, kTile)), static_cast<unsigned>(ceil_div(a.D, kTile)));
+      ce_class_grad_kernel<<<grid_u, kThreads, 0, stream>>>(static_cast<const TG*>(gt), x, a.B, a.C, a.D, du);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 

@@ -6,8 +6,11 @@
 //   ||z[i]||^2 = ||v[i]||^2 + beta,   <z[i], e^[c]> = <v[i], F[c]> + delta[c]
 //   cos[i]  = <z[i], e^[c]> / max(||z[i]||, eps),  L_dist = mean_i (1 - cos[i])
 // Forward: blocks own 64 rows x a range of r and keep sum v^2 and sum v F per row; a
-// one-block kernel merges the ranges and adds beta and delta. v ([C*M, r]) is never
-// stored. Backward: one sweep (sweep.cuh) recomputes v tile by tile with
+// one-block kernel merges the ranges and adds beta and delta. The head's forward also
+// stores p = R t^ = v - c ([C*M, r] in T's dtype) for its fused backward (text_head.cu),
+// which then needs one product instead of two (p rather than v: the backward's
+// <t^, R^T G> = <p, G> then has no cancellation v - c in it). The standalone op's backward: one sweep
+// (sweep.cuh) recomputes v tile by tile with
 //   dv[i,k] = -(g / (C*M)) normalize_backward(v/||z||, F[c], cos, ||z||)[k],
 //   dt^[i]  = sum_k dv[i,k] R[k]                                  (= W^T dz of SPEC 4.1).
 // The products run on tensor cores for 16-bit T (R rounded to T's type), in fp32 SIMT for
@@ -25,7 +28,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 distill_forward_partial_kernel(const T* __restrict__ t, const float* __restrict__ basis_r,
                                const float* __restrict__ basis_c, const float* __restrict__ f,
                                const float* __restrict__ n, int64_t rows, int64_t M, int64_t rank, int64_t D,
-                               int64_t cols_per_split, float* __restrict__ partial) {
+                               int64_t cols_per_split, float* __restrict__ partial, T* __restrict__ proj) {
   __shared__ TileSmem<T, float> sm;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -52,7 +55,10 @@ distill_forward_partial_kernel(const T* __restrict__ t, const float* __restrict_
         const float ck = basis_c[k];
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
-          const float v = fmaf(acc[i][j], ninv[i], ck);
+          const float p = acc[i][j] * ninv[i];  // (R t^)[k]
+          const float v = p + ck;
+          const int64_t r = r0 + ty + 16 * i;
+          if (proj != nullptr && r < rows) proj[r * rank + k] = from_f<T>(p);
           vv[i] = fmaf(v, v, vv[i]);
           vf[i] = fmaf(v, f[cls[i] * rank + k], vf[i]);
         }
@@ -124,13 +130,14 @@ struct DistillRows {
 }  // namespace
 
 void launch_distill_forward(const DistillArgs& a, Split split, float* partial, float* cos, float* zn, float* dist,
-                            const float* ce, float alpha, float* loss_out, cudaStream_t stream) {
+                            const float* ce, float alpha, float* loss_out, void* proj, cudaStream_t stream) {
   const int64_t rows = a.C * a.M;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kTile)), static_cast<unsigned>(split.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
     distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t), a.basis_r,
                                                                   a.basis_c, a.f, a.n, rows, a.M, a.rank, a.D,
-                                                                  split.cols_per_split, partial);
+                                                                  split.cols_per_split, partial,
+                                                                  static_cast<scalar_t*>(proj));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   distill_finalize_kernel<<<1, 1024, 0, stream>>>(partial, split.splits, rows, a.M, a.delta, a.beta, cos, zn, dist,

@@ -68,11 +68,6 @@ void launch_normalize_rows_backward(DType dt, const void* v, const float* dvh, c
 void launch_aggregate_forward(DType dt, const void* t, const float* a, int64_t C, int64_t M, int64_t D, void* out,
                               float* u32, float* w, float* n, float* r, cudaStream_t stream);
 
-// g: [C, D] (dL/du^), extra: [C, M, D] (more dL/dt^) or null -> dt [C, M, D], da [C, M].
-void launch_aggregate_backward(DType dt, const float* g, const void* t, const float* w, const float* n,
-                               const float* r, const float* u32, const float* extra, int64_t C, int64_t M, int64_t D,
-                               void* dtext, float* da, cudaStream_t stream);
-
 // Cosine cross-entropy operands: x [B, D], u [C, D] (class features, float32), labels [B]
 // int64, scale [1], xnorm [B] = ||x||.
 struct CeArgs {
@@ -94,11 +89,16 @@ void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logit
 // dxh [B, D] = dL/dx^ (required when dscale is wanted), dscale [1], du [C, D] = dL/du;
 // each null when not wanted. The dxh sweep splits the classes by split_x (work_x:
 // split_x.splits * B * D floats if split_x.splits > 1; scale_partial: split_x.splits *
-// ceil(B / 64) floats if dscale), the du sweep the images by split_u (work_u:
-// split_u.splits * C * D floats if split_u.splits > 1).
+// ceil(B / 64) floats if dscale). du takes two kernels: G^T = dL/ds^T [C, B] into gt_work
+// (ce_grad_elements(B, C) elements of ce_grad_type(dtype)), then du = G^T x.
 void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
-                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, Split split_u,
-                        float* work_u, cudaStream_t stream);
+                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, void* gt_work,
+                        cudaStream_t stream);
+
+// The stored dL/ds of the du product: bfloat16 for bfloat16 features (float32's exponent
+// range: no scaling needed), float32 otherwise (float16 is rounded per block after a
+// power-of-two scaling, see sweep.cuh).
+inline DType ce_grad_type(DType features) { return features == DType::kBFloat16 ? DType::kBFloat16 : DType::kFloat; }
 
 // Distillation operands (SPEC 4.3): t [C, M, D] and the frozen-phi basis, float32:
 // basis_r [r, D] (R), basis_c [r] (c), f [C, r] (F), delta [C], beta [1]; n [C*M] = ||t||.
@@ -115,13 +115,40 @@ struct DistillArgs {
 };
 
 // partial: [split.splits, C*M, 2] scratch -> cos, zn [C*M], dist [1]; loss_out [1] =
-// ce[0] + alpha * dist when non-null.
+// ce[0] + alpha * dist when non-null; proj [C*M, r] = R t^ in t's dtype (for the fused
+// backward, launch_text_backward) when non-null.
 void launch_distill_forward(const DistillArgs& a, Split split, float* partial, float* cos, float* zn, float* dist,
-                            const float* ce, float alpha, float* loss_out, cudaStream_t stream);
+                            const float* ce, float alpha, float* loss_out, void* proj, cudaStream_t stream);
 
 // -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw; the sweep splits r by
 // `split` (work: split.splits * C*M * D floats if split.splits > 1).
 void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
                              Split split, float* work, cudaStream_t stream);
+
+// The fused backward of the text side (text_head.cu): the aggregation's (SPEC 4.1) and the
+// distillation's (SPEC 4.3) in one kernel over 64 x 64 tiles of dT.
+struct TextBackwardArgs {
+  DType dtype;
+  const void* t;  // [C, M, D]
+  const float* n;  // [C*M] ||t||
+  // aggregation (g null: none): dL/du^ [C, D], u^ [C, D], w [C*M], ||u|| [C]
+  const float* g;
+  const float* u32;
+  const float* w;
+  const float* r;
+  // distillation (proj null: none): proj [C*M, r] = R t^ in t's dtype (the forward's), the
+  // basis R [r, D], c [r], F [C, r], the saved cos and ||z|| [C*M], the loss weight
+  const void* proj;
+  const float* basis_r;
+  const float* basis_c;
+  const float* f;
+  const float* cos;
+  const float* zn;
+  GradWeight gw;
+  int64_t C, M, D, rank;
+};
+
+// -> dt [C, M, D] in t's dtype; with the aggregation also da [C, M] (dw: C*M floats scratch).
+void launch_text_backward(const TextBackwardArgs& a, void* dt, float* dw, float* da, cudaStream_t stream);
 
 }  // namespace demul

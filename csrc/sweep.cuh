@@ -48,48 +48,105 @@ template <typename TA, typename TB>
 using SweepSmem =
     std::conditional_t<kUseMma<TA, TB>, MmaSweepSmem<typename MmaType<TA, TB>::type>, SimtSweepSmem>;
 
-// o[i][k] = sum_j g[ty + 16 i][j] v[j][tx + 16 k] over the 64 j of the chunk (SIMT, fp32).
-__device__ __forceinline__ void chunk_product(SimtSweepSmem& sm, float o[kPer][kPer]) {
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-#pragma unroll
-  for (int i = 0; i < kPer; ++i)
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) o[i][k] = 0.f;
-#pragma unroll 8
-  for (int jl = 0; jl < kTile; ++jl) {
-    float gv[kPer], bv[kPer];
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) gv[i] = sm.g[ty + 16 * i][jl];
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) bv[k] = sm.v[jl][tx + 16 * k];
+// Accumulator of a product summed over 64-wide chunks: o[i][k] += sum_j g[ty + 16 i][j]
+// v[j][tx + 16 k] for the chunk in sm.g / sm.v (the caller fills both and publishes them
+// with a barrier before add). The SIMT flavour keeps o in registers (fp32 FMAs); the
+// tensor-core flavour keeps two WMMA accumulator fragments per warp across chunks and
+// hands the epilogue layout over in finish.
+template <bool kMma, typename TC>
+struct ChunkAcc;
+
+template <typename TC>
+struct ChunkAcc<false, TC> {
+  float o[kPer][kPer];
+  __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
 #pragma unroll
-      for (int k = 0; k < kPer; ++k) o[i][k] = fmaf(gv[i], bv[k], o[i][k]);
+      for (int k = 0; k < kPer; ++k) o[i][k] = 0.f;
   }
-}
-
-// The same product on tensor cores (G and the chunk in TC, float32 accumulation).
-// Contains __syncthreads.
-template <typename TC>
-__device__ __forceinline__ void chunk_product(MmaSweepSmem<TC>& sm, float o[kPer][kPer]) {
-  using namespace nvcuda;
-  const int warp = threadIdx.x >> 5, wr = 16 * (warp & 3), wc = 32 * (warp >> 2);
-  AccFrag f[2];
-  wmma::fill_fragment(f[0], 0.f);
-  wmma::fill_fragment(f[1], 0.f);
+  __device__ __forceinline__ void add(SimtSweepSmem& sm) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll 8
+    for (int jl = 0; jl < kTile; ++jl) {
+      float gv[kPer], bv[kPer];
 #pragma unroll
-  for (int k = 0; k < kTile; k += 16) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, TC, wmma::row_major> fa;
-    wmma::load_matrix_sync(fa, &sm.g[wr][k], kTileLd);
+      for (int i = 0; i < kPer; ++i) gv[i] = sm.g[ty + 16 * i][jl];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, TC, wmma::row_major> fb;
-      wmma::load_matrix_sync(fb, &sm.prod.v[k][wc + 16 * h], kTileLd);
-      wmma::mma_sync(f[h], fa, fb, f[h]);
+      for (int k = 0; k < kPer; ++k) bv[k] = sm.v[jl][tx + 16 * k];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i)
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) o[i][k] = fmaf(gv[i], bv[k], o[i][k]);
     }
   }
-  unstage(f, sm.prod.c, o);
+  __device__ __forceinline__ void finish(SimtSweepSmem&, float out[kPer][kPer]) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) out[i][k] = o[i][k];
+  }
+};
+
+template <typename TC>
+struct ChunkAcc<true, TC> {
+  AccFrag f[2];
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(f[0], 0.f);
+    nvcuda::wmma::fill_fragment(f[1], 0.f);
+  }
+  __device__ __forceinline__ void add(MmaSweepSmem<TC>& sm) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5, wr = 16 * (warp & 3), wc = 32 * (warp >> 2);
+#pragma unroll
+    for (int k = 0; k < kTile; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, TC, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, &sm.g[wr][k], kTileLd);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, TC, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, &sm.prod.v[k][wc + 16 * h], kTileLd);
+        wmma::mma_sync(f[h], fa, fb, f[h]);
+      }
+    }
+  }
+  // Contains __syncthreads (the fragments reach the epilogue layout through sm.prod.c).
+  __device__ __forceinline__ void finish(MmaSweepSmem<TC>& sm, float out[kPer][kPer]) { unstage(f, sm.prod.c, out); }
+};
+
+// Stores into the chunk's operands: g[i][j] (first operand) and v[j][d] (second), rounded
+// to the flavour's type.
+template <typename TC>
+__device__ __forceinline__ void put_g(MmaSweepSmem<TC>& sm, int i, int j, float x) { sm.g[i][j] = from_f<TC>(x); }
+__device__ __forceinline__ void put_g(SimtSweepSmem& sm, int i, int j, float x) { sm.g[i][j] = x; }
+template <typename TC>
+__device__ __forceinline__ void put_v(MmaSweepSmem<TC>& sm, int j, int d, float x) { sm.prod.v[j][d] = from_f<TC>(x); }
+__device__ __forceinline__ void put_v(SimtSweepSmem& sm, int j, int d, float x) { sm.v[j][d] = x; }
+
+// o = the product of one chunk (the sweep's second product). Contains __syncthreads for
+// the tensor-core flavour.
+template <class Smem>
+__device__ __forceinline__ void chunk_product(Smem& sm, float o[kPer][kPer]) {
+  constexpr bool kMma = !std::is_same_v<Smem, SimtSweepSmem>;
+  using TC = std::remove_reference_t<decltype(sm.g[0][0])>;
+  ChunkAcc<kMma, TC> acc;
+  acc.zero();
+  acc.add(sm);
+  acc.finish(sm, o);
+}
+
+// The power of two that brings a largest magnitude m into [2^13, 2^14) when G is stored in
+// float16 (1 for other types, or when m is 0 or not finite); its inverse is exact.
+template <typename TG>
+__device__ __forceinline__ float storage_scale(float m) {
+  if constexpr (std::is_same_v<TG, __half>) {
+    if (!(m > 0.f) || !isfinite(m)) return 1.f;
+    int e;
+    frexpf(m, &e);  // m = f 2^e, f in [0.5, 1)
+    return ldexpf(1.f, min(max(14 - e, -100), 100));  // 2^k and 2^-k are normal floats
+  } else {
+    return 1.f;
+  }
 }
 
 // G is stored in TG for the second product. float16 has 5 exponent bits: gradients of the
@@ -105,17 +162,12 @@ __device__ __forceinline__ float scale_for_storage(float g[kPer][kPer], float* s
     for (int i = 0; i < kPer; ++i)
 #pragma unroll
       for (int j = 0; j < kPer; ++j) m = fmaxf(m, fabsf(g[i][j]));
-    m = block_max(m, scratch);
-    if (!(m > 0.f) || !isfinite(m)) return 1.f;
-    int e;
-    frexpf(m, &e);  // m = f 2^e, f in [0.5, 1)
-    const int k = min(max(14 - e, -100), 100);  // 2^k and 2^-k are normal floats
-    const float up = ldexpf(1.f, k);
+    const float up = storage_scale<TG>(block_max(m, scratch));
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
 #pragma unroll
       for (int j = 0; j < kPer; ++j) g[i][j] *= up;
-    return ldexpf(1.f, -k);
+    return 1.f / up;
   } else {
     return 1.f;
   }
@@ -154,7 +206,7 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) sm.g[ty + 16 * i][tx + 16 * j] = from_f<TG>(acc[i][j]);
+      for (int j = 0; j < kPer; ++j) put_g(sm, ty + 16 * i, tx + 16 * j, acc[i][j]);
     for (int64_t d0 = 0; d0 < D; d0 += kTile) {
       // B[j0 .. j0+64, d0 .. d0+64] -> the chunk, 64 consecutive threads on one row (coalesced).
       const int ld_d = tid & 63, ld_j = tid >> 6;
@@ -162,12 +214,7 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
       for (int p = 0; p < kTile / 4; ++p) {
         const int jl = ld_j + 4 * p;
         const int64_t jj = j0 + jl, d = d0 + ld_d;
-        const float bv = (jj < j_end && d < D) ? to_f(B[jj * D + d]) : 0.f;
-        if constexpr (kMma) {
-          sm.prod.v[jl][ld_d] = from_f<TG>(bv);
-        } else {
-          sm.v[jl][ld_d] = bv;
-        }
+        put_v(sm, jl, ld_d, (jj < j_end && d < D) ? to_f(B[jj * D + d]) : 0.f);
       }
       __syncthreads();  // also publishes g
       float o[kPer][kPer];

@@ -97,7 +97,7 @@ def test_direct_calls_on_cpu_tensors_raise_naming_the_argument():
         "demul_head_forward": lambda: _C.demul_head_forward(z["t"], z["a"], z["x"], z["y"], z["s"], *z["basis"], 1.0, 0.0, True),
         "demul_head_backward": lambda: _C.demul_head_backward(z["g"], None, None, None, z["t"], z["x"], z["y"], z["s"],
                                                   *z["basis"], 1.0, 0.0, z["nc"], z["wc"], z["rc"], z["vb"],
-                                                  z["vb"], z["vr"], z["vr"], z["u"], True, True, True),
+                                                  z["vb"], z["vr"], z["vr"], z["u"], z["u"], True, True, True),
     }
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match=r"(text_features|image_features) must be a CUDA tensor, got a tensor "

@@ -1,7 +1,8 @@
 """Evidence without a GPU: the built extension's machine code (SASS, read with cuobjdump).
 
 * Every GEMM-bearing kernel (a ``__global__`` function of csrc/ whose body calls
-  ``tile_dot``, found by reading the sources, so a new one cannot escape) has tensor-core
+  ``tile_dot`` or accumulates with a ``ChunkAcc``, the two tile products of common.cuh and
+  sweep.cuh, found by reading the sources, so a new one cannot escape) has tensor-core
   instructions (HMMA: ``mma.sync``, HGMMA: warpgroup MMA) in each of its bfloat16 and
   float16 instantiations. Float32 instantiations run the float32 SIMT path by design (no
   TF32): they have FFMA and no HMMA.
@@ -24,7 +25,7 @@ SIXTEEN_BIT = {"bfloat16": "13__nv_bfloat16", "float16": "6__half"}
 
 
 def gemm_kernels_in_source():
-    """Names of the __global__ functions of csrc/ whose body calls tile_dot."""
+    """Names of the __global__ functions of csrc/ whose body calls tile_dot or uses a ChunkAcc."""
     names = set()
     for path in sorted(CSRC.glob("*.cu*")):
         text = path.read_text()
@@ -32,7 +33,7 @@ def gemm_kernels_in_source():
             head = re.sub(r"__launch_bounds__\s*\([^)]*\)", "", chunk)
             name = re.search(r"(\w+)\s*\(", head).group(1)
             # the body runs to the next kernel, or the end of the file: enough to see a call
-            if "tile_dot(" in chunk:
+            if "tile_dot(" in chunk or "ChunkAcc<" in chunk:
                 names.add(name)
     return names
 
@@ -48,7 +49,8 @@ def instantiations(sass, name):
 
 
 def test_the_source_scan_finds_the_gemm_kernels():
-    assert {"ce_forward_partial_kernel", "distill_forward_partial_kernel", "sweep_kernel"} <= gemm_kernels_in_source()
+    assert {"ce_forward_partial_kernel", "distill_forward_partial_kernel", "sweep_kernel", "ce_grad_kernel",
+            "ce_class_grad_kernel", "text_backward_kernel"} <= gemm_kernels_in_source()
 
 
 @pytest.mark.parametrize("dtype", sorted(SIXTEEN_BIT))
@@ -101,5 +103,5 @@ def test_compiled_report_lists_every_launch_with_a_modelled_time(tmp_path):
         assert x["spill_bytes"] == 0
         expected = max(x["bytes"] / cc.BANDWIDTH, x["flops"] / cc.PEAK_FLOPS[x["mma"]]) * 1e6
         assert x["modelled_us"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
-        gemm = any(k in x["kernel"] for k in ("sweep_kernel", "forward_partial_kernel"))
+        gemm = any(re.search(rf"\d+{k}I", x["kernel"]) for k in gemm_kernels_in_source())
         assert (x["mma"] == "mma.sync") == gemm, x["name"]

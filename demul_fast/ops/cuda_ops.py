@@ -224,9 +224,10 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
           basis_r: Optional[Tensor], basis_c: Optional[Tensor], basis_f: Optional[Tensor],
           basis_delta: Optional[Tensor], basis_beta: Optional[Tensor], alpha: float, label_smoothing: float,
           return_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                        Tensor, Tensor, Tensor]:
+                                        Tensor, Tensor, Tensor, Tensor]:
     """-> (loss, ce, dist, logits [B, C] or [0], then saved statistics: n [C, M], w [C, M], r [C], lse [B],
-    ||x|| [B], ||z|| [C*M], cos [C*M] (these two [0] without a basis), u^ float32 [C, D])"""
+    ||x|| [B], ||z|| [C*M], cos [C*M] (these two [0] without a basis), u^ float32 [C, D], and
+    p = R t^ [C*M, r] in text_features' dtype ([0] without a basis: the fused backward's operand))"""
     return tuple(_C.demul_head_forward(text_features, prompt_logits, image_features, labels, scale, basis_r, basis_c,
                                  basis_f, basis_delta, basis_beta, alpha, label_smoothing, return_logits))
 
@@ -239,8 +240,9 @@ def _(text_features, prompt_logits, image_features, labels, scale, basis_r, basi
     t = text_features
     logits = image_features.new_empty((b, c)) if return_logits else image_features.new_empty(0)
     rows = c * m if basis_r is not None else 0
+    proj = t.new_empty((rows, basis_r.shape[0])) if basis_r is not None else t.new_empty(0)
     return (_f32(t), _f32(t), _f32(t), logits, _f32(t, c, m), _f32(t, c, m), _f32(t, c), _f32(t, b), _f32(t, b),
-            _f32(t, rows), _f32(t, rows), _f32(t, c, d))
+            _f32(t, rows), _f32(t, rows), _f32(t, c, d), proj)
 
 
 @torch.library.custom_op("demul_fast::cuda_demul_head_backward", mutates_args=())
@@ -249,16 +251,17 @@ def _head_backward(grad_loss: Optional[Tensor], grad_ce: Optional[Tensor], grad_
                    scale: Tensor, basis_r: Optional[Tensor], basis_c: Optional[Tensor], basis_f: Optional[Tensor],
                    basis_delta: Optional[Tensor], basis_beta: Optional[Tensor], alpha: float, label_smoothing: float,
                    n: Tensor, w: Tensor, r: Tensor, lse: Tensor, xnorm: Tensor, zn: Tensor, cos: Tensor, u32: Tensor,
-                   need_text: bool, need_image: bool, need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   proj: Tensor, need_text: bool, need_image: bool,
+                   need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dL/dT, dL/dA float32, dL/dX, dL/dscale []), each [0] when not needed"""
     return tuple(_C.demul_head_backward(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels,
                                   scale, basis_r, basis_c, basis_f, basis_delta, basis_beta, alpha, label_smoothing,
-                                  n, w, r, lse, xnorm, zn, cos, u32, need_text, need_image, need_scale))
+                                  n, w, r, lse, xnorm, zn, cos, u32, proj, need_text, need_image, need_scale))
 
 
 @_head_backward.register_fake
 def _(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels, scale, basis_r, basis_c,
-      basis_f, basis_delta, basis_beta, alpha, label_smoothing, n, w, r, lse, xnorm, zn, cos, u32, need_text,
+      basis_f, basis_delta, basis_beta, alpha, label_smoothing, n, w, r, lse, xnorm, zn, cos, u32, proj, need_text,
       need_image, need_scale):
     t, x = text_features, image_features
     return (torch.empty_like(t) if need_text else t.new_empty(0),
