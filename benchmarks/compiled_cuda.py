@@ -145,7 +145,9 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[di
     r = min(K, D)
     R = C * M
     ce_s, _ = plan_split(B, C)
-    dist_s, _ = plan_split(R, r)
+    fused = M <= TILE  # ops.h can_fuse_aggregate: the aggregation rides on the distillation's pass over T
+    tile_rows = (TILE // M) * M if fused else TILE  # ops.h distill_tile_rows
+    dist_s, _ = _split_into(r, math.ceil(2 * SMS / math.ceil(R / tile_rows)))  # ops.h plan_distill_split
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     L = []
 
@@ -153,15 +155,18 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[di
         L.append(dict(name=name, symbol=symbol, grid=list(grid), flops=int(flops), bytes=int(nbytes)))
 
     # forward
-    add("fwd aggregate", rf"24aggregate_forward_kernelI{t}E", (C,), 5 * R * D + 4 * C * D,
-        e * R * D + 4 * (R + C * D + 2 * R + C))
+    agg_flops, agg_bytes = 5 * R * D + 4 * C * D, 4 * (R + C * D + 2 * R + C)  # logits in; u^, w, n, |u| out
+    if not fused:
+        add("fwd aggregate", rf"24aggregate_forward_kernelI{t}E", (C,), agg_flops, e * R * D + agg_bytes)
+    # the head's distillation also stores p = R t^ [C*M, r] in T's dtype for the fused backward,
+    # takes the norms of T and (fused) aggregates
+    add("fwd distill" + (" + aggregate" if fused else ""), rf"30distill_forward_partial_kernelI{t}E",
+        (cdiv(R, tile_rows), dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
+        e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
         2 * B * C * D + 8 * B * C, e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
     add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8)
-    # the head's distillation also stores p = R t^ [C*M, r] in T's dtype for the fused backward
-    add("fwd distill", rf"30distill_forward_partial_kernelI{t}E", (cdiv(R, TILE), dist_s),
-        2 * R * D * r + 6 * R * r, e * R * D + e * R * r + 4 * (r * D + r + C * r + R) + 8 * dist_s * R)
     add("fwd distill finalize", r"23distill_finalize_kernelE", (1,), 4 * dist_s * R + 6 * R,
         8 * dist_s * R + 4 * (C + 2 * R) + 8)
     # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA

@@ -41,18 +41,10 @@ aggregate_forward_kernel(const T* __restrict__ t, const float* __restrict__ a, T
     }
   }
   if (warp == 0) {
-    const float* ac = a + c * M;
-    float mx = -INFINITY;
-    for (int64_t m = lane; m < M; m += 32) mx = fmaxf(mx, ac[m]);
-    mx = warp_max(mx);
-    float s = 0.f;
-    for (int64_t m = lane; m < M; m += 32) s += expf(ac[m] - mx);
-    s = warp_sum(s);
-    for (int64_t m = lane; m < M; m += 32) {
-      const float wm = expf(ac[m] - mx) / s;
+    warp_softmax(a + c * M, M, [&](int64_t m, float wm) {
       w[m] = wm;
       w_out[c * M + m] = wm;
-    }
+    });
   }
   __syncthreads();
 

@@ -75,14 +75,21 @@ void run_ce_forward(const CeArgs& a, const at::Tensor& like, void* logits, at::T
   launch_ce_forward(a, split, fp(partial), logits, fp(lse), fp(ce), loss_out, stream());
 }
 
-void run_distill_forward(const DistillArgs& a, const at::Tensor& like, at::Tensor& cos, at::Tensor& zn,
-                         at::Tensor& dist, const float* ce, double alpha, float* loss_out, void* proj) {
-  const Split split = plan_split(a.C * a.M, a.rank, sm_count());
-  at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
-  launch_distill_forward(a, split, fp(partial), fp(cos), fp(zn), fp(dist), ce, static_cast<float>(alpha), loss_out,
-                         proj, stream());
-}
+// The distillation's partial pass (launch_distill_partial); its finalize needs the split
+// and the partial sums.
+struct DistillPartial {
+  Split split;
+  at::Tensor partial;
+};
 
+DistillPartial run_distill_partial(const DistillArgs& a, const at::Tensor& like, void* proj, float* n_out,
+                                   FusedAggregate agg) {
+  const int64_t tile_rows = agg.a != nullptr ? distill_tile_rows(a.M) : kTileRows;
+  const Split split = plan_distill_split(a.C * a.M, tile_rows, a.rank, sm_count());
+  at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
+  launch_distill_partial(a, tile_rows, split, fp(partial), proj, n_out, agg, stream());
+  return {split, partial};
+}
 
 // Float32 scratch of n floats, or an undefined tensor (null pointer) when n == 0.
 float* scratch(at::Tensor& holder, int64_t n, const at::Tensor& like) {
@@ -329,9 +336,10 @@ std::vector<at::Tensor> prompt_distill_loss_forward(const at::Tensor& text_featu
   at::Tensor zn = at::empty({R}, f32(text_features));
   at::Tensor cos = at::empty({R}, f32(text_features));
   at::Tensor dist = at::empty({}, f32(text_features));
-  launch_row_norms(dtype_of(text_features), text_features.data_ptr(), R, D, fp(n), stream());
-  run_distill_forward(distill_args(text_features, basis, n), text_features, cos, zn, dist, nullptr, 0.0, nullptr,
-                      nullptr);
+  const DistillArgs da = distill_args(text_features, basis, n);
+  const DistillPartial part = run_distill_partial(da, text_features, nullptr, fp(n), FusedAggregate{});
+  launch_distill_finalize(da, part.split, cfp(part.partial), fp(cos), fp(zn), fp(dist), nullptr, 0.f, nullptr,
+                          stream());
   return {dist, n, zn, cos};
 }
 
@@ -384,24 +392,36 @@ std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, cons
   at::Tensor loss = at::empty({}, f32(text_features));
   at::Tensor ce = at::empty({}, f32(text_features));
   at::Tensor logits = return_logits ? at::empty({B, C}, image_features.options()) : empty0(image_features);
-  launch_aggregate_forward(dtype_of(text_features), text_features.data_ptr(), cfp(prompt_logits), C, M, D, nullptr,
-                           fp(u32), fp(w), fp(n), fp(r), stream());
+  // Text side first: the aggregation (fused into the distillation's pass over T when a block
+  // can hold whole classes), the distillation's partial sums and p = R t^.
+  at::Tensor dist, cos, zn, proj;
+  std::optional<DistillArgs> dargs;
+  DistillPartial part;
+  const bool fused = basis && can_fuse_aggregate(M);
+  if (!fused)
+    launch_aggregate_forward(dtype_of(text_features), text_features.data_ptr(), cfp(prompt_logits), C, M, D, nullptr,
+                             fp(u32), fp(w), fp(n), fp(r), stream());
+  if (basis) {
+    proj = at::empty({C * M, basis->R.size(0)}, text_features.options());
+    dargs = distill_args(text_features, *basis, n);
+    const FusedAggregate agg = fused ? FusedAggregate{cfp(prompt_logits), fp(w), fp(r), fp(u32)} : FusedAggregate{};
+    part = run_distill_partial(*dargs, text_features, proj.data_ptr(), fused ? fp(n) : nullptr, agg);
+  } else {
+    proj = empty0(text_features);
+  }
   launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
   run_ce_forward(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing), text_features,
                  return_logits ? logits.data_ptr() : nullptr, lse, ce, basis ? nullptr : fp(loss));
-  at::Tensor dist, cos, zn, proj;
   if (basis) {
     cos = at::empty({C * M}, f32(text_features));
     zn = at::empty({C * M}, f32(text_features));
     dist = at::empty({}, f32(text_features));
-    proj = at::empty({C * M, basis->R.size(0)}, text_features.options());
-    run_distill_forward(distill_args(text_features, *basis, n), text_features, cos, zn, dist, cfp(ce), alpha,
-                        fp(loss), proj.data_ptr());
+    launch_distill_finalize(*dargs, part.split, cfp(part.partial), fp(cos), fp(zn), fp(dist), cfp(ce),
+                            static_cast<float>(alpha), fp(loss), stream());
   } else {
     dist = at::zeros({}, f32(text_features));
     cos = empty0(u32);
     zn = empty0(u32);
-    proj = empty0(text_features);
   }
   return {loss, ce, dist, logits, n, w, r, lse, xnorm, zn, cos, u32, proj};
 }

@@ -86,6 +86,20 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// w = softmax(a[0 .. M-1]) (SPEC 4, one class's prompt weights) by one warp: put(m, w[m])
+// is called on the lane that owns m. Every lane of the warp must call it.
+template <class Put>
+__device__ __forceinline__ void warp_softmax(const float* __restrict__ a, int64_t M, Put put) {
+  const int lane = threadIdx.x & 31;
+  float mx = -INFINITY;
+  for (int64_t m = lane; m < M; m += 32) mx = fmaxf(mx, a[m]);
+  mx = warp_max(mx);
+  float s = 0.f;
+  for (int64_t m = lane; m < M; m += 32) s += expf(a[m] - mx);
+  s = warp_sum(s);
+  for (int64_t m = lane; m < M; m += 32) put(m, expf(a[m] - mx) / s);
+}
+
 // Sum over the block; every thread gets the result. `scratch` holds 32 floats.
 // Contains __syncthreads: every thread of the block must call it.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {

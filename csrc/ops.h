@@ -101,7 +101,8 @@ void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const 
 inline DType ce_grad_type(DType features) { return features == DType::kBFloat16 ? DType::kBFloat16 : DType::kFloat; }
 
 // Distillation operands (SPEC 4.3): t [C, M, D] and the frozen-phi basis, float32:
-// basis_r [r, D] (R), basis_c [r] (c), f [C, r] (F), delta [C], beta [1]; n [C*M] = ||t||.
+// basis_r [r, D] (R), basis_c [r] (c), f [C, r] (F), delta [C], beta [1]; n [C*M] = ||t||
+// (read by the backward sweep; the forward takes the norms itself).
 struct DistillArgs {
   DType dtype;
   const void* t;
@@ -114,11 +115,33 @@ struct DistillArgs {
   int64_t C, M, D, rank;
 };
 
-// partial: [split.splits, C*M, 2] scratch -> cos, zn [C*M], dist [1]; loss_out [1] =
-// ce[0] + alpha * dist when non-null; proj [C*M, r] = R t^ in t's dtype (for the fused
-// backward, launch_text_backward) when non-null.
-void launch_distill_forward(const DistillArgs& a, Split split, float* partial, float* cos, float* zn, float* dist,
-                            const float* ce, float alpha, float* loss_out, void* proj, cudaStream_t stream);
+// The aggregation fused into the distillation's forward (a null: not fused): logits a
+// [C, M] -> w [C, M], ||u|| r [C], u^ u32 [C, D] float32.
+struct FusedAggregate {
+  const float* a;
+  float* w;
+  float* r;
+  float* u32;
+};
+
+// Rows per block of the distillation's forward: whole classes (the largest multiple of M
+// up to 64) when M <= 64, so that the aggregation can be fused; 64 otherwise (not fused).
+inline int64_t distill_tile_rows(int64_t M) { return M <= kTileRows ? (kTileRows / M) * M : kTileRows; }
+inline bool can_fuse_aggregate(int64_t M) { return M <= kTileRows; }
+
+// The split over r of the distillation's forward for blocks of tile_rows rows.
+inline Split plan_distill_split(int64_t rows, int64_t tile_rows, int64_t rank, int64_t sms) {
+  return split_into(rank, ceil_div(2 * sms, ceil_div(rows, tile_rows)));
+}
+
+// partial: [split.splits, C*M, 2] scratch; n_out [C*M] = ||t|| when non-null; proj
+// [C*M, r] = R t^ in t's dtype (for the fused backward, launch_text_backward) when non-null;
+// agg (tile_rows a multiple of M) the fused aggregation. Then launch_distill_finalize:
+// -> cos, zn [C*M], dist [1]; loss_out [1] = ce[0] + alpha * dist when non-null.
+void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split, float* partial, void* proj,
+                            float* n_out, FusedAggregate agg, cudaStream_t stream);
+void launch_distill_finalize(const DistillArgs& a, Split split, const float* partial, float* cos, float* zn,
+                             float* dist, const float* ce, float alpha, float* loss_out, cudaStream_t stream);
 
 // -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw; the sweep splits r by
 // `split` (work: split.splits * C*M * D floats if split.splits > 1).

@@ -24,6 +24,8 @@ ODD = dict(C=37, M=3, D=100, B=5, K=70)
 PRIMES = dict(C=67, M=5, D=131, B=97, K=193)  # every dimension crosses a 64-wide tile
 LARGE = dict(C=1000, M=8, D=512, B=256, K=3072)
 SQUARE = dict(C=37, M=3, D=96, B=5, K=96)  # K = D: the basis has full rank D
+M64 = dict(C=5, M=64, D=72, B=7, K=40)  # one class per 64-row block of the fused forward
+MANY = dict(C=3, M=70, D=80, B=9, K=50)  # M > 64: aggregation not fused, blocks cross classes
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -185,8 +187,8 @@ def _head_fns(y, E, W, b, alpha, ls, distill):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,distill", [(ODD, True), (PRIMES, False), (PRIMES, True), (SQUARE, True),
-                                           (LARGE, True)],
-                         ids=["odd", "primes-ce-only", "primes", "k=d", "large"])
+                                           (M64, True), (MANY, True), (LARGE, True)],
+                         ids=["odd", "primes-ce-only", "primes", "k=d", "m=64", "m>64", "large"])
 def test_demul_head(gen, shape, distill, dtype):
     T, A, X, y, E, W, b = make_inputs(gen, **shape)
     E, W, b = round_trip(dtype, E, W, b)
@@ -198,6 +200,23 @@ def test_demul_head(gen, shape, distill, dtype):
     fo, _ = check(f"head {dtype}", _head_fns(y, E, W, b, 0.7, 0.1, distill), [T, A, X, tau], [0, 1, 2, 3], dtype,
                   cot, ["dT", "dA", "dX", "dscale"])
     assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_scale_exactly_with_the_loss_weight(gen, dtype):
+    """A loss scaled by 2^16 (a mixed-precision loss scaler's default) scales dA by exactly 2^16:
+    the stored dL/ds and dt^ tiles are rescaled by powers of two, so nothing overflows float16
+    (|tau G| would pass 65504 here without it) and no bit changes."""
+    T, A, X, y, E, W, b = make_inputs(gen, **PRIMES)
+    basis = basis_of(E, W, b)
+    grads = []
+    for weight in (1.0, 2.0 ** 16):
+        t, a = T.to(dtype).requires_grad_(), A.float().requires_grad_()
+        out = cuda_ops().demul_head(t, a, X.to(dtype), y, 100.0, basis, 0.7, 0.1)
+        (out.loss * weight).backward()
+        grads.append(a.grad)
+    assert torch.isfinite(grads[1]).all()
+    assert torch.equal(grads[1], grads[0] * 2.0 ** 16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -93,10 +93,11 @@ def why_not(name: str, device: Optional[torch.device] = None, dtype: Optional[to
 # compiled-code analysis only (modelled, README "CUDA extension"): no GPU measurement has
 # compared the two kernel backends yet. Change the order when one does.
 DEFAULT_ORDER_REASON = (
-    "static order, triton first: no GPU measurement compares the kernel backends yet; the CUDA "
-    "kernels' matrix products run on mma.sync tensor cores (modelled, benchmarks/compiled_cuda.py), "
-    "but their operand loads are scalar and not measured, so cuda comes second until "
-    "benchmarks/run.py on a GPU says otherwise")
+    "static order, triton first: no GPU measurement compares the kernel backends yet, and their "
+    "compiled code models alike (benchmarks/results/compiled: both heads within 2x of the floor at the "
+    "imagenet preset in bfloat16, modelled); what the model does not see favours triton (warpgroup MMA "
+    "and vector loads against the CUDA kernels' mma.sync and scalar operand loads), so cuda comes "
+    "second until benchmarks/run.py on a GPU says otherwise")
 
 
 def default_order(device: torch.device) -> Tuple[str, ...]:
