@@ -1,0 +1,140 @@
+"""Builds the CUDA extension's sources (csrc/) for the CPU: the CUDA-on-CPU emulation that
+lets CI run the hand-written kernels without a GPU (tests/test_cuda_emulated.py).
+
+The sources are copied, not rewritten by hand. Mechanical edits only:
+
+* every launch ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
+  ``::emu::launch([&] { kernel(args); }, grid, block, smem, stream);``;
+* ``extern __shared__ float name[];`` (dynamic shared memory) becomes a pointer to the
+  emulated block's buffer;
+* each .cu file is compiled as C++ with include/emu_prelude.h first (fibers for threads,
+  barriers, shuffles; include/mma.h emulates WMMA), and ops.h's device-only members are
+  enabled (``#ifdef __CUDACC__``);
+* the bindings take CPU tensors where they demand CUDA ones (``is_cuda()`` ->
+  ``is_cpu()``), with the stream, guard and device properties stubbed in include/.
+
+Everything else (the launch plans, the kernels, the checks, the Python glue in
+demul_fast/ops/cuda_ops.py) is the code that the GPU build compiles.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import shutil
+from typing import Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def cuda_include() -> Optional[str]:
+    """A folder with cuda_fp16.h and cuda_runtime.h (the toolkit's, or the nvidia pip wheels')."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    cands = [os.path.join(h, "include") for h in homes if h]
+    try:
+        import nvidia
+        for base in getattr(nvidia, "__path__", []):
+            cands += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    for d in cands:
+        if all(os.path.exists(os.path.join(d, f)) for f in ("cuda_fp16.h", "cuda_bf16.h", "cuda_runtime.h")):
+            return d
+    return None
+
+
+def unavailable_reason() -> Optional[str]:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no host C++ compiler"
+    if cuda_include() is None:
+        return "no CUDA headers (cuda_fp16.h, cuda_runtime.h) for the host build"
+    return None
+
+
+def _rewrite_launches(text: str) -> str:
+    out, pos = [], 0
+    for m in re.finditer(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)<<<", text):
+        if m.start() < pos:
+            continue
+        end = text.index(">>>", m.end())
+        config = text[m.end():end]
+        if text[end + 3] != "(":
+            raise ValueError(f"unexpected launch syntax near {text[m.start():end + 10]!r}")
+        depth, i = 0, end + 3
+        while True:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+            if depth == 0:
+                break
+        args = text[end + 4:i - 1]
+        out.append(text[pos:m.start()])
+        out.append(f"::emu::launch([&] {{ {m.group(1)}({args}); }}, {config})")
+        pos = i
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def transform(name: str, text: str) -> str:
+    text = _rewrite_launches(text)
+    text = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];", r"\1* \2 = ::emu::dyn_smem<\1>();", text)
+    if name == "ops.h":
+        text = text.replace("#ifdef __CUDACC__", "#if 1  // emulation: device members on the host")
+    if name in ("bindings.cpp", "checks.h"):
+        text = re.sub(r"(\.|->)is_cuda\(\)", r"\1is_cpu()", text)
+    if name.endswith(".cu"):
+        text = '#include "emu_prelude.h"\n' + text
+    return text
+
+
+def sources(out_dir: str) -> list:
+    """Writes the transformed csrc/ into out_dir; returns the translation units."""
+    os.makedirs(out_dir, exist_ok=True)
+    units = []
+    for path in sorted(glob.glob(os.path.join(CSRC, "*"))):
+        name = os.path.basename(path)
+        if not name.endswith((".cu", ".cuh", ".h", ".cpp")):
+            continue
+        with open(path) as f:
+            text = transform(name, f.read())
+        dest = os.path.join(out_dir, name + (".cpp" if name.endswith(".cu") else ""))
+        with open(dest, "w") as f:
+            f.write(text)
+        if dest.endswith(".cpp"):
+            units.append(dest)
+    return units
+
+
+def build(build_dir: str, verbose: bool = False):
+    """The emulated extension as a Python module (same functions as demul_fast._C)."""
+    from torch.utils import cpp_extension
+
+    from demul_fast import common
+
+    src_dir = os.path.join(build_dir, "src")
+    units = sources(src_dir)
+    digest = hashlib.sha1()
+    for u in sorted(glob.glob(os.path.join(src_dir, "*"))) + sorted(glob.glob(os.path.join(HERE, "include", "**"),
+                                                                                recursive=True)):
+        if os.path.isfile(u):
+            with open(u, "rb") as f:
+                digest.update(f.read())
+    name = "demul_fast_cuda_emu_" + digest.hexdigest()[:10]
+    obj_dir = os.path.join(build_dir, "obj")
+    os.makedirs(obj_dir, exist_ok=True)
+    return cpp_extension.load(
+        name=name, sources=units, build_directory=obj_dir, verbose=verbose, with_cuda=False,
+        extra_include_paths=[os.path.join(HERE, "include"), src_dir, cuda_include()],
+        extra_cflags=["-O2", "-Wno-unknown-pragmas", f"-DDEMUL_EPS={float(common.EPS)!r}",
+                      f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}"])
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    mod = build(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(), verbose=True)
+    print(mod.__name__, [k for k in dir(mod) if not k.startswith("_")])

@@ -1,0 +1,65 @@
+// WMMA for the CUDA-on-CPU emulation (tests/cuda_emu/include/emu_prelude.h): every lane
+// holds the whole 16 x 16 fragment as float32 and computes the whole product; the operand
+// types are converted exactly (the kernels round their operands before loading them), the
+// products accumulate in float32 as on the tensor cores (in another order).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has 16 x 16 x 16 fragments only");
+  float v[16][16];  // (row, column) of the fragment's matrix
+};
+
+inline float emu_to_float(float x) { return x; }
+inline float emu_to_float(__half x) { return __half2float(x); }
+inline float emu_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class Use, class T, class Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.v[r][c] = emu_to_float(std::is_same_v<Layout, row_major> ? p[r * ld + c] : p[c * ld + r]);
+}
+
+template <class T>
+void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, float x) {
+  for (auto& row : f.v)
+    for (auto& e : row) e = x;
+}
+
+template <class TA, class LA, class TB, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[16][16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.v[i][j];
+      for (int k = 0; k < 16; ++k) s = std::fma(a.v[i][k], b.v[k][j], s);
+      out[i][j] = s;
+    }
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) d.v[i][j] = out[i][j];
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[l == mem_row_major ? r * ld + c : c * ld + r] = f.v[r][c];
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

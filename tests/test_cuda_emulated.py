@@ -1,0 +1,186 @@
+"""The "cuda" backend's kernels (csrc/) run on the CPU, in CI, without a GPU.
+
+tests/cuda_emu/build.py compiles the same kernel sources as the GPU build with the host
+compiler and a small CUDA emulation (tests/cuda_emu/include/emu_prelude.h: one fiber per
+thread, barriers, warp shuffles, WMMA fragments multiplied in float32), and the bindings
+with CPU tensors admitted; demul_fast.ops.cuda_ops then runs unchanged on top of it. The
+launch plans are those of an H200 (132 SMs). What this checks: the kernels' indexing, tile
+bounds, masks, barriers (a barrier that cannot release aborts), the fused algebra, the
+class-aligned blocks of the fused forward, the float16 scaling and the rounding of the
+tensor-core operands to the input dtype. What it cannot: timing, the tensor cores' own
+accumulation order, real concurrency between blocks (tests/test_cuda_gpu.py, on a GPU).
+
+Every function and the head against the float64 reference with the error rule
+(tests/numerics.py; half inputs get the explicit tensor-core operand allowance, as the
+Triton kernels do in tests/backend_cases.py), on shapes that cross every 64-wide tile, in
+float32 (SIMT path), bfloat16 and float16 (WMMA path), forward and gradients.
+"""
+
+import os
+
+import pytest
+import torch
+
+from demul_fast import reference as ref
+from demul_fast.ops import cuda_ops
+from demul_fast.ops.distill_basis import build_distill_basis
+from numerics import assert_error_rule, default_compute_dtype, round_trip
+
+from cuda_emu import build as emu_build
+
+REASON = emu_build.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"CUDA emulation unavailable: {REASON}")
+
+ODD = dict(C=37, M=3, D=100, B=5, K=70)      # 63-row blocks of whole classes, r = 70 < D
+PRIMES = dict(C=23, M=5, D=131, B=67, K=193)  # every dimension crosses a 64-wide tile, K > D
+M64 = dict(C=3, M=64, D=72, B=7, K=40)       # one class per block of the fused forward
+MANY = dict(C=2, M=70, D=80, B=9, K=50)      # M > 64: the aggregation runs apart, blocks cross classes
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated_extension(tmp_path_factory):
+    """cuda_ops on the emulated extension for this module's tests."""
+    module = emu_build.build(str(tmp_path_factory.mktemp("cuda_emu")))
+    saved = cuda_ops._C
+    cuda_ops._C = module
+    yield module
+    cuda_ops._C = saved
+
+
+def make_inputs(gen, C, M, D, B, K, bias=True):
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=gen)
+    return r(C, M, D), r(C, M), r(B, D), y, r(C, K), r(K, D) / D ** 0.5, (r(K) if bias else None)
+
+
+def run(fn, args, diff, dtype, cotangents):
+    """fn on copies of args (floating ones cast to dtype, those in diff made leaves) ->
+    (outputs, gradients of sum(<output, cotangent>) w.r.t. the leaves)."""
+    leaves, call = [], []
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = a.detach().to(dtype).clone()
+            if i in diff:
+                a.requires_grad_()
+                leaves.append(a)
+        call.append(a)
+    outs = fn(*call)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    total = sum((o.double() * c).sum() for o, c in zip(outs, cotangents) if o is not None)
+    grads = torch.autograd.grad(total, leaves)
+    return [o.detach() for o in outs if o is not None], [g.detach() for g in grads]
+
+
+def check(name, fast_fn, ref_fn, args, diff, dtype, cotangents, grad_names):
+    """The error rule for every output (k=2) and gradient (k=3) against the float64 reference
+    on the same rounded inputs, the float32 reference as yardstick."""
+    fo, fg = run(fast_fn, args, diff, dtype, cotangents)
+    cotangents = [c.to(f.dtype).double() for c, f in zip(cotangents, fo)]  # autograd rounds them so
+    rounded = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    ro, rg = run(ref_fn, rounded, diff, torch.float64, cotangents)
+    po, pg = run(ref_fn, rounded, diff, default_compute_dtype(dtype), cotangents)
+    operands = dtype if dtype in (torch.bfloat16, torch.float16) else None  # WMMA operands, by design
+    for i, (f, r, p) in enumerate(zip(fo, ro, po)):
+        assert_error_rule(f"{name} out{i}", f, r, p, k=2.0, dtype=dtype, operands=operands)
+    for label, f, r, p in zip(grad_names, fg, rg, pg):
+        assert_error_rule(f"{name} {label}", f, r, p, k=3.0, dtype=dtype, operands=operands)
+    return fo, fg
+
+
+def basis_of(E, W, b):
+    return build_distill_basis(W, b, E, dtype=torch.float32)
+
+
+def rand(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,distill", [(ODD, True), (PRIMES, True), (PRIMES, False), (M64, True),
+                                           (MANY, True)],
+                         ids=["odd", "primes", "primes-ce-only", "m=64", "m>64"])
+def test_demul_head(gen, shape, distill, dtype):
+    T, A, X, y, E, W, b = make_inputs(gen, **shape)
+    E, W, b = round_trip(dtype, E, W, b)
+    basis = basis_of(E, W, b) if distill else None
+    tau = torch.tensor(100.0, dtype=torch.float64)
+    B, C = shape["B"], shape["C"]
+
+    def fast(t, a, x, s):
+        return tuple(cuda_ops.demul_head(t, a, x, y, s, basis, 0.7, 0.1, True))
+
+    def reference(t, a, x, s):
+        cast = (lambda v: None if v is None or not distill else v.to(t.dtype))
+        return tuple(ref.demul_head(t, a, x, y, s, cast(E), cast(W), cast(b), alpha=0.7, label_smoothing=0.1,
+                                    return_logits=True))
+    cot = [torch.tensor(v, dtype=torch.float64) for v in (1.0, 0.5, -0.25)] + [rand(gen, B, C) / (B * C)]
+    fo, _ = check(f"emulated head {dtype}", fast, reference, [T, A, X, tau], [0, 1, 2, 3], dtype, cot,
+                  ["dT", "dA", "dX", "dscale"])
+    assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [ODD, MANY], ids=["odd", "m>64"])
+def test_aggregate_prompts(gen, shape, dtype):
+    T, A, *_ = make_inputs(gen, **shape)
+    check(f"emulated aggregate {dtype}", cuda_ops.aggregate_prompts, ref.aggregate_prompts, [T, A], [0, 1], dtype,
+          [rand(gen, shape["C"], shape["D"])], ["dT", "dA"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_cross_entropy(gen, dtype):
+    _, _, X, y, *_ = make_inputs(gen, **PRIMES)
+    U = ref.l2_normalize(rand(gen, PRIMES["C"], PRIMES["D"]))
+    tau = torch.tensor(57.0, dtype=torch.float64)
+    check(f"emulated ce {dtype}", lambda x, u, s: cuda_ops.cosine_cross_entropy(x, u, y, s, 0.1),
+          lambda x, u, s: ref.cosine_cross_entropy(x, u, y, s, 0.1), [X, U, tau], [0, 1, 2], dtype,
+          [torch.tensor(0.7)], ["dX", "dU", "dscale"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,bias", [(ODD, True), (PRIMES, False)], ids=["k<d", "k>d-nobias"])
+def test_prompt_distill_loss(gen, shape, bias, dtype):
+    T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **shape)
+    E, W, b = round_trip(dtype, E, W, b)
+    basis = basis_of(E, W, b)
+    check(f"emulated distill {dtype}", lambda t: cuda_ops.prompt_distill_loss(t, basis),
+          lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), None if b is None else b.to(t.dtype), E.to(t.dtype)),
+          [T], [0], dtype, [torch.tensor(1.3)], ["dT"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_scale_exactly_with_the_loss_weight(gen, dtype):
+    """A loss weighted by 2^16 (a mixed-precision loss scaler's default) gives exactly 2^16 x dA:
+    float16's stored dL/ds is rescaled by powers of two (no overflow past 65504)."""
+    T, A, X, y, E, W, b = make_inputs(gen, **ODD)
+    basis = basis_of(E, W, b)
+    grads = []
+    for weight in (1.0, 2.0 ** 16):
+        t, a = T.to(dtype).requires_grad_(), A.float().requires_grad_()
+        out = cuda_ops.demul_head(t, a, X.to(dtype), y, 100.0, basis, 0.7, 0.1)
+        (out.loss * weight).backward()
+        grads.append(a.grad)
+    assert torch.isfinite(grads[1]).all()
+    assert torch.equal(grads[1], grads[0] * 2.0 ** 16)
+
+
+def test_head_is_bitwise_deterministic(gen):
+    T, A, X, y, E, W, b = make_inputs(gen, **ODD)
+    basis = basis_of(E, W, b)
+    results = []
+    for _ in range(2):
+        leaves = [T.to(torch.bfloat16).requires_grad_(), A.float().requires_grad_(),
+                  X.to(torch.bfloat16).requires_grad_()]
+        out = cuda_ops.demul_head(*leaves, y, 30.0, basis, 0.5, 0.1, True)
+        (out.loss + out.logits.float().square().sum()).backward()
+        results.append([out.loss, out.logits] + [v.grad for v in leaves])
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+def test_the_emulated_extension_reports_the_built_constants(emulated_extension):
+    from demul_fast import common
+    assert emulated_extension.EPS == common.EPS and emulated_extension.MAX_PROMPTS == common.MAX_PROMPTS
+    assert os.path.basename(emulated_extension.__file__).startswith("demul_fast_cuda_emu_")
