@@ -24,7 +24,8 @@ import torch
 from demul_fast import reference as ref
 from demul_fast.ops import cuda_ops
 from demul_fast.ops.distill_basis import build_distill_basis
-from numerics import assert_error_rule, default_compute_dtype, round_trip
+import kernel_checks
+from numerics import round_trip
 
 from cuda_emu import build as emu_build
 
@@ -55,37 +56,11 @@ def make_inputs(gen, C, M, D, B, K, bias=True):
     return r(C, M, D), r(C, M), r(B, D), y, r(C, K), r(K, D) / D ** 0.5, (r(K) if bias else None)
 
 
-def run(fn, args, diff, dtype, cotangents):
-    """fn on copies of args (floating ones cast to dtype, those in diff made leaves) ->
-    (outputs, gradients of sum(<output, cotangent>) w.r.t. the leaves)."""
-    leaves, call = [], []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            a = a.detach().to(dtype).clone()
-            if i in diff:
-                a.requires_grad_()
-                leaves.append(a)
-        call.append(a)
-    outs = fn(*call)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    total = sum((o.double() * c).sum() for o, c in zip(outs, cotangents) if o is not None)
-    grads = torch.autograd.grad(total, leaves)
-    return [o.detach() for o in outs if o is not None], [g.detach() for g in grads]
-
-
 def check(name, fast_fn, ref_fn, args, diff, dtype, cotangents, grad_names):
     """The error rule for every output (k=2) and gradient (k=3) against the float64 reference
     on the same rounded inputs, the float32 reference as yardstick."""
-    fo, fg = run(fast_fn, args, diff, dtype, cotangents)
-    cotangents = [c.to(f.dtype).double() for c, f in zip(cotangents, fo)]  # autograd rounds them so
-    rounded = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    ro, rg = run(ref_fn, rounded, diff, torch.float64, cotangents)
-    po, pg = run(ref_fn, rounded, diff, default_compute_dtype(dtype), cotangents)
-    operands = dtype if dtype in (torch.bfloat16, torch.float16) else None  # WMMA operands, by design
-    for i, (f, r, p) in enumerate(zip(fo, ro, po)):
-        assert_error_rule(f"{name} out{i}", f, r, p, k=2.0, dtype=dtype, operands=operands)
-    for label, f, r, p in zip(grad_names, fg, rg, pg):
-        assert_error_rule(f"{name} {label}", f, r, p, k=3.0, dtype=dtype, operands=operands)
+    (fo, fg), *_ = kernel_checks.check_against_reference(name, fast_fn, ref_fn, args, diff, dtype, cotangents,
+                                                          grad_names)
     return fo, fg
 
 

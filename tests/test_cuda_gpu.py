@@ -16,7 +16,8 @@ import torch
 from demul_fast import reference as ref
 from demul_fast.ops import backends, functional as F
 from demul_fast.ops.distill_basis import build_distill_basis
-from numerics import assert_error_rule, default_compute_dtype, max_err, round_trip
+import kernel_checks
+from numerics import max_err, round_trip
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -52,44 +53,15 @@ def make_inputs(gen, C, M, D, B, K, bias=True):
 
 
 def run(fn, args, diff, dtype, cotangents):
-    """fn on copies of args (floating ones cast to dtype, those in diff made leaves) ->
-    (outputs, gradients of sum(<output, cotangent>) w.r.t. the diff leaves)."""
-    leaves = []
-    call = []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            a = a.detach().to(dtype).clone()
-            if i in diff:
-                a.requires_grad_()
-                leaves.append(a)
-        call.append(a)
-    poison()
-    outs = fn(*call)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    total = sum((o.double() * c).sum() for o, c in zip(outs, cotangents) if o is not None)
-    grads = torch.autograd.grad(total, leaves)
-    torch.cuda.synchronize()
-    return [o.detach() for o in outs if o is not None], [g.detach() for g in grads]
+    return kernel_checks.run(fn, args, diff, dtype, cotangents, before=poison, after=torch.cuda.synchronize)
 
 
 def check(name, fns, args, diff, dtype, cotangents, grad_names):
     """Error rule for outputs and gradients; then cuda vs triton within their two bounds."""
     cuda_fn, ref_fn, triton_fn = fns
-    fo, fg = run(cuda_fn, args, diff, dtype, cotangents)
-    # autograd hands a half-precision output its cotangent rounded to that precision
-    cotangents = [c.to(f.dtype).double() for c, f in zip(cotangents, fo)]
-    rounded = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    ro, rg = run(ref_fn, rounded, diff, torch.float64, cotangents)  # exact, on the same rounded inputs
-    po, pg = run(ref_fn, rounded, diff, default_compute_dtype(dtype), cotangents)
-    # The tensor-core path rounds its product operands (u^, the basis, the gradient tiles) to a
-    # half input dtype by design: the explicit operand allowance of tests/numerics.py, as for the
-    # Triton kernels. Without it the rule fails bfloat16 by 5000x (found by running these checks
-    # on the emulated kernels, tests/test_cuda_emulated.py, before any GPU ran them).
-    operands = dtype if dtype in (torch.bfloat16, torch.float16) else None
-    for i, (f, r, p) in enumerate(zip(fo, ro, po)):
-        assert_error_rule(f"{name} out{i}", f, r, p, k=2.0, dtype=dtype, operands=operands)
-    for label, f, r, p in zip(grad_names, fg, rg, pg):
-        assert_error_rule(f"{name} {label}", f, r, p, k=3.0, dtype=dtype, operands=operands)
+    (fo, fg), (ro, rg), (po, pg), cotangents = kernel_checks.check_against_reference(
+        name, cuda_fn, ref_fn, args, diff, dtype, cotangents, grad_names, before=poison,
+        after=torch.cuda.synchronize)
     if backends.why_not("triton", torch.device(DEV), dtype) is None:
         to, tg = run(triton_fn, args, diff, dtype, cotangents)
         eps = torch.finfo(dtype).eps
