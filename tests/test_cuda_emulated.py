@@ -13,7 +13,8 @@ accumulation order, real concurrency between blocks (tests/test_cuda_gpu.py, on 
 Every function and the head against the float64 reference with the error rule
 (tests/numerics.py; half inputs get the explicit tensor-core operand allowance, as the
 Triton kernels do in tests/backend_cases.py), on shapes that cross every 64-wide tile, in
-float32 (SIMT path), bfloat16 and float16 (WMMA path), forward and gradients.
+float32 (SIMT path), bfloat16 and float16 (WMMA path), forward and gradients, with the
+launch plans split as on the GPU (C > 64: class ranges split over blocks and merged).
 """
 
 import os
@@ -36,6 +37,7 @@ ODD = dict(C=37, M=3, D=100, B=5, K=70)      # 63-row blocks of whole classes, r
 PRIMES = dict(C=23, M=5, D=131, B=67, K=193)  # every dimension crosses a 64-wide tile, K > D
 M64 = dict(C=3, M=64, D=72, B=7, K=40)       # one class per block of the fused forward
 MANY = dict(C=2, M=70, D=80, B=9, K=50)      # M > 64: the aggregation runs apart, blocks cross classes
+WIDE = dict(C=150, M=2, D=40, B=20, K=30)    # C > 64: the split class ranges and their merges
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -74,8 +76,8 @@ def rand(gen, *shape):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,distill", [(ODD, True), (PRIMES, True), (PRIMES, False), (M64, True),
-                                           (MANY, True)],
-                         ids=["odd", "primes", "primes-ce-only", "m=64", "m>64"])
+                                           (MANY, True), (WIDE, True)],
+                         ids=["odd", "primes", "primes-ce-only", "m=64", "m>64", "wide"])
 def test_demul_head(gen, shape, distill, dtype):
     T, A, X, y, E, W, b = make_inputs(gen, **shape)
     E, W, b = round_trip(dtype, E, W, b)
