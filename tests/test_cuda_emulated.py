@@ -26,7 +26,7 @@ from demul_fast import reference as ref
 from demul_fast.ops import cuda_ops
 from demul_fast.ops.distill_basis import build_distill_basis
 import kernel_checks
-from numerics import round_trip
+from numerics import head_magnitudes, round_trip
 
 from cuda_emu import build as emu_build
 
@@ -58,11 +58,11 @@ def make_inputs(gen, C, M, D, B, K, bias=True):
     return r(C, M, D), r(C, M), r(B, D), y, r(C, K), r(K, D) / D ** 0.5, (r(K) if bias else None)
 
 
-def check(name, fast_fn, ref_fn, args, diff, dtype, cotangents, grad_names):
+def check(name, fast_fn, ref_fn, args, diff, dtype, cotangents, grad_names, magnitudes=None):
     """The error rule for every output (k=2) and gradient (k=3) against the float64 reference
     on the same rounded inputs, the float32 reference as yardstick."""
     (fo, fg), *_ = kernel_checks.check_against_reference(name, fast_fn, ref_fn, args, diff, dtype, cotangents,
-                                                          grad_names)
+                                                          grad_names, magnitudes=magnitudes)
     return fo, fg
 
 
@@ -92,10 +92,43 @@ def test_demul_head(gen, shape, distill, dtype):
         cast = (lambda v: None if v is None or not distill else v.to(t.dtype))
         return tuple(ref.demul_head(t, a, x, y, s, cast(E), cast(W), cast(b), alpha=0.7, label_smoothing=0.1,
                                     return_logits=True))
+    # A cotangent on every output (loss, ce, dist, logits): every gradient path of the kernels.
     cot = [torch.tensor(v, dtype=torch.float64) for v in (1.0, 0.5, -0.25)] + [rand(gen, B, C) / (B * C)]
+    # The terms' magnitudes of tests/numerics.py (head_magnitudes, made for d loss with this
+    # alpha): the objective here is 1.5 ce + 0.45 dist + <G, logits>, so the gradients' terms
+    # are at most twice theirs; d tau = sum G cos / tau has terms sum |G| <= 2 x 1.5 + sum |G_logits|.
+    rounded = dict(text_features=T.to(dtype), prompt_logits=A.to(dtype), image_features=X.to(dtype), labels=y,
+                   scale=tau, llm_embeddings=E if distill else None, phi_weight=W if distill else None,
+                   phi_bias=b if distill else None)
+    mags = head_magnitudes(rounded, 0.7, 0.1)
+    mags = [mags["loss"], mags["ce_loss"], mags["distill_loss"], mags["logits"], 2 * mags["text_features"],
+            2 * mags["prompt_logits"], 2 * mags["image_features"], 4.0]
     fo, _ = check(f"emulated head {dtype}", fast, reference, [T, A, X, tau], [0, 1, 2, 3], dtype, cot,
-                  ["dT", "dA", "dX", "dscale"])
+                  ["dT", "dA", "dX", "dscale"], magnitudes=mags)
     assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY], ids=["odd", "primes", "m=64", "m>64"])
+def test_demul_head_distillation_gradient(gen, shape, dtype):
+    """The head with a cotangent on distill_loss alone: dT is the fused backward's distillation
+    part only (G R, the r-space projection <p, G>, the saved p), which the cross-entropy's
+    larger terms would hide in the test above; dA must be zero."""
+    T, A, X, y, E, W, b = make_inputs(gen, **shape)
+    E, W, b = round_trip(dtype, E, W, b)
+    basis = basis_of(E, W, b)
+
+    def fast(t, a):
+        return cuda_ops.demul_head(t, a, X.to(t.dtype), y, 30.0, basis, 0.7, 0.1).distill_loss
+
+    def reference(t, a):
+        return ref.demul_head(t, a, X.to(t.dtype), y, 30.0, E.to(t.dtype), W.to(t.dtype), b.to(t.dtype),
+                              alpha=0.7, label_smoothing=0.1).distill_loss
+    check(f"emulated head distillation {dtype}", fast, reference, [T, A], [0], dtype,
+          [torch.tensor(1.3, dtype=torch.float64)], ["dT"])
+    a = A.float().requires_grad_()
+    (dA,) = torch.autograd.grad(fast(T.to(dtype), a), [a])
+    assert not dA.any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -180,6 +180,25 @@ def test_demul_head(gen, shape, distill, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY], ids=["odd", "primes", "m=64", "m>64"])
+def test_head_distillation_gradient_alone(gen, shape, dtype):
+    """A cotangent on distill_loss alone: dT is the fused backward's distillation part, which
+    the cross-entropy's larger terms hide in test_demul_head (the emulated kernels showed it)."""
+    T, A, X, y, E, W, b = make_inputs(gen, **shape)
+    E, W, b = round_trip(dtype, E, W, b)
+    basis = basis_of(E, W, b)
+
+    frozen = dict(alpha=0.7, label_smoothing=0.1)
+    check(f"head distillation {dtype}",
+          (lambda t, a: cuda_ops().demul_head(t, a, X.to(t.dtype), y, 30.0, basis, 0.7, 0.1).distill_loss,
+           lambda t, a: ref.demul_head(t, a, X.to(t.dtype), y, 30.0, E.to(t.dtype), W.to(t.dtype), b.to(t.dtype),
+                                       **frozen).distill_loss,
+           lambda t, a: F.demul_head(t, a, X.to(t.dtype), y, 30.0, E.to(t.dtype), W.to(t.dtype), b.to(t.dtype),
+                                     backend="triton", **frozen).distill_loss),
+          [T, A], [0], dtype, [torch.tensor(1.3, device=DEV)], ["dT"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradients_scale_exactly_with_the_loss_weight(gen, dtype):
     """A loss scaled by 2^16 (a mixed-precision loss scaler's default) scales dA by exactly 2^16:
     the stored dL/ds and dt^ tiles are rescaled by powers of two, so nothing overflows float16
