@@ -62,8 +62,8 @@ struct Basis {
   at::Tensor R, c, F, delta, beta;  // [r, D], [r], [C, r], [C], []
 };
 
-DistillArgs distill_args(const at::Tensor& t, const Basis& b, const at::Tensor& n) {
-  return {dtype_of(t), t.data_ptr(), cfp(b.R), cfp(b.c), cfp(b.F), cfp(b.delta), cfp(b.beta), cfp(n),
+DistillArgs distill_args(const at::Tensor& t, const Basis& b) {
+  return {dtype_of(t), t.data_ptr(), cfp(b.R), cfp(b.c), cfp(b.F), cfp(b.delta), cfp(b.beta),
           t.size(0), t.size(1), t.size(2), b.R.size(0)};
 }
 
@@ -126,16 +126,6 @@ void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& 
                                                                                               : at::kFloat));
   launch_ce_backward(a, cfp(lse), gw, grad_logits, dxh_ptr, split_x, wx, sp, dscale ? fp(*dscale) : nullptr,
                      du ? fp(*du) : nullptr, du ? gt.data_ptr() : nullptr, stream());
-}
-
-// Backward of the distillation into dth = dL/dt^ [C*M, D].
-void run_distill_backward(const DistillArgs& a, const at::Tensor& like, const float* cos, const float* zn,
-                          GradWeight gw, at::Tensor& dth) {
-  const int64_t R = a.C * a.M;
-  const Split split = plan_sweep_split(R, a.rank, sm_count());
-  at::Tensor work;
-  float* w = split.splits > 1 ? scratch(work, split.splits * R * a.D, like) : nullptr;
-  launch_distill_backward(a, cos, zn, gw, fp(dth), split, w, stream());
 }
 
 void normalize_rows_backward(const at::Tensor& v, const at::Tensor& dvh, const at::Tensor& norm, int64_t R, int64_t D,
@@ -217,6 +207,15 @@ void check_distill_saved(const at::Tensor& t, const at::Tensor& n, const at::Ten
   for (const auto* p : {&cos, &zn, &n}) check_same_device(*p, "a saved statistic", t, "text_features");
   check_size(cos, 0, R, "prompt_cosines", "C*M");
   check_size(zn, 0, R, "projection_norms", "C*M");
+}
+
+// p = R t^ saved by a forward: [C*M, r] in text_features' dtype, contiguous, on its device.
+void check_projections(const at::Tensor& t, const Basis& basis, const at::Tensor& proj) {
+  TORCH_CHECK(proj.dim() == 2 && proj.size(0) == t.size(0) * t.size(1) && proj.size(1) == basis.R.size(0) &&
+                  proj.scalar_type() == t.scalar_type() && proj.is_contiguous(),
+              "prompt_projections must be a contiguous [C*M, r] tensor of text_features' dtype, got ", proj.sizes(),
+              " ", proj.scalar_type());
+  check_same_device(proj, "prompt_projections", t, "text_features");
 }
 
 void check_image_side(const at::Tensor& t, const at::Tensor& x, const at::Tensor& labels, const at::Tensor& scale) {
@@ -324,41 +323,40 @@ std::vector<at::Tensor> cosine_cross_entropy_backward(const OptTensor& grad_loss
 }
 
 // The distillation of SPEC 4.3 against the basis (R [r, D], c [r], F [C, r], delta [C], beta [])
-// -> [dist [], ||t|| [C*M], ||z|| [C*M], cos [C*M]]
+// -> [dist [], ||t|| [C*M], ||z|| [C*M], cos [C*M], p = R t^ [C*M, r] in text_features' dtype]
 std::vector<at::Tensor> prompt_distill_loss_forward(const at::Tensor& text_features, const at::Tensor& basis_r,
                                         const at::Tensor& basis_c, const at::Tensor& basis_f,
                                         const at::Tensor& basis_delta, const at::Tensor& basis_beta) {
   check_text(text_features);
   const Basis basis = check_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
-  const int64_t R = text_features.size(0) * text_features.size(1), D = text_features.size(2);
+  const int64_t R = text_features.size(0) * text_features.size(1);
   at::Tensor n = at::empty({R}, f32(text_features));
   at::Tensor zn = at::empty({R}, f32(text_features));
   at::Tensor cos = at::empty({R}, f32(text_features));
   at::Tensor dist = at::empty({}, f32(text_features));
-  const DistillArgs da = distill_args(text_features, basis, n);
-  const DistillPartial part = run_distill_partial(da, text_features, nullptr, fp(n), FusedAggregate{});
+  at::Tensor proj = at::empty({R, basis.R.size(0)}, text_features.options());
+  const DistillArgs da = distill_args(text_features, basis);
+  const DistillPartial part = run_distill_partial(da, text_features, proj.data_ptr(), fp(n), FusedAggregate{});
   launch_distill_finalize(da, part.split, cfp(part.partial), fp(cos), fp(zn), fp(dist), nullptr, 0.f, nullptr,
                           stream());
-  return {dist, n, zn, cos};
+  return {dist, n, zn, cos, proj};
 }
 
-// -> dL/dtext_features
+// -> dL/dtext_features (the fused text backward without its aggregation part)
 at::Tensor prompt_distill_loss_backward(const OptTensor& grad_loss, const at::Tensor& text_features, const at::Tensor& basis_r,
                             const at::Tensor& basis_c, const at::Tensor& basis_f, const at::Tensor& basis_delta,
                             const at::Tensor& basis_beta, const at::Tensor& n, const at::Tensor& zn,
-                            const at::Tensor& cos) {
+                            const at::Tensor& cos, const at::Tensor& proj) {
   check_text(text_features);
   const Basis basis = check_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
   check_distill_saved(text_features, n, zn, cos);
+  check_projections(text_features, basis, proj);
   check_grad_scalar(grad_loss, "grad_loss", text_features);
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
-  const int64_t R = text_features.size(0) * text_features.size(1), D = text_features.size(2);
-  at::Tensor dth = at::empty({R, D}, f32(text_features));
-  run_distill_backward(distill_args(text_features, basis, n), text_features, cfp(cos), cfp(zn),
-                       GradWeight{opt_ptr(grad_loss), nullptr, 1.f, 0.f}, dth);
   at::Tensor dt = at::empty_like(text_features);
-  normalize_rows_backward(text_features, dth, n, R, D, dt);
+  run_text_backward(text_features, n, nullptr, nullptr, nullptr, nullptr, &basis, &proj, cfp(cos), cfp(zn),
+                    GradWeight{opt_ptr(grad_loss), nullptr, 1.f, 0.f}, dt, nullptr);
   return dt;
 }
 
@@ -403,7 +401,7 @@ std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, cons
                              fp(u32), fp(w), fp(n), fp(r), stream());
   if (basis) {
     proj = at::empty({C * M, basis->R.size(0)}, text_features.options());
-    dargs = distill_args(text_features, *basis, n);
+    dargs = distill_args(text_features, *basis);
     const FusedAggregate agg = fused ? FusedAggregate{cfp(prompt_logits), fp(w), fp(r), fp(u32)} : FusedAggregate{};
     part = run_distill_partial(*dargs, text_features, proj.data_ptr(), fused ? fp(n) : nullptr, agg);
   } else {
@@ -444,7 +442,7 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
   check_text(text_features);
   check_aggregate_saved(text_features, w, n, r, u32);
   check_image_side(text_features, image_features, labels, scale);
-  const int64_t C = text_features.size(0), M = text_features.size(1), D = text_features.size(2);
+  const int64_t C = text_features.size(0), D = text_features.size(2);
   const int64_t B = image_features.size(0);
   check_f32(xnorm, "image_norms", 1, "[B]");
   check_f32(lse, "lse", 1, "[B]");
@@ -454,11 +452,7 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
       check_opt_basis(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta);
   if (basis) {
     check_distill_saved(text_features, n, zn, cos);
-    TORCH_CHECK(proj.dim() == 2 && proj.size(0) == C * M && proj.size(1) == basis->R.size(0) &&
-                    proj.scalar_type() == text_features.scalar_type() && proj.is_contiguous(),
-                "prompt_projections must be a contiguous [C*M, r] tensor of text_features' dtype, got ",
-                proj.sizes(), " ", proj.scalar_type());
-    check_same_device(proj, "prompt_projections", text_features, "text_features");
+    check_projections(text_features, *basis, proj);
   }
   check_grad_scalar(grad_loss, "grad_loss", text_features);
   check_grad_scalar(grad_ce, "grad_ce", text_features);
@@ -518,7 +512,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("basis_f"), py::arg("basis_delta"), py::arg("basis_beta"));
   m.def("prompt_distill_loss_backward", &prompt_distill_loss_backward, py::arg("grad_loss"), py::arg("text_features"), py::arg("basis_r"),
         py::arg("basis_c"), py::arg("basis_f"), py::arg("basis_delta"), py::arg("basis_beta"),
-        py::arg("prompt_norms"), py::arg("projection_norms"), py::arg("prompt_cosines"));
+        py::arg("prompt_norms"), py::arg("projection_norms"), py::arg("prompt_cosines"),
+        py::arg("prompt_projections"));
   m.def("demul_head_forward", &demul_head_forward, py::arg("text_features"), py::arg("prompt_logits"), py::arg("image_features"),
         py::arg("labels"), py::arg("scale"), py::arg("basis_r"), py::arg("basis_c"), py::arg("basis_f"),
         py::arg("basis_delta"), py::arg("basis_beta"), py::arg("alpha"), py::arg("label_smoothing"),

@@ -86,6 +86,13 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Sum of the 16 lanes that share a row of a 64 x 64 tile (lanes tx = 0..15 of a half-warp).
+__device__ __forceinline__ float row_sum16(float v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // w = softmax(a[0 .. M-1]) (SPEC 4, one class's prompt weights) by one warp: put(m, w[m])
 // is called on the lane that owns m. Every lane of the warp must call it.
 template <class Put>

@@ -6,19 +6,15 @@
 //   ||z[i]||^2 = ||v[i]||^2 + beta,   <z[i], e^[c]> = <v[i], F[c]> + delta[c]
 //   cos[i]  = <z[i], e^[c]> / max(||z[i]||, eps),  L_dist = mean_i (1 - cos[i])
 // Forward: blocks own up to 64 rows x a range of r and keep sum v^2 and sum v F per row; a
-// one-block kernel merges the ranges and adds beta and delta. The head's forward fuses the
-// aggregation of SPEC 4 into the same pass over T (whole classes per block) and
-// stores p = R t^ = v - c ([C*M, r] in T's dtype) for its fused backward (text_head.cu),
-// which then needs one product instead of two (p rather than v: the backward's
-// <t^, R^T G> = <p, G> then has no cancellation v - c in it). The standalone op's backward: one sweep
-// (sweep.cuh) recomputes v tile by tile with
-//   dv[i,k] = -(g / (C*M)) normalize_backward(v/||z||, F[c], cos, ||z||)[k],
-//   dt^[i]  = sum_k dv[i,k] R[k]                                  (= W^T dz of SPEC 4.1).
-// The products run on tensor cores for 16-bit T (R rounded to T's type), in fp32 SIMT for
+// one-block kernel merges the ranges and adds beta and delta. The forward also stores
+// p = R t^ = v - c ([C*M, r] in T's dtype) for the backward (text_head.cu, one product
+// instead of two: v is not recomputed; p rather than v so that the backward's
+// <t^, R^T G> = <p, G> has no cancellation v - c in it). In the head it also aggregates
+// (SPEC 4) whole classes in the same pass over T.
+// The product runs on tensor cores for 16-bit T (R rounded to T's type), in fp32 SIMT for
 // float32 T (common.cuh).
 #include "common.cuh"
 #include "ops.h"
-#include "sweep.cuh"
 
 namespace demul {
 namespace {
@@ -158,25 +154,6 @@ distill_finalize_kernel(const float* __restrict__ partial, int64_t splits, int64
   }
 }
 
-// dv[i,k] for the sweep (rows: prompts i, columns: k of the basis).
-struct DistillRows {
-  const float* n;
-  const float* basis_c;  // [r]
-  const float* f;        // [C, r]
-  const float* cos;
-  const float* zn;
-  GradWeight gw;
-  int64_t M, rank, rows;
-  float g_over_rows;
-
-  __device__ __forceinline__ void prepare() { g_over_rows = gw.value() / static_cast<float>(rows); }
-  __device__ __forceinline__ float operator()(float dot, int64_t i, int64_t k, float&) const {
-    const float v = fmaf(dot, inv_floor(n[i]), basis_c[k]);
-    const float znr = zn[i];
-    return -g_over_rows * normalize_backward(v * inv_floor(znr), f[(i / M) * rank + k], cos[i], znr);
-  }
-};
-
 }  // namespace
 
 void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split, float* partial, void* proj,
@@ -197,16 +174,6 @@ void launch_distill_finalize(const DistillArgs& a, Split split, const float* par
   distill_finalize_kernel<<<1, 1024, 0, stream>>>(partial, split.splits, a.C * a.M, a.M, a.delta, a.beta, cos, zn,
                                                   dist, ce, alpha, loss_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
-                             Split split, float* work, cudaStream_t stream) {
-  const int64_t rows = a.C * a.M;
-  const DistillRows epi{a.n, a.basis_c, a.f, cos, zn, gw, a.M, a.rank, rows, 0.f};
-  DEMUL_DISPATCH(a.dtype, [&] {
-    run_sweep(static_cast<const scalar_t*>(a.t), rows, a.basis_r, a.rank, a.D, split, epi, dth, work, nullptr,
-              stream);
-  });
 }
 
 }  // namespace demul

@@ -101,8 +101,8 @@ void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const 
 inline DType ce_grad_type(DType features) { return features == DType::kBFloat16 ? DType::kBFloat16 : DType::kFloat; }
 
 // Distillation operands (SPEC 4.3): t [C, M, D] and the frozen-phi basis, float32:
-// basis_r [r, D] (R), basis_c [r] (c), f [C, r] (F), delta [C], beta [1]; n [C*M] = ||t||
-// (read by the backward sweep; the forward takes the norms itself).
+// basis_r [r, D] (R), basis_c [r] (c), f [C, r] (F), delta [C], beta [1]. The forward takes
+// the norms of t itself; the backward is launch_text_backward's.
 struct DistillArgs {
   DType dtype;
   const void* t;
@@ -111,7 +111,6 @@ struct DistillArgs {
   const float* f;
   const float* delta;
   const float* beta;
-  const float* n;
   int64_t C, M, D, rank;
 };
 
@@ -142,11 +141,6 @@ void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split
                             float* n_out, FusedAggregate agg, cudaStream_t stream);
 void launch_distill_finalize(const DistillArgs& a, Split split, const float* partial, float* cos, float* zn,
                              float* dist, const float* ce, float alpha, float* loss_out, cudaStream_t stream);
-
-// -> dth [C*M, D] = dL/dt^ of the distillation, weighted by gw; the sweep splits r by
-// `split` (work: split.splits * C*M * D floats if split.splits > 1).
-void launch_distill_backward(const DistillArgs& a, const float* cos, const float* zn, GradWeight gw, float* dth,
-                             Split split, float* work, cudaStream_t stream);
 
 // The fused backward of the text side (text_head.cu): the aggregation's (SPEC 4.1) and the
 // distillation's (SPEC 4.3) in one kernel over 64 x 64 tiles of dT.

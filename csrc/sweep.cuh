@@ -1,4 +1,5 @@
-// The backward sweep shared by the cross-entropy and distillation kernels.
+// The backward sweep of the cross-entropy's image side (dL/dx^, d tau; cross_entropy.cu),
+// and the chunked product accumulator (ChunkAcc) of every backward product.
 //
 // For a 64-row tile of A [R, D] it walks over a range of rows of B [J, D] in 64-row chunks:
 //   P = A_tile B_chunk^T                       (tile_dot, reduced over D)
@@ -6,7 +7,7 @@
 //   out[r, :] += sum_j G[r, j] B[j, :]         (a second product, accumulated in float32)
 // Both products run on tensor cores when A or B is 16-bit (G is then rounded to that type,
 // as the operands are), in SIMT fp32 when both are float32 (common.cuh).
-// so the [R, J] matrix of logits / projections is never stored. Block (x, y) owns rows
+// So the [R, J] matrix of logits is never stored. Block (x, y) owns rows
 // 64x .. 64x+63 of its split y's output, out + y * R * D, for the whole range
 // [y * cols_per_split, (y+1) * cols_per_split) of J: no atomics, so the result is
 // deterministic; sum_splits_kernel adds the splits in a fixed order. The output is
@@ -281,13 +282,6 @@ __device__ __forceinline__ void lse_merge(float& m, float& l, float m2, float l2
   const float mx = fmaxf(m, m2);
   l = l * expf(m - mx) + l2 * expf(m2 - mx);
   m = mx;
-}
-
-// Sum of the 16 lanes that share a row of a 64 x 64 tile (lanes tx = 0..15 of a half-warp).
-__device__ __forceinline__ float row_sum16(float v) {
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 }  // namespace demul

@@ -93,7 +93,7 @@ def test_direct_calls_on_cpu_tensors_raise_naming_the_argument():
         "cosine_cross_entropy_backward": lambda: _C.cosine_cross_entropy_backward(z["g"], z["x"], z["u"], z["y"], z["s"], 0.0,
                                                                     z["vb"], z["vb"], True, True, True),
         "prompt_distill_loss_forward": lambda: _C.prompt_distill_loss_forward(z["t"], *z["basis"]),
-        "prompt_distill_loss_backward": lambda: _C.prompt_distill_loss_backward(None, z["t"], *z["basis"], z["vr"], z["vr"], z["vr"]),
+        "prompt_distill_loss_backward": lambda: _C.prompt_distill_loss_backward(None, z["t"], *z["basis"], z["vr"], z["vr"], z["vr"], z["u"]),
         "demul_head_forward": lambda: _C.demul_head_forward(z["t"], z["a"], z["x"], z["y"], z["s"], *z["basis"], 1.0, 0.0, True),
         "demul_head_backward": lambda: _C.demul_head_backward(z["g"], None, None, None, z["t"], z["x"], z["y"], z["s"],
                                                   *z["basis"], 1.0, 0.0, z["nc"], z["wc"], z["rc"], z["vb"],

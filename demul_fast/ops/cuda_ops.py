@@ -173,8 +173,9 @@ _cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entro
 
 @torch.library.custom_op("demul_fast::cuda_prompt_distill_loss", mutates_args=())
 def _distill(text_features: Tensor, basis_r: Tensor, basis_c: Tensor, basis_f: Tensor, basis_delta: Tensor,
-             basis_beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss [], ||t|| [C*M], ||z|| [C*M], cos [C*M]), all float32"""
+             basis_beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [], ||t|| [C*M], ||z|| [C*M], cos [C*M]), all float32, and p = R t^ [C*M, r] in
+    text_features' dtype (the backward's operand)"""
     return tuple(_C.prompt_distill_loss_forward(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta))
 
 
@@ -182,34 +183,35 @@ def _distill(text_features: Tensor, basis_r: Tensor, basis_c: Tensor, basis_f: T
 def _(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta):
     c, m, _ = text_features.shape
     t = text_features
-    return _f32(t), _f32(t, c * m), _f32(t, c * m), _f32(t, c * m)
+    return _f32(t), _f32(t, c * m), _f32(t, c * m), _f32(t, c * m), t.new_empty((c * m, basis_r.shape[0]))
 
 
 @torch.library.custom_op("demul_fast::cuda_prompt_distill_loss_backward", mutates_args=())
 def _distill_backward(grad: Optional[Tensor], text_features: Tensor, basis_r: Tensor, basis_c: Tensor,
                       basis_f: Tensor, basis_delta: Tensor, basis_beta: Tensor, n: Tensor, zn: Tensor,
-                      cos: Tensor) -> Tensor:
+                      cos: Tensor, proj: Tensor) -> Tensor:
     """-> dL/dT [C, M, D]"""
-    return _C.prompt_distill_loss_backward(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn, cos)
+    return _C.prompt_distill_loss_backward(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn,
+                                           cos, proj)
 
 
 @_distill_backward.register_fake
-def _(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn, cos):
+def _(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn, cos, proj):
     return torch.empty_like(text_features)
 
 
 def _distill_setup(ctx, inputs, output):
-    _, n, zn, cos = output
+    _, n, zn, cos, proj = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(n, zn, cos)
-    ctx.save_for_backward(*inputs, n, zn, cos)
+    ctx.mark_non_differentiable(n, zn, cos, proj)
+    ctx.save_for_backward(*inputs, n, zn, cos, proj)
 
 
 def _distill_grad(ctx, g_loss, *unused):
     if g_loss is None or not ctx.needs_input_grad[0]:
         return (None,) * 6
-    t, *basis, n, zn, cos = _saved(ctx)
-    return (_distill_backward(_grad_scalar(g_loss), t, *basis, n, zn, cos),) + (None,) * 5
+    t, *basis, n, zn, cos, proj = _saved(ctx)
+    return (_distill_backward(_grad_scalar(g_loss), t, *basis, n, zn, cos, proj),) + (None,) * 5
 
 
 _distill.register_autograd(_distill_grad, setup_context=_distill_setup)
