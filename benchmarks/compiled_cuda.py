@@ -131,9 +131,9 @@ def _split_into(cols: int, want: int) -> Tuple[int, int]:
     return math.ceil(cols / per), per
 
 
-def plan_split(rows: int, cols: int, sms: int = SMS) -> Tuple[int, int]:
+def plan_split(rows: int, cols: int, sms: int = SMS, tile_rows: int = TILE) -> Tuple[int, int]:
     """(splits, cols_per_split) of a forward kernel, as ops.h plan_split."""
-    return _split_into(cols, math.ceil(2 * sms / math.ceil(rows / TILE)))
+    return _split_into(cols, math.ceil(2 * sms / math.ceil(rows / tile_rows)))
 
 
 def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[dict]:
@@ -147,7 +147,7 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[di
     ce_s, _ = plan_split(B, C)
     fused = M <= TILE  # ops.h can_fuse_aggregate: the aggregation rides on the distillation's pass over T
     tile_rows = (TILE // M) * M if fused else TILE  # ops.h distill_tile_rows
-    dist_s, _ = _split_into(r, math.ceil(2 * SMS / math.ceil(R / tile_rows)))  # ops.h plan_distill_split
+    dist_s, _ = plan_split(R, r, tile_rows=tile_rows)
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     L = []
 

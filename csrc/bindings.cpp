@@ -85,7 +85,7 @@ struct DistillPartial {
 DistillPartial run_distill_partial(const DistillArgs& a, const at::Tensor& like, void* proj, float* n_out,
                                    FusedAggregate agg) {
   const int64_t tile_rows = agg.a != nullptr ? distill_tile_rows(a.M) : kTileRows;
-  const Split split = plan_distill_split(a.C * a.M, tile_rows, a.rank, sm_count());
+  const Split split = plan_split(a.C * a.M, a.rank, sm_count(), tile_rows);
   at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
   launch_distill_partial(a, tile_rows, split, fp(partial), proj, n_out, agg, stream());
   return {split, partial};

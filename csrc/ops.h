@@ -46,8 +46,9 @@ inline Split split_into(int64_t cols, int64_t want) {
   return {ceil_div(cols, per), per};
 }
 
-inline Split plan_split(int64_t rows, int64_t cols, int64_t sms) {
-  return split_into(cols, ceil_div(2 * sms, ceil_div(rows, kTileRows)));
+// rows are cut into blocks of tile_rows (64, or fewer for the distillation's whole classes).
+inline Split plan_split(int64_t rows, int64_t cols, int64_t sms, int64_t tile_rows = kTileRows) {
+  return split_into(cols, ceil_div(2 * sms, ceil_div(rows, tile_rows)));
 }
 
 // The backward sweeps' split: every extra split writes (and the sum reads) a whole float32
@@ -125,13 +126,8 @@ struct FusedAggregate {
 
 // Rows per block of the distillation's forward: whole classes (the largest multiple of M
 // up to 64) when M <= 64, so that the aggregation can be fused; 64 otherwise (not fused).
-inline int64_t distill_tile_rows(int64_t M) { return M <= kTileRows ? (kTileRows / M) * M : kTileRows; }
 inline bool can_fuse_aggregate(int64_t M) { return M <= kTileRows; }
-
-// The split over r of the distillation's forward for blocks of tile_rows rows.
-inline Split plan_distill_split(int64_t rows, int64_t tile_rows, int64_t rank, int64_t sms) {
-  return split_into(rank, ceil_div(2 * sms, ceil_div(rows, tile_rows)));
-}
+inline int64_t distill_tile_rows(int64_t M) { return can_fuse_aggregate(M) ? (kTileRows / M) * M : kTileRows; }
 
 // partial: [split.splits, C*M, 2] scratch; n_out [C*M] = ||t|| when non-null; proj
 // [C*M, r] = R t^ in t's dtype (for the fused backward, launch_text_backward) when non-null;
