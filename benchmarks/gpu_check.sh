@@ -80,8 +80,7 @@ for m in ("triton", "open_clip", "liger_kernel", "cut_cross_entropy"):
 EOF
 
 # (2) editable install, which builds the CUDA extension (offline: no index, no
-# dependencies, the installed torch). The editable install also maps kernels/ to
-# demul_fast.kernels. If the CUDA build fails, install without it so the rest still runs.
+# dependencies, the installed torch). If the CUDA build fails, install without it so the rest still runs.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
@@ -91,7 +90,7 @@ else
   PIP_E=("$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .)
   step build 150 env DEMUL_FAST_BUILD_CUDA=1 "${PIP_E[@]}" \
     || step install-without-cuda 60 env DEMUL_FAST_BUILD_CUDA=0 "${PIP_E[@]}" \
-    || { log "no install: importing from the tree (demul_fast.kernels, hence triton, will be missing)";
+    || { log "no install: importing from the tree (no CUDA extension)";
          export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 fi
 

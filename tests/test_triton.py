@@ -1,7 +1,7 @@
 """The "triton" backend against the float64 reference, with the error rule (tests/numerics.py).
 
 Without a GPU these run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest); its
-dots round their operands to the input dtype first (kernels/_common.emulate_dot), so the
+dots round their operands to the input dtype first (demul_fast/kernels/_common.emulate_dot), so the
 bf16/fp16 products the tensor cores would form are tested here in float32, bfloat16 and
 float16. Every output buffer is filled with NaN before its kernel runs (POISON_OUTPUTS), so
 an element a kernel forgets to write fails. The distillation is the K-free form (SPEC 4.3)

@@ -1,6 +1,6 @@
 """Helpers shared by the Triton launchers: output allocation, the dot mode, the D limit.
 
-Block sizes come from the shapes (kernels/text_head.text_config, kernels/cosine_ce.ce_config;
+Block sizes come from the shapes (demul_fast/kernels/text_head.text_config, demul_fast/kernels/cosine_ce.ce_config;
 no ``triton.autotune``: it would need a timing stand-in under the interpreter, and nothing
 has been measured on a GPU yet). Every kernel streams D in chunks, so shared memory does not
 grow with D; D is limited to ``MAX_D``, the largest size tested.
