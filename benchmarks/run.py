@@ -6,7 +6,7 @@
 
 Suites: ``head`` (the four head functions, docs/SPEC.md section 4; fwd, bwd, fwd+bwd; with the
 one-time cost of the frozen-phi basis of SPEC 4.3 printed apart and kept in the JSON meta),
-``encoder`` (reference.FullTextEncoder vs PrefixSharedTextEncoder, docs/SPEC.md section 3),
+``encoder`` (text_encoder.FullTextEncoder vs PrefixSharedTextEncoder, docs/SPEC.md section 3),
 ``step`` (a DeMul training step from given image features: DeMulReference vs DeMul).
 Every provider is checked against the reference on the benchmark's own inputs before it
 is timed; unavailable providers are listed as skipped with the reason. On CUDA the
