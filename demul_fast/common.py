@@ -41,9 +41,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a computation on ``dtype`` accumulates in: float32, and float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def l2_normalize(v: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
     """v / max(||v||, eps) along ``dim`` (the floor is a constant for autograd)."""
     return v / torch.linalg.vector_norm(v, dim=dim, keepdim=True).clamp_min(eps)
 
 
-__all__ = ["EPS", "MAX_PROMPTS", "KERNEL_DTYPES", "Scale", "HeadOutput", "interpreting", "l2_normalize"]
+__all__ = ["EPS", "MAX_PROMPTS", "KERNEL_DTYPES", "Scale", "HeadOutput", "interpreting", "accumulation_dtype",
+           "l2_normalize"]

@@ -16,19 +16,14 @@ import torch
 import torch.nn as nn
 
 from . import reference
-from .common import HeadOutput, Scale, l2_normalize
+from .common import HeadOutput, Scale, accumulation_dtype, l2_normalize
 from .ops import functional
-from .ops.distill_basis import DistillBasis, DistillBasisCache, build_distill_basis
+from .ops.distill_basis import DistillBasis, DistillBasisCache, frozen_basis
 from .ops.torch_ops import distill_rows
 from .prompt_learner import HeadParameters
 
 Tensor = torch.Tensor
 Phi = Union[nn.Linear, nn.Sequential, Tuple[Tensor, Optional[Tensor]], Sequence]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 for float64 inputs: what the heads accumulate in."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def linear_phi(head: HeadParameters) -> bool:
@@ -104,13 +99,7 @@ class DeMulHead(HeadParameters):
         replaced, moved to another device or dtype (demul_fast.ops.distill_basis's rule; it is
         not state, so ``state_dict`` does not hold it). Inside torch.compile it is built in
         the graph (compiled code cannot key a cache on storage)."""
-        tensors = (self.phi_weight, self.phi_bias, self.llm_embeddings)
-        if self.llm_embeddings is None or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in tensors)):
-            return None
-        if torch.compiler.is_compiling():
-            return build_distill_basis(*tensors, dtype=dtype)
-        return self._basis_cache.get(*tensors, dtype=dtype)
+        return frozen_basis(self.phi_weight, self.phi_bias, self.llm_embeddings, dtype, self._basis_cache)
 
     def class_features(self, text_features: Tensor) -> Tensor:
         """T [C, M, D] -> unit-norm class features u^ [C, D] (for inference)."""

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import reference, towers
-from .common import HeadOutput
+from .common import HeadOutput, accumulation_dtype
 from .prompts import init_phrase_tokens
 
 PROMPTS_FILE = "prompts.safetensors"
@@ -94,7 +94,7 @@ def init_context(clip_model: nn.Module, tokenizer: Callable, n_prompts: int, n_c
     family = towers.family(clip_model)
     emb = family.token_embedding(clip_model)
     width = emb.weight.shape[1]
-    dtype = torch.float64 if emb.weight.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(emb.weight.dtype)
     if ctx_init is None:
         ctx = torch.empty(n_prompts, n_ctx, width, dtype=dtype, device=emb.weight.device)
         return nn.init.normal_(ctx, std=0.02, generator=generator)

@@ -39,8 +39,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import reference
-from .common import HeadOutput
-from .nn import accumulation_dtype, compose_head, linear_phi, mlp_distill
+from .common import HeadOutput, accumulation_dtype
+from .nn import compose_head, linear_phi, mlp_distill
 from .ops import functional
 from .prompt_learner import logit_scale
 from .text_encoder import FullTextEncoder
@@ -219,7 +219,7 @@ class ShardedDeMul(nn.Module):
     def accuracy(self, feats: Tensor, labels: Tensor) -> float:
         """Top-1 (%) over the images of all ranks: feats [N_r, D], labels [N_r] on each rank."""
         u = self.class_features().float()
-        pred = (nn.functional.normalize(feats.float(), dim=-1) @ u.T).argmax(-1)
+        pred = reference.cosine_logits(feats.float(), u, 1.0).argmax(-1)
         counts = torch.stack([(pred == labels).sum(), torch.tensor(labels.numel(), device=labels.device)])
         counts = counts.to(collective_device(), torch.float64)
         dist.all_reduce(counts, group=self.group)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 
+from .. import reference
 from ..data import DataError
 from ..data.classnames import ClassNameMismatch, check_classnames
 from ..data.folders import ImageList, build_transforms, check_images, discover, items
@@ -38,7 +38,7 @@ def accuracy(module, feats: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 (%) of cached class features u^ [C, D] against image features [N, D]."""
     module.eval()
     u = module.class_features().float()
-    pred = (nn.functional.normalize(feats, dim=-1) @ u.T).argmax(-1)
+    pred = reference.cosine_logits(feats, u, 1.0).argmax(-1)
     return 100.0 * float((pred == labels).sum()) / max(1, labels.numel())
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .. import phi as phi_mod
+from .. import reference
 from ..data import coop_layouts
 from ..data.folders import ImageList, build_transforms
 from . import runtime
@@ -38,7 +38,7 @@ def zeroshot(dataset: str, root, model: str = "ViT-B-16", pretrained: str = "ope
     loader = torch.utils.data.DataLoader(ImageList(data.items["test"], eval_tf), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)
     feats, labels = image_features(clip, loader, dev, amp_dtype, progress, f"{data.name} test features")
-    pred = (nn.functional.normalize(feats, dim=-1) @ text.T).argmax(-1)
+    pred = reference.cosine_logits(feats, text, 1.0).argmax(-1)
     top1 = 100.0 * float((pred == labels).sum()) / max(1, labels.numel())
     return {"dataset": data.name, "template": template, "top1": top1, "n": int(labels.numel()), "model": model,
             "pretrained": pretrained, "fingerprint": info["fingerprint"]}

@@ -35,7 +35,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..common import EPS, l2_normalize
+from ..common import EPS, accumulation_dtype, l2_normalize
 
 
 class DistillBasis(NamedTuple):
@@ -72,7 +72,7 @@ def build_distill_basis(phi_weight: torch.Tensor, phi_bias: Optional[torch.Tenso
              on phi_weight's device, detached (phi and E are frozen)
     """
     if dtype is None:
-        dtype = torch.float64 if phi_weight.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(phi_weight.dtype)
     w = phi_weight.detach().to(torch.float64)
     q, r = torch.linalg.qr(w, mode="reduced")  # q [K, r], r [r, D]
     e_hat = l2_normalize(llm_embeddings.detach().to(torch.float64), eps=EPS)  # [C, K]
@@ -147,11 +147,28 @@ def cached_distill_basis(phi_weight: torch.Tensor, phi_bias: Optional[torch.Tens
     return _CACHE.get(phi_weight, phi_bias, llm_embeddings, dtype)
 
 
+def frozen_basis(phi_weight: Optional[torch.Tensor], phi_bias: Optional[torch.Tensor],
+                 llm_embeddings: Optional[torch.Tensor], dtype: torch.dtype,
+                 cache: Optional[DistillBasisCache] = None) -> Optional[DistillBasis]:
+    """The basis of SPEC 4.3 a call runs with when the caller gives none, or None for the
+    direct form of SPEC 4.1 -- the one rule, used by the functional API and by DeMulHead:
+    None without LLM embeddings or when autograd is to differentiate W, b or E; inside
+    torch.compile built in the graph (compiled code cannot key a cache on storage); else
+    from ``cache`` (default: the functional API's), rebuilt when a tensor changes."""
+    tensors = (phi_weight, phi_bias, llm_embeddings)
+    if llm_embeddings is None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                  for t in tensors)):
+        return None
+    if torch.compiler.is_compiling():
+        return build_distill_basis(*tensors, dtype=dtype)
+    return (_CACHE if cache is None else cache).get(*tensors, dtype=dtype)
+
+
 def clear_distill_basis_cache() -> None:
     """Forget every basis the functional API cached (after writing phi or E behind the
     version counter: through ``.data``, NumPy or DLPack)."""
     _CACHE.clear()
 
 
-__all__ = ["DistillBasis", "DistillBasisCache", "build_distill_basis", "cached_distill_basis",
+__all__ = ["DistillBasis", "DistillBasisCache", "build_distill_basis", "cached_distill_basis", "frozen_basis",
            "clear_distill_basis_cache"]

@@ -20,8 +20,8 @@ import torch
 
 from . import validate as v
 from .backends import select
-from ..common import HeadOutput, Scale
-from .distill_basis import DistillBasis, build_distill_basis, cached_distill_basis
+from ..common import HeadOutput, Scale, accumulation_dtype
+from .distill_basis import DistillBasis, frozen_basis
 
 
 def aggregate_prompts(text_features: torch.Tensor, prompt_logits: torch.Tensor,
@@ -58,20 +58,12 @@ def _basis(text_features: torch.Tensor, phi_weight, phi_bias, llm_embeddings,
            distill_basis: Optional[DistillBasis]) -> Optional[DistillBasis]:
     """The basis of SPEC 4.3 the call runs with, or None for the direct form of SPEC 4.1.
 
-    A given ``distill_basis`` is used as it is. Otherwise, when no gradient of W, b or E
-    is asked for, the basis of the frozen tensors: from the cache (the rule is in
-    demul_fast.ops.distill_basis), or, inside torch.compile (where tensors have no storage to
-    key on), built in the graph.
+    A given ``distill_basis`` is used as it is; otherwise ``distill_basis.frozen_basis``
+    decides (the rule, written once), in the accumulation dtype of the text features.
     """
     if distill_basis is not None:
         return distill_basis
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (phi_weight, phi_bias, llm_embeddings)):
-        return None
-    dtype = torch.float64 if text_features.dtype == torch.float64 else torch.float32
-    if torch.compiler.is_compiling():
-        return build_distill_basis(phi_weight, phi_bias, llm_embeddings, dtype)
-    return cached_distill_basis(phi_weight, phi_bias, llm_embeddings, dtype)
+    return frozen_basis(phi_weight, phi_bias, llm_embeddings, accumulation_dtype(text_features.dtype))
 
 
 def prompt_distill_loss(text_features: torch.Tensor, phi_weight: Optional[torch.Tensor] = None,

@@ -25,14 +25,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as nnf
 
-from ..common import EPS, HeadOutput, Scale, l2_normalize
+from .. import reference
+from ..common import EPS, HeadOutput, accumulation_dtype, l2_normalize
 from .distill_basis import DistillBasis
 
 DISTILL_BASIS = True  # prompt_distill_loss and demul_head take a DistillBasis (SPEC 4.3)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(x.dtype)
 
 
 def _up(x, dtype: torch.dtype):
@@ -57,8 +58,7 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: 
     return per_row.mean()
 
 
-def _logits(image_features: torch.Tensor, class_features: torch.Tensor, scale: Scale) -> torch.Tensor:
-    return scale * (l2_normalize(image_features) @ class_features.transpose(0, 1))
+_logits = reference.cosine_logits  # the one logits formula (SPEC 4), in the dtype it is given
 
 
 def _kfree(t_hat, R, c, F, delta, beta, with_grad: bool):
