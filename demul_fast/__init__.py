@@ -12,6 +12,11 @@ Public API (see README.md and docs/SPEC.md):
 * ``DeMul``: the whole module (prompts, prefix-shared text encoder, fused head);
   ``PrefixSharedTextEncoder``: the exact prefix-shared CLIP text encoder;
   ``nn.DeMulHead``: the head as a drop-in layer.
+
+Not imported here: ``demul_fast.app`` (the ``demul-fast`` command: training, evaluation,
+the sweep, torchrun plumbing) and ``demul_fast.data`` (image folders, CoOp's dataset
+layouts, class-name lists). The layers and what each may import: README.md,
+"How the code is layered" (enforced by tests/test_layers.py).
 """
 
 from importlib import metadata as _metadata

@@ -2,7 +2,7 @@
 
 Each kernel entry point is registered as a ``torch.library`` custom op named after the
 public function it implements (``demul_fast::cuda_<function>`` and ``..._backward``,
-demul_fast/ops/custom_op_common.py) with a fake (meta) implementation and, for the forward ops, an
+demul_fast/ops/custom_op_conventions.py) with a fake (meta) implementation and, for the forward ops, an
 autograd formula whose backward is again a custom op (not differentiable again); so the
 ops run under ``torch.compile`` without graph breaks. ``OPS`` lists them (for
 ``torch.library.opcheck``). The four backend functions below take the distillation as the
@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from . import custom_op_common as op_common
+from . import custom_op_conventions as conventions
 from .validate import refuse_frozen_grads
 from ..common import MAX_PROMPTS, HeadOutput
 from .distill_basis import DistillBasis
@@ -46,7 +46,7 @@ DISTILL_BASIS = True  # the distillation takes a DistillBasis (SPEC 4.3), not ph
 
 Tensor = torch.Tensor
 _F32 = torch.float32
-_saved = op_common.saved_tensors
+_saved = conventions.saved_tensors
 
 
 def _f32(like: Tensor, *shape: int) -> Tensor:
@@ -302,7 +302,7 @@ def _head_grad(ctx, g_loss, g_ce, g_dist, g_logits, *unused):
 _head.register_autograd(_head_grad, setup_context=_head_setup)
 
 for _op in (_aggregate_backward, _cross_entropy_backward, _distill_backward, _head_backward):
-    op_common.register_backward_op(_op, "cuda")
+    conventions.register_backward_op(_op, "cuda")
 
 OPS = [_aggregate, _aggregate_backward, _cross_entropy, _cross_entropy_backward, _distill, _distill_backward,
        _head, _head_backward]
@@ -340,7 +340,7 @@ def cosine_cross_entropy(image_features: Tensor, class_features: Tensor, labels:
     """image_features: [B, D], class_features: [C, D], labels: [B] -> scalar float32 loss"""
     x = image_features.contiguous()
     return _cross_entropy(x, class_features.to(_F32).contiguous(), labels.to(torch.int64).contiguous(),
-                          op_common.scale_tensor(scale, x.device), float(label_smoothing))[0]
+                          conventions.scale_tensor(scale, x.device), float(label_smoothing))[0]
 
 
 def prompt_distill_loss(text_features: Tensor, basis: DistillBasis) -> Tensor:
@@ -357,7 +357,7 @@ def demul_head(text_features: Tensor, prompt_logits: Tensor, image_features: Ten
     t = text_features.contiguous()
     operands = _basis_operands(basis) if basis is not None else (None,) * 5
     out = _head(t, prompt_logits.to(_F32).contiguous(), image_features.contiguous(),
-                labels.to(torch.int64).contiguous(), op_common.scale_tensor(scale, t.device), *operands,
+                labels.to(torch.int64).contiguous(), conventions.scale_tensor(scale, t.device), *operands,
                 float(alpha), float(label_smoothing), bool(return_logits))
     return HeadOutput(out[0], out[1], out[2], out[3] if return_logits else None)
 

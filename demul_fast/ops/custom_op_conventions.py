@@ -1,5 +1,5 @@
-"""Helpers that the kernel backends' custom-op layers share (demul_fast.ops.triton_ops and
-demul_fast.ops.cuda_ops), so that both wrap their kernels the same way.
+"""The conventions and helpers by which the kernel backends wrap their kernels in custom ops
+(demul_fast.ops.triton_ops and demul_fast.ops.cuda_ops), so that both do it the same way.
 
 Conventions of every kernel backend (docs/OPS.md):
 

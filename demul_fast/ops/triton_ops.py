@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import custom_op_common as op_common
+from . import custom_op_conventions as conventions
 from .validate import refuse_frozen_grads
 from ..common import HeadOutput
 from .distill_basis import DistillBasis
@@ -38,8 +38,8 @@ except Exception as exc:  # noqa: BLE001 - reported by demul_fast.ops.backends
     UNAVAILABLE_REASON = f"triton kernels cannot be imported: {type(exc).__name__}: {exc}"
 
 DISTILL_BASIS = True
-_empty = op_common.empty_like_placeholder
-_saved = op_common.saved_tensors
+_empty = conventions.empty_like_placeholder
+_saved = conventions.saved_tensors
 f32 = torch.float32
 
 
@@ -278,7 +278,7 @@ def _head_backward(ctx, grads):
 
 _head.register_autograd(_head_backward, setup_context=_head_setup)
 for _op in (_aggregate_bwd, _distill_bwd, _cosine_ce_bwd, _head_bwd):
-    op_common.register_backward_op(_op, "triton")
+    conventions.register_backward_op(_op, "triton")
 
 OPS = [getattr(torch.ops.demul_fast, f"triton_{name}{suffix}").default
        for name in ("aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head")
@@ -316,7 +316,7 @@ def aggregate_prompts(text_features, prompt_logits):
 
 def cosine_cross_entropy(image_features, class_features, labels, scale, label_smoothing=0.0):
     """X [B, D], class features [C, D], labels [B] -> scalar fp32 loss (SPEC 4)."""
-    s = op_common.scale_tensor(scale, image_features.device)
+    s = conventions.scale_tensor(scale, image_features.device)
     return torch.ops.demul_fast.triton_cosine_cross_entropy(image_features, class_features, labels, s,
                                                             float(label_smoothing))[0]
 
@@ -330,7 +330,7 @@ def demul_head(text_features, prompt_logits, image_features, labels, scale, basi
                alpha=1.0, label_smoothing=0.0, return_logits=False):
     """The whole head (SPEC 4, distillation by SPEC 4.3; basis None: none) as one op:
     HeadOutput(loss, ce_loss, distill_loss, logits or None)."""
-    s = op_common.scale_tensor(scale, text_features.device)
+    s = conventions.scale_tensor(scale, text_features.device)
     parts = tuple(basis) if basis is not None else (None,) * 5
     out = torch.ops.demul_fast.triton_demul_head(text_features, prompt_logits, image_features, labels, s, *parts,
                                                  float(alpha), float(label_smoothing), bool(return_logits))
