@@ -75,8 +75,8 @@ class PackedLayout:
         if key not in self._cache:
             g, p, n, s = self.g, self.p, self.n, self.s
             dev = self.eot.device
-            pre = torch.arange(1, min(1 + k, p), device=dev)                                   # positions < P
-            suf = torch.arange(max(1, p), 1 + k, device=dev)                                   # positions >= P
+            pre = torch.arange(1, max(1, min(1 + k, p)), device=dev)                          # positions < P
+            suf = torch.arange(max(1, p), max(1 + k, p), device=dev)                          # positions >= P
             pre_rows = (torch.arange(g, device=dev).view(g, 1) * p + pre.view(1, -1)).flatten()
             slots = (torch.arange(g * n, device=dev).view(-1, 1) * s + (suf - p).view(1, -1)).flatten()
             rows = torch.cat([pre_rows, g * p + self.pad_index.index_select(0, slots)])
