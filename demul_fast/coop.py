@@ -378,6 +378,10 @@ class CoOpTextEncoder(nn.Module):
         else:
             suffix_eot = (info.eot - shared).unsqueeze(0).expand(b, n)
             layout = PackedLayout.build(b, shared, n, info.seq_len - shared, suffix_eot)
+            for heads in {layer.heads for layer in self.tower.layers}:  # index maps built here, not in a trace
+                layout.indices(heads)
+            if self.tower.deep_ctx and 1 + self.tower.deep_ctx <= info.min_eot:
+                layout.deep_rows(self.tower.deep_ctx)
         summary = CoOpPlan(rows=n, seq_len=info.seq_len, shared_len=shared,
                            tokens=b * (shared + sum(info.lengths) - n * shared), groups=b)
         return _Plan(info=info, limit=limit, shared=shared, suffix_eot=suffix_eot, layout=layout, summary=summary)
