@@ -42,9 +42,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def emulated_extension(tmp_path_factory):
-    """cuda_ops on the emulated extension for this module's tests."""
-    module = emu_build.build(str(tmp_path_factory.mktemp("cuda_emu")))
+def emulated_extension():
+    """cuda_ops on the emulated extension (built once per source hash, cached between runs:
+    tests/cuda_emu/build.py) for this module's tests."""
+    module = emu_build.build()
     saved = cuda_ops._C
     cuda_ops._C = module
     yield module
