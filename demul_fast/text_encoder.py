@@ -189,15 +189,59 @@ class PrefixSharedTextEncoder(nn.Module):
         if ctx.dim() != 3 or ctx.shape[1] != self.n_ctx or ctx.shape[2] != tower.width:
             raise ValueError(f"ctx must be [M, n_ctx={self.n_ctx}, width={tower.width}], got {tuple(ctx.shape)}")
         m = ctx.shape[0]
+        layout = self._planned_layout(m)
         ctx = ctx.to(tower.dtype)
         sot = tower.token_embedding(self.sot_id).to(ctx.dtype).expand(m, 1, -1)           # [M, 1, W]
         prefix = torch.cat([sot, ctx], dim=1)                                              # [M, P, W]
         suffix = tower.token_embedding(self.suffix_ids).to(ctx.dtype)                      # [C, S, W]
-        c = suffix.shape[0]
-        eot = self.suffix_eot.unsqueeze(0).expand(m, c)
-        key = (m, eot.device)
-        if self._layout is None or self._layout[0] != key:  # built once: no host sync per step
-            self.__dict__["_layout"] = (key, PackedLayout.build(m, prefix.shape[1], c, suffix.shape[1], eot))
-        out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1), eot,
-                                    layout=self._layout[1], checkpoint=self.checkpoint)    # [M, C, D]
+        out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1), layout.eot,
+                                    layout=layout, checkpoint=self.checkpoint)             # [M, C, D]
         return out.transpose(0, 1)
+
+    # -- the plan: decided once, outside any step ---------------------------------------------
+    def _plan_key(self, m: int) -> tuple:
+        """What the packed layout of M prompts depends on: M, the device, and the identity
+        and version counter of ``suffix_eot`` (any in-place edit or replacement changes it)."""
+        eot = self.suffix_eot
+        return (m, eot.device, id(eot), eot._version)
+
+    def plan(self, m: int) -> Optional[PackedLayout]:
+        """Build (once) the packed layout of M prompts and its per-head index maps; later calls
+        only compare the key (``_plan_key``: host metadata, no device access) and rebuild when
+        it changed. Building reads ``suffix_eot`` (one host synchronisation on a GPU): it
+        happens here, at plan time (construction, a move to another device, a changed
+        ``suffix_eot``), never inside a training step. Returns the layout (None on the full path)."""
+        if self.mode == "full":
+            return None
+        key = self._plan_key(m)
+        if self._layout is None or self._layout[0] != key:
+            c, s = self.suffix_ids.shape
+            eot = self.suffix_eot.unsqueeze(0).expand(m, c)
+            layout = PackedLayout.build(m, 1 + self.n_ctx, c, s, eot)
+            for layer in self.tower.layers:  # the attention's index maps, for every head count used
+                layout.indices(layer.heads)
+            self.__dict__["_layout"] = (key, layout)
+        return self._layout[1]
+
+    def _planned_layout(self, m: int) -> PackedLayout:
+        """The layout of M prompts. Eager: ``plan(m)`` (built on the first call, then only its
+        key is compared). Inside torch.compile no layout can be built (it needs the host to
+        read ``suffix_eot``): the one ``plan`` made is used, its M and device checked while
+        tracing (dynamo guards on it), and a missing one is a clear error."""
+        if not torch.compiler.is_compiling():
+            return self.plan(m)
+        entry = self._layout
+        if entry is None or entry[0][0] != m or entry[0][1] != self.suffix_eot.device:
+            raise RuntimeError(f"PrefixSharedTextEncoder: no packed layout for M={m} prompts on "
+                               f"{self.suffix_eot.device}; call .plan({m}) outside torch.compile first "
+                               "(DeMul does this at construction and after a move)")
+        return entry[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        """A move or cast (``.to``, ``.cuda``) re-plans for the new device, so a compiled step
+        that follows never has to build a layout."""
+        out = super()._apply(fn, *args, **kwargs)
+        entry = self.__dict__.get("_layout")
+        if entry is not None and entry[0][1] != self.suffix_eot.device:
+            self.plan(entry[0][0])
+        return out
