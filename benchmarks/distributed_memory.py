@@ -5,7 +5,7 @@ world size, and what per-layer activation checkpointing (``--checkpoint-text``) 
         --width 256 --layers 4 --heads 4] [--out benchmarks/results/distributed-cpu.jsonl]
 
 For each world size W, W processes are spawned (gloo on 127.0.0.1, CPU) and each runs one
-``demul_fast.distributed.ShardedDeMul`` training step (forward and backward) on its share of
+``demul_fast.sharded.ShardedDeMul`` training step (forward and backward) on its share of
 the classes, with and without ``checkpoint_text``. Measured per rank:
 
 * ``act_bytes``: the bytes of the tensors that the text encoder's forward hands to autograd
@@ -91,7 +91,7 @@ def _build(args, checkpoint: bool):
 def _rank(rank, world, port, args, queue):
     sys.path.insert(0, ROOT)
     from benchmarks.measure import peak_memory
-    from demul_fast.distributed import ShardedDeMul, shard_bounds
+    from demul_fast.sharded import ShardedDeMul, shard_bounds
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

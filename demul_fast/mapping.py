@@ -9,7 +9,7 @@ so phi must first be fitted, once, from pairs over a list of names:
 The CLIP text features come from the frozen CLIP text tower (the family's own
 ``encode_text`` / ``get_text_features``, ``demul_fast.towers``, on
 the tokenised prompt ``template.format(name)``, default ``"a photo of a {}."``); the LLM
-embeddings from ``demul_fast.llm``. By default the names are the union of the class names
+embeddings from ``demul_fast.app.llm``. By default the names are the union of the class names
 of the 11 standard few-shot datasets shipped in ``demul_fast/data`` (``union_classnames``).
 
 Two fits:
@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -41,46 +40,10 @@ from torch import nn
 
 from . import towers
 from .prompts import tokenize
+from .data.classnames import DATASETS, UNION_FILE, compute_union, dataset_classnames, union_classnames  # noqa: F401  (re-exported)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-
-# CoOp's 11 few-shot benchmarks; class-name lists in demul_fast/data/<key>.txt
-DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
-            "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
-UNION_FILE = "union.txt"
-
-
-def _read_names(filename: str) -> list:
-    text = resources.files("demul_fast").joinpath("data", filename).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def dataset_classnames(dataset: str) -> list:
-    """Class names of one of the 11 standard few-shot datasets (names as CoOp uses them)."""
-    key = dataset.lower()
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    return _read_names(key + ".txt")
-
-
-def union_classnames() -> list:
-    """The union of the 11 datasets' class names (``data/union.txt``): names compared after
-    underscores -> spaces and lower-casing, first spelling kept, in dataset order."""
-    return _read_names(UNION_FILE)
-
-
-def compute_union(lists: Sequence[Sequence[str]]) -> list:
-    """Union of name lists, deduplicated case-insensitively with underscores as spaces."""
-    seen, out = set(), []
-    for names in lists:
-        for n in names:
-            key = " ".join(n.replace("_", " ").lower().split())
-            if key not in seen:
-                seen.add(key)
-                out.append(n)
-    return out
-
 
 # -------------------------------------------------------------------------------------------
 # the training pairs
@@ -251,9 +214,9 @@ def fit_phi_for_model(clip_model: nn.Module, tokenizer, llm_source="minilm", nam
                       **fit_kwargs) -> Tuple[nn.Module, PhiReport]:
     """Compute both sides for ``names`` (default: ``union_classnames()``) and fit phi.
 
-    llm_source: anything ``demul_fast.llm.class_name_embeddings`` accepts.
+    llm_source: anything ``demul_fast.app.llm.class_name_embeddings`` accepts.
     """
-    from .llm import class_name_embeddings
+    from .app.llm import class_name_embeddings
 
     names = list(names) if names is not None else union_classnames()
     x = clip_text_features(clip_model, tokenizer, names, template, device=device)

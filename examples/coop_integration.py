@@ -26,7 +26,7 @@ Runs on random data with a small randomly initialised open_clip model (no downlo
     python examples/coop_integration.py --compare 5 --model ViT-B-16 --classes 64 \
         --n-ctx 16 --prompts 1                              # time plain vs fast steps
 
-In a real run the LLM embeddings come from ``demul_fast.llm.class_name_embeddings`` and
+In a real run the LLM embeddings come from ``demul_fast.app.llm.class_name_embeddings`` and
 phi from ``demul_fast.mapping.fit_phi_for_model``; here both are random.
 """
 

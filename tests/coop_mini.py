@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from demul_fast import mapping
-from demul_fast.datasets import LAYOUTS
+from demul_fast.data.coop_layouts import LAYOUTS
 
 COUNTS = {"train": 6, "val": 3, "test": 2}  # images per class
 COLOURS = ((220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 50))

@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from demul_fast import checkpoint, cli, llm
-from demul_fast.train import CheckpointError, DataError, OutputExistsError, TrainConfig, evaluate, train
+from demul_fast.app import checkpoint, cli, llm
+from demul_fast.app.checkpoint import CheckpointError
+from demul_fast.app.config import TrainConfig
+from demul_fast.app.evaluate import evaluate
+from demul_fast.app.run_folder import OutputExistsError
+from demul_fast.app.train import train
+from demul_fast.data import DataError
 from clip_tiny import tiny_config
 from image_folder import CLASSES, make_folder
 

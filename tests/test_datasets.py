@@ -1,4 +1,4 @@
-"""CoOp's dataset layouts (demul_fast.datasets): every layout read from a generated miniature,
+"""CoOp's dataset layouts (demul_fast.data.coop_layouts): every layout read from a generated miniature,
 CoOp's few-shot draw, the class-name warning, and the bad splits that stop `demul-fast
 train` / `sweep` / `zeroshot` with one error line and nothing written."""
 
@@ -9,9 +9,13 @@ import warnings
 import pytest
 
 from coop_mini import COUNTS, make_dataset
-from demul_fast import cli, datasets, mapping
-from demul_fast.datasets import LAYOUTS, ClassNamesDiffer
-from demul_fast.train import DataError, TrainConfig, data_split
+from demul_fast import mapping
+from demul_fast.app import cli
+from demul_fast.app.config import TrainConfig
+from demul_fast.app.train import data_split
+from demul_fast.data import DataError
+from demul_fast.data import coop_layouts as datasets
+from demul_fast.data.coop_layouts import LAYOUTS, ClassNamesDiffer
 
 
 def test_layout_table_covers_the_eleven_datasets_in_order():

@@ -21,9 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from open_clip.model import CLIP
 
-from demul_fast import DeMul, checkpoint
-from demul_fast.train import run_log
-from demul_fast.distributed import GlobalBatchSampler, ShardedDeMul, shard_bounds
+from demul_fast import DeMul
+from demul_fast.app import checkpoint
+from demul_fast.app.processes import GlobalBatchSampler
+from demul_fast.app.run_folder import run_log
+from demul_fast.sharded import ShardedDeMul, shard_bounds
 from demul_fast.reference import DeMulReference
 from numerics import assert_error_rule
 
@@ -203,7 +205,7 @@ def test_train_under_torchrun_equals_one_process(tmp_path):
     from safetensors.torch import load_file
 
     from clip_tiny import tiny_config
-    from demul_fast import cli
+    from demul_fast.app import cli
 
     data = _image_folder(tmp_path / "data")
     common = ["--data", str(data), "--model", str(tiny_config(tmp_path)), "--pretrained", "none", "--prompts", "2",

@@ -1,10 +1,10 @@
-"""demul_fast.llm: class-name embeddings from files, local models and callables."""
+"""demul_fast.app.llm: class-name embeddings from files, local models and callables."""
 
 import numpy as np
 import pytest
 import torch
 
-from demul_fast import llm
+from demul_fast.app import llm
 
 NAMES = ["golden_retriever", "tabby cat", "Boeing 707-320", "apple pie"]
 

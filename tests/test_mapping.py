@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from demul_fast import llm, mapping
+from demul_fast import mapping
+from demul_fast.app import llm
 from clip_tiny import tiny_clip
 
 # CoOp's class-name counts of the 11 datasets

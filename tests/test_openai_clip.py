@@ -203,7 +203,7 @@ def test_load_clip_reads_an_openai_checkpoint(tmp_path):
     """An OpenAI-format TorchScript file as ``--pretrained``: OpenAI's model and tokenizer
     (heads = width / 64, as clip.build_model infers them)."""
     from clip_tiny import tiny_config
-    from demul_fast.train import load_clip
+    from demul_fast.app.models import load_clip
 
     model = tiny_openai_clip(heads=1, dtype=torch.float32, embed_dim=32)
     ids = openai_tokenize(["a photo of a cat.", "x"])
@@ -231,7 +231,7 @@ def test_train_and_eval_with_an_openai_checkpoint(tmp_path):
     from PIL import Image
 
     from clip_tiny import tiny_config
-    from demul_fast import cli
+    from demul_fast.app import cli
 
     model = tiny_openai_clip(heads=1, dtype=torch.float32, embed_dim=32, seed=6)
     ckpt = tmp_path / "openai.pt"

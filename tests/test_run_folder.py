@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from demul_fast import checkpoint, cli
-from demul_fast import train as train_mod
+from demul_fast.app import checkpoint, cli, runtime
+from demul_fast.app import config as config_mod
+from demul_fast.app import train as train_mod
 from demul_fast.reference import DeMulModule
-from demul_fast.train import CheckpointError, DataError, TrainConfig, default_workers, evaluate, train
+from demul_fast.app.checkpoint import CheckpointError
+from demul_fast.app.config import TrainConfig, default_workers
+from demul_fast.app.evaluate import evaluate
+from demul_fast.app.train import train
+from demul_fast.data import DataError
 from clip_tiny import tiny_config
 from image_folder import make_folder, truncated_jpeg
 
@@ -147,12 +152,13 @@ def _stop_in_epoch_2(monkeypatch, where: str) -> None:
     elif where == "state":
         _crash_on(monkeypatch, torch, "save", lambda obj, path, *rest: _in_checkpoint_2(path))
     elif where == "log":
-        _crash_on(monkeypatch, train_mod, "_write_json", _in_checkpoint_2, after=True)
+        _crash_on(monkeypatch, checkpoint, "write_json", lambda path, obj: _in_checkpoint_2(path) and path.name == "log.json",
+                  after=True)
     elif where == "pointer":
         _crash_on(monkeypatch, checkpoint, "write_json",
                   lambda path, obj: path.name == checkpoint.POINTER_FILE and obj["epoch"] == 2)
     else:
-        _crash_on(monkeypatch, train_mod, "_log", lambda msg, progress: msg.startswith("epoch 1/"), after=True)
+        _crash_on(monkeypatch, runtime, "log", lambda msg, progress: msg.startswith("epoch 1/"), after=True)
 
 
 @pytest.mark.parametrize("where", ["prompts", "state", "log", "pointer", "between"])
@@ -201,9 +207,9 @@ def test_overwrite_that_crashes_before_its_first_checkpoint_keeps_the_old_run(en
         seen["beside"], seen["old"] = _beside(out), _files(out) == before
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "_log", look)
+        mp.setattr(runtime, "log", look)
         if where == "start":
-            _crash_on(mp, train_mod, "_lr_at", lambda cfg, epoch: True)
+            _crash_on(mp, train_mod, "lr_at", lambda cfg, epoch: True)
         else:
             _crash_on(mp, torch, "save", lambda obj, path, *rest: "checkpoint-0001" in str(path))
         with pytest.raises(Crash):
@@ -239,18 +245,18 @@ def test_overwrite_replaces_the_run_at_its_first_checkpoint(env, tmp_path):
 
 def test_workers_default_to_the_available_cores_up_to_4(monkeypatch):
     for cores, expected in ((1, 1), (2, 2), (4, 4), (64, 4)):
-        monkeypatch.setattr(train_mod.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setattr(config_mod.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert default_workers() == expected
         assert TrainConfig(data="d", out="o").workers == expected
-    monkeypatch.delattr(train_mod.os, "sched_getaffinity", raising=False)
-    monkeypatch.setattr(train_mod.os, "cpu_count", lambda: 3)
+    monkeypatch.delattr(config_mod.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(config_mod.os, "cpu_count", lambda: 3)
     assert default_workers() == 3
-    monkeypatch.setattr(train_mod.os, "cpu_count", lambda: None)
+    monkeypatch.setattr(config_mod.os, "cpu_count", lambda: None)
     assert default_workers() == 1
 
 
 # -------------------------------------------------------------------------------------------
-# checkpoint.py on its own
+# app/checkpoint.py on its own
 
 
 def test_swap_in_needs_a_checkpoint_and_replaces_the_folder_a_link_points_to(tmp_path):

@@ -13,9 +13,11 @@ from PIL import Image
 
 from clip_tiny import tiny_config
 from coop_mini import make_dataset
-from demul_fast import cli, sweep
-from demul_fast.datasets import LAYOUTS
-from demul_fast.train import DataError, TrainConfig, run_log
+from demul_fast.app import cli, sweep
+from demul_fast.app.config import TrainConfig
+from demul_fast.app.run_folder import run_log
+from demul_fast.data import DataError
+from demul_fast.data.coop_layouts import LAYOUTS
 
 NAMES, SHOTS, SEEDS = ("dtd", "eurosat"), (1, 2), (1, 2)
 

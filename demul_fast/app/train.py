@@ -1,0 +1,239 @@
+"""The few-shot DeMul training loop (what ``demul-fast train`` runs); a saved run is evaluated
+by ``evaluate``, its files are ``run_folder``'s.
+
+Data layout (``--data``): ``root/<class>/<image>`` (K images per class are sampled for
+training, the rest is the test set), or ``root/train|val|test/<class>/<image>`` (K per class
+sampled from train/; val/ and test/ are used whole). Class names are the folder names
+(underscores become spaces in prompts), in sorted order. With ``--dataset NAME --root DIR``
+one of the 11 benchmarks is read in CoOp's layout instead (``demul_fast.data.coop_layouts``).
+Both produce the same split record (``data_split``), which the run saves as ``split.json``.
+
+The run folder it writes (run.json, split.json, the LLM embeddings and phi, checkpoints) is
+described in ``run_folder``; a new run (also one that replaces another with --overwrite) is
+built in a hidden folder beside the output folder and moved to its place once its first
+checkpoint exists.
+
+The optimisation follows CoOp: SGD (momentum 0.9, weight decay 5e-4), lr 0.002, a cosine
+schedule over the epochs after one warm-up epoch at constant lr 1e-5, batch size 32,
+random resized crop (scale 0.08..1) + horizontal flip on top of the model's own resize and
+normalisation. Bad input (an image that does not decode included) raises ``DataError`` /
+``CheckpointError`` / ``OutputExistsError`` (all ``ValueError`` or ``FileExistsError``)
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import List
+
+import torch
+
+from .. import mapping
+from ..data import coop_layouts
+from ..data.folders import ImageList, build_transforms, check_images, discover, folder_split, items
+from ..sharded import ShardedDeMul
+from . import checkpoint, llm, processes, runtime
+from .checkpoint import CheckpointError
+from .config import TrainConfig
+from .evaluate import accuracy, image_features
+from .models import build_module, load_clip
+from .phi_cache import llm_and_phi, save_llm_and_phi
+from .run_folder import (LLM_FILE, LOG_FILE, PHI_FILE, PROMPTS_DIR, RUN_FILE, SPLIT_FILE, STATE_FILE,
+                         check_resume, checkpoint_folder, load_prompts, prepare_output, save_checkpoint)
+
+
+def check_source(cfg: TrainConfig) -> None:
+    """ValueError unless the data source is --data alone or --dataset with --root."""
+    if cfg.dataset is None and (cfg.root is not None or not cfg.data):
+        raise ValueError("give --data DIR (an image folder), or --dataset NAME with --root DIR (CoOp's layout)")
+    if cfg.dataset is not None and (cfg.data or not cfg.root):
+        raise ValueError("--dataset reads CoOp's layout under --root DIR and excludes --data")
+
+
+def data_split(cfg: TrainConfig) -> dict:
+    """The run's split record, from --data (the folder layouts) or --dataset/--root (CoOp's):
+    {"layout", "classes", "short": {class: count}, "train": {class: [paths]},
+     "eval": {split: {class: [paths]}}}"""
+    check_source(cfg)
+    if cfg.dataset is None:
+        return folder_split(cfg.data, cfg.shots, cfg.seed, cfg.allow_fewer)
+    return coop_layouts.coop_split(cfg.dataset, cfg.root, cfg.shots, cfg.seed, cfg.allow_fewer)
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """CoOp's schedule: constant warm-up lr, then cosine over all epochs (0-based epoch)."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run few-shot training; returns the final log record (see ``log.json``). A new run that
+    stops before its first checkpoint leaves nothing behind (a run it was to replace intact)."""
+    staged: List[Path] = []
+    try:
+        return _train(cfg, staged)
+    except BaseException:
+        for folder in staged:  # gone already once swapped in
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
+    from tqdm.auto import tqdm
+
+    for name in ("epochs", "batch_size", "prompts", "n_ctx"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.alpha) and cfg.alpha >= 0):
+        raise ValueError(f"--lr must be > 0 and --alpha >= 0, got {cfg.lr} and {cfg.alpha}")
+    proc = processes.init_from_env(cfg.device)  # torchrun: join the process group; else one process
+    device = proc.device
+    if not proc.is_main:  # rank 0 alone shows progress and writes files
+        cfg = TrainConfig(**{**asdict(cfg), "progress": False})
+    amp_dtype = runtime.amp_dtype(cfg.precision, device)
+    out = prepare_output(cfg)
+    proc.barrier()  # every rank has checked the output folder before rank 0 writes to it
+
+    # data: everything is checked before the output folder is touched
+    if cfg.resume:
+        split = json.loads((out / SPLIT_FILE).read_text())
+        classnames = split["classes"]
+        check_resume(out, cfg, dataset_classes(cfg))
+        short = split.get("short", {})
+    else:
+        split = data_split(cfg)
+        classnames, short = split["classes"], split["short"]
+    check_images([p for part in [split["train"], *split["eval"].values()] for files in part.values() for p in files],
+                 threads=cfg.workers)
+    if short:
+        runtime.log(f"--allow-fewer: {len(short)} class(es) have fewer than {cfg.shots} images and train with all they "
+             "have: " + ", ".join(f"{c} ({n})" for c, n in short.items()), cfg.progress)
+
+    clip, tokenizer, pre_cfg, clip_info = load_clip(cfg.model, cfg.pretrained, device, cfg.init_seed)
+    if cfg.resume:
+        saved = json.loads((out / RUN_FILE).read_text())
+        if saved["clip"]["fingerprint"] != clip_info["fingerprint"]:
+            raise CheckpointError(f"--resume: the CLIP model differs from the one the checkpoint in {out} was "
+                                  "trained with (weights fingerprint)")
+        emb = phi = None
+        if cfg.alpha != 0:
+            emb = llm.load_embeddings(out / LLM_FILE, classnames)
+            phi, _ = mapping.load_phi(out / PHI_FILE)
+        module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
+        work = out
+    else:
+        # everything that can fail on bad input runs before the output folder is written
+        emb, phi, report = llm_and_phi(cfg, clip, tokenizer, classnames, device, clip_info["fingerprint"])
+        module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
+        work = out  # the other ranks of a torchrun job write nothing
+        if proc.is_main:
+            work = checkpoint.staging_folder(out)  # moved to out (over an --overwrite'd run) at the first checkpoint
+            staged.append(work)
+            checkpoint.write_json(work / SPLIT_FILE, split)
+            save_llm_and_phi(work, cfg, classnames, emb, phi, report)
+
+    train_tf, eval_tf = build_transforms(pre_cfg, cfg.augment)
+    train_ds = ImageList(items(split["train"], classnames), train_tf)
+    sharded = None
+    if proc.world_size > 1:
+        sharded = ShardedDeMul(module, tokenizer)
+        sharded.broadcast_parameters()
+    # no persistent workers: each epoch's shuffle and augmentation are seeded afresh (resume
+    # reproduces them)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start, history = 0, []
+    if cfg.resume:
+        last = checkpoint_folder(out)
+        load_prompts(module, last / PROMPTS_DIR)
+        state = torch.load(last / STATE_FILE, map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = state["epoch"] + 1
+        history = json.loads((last / LOG_FILE).read_text())["epochs"]
+    run = {"config": asdict(cfg), "classnames": classnames, "clip": clip_info,
+           "device": str(device), "amp": str(amp_dtype), "module": type(module).__name__,
+           "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pre_cfg.items()},
+           "n_train": len(train_ds), "world_size": proc.world_size}
+    if proc.is_main:
+        checkpoint.write_json(work / RUN_FILE, run)
+
+    eval_sets = {}
+    for s, data in split["eval"].items():
+        loader = torch.utils.data.DataLoader(ImageList(proc.share(items(data, classnames)), eval_tf),
+                                             batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw)
+        eval_sets[s] = image_features(clip, loader, device, amp_dtype, cfg.progress, f"{s} features")
+
+    runtime.log(f"training {type(module).__name__} on {len(classnames)} classes, {len(train_ds)} images "
+         f"({cfg.shots} shots), {cfg.epochs} epochs, device {device}, world size {proc.world_size}, output {out}",
+         cfg.progress)
+    gen = torch.Generator()
+    # global batches of cfg.batch_size, each split over the processes: the same steps at any world size
+    sampler = processes.GlobalBatchSampler(len(train_ds), cfg.batch_size, proc.rank, proc.world_size)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, generator=gen, **loader_kw)
+    record = history[-1] if history else {}
+    for epoch in range(start, cfg.epochs):
+        lr = lr_at(cfg, epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        gen.manual_seed(cfg.seed * 100003 + epoch)  # worker seeds of this epoch
+        sampler.set_seed(cfg.seed * 100003 + epoch)  # the shuffle of this epoch
+        torch.manual_seed(cfg.seed * 100003 + epoch)  # augmentation without workers
+        module.train()
+        tot = {"loss": 0.0, "ce_loss": 0.0, "distill_loss": 0.0, "correct": 0, "n": 0}
+        t0 = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with runtime.autocast(device, amp_dtype):
+                with torch.no_grad():  # the image tower is frozen
+                    feats = clip.encode_image(images)
+                o = module(image_features=feats, labels=labels) if sharded is None else sharded(feats, labels)
+            optimizer.zero_grad(set_to_none=True)
+            (o.loss if scaler is None else scaler.scale(o.loss)).backward()
+            if sharded is not None:
+                sharded.reduce_gradients()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            n = labels.numel()
+            tot["n"] += n
+            for k in ("loss", "ce_loss", "distill_loss"):
+                tot[k] += float(getattr(o, k).detach()) * n
+            tot["correct"] += int((o.logits.argmax(-1) == labels).sum())
+            bar.set_postfix(loss=f"{tot['loss'] / tot['n']:.4f}", acc=f"{100.0 * tot['correct'] / tot['n']:.1f}")
+        tot = proc.all_reduce_sums(tot)
+        record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - t0, 3), "world_size": proc.world_size,
+                  **{k: tot[k] / tot["n"] for k in ("loss", "ce_loss", "distill_loss")},
+                  "train_acc": 100.0 * tot["correct"] / tot["n"]}
+        for s, (f, y) in eval_sets.items():
+            record[f"{s}_acc"] = accuracy(module, f, y) if sharded is None else sharded.accuracy(f, y)
+        history.append(record)
+        if proc.is_main:
+            work = save_checkpoint(work, out, module, optimizer, scaler, epoch, history)
+        runtime.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} (ce {record['ce_loss']:.4f}, "
+             f"distill {record['distill_loss']:.4f}), train acc {record['train_acc']:.2f}%"
+             + "".join(f", {s} acc {record[s + '_acc']:.2f}%" for s in eval_sets)
+             + f", lr {lr:.2e}, {record['seconds']:.1f}s", cfg.progress)
+    return record
+
+
+def dataset_classes(cfg: TrainConfig) -> List[str]:
+    """The class names of the configured data source, as its files list them."""
+    check_source(cfg)
+    if cfg.dataset is not None:
+        return coop_layouts.read(cfg.dataset, cfg.root).classes
+    found = discover(cfg.data)
+    return list(found.get("train", found.get("all")))
