@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import time
 from typing import Callable, Dict, Optional
 
@@ -52,6 +53,12 @@ def compile_mode(requested: Optional[str], device: torch.device) -> str:
     if requested not in COMPILE_MODES:
         raise ValueError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
     return requested
+
+
+def _env_backend() -> Optional[str]:
+    """``DEMUL_FAST_COMPILE_BACKEND`` (e.g. aot_eager: the same graphs without inductor's code
+    generation, for tests and debugging), or None for inductor."""
+    return os.environ.get("DEMUL_FAST_COMPILE_BACKEND") or None
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -91,14 +98,22 @@ class TrainStep:
     autocast:     a dtype for ``torch.autocast`` on the module's device, or None
     scaler:       a ``torch.amp.GradScaler`` (float16), or None
     backend:      torch.compile backend (default inductor; tests pass a counting backend)
+    forward, after_backward: eager mode only: (features, labels) -> HeadOutput instead of
+                  ``module(image_features=..., labels=...)``, and a call after the backward
+                  (a sharded module and its gradient reduction, ``demul_fast.sharded``)
     """
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, mode: str = "default",
                  batch_size: Optional[int] = None, encode_images: Optional[Callable] = None,
-                 autocast: Optional[torch.dtype] = None, scaler=None, backend=None):
+                 autocast: Optional[torch.dtype] = None, scaler=None, backend=None,
+                 forward: Optional[Callable] = None, after_backward: Optional[Callable] = None):
         if mode not in COMPILE_MODES:
             raise ValueError(f"mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        if mode != "none" and (forward is not None or after_backward is not None):
+            raise ValueError("a custom forward or after_backward (several processes) runs eagerly only: "
+                             "use mode='none'")
         self.module, self.optimizer, self.mode = module, optimizer, mode
+        self.forward_fn, self.after_backward = forward, after_backward
         self.batch_size, self.encode_images = batch_size, encode_images
         self.autocast, self.scaler = autocast, scaler
         self.device = module.ctx.device
@@ -111,6 +126,7 @@ class TrainStep:
             self._forward = self._forward_eager
             self._opt_step = optimizer.step
             return
+        backend = backend or _env_backend()
         opts = {} if backend is not None else {"mode": None if mode == "default" else mode}
         kw = dict(fullgraph=True, dynamic=False, **({"backend": backend} if backend is not None else opts))
         self._forward = torch.compile(self._forward_eager, **kw)
@@ -145,7 +161,10 @@ class TrainStep:
                     feats = self.encode_images(inputs)
             else:
                 feats = inputs
-            out = self.module(image_features=feats, labels=labels)
+            if self.forward_fn is None:
+                out = self.module(image_features=feats, labels=labels)
+            else:
+                out = self.forward_fn(feats, labels)
         n = labels.shape[0]
         with torch.no_grad():
             correct = (out.logits.argmax(-1) == labels).sum()
@@ -166,7 +185,15 @@ class TrainStep:
             torch.compiler.cudagraph_mark_step_begin()
         loss, stats = forward(inputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
+        if self.after_backward is not None:
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            self.after_backward()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        elif self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -193,6 +220,9 @@ class TrainStep:
             self.totals.zero_()
         return out
 
+    def reset_totals(self) -> None:
+        self.totals.zero_()
+
     @staticmethod
     def means(totals: Dict[str, float]) -> Dict[str, float]:
         """Per-image means of the loss parts and the accuracy (%) of summed totals."""
@@ -215,6 +245,7 @@ class CompiledEval:
             self._encode, self._features = encode_images, self._class_features_eager
             return
         kw = dict(fullgraph=True, dynamic=False)
+        backend = backend or _env_backend()
         if backend is not None:
             kw["backend"] = backend
         elif mode != "default":

@@ -170,3 +170,48 @@ def test_inductor_training_matches_eager():
     for name in ("ctx", "head.prompt_logits"):
         get = lambda m: m.get_parameter(name).detach()  # noqa: E731
         assert_error_rule(name, get(comp_model), get(ref_model), get(eager_model), k=3)
+
+
+# ---- demul-fast train --compile -----------------------------------------------------------------
+
+def test_cli_compile_records_mode_matches_eager_and_resumes(tmp_path, monkeypatch):
+    """``demul-fast train --compile default`` (aot_eager through DEMUL_FAST_COMPILE_BACKEND: the
+    same graphs without a minute of C++ compilation per graph here) records its mode in
+    run.json, logs steps/s, trains the prompts of the eager run (``--compile none``, the CPU
+    default) with a partial last batch (24 images, batches of 10), and resumes."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from clip_tiny import tiny_config
+    from demul_fast.app import checkpoint, cli
+    from image_folder import make_folder
+
+    monkeypatch.setenv("DEMUL_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DEMUL_FAST_COMPILE_BACKEND", "aot_eager")
+    model = str(tiny_config(tmp_path))
+    data = tmp_path / "data"
+    make_folder(data / "train", per_class=8)
+    make_folder(data / "test", per_class=3, seed=9)
+    common = ["--data", str(data), "--model", model, "--pretrained", "none", "--prompts", "2", "--n-ctx", "4",
+              "--workers", "0", "--device", "cpu", "--phi-names", "task", "--shots", "8", "--batch-size", "10",
+              "--lr", "0.05", "--warmup-epochs", "0", "--no-progress"]
+    runs = {}
+    for mode in ("none", "default"):
+        out = tmp_path / f"run-{mode}"
+        assert cli.main(["train", "--out", str(out), "--epochs", "2", "--compile", mode] + common) == 0
+        runs[mode] = out
+        assert json.loads((out / "run.json").read_text())["compile"] == mode
+    logs = {m: json.loads((checkpoint.current(Path(o)) / "log.json").read_text())["epochs"] for m, o in runs.items()}
+    for a, b in zip(logs["default"], logs["none"]):
+        assert a["steps_per_s"] > 0
+        for key in ("loss", "ce_loss", "distill_loss", "test_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    prompts = {m: load_file(checkpoint.current(Path(o)) / "prompts" / "prompts.safetensors") for m, o in runs.items()}
+    for name in ("ctx", "prompt_logits"):
+        torch.testing.assert_close(prompts["default"][name], prompts["none"][name], rtol=1e-5, atol=1e-6)
+    assert cli.main(["train", "--out", str(runs["default"]), "--epochs", "3", "--compile", "default", "--resume"]
+                    + common) == 0
+    log = json.loads((checkpoint.current(runs["default"]) / "log.json").read_text())["epochs"]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
