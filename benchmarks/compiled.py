@@ -109,12 +109,12 @@ def cuda_rows(preset: str, out_dir: str) -> (List[dict], str):
 
 
 def collect(preset_name: str, out_dir: str, traces: str = None) -> dict:
-    preset = PRESETS[preset_name]
-    sizes = {k: preset[k] for k in ("C", "M", "D", "B", "K")}
+    """Compile, trace, model; write DIR/report.json. ``traces``: a directory whose
+    trace_PRESET_MODE.json files are reused instead of tracing again."""
     os.makedirs(out_dir, exist_ok=True)
-    kernels, hosts, skipped = [], [], {}
     import benchmarks.compiled_triton as ctri
 
+    skipped, compiled, step = {}, {}, {}
     why = ctri.unavailable_reason()
     if why:
         skipped["triton"] = why
@@ -124,16 +124,28 @@ def collect(preset_name: str, out_dir: str, traces: str = None) -> dict:
             path = os.path.join(traces or out_dir, f"trace_{preset_name}_{mode}.json")
             if traces and os.path.exists(path):
                 with open(path) as f:
-                    trace = json.load(f)
+                    step[mode] = json.load(f)
             else:
-                trace = run_trace(preset_name, mode, os.path.join(out_dir, f"trace_{preset_name}_{mode}.json"))
-            kernels += triton_rows(trace, compiled, mode)
-            hosts += host_rows(trace, mode, "triton")
+                step[mode] = run_trace(preset_name, mode, os.path.join(out_dir, f"trace_{preset_name}_{mode}.json"))
     rows, why = cuda_rows(preset_name, out_dir)
-    kernels += rows
     if why:
         skipped["cuda"] = why
+    report = assemble(preset_name, step, compiled, rows, skipped)
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
 
+
+def assemble(preset_name: str, step: Dict[str, dict], compiled: Dict[str, dict], cuda: List[dict],
+             skipped: Dict[str, str]) -> dict:
+    """The report from the Triton traces by mode, the compiled kernels by function name and the CUDA rows."""
+    preset = PRESETS[preset_name]
+    sizes = {k: preset[k] for k in ("C", "M", "D", "B", "K")}
+    kernels, hosts = [], []
+    for mode, trace in step.items():
+        kernels += triton_rows(trace, compiled, mode)
+        hosts += host_rows(trace, mode, "triton")
+    kernels += cuda
     baselines = {}
     for mode in MODES:
         ops = model.trace_reference(sizes, mode == "trained")
@@ -156,16 +168,13 @@ def collect(preset_name: str, out_dir: str, traces: str = None) -> dict:
                                 compile_fwd_bwd_us=comp["frozen"], floor_us=floor["frozen"],
                                 head_fwd_bwd_us_by_backend=by, eager_by_mode=eager, compile_by_mode=comp,
                                 floor_by_mode=floor)
-    report = dict(
+    return dict(
         preset=preset_name, sizes=sizes, dtype="bfloat16", modes=list(MODES), kernels=kernels, host_ops=hosts,
         cards=cards, baselines={m: {k: dict(kernels=len(v), launches=sum(x["launches"] for x in v),
                                             bytes=sum(x["bytes"] for x in v), flops=sum(x["flops"] for x in v))
                                     for k, v in b.items()} for m, b in baselines.items()},
         old_model=dict(rule=model.OLD_MODEL["rule"], **model.OLD_MODEL.get(preset_name, {})),
         sms=SMS, smem_limit=SMEM_LIMIT, skipped=skipped, time_kind="modelled")
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    return report
 
 
 def table(report: dict) -> str:

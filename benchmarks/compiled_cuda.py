@@ -110,15 +110,18 @@ def cubins(out_dir: str) -> List[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     out = []
+    newest = max(os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "csrc", "*")))
     for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))):
         dst = os.path.join(out_dir, os.path.basename(src) + ".cubin")
+        out.append(dst)
+        if os.path.exists(dst) and os.path.getmtime(dst) > newest:  # already compiled from these sources
+            continue
         cmd = [nvcc(), "-cubin", "-arch=sm_90a", "-O3", "-std=c++20", "--expt-relaxed-constexpr",
                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                "-U__CUDA_NO_BFLOAT16_OPERATORS__", f"-DDEMUL_EPS={float(common.EPS)!r}",
                f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}", "-I", os.path.join(ROOT, "csrc"),
                *[f"-I{p}" for p in cpp.include_paths()], f"-I{cuda_include()}", src, "-o", dst]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
-        out.append(dst)
     return out
 
 

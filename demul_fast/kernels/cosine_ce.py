@@ -44,27 +44,28 @@ def _x_tile(X, b0, B, D, d0, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE: tl.constexpr,
-             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """<x^[b], u[c]> for a [BLOCK_B, BLOCK_C] tile (zero outside), D streamed in BLOCK_K chunks."""
+def _dots_and_norms(X, U, b0, c0, B, C, D, EMULATE: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """<x[b], u[c]> for a [BLOCK_B, BLOCK_C] tile (zero outside) and |x[b]|^2 from the same
+    loads: D streamed in BLOCK_K chunks, x read once."""
     acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    xx = tl.zeros([BLOCK_B], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         x = _x_tile(X, b0, B, D, d0, BLOCK_B, BLOCK_K)
+        xf = x.to(tl.float32)
+        xx += tl.sum(xf * xf, axis=1)
         ut = tl.make_block_ptr(U, shape=(D, C), strides=(1, D), offsets=(d0, c0), block_shape=(BLOCK_K, BLOCK_C),
                                order=(0, 1))
         acc = _dot(x, tl.load(ut, boundary_check=(0, 1), padding_option="zero"), acc, X.dtype.element_ty, EMULATE)
-    return acc * inv_x[:, None]
+    return acc, xx
 
 
 @triton.jit
-def _inv_norms(X, b0, B, D, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """|x| and 1 / max(|x|, eps) of the tile's images."""
-    xx = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_K):
-        x = _x_tile(X, b0, B, D, d0, BLOCK_B, BLOCK_K).to(tl.float32)
-        xx += tl.sum(x * x, axis=1)
-    xn = tl.sqrt(xx)
-    return xn, 1.0 / tl.maximum(xn, EPS)
+def _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """<x^[b], u[c]> for a [BLOCK_B, BLOCK_C] tile (zero outside), D streamed in BLOCK_K chunks."""
+    acc, _ = _dots_and_norms(X, U, b0, c0, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
+    return acc * inv_x[:, None]
 
 
 @triton.jit
@@ -80,9 +81,9 @@ def _ce_fwd_kernel(
     b0 = pid * BLOCK_B
     offs_b = b0 + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    xn, inv_x = _inv_norms(X, b0, B, D, BLOCK_B, BLOCK_K)
     y = tl.load(Y + offs_b, mask=b_ok, other=-1).to(tl.int32)
     tau = tl.load(SCALE).to(tl.float32)
+    xn = tl.zeros([BLOCK_B], dtype=tl.float32)  # |x|, from the first class chunk's loads (every split has one)
     m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
     target = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -91,7 +92,9 @@ def _ce_fwd_kernel(
     for c0 in range(split * cls_per_split, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < c_end
-        s = tau * _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
+        acc, xx = _dots_and_norms(X, U, b0, c0, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
+        xn = tl.sqrt(xx)
+        s = tau * acc * (1.0 / tl.maximum(xn, EPS))[:, None]
         s_m = tl.where(c_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_m, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_m - m_new[:, None]), axis=1)

@@ -365,13 +365,15 @@ def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
     n_chunks = triton.cdiv(max(rank, 1), block_n)
     cols_per_split = block_n * max(1, n_chunks // triton.cdiv(TARGET_PROGRAMS, tiles))  # rounded down: >= a wave
     splits = triton.cdiv(max(rank, 1), cols_per_split)
-    block_do = min(128, max(16, triton.next_power_of_2(D)))
+    # output chunks of up to 256 columns (8 warps): each chunk's program re-reads the row
+    # tile's v, F, t and du statistics, so fewer and wider chunks move fewer bytes
+    block_do = min(256 if block_r == 64 else 128, max(16, triton.next_power_of_2(D)))
     # the backward holds v, F, dv and its product chunk at once: 32 columns of r keep it within the
     # registers (64 spill at imagenet21k, where a tile holds 16 classes of M=4)
     return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
                 BLOCK_N=block_n, BLOCK_NB=min(block_n, 32), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
                 RESIDENT=resident, BLOCK_D=block_d, fwd_stages=2 if resident else 3,
-                fwd_warps=(8 if resident else 4) * block_r // 64,
+                fwd_warps=(8 if resident else 4) * block_r // 64, bwd_warps=8 if block_do >= 256 else 4 * block_r // 64,
                 tiles=tiles, splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
 
@@ -440,5 +442,5 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), _common.fp32_scalar(w_loss),
         **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["bwd_warps"])
     return dT, dA
