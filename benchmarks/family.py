@@ -9,9 +9,8 @@
 
 Each provider runs forward + backward of a step's text side (prompt learner, encoder,
 CoCoOp's logits and a cross-entropy; MaPLe's features against a fixed cotangent). Time: one
-warm-up call each, then ``--family-reps`` (default 3) calls of every provider interleaved
-(loop, batched, loop, ...); the minimum is reported, with the load average before and
-after. Launches (counted): non-view aten operators dispatched during one call (a
+warm-up call each (the counted one), then 3 calls of every provider interleaved (loop,
+batched, loop, ...); the minimum is reported, with the load average before and after. Launches (counted): non-view aten operators dispatched during one call (a
 ``TorchDispatchMode``), what an eager GPU run launches as kernels. Agreement: the fast
 provider's outputs and every parameter's gradient against the plain one on the benchmark's
 own inputs (max relative difference, printed; the float64 proofs are tests/test_cocoop.py
@@ -141,16 +140,14 @@ def rel_diff(fast, ref) -> float:
 
 
 def measure(providers: Dict[str, Callable], reps: int) -> Dict[str, dict]:
-    """Launches of one call, then one warm-up and ``reps`` interleaved timed calls each."""
+    """Launches of one call (also the warm-up), then ``reps`` interleaved timed calls each."""
     stats = {}
     results = {}
     for name, fn in providers.items():
         with LaunchCounter() as counter:
             results[name] = fn()
         stats[name] = {"launches": counter.launches, "times_s": []}
-    for name, fn in providers.items():  # warm-up (plans, caches, allocator)
-        fn()
-    for _ in range(reps):
+    for _ in range(reps):  # the counted call was the warm-up (plans, caches, allocator)
         for name, fn in providers.items():
             t0 = time.perf_counter()
             fn()
@@ -170,7 +167,7 @@ def main(args) -> int:
     if dtype is None:
         raise SystemExit("--suite family: --dtype float32 or float64")
     sizes = SIZES["tiny" if args.preset == "tiny" else "default"]
-    reps = getattr(args, "family_reps", None) or 3
+    reps = 3
     load0 = os.getloadavg()[0]
     rows = []
     t_start = time.perf_counter()

@@ -51,10 +51,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import towers
 from .prefix_attention import PackedLayout
@@ -229,8 +230,86 @@ class _Plan:
     limit: float          # leading positions the gradient walk allowed (inf: no gradient recorded)
     shared: int           # P, the shared leading block of each group
     suffix_eot: Tensor    # [B, N] EOT positions relative to the suffix start
-    layout: PackedLayout
+    layout: Optional[PackedLayout]    # the "prefix" attention's index maps
+    masked: Optional["_GroupRows"]    # the "masked" attention's (one of the two is set)
     summary: CoOpPlan
+
+
+@dataclass
+class _GroupRows:
+    """Index maps of the "masked" attention: each group's rows packed, in the same order
+    for every group (one tokenization): [its P shared positions ; each row's positions P..EOT],
+    R = P + sum(EOT + 1 - P) rows. One scaled-dot-product attention per layer runs on all
+    groups with one additive mask [R, R] (0 where visible: the shared block causally, each
+    row's own positions causally; -inf elsewhere), so the groups need no gather or scatter
+    between layers."""
+
+    slots: Tensor       # [R - P] index into a group's suffix block [N * S] (valid positions)
+    positions: Tensor   # [R] position of each packed row (for the positional embedding)
+    mask: Tensor        # [R, R] additive, the prompts' dtype
+    eot: Tensor         # [N] packed row of each row's EOT
+    eot_mask: Tensor    # [N, R] additive: the keys each EOT query sees
+    p: int
+    seq_eot: Tensor     # [N] EOT position of each row
+    deep: Optional[Tuple[int, Tensor, Tensor]] = None  # deep_rows(k) of the tower's k, built at plan time
+
+    def deep_rows(self, k: int) -> Tuple[Tensor, Tensor]:
+        """(packed rows holding positions 1..k, the deep prompt's row for each): index
+        arithmetic, no host read (positions 1..k must precede every EOT)."""
+        if self.deep is not None and self.deep[0] == k:
+            return self.deep[1], self.deep[2]
+        p, dev = self.p, self.eot.device
+        pre = torch.arange(1, max(1, min(1 + k, p)), device=dev)                    # in the shared block
+        suf = torch.arange(max(1, p), max(1 + k, p), device=dev)                    # in each row's part
+        starts = self.eot - (self.seq_eot - p)                                      # packed row of position P
+        rows = torch.cat([pre, (starts.view(-1, 1) + (suf - p).view(1, -1)).flatten()])
+        src = torch.cat([pre - 1, (suf - 1).repeat(self.seq_eot.numel())])
+        return rows, src
+
+    @staticmethod
+    def build(p: int, n: int, s: int, eot: Tensor, dtype: torch.dtype, deep_ctx: Optional[int]) -> "_GroupRows":
+        dev = eot.device
+        pos = torch.arange(s, device=dev)
+        valid = (pos.view(1, s) + p <= eot.view(n, 1))                                  # [N, S]
+        slots = valid.flatten().nonzero().flatten()                                      # host sync: plan time only
+        seq = torch.cat([torch.full((p,), -1, device=dev), slots // s])                  # -1: the shared block
+        positions = torch.cat([torch.arange(p, device=dev), p + slots % s])
+        r = positions.numel()
+        order = torch.arange(r, device=dev)
+        visible = (order.view(1, r) <= order.view(r, 1)) & ((seq.view(1, r) == -1) | (seq.view(1, r) == seq.view(r, 1)))
+        zero, ninf = torch.zeros((), dtype=dtype, device=dev), torch.tensor(float("-inf"), dtype=dtype, device=dev)
+        eot_rows = torch.cumsum(eot + 1 - p, 0) - 1 + p
+        out = _GroupRows(slots=slots, positions=positions, mask=torch.where(visible, zero, ninf), eot=eot_rows,
+                         eot_mask=torch.where(visible[eot_rows], zero, ninf), p=p, seq_eot=eot)
+        if deep_ctx:
+            out.deep = (deep_ctx, *out.deep_rows(deep_ctx))
+        return out
+
+
+def masked_group_forward(tower: TextTower, x: Tensor, p: int, rows: _GroupRows, deep: List[Tensor]) -> Tensor:
+    """The tower on groups x [G, N, S', W] (positions 0..S'-1; positions [0, P) taken from
+    each group's row 0) through ``_GroupRows``: [G, N, D]. Exact: the same sums as the
+    full-length tower on each row (causal; positions after each EOT dropped)."""
+    g, n, _, w = x.shape
+    s = x.shape[2] - p
+    pos = tower.positional_embedding.to(x.dtype).index_select(0, rows.positions)          # [R, W]
+    h = torch.cat([x[:, 0, :p], x[:, :, p:].reshape(g, n * s, w).index_select(1, rows.slots)], dim=1) + pos
+    last = len(tower.layers) - 1
+    deep_rows, deep_src = rows.deep_rows(deep[0].shape[0]) if deep else (None, None)
+    for i, layer in enumerate(tower.layers):
+        if 1 <= i <= len(deep):  # MaPLe: positions 1..k of layer i's input are deep[i - 1]
+            d = deep[i - 1].to(h.dtype).index_select(0, deep_src)
+            h = h.index_copy(1, deep_rows, d.unsqueeze(0).expand(g, -1, -1))
+        q, k, v = (t.view(g, -1, layer.heads, w // layer.heads).transpose(1, 2) for t in layer.qkv(layer.ln_1(h)))
+        mask = rows.mask
+        if i == last:  # only the EOT rows are pooled: their queries, attention output and MLP
+            h, q, mask = h.index_select(1, rows.eot), q.index_select(2, rows.eot), rows.eot_mask
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(g, -1, w)
+        h = h + layer.ls_1(layer.out_proj(a))
+        h = h + layer.ls_2(layer.mlp(layer.ln_2(h)))
+    if last < 0:
+        h = h.index_select(1, rows.eot)
+    return tower.project(tower.ln_final(h))
 
 
 class CoOpTextEncoder(nn.Module):
@@ -245,6 +324,13 @@ class CoOpTextEncoder(nn.Module):
                     ``nn.DataParallel`` replicas use their own copies; weights are not copied.
     share_prefix:   False turns prefix sharing off (truncation stays).
     min_shared_len: share only a common block of at least this many positions.
+    attention:      how the rows attend (both exact). "prefix": ``prefix_shared_forward``
+                    (the shared block's keys once, each row's suffix apart; work linear in N).
+                    "masked": each group's R = P + sum(EOT + 1 - P) packed positions in one
+                    scaled-dot-product attention per layer with a fixed [R, R] mask (fewest
+                    launches, no gathers between layers; attention work R^2). "auto" (default):
+                    "masked" when R <= width (its attention then costs at most ~1/6 of the
+                    layer's linear work), else "prefix".
     assume_shared:  True: skip the gradient walk (the caller states that a leading block equal
                     in every row of a group is a broadcast, consumed as a sum over the rows),
                     and reuse the plan without a host read in evaluation (no gradient) too.
@@ -274,10 +360,13 @@ class CoOpTextEncoder(nn.Module):
     """
 
     def __init__(self, clip_model: nn.Module, share_prefix: bool = True, min_shared_len: int = 2,
-                 assume_shared: bool = False):
+                 assume_shared: bool = False, attention: str = "auto"):
         super().__init__()
         if not isinstance(min_shared_len, int) or min_shared_len < 1:
             raise ValueError(f"min_shared_len must be an int >= 1, got {min_shared_len!r}")
+        if attention not in ("auto", "masked", "prefix"):
+            raise ValueError(f"attention must be 'auto', 'masked' or 'prefix', got {attention!r}")
+        self.attention = attention
         text_tower(clip_model)  # raises UnsupportedTextTower with the reason
         self._register_text_modules(clip_model)
         self.share_prefix = bool(share_prefix)
@@ -373,18 +462,27 @@ class CoOpTextEncoder(nn.Module):
                 shared = equal_prefix_len(x, int(cap))
                 if shared < self.min_shared_len:
                     shared = 0
-        if old is not None and old.info is info and old.shared == shared:
-            layout, suffix_eot = old.layout, old.suffix_eot  # built once: its build reads the device
+        group_rows = shared + sum(info.lengths) - n * shared
+        masked = self.attention == "masked" or (self.attention == "auto" and group_rows <= self.tower.width)
+        if old is not None and old.info is info and old.shared == shared and (old.masked is not None) == masked:
+            # built once: building reads the device
+            layout, rows, suffix_eot = old.layout, old.masked, old.suffix_eot
         else:
             suffix_eot = (info.eot - shared).unsqueeze(0).expand(b, n)
-            layout = PackedLayout.build(b, shared, n, info.seq_len - shared, suffix_eot)
-            for heads in {layer.heads for layer in self.tower.layers}:  # index maps built here, not in a trace
-                layout.indices(heads)
-            if self.tower.deep_ctx and 1 + self.tower.deep_ctx <= info.min_eot:
-                layout.deep_rows(self.tower.deep_ctx)
+            deep_ctx = self.tower.deep_ctx if self.tower.deep_ctx and 1 + self.tower.deep_ctx <= info.min_eot else None
+            layout = rows = None
+            if masked:
+                rows = _GroupRows.build(shared, n, info.seq_len - shared, info.eot, x.dtype, deep_ctx)
+            else:
+                layout = PackedLayout.build(b, shared, n, info.seq_len - shared, suffix_eot)
+                for heads in {layer.heads for layer in self.tower.layers}:  # index maps built here, not in a trace
+                    layout.indices(heads)
+                if deep_ctx:
+                    layout.deep_rows(deep_ctx)
         summary = CoOpPlan(rows=n, seq_len=info.seq_len, shared_len=shared,
                            tokens=b * (shared + sum(info.lengths) - n * shared), groups=b)
-        return _Plan(info=info, limit=limit, shared=shared, suffix_eot=suffix_eot, layout=layout, summary=summary)
+        return _Plan(info=info, limit=limit, shared=shared, suffix_eot=suffix_eot, layout=layout, masked=rows,
+                     summary=summary)
 
     @staticmethod
     def _assert_rows_equal(x: Tensor, shared: int) -> None:
@@ -454,6 +552,9 @@ class CoOpTextEncoder(nn.Module):
         # [0, P) from each group's row 0 (the gradients of the group's rows arrive summed
         # there); with nothing shared, P = 0 and the rows are only truncated and packed.
         p = plan.shared
-        out = prefix_shared_forward(self.tower, x[:, 0, :p], x[:, :, p:plan.info.seq_len], plan.suffix_eot,
-                                    layout=plan.layout, deep_prompts=deep)
+        if plan.masked is not None:
+            out = masked_group_forward(self.tower, x[:, :, :plan.info.seq_len], p, plan.masked, deep)
+        else:
+            out = prefix_shared_forward(self.tower, x[:, 0, :p], x[:, :, p:plan.info.seq_len], plan.suffix_eot,
+                                        layout=plan.layout, deep_prompts=deep)
         return out if prompts.dim() == 4 else out[0]

@@ -45,15 +45,16 @@ def assert_exact(got, want, what, tol=1e-10):
     assert err <= tol * scale, f"{what}: error {err:.3e} vs scale {scale:.3e}"
 
 
+@pytest.mark.parametrize("attention", ["masked", "prefix"])
 @pytest.mark.parametrize("b", [1, 3])
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
-def test_batched_call_is_exact_against_the_per_image_loop(b, position):
+def test_batched_call_is_exact_against_the_per_image_loop(b, position, attention):
     model = tiny_openai_clip(seed=b)
     learner = ConditionalPromptLearner(NAMES, model, N_CTX, position, seed=b)
     feats = image_features(b, model, seed=10 + b)
     labels = torch.arange(b) % len(NAMES)
     ref_logits, ref_grads = loss_and_grads(learner, cocoop_loop_logits, TextEncoder(model), feats, labels)
-    fast = CoOpTextEncoder(model)
+    fast = CoOpTextEncoder(model, attention=attention)
     logits, grads = loss_and_grads(learner, cocoop_batched_logits, fast, feats, labels)
     assert len(grads) == 5  # ctx and the meta-net's two weights and biases
     assert_exact(logits, ref_logits, "logits")
@@ -86,7 +87,8 @@ def test_loop_with_the_fast_encoder_shares_through_unbind_and_stack():
         assert_exact(g, r, f"grad {i}")
 
 
-def test_float16_cast_weights_error_rule():
+@pytest.mark.parametrize("attention", ["masked", "prefix"])
+def test_float16_cast_weights_error_rule(attention):
     """``clip.build_model``'s float16 weights (CoCoOp's fp16 setting): the batched call's
     error vs float64 at most 2x (3x for gradients) CoCoOp's own loop in float16."""
     model64, model16 = tiny_openai_clip(seed=7), tiny_openai_clip(seed=7, dtype=torch.float16)
@@ -100,7 +102,7 @@ def test_float16_cast_weights_error_rule():
     labels = torch.tensor([0, 2, 4])
     ref_logits, ref_grads = loss_and_grads(l64, cocoop_loop_logits, TextEncoder(model64), feats64, labels)
     plain_logits, plain_grads = loss_and_grads(l16, cocoop_loop_logits, TextEncoder(model16), feats16, labels)
-    fast = CoOpTextEncoder(model16)
+    fast = CoOpTextEncoder(model16, attention=attention)
     logits, grads = loss_and_grads(l16, cocoop_batched_logits, fast, feats16, labels)
     assert fast.last_plan.shared_len == 1 + N_CTX and logits.dtype == torch.float16
     # float16-cast weights compute in float16 by design (CoOp's setting): so does the yardstick

@@ -23,11 +23,11 @@ N_CTX = 3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def make_setup(layout):
+def make_setup(layout, attention="auto"):
     model = tiny_openai_clip(seed=2, dtype=torch.float64)
     cls = PromptLearner if layout == "coop" else ConditionalPromptLearner
     learner = cls(NAMES, model, N_CTX, seed=3)
-    encoder = CoOpTextEncoder(model)
+    encoder = CoOpTextEncoder(model, attention=attention)
     return model, learner, encoder
 
 
@@ -66,10 +66,10 @@ class CountingBackend:
         return self.inner(gm, example_inputs)
 
 
-@pytest.mark.parametrize("layout", ["coop", "cocoop"])
-def test_whole_step_compiles_in_one_graph_without_recompiles(layout):
+@pytest.mark.parametrize("layout, attention", [("coop", "prefix"), ("cocoop", "prefix"), ("cocoop", "masked")])
+def test_whole_step_compiles_in_one_graph_without_recompiles(layout, attention):
     torch._dynamo.reset()
-    model, learner, encoder = make_setup(layout)
+    model, learner, encoder = make_setup(layout, attention)
     eager_learner = copy.deepcopy(learner)
     data = batches(model, 4)
 

@@ -44,14 +44,15 @@ def assert_exact(got, want, what, tol=1e-10):
     assert scale > 0 and err <= tol * scale, f"{what}: error {err:.3e} vs scale {scale:.3e}"
 
 
+@pytest.mark.parametrize("attention", ["masked", "prefix"])
 @pytest.mark.parametrize("depth, position", [(1, "end"), (3, "end"), (9, "end"), (3, "middle"), (3, "front")])
-def test_deep_prompts_float64_exact(depth, position):
+def test_deep_prompts_float64_exact(depth, position, attention):
     model = maple_model(seed=depth)
     assert towers.text_tower(model).deep_ctx == N_CTX
     learner = DeepPromptLearner(NAMES, model, N_CTX, depth, position, seed=depth)
     upstream = torch.randn(len(NAMES), 48, generator=torch.Generator().manual_seed(depth), dtype=torch.float64)
     ref, ref_grads = step(learner, DeepTextEncoder(model), upstream)
-    fast = CoOpTextEncoder(model)
+    fast = CoOpTextEncoder(model, attention=attention)
     out, grads = step(learner, fast, upstream)
     assert_exact(out, ref, "features")
     for j, (g, r) in enumerate(zip(grads, ref_grads)):
@@ -66,7 +67,8 @@ def test_deep_prompts_float64_exact(depth, position):
     assert (fewer - ref).abs().max() > 1e-6 * ref.abs().max()
 
 
-def test_float16_cast_weights_error_rule():
+@pytest.mark.parametrize("attention", ["masked", "prefix"])
+def test_float16_cast_weights_error_rule(attention):
     model64, model16 = maple_model(seed=4), maple_model(seed=4, dtype=torch.float16)
     l64 = DeepPromptLearner(NAMES, model64, N_CTX, 3, seed=4)
     l16 = DeepPromptLearner(NAMES, model16, N_CTX, 3, seed=4)
@@ -76,7 +78,7 @@ def test_float16_cast_weights_error_rule():
     upstream = torch.randn(len(NAMES), 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref, ref_grads = step(l64, DeepTextEncoder(model64), upstream)
     plain, plain_grads = step(l16, DeepTextEncoder(model16), upstream)
-    fast = CoOpTextEncoder(model16)
+    fast = CoOpTextEncoder(model16, attention=attention)
     out, grads = step(l16, fast, upstream)
     assert out.dtype == torch.float16 and fast.last_plan.shared_len == 1 + N_CTX
     # float16-cast weights compute in float16 by design (MaPLe's setting): so does the yardstick
@@ -85,7 +87,8 @@ def test_float16_cast_weights_error_rule():
         assert_error_rule(f"MaPLe grad {j} fp16", g, r, p, k=3.0, compute_dtype=torch.float16)
 
 
-def test_batched_groups_with_deep_prompts():
+@pytest.mark.parametrize("attention", ["masked", "prefix"])
+def test_batched_groups_with_deep_prompts(attention):
     """Deep prompts with [B, N, L, W] groups (different contexts per group)."""
     model = maple_model(seed=6)
     learner = DeepPromptLearner(NAMES, model, N_CTX, 3, seed=6)
@@ -99,7 +102,7 @@ def test_batched_groups_with_deep_prompts():
     plain = DeepTextEncoder(model)
     ref = torch.stack([plain(p, learner.tokenized_prompts, deeper) for p in grouped])
     ref_grads = torch.autograd.grad((ref * upstream).sum(), params, retain_graph=True)
-    fast = CoOpTextEncoder(model)
+    fast = CoOpTextEncoder(model, attention=attention)
     out = fast(grouped, learner.tokenized_prompts, deeper)
     grads = torch.autograd.grad((out * upstream).sum(), params)
     assert fast.last_plan.shared_len == 1 + N_CTX and fast.last_plan.groups == 2
