@@ -13,7 +13,7 @@ import torch
 from demul_fast.app import checkpoint, cli, runtime
 from demul_fast.app import config as config_mod
 from demul_fast.app import train as train_mod
-from demul_fast.reference import DeMulModule
+from demul_fast.prompt_learner import DeMulModule
 from demul_fast.app.checkpoint import CheckpointError
 from demul_fast.app.config import TrainConfig, default_workers
 from demul_fast.app.evaluate import evaluate
