@@ -58,8 +58,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--suite", action="append", choices=SUITES + ("all",),
-                   help="repeat to pick several (default: all)")
+    p.add_argument("--suite", action="append", choices=SUITES + ("all", "family"),
+                   help="repeat to pick several (default: all); family (CoCoOp, MaPLe: benchmarks/family.py) runs alone")
     p.add_argument("--op", action="append",
                    help="head ops to run: aggregate_prompts, cosine_cross_entropy, prompt_distill_loss, demul_head "
                         "(default: all four)")
@@ -153,6 +153,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite and "family" in args.suite:
+        from benchmarks import family
+        return family.main(args)
     device, dtype, sizes, suites, settings = resolve(args)
     if args.interpret:
         if device.type != "cpu":

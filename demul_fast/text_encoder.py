@@ -45,7 +45,8 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------
 
 def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suffix_eot: Tensor,
-                          layout: Optional[PackedLayout] = None, checkpoint: bool = False) -> Tensor:
+                          layout: Optional[PackedLayout] = None, checkpoint: bool = False,
+                          deep_prompts: Optional[Sequence[Tensor]] = None) -> Tensor:
     """Pooled text features of G*N sequences that share a prefix per group (SPEC 3.1).
 
     tower:      a TextTower (``text_tower(model)``), causal with EOT pooling
@@ -61,6 +62,10 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     checkpoint: activation checkpointing per layer (``torch.utils.checkpoint``, non-reentrant):
                 the backward recomputes each layer from its input instead of keeping its
                 activations; the same operations run again, so the result is the same
+    deep_prompts: optional J tensors [k, W] (MaPLe's deep text prompts, J < layers): the
+                hidden states of positions 1..k of every sequence are replaced by
+                deep_prompts[i - 1] before layer i, for i = 1..J (positions 1..k must precede
+                every EOT)
     returns     [G, N, D]    ``text_projection(ln_final(hidden[EOT]))`` of each sequence,
                              equal to running the tower on the P+S (or 77) tokens of each
                              sequence separately, up to float rounding
@@ -84,7 +89,16 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     suffix_rows = (suffix.to(dtype) + pos[p:p + s]).reshape(g * n * s, w).index_select(0, layout.valid_slots)
     x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), suffix_rows])       # [G*P + Ts, W], packed
     last = len(tower.layers) - 1
+    deep = list(deep_prompts or ())
+    if deep:
+        k = deep[0].shape[0]
+        if len(deep) > last or any(d.dim() != 2 or tuple(d.shape) != (k, w) for d in deep):
+            raise ValueError(f"deep_prompts must be at most {last} tensors [k, W={w}] with one k, got "
+                             f"{[tuple(d.shape) for d in deep]}")
+        deep_rows, deep_src = layout.deep_rows(k)
     for i, layer in enumerate(tower.layers):
+        if 1 <= i <= len(deep):  # MaPLe: the context rows of layer i's input are deep_prompts[i - 1]
+            x = x.index_copy(0, deep_rows, deep[i - 1].to(dtype).index_select(0, deep_src))
         if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(_layer_forward, layer, x, layout, i == last, use_reentrant=False)
         else:
