@@ -90,6 +90,13 @@ def transform(name: str, text: str) -> str:
     return text
 
 
+def _read(path: str) -> Optional[str]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
 def sources(out_dir: str) -> list:
     """Writes the transformed csrc/ into out_dir; returns the translation units."""
     os.makedirs(out_dir, exist_ok=True)
@@ -101,8 +108,9 @@ def sources(out_dir: str) -> list:
         with open(path) as f:
             text = transform(name, f.read())
         dest = os.path.join(out_dir, name + (".cpp" if name.endswith(".cu") else ""))
-        with open(dest, "w") as f:
-            f.write(text)
+        if _read(dest) != text:  # an unchanged file keeps its time: ninja then rebuilds nothing
+            with open(dest, "w") as f:
+                f.write(text)
         if dest.endswith(".cpp"):
             units.append(dest)
     return units
