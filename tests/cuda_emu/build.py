@@ -102,14 +102,22 @@ def transformed_sources() -> dict:
     return out
 
 
+def _read(path: str) -> Optional[str]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
 def sources(out_dir: str) -> list:
     """Writes the transformed csrc/ into out_dir; returns the translation units."""
     os.makedirs(out_dir, exist_ok=True)
     units = []
     for name, text in transformed_sources().items():
         dest = os.path.join(out_dir, name)
-        with open(dest, "w") as f:
-            f.write(text)
+        if _read(dest) != text:  # an unchanged file keeps its time: ninja then rebuilds nothing
+            with open(dest, "w") as f:
+                f.write(text)
         if dest.endswith(".cpp"):
             units.append(dest)
     return units
