@@ -23,7 +23,10 @@ SCHEDULES = ["forward", "reverse", "lanes", "shuffle:1", "shuffle:2"]
 SHAPES = [dict(C=37, M=3, D=40, B=5, K=70), dict(C=70, M=2, D=24, B=3, K=20)]  # r < D and r = D; C > 64
 
 
-def _run_ops(module):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _run_ops(module, dtypes=DTYPES, shapes=None):
     """Every op's outputs and gradients, for each dtype and shape: a flat list of tensors."""
     import torch
 
@@ -33,7 +36,7 @@ def _run_ops(module):
     saved, cuda_ops._C = cuda_ops._C, module
     results = []
     try:
-        for shape in SHAPES:
+        for shape in (SHAPES if shapes is None else shapes):
             gen = torch.Generator().manual_seed(7)
             C, M, D, B, K = (shape[k] for k in "CMDBK")
 
@@ -43,7 +46,7 @@ def _run_ops(module):
             y = torch.randint(0, C, (B,), generator=gen)
             basis = build_distill_basis(W, b, E, dtype=torch.float32)
             GL = r(B, C)
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for dtype in (getattr(torch, d) for d in dtypes):
                 T, A, X = T64.to(dtype).requires_grad_(), A64.float().requires_grad_(), X64.to(dtype).requires_grad_()
                 out = cuda_ops.demul_head(T, A, X, y, 30.0, basis, 0.7, 0.1, True)
                 total = out.loss + 0.5 * out.ce_loss - 0.25 * out.distill_loss + (out.logits.float() * GL.float()).sum()
@@ -64,7 +67,7 @@ def _run_ops(module):
     return [t.detach().float().clone() for t in results]
 
 
-def child(edits_spec):
+def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES):
     import torch
 
     sys.path.insert(0, TESTS)
@@ -79,10 +82,10 @@ def child(edits_spec):
     base = emu_build.build() if edits else variant
     report = dict(variant=edits_spec, aborted=False, nonfinite=[], schedules_differ=[], differs_from_base=[])
     os.environ["DEMUL_EMU_SCHEDULE"] = "forward"
-    reference = _run_ops(base)
-    for schedule in SCHEDULES:
+    reference = _run_ops(base, dtypes)
+    for schedule in schedules:
         os.environ["DEMUL_EMU_SCHEDULE"] = schedule
-        got = _run_ops(variant)
+        got = _run_ops(variant, dtypes)
         if any(not torch.isfinite(t).all() for t in got):
             report["nonfinite"].append(schedule)
         first = report.setdefault("_first", got)
@@ -94,9 +97,10 @@ def child(edits_spec):
     print("PROBE " + json.dumps(report), flush=True)
 
 
-def probe(edits_spec=(), timeout=1800) -> dict:
+def probe(edits_spec=(), timeout=1800, dtypes=DTYPES, schedules=SCHEDULES) -> dict:
     """Run the probe in a subprocess; an abort is reported with the emulation's message."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), TESTS]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), TESTS]),
+               DEMUL_PROBE_DTYPES=",".join(dtypes), DEMUL_PROBE_SCHEDULES=",".join(schedules))
     env.setdefault("TRITON_INTERPRET", "1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *edits_spec], capture_output=True,
                           text=True, env=env, timeout=timeout)
@@ -115,6 +119,7 @@ def caught(report: dict) -> bool:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2:])
+        child(sys.argv[2:], os.environ.get("DEMUL_PROBE_DTYPES", ",".join(DTYPES)).split(","),
+              os.environ.get("DEMUL_PROBE_SCHEDULES", ",".join(SCHEDULES)).split(","))
     else:
         print(json.dumps(probe(sys.argv[1:])))
