@@ -25,8 +25,7 @@ MOVED = {
     "demul_fast.zeroshot": {"zeroshot": "demul_fast.app.zeroshot"},
     "demul_fast.sweep": {"sweep": "demul_fast.app.sweep", "MissingExtra": "demul_fast.app.runtime"},
     "demul_fast.distributed": {"ShardedDeMul": "demul_fast.sharded", "shard_bounds": "demul_fast.sharded",
-                               "init_from_env": "demul_fast.app.processes",
-                               "GlobalBatchSampler": "demul_fast.app.processes"},
+                               "init_from_env": "demul_fast.app.processes"},
 }
 
 

@@ -52,6 +52,7 @@ class TrainConfig:
     backend: Optional[str] = None
     allow_fewer: bool = False
     resume: bool = False
+    checkpoint_every: int = 0
     overwrite: bool = False
     progress: bool = True
     init_seed: int = 0
