@@ -241,3 +241,38 @@ def test_kill_inside_a_checkpoint_write_keeps_the_previous_checkpoint(workspace)
     lost, back = _restart_times(events)
     print(f"restart: kill -> new attempt started {lost:.1f} s, start -> first step {back:.1f} s; whole run "
           f"{wall:.1f} s against {workspace['runs']['w3']:.1f} s uninterrupted")
+
+
+def test_running_sums_of_a_step_checkpoint_go_back_to_their_ranks():
+    from demul_fast.app.run_folder import resumed_sums
+
+    state = {"step": 2, "partial": [{"loss": 1.5, "n": 4.0}, {"loss": 2.5, "n": 3.0}]}
+    assert [resumed_sums(state, r, 2) for r in (0, 1)] == [(2, {"loss": 1.5, "n": 4.0}), (2, {"loss": 2.5, "n": 3.0})]
+    # another world size (an elastic job that lost a node): the totals restart on rank 0
+    assert [resumed_sums(state, r, 3) for r in range(3)] == [(2, {"loss": 4.0, "n": 7.0}),
+                                                            (2, {"loss": 0.0, "n": 0.0}), (2, {"loss": 0.0, "n": 0.0})]
+
+
+@pytest.mark.slow
+def test_one_process_resumes_a_step_checkpoint_bit_for_bit(workspace, monkeypatch):
+    """One process, a checkpoint after every step, stopped (an exception) before its 5th step;
+    ``--resume`` continues after epoch 2's first step and ends as the uninterrupted run."""
+    reference = uninterrupted(workspace, 1)
+    step, count = torch.optim.SGD.step, [0]
+
+    def stop_at_5(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == 5:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    args = ["--out", str(workspace["root"] / "runs" / "stopped1"), *workspace["args"], "--checkpoint-every", "1"]
+    monkeypatch.setenv("DEMUL_FAST_CACHE", workspace["env"]["DEMUL_FAST_CACHE"])
+    monkeypatch.setattr(torch.optim.SGD, "step", stop_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", *args])
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    out = workspace["root"] / "runs" / "stopped1"
+    assert checkpoint.current(out).name == "checkpoint-0002-step0001"
+    assert cli.main(["train", "--resume", *args]) == 0
+    assert_same_run(reference, out)
