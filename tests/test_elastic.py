@@ -209,11 +209,13 @@ def _restart_times(events):
 def test_killed_rank_is_restarted_and_resumes_from_its_step_checkpoint(workspace):
     """2 processes, a checkpoint after every step: rank 1 is SIGKILLed before the 5th step
     (epoch 2, step 2). torchrun --max-restarts 1 restarts both; the new group finds its run
-    folder by itself (no --resume), resumes after epoch 2's step 1 and finishes with the
-    uninterrupted run's prompts, optimizer state and log, bit for bit."""
+    folder by itself (no --resume; and --overwrite does not replace the job's own run),
+    resumes after epoch 2's step 1 and finishes with the uninterrupted run's prompts,
+    optimizer state and log, bit for bit."""
     reference = uninterrupted(workspace, 2)
-    stdout, events, wall = torchrun(workspace, "killed2", 2, "--checkpoint-every", "1", restarts=1,
+    stdout, events, wall = torchrun(workspace, "killed2", 2, "--checkpoint-every", "1", "--overwrite", restarts=1,
                                     kill="step:1:5")
+    assert "restart 1 of this torchrun job: resuming" in stdout
     assert [e["event"] for e in events if e["event"] in ("kill", "start")] == ["start", "kill", "start"]
     restart = next(e for e in events if e["event"] == "start" and e["attempt"] == 1)
     assert restart["checkpoint"] == "checkpoint-0002-step0001"  # taken after epoch 2's first step (step 4)
@@ -222,6 +224,27 @@ def test_killed_rank_is_restarted_and_resumes_from_its_step_checkpoint(workspace
     lost, back = _restart_times(events)
     print(f"restart: kill -> new attempt started {lost:.1f} s, start -> first step {back:.1f} s; whole run "
           f"{wall:.1f} s against {workspace['runs']['w2']:.1f} s uninterrupted")
+
+
+@pytest.mark.slow
+def test_a_job_killed_before_its_first_checkpoint_starts_again(workspace):
+    """2 processes with --overwrite over a finished 1-process run: rank 1 is SIGKILLed before
+    the 2nd step, before any checkpoint. The restarted group finds no run of its own in
+    --out (the old run is another job's), so it starts the run again, replaces the old run
+    at its first checkpoint as the first attempt would have, and ends as the uninterrupted
+    2-process run; the first attempt's hidden staging folder is gone."""
+    import shutil
+
+    reference = uninterrupted(workspace, 2)
+    shutil.copytree(uninterrupted(workspace, 1), workspace["root"] / "runs" / "again2")
+    stdout, events, _ = torchrun(workspace, "again2", 2, "--overwrite", restarts=1, kill="step:1:2")
+    restart = next(e for e in events if e["event"] == "start" and e["attempt"] == 1)
+    assert restart["checkpoint"] == f"checkpoint-{EPOCHS:04d}"  # the old run, untouched by attempt 0
+    assert "resuming" not in stdout
+    out = workspace["root"] / "runs" / "again2"
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert_same_run(reference, out)
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".again2.")]
 
 
 @pytest.mark.slow
