@@ -230,3 +230,20 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
         mags["prompt_logits"] = 2 * w * du[:, None]
     return {k: (v.to(inputs["text_features"].device) if isinstance(v, torch.Tensor) else v)
             for k, v in mags.items()}
+
+
+def assert_same_trained_prompts(base: dict, got: dict, what: str, ulps: float = 64.0) -> None:
+    """Trained prompts (``{"ctx", "prompt_logits"}`` as saved) of two runs that took the same
+    steps on the same data and differ only in the order of float32 reductions (the world
+    size): every element within ``ulps`` float32 epsilons of the prompts' scale, max |ctx|.
+
+    The scale is the context's for both parameters: the reductions' rounding enters the
+    gradients through the shared text features, whose size is the context's, and the prompt
+    logits themselves can end small by cancellation over the epochs (then a bound on their
+    own magnitude measures the cancellation, not the rounding). Data drawn differently on
+    another world size (rank-dependent augmentation) gives errors of 1e-2 relative."""
+    scale = float(base["ctx"].abs().max())
+    for key in ("ctx", "prompt_logits"):
+        err = float((base[key] - got[key]).abs().max())
+        print(f"{what}, {key}: max |difference| {err:.3e}, max |ctx| {scale:.3e}")
+        assert err <= ulps * torch.finfo(torch.float32).eps * scale, (what, key, err, scale)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from demul_fast import sampling
-from demul_fast.sampling import KeyedAugment, KeyedBatchSampler, KeyedImages, crop_box, generator
+from demul_fast.data import sampling
+from demul_fast.data.sampling import KeyedAugment, KeyedBatchSampler, KeyedImages, crop_box, generator
 
 
 def test_keys_give_reproducible_unrelated_streams():

@@ -54,6 +54,7 @@ class TrainConfig:
     log_every: int = 50
     allow_fewer: bool = False
     resume: bool = False
+    checkpoint_every: int = 0
     overwrite: bool = False
     progress: bool = True
     init_seed: int = 0

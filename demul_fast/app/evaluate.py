@@ -35,6 +35,8 @@ def image_features(clip, loader, device, amp_dtype, progress: bool, desc: str, e
                 f = clip.encode_image(images.to(device, non_blocking=True))
         feats.append(f.float())
         labels.append(y.to(device))
+    if not feats:  # a rank whose share of a small split is empty
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
 
-from .distributed import shard_bounds
+from ..sharded import shard_bounds
 
 Key = Tuple[int, int]  # (epoch, global sample index)
 
