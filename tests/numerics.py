@@ -83,7 +83,7 @@ def _unit(dtype: torch.dtype) -> float:
 
 def error_bound(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, k: float,
                 compute_dtype: torch.dtype, magnitude: Magnitude, stored_ulps: float = 0.5,
-                operands: Optional[torch.dtype] = None):
+                operands: Optional[torch.dtype] = None, extra: Optional[torch.Tensor] = None):
     """(excess, bound, parts): excess = max_i(|fast_i - ref_i| - stored rounding_i - floor_i),
     which must be <= bound = k * plain error (0 for a self-comparison)."""
     ref = ref64.detach().double()
@@ -100,6 +100,8 @@ def error_bound(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, k:
     floor = FLOOR_UNITS[compute_dtype] * info.eps * magnitude + info.tiny
     if operands is not None:
         floor = floor + OPERAND_UNITS * _unit(operands) * magnitude
+    if extra is not None:  # the rounded yardstick's boundary allowance (tests/rounded_yardstick.py)
+        floor = floor + extra.detach().double().to(ref.device)
     excess = float((diff - stored - floor).max()) if diff.numel() else 0.0
     plain_err = max_err(plain, ref64)
     self_compare = torch.equal(fast.detach(), plain.detach().to(fast.dtype)) if fast.numel() else False
@@ -112,7 +114,7 @@ def error_bound(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, k:
 def assert_error_rule(name: str, fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor,
                       k: float = 2.0, dtype: Optional[torch.dtype] = None, *, magnitude: Magnitude = None,
                       compute_dtype: Optional[torch.dtype] = None, stored_ulps: float = 0.5,
-                      operands: Optional[torch.dtype] = None) -> None:
+                      operands: Optional[torch.dtype] = None, extra: Optional[torch.Tensor] = None) -> None:
     """The rule above, with the statistics printed before the assert.
 
     dtype: the inputs' dtype (default plain's); compute_dtype: the accumulation precision the
@@ -131,7 +133,7 @@ def assert_error_rule(name: str, fast: torch.Tensor, ref64: torch.Tensor, plain:
         f"{name}: the yardstick is in {plain.dtype} but the path promises {compute_dtype} accumulation: "
         f"compute it on the same inputs upcast to {compute_dtype}, or pass compute_dtype={plain.dtype} "
         "for a path that stores its intermediates in that precision by design")
-    excess, bound, p = error_bound(fast, ref64, plain, k, compute_dtype, magnitude, stored_ulps, operands)
+    excess, bound, p = error_bound(fast, ref64, plain, k, compute_dtype, magnitude, stored_ulps, operands, extra)
     if p["self_compare"]:
         SELF_COMPARISONS.append(name)
     what = "fast is the yardstick itself: judged by rounding + floor only" if p["self_compare"] else \

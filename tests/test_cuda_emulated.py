@@ -26,6 +26,7 @@ from demul_fast import reference as ref
 from demul_fast.ops import cuda_ops
 from demul_fast.ops.distill_basis import build_distill_basis
 import kernel_checks
+import rounded_yardstick
 from numerics import head_magnitudes, round_trip
 
 from cuda_emu import build as emu_build
@@ -42,9 +43,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def emulated_extension(tmp_path_factory):
-    """cuda_ops on the emulated extension for this module's tests."""
-    module = emu_build.build(str(tmp_path_factory.mktemp("cuda_emu")))
+def emulated_extension():
+    """cuda_ops on the emulated extension (built once per source hash, cached between runs:
+    tests/cuda_emu/build.py) for this module's tests."""
+    module = emu_build.build()
     saved = cuda_ops._C
     cuda_ops._C = module
     yield module
@@ -101,10 +103,22 @@ def test_demul_head(gen, shape, distill, dtype):
                    scale=tau, llm_embeddings=E if distill else None, phi_weight=W if distill else None,
                    phi_bias=b if distill else None)
     mags = head_magnitudes(rounded, 0.7, 0.1)
-    mags = [mags["loss"], mags["ce_loss"], mags["distill_loss"], mags["logits"], 2 * mags["text_features"],
-            2 * mags["prompt_logits"], 2 * mags["image_features"], 4.0]
-    fo, _ = check(f"emulated head {dtype}", fast, reference, [T, A, X, tau], [0, 1, 2, 3], dtype, cot,
-                  ["dT", "dA", "dX", "dscale"], magnitudes=mags)
+    mags = dict(loss=mags["loss"], ce_loss=mags["ce_loss"], distill_loss=mags["distill_loss"], logits=mags["logits"],
+                text_features=2 * mags["text_features"], prompt_logits=2 * mags["prompt_logits"],
+                image_features=2 * mags["image_features"], scale=4.0)
+    if dtype == torch.float32:
+        fo, _ = check(f"emulated head {dtype}", fast, reference, [T, A, X, tau], [0, 1, 2, 3], dtype, cot,
+                      ["dT", "dA", "dX", "dscale"], magnitudes=list(mags.values()))
+    else:
+        # half precision: the yardstick rounds what the kernels round (tests/rounded_yardstick.py),
+        # float32 floors, no operand allowance
+        fo, fg = kernel_checks.run(fast, [T, A, X, tau], [0, 1, 2, 3], dtype, cot)
+        keys = ["loss", "ce_loss", "distill_loss", "logits", "text_features", "prompt_logits", "image_features",
+                "scale"]
+        GL = cot[3].to(dtype)  # autograd hands the logits their cotangent in their dtype
+        rounded_yardstick.check_head(f"emulated head {dtype}", "cuda", dtype, "nearest", dict(zip(keys, fo + fg)),
+                                     T.to(dtype), A.to(dtype), X.to(dtype), y, 100.0, basis, 0.7, 0.1,
+                                     (1.0, 0.5, -0.25, GL), mags)
     assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
 
 

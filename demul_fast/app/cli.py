@@ -96,6 +96,13 @@ def _train_parser(sub) -> None:
                         "one more forward of the encoder (exact)")
     p.add_argument("--backend", default=None, choices=["cuda", "triton", "torch"], help="head backend "
                                                                                         "(default: automatic)")
+    p.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the training step (forward fullgraph, its backward, the optimizer update) "
+                        "and the evaluation; reduce-overhead replays CUDA graphs (default: reduce-overhead on "
+                        "CUDA, none on CPU; docs/step.md)")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="read the loss back from the device every N steps for the progress bar (default "
+                        "%(default)s; also at every epoch's end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                                                          "(automatic in a group restarted by torchrun)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",

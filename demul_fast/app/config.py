@@ -50,6 +50,8 @@ class TrainConfig:
     text_encoder: str = "prefix"
     checkpoint_text: bool = False
     backend: Optional[str] = None
+    compile: Optional[str] = None  # demul_fast.compiled_step.COMPILE_MODES; None: per device
+    log_every: int = 50
     allow_fewer: bool = False
     resume: bool = False
     checkpoint_every: int = 0

@@ -36,9 +36,8 @@ from typing import List
 
 import torch
 
-from .. import mapping
-from ..data import coop_layouts
-from ..data import sampling
+from .. import compiled_step, mapping
+from ..data import coop_layouts, sampling
 from ..data.folders import ImageList, build_transforms, check_images, discover, folder_split, items
 from ..sharded import ShardedDeMul
 from . import checkpoint, elastic, llm, processes, runtime
@@ -101,6 +100,13 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
         raise ValueError(f"--lr must be > 0 and --alpha >= 0, got {cfg.lr} and {cfg.alpha}")
     proc = processes.init_from_env(cfg.device)  # torchrun: join the process group; else one process
     device = proc.device
+    mode = compiled_step.compile_mode(cfg.compile, device)
+    if proc.world_size > 1 and mode != "none":
+        if cfg.compile is not None:
+            raise ValueError(f"--compile {cfg.compile} runs in one process; with several processes use --compile none")
+        mode = "none"
+    if cfg.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1, got {cfg.log_every}")
     if not proc.is_main:  # rank 0 alone shows progress and writes files
         cfg = TrainConfig(**{**asdict(cfg), "progress": False})
     amp_dtype = runtime.amp_dtype(cfg.precision, device)
@@ -174,15 +180,23 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
     run = {"config": asdict(cfg), "classnames": classnames, "clip": clip_info,
            "device": str(device), "amp": str(amp_dtype), "module": type(module).__name__,
            "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pre_cfg.items()},
-           "n_train": len(train_ds), "world_size": proc.world_size, "elastic": elastic.identity()}
+           "n_train": len(train_ds), "world_size": proc.world_size, "compile": mode,
+           "elastic": elastic.identity()}
     if proc.is_main:
         checkpoint.write_json(work / RUN_FILE, run)
 
+    # the step and the evaluation, compiled in --compile's mode (demul_fast.compiled_step)
+    step = compiled_step.TrainStep(module, optimizer, mode, batch_size=cfg.batch_size, encode_images=clip.encode_image,
+                                   autocast=amp_dtype, scaler=scaler,
+                                   **({} if sharded is None else dict(forward=sharded, after_backward=sharded.reduce_gradients)))
+    evaluator = compiled_step.CompiledEval(module, clip.encode_image, mode, batch_size=cfg.eval_batch_size,
+                                           autocast=amp_dtype)
     eval_sets = {}
     for s, data in split["eval"].items():
         loader = torch.utils.data.DataLoader(ImageList(proc.share(items(data, classnames)), eval_tf),
                                              batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw)
-        eval_sets[s] = image_features(clip, loader, device, amp_dtype, cfg.progress, f"{s} features")
+        eval_sets[s] = image_features(clip, loader, device, amp_dtype, cfg.progress, f"{s} features",
+                                      encode=evaluator.encode)
 
     runtime.log(f"training {type(module).__name__} on {len(classnames)} classes, {len(train_ds)} images "
          f"({cfg.shots} shots), {cfg.epochs} epochs, device {device}, world size {proc.world_size}, output {out}",
@@ -195,52 +209,43 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
     record = history[-1] if history else {}
     for epoch in range(start, cfg.epochs):
         lr = lr_at(cfg, epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        compiled_step.set_lr(optimizer, lr)
         sampler.set_epoch(epoch)
-        step, tot = resumed or (0, {"loss": 0.0, "ce_loss": 0.0, "distill_loss": 0.0, "correct": 0, "n": 0})
-        sampler.skip(step)  # the steps a step checkpoint holds already
+        done, partial = resumed or (0, None)
+        sampler.skip(done)  # the steps that a step checkpoint holds already
         resumed = None
         module.train()
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for images, labels in bar:
-            step += 1
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with runtime.autocast(device, amp_dtype):
-                with torch.no_grad():  # the image tower is frozen
-                    feats = clip.encode_image(images)
-                o = module(image_features=feats, labels=labels) if sharded is None else sharded(feats, labels)
-            optimizer.zero_grad(set_to_none=True)
-            (o.loss if scaler is None else scaler.scale(o.loss)).backward()
-            if sharded is not None:
-                sharded.reduce_gradients()
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            n = labels.numel()
-            tot["n"] += n
-            for k in ("loss", "ce_loss", "distill_loss"):
-                tot[k] += float(getattr(o, k).detach()) * n
-            tot["correct"] += int((o.logits.argmax(-1) == labels).sum())
-            bar.set_postfix(loss=f"{tot['loss'] / tot['n']:.4f}", acc=f"{100.0 * tot['correct'] / tot['n']:.1f}")
-            if every and step % every == 0 and step < len(sampler):
-                work = save_step_checkpoint(work, out, proc, module, optimizer, scaler, epoch, step, tot, history)
-        tot = proc.all_reduce_sums(tot)
+        step.reset_totals()
+        if partial is not None:
+            step.load_totals(partial)  # the epoch's sums up to the step checkpoint
+        steps0 = step.steps
+        for i, (images, labels) in enumerate(bar, start=done):
+            # the loss stays on the device: read every --log-every steps and at the epoch's end
+            step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            if cfg.progress and (i + 1) % cfg.log_every == 0:
+                m = step.means(step.read_totals())
+                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['train_acc']:.1f}")
+            if every and (i + 1) % every == 0 and i + 1 < len(sampler):
+                work = save_step_checkpoint(work, out, proc, module, optimizer, scaler, epoch, i + 1,
+                                            step.read_totals(), history)
+        totals = step.read_totals()  # waits for the epoch's last step
+        steps_per_s = (step.steps - steps0) / max(time.time() - t0, 1e-9)
+        tot = proc.all_reduce_sums({k: totals[k] for k in compiled_step.TOTAL_KEYS})
         record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - t0, 3), "world_size": proc.world_size,
                   **{k: tot[k] / tot["n"] for k in ("loss", "ce_loss", "distill_loss")},
-                  "train_acc": 100.0 * tot["correct"] / tot["n"]}
+                  "train_acc": 100.0 * tot["correct"] / tot["n"], "steps_per_s": round(steps_per_s, 3)}
         for s, (f, y) in eval_sets.items():
-            record[f"{s}_acc"] = accuracy(module, f, y) if sharded is None else sharded.accuracy(f, y)
+            record[f"{s}_acc"] = (accuracy(module, f, y, class_features=evaluator.class_features)
+                                  if sharded is None else sharded.accuracy(f, y))
         history.append(record)
         if proc.is_main:
             work = save_checkpoint(work, out, module, optimizer, scaler, epoch, history)
         runtime.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} (ce {record['ce_loss']:.4f}, "
              f"distill {record['distill_loss']:.4f}), train acc {record['train_acc']:.2f}%"
              + "".join(f", {s} acc {record[s + '_acc']:.2f}%" for s in eval_sets)
-             + f", lr {lr:.2e}, {record['seconds']:.1f}s", cfg.progress)
+             + f", lr {lr:.2e}, {record['seconds']:.1f}s, {record['steps_per_s']:.2f} steps/s", cfg.progress)
     return record
 
 

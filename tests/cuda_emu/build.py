@@ -90,17 +90,24 @@ def transform(name: str, text: str) -> str:
     return text
 
 
-def sources(out_dir: str) -> list:
-    """Writes the transformed csrc/ into out_dir; returns the translation units."""
-    os.makedirs(out_dir, exist_ok=True)
-    units = []
+def transformed_sources() -> dict:
+    """{file name in the build folder: transformed text} for csrc/."""
+    out = {}
     for path in sorted(glob.glob(os.path.join(CSRC, "*"))):
         name = os.path.basename(path)
         if not name.endswith((".cu", ".cuh", ".h", ".cpp")):
             continue
         with open(path) as f:
-            text = transform(name, f.read())
-        dest = os.path.join(out_dir, name + (".cpp" if name.endswith(".cu") else ""))
+            out[name + (".cpp" if name.endswith(".cu") else "")] = transform(name, f.read())
+    return out
+
+
+def sources(out_dir: str) -> list:
+    """Writes the transformed csrc/ into out_dir; returns the translation units."""
+    os.makedirs(out_dir, exist_ok=True)
+    units = []
+    for name, text in transformed_sources().items():
+        dest = os.path.join(out_dir, name)
         with open(dest, "w") as f:
             f.write(text)
         if dest.endswith(".cpp"):
@@ -108,33 +115,68 @@ def sources(out_dir: str) -> list:
     return units
 
 
-def build(build_dir: str, verbose: bool = False):
-    """The emulated extension as a Python module (same functions as demul_fast._C)."""
-    from torch.utils import cpp_extension
-
+def _flags() -> list:
     from demul_fast import common
 
-    src_dir = os.path.join(build_dir, "src")
-    units = sources(src_dir)
+    return ["-O2", "-Wno-unknown-pragmas", f"-DDEMUL_EPS={float(common.EPS)!r}",
+            f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}"]
+
+
+def source_hash() -> str:
+    """What the emulated extension is built from: the transformed sources, the emulation's
+    headers, the compiler flags, this file and the torch version (its headers and ABI)."""
+    import torch
+
     digest = hashlib.sha1()
-    for u in sorted(glob.glob(os.path.join(src_dir, "*"))) + sorted(glob.glob(os.path.join(HERE, "include", "**"),
-                                                                                recursive=True)):
+    for name, text in sorted(transformed_sources().items()):
+        digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+    for u in sorted(glob.glob(os.path.join(HERE, "include", "**"), recursive=True)) + [os.path.abspath(__file__)]:
         if os.path.isfile(u):
             with open(u, "rb") as f:
-                digest.update(f.read())
-    name = "demul_fast_cuda_emu_" + digest.hexdigest()[:10]
+                digest.update(os.path.relpath(u, HERE).encode() + b"\0" + f.read())
+    digest.update(" ".join(_flags() + [torch.__version__, os.environ.get("CXX", "c++")]).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_root() -> str:
+    """Where built emulations are kept between test runs: $DEMUL_FAST_EMU_CACHE, else
+    $XDG_CACHE_HOME/demul_fast/cuda_emu (default ~/.cache/demul_fast/cuda_emu)."""
+    if os.environ.get("DEMUL_FAST_EMU_CACHE"):
+        return os.environ["DEMUL_FAST_EMU_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "demul_fast", "cuda_emu")
+
+
+def build(build_dir: Optional[str] = None, verbose: bool = False):
+    """The emulated extension as a Python module (same functions as demul_fast._C), built
+    once per source hash in ``build_dir`` (default: ``cache_root()/<hash>``) and loaded
+    from there by later runs (ninja finds nothing to rebuild)."""
+    from torch.utils import cpp_extension
+
+    digest = source_hash()
+    build_dir = build_dir or os.path.join(cache_root(), digest)
+    if build_dir in _LOADED:  # one load per process
+        return _LOADED[build_dir]
+    src_dir = os.path.join(build_dir, "src")
+    if not os.path.exists(os.path.join(src_dir, ".complete")):  # else the same text is there: no rewrite,
+        sources(src_dir)                                             # no new mtimes, nothing to rebuild
+        open(os.path.join(src_dir, ".complete"), "w").close()
+    units = sorted(os.path.join(src_dir, n) for n in transformed_sources() if n.endswith(".cpp"))
+    name = "demul_fast_cuda_emu_" + digest[:10]
     obj_dir = os.path.join(build_dir, "obj")
     os.makedirs(obj_dir, exist_ok=True)
-    return cpp_extension.load(
+    _LOADED[build_dir] = cpp_extension.load(
         name=name, sources=units, build_directory=obj_dir, verbose=verbose, with_cuda=False,
         extra_include_paths=[os.path.join(HERE, "include"), src_dir, cuda_include()],
-        extra_cflags=["-O2", "-Wno-unknown-pragmas", f"-DDEMUL_EPS={float(common.EPS)!r}",
-                      f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}"])
+        extra_cflags=_flags())
+    return _LOADED[build_dir]
+
+
+_LOADED: dict = {}
 
 
 if __name__ == "__main__":
     import sys
-    import tempfile
 
-    mod = build(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(), verbose=True)
+    mod = build(sys.argv[1] if len(sys.argv) > 1 else None, verbose=True)
     print(mod.__name__, [k for k in dir(mod) if not k.startswith("_")])
