@@ -207,29 +207,25 @@ class TrainStep:
         self.steps += 1
 
     # -- reading the totals ----------------------------------------------------------------
-    def read_totals(self, reset: bool = False, keys_only: bool = False) -> Dict[str, float]:
+    def read_totals(self, reset: bool = False) -> Dict[str, float]:
         """The summed loss parts, correct count and images since the last reset, and
-        ``steps_per_s`` since the last read (not with ``keys_only``): one host
-        synchronisation (call it every N steps, at a step checkpoint and at the end of an
-        epoch, never per step)."""
+        ``steps_per_s`` since the last read: one host synchronisation (call it every N
+        steps and at the end of an epoch, never per step)."""
         values = self.totals.tolist()
-        out = dict(zip(TOTAL_KEYS, values))
-        if reset:
-            self.totals.zero_()
-        if keys_only:
-            return out
         now = time.perf_counter()
+        out = dict(zip(TOTAL_KEYS, values))
         out["steps_per_s"] = (self.steps - self._steps_at_t0) / max(now - self._t0, 1e-9)
         self._t0, self._steps_at_t0 = now, self.steps
+        if reset:
+            self.totals.zero_()
         return out
 
-    def reset_totals(self, sums: Optional[Dict[str, float]] = None) -> None:
-        """Zero the running sums, or set them to ``sums`` (the TOTAL_KEYS of a step checkpoint
-        taken within the epoch, so that the epoch's record comes out as without the stop)."""
-        if sums is None:
-            self.totals.zero_()
-        else:
-            self.totals.copy_(torch.tensor([float(sums[k]) for k in TOTAL_KEYS], dtype=torch.float64))
+    def reset_totals(self) -> None:
+        self.totals.zero_()
+
+    def load_totals(self, totals: Dict[str, float]) -> None:
+        """Set the totals (``read_totals``' TOTAL_KEYS), e.g. an epoch's sums at a checkpoint."""
+        self.totals.copy_(torch.tensor([float(totals[k]) for k in TOTAL_KEYS], dtype=torch.float64))
 
     @staticmethod
     def means(totals: Dict[str, float]) -> Dict[str, float]:

@@ -28,6 +28,7 @@ from typing import List, Optional
 
 import torch
 
+from .. import compiled_step
 from ..data.classnames import ClassNameMismatch, check_classnames
 from . import checkpoint
 from .checkpoint import CheckpointError
@@ -70,10 +71,12 @@ def save_checkpoint(work: Path, out: Path, module, optimizer, scaler, epoch: int
 def save_step_checkpoint(work: Path, out: Path, proc, module, optimizer, scaler, epoch: int, step: int,
                          tot: dict, history: List[dict]) -> Path:
     """``save_checkpoint`` after ``step`` steps of ``epoch``, called on every rank: one
-    all-reduce brings every rank's running sums of the epoch to rank 0, which writes."""
-    sums = proc.all_reduce_sums({f"{r}/{k}": float(v) if r == proc.rank else 0.0
-                                 for r in range(proc.world_size) for k, v in tot.items()})
-    per_rank = [{k: sums[f"{r}/{k}"] for k in tot} for r in range(proc.world_size)]
+    all-reduce brings every rank's running sums of the epoch (``tot``: the TOTAL_KEYS of
+    ``compiled_step.TrainStep.read_totals``) to rank 0, which writes."""
+    keys = compiled_step.TOTAL_KEYS
+    sums = proc.all_reduce_sums({f"{r}/{k}": float(tot[k]) if r == proc.rank else 0.0
+                                 for r in range(proc.world_size) for k in keys})
+    per_rank = [{k: sums[f"{r}/{k}"] for k in keys} for r in range(proc.world_size)]
     if proc.is_main:
         work = save_checkpoint(work, out, module, optimizer, scaler, epoch, history, step, per_rank)
     return work

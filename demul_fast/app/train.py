@@ -213,28 +213,28 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
         lr = lr_at(cfg, epoch)
         compiled_step.set_lr(optimizer, lr)
         sampler.set_epoch(epoch)
-        done, sums = resumed or (0, None)
-        sampler.skip(done)  # the steps a step checkpoint holds already
+        done, partial = resumed or (0, None)
+        sampler.skip(done)  # the steps that a step checkpoint holds already
         resumed = None
-        step.reset_totals(sums)  # the running sums of those steps (a step checkpoint's), else zeros
         module.train()
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        step.reset_totals()
+        if partial is not None:
+            step.load_totals(partial)  # the epoch's sums up to the step checkpoint
         steps0 = step.steps
-        for images, labels in bar:
-            done += 1
-            # the loss stays on the device: read every --log-every steps, at a step checkpoint
-            # and at the epoch's end
+        for i, (images, labels) in enumerate(bar, start=done):
+            # the loss stays on the device: read every --log-every steps and at the epoch's end
             step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-            if cfg.progress and done % cfg.log_every == 0:
+            if cfg.progress and (i + 1) % cfg.log_every == 0:
                 m = step.means(step.read_totals())
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['train_acc']:.1f}")
-            if every and done % every == 0 and done < len(sampler):
-                work = save_step_checkpoint(work, out, proc, module, optimizer, scaler, epoch, done,
-                                            step.read_totals(keys_only=True), history)
-        totals = step.read_totals(keys_only=True)  # waits for the epoch's last step
+            if every and (i + 1) % every == 0 and i + 1 < len(sampler):
+                work = save_step_checkpoint(work, out, proc, module, optimizer, scaler, epoch, i + 1,
+                                            step.read_totals(), history)
+        totals = step.read_totals()  # waits for the epoch's last step
         steps_per_s = (step.steps - steps0) / max(time.time() - t0, 1e-9)
-        tot = proc.all_reduce_sums(totals)
+        tot = proc.all_reduce_sums({k: totals[k] for k in compiled_step.TOTAL_KEYS})
         record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - t0, 3), "world_size": proc.world_size,
                   **{k: tot[k] / tot["n"] for k in ("loss", "ce_loss", "distill_loss")},
                   "train_acc": 100.0 * tot["correct"] / tot["n"], "steps_per_s": round(steps_per_s, 3)}
