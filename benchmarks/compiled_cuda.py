@@ -2,22 +2,29 @@
 DeMul head (forward + backward) at a preset, from the built extension's SASS, with a
 *modelled* time. Nothing here runs on a GPU.
 
-For each kernel the SASS (``cuobjdump -sass``, the binary shipped with Triton's NVIDIA
-backend) gives the matrix instructions (HGMMA: warpgroup MMA, HMMA: ``mma.sync``, neither:
-SIMT FMAs), and ``cuobjdump -res-usage`` the registers, shared memory and local memory
-(spills). The launch plan (grid, FLOPs, bytes) repeats the host code of csrc/bindings.cpp
-(``plan_split``) for an H200 (132 SMs) and the training call of DeMul: the text side needs
-gradients, the image features and the logit scale do not (frozen CLIP), the distillation
-runs against the basis of SPEC 4.3 (r = min(K, D)).
+For each kernel the SASS (``cuobjdump -sass`` of the built extension, or of csrc/*.cu
+compiled here to sm_90a cubins by nvcc when the extension is not built) gives the matrix
+instructions (HGMMA: warpgroup MMA, HMMA: ``mma.sync``, neither: SIMT FMAs), and
+``cuobjdump -res-usage`` the registers, shared memory and local memory (spills).
 
-modelled_us = max(bytes / 4.3 TB/s, FLOPs / peak of the kernel's MMA kind): the roofline
-of the kernel's own work, a lower bound for that kernel, not a measurement. Peaks (dense,
-H100/H200 SXM datasheet; the ``mma.sync`` figure is an assumption: Hopper's warp-level MMA
-reaches about two thirds of the warpgroup MMA rate): wgmma 989 TFLOP/s, mma.sync
-660 TFLOP/s (16-bit operands, float32 accumulation), none 67 TFLOP/s (FP32 FMAs).
+The launch plan (splits, rows per block, whether the aggregation is fused) is not
+re-derived here: it is the extension's own ``head_launch_plan`` (csrc/ops.h ``plan_head``,
+the functions its launchers call), read from demul_fast._C, or from the CPU build of the
+same sources (tests/cuda_emu) when the extension is not built; 132 SMs (H100/H200 SXM).
+The launches are those of the training call of DeMul: the text side needs gradients, the
+logit scale does not; X frozen (mode "frozen") or trained ("trained": the dL/dx^ sweep,
+its split sum and the normalisation backward are added); the distillation runs against
+the basis of SPEC 4.3 (r = min(K, D)).
 
-``collect(preset, out_dir)`` is what benchmarks/compiled.py calls; it returns [] when the
-extension is not built or no cuobjdump is found (``unavailable_reason`` says why).
+FLOPs and bytes per launch are formulas from the kernels' code (each tensor a block reads
+counted once per block that reads it where the kernel re-reads it per block: the text
+backward's G rebuild per column block, the distillation's T per split), NOT a trace as for
+the Triton kernels: ``l2_bytes`` and ``hbm_bytes`` both carry them and ``traced`` is False.
+``rounds`` counts the serial per-element loops of the one-block finalize kernels.
+Times are modelled by benchmarks/compiled_model.py.
+
+``collect(preset, out_dir, mode=...)`` is what benchmarks/compiled.py calls; it returns []
+when neither the extension nor nvcc, or no cuobjdump, is found (``unavailable_reason``).
 """
 
 from __future__ import annotations
@@ -30,10 +37,7 @@ import shutil
 import subprocess
 from typing import Dict, List, Optional, Tuple
 
-BANDWIDTH = 4.3e12  # bytes/s, H200 HBM3e (achievable copy rate, modelled)
-PEAK_FLOPS = {"wgmma": 989e12, "mma.sync": 660e12, "none": 67e12}
-SMS = 132  # H200 SXM
-TILE = 64  # kTileRows of csrc/ops.h
+SMS = 132  # H100/H200 SXM
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _MANGLED = {"float32": "f", "bfloat16": "13__nv_bfloat16", "float16": "6__half"}
 
@@ -60,17 +64,101 @@ def cuobjdump() -> Optional[str]:
 
 
 def extension_path() -> Optional[str]:
-    """File of the built demul_fast._C, or None."""
+    """File of the built demul_fast._C of THIS checkout (an extension built from another
+    checkout's csrc/ is not the code read here), or None."""
     spec = importlib.util.find_spec("demul_fast._C")
-    return spec.origin if spec is not None else None
+    if spec is None or not spec.origin:
+        return None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return spec.origin if os.path.realpath(spec.origin).startswith(os.path.realpath(here) + os.sep) else None
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nvcc() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
 
 
 def unavailable_reason() -> Optional[str]:
-    if extension_path() is None:
-        return "demul_fast._C is not built (DEMUL_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .)"
+    if extension_path() is None and nvcc() is None:
+        return ("neither demul_fast._C (DEMUL_FAST_BUILD_CUDA=1 pip install --no-build-isolation -e .) nor nvcc "
+                "to compile csrc/ for sm_90a")
     if cuobjdump() is None:
         return "no cuobjdump (neither Triton's NVIDIA backend nor a CUDA toolkit)"
+    if extension_path() is None:
+        from tests.cuda_emu import build as emu_build
+
+        why = emu_build.unavailable_reason()
+        if why:
+            return f"the launch plan needs demul_fast._C or its CPU build: {why}"
     return None
+
+
+def cubins(out_dir: str) -> List[str]:
+    """csrc/*.cu compiled by nvcc to sm_90a cubins (the flags of setup.py), for the SASS
+    when the extension is not built."""
+    import glob
+
+    import torch.utils.cpp_extension as cpp
+    from demul_fast import common
+
+    from tests.cuda_emu.build import cuda_include
+
+    os.makedirs(out_dir, exist_ok=True)
+    out = []
+    newest = max(os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "csrc", "*"))
+                 if p.endswith((".cu", ".cuh", ".h", ".cpp")))
+    for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))):
+        dst = os.path.join(out_dir, os.path.basename(src) + ".cubin")
+        out.append(dst)
+        if os.path.exists(dst) and os.path.getmtime(dst) > newest:  # already compiled from these sources
+            continue
+        cmd = [nvcc(), "-cubin", "-arch=sm_90a", "-O3", "-std=c++20", "--expt-relaxed-constexpr",
+               "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+               "-U__CUDA_NO_BFLOAT16_OPERATORS__", f"-DDEMUL_EPS={float(common.EPS)!r}",
+               f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}", "-I", os.path.join(ROOT, "csrc"),
+               *[f"-I{p}" for p in cpp.include_paths()], f"-I{cuda_include()}", src, "-o", dst]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
+
+
+def read_binaries(out_dir: str) -> Tuple[Dict[str, str], Dict[str, Dict[str, int]]]:
+    """({kernel: SASS}, {kernel: resources}) of the built extension, or of the cubins of
+    csrc/ compiled into out_dir/cuda_cubin when it is not built."""
+    binaries = [extension_path()] if extension_path() else cubins(os.path.join(out_dir, "cuda_cubin"))
+    sass, res = {}, {}
+    for binary in binaries:
+        sass.update(sass_by_kernel(binary))
+        res.update(resources_by_kernel(binary))
+    return sass, res
+
+
+_PLAN_MODULE = None
+
+
+def plan_module():
+    """demul_fast._C, or (not built) the CPU build of the same sources (tests/cuda_emu)."""
+    global _PLAN_MODULE
+    if _PLAN_MODULE is None:
+        if extension_path() is not None:
+            from demul_fast import _C as mod
+        else:
+            import tempfile
+
+            from tests.cuda_emu import build as emu_build
+
+            mod = emu_build.build(os.path.join(tempfile.gettempdir(), "demul_fast_cuda_emu_plan"))
+        _PLAN_MODULE = mod
+    return _PLAN_MODULE
+
+
+def launch_plan(C: int, M: int, B: int, rank: int, sms: int = SMS) -> dict:
+    """The extension's head_launch_plan (csrc/ops.h plan_head)."""
+    return dict(plan_module().head_launch_plan(C, M, B, rank, sms))
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,34 +213,27 @@ def mma_kind(sass: str) -> str:
 # The launch plan of the head (csrc/bindings.cpp)
 
 
-def _split_into(cols: int, want: int) -> Tuple[int, int]:
-    col_tiles = math.ceil(cols / TILE)
-    per = math.ceil(col_tiles / min(col_tiles, max(1, want))) * TILE
-    return math.ceil(cols / per), per
-
-
-def plan_split(rows: int, cols: int, sms: int = SMS, tile_rows: int = TILE) -> Tuple[int, int]:
-    """(splits, cols_per_split) of a forward kernel, as ops.h plan_split."""
-    return _split_into(cols, math.ceil(2 * sms / math.ceil(rows / tile_rows)))
-
-
-def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[dict]:
-    """The kernel launches of demul_head_forward + demul_head_backward (need_text only), in order, each
-    {"name", "symbol" (a mangled-name pattern), "grid", "flops", "bytes"}."""
+def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str = "frozen",
+                  plan: Optional[dict] = None) -> List[dict]:
+    """The kernel launches of demul_head_forward + demul_head_backward (need_text; need_image
+    in mode "trained"), in order, each {"name", "symbol" (a mangled-name pattern), "grid",
+    "flops", "bytes", "rounds"}, on the extension's launch plan."""
     e = ELEMENT_BYTES[dtype]
     t = _MANGLED[dtype]
     g = 2 if dtype == "bfloat16" else 4  # ops.h ce_grad_type: the stored dL/ds
     r = min(K, D)
     R = C * M
-    ce_s, _ = plan_split(B, C)
-    fused = M <= TILE  # ops.h can_fuse_aggregate: the aggregation rides on the distillation's pass over T
-    tile_rows = (TILE // M) * M if fused else TILE  # ops.h distill_tile_rows
-    dist_s, _ = plan_split(R, r, tile_rows=tile_rows)
+    plan = plan or launch_plan(C, M, B, r)
+    TILE = plan["tile_rows"]
+    ce_s = plan["ce"]["splits"]
+    fused = plan["fused_aggregate"]
+    tile_rows = plan["distill_tile_rows"]
+    dist_s = plan["distill"]["splits"]
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     L = []
 
-    def add(name, symbol, grid, flops, nbytes):
-        L.append(dict(name=name, symbol=symbol, grid=list(grid), flops=int(flops), bytes=int(nbytes)))
+    def add(name, symbol, grid, flops, nbytes, rounds=1):
+        L.append(dict(name=name, symbol=symbol, grid=list(grid), flops=int(flops), bytes=int(nbytes), rounds=rounds))
 
     # forward
     agg_flops, agg_bytes = 5 * R * D + 4 * C * D, 4 * (R + C * D + 2 * R + C)  # logits in; u^, w, n, |u| out
@@ -166,14 +247,25 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[di
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
         2 * B * C * D + 8 * B * C, e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
-    add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8)
+    # one block of 1024 threads; each thread loops over its rows and, per row, over the splits
+    add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8,
+        rounds=cdiv(B, 1024) * ce_s)
     add("fwd distill finalize", r"23distill_finalize_kernelE", (1,), 4 * dist_s * R + 6 * R,
-        8 * dist_s * R + 4 * (C + 2 * R) + 8)
+        8 * dist_s * R + 4 * (C + 2 * R) + 8, rounds=cdiv(R, 1024) * dist_s)
     # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA
     add("bwd ce grad", rf"14ce_grad_kernelI{t}", (cdiv(C, TILE), cdiv(B, TILE)), 2 * B * C * D + 12 * B * C,
         4 * C * D + e * B * D + 16 * B + g * C * B)
     add("bwd ce class grad", rf"20ce_class_grad_kernelI{t}", (cdiv(C, TILE), cdiv(D, TILE)), 2 * B * C * D,
         g * C * B + e * B * D + 4 * C * D)
+    if mode == "trained":  # dL/dx^ = G u (a sweep over the classes), its split sum, then the normalisation
+        xs = plan["ce_image"]["splits"]
+        add("bwd image sweep", rf"12sweep_kernelI{t}.*CeImageRows", (cdiv(B, TILE), xs), 2 * B * C * D + 12 * B * C,
+            xs * (e * B * D) + 4 * C * D + 4 * xs * B * D + 16 * B)
+        if xs > 1:
+            add("bwd image split sum", r"17sum_splits_kernel", (min(cdiv(B * D, 256), 4096),), xs * B * D,
+                4 * (xs + 1) * B * D)
+        add("bwd image normalize", rf"30normalize_rows_backward_kernelI{t}E", (B,), 6 * B * D,
+            2 * e * B * D + 4 * B * D + 4 * B)
     add("bwd text", rf"20text_backward_kernelI{t}E", (cdiv(R, TILE), cdiv(D, TILE)),
         2 * R * r * D + 4 * R * r * cdiv(D, TILE) + 16 * R * D,
         2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
@@ -181,19 +273,19 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str) -> List[di
     return L
 
 
-def collect(preset: str, out_dir: str, dtype: str = "bfloat16") -> List[dict]:
-    """One entry per CUDA kernel launch of the head fwd+bwd at ``preset`` in ``dtype``:
-    {"name", "backend": "cuda", "kernel" (mangled), "sass" (file under out_dir), "grid",
-    "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes", "modelled_us",
-    "time_kind": "modelled"}. [] when the extension or cuobjdump is missing."""
+def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "frozen") -> List[dict]:
+    """One entry per CUDA kernel launch of the head fwd+bwd at ``preset`` in ``dtype`` (X
+    frozen or trained): {"name", "backend": "cuda", "kernel" (mangled), "sass" (file under
+    out_dir), "grid", "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes",
+    "l2_bytes", "hbm_bytes", "rounds", "traced": False, "time_kind": "modelled"}. [] when
+    ``unavailable_reason()``."""
     if unavailable_reason() is not None:
         return []
-    binary = extension_path()
-    sass, res = sass_by_kernel(binary), resources_by_kernel(binary)
+    sass, res = read_binaries(out_dir)
     sass_dir = os.path.join(out_dir, "cuda_sass")
     os.makedirs(sass_dir, exist_ok=True)
     entries = []
-    for launch in head_launches(**preset_sizes(preset), dtype=dtype):
+    for launch in head_launches(**preset_sizes(preset), dtype=dtype, mode=mode):
         symbol = next((k for k in sass if re.search(launch["symbol"], k)), None)
         if symbol is None:
             raise RuntimeError(f"kernel {launch['symbol']!r} ({launch['name']}) is not in {binary}")
@@ -202,12 +294,12 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16") -> List[dict]:
             f.write(sass[symbol])
         kind = mma_kind(sass[symbol])
         use = res.get(symbol, {})
-        modelled = max(launch["bytes"] / BANDWIDTH, launch["flops"] / PEAK_FLOPS[kind]) * 1e6
         entries.append(dict(name=f"cuda {launch['name']}", backend="cuda", kernel=symbol,
                             sass=os.path.relpath(path, out_dir), grid=math.prod(launch["grid"]),
                             grid_dims=launch["grid"], mma=kind, regs=use.get("REG"),
                             spill_bytes=use.get("LOCAL", 0) + use.get("STACK", 0), smem_bytes=use.get("SHARED", 0),
-                            flops=launch["flops"], bytes=launch["bytes"], modelled_us=round(modelled, 3),
+                            num_warps=8, flops=launch["flops"], bytes=launch["bytes"], l2_bytes=launch["bytes"],
+                            hbm_bytes=launch["bytes"], rounds=launch["rounds"], traced=False,
                             time_kind="modelled", preset=preset, dtype=dtype))
     return entries
 
@@ -228,9 +320,7 @@ def main() -> None:
     entries = collect(args.preset, args.out, args.dtype)
     for x in entries:
         print(f"{x['name']:24s} {x['mma']:9s} regs {x['regs']:4d} spill {x['spill_bytes']:3d} "
-              f"smem {x['smem_bytes']:6d}  {x['flops'] / 1e9:8.3f} GFLOP {x['bytes'] / 1e6:8.3f} MB  "
-              f"{x['modelled_us']:8.2f} us (modelled)")
-    print(f"total {sum(x['modelled_us'] for x in entries):.1f} us modelled (fwd+bwd, {args.preset}, {args.dtype})")
+              f"smem {x['smem_bytes']:6d}  {x['flops'] / 1e9:8.3f} GFLOP {x['bytes'] / 1e6:8.3f} MB (counted)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"compiled_cuda_{args.preset}_{args.dtype}.json"), "w") as f:
         json.dump(entries, f, indent=1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: run it in a single call on a machine with an NVIDIA GPU,
-# from the repository root. It fits one 10-minute device call with margin: each stage is
-# time-boxed (limits add up to 520 s with the wheels and the build) and writes its results
+# from the repository root. Each stage is time-boxed (limits add up to 520 s with the wheels
+# and the build, 850 s with stage 7b, the training step: then split it over two calls with
+# GPU_CHECK_STAGES, e.g. "wheels build step-compile train-step" in the second) and writes its results
 # under $OUT as it goes, so a stage that runs out of time leaves the earlier ones intact.
 # With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600).
 #
@@ -12,7 +13,9 @@
 # (benchmarks/gpu_smoke.py: every Triton kernel at small shapes against the reference in
 # float32/bfloat16/float16, then the imagenet head timed and profiled per kernel),
 # (5) the head benchmark rows on the imagenet preset in bfloat16 (eager, triton, cuda),
-# (6) the GPU tests (pytest -m gpu), (7) the head on imagenet21k, (8) with
+# (6) the GPU tests (pytest -m gpu), (7) the head on imagenet21k, (7b) the training step
+# eager vs compiled vs reduce-overhead at C=100 and 1000 and a 30-second compiled
+# 'demul-fast train' (docs/step.md; step-cuda.jsonl, train-step.txt), (8) with
 # GPU_CHECK_EXTRA=1 only: the peers (Liger-Kernel, cut-cross-entropy), the encoder and step
 # suites and torch.compile. A stage that fails or runs out of time is reported and the
 # script goes on; the last lines printed are a summary. Files under $OUT: gpu_check.log
@@ -43,9 +46,14 @@ declare -a SUMMARY=()
 
 log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
+# GPU_CHECK_STAGES="a b": run only the named stages (a dry run of one stage's flow elsewhere,
+# with GPU_CHECK_SKIP_BUILD=1 and GPU_CHECK_DEVICE=cpu); default: every stage.
+want() { [ -z "${GPU_CHECK_STAGES:-}" ] || [[ " $GPU_CHECK_STAGES " == *" $1 "* ]]; }
+
 # step NAME SECONDS COMMAND...: run time-boxed, log everything, record the outcome.
 step() {
   local name=$1 secs=$2; shift 2
+  if ! want "$name"; then log "== $name: not in GPU_CHECK_STAGES, skipped"; return 0; fi
   log "== $name (limit ${secs}s): $*"
   local t0=$(date +%s)
   timeout -k 10 "$secs" "$@" >>"$LOG" 2>&1
@@ -113,6 +121,42 @@ step gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="-ra
 # (7) the head on imagenet21k
 step head-imagenet21k-bf16 40 "${BENCH[@]}" --preset imagenet21k --suite head --dtype bfloat16 --no-compile \
   --providers eager,torch,triton,cuda
+
+# (7b) the training step (docs/step.md): eager DeMul vs compiled vs compiled + CUDA graphs
+# (reduce-overhead), launches_per_step counted on every row, at C=100 and C=1000 (ViT-B/16
+# shapes, M=4, n_ctx=16, B=32, bfloat16) -> $OUT/step-cuda.jsonl; then a 30-second
+# 'demul-fast train --compile reduce-overhead' on generated images (random ViT-B/16, no LLM:
+# --alpha 0), its epoch lines (steps/s) kept in $OUT/train-step.txt and its run in $OUT/train-step.
+DEV=${GPU_CHECK_DEVICE:-cuda}
+STEP_ARGS=(--preset step --suite step --step-C 100,1000 --dtype bfloat16 --compile
+  --compile-mode default,reduce-overhead
+  --providers eager,demul-torch,demul-torch-compile,demul-torch-compile-reduce-overhead,demul-cuda)
+[ "$DEV" = cpu ] && STEP_ARGS=(--preset tiny --suite step --dtype float32 --compile --count-only)  # dry run
+# four ViT-B/16 compiles (2 modes x 2 workloads), about a minute each on a GPU
+step step-compile 300 "$PY" benchmarks/run.py --device "$DEV" --out "$OUT" --quiet "${STEP_ARGS[@]}"
+TRAIN_N=${GPU_CHECK_TRAIN_IMAGES:-16}
+if want train-step; then
+  "$PY" - "$OUT/train-step-data" "$TRAIN_N" >>"$LOG" 2>&1 <<'EOF'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+root, n, rng = Path(sys.argv[1]), int(sys.argv[2]), np.random.default_rng(0)
+for c in range(100):  # 100 classes x n images of 224 px (n=16: 50 steps of 32 per epoch)
+    (root / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
+    base = rng.integers(0, 256, 3)
+    for i in range(n):
+        img = np.clip(base + rng.normal(0, 40, (224, 224, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / f"class_{c:03d}" / f"{i:02d}.png")
+EOF
+fi
+TRAIN_ARGS=(--epochs 200 --workers 8)
+[ "$DEV" = cpu ] && TRAIN_ARGS=(--epochs 1 --workers 0)  # dry run: GPU_CHECK_TRAIN_IMAGES=1
+# 30 seconds of training (the timeout ends it: rc 124 is the expected outcome); epochs done are logged
+step train-step 30 "$PY" -m demul_fast train --data "$OUT/train-step-data" --out "$OUT/train-step" --overwrite \
+  --device "$DEV" --compile "${GPU_CHECK_TRAIN_COMPILE:-reduce-overhead}" --model ViT-B-16 --pretrained none \
+  --alpha 0 --shots "$TRAIN_N" --batch-size 32 --no-progress "${TRAIN_ARGS[@]}"
+grep -h "steps/s" "$LOG" | tail -n 20 >"$OUT/train-step.txt" || true
 
 # (8) optional, when the call has time to spare (GPU_CHECK_EXTRA=1): peers, encoder and
 # step suites, float32, torch.compile

@@ -33,6 +33,7 @@ class Settings:
     min_reps: int = 3
     max_reps: int = 200
     rotate_bytes: int = 64 << 20  # rotate input sets while one set is smaller than this
+    count_only: bool = False  # count launches only: no reference, no gate, no timing (status "counted")
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Row:
     tolerance: Optional[float] = None
     errors: Dict[str, float] = field(default_factory=dict)
     rotation: Optional[int] = None
+    launches_per_step: Optional[int] = None  # counted kernel launches of one call (benchmarks/launches.py)
+    launches: Dict[str, object] = field(default_factory=dict)  # the count's parts
     note: str = ""
 
 
@@ -134,6 +137,8 @@ def run_workload(wl: Workload, ceilings: floors.Ceilings, settings: Settings, pr
                     progress.update(1)
         return rows
     n_rot = n_rotations(wl.input_bytes, settings)
+    if settings.count_only:
+        return _count_workload(wl, base, progress)
     try:
         inputs = [wl.make_inputs(i) for i in range(n_rot)]
         gold = wl.gold(inputs[0])
@@ -154,6 +159,7 @@ def run_workload(wl: Workload, ceilings: floors.Ceilings, settings: Settings, pr
         if prov.reason is not None:
             gate_rows = [Row(mode=m, provider=prov.name, status="skipped", **base, note=prov.reason) for m in wl.modes]
         else:
+            counted = _count(prov, inputs[0])
             try:
                 t0 = time.perf_counter()
                 out = run_once(wl, prov, inputs[0])
@@ -186,7 +192,8 @@ def run_workload(wl: Workload, ceilings: floors.Ceilings, settings: Settings, pr
             continue
         for mode in wl.modes:
             row = Row(mode=mode, provider=prov.name, status="ok", **base, errors=errs, max_rel_error=worst,
-                      tolerance=tol, first_call_s=first, rotation=n_rot, note=prov.note)
+                      tolerance=tol, first_call_s=first, rotation=n_rot, note=prov.note,
+                      launches_per_step=counted.get("launches"), launches=counted)
             try:
                 timing, mem = _time_mode(wl, prov, inputs, mode, settings)
             except Exception as exc:  # noqa: BLE001
@@ -208,6 +215,40 @@ def run_workload(wl: Workload, ceilings: floors.Ceilings, settings: Settings, pr
                 progress.update(1)
     _ratios(rows)
     del inputs, gold
+    _free(wl.device)
+    return rows
+
+
+def _count(prov: Provider, inputs) -> Dict[str, object]:
+    """The provider's counted launches ({} without a counter; {"error": ...} if it failed)."""
+    if prov.launches is None:
+        return {}
+    try:
+        return dict(prov.launches(inputs))
+    except Exception as exc:  # noqa: BLE001 - the count is reported as missing, the row goes on
+        return {"error": _short(exc)}
+
+
+def _count_workload(wl: Workload, base: dict, progress=None) -> List[Row]:
+    """``Settings.count_only``: one input set, each provider's launches counted, nothing
+    timed or checked (status "counted"; shapes too large to run the gold reference here)."""
+    rows = []
+    inputs = None
+    for prov in wl.providers:
+        if prov.reason is not None:
+            rows += [Row(mode=m, provider=prov.name, status="skipped", **base, note=prov.reason) for m in wl.modes]
+        elif prov.launches is None:
+            rows += [Row(mode=m, provider=prov.name, status="skipped", **base, note="no launch counter")
+                     for m in wl.modes]
+        else:
+            if inputs is None:
+                inputs = wl.make_inputs(0)
+            counted = _count(prov, inputs)
+            status = "error" if "error" in counted else "counted"
+            rows += [Row(mode=m, provider=prov.name, status=status, **base, launches_per_step=counted.get("launches"),
+                         launches=counted, note=counted.get("error", prov.note)) for m in wl.modes]
+        if progress:
+            progress.update(len(wl.modes))
     _free(wl.device)
     return rows
 
@@ -288,6 +329,10 @@ def _fmt_bytes(b: Optional[int]) -> str:
     return "" if b is None else f"{b / 2**20:.1f}"
 
 
+def _fmt_launches(r: Row) -> str:
+    return "" if r.launches_per_step is None else str(r.launches_per_step)
+
+
 def _collapse(rows: List[Row]) -> List[Row]:
     """Non-ok rows that differ only in mode become one row with mode "all"."""
     out: List[Row] = []
@@ -305,7 +350,7 @@ def _collapse(rows: List[Row]) -> List[Row]:
 
 def format_table(rows: List[Row]) -> str:
     head = ["suite", "op", "C", "mode", "provider", "status", "ms (p20-p80)", "x eager", "MiB", "x mem",
-            "floor ms", "% floor", "GB/s", "TFLOP/s", "max err", "note"]
+            "floor ms", "% floor", "GB/s", "TFLOP/s", "max err", "launches", "note"]
     body = []
     for r in _collapse(rows):
         if r.status == "ok":
@@ -315,12 +360,13 @@ def format_table(rows: List[Row]) -> str:
                          _fmt_bytes(r.peak_mem_bytes), f"{r.mem_vs_eager:.2f}" if r.mem_vs_eager else "",
                          f"{_fmt_ms(r.floor_ms)} {r.floor_bound[:3]}", f"{100 * r.frac_of_floor:.1f}",
                          f"{r.gb_per_s:.1f}", f"{r.tflop_per_s:.3f}", f"{r.max_rel_error:.1e}",
-                         f"first call {r.first_call_s:.1f} s (compiles)" if r.provider == "compile" else ""])
+                         _fmt_launches(r),
+                         f"first call {r.first_call_s:.1f} s (compiles)" if "compile" in r.provider else ""])
         else:
             err = f"{r.max_rel_error:.1e}" if r.max_rel_error is not None else ""
             note = r.note if len(r.note) <= 90 else r.note[:87] + "..."
             body.append([r.suite, r.op, r.sizes.get("C", ""), r.mode, r.provider, r.status,
-                         "", "", "", "", "", "", "", "", err, note])
+                         "", "", "", "", "", "", "", "", err, _fmt_launches(r), note])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]

@@ -38,6 +38,7 @@ from demul_fast import text_encoder
 from demul_fast.prompt_learner import encode_images
 from demul_fast.ops.backends import why_not
 
+from . import launches
 from .floors import Cost, encoder_cost
 from .head import _interpret_requested
 from .workload import Inputs, Provider, Workload, unavailable
@@ -128,6 +129,19 @@ def _gold_setup(model, tokenizer, names, n_ctx, M, device):
     return ChunkedGold(model, tokenizer, names, n_ctx, gold_dtype, seqs, M)
 
 
+class _LazyGold:
+    """A ChunkedGold built on first use (a count-only run never builds its float64 copy)."""
+
+    def __init__(self, build, device):
+        self._build, self._gold = build, None
+        self.dtype = torch.float64 if device.type == "cpu" else torch.float32
+
+    def __getattr__(self, name):
+        if self._gold is None:
+            self._gold = self._build()
+        return getattr(self._gold, name)
+
+
 def _compile_or_skip(allow: bool) -> Optional[str]:
     if not allow:
         return ("torch.compile is off for this run (on a CPU it costs about a minute per graph: "
@@ -204,7 +218,19 @@ def _image_cost(model, B: int, e: int) -> Cost:
     return Cost(e * (n_params + B * 3 * size[0] * size[1]), 2 * n_params * tokens * B)
 
 
-def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool = False) -> Workload:
+REF_COUNT_C = 37  # eager launch counts run at most this many classes (full-length reference) ...
+DEMUL_COUNT_C = 37  # ... and this many (DeMul): the same ops at any C (eager_launches)
+_EAGER_COUNTS: Dict[tuple, dict] = {}  # eager counts by what they depend on (not C above the cap)
+
+
+def compile_name(backend: str, mode: str) -> str:
+    """Provider name of DeMul(backend) compiled in ``mode``: demul-<backend>-compile for the
+    default mode, demul-<backend>-compile-<mode> for the others."""
+    return f"demul-{backend}-compile" + ("" if mode == "default" else f"-{mode}")
+
+
+def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool = False,
+                  compile_modes=("default",)) -> Workload:
     C = sizes.get("enc_C") or sizes["C"]
     M = sizes.get("enc_M") or sizes["M"]
     n_ctx, B, K = sizes["n_ctx"], sizes["B"], sizes["K"]
@@ -214,7 +240,7 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
     names = classnames(C)
     wsizes = dict(C=C, M=M, n_ctx=n_ctx, B=B, K=K, D=D, clip=sizes["clip"], width=tw["width"])
     E, W, b = _head_tensors(C, D, K, B, dtype, device, seed=7)
-    gold_enc = _gold_setup(model, tokenizer, names, n_ctx, M, device)
+    gold_enc = _LazyGold(lambda: _gold_setup(model, tokenizer, names, n_ctx, M, device), device)  # built when first used
     scale = model.logit_scale.detach().exp()
 
     ref_cls = getattr(modules, "DeMulReference", None)
@@ -224,12 +250,12 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
     ctx0 = (torch.randn(M, n_ctx, tw["width"], generator=g) * 0.02).to(device=device, dtype=dtype)
     a0 = (torch.randn(C, M, generator=g) * 0.5).to(device=device)
 
-    def build(cls, **kw):
+    def build(cls, names=names, E=E, **kw):
         m = cls(model, tokenizer, names, llm_embeddings=E, phi=(W, b), n_prompts=M, n_ctx=n_ctx, **kw)
         m = m.to(device).train()
         with torch.no_grad():
             m.ctx.copy_(ctx0.to(m.ctx.dtype))
-            m.head.prompt_logits.copy_(a0.to(m.head.prompt_logits.dtype))
+            m.head.prompt_logits.copy_(a0[:len(names)].to(m.head.prompt_logits.dtype))
         return m
 
     def params(m):
@@ -240,22 +266,57 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
             return m(images=i["images"], labels=i["y"])
         return m(image_features=i["X"], labels=i["y"])
 
-    def step_provider(name, m, note):
-        return Provider(name, lambda i: call(m, i), params=params(m), note=note)
+    def backward(out):
+        out.loss.backward()
+
+    def eager_launches(m, cap):
+        """Eager launches of one step, counted by running it. Above ``cap`` classes it runs on
+        the first ``cap`` classes: an eager step dispatches the same ops at any C (batched
+        over classes; tests/test_benchmarks.py checks it), and running the full-length
+        reference at C=1000 takes hours on a CPU. The count records the C it ran at."""
+        def count(i):
+            key = (type(m).__name__, getattr(m.head, "backend", None), sizes["clip"], M, n_ctx, B, str(device),
+                   str(dtype), min(C, cap))
+            if key in _EAGER_COUNTS:  # counted for another C of the same tower: the same ops
+                return _EAGER_COUNTS[key]
+            mc, inp = m, i
+            if C > cap:
+                mc = build(type(m), names=names[:cap], E=E[:cap], **({} if not hasattr(m.head, "backend") else
+                                                                       {"backend": m.head.backend}))
+                inp = dict(i, y=i["y"] % cap)
+            backward(call(mc, inp))  # warm: the one-time caches (distill basis) are not per step
+            out = launches.count_eager(lambda: backward(call(mc, inp)))
+            _EAGER_COUNTS[key] = dict(out, counted_at_C=min(C, cap))
+            return _EAGER_COUNTS[key]
+        return count
+
+    def step_provider(name, m, note, cap):
+        return Provider(name, lambda i: call(m, i), params=params(m), note=note, launches=eager_launches(m, cap))
+
+    def compiled_provider(name, m, mode, note):
+        compiled = torch.compile(m, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+        graphs = mode == "reduce-overhead" and device.type == "cuda"
+
+        def fn(i):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            return call(compiled, i)
+
+        def count(i):
+            # on a CPU the code is generated, not built or run (launches.count_compiled)
+            return launches.count_compiled(lambda: backward(fn(i)), run=device.type == "cuda")[1]
+        return Provider(name, fn, params=params(m), note=note, launches=count)
 
     if ref_cls is None:
         provs.append(unavailable("eager", "demul_fast.model.DeMulReference is not in this build"))
     else:
         eager = build(ref_cls)
-        provs.append(step_provider("eager", eager, "model.DeMulReference"))
+        provs.append(step_provider("eager", eager, "model.DeMulReference", REF_COUNT_C))
         reason = _compile_or_skip(allow_compile)
         if reason:
             provs.append(unavailable("compile", reason))
         else:
-            comp_model = build(ref_cls)
-            compiled = torch.compile(comp_model)
-            provs.append(Provider("compile", lambda i: call(compiled, i),
-                                  params=params(comp_model), note="torch.compile(DeMulReference)"))
+            provs.append(compiled_provider("compile", build(ref_cls), "default", "torch.compile(DeMulReference)"))
     for backend in ("torch", "triton", "cuda"):
         name = f"demul-{backend}"
         if fast_cls is None:
@@ -268,9 +329,18 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
             provs.append(unavailable(name, reason))
             continue
         try:
-            provs.append(step_provider(name, build(fast_cls, backend=backend), f"demul_fast.DeMul(backend={backend!r})"))
+            provs.append(step_provider(name, build(fast_cls, backend=backend), f"demul_fast.DeMul(backend={backend!r})",
+                                       DEMUL_COUNT_C))
         except Exception as exc:  # noqa: BLE001
             provs.append(unavailable(name, f"construction failed: {type(exc).__name__}: {exc}"))
+            continue
+        for mode in compile_modes:
+            cname = compile_name(backend, mode)
+            if reason := _compile_or_skip(allow_compile):
+                provs.append(unavailable(cname, reason))
+                continue
+            provs.append(compiled_provider(cname, build(fast_cls, backend=backend), mode,
+                                           f"torch.compile(DeMul(backend={backend!r}), fullgraph=True, mode={mode!r})"))
 
     size = getattr(model.visual, "image_size", (224, 224))
 
@@ -321,19 +391,26 @@ def _not_buildable(suite: str, op: str, sizes, dtype, device, names, reason: str
                     modes=("fwd", "fwd+bwd") if suite == "encoder" else ("fwd+bwd",))
 
 
-def workloads(suites, sizes, dtype, device, allow_compile: bool = False, image_tower: bool = False) -> List[Workload]:
+def workloads(suites, sizes, dtype, device, allow_compile: bool = False, image_tower: bool = False,
+              compile_modes=("default",), step_C=None) -> List[Workload]:
     """The encoder and step workloads; where one cannot be built (open_clip missing, say),
-    a workload whose providers are listed as skipped with the reason."""
+    a workload whose providers are listed as skipped with the reason. step_C: class counts
+    of the step suite (one workload each; default the preset's)."""
     jobs = []
     if "encoder" in suites:
         jobs.append(("encoder", "encoder", ("eager", "compile", "prefix"),
                      lambda: encoder_workload(sizes, dtype, device, allow_compile)))
-    step_names = ("eager", "compile", "demul-torch", "demul-triton", "demul-cuda")
+    step_names = ("eager", "compile") + tuple(n for b in ("torch", "triton", "cuda")
+                                              for n in [f"demul-{b}"] + [compile_name(b, m) for m in compile_modes])
     if "step" in suites:
-        jobs.append(("step", "step", step_names, lambda: step_workload(sizes, dtype, device, allow_compile)))
-        if image_tower:
-            jobs.append(("step", "step+images", step_names,
-                         lambda: step_workload(sizes, dtype, device, allow_compile, image_tower=True)))
+        for c in step_C or [None]:
+            sz = dict(sizes, **({"enc_C": c} if c else {}))
+            jobs.append(("step", "step", step_names,
+                         lambda sz=sz: step_workload(sz, dtype, device, allow_compile, compile_modes=compile_modes)))
+            if image_tower:
+                jobs.append(("step", "step+images", step_names,
+                             lambda sz=sz: step_workload(sz, dtype, device, allow_compile, image_tower=True,
+                                                         compile_modes=compile_modes)))
     out = []
     for suite, op, names, build in jobs:
         try:

@@ -7,7 +7,10 @@
 Suites: ``head`` (the four head functions, docs/SPEC.md section 4; fwd, bwd, fwd+bwd; with the
 one-time cost of the frozen-phi basis of SPEC 4.3 printed apart and kept in the JSON meta),
 ``encoder`` (text_encoder.FullTextEncoder vs PrefixSharedTextEncoder, docs/SPEC.md section 3),
-``step`` (a DeMul training step from given image features: DeMulReference vs DeMul).
+``step`` (a DeMul training step from given image features: DeMulReference vs DeMul, eager
+and compiled as ``demul-<backend>-compile``; every row has ``launches_per_step``, counted by
+benchmarks/launches.py; ``--count-only`` counts without running the reference or timing,
+``--preset step --step-C all`` gives the workloads of docs/step.md).
 Every provider is checked against the reference on the benchmark's own inputs before it
 is timed; unavailable providers are listed as skipped with the reason. On CUDA the
 functional API's value checks (a host synchronisation per call) are off
@@ -45,15 +48,18 @@ PRESETS = {
     "imagenet": dict(C=1000, M=8, D=512, B=256, K=3072, n_ctx=16, clip="ViT-B-16", enc_C=None, enc_M=None),
     "imagenet21k": dict(C=21841, M=4, D=512, B=1024, K=3072, n_ctx=16, clip="ViT-B-16", enc_C=1000, enc_M=4),
     "tiny": dict(C=7, M=3, D=32, B=5, K=12, n_ctx=4, clip="micro", enc_C=3, enc_M=2),  # tests
+    # the training step of issue 25 / docs/step.md: ViT-B/16 text shape, CoOp's batch
+    "step": dict(C=100, M=4, D=512, B=32, K=3072, n_ctx=16, clip="ViT-B-16", enc_C=None, enc_M=None),
 }
+STEP_C = (37, 100, 397, 1000)  # the step workloads of docs/step.md (--step-C all)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    p.add_argument("--suite", action="append", choices=SUITES + ("all",),
-                   help="repeat to pick several (default: all)")
+    p.add_argument("--suite", action="append", choices=SUITES + ("all", "family"),
+                   help="repeat to pick several (default: all); family (CoCoOp, MaPLe: benchmarks/family.py) runs alone")
     p.add_argument("--op", action="append",
                    help="head ops to run: aggregate_prompts, cosine_cross_entropy, prompt_distill_loss, demul_head "
                         "(default: all four)")
@@ -70,6 +76,14 @@ def parse_args(argv=None):
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="include torch.compile providers (default: on for CUDA, off for CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-mode", default="default",
+                   help="step suite: torch.compile modes of the demul-<backend>-compile providers, comma separated "
+                        "(default, reduce-overhead, max-autotune; a mode other than default adds -<mode> to the name)")
+    p.add_argument("--step-C", default=None,
+                   help="step suite at several C, e.g. 100,1000, or 'all' (37,100,397,1000)")
+    p.add_argument("--count-only", action="store_true",
+                   help="count kernel launches per step (benchmarks/launches.py) without the reference, the gate "
+                        "or timing: for shapes too large to run here")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers to run (eager always runs), e.g. "
                         "eager,compile,torch,triton,cuda,liger,cce")
@@ -108,7 +122,7 @@ def resolve(args):
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) if gpu else 0
     settings = harness.Settings(warmup_s=args.warmup if args.warmup is not None else (0.025 if gpu else 0.1),
                                 budget_s=args.budget if args.budget is not None else (0.2 if gpu else 1.0),
-                                rotate_bytes=max(2 * l2, 64 << 20))
+                                rotate_bytes=max(2 * l2, 64 << 20), count_only=args.count_only)
     return device, dtype, sizes, suites, settings
 
 
@@ -126,8 +140,12 @@ def build_workloads(suites, sizes, dtype, device, args):
                 wl.modes = modes
                 out.append(wl)
     if "encoder" in suites or "step" in suites:
+        step_C = None
+        if args.step_C:
+            step_C = list(STEP_C) if args.step_C == "all" else [int(c) for c in args.step_C.split(",")]
+        modes = tuple(m.strip() for m in args.compile_mode.split(",") if m.strip())
         out += models.workloads(suites, sizes, dtype, device, allow_compile=allow_compile,
-                                image_tower=args.image_tower)
+                                image_tower=args.image_tower, compile_modes=modes, step_C=step_C)
     return out
 
 
@@ -135,6 +153,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.suite and "family" in args.suite:
+        from benchmarks import family
+        return family.main(args)
     device, dtype, sizes, suites, settings = resolve(args)
     if args.interpret:
         if device.type != "cpu":

@@ -32,6 +32,8 @@ class Provider:
     params:  inputs -> {name: tensor whose .grad is compared and reset}; default: the
              workload's ``grad_names`` in the inputs
     note:    how the provider was set up (for the JSON)
+    launches: inputs -> {"launches": kernel launches of one call, ...} counted (not timed:
+             benchmarks/launches.py), or None; run before the provider's first call
     """
 
     name: str
@@ -39,6 +41,7 @@ class Provider:
     reason: Optional[str] = None
     params: Optional[Callable[[Inputs], Dict[str, torch.Tensor]]] = None
     note: str = ""
+    launches: Optional[Callable[[Inputs], Dict[str, object]]] = None
 
 
 def unavailable(name: str, reason: str) -> Provider:

@@ -70,7 +70,7 @@ DistillArgs distill_args(const at::Tensor& t, const Basis& b) {
 // Forward of the cross-entropy: lse, ce (and logits, loss_out) from x and u32.
 void run_ce_forward(const CeArgs& a, const at::Tensor& like, void* logits, at::Tensor& lse, at::Tensor& ce,
                     float* loss_out) {
-  const Split split = plan_split(a.B, a.C, sm_count());
+  const Split split = ce_forward_split(a.B, a.C, sm_count());
   at::Tensor partial = at::empty({split.splits, a.B, 3}, f32(like));
   launch_ce_forward(a, split, fp(partial), logits, fp(lse), fp(ce), loss_out, stream());
 }
@@ -84,8 +84,8 @@ struct DistillPartial {
 
 DistillPartial run_distill_partial(const DistillArgs& a, const at::Tensor& like, void* proj, float* n_out,
                                    FusedAggregate agg) {
-  const int64_t tile_rows = agg.a != nullptr ? distill_tile_rows(a.M) : kTileRows;
-  const Split split = plan_split(a.C * a.M, a.rank, sm_count(), tile_rows);
+  const int64_t tile_rows = distill_rows_per_block(agg.a != nullptr, a.M);
+  const Split split = distill_split(a.C * a.M, a.rank, sm_count(), tile_rows);
   at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
   launch_distill_partial(a, tile_rows, split, fp(partial), proj, n_out, agg, stream());
   return {split, partial};
@@ -118,7 +118,7 @@ void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& 
   at::Tensor dxh_buf, partial, work_x, gt;
   float* dxh_ptr = dxh ? fp(*dxh) : nullptr;
   if (dscale != nullptr && dxh_ptr == nullptr) dxh_ptr = scratch(dxh_buf, a.B * a.D, like);
-  const Split split_x = plan_sweep_split(a.B, a.C, sm_count());
+  const Split split_x = ce_image_split(a.B, a.C, sm_count());
   float* wx = dxh_ptr && split_x.splits > 1 ? scratch(work_x, split_x.splits * a.B * a.D, like) : nullptr;
   float* sp = dscale ? scratch(partial, split_x.splits * ceil_div(a.B, kTileRows), like) : nullptr;
   if (du != nullptr)  // dL/ds transposed, [C, B]
@@ -500,6 +500,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("MAX_PROMPTS") = static_cast<int64_t>(DEMUL_MAX_PROMPTS);
   m.def("compiled_with", []() { return std::string("CUDA ") + std::to_string(CUDA_VERSION); },
         "CUDA toolkit version the extension was compiled with");
+  m.def(
+      "head_launch_plan",
+      [](int64_t C, int64_t M, int64_t B, int64_t rank, int64_t sms) {
+        const HeadPlan p = plan_head(C, M, B, rank, sms);
+        auto split = [](const Split& s) {
+          py::dict d;
+          d["splits"] = s.splits;
+          d["cols_per_split"] = s.cols_per_split;
+          return d;
+        };
+        py::dict d;
+        d["tile_rows"] = p.tile_rows;
+        d["fused_aggregate"] = p.fused_aggregate;
+        d["distill_tile_rows"] = p.distill_tile_rows;
+        d["distill"] = split(p.distill);
+        d["ce"] = split(p.ce);
+        d["ce_image"] = split(p.ce_image);
+        return d;
+      },
+      py::arg("C"), py::arg("M"), py::arg("B"), py::arg("rank"), py::arg("sms"),
+      "The launch plan of demul_head (csrc/ops.h plan_head), as the launchers use it, for the compiled-code report");
   m.def("aggregate_prompts_forward", &aggregate_prompts_forward, py::arg("text_features"), py::arg("prompt_logits"));
   m.def("aggregate_prompts_backward", &aggregate_prompts_backward, py::arg("grad_class_features"), py::arg("text_features"),
         py::arg("prompt_norms"), py::arg("prompt_weights"), py::arg("class_norms"), py::arg("class_features32"));

@@ -129,6 +129,35 @@ struct FusedAggregate {
 inline bool can_fuse_aggregate(int64_t M) { return M <= kTileRows; }
 inline int64_t distill_tile_rows(int64_t M) { return can_fuse_aggregate(M) ? (kTileRows / M) * M : kTileRows; }
 
+// The launch plan, one place: bindings.cpp asks these when it launches, and the extension
+// exports them (head_launch_plan) for the compiled-code report (benchmarks/compiled_cuda.py).
+inline Split ce_forward_split(int64_t B, int64_t C, int64_t sms) { return plan_split(B, C, sms); }
+inline int64_t distill_rows_per_block(bool fused_aggregate, int64_t M) {
+  return fused_aggregate ? distill_tile_rows(M) : kTileRows;
+}
+inline Split distill_split(int64_t CM, int64_t rank, int64_t sms, int64_t tile_rows) {
+  return plan_split(CM, rank, sms, tile_rows);
+}
+inline Split ce_image_split(int64_t B, int64_t C, int64_t sms) { return plan_sweep_split(B, C, sms); }
+
+// The decisions of one demul_head forward + backward with the distillation (C classes, M
+// prompts, B images, basis rank r) on a device of `sms` SMs.
+struct HeadPlan {
+  int64_t tile_rows;          // kTileRows
+  bool fused_aggregate;       // the aggregation rides on the distillation's forward
+  int64_t distill_tile_rows;  // rows per block of the distillation's forward
+  Split distill;              // its split of r
+  Split ce;                   // the cross-entropy forward's split of the classes
+  Split ce_image;             // the dL/dx^ sweep's split of the classes (X trained)
+};
+
+inline HeadPlan plan_head(int64_t C, int64_t M, int64_t B, int64_t rank, int64_t sms) {
+  const bool fused = can_fuse_aggregate(M);
+  const int64_t rows = distill_rows_per_block(fused, M);
+  return {kTileRows, fused, rows, distill_split(C * M, rank, sms, rows), ce_forward_split(B, C, sms),
+          ce_image_split(B, C, sms)};
+}
+
 // partial: [split.splits, C*M, 2] scratch; n_out [C*M] = ||t|| when non-null; proj
 // [C*M, r] = R t^ in t's dtype (for the fused backward, launch_text_backward) when non-null;
 // agg (tile_rows a multiple of M) the fused aggregation. Then launch_distill_finalize:

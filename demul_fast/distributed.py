@@ -6,5 +6,5 @@ from ._moved import forward
 
 __getattr__, __dir__ = forward(__name__, {
     "demul_fast.sharded": ("shard_bounds", "gather_class_features", "ShardedDeMul"),
-    "demul_fast.app.processes": ("is_main", "world_size", "Process", "init_from_env", "GlobalBatchSampler"),
+    "demul_fast.app.processes": ("is_main", "world_size", "Process", "init_from_env"),
 })

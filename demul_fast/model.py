@@ -71,6 +71,8 @@ class DeMul(DeMulModule):
         self.head = DeMulHead(len(self.config["classnames"]), n_prompts, llm_embeddings=llm_embeddings, phi=phi,
                               alpha=alpha, learn_weights=learn_weights, label_smoothing=label_smoothing,
                               entropy_weight=entropy_weight, backend=backend)
+        if getattr(self.text_encoder, "mode", None) == "prefix":
+            self.text_encoder.plan(n_prompts)  # the packed layout, once (re-planned by .to())
 
 
 class DeMulReference(DeMulModule):

@@ -91,15 +91,38 @@ class DeMulHead(HeadParameters):
                          entropy_weight=entropy_weight)
         self.backend = backend
         self._basis_cache = DistillBasisCache(2)  # float32 and float64 compute
+        self._planned_basis = {}  # dtype -> the basis ``plan`` pinned for compiled code
+
+    def plan(self, dtype: torch.dtype = torch.float32) -> Optional[DistillBasis]:
+        """Decide the distillation basis outside any step and pin it for compiled code.
+
+        Eager calls fetch it from the cache (keyed by identity, version counter and storage of
+        W, b, E: ``demul_fast.ops.distill_basis``), so a repeated ``plan`` only compares
+        host metadata; a changed buffer rebuilds it. A forward under torch.compile then takes
+        the pinned basis as a graph input instead of factoring phi in the graph on every
+        step. Call it again after editing phi or E (``demul_fast.compiled_step`` does, before
+        every step). dtype: the compute dtype of T (float64 pins a float64 basis)."""
+        dtype = accumulation_dtype(dtype)
+        with torch.no_grad():
+            basis = self.distill_basis(dtype)
+        if basis is None:
+            self._planned_basis.pop(dtype, None)
+        else:
+            self._planned_basis[dtype] = basis
+        return basis
 
     def distill_basis(self, dtype: torch.dtype = torch.float32) -> Optional[DistillBasis]:
         """The basis of SPEC 4.3 of the frozen ``phi_weight``, ``phi_bias``, ``llm_embeddings``
         (None without distillation, or when one of them requires grad: then the direct form
         runs). Built on first use and rebuilt whenever a buffer changes: edited in place,
         replaced, moved to another device or dtype (demul_fast.ops.distill_basis's rule; it is
-        not state, so ``state_dict`` does not hold it). Inside torch.compile it is built in
-        the graph (compiled code cannot key a cache on storage)."""
-        return frozen_basis(self.phi_weight, self.phi_bias, self.llm_embeddings, dtype, self._basis_cache)
+        not state, so ``state_dict`` does not hold it). Inside torch.compile the basis that
+        ``plan`` pinned is used, else it is built in the graph (compiled code cannot key a
+        cache on storage): ``distill_basis.frozen_basis``, the one rule."""
+        pinned = self._planned_basis.get(dtype)
+        if pinned is not None and pinned.R.device != self.phi_weight.device:
+            pinned = None
+        return frozen_basis(self.phi_weight, self.phi_bias, self.llm_embeddings, dtype, self._basis_cache, pinned)
 
     def class_features(self, text_features: Tensor) -> Tensor:
         """T [C, M, D] -> unit-norm class features u^ [C, D] (for inference)."""

@@ -66,6 +66,24 @@ class PackedLayout:
     def suffix_rows(self) -> int:
         return self.valid_slots.numel()
 
+    def deep_rows(self, k: int) -> Tuple[Tensor, Tensor]:
+        """(rows, src) for deep prompts of k tokens (MaPLe): the packed rows holding positions
+        1..k of every prefix (those below P) and of every suffix (those at or after P; each
+        suffix must reach past position k), and for each such row the deep prompt's row
+        (position - 1). Index arithmetic only, no host read; cached."""
+        key = ("deep", k)
+        if key not in self._cache:
+            g, p, n, s = self.g, self.p, self.n, self.s
+            dev = self.eot.device
+            pre = torch.arange(1, max(1, min(1 + k, p)), device=dev)                          # positions < P
+            suf = torch.arange(max(1, p), max(1 + k, p), device=dev)                          # positions >= P
+            pre_rows = (torch.arange(g, device=dev).view(g, 1) * p + pre.view(1, -1)).flatten()
+            slots = (torch.arange(g * n, device=dev).view(-1, 1) * s + (suf - p).view(1, -1)).flatten()
+            rows = torch.cat([pre_rows, g * p + self.pad_index.index_select(0, slots)])
+            src = torch.cat([(pre - 1).repeat(g), (suf - 1).repeat(g * n)])
+            self._cache[key] = (rows, src)
+        return self._cache[key]
+
     def indices(self, heads: int):
         """(gather, scatter, gather_eot, scatter_eot, masks) for ``heads``:
 

@@ -153,6 +153,20 @@ class DeMulModule(nn.Module):
         """Per-prompt text features T [C, M, D] of the current context."""
         return self.text_encoder(self.ctx)
 
+    def plan(self, dtype: Optional[torch.dtype] = None) -> "DeMulModule":
+        """Decide, outside any step, what does not change from step to step: the text
+        encoder's packed layout for ``n_prompts`` prompts and the head's distillation basis
+        (both guarded by identity and version counters: a repeated call compares host
+        metadata only, no device access). A compiled forward then runs without building
+        either, so a whole step is free of host synchronisation. Returns self."""
+        plan = getattr(self.text_encoder, "plan", None)
+        if plan is not None:
+            plan(self.config["n_prompts"])
+        head_plan = getattr(self.head, "plan", None)
+        if head_plan is not None:
+            head_plan(dtype or self.ctx.dtype)
+        return self
+
     def _cache_key(self):
         a = self.head.prompt_logits
         return (id(self.ctx), self.ctx._version, id(a), a._version, self.ctx.device, self.ctx.dtype)

@@ -9,7 +9,7 @@ more; ``shard_bounds``). Each rank
   the distillation sum; the class features of all ranks are all-gathered with autograd
   (``_AllGatherRows``: the backward sums every rank's cotangent of u^_r back onto rank r,
   a reduce-scatter);
-* runs the cross-entropy of its own image batch (B_r images; ``GlobalBatchSampler``)
+* runs the cross-entropy of its own image batch (B_r images; ``data.sampling.KeyedBatchSampler``)
   against all C classes.
 
 Scaling (SPEC 4). With B = sum_r B_r images in the global batch,
@@ -219,8 +219,10 @@ class ShardedDeMul(nn.Module):
     def accuracy(self, feats: Tensor, labels: Tensor) -> float:
         """Top-1 (%) over the images of all ranks: feats [N_r, D], labels [N_r] on each rank."""
         u = self.class_features().float()
-        pred = reference.cosine_logits(feats.float(), u, 1.0).argmax(-1)
-        counts = torch.stack([(pred == labels).sum(), torch.tensor(labels.numel(), device=labels.device)])
+        correct = torch.zeros((), dtype=torch.long, device=labels.device)
+        if labels.numel():  # a rank without an image of a small split contributes nothing
+            correct = (reference.cosine_logits(feats.float(), u, 1.0).argmax(-1) == labels).sum()
+        counts = torch.stack([correct, torch.tensor(labels.numel(), device=labels.device)])
         counts = counts.to(collective_device(), torch.float64)
         dist.all_reduce(counts, group=self.group)
         return 100.0 * float(counts[0]) / max(1.0, float(counts[1]))

@@ -47,7 +47,8 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------
 
 def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suffix_eot: Tensor,
-                          layout: Optional[PackedLayout] = None, checkpoint: bool = False) -> Tensor:
+                          layout: Optional[PackedLayout] = None, checkpoint: bool = False,
+                          deep_prompts: Optional[Sequence[Tensor]] = None) -> Tensor:
     """Pooled text features of G*N sequences that share a prefix per group (SPEC 3.1).
 
     tower:      a TextTower (``text_tower(model)``), causal with EOT pooling
@@ -63,6 +64,10 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     checkpoint: activation checkpointing per layer (``torch.utils.checkpoint``, non-reentrant):
                 the backward recomputes each layer from its input instead of keeping its
                 activations; the same operations run again, so the result is the same
+    deep_prompts: optional J tensors [k, W] (MaPLe's deep text prompts, J < layers): the
+                hidden states of positions 1..k of every sequence are replaced by
+                deep_prompts[i - 1] before layer i, for i = 1..J (positions 1..k must precede
+                every EOT)
     returns     [G, N, D]    ``text_projection(ln_final(hidden[EOT]))`` of each sequence,
                              equal to running the tower on the P+S (or 77) tokens of each
                              sequence separately, up to float rounding
@@ -86,7 +91,16 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     suffix_rows = (suffix.to(dtype) + pos[p:p + s]).reshape(g * n * s, w).index_select(0, layout.valid_slots)
     x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), suffix_rows])       # [G*P + Ts, W], packed
     last = len(tower.layers) - 1
+    deep = list(deep_prompts or ())
+    if deep:
+        k = deep[0].shape[0]
+        if len(deep) > last or any(d.dim() != 2 or tuple(d.shape) != (k, w) for d in deep):
+            raise ValueError(f"deep_prompts must be at most {last} tensors [k, W={w}] with one k, got "
+                             f"{[tuple(d.shape) for d in deep]}")
+        deep_rows, deep_src = layout.deep_rows(k)
     for i, layer in enumerate(tower.layers):
+        if 1 <= i <= len(deep):  # MaPLe: the context rows of layer i's input are deep_prompts[i - 1]
+            x = x.index_copy(0, deep_rows, deep[i - 1].to(dtype).index_select(0, deep_src))
         if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(_layer_forward, layer, x, layout, i == last, use_reentrant=False)
         else:
@@ -217,15 +231,59 @@ class PrefixSharedTextEncoder(nn.Module):
         if ctx.dim() != 3 or ctx.shape[1] != self.n_ctx or ctx.shape[2] != tower.width:
             raise ValueError(f"ctx must be [M, n_ctx={self.n_ctx}, width={tower.width}], got {tuple(ctx.shape)}")
         m = ctx.shape[0]
+        layout = self._planned_layout(m)
         ctx = ctx.to(tower.dtype)
         sot = tower.token_embedding(self.sot_id).to(ctx.dtype).expand(m, 1, -1)           # [M, 1, W]
         prefix = torch.cat([sot, ctx], dim=1)                                              # [M, P, W]
         suffix = tower.token_embedding(self.suffix_ids).to(ctx.dtype)                      # [C, S, W]
-        c = suffix.shape[0]
-        eot = self.suffix_eot.unsqueeze(0).expand(m, c)
-        key = (m, eot.device)
-        if self._layout is None or self._layout[0] != key:  # built once: no host sync per step
-            self.__dict__["_layout"] = (key, PackedLayout.build(m, prefix.shape[1], c, suffix.shape[1], eot))
-        out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1), eot,
-                                    layout=self._layout[1], checkpoint=self.checkpoint)    # [M, C, D]
+        out = prefix_shared_forward(tower, prefix, suffix.unsqueeze(0).expand(m, -1, -1, -1), layout.eot,
+                                    layout=layout, checkpoint=self.checkpoint)             # [M, C, D]
         return out.transpose(0, 1)
+
+    # -- the plan: decided once, outside any step ---------------------------------------------
+    def _plan_key(self, m: int) -> tuple:
+        """What the packed layout of M prompts depends on: M, the device, and the identity
+        and version counter of ``suffix_eot`` (any in-place edit or replacement changes it)."""
+        eot = self.suffix_eot
+        return (m, eot.device, id(eot), eot._version)
+
+    def plan(self, m: int) -> Optional[PackedLayout]:
+        """Build (once) the packed layout of M prompts and its per-head index maps; later calls
+        only compare the key (``_plan_key``: host metadata, no device access) and rebuild when
+        it changed. Building reads ``suffix_eot`` (one host synchronisation on a GPU): it
+        happens here, at plan time (construction, a move to another device, a changed
+        ``suffix_eot``), never inside a training step. Returns the layout (None on the full path)."""
+        if self.mode == "full":
+            return None
+        key = self._plan_key(m)
+        if self._layout is None or self._layout[0] != key:
+            c, s = self.suffix_ids.shape
+            eot = self.suffix_eot.unsqueeze(0).expand(m, c)
+            layout = PackedLayout.build(m, 1 + self.n_ctx, c, s, eot)
+            for layer in self.tower.layers:  # the attention's index maps, for every head count used
+                layout.indices(layer.heads)
+            self.__dict__["_layout"] = (key, layout)
+        return self._layout[1]
+
+    def _planned_layout(self, m: int) -> PackedLayout:
+        """The layout of M prompts. Eager: ``plan(m)`` (built on the first call, then only its
+        key is compared). Inside torch.compile no layout can be built (it needs the host to
+        read ``suffix_eot``): the one ``plan`` made is used, its M and device checked while
+        tracing (dynamo guards on it), and a missing one is a clear error."""
+        if not torch.compiler.is_compiling():
+            return self.plan(m)
+        entry = self._layout
+        if entry is None or entry[0][0] != m or entry[0][1] != self.suffix_eot.device:
+            raise RuntimeError(f"PrefixSharedTextEncoder: no packed layout for M={m} prompts on "
+                               f"{self.suffix_eot.device}; call .plan({m}) outside torch.compile first "
+                               "(DeMul does this at construction and after a move)")
+        return entry[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        """A move or cast (``.to``, ``.cuda``) re-plans for the new device, so a compiled step
+        that follows never has to build a layout."""
+        out = super()._apply(fn, *args, **kwargs)
+        entry = self.__dict__.get("_layout")
+        if entry is not None and entry[0][1] != self.suffix_eot.device:
+            self.plan(entry[0][0])
+        return out

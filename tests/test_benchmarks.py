@@ -42,6 +42,9 @@ def test_smoke_all_suites_tiny_preset(tmp_path, capsys):
     assert all(r["distill_basis"]["basis_mb"] > 0 for r in rows)
     assert ("encoder", "encoder", "fwd+bwd", "eager") in ok
     assert ("step", "step", "fwd+bwd", "eager") in ok
+    steps = [r for r in rows if r["suite"] == "step" and r["status"] == "ok"]
+    assert {r["provider"] for r in steps} >= {"eager", "demul-torch"}
+    assert all(r["launches_per_step"] > 0 and r["launches"]["syncs"] >= 0 for r in steps), steps
     for r in rows:
         if r["status"] == "ok":
             assert r["time_ms"] > 0 and r["floor_ms"] > 0 and 0 < r["frac_of_floor"]

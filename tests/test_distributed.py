@@ -23,11 +23,10 @@ from open_clip.model import CLIP
 
 from demul_fast import DeMul
 from demul_fast.app import checkpoint
-from demul_fast.app.processes import GlobalBatchSampler
 from demul_fast.app.run_folder import run_log
 from demul_fast.sharded import ShardedDeMul, shard_bounds
 from demul_fast.model import DeMulReference
-from numerics import assert_error_rule
+from numerics import assert_error_rule, assert_same_trained_prompts
 
 TINY_VISION = dict(image_size=32, layers=1, width=32, patch_size=16, head_width=32)
 SMALL_TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
@@ -151,29 +150,7 @@ def test_shard_bounds_cover_everything_once():
             assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("n,batch", [(13, 4), (12, 4), (9, 8), (5, 16)])
-def test_global_batches_do_not_depend_on_the_world_size(n, batch):
-    one = GlobalBatchSampler(n, batch)
-    one.set_seed(3)
-    for world in (2, 3):
-        if batch < world:
-            continue
-        shares = [GlobalBatchSampler(n, batch, r, world) for r in range(world)]
-        for s in shares:
-            s.set_seed(3)
-        steps = list(zip(*[list(s) for s in shares]))
-        assert all(len(s) == len(shares[0]) for s in shares)
-        assert all(len(part) > 0 for step in steps for part in step)
-        merged = [sum(step, []) for step in steps]
-        assert sorted(sum(merged, [])) == list(range(n))
-        if n % batch == 0 or n % batch >= world:
-            assert merged == list(one)
-    assert len(list(one)) == len(one)
-
-
-def test_global_batch_smaller_than_the_world_is_refused():
-    with pytest.raises(ValueError, match="at least the number of processes"):
-        GlobalBatchSampler(10, 2, 0, 3)
+# the global batches at any world size: tests/test_sampling.py
 
 
 # -------------------------------------------------------------------------------------------
@@ -241,8 +218,4 @@ def test_train_under_torchrun_equals_one_process(tmp_path):
         assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
     one = load_file(str(checkpoint.current(tmp_path / "one") / "prompts" / "prompts.safetensors"))
     two = load_file(str(checkpoint.current(tmp_path / "two") / "prompts" / "prompts.safetensors"))
-    for key in ("ctx", "prompt_logits"):
-        scale = float(one[key].abs().max())
-        err = float((one[key] - two[key]).abs().max())
-        print(f"{key}: max |1 process - 2 processes| {err:.3e}, max |value| {scale:.3e}")
-        assert err <= 64 * torch.finfo(torch.float32).eps * scale, key
+    assert_same_trained_prompts(one, two, "2 processes against 1")

@@ -5,7 +5,7 @@
     kernels  kernels/                        the spec's ``common``, nothing above
     ops      ops/                            spec, kernels, ``_C``; never modules, data, app
     modules  every other file, towers/       spec, kernels, ops; never data or app
-    data     data/                           itself and ``common``; never modules, ops, app
+    data     data/                           the layers above; never the app
     app      app/, cli.py (the entry point)  anything but the deprecated stubs
 
 The deprecated stubs (``train.py``, ``datasets.py``, ``mapping.py`` ...) import only
@@ -28,7 +28,7 @@ ALLOWED = {
     "kernels": {"common", "kernels"},
     "ops": {"common", "spec", "kernels", "ops", "ext"},
     "modules": {"common", "spec", "kernels", "ops", "modules", "ext"},
-    "data": {"common", "data"},
+    "data": {"common", "spec", "kernels", "ops", "modules", "ext", "data"},
     "app": {"common", "spec", "kernels", "ops", "modules", "ext", "data", "app"},
     "stub": {"moved"},
     "moved": set(),

@@ -31,8 +31,7 @@ MOVED = {
     "demul_fast.reference": {"DeMulReference": "demul_fast.model", "FullTextEncoder": "demul_fast.text_encoder",
                              "ReferenceHead": "demul_fast.nn", "DeMulModule": "demul_fast.prompt_learner"},
     "demul_fast.distributed": {"ShardedDeMul": "demul_fast.sharded", "shard_bounds": "demul_fast.sharded",
-                               "init_from_env": "demul_fast.app.processes",
-                               "GlobalBatchSampler": "demul_fast.app.processes"},
+                               "init_from_env": "demul_fast.app.processes"},
 }
 
 

@@ -19,7 +19,8 @@ from demul_fast import reference as ref
 from demul_fast.ops import backends
 from demul_fast.ops import functional as F
 from demul_fast.ops.distill_basis import build_distill_basis
-from numerics import assert_error_rule, default_compute_dtype
+from numerics import assert_error_rule, default_compute_dtype, head_magnitudes
+import rounded_yardstick
 
 from demul_fast.ops import triton_ops  # triton is in the test extra (checked by conftest)
 
@@ -240,14 +241,27 @@ def test_demul_head(gen, shape, ls, alpha, bias, with_llm, return_logits, scale_
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 def test_head_half_precision(gen, dtype):
     """Half inputs, the GPU's operand rounding emulated: outputs in the input dtype, losses
-    in float32, the error rule against the plain path in that dtype."""
+    in float32; the error rule against the yardstick that rounds what the kernels round
+    (tests/rounded_yardstick.py), with float32 floors and no operand allowance."""
     T, A, X, y, E, W, b = make_inputs(gen, **dict(SMALL, C=9, B=6))
-    fast, slow = head_fns(y, E, W, b, 1.0, 0.1, True)
-    cot = [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)] * 3 + [rand_like(gen, torch.empty(6, 9)) / 54]
-    fo, fg = check(f"head {dtype}", lambda t, a, x: fast(t, a, x, 12.0), lambda t, a, x: slow(t, a, x, 12.0),
-                   [T, A, X], diff=[0, 1, 2], dtype=dtype, cotangents=cot, grad_names=["dT", "dA", "dX"])
+    fast, _ = head_fns(y, E, W, b, 1.0, 0.1, True)
+    GL = rand_like(gen, torch.empty(6, 9)) / 54
+    cot = [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)] * 3 + [GL]
+    fo, fg = run(lambda t, a, x: fast(t, a, x, 12.0), [T, A, X], [0, 1, 2], dtype, cot)
     assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
     assert all(g.dtype == dtype for g in fg)
+    keys = ["loss", "ce_loss", "distill_loss", "logits", "text_features", "prompt_logits", "image_features"]
+    rounded = dict(text_features=T.to(dtype), prompt_logits=A.to(dtype), image_features=X.to(dtype), labels=y,
+                   scale=12.0, llm_embeddings=E, phi_weight=W, phi_bias=b)
+    # the cotangents weigh loss, ce and dist 1 each: the gradients' terms are at most twice d loss's
+    mags = head_magnitudes(rounded, 1.0, 0.1)
+    mags = {k: (2 * v if k in keys[4:] else v) for k, v in mags.items()}
+    interp = DEVICE == "cpu"
+    rounded_yardstick.check_head(f"head {dtype}", "triton", dtype,
+                                 "truncate" if interp and dtype == torch.bfloat16 else "nearest",
+                                 dict(zip(keys, list(fo) + list(fg))), T.to(dtype), A.to(dtype), X.to(dtype), y, 12.0,
+                                 basis_of(W, b, E), 1.0, 0.1, (1.0, 1.0, 1.0, GL.to(dtype)), mags,
+                                 stored_ulps=1.0 if interp else 0.5)
 
 
 def test_head_noncontiguous_and_mixed_dtypes(gen):

@@ -1,6 +1,7 @@
 """A training run's folder on disk: checkpoints replaced as one unit, new runs built beside the old.
 
-A checkpoint is one folder, ``checkpoint-<epoch>/`` (the prompts, the trainer state, the
+A checkpoint is one folder, ``checkpoint-<epoch>/`` or, taken within an epoch,
+``checkpoint-<epoch>-step<step>/`` (the prompts, the trainer state, the
 log), written completely and flushed to disk, then made current by replacing one small
 pointer file, ``checkpoint.json``, with ``os.replace``; the previous checkpoint folder is
 removed only after that. A crash at any moment leaves the pointer on a complete checkpoint
@@ -76,8 +77,14 @@ def current(run: Path) -> Optional[Path]:
     return folder
 
 
-def write(run: Path, epoch: int, write_files: Callable[[Path], None]) -> Path:
-    """Write checkpoint ``epoch`` (1-based) of ``run`` as one unit and make it current.
+def name(epoch: int, step: Optional[int] = None) -> str:
+    """The folder of the checkpoint after ``epoch`` (1-based), or after ``step`` steps of it."""
+    return f"{PREFIX}{epoch:04d}" + ("" if step is None else f"-step{step:04d}")
+
+
+def write(run: Path, epoch: int, write_files: Callable[[Path], None], step: Optional[int] = None) -> Path:
+    """Write checkpoint ``epoch`` (1-based) of ``run`` as one unit and make it current; with
+    ``step``, the checkpoint taken after ``step`` steps of that epoch.
 
     write_files(folder) writes the checkpoint's files into the empty ``folder``. Returns
     the new checkpoint folder. Only this function writes checkpoints (under torchrun it is
@@ -85,7 +92,7 @@ def write(run: Path, epoch: int, write_files: Callable[[Path], None]) -> Path:
     """
     run = Path(run)
     previous = current(run)
-    folder = run / f"{PREFIX}{epoch:04d}"
+    folder = run / name(epoch, step)
     if previous is not None and previous.name == folder.name:
         raise CheckpointError(f"checkpoint {folder} is current and cannot be rewritten in place")
     if folder.exists():
@@ -94,7 +101,7 @@ def write(run: Path, epoch: int, write_files: Callable[[Path], None]) -> Path:
     write_files(folder)
     _fsync_tree(folder)
     _fsync_dir(run)
-    write_json(run / POINTER_FILE, {"folder": folder.name, "epoch": epoch})
+    write_json(run / POINTER_FILE, {"folder": folder.name, "epoch": epoch, "step": step})
     for stale in run.glob(PREFIX + "*"):
         if stale.is_dir() and stale.name != folder.name:
             shutil.rmtree(stale)

@@ -96,7 +96,18 @@ def _train_parser(sub) -> None:
                         "one more forward of the encoder (exact)")
     p.add_argument("--backend", default=None, choices=["cuda", "triton", "torch"], help="head backend "
                                                                                         "(default: automatic)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the training step (forward fullgraph, its backward, the optimizer update) "
+                        "and the evaluation; reduce-overhead replays CUDA graphs (default: reduce-overhead on "
+                        "CUDA, none on CPU; docs/step.md)")
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="read the loss back from the device every N steps for the progress bar (default "
+                        "%(default)s; also at every epoch's end)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                                                         "(automatic in a group restarted by torchrun)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                   help="also checkpoint after every STEPS optimizer steps within an epoch; 0 = at the end of "
+                        "each epoch only (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out; the new run is built "
                                                             "beside it and replaces it at its first checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -268,9 +279,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "zeroshot":
             zeroshot_command(args)
         elif args.command == "train":
+            from .elastic import terminate_as_exit
             from .processes import is_main
             from .train import train
 
+            terminate_as_exit()  # torchrun stops the survivors of a failure with SIGTERM
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             result = train(TrainConfig(**fields))
             if is_main():

@@ -50,8 +50,11 @@ class TrainConfig:
     text_encoder: str = "prefix"
     checkpoint_text: bool = False
     backend: Optional[str] = None
+    compile: Optional[str] = None  # demul_fast.compiled_step.COMPILE_MODES; None: per device
+    log_every: int = 50
     allow_fewer: bool = False
     resume: bool = False
+    checkpoint_every: int = 0
     overwrite: bool = False
     progress: bool = True
     init_seed: int = 0

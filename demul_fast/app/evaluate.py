@@ -20,24 +20,32 @@ from .models import build_module, load_clip
 from .run_folder import PROMPTS_DIR, RUN_FILE, RUN_FILES, SPLIT_FILE, checkpoint_folder, load_prompts
 
 @torch.no_grad()
-def image_features(clip, loader, device, amp_dtype, progress: bool, desc: str) -> tuple:
-    """Frozen image features [N, D] (float32) and labels [N] of a whole loader."""
+def image_features(clip, loader, device, amp_dtype, progress: bool, desc: str, encode=None) -> tuple:
+    """Frozen image features [N, D] (float32) and labels [N] of a whole loader. encode:
+    images -> features in place of ``clip.encode_image`` under autocast (a compiled one,
+    ``demul_fast.compiled_step.CompiledEval.encode``)."""
     from tqdm.auto import tqdm
 
     feats, labels = [], []
     for images, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        with runtime.autocast(device, amp_dtype):
-            f = clip.encode_image(images.to(device, non_blocking=True))
+        if encode is not None:
+            f = encode(images.to(device, non_blocking=True))
+        else:
+            with runtime.autocast(device, amp_dtype):
+                f = clip.encode_image(images.to(device, non_blocking=True))
         feats.append(f.float())
         labels.append(y.to(device))
+    if not feats:  # a rank whose share of a small split is empty
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
-def accuracy(module, feats: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 (%) of cached class features u^ [C, D] against image features [N, D]."""
+def accuracy(module, feats: torch.Tensor, labels: torch.Tensor, class_features=None) -> float:
+    """Top-1 (%) of cached class features u^ [C, D] against image features [N, D].
+    class_features: a callable giving u^ in place of ``module.class_features`` (compiled)."""
     module.eval()
-    u = module.class_features().float()
+    u = (module.class_features() if class_features is None else class_features()).float()
     pred = reference.cosine_logits(feats, u, 1.0).argmax(-1)
     return 100.0 * float((pred == labels).sum()) / max(1, labels.numel())
 

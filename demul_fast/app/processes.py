@@ -1,7 +1,9 @@
 """Process plumbing of multi-process training (``torchrun``): joining the process group,
-this process's rank and device, summing numbers over ranks, and the sampler that gives every
-rank its share of the same global batches at any world size. The class-sharded training
-step itself (``ShardedDeMul``) lives with the modules, in ``demul_fast.sharded``.
+this process's rank and device, summing numbers over ranks. The sampler that gives every
+rank its share of the same global batches at any world size is
+``demul_fast.data.sampling.KeyedBatchSampler``; the class-sharded training step itself
+(``ShardedDeMul``) lives with the modules, in ``demul_fast.sharded``; restarts by torchrun's
+elastic agent are ``elastic``'s.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -83,52 +85,25 @@ def init_from_env(device: Optional[str]) -> Process:
     elif dev.type != "cpu":
         raise ValueError(f"--device {device}: distributed training runs on cuda (NCCL) or cpu (gloo)")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        _init_group("nccl" if dev.type == "cuda" else "gloo")
         atexit.register(_destroy)
     return Process(dist.get_rank(), dist.get_world_size(), local, dev)
+
+
+def _init_group(backend: str) -> None:
+    """``init_process_group`` from the environment. Under torchrun's elastic agent the group's
+    keys go below a prefix of the attempt: the agent serves one store to every attempt of the
+    job, and a restarted group must not read the addresses that the previous attempt's
+    (dead) processes published there (gloo then fails with "connection refused")."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend)
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"demul_fast/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
 
 
 def _destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """This rank's share of shuffled global batches, identical for every world size.
-
-    n images, batch_size = the global batch B. Each epoch (``set_seed``) permutes the n
-    images with its own seeded generator, cuts global batches of B (the last one smaller),
-    and yields rank r's contiguous share of each (``shard_bounds``). With several ranks a
-    last global batch smaller than the world size is merged into the one before it (every
-    rank needs an image; with one rank nothing is merged). The union of the shares of one
-    step is the global batch a single process would train on, whatever the world size.
-    """
-
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        if batch_size < world_size:
-            raise ValueError(f"--batch-size {batch_size} is the global batch; it must be at least the number of "
-                             f"processes ({world_size})")
-        if n < world_size:
-            raise ValueError(f"{n} training images cannot be shared by {world_size} processes")
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed = 0
-
-    def set_seed(self, seed: int) -> None:
-        self.seed = seed
-
-    def global_batches(self) -> List[List[int]]:
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        batches = [perm[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        if len(batches) > 1 and len(batches[-1]) < self.world_size:
-            last = batches.pop()
-            batches[-1] = batches[-1] + last
-        return batches
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for batch in self.global_batches():
-            lo, hi = shard_bounds(len(batch), self.world_size, self.rank)
-            yield batch[lo:hi]
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (rest > 0 and (full == 0 or rest >= self.world_size))

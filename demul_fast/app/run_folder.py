@@ -8,9 +8,12 @@ An output folder holds everything a run needs to be evaluated or resumed:
     llm_embeddings.safetensors the LLM class-name embeddings used (names inside)
     phi.safetensors, phi.json  the frozen map phi and its fit report
     checkpoint.json            names the current checkpoint folder
-    checkpoint-<epoch>/        the last finished epoch, replaced as one unit (checkpoint.py):
+    checkpoint-<epoch>/        the last finished epoch, replaced as one unit (checkpoint.py);
+                               checkpoint-<epoch>-step<step>/ when taken within an epoch
+                               (--checkpoint-every):
       prompts/                 the learned prompts (DeMul.save_prompts: safetensors + JSON)
-      trainer_state.pt         optimizer state and the last finished epoch (for --resume)
+      trainer_state.pt         optimizer state, the epoch (0-based) and, within an epoch, the
+                               steps done and every rank's running sums (for --resume)
       log.json                 per-epoch loss, accuracy, learning rate and time
 
 A new run (also one that replaces another with --overwrite) is built in a hidden folder
@@ -25,6 +28,7 @@ from typing import List, Optional
 
 import torch
 
+from .. import compiled_step
 from ..data.classnames import ClassNameMismatch, check_classnames
 from . import checkpoint
 from .checkpoint import CheckpointError
@@ -44,22 +48,48 @@ class OutputExistsError(FileExistsError):
     """The output folder already holds files and neither --resume nor --overwrite was given."""
 
 
-def save_checkpoint(work: Path, out: Path, module, optimizer, scaler, epoch: int, history: List[dict]) -> Path:
-    """Write the checkpoint of ``epoch`` (0-based): prompts, trainer state and log, as one unit
-    (checkpoint.write), into the run folder ``work``. A new run's first checkpoint then moves
-    it from its staging folder to ``out`` (replacing an --overwrite'd run only now).
+def save_checkpoint(work: Path, out: Path, module, optimizer, scaler, epoch: int, history: List[dict],
+                    step: Optional[int] = None, partial: Optional[List[dict]] = None) -> Path:
+    """Write the checkpoint of ``epoch`` (0-based), or of its first ``step`` steps: prompts,
+    trainer state (with ``partial``, every rank's running sums of the epoch) and log, as one
+    unit (checkpoint.write), into the run folder ``work``. A new run's first checkpoint then
+    moves it from its staging folder to ``out`` (replacing an --overwrite'd run only now).
     Returns the run's folder. All writes during training go through here."""
 
     def write_files(folder: Path) -> None:
         module.save_prompts(str(folder / PROMPTS_DIR))
-        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(),
+        torch.save({"epoch": epoch, "step": step, "partial": partial, "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, folder / STATE_FILE)
         checkpoint.write_json(folder / LOG_FILE, {"epochs": history})
 
-    checkpoint.write(work, epoch + 1, write_files)
+    checkpoint.write(work, epoch + 1, write_files, step=step)
     if work != out:
         checkpoint.swap_in(work, out)
     return out
+
+
+def save_step_checkpoint(work: Path, out: Path, proc, module, optimizer, scaler, epoch: int, step: int,
+                         tot: dict, history: List[dict]) -> Path:
+    """``save_checkpoint`` after ``step`` steps of ``epoch``, called on every rank: one
+    all-reduce brings every rank's running sums of the epoch (``tot``: the TOTAL_KEYS of
+    ``compiled_step.TrainStep.read_totals``) to rank 0, which writes."""
+    keys = compiled_step.TOTAL_KEYS
+    sums = proc.all_reduce_sums({f"{r}/{k}": float(tot[k]) if r == proc.rank else 0.0
+                                 for r in range(proc.world_size) for k in keys})
+    per_rank = [{k: sums[f"{r}/{k}"] for k in keys} for r in range(proc.world_size)]
+    if proc.is_main:
+        work = save_checkpoint(work, out, module, optimizer, scaler, epoch, history, step, per_rank)
+    return work
+
+
+def resumed_sums(state: dict, rank: int, world_size: int) -> tuple:
+    """(steps done, this rank's running sums) of the epoch that the step checkpoint ``state``
+    stopped in: the rank's own at the same world size (the epoch's log then comes out as
+    without the stop), else their total on rank 0 and zeros elsewhere."""
+    per_rank = state["partial"]
+    if len(per_rank) == world_size:
+        return state["step"], dict(per_rank[rank])
+    return state["step"], {k: sum(p[k] for p in per_rank) if rank == 0 else 0.0 for k in per_rank[0]}
 
 
 def checkpoint_folder(out: Path) -> Path:

@@ -16,7 +16,10 @@ checkpoint exists.
 The optimisation follows CoOp: SGD (momentum 0.9, weight decay 5e-4), lr 0.002, a cosine
 schedule over the epochs after one warm-up epoch at constant lr 1e-5, batch size 32,
 random resized crop (scale 0.08..1) + horizontal flip on top of the model's own resize and
-normalisation. Bad input (an image that does not decode included) raises ``DataError`` /
+normalisation, each image's drawn from (seed, epoch, image) alone (``data.sampling``: the
+same at any world size). Checkpoints are taken after every epoch and, with
+``--checkpoint-every``, within epochs; a group restarted by torchrun resumes by itself
+(``elastic``). Bad input (an image that does not decode included) raises ``DataError`` /
 ``CheckpointError`` / ``OutputExistsError`` (all ``ValueError`` or ``FileExistsError``)
 before anything is written.
 """
@@ -33,18 +36,21 @@ from typing import List
 
 import torch
 
+from .. import compiled_step
 from .. import phi as phi_mod
 from ..data import coop_layouts
+from ..data import sampling
 from ..data.folders import ImageList, build_transforms, check_images, discover, folder_split, items
 from ..sharded import ShardedDeMul
-from . import checkpoint, llm, processes, runtime
+from . import checkpoint, elastic, llm, processes, runtime
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .evaluate import accuracy, image_features
 from .models import build_module, load_clip
 from .phi_cache import llm_and_phi, save_llm_and_phi
 from .run_folder import (LLM_FILE, LOG_FILE, PHI_FILE, PROMPTS_DIR, RUN_FILE, SPLIT_FILE, STATE_FILE,
-                         check_resume, checkpoint_folder, load_prompts, prepare_output, save_checkpoint)
+                         check_resume, checkpoint_folder, load_prompts, prepare_output, resumed_sums,
+                         save_checkpoint, save_step_checkpoint)
 
 
 def check_source(cfg: TrainConfig) -> None:
@@ -90,13 +96,25 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
     for name in ("epochs", "batch_size", "prompts", "n_ctx"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0: per epoch only), got {cfg.checkpoint_every}")
     if not (cfg.lr > 0 and math.isfinite(cfg.alpha) and cfg.alpha >= 0):
         raise ValueError(f"--lr must be > 0 and --alpha >= 0, got {cfg.lr} and {cfg.alpha}")
     proc = processes.init_from_env(cfg.device)  # torchrun: join the process group; else one process
     device = proc.device
+    mode = compiled_step.compile_mode(cfg.compile, device)
+    if proc.world_size > 1 and mode != "none":
+        if cfg.compile is not None:
+            raise ValueError(f"--compile {cfg.compile} runs in one process; with several processes use --compile none")
+        mode = "none"
+    if cfg.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1, got {cfg.log_every}")
     if not proc.is_main:  # rank 0 alone shows progress and writes files
         cfg = TrainConfig(**{**asdict(cfg), "progress": False})
     amp_dtype = runtime.amp_dtype(cfg.precision, device)
+    if not cfg.resume and elastic.resumes_own_run(Path(cfg.out), asdict(cfg)):  # restarted by torchrun
+        runtime.log(f"restart {elastic.restart_count()} of this torchrun job: resuming {cfg.out}", cfg.progress)
+        cfg = TrainConfig(**{**asdict(cfg), "resume": True, "overwrite": False})
     out = prepare_output(cfg)
     proc.barrier()  # every rank has checked the output folder before rank 0 writes to it
 
@@ -139,19 +157,17 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
             save_llm_and_phi(work, cfg, classnames, emb, phi, report)
 
     train_tf, eval_tf = build_transforms(pre_cfg, cfg.augment)
-    train_ds = ImageList(items(split["train"], classnames), train_tf)
+    train_ds = sampling.KeyedImages(ImageList(items(split["train"], classnames), None), train_tf, cfg.seed)
     sharded = None
     if proc.world_size > 1:
         sharded = ShardedDeMul(module, tokenizer)
         sharded.broadcast_parameters()
-    # no persistent workers: each epoch's shuffle and augmentation are seeded afresh (resume
-    # reproduces them)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda")
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    start, history = 0, []
+    start, history, resumed = 0, [], None
     if cfg.resume:
         last = checkpoint_folder(out)
         load_prompts(module, last / PROMPTS_DIR)
@@ -159,74 +175,79 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start = state["epoch"] + 1
+        start = state["epoch"] + (state.get("step") is None)
+        if state.get("step") is not None:  # a checkpoint within epoch `start`
+            resumed = resumed_sums(state, proc.rank, proc.world_size)
         history = json.loads((last / LOG_FILE).read_text())["epochs"]
     run = {"config": asdict(cfg), "classnames": classnames, "clip": clip_info,
            "device": str(device), "amp": str(amp_dtype), "module": type(module).__name__,
            "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pre_cfg.items()},
-           "n_train": len(train_ds), "world_size": proc.world_size}
+           "n_train": len(train_ds), "world_size": proc.world_size, "compile": mode,
+           "elastic": elastic.identity()}
     if proc.is_main:
         checkpoint.write_json(work / RUN_FILE, run)
 
+    # the step and the evaluation, compiled in --compile's mode (demul_fast.compiled_step)
+    step = compiled_step.TrainStep(module, optimizer, mode, batch_size=cfg.batch_size, encode_images=clip.encode_image,
+                                   autocast=amp_dtype, scaler=scaler,
+                                   **({} if sharded is None else dict(forward=sharded, after_backward=sharded.reduce_gradients)))
+    evaluator = compiled_step.CompiledEval(module, clip.encode_image, mode, batch_size=cfg.eval_batch_size,
+                                           autocast=amp_dtype)
     eval_sets = {}
     for s, data in split["eval"].items():
         loader = torch.utils.data.DataLoader(ImageList(proc.share(items(data, classnames)), eval_tf),
                                              batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw)
-        eval_sets[s] = image_features(clip, loader, device, amp_dtype, cfg.progress, f"{s} features")
+        eval_sets[s] = image_features(clip, loader, device, amp_dtype, cfg.progress, f"{s} features",
+                                      encode=evaluator.encode)
 
     runtime.log(f"training {type(module).__name__} on {len(classnames)} classes, {len(train_ds)} images "
          f"({cfg.shots} shots), {cfg.epochs} epochs, device {device}, world size {proc.world_size}, output {out}",
          cfg.progress)
-    gen = torch.Generator()
-    # global batches of cfg.batch_size, each split over the processes: the same steps at any world size
-    sampler = processes.GlobalBatchSampler(len(train_ds), cfg.batch_size, proc.rank, proc.world_size)
-    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, generator=gen, **loader_kw)
+    # global batches of cfg.batch_size, each split over the processes, their images, crops and
+    # flips keyed by (seed, epoch, image): the same steps at any world size (data.sampling)
+    sampler = sampling.KeyedBatchSampler(len(train_ds), cfg.batch_size, cfg.seed, proc.rank, proc.world_size)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, **loader_kw)
+    every = cfg.checkpoint_every if 0 < cfg.checkpoint_every < len(sampler) else 0
     record = history[-1] if history else {}
     for epoch in range(start, cfg.epochs):
         lr = lr_at(cfg, epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        gen.manual_seed(cfg.seed * 100003 + epoch)  # worker seeds of this epoch
-        sampler.set_seed(cfg.seed * 100003 + epoch)  # the shuffle of this epoch
-        torch.manual_seed(cfg.seed * 100003 + epoch)  # augmentation without workers
+        compiled_step.set_lr(optimizer, lr)
+        sampler.set_epoch(epoch)
+        done, partial = resumed or (0, None)
+        sampler.skip(done)  # the steps that a step checkpoint holds already
+        resumed = None
         module.train()
-        tot = {"loss": 0.0, "ce_loss": 0.0, "distill_loss": 0.0, "correct": 0, "n": 0}
         t0 = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for images, labels in bar:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with runtime.autocast(device, amp_dtype):
-                with torch.no_grad():  # the image tower is frozen
-                    feats = clip.encode_image(images)
-                o = module(image_features=feats, labels=labels) if sharded is None else sharded(feats, labels)
-            optimizer.zero_grad(set_to_none=True)
-            (o.loss if scaler is None else scaler.scale(o.loss)).backward()
-            if sharded is not None:
-                sharded.reduce_gradients()
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            n = labels.numel()
-            tot["n"] += n
-            for k in ("loss", "ce_loss", "distill_loss"):
-                tot[k] += float(getattr(o, k).detach()) * n
-            tot["correct"] += int((o.logits.argmax(-1) == labels).sum())
-            bar.set_postfix(loss=f"{tot['loss'] / tot['n']:.4f}", acc=f"{100.0 * tot['correct'] / tot['n']:.1f}")
-        tot = proc.all_reduce_sums(tot)
+        step.reset_totals()
+        if partial is not None:
+            step.load_totals(partial)  # the epoch's sums up to the step checkpoint
+        steps0 = step.steps
+        for i, (images, labels) in enumerate(bar, start=done):
+            # the loss stays on the device: read every --log-every steps and at the epoch's end
+            step(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+            if cfg.progress and (i + 1) % cfg.log_every == 0:
+                m = step.means(step.read_totals())
+                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['train_acc']:.1f}")
+            if every and (i + 1) % every == 0 and i + 1 < len(sampler):
+                work = save_step_checkpoint(work, out, proc, module, optimizer, scaler, epoch, i + 1,
+                                            step.read_totals(), history)
+        totals = step.read_totals()  # waits for the epoch's last step
+        steps_per_s = (step.steps - steps0) / max(time.time() - t0, 1e-9)
+        tot = proc.all_reduce_sums({k: totals[k] for k in compiled_step.TOTAL_KEYS})
         record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - t0, 3), "world_size": proc.world_size,
                   **{k: tot[k] / tot["n"] for k in ("loss", "ce_loss", "distill_loss")},
-                  "train_acc": 100.0 * tot["correct"] / tot["n"]}
+                  "train_acc": 100.0 * tot["correct"] / tot["n"], "steps_per_s": round(steps_per_s, 3)}
         for s, (f, y) in eval_sets.items():
-            record[f"{s}_acc"] = accuracy(module, f, y) if sharded is None else sharded.accuracy(f, y)
+            record[f"{s}_acc"] = (accuracy(module, f, y, class_features=evaluator.class_features)
+                                  if sharded is None else sharded.accuracy(f, y))
         history.append(record)
         if proc.is_main:
             work = save_checkpoint(work, out, module, optimizer, scaler, epoch, history)
         runtime.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} (ce {record['ce_loss']:.4f}, "
              f"distill {record['distill_loss']:.4f}), train acc {record['train_acc']:.2f}%"
              + "".join(f", {s} acc {record[s + '_acc']:.2f}%" for s in eval_sets)
-             + f", lr {lr:.2e}, {record['seconds']:.1f}s", cfg.progress)
+             + f", lr {lr:.2e}, {record['seconds']:.1f}s, {record['steps_per_s']:.2f} steps/s", cfg.progress)
     return record
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import DataError
+from . import DataError, sampling
 from .classnames import check_classnames
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -142,7 +142,8 @@ def check_images(paths: Sequence[str], threads: int = 1) -> None:
 
 
 class ImageList(torch.utils.data.Dataset):
-    """(image tensor, label) from a list of paths; an unreadable file raises with its path."""
+    """(image tensor, label) from a list of paths (the decoded image itself when ``transform`` is
+    None); an unreadable file raises with its path."""
 
     def __init__(self, items: Sequence[tuple], transform):
         self.items, self.transform = list(items), transform
@@ -156,7 +157,7 @@ class ImageList(torch.utils.data.Dataset):
             img = open_rgb(path)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
-        return self.transform(img), label
+        return (img if self.transform is None else self.transform(img)), label
 
 
 def items(split: Dict[str, List[str]], classes: List[str]) -> List[tuple]:
@@ -167,7 +168,9 @@ def items(split: Dict[str, List[str]], classes: List[str]) -> List[tuple]:
 
 def build_transforms(preprocess_cfg: dict, augment: bool):
     """(train transform, eval transform) from open_clip's preprocess config: CoOp's random
-    resized crop (scale 0.08..1, bicubic) + flip for training; resize + centre crop to eval."""
+    resized crop (scale 0.08..1, bicubic) + flip for training, drawn from the generator the
+    training transform is called with (``sampling.KeyedAugment``; without ``augment``,
+    ``sampling.Fixed`` of the evaluation transform); resize + centre crop to eval."""
     from torchvision import transforms as T
 
     size = preprocess_cfg.get("size", 224)
@@ -178,7 +181,5 @@ def build_transforms(preprocess_cfg: dict, augment: bool):
                        preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
     evaluation = T.Compose([T.Resize(min(size), interpolation=interp), T.CenterCrop(size), T.ToTensor(), norm])
     if not augment:
-        return evaluation, evaluation
-    training = T.Compose([T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp),
-                          T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    return training, evaluation
+        return sampling.Fixed(evaluation), evaluation
+    return sampling.KeyedAugment(size, interp, T.Compose([T.ToTensor(), norm]), scale=(0.08, 1.0)), evaluation

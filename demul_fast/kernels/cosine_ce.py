@@ -32,6 +32,8 @@ BLOCK_B = 64     # image rows per program (warpgroup MMA)
 BLOCK_CU = 64    # class rows per program of the dU pass
 BLOCK_DO = 32    # output columns per program of the dU and dX passes
 MERGE_ROWS = 32  # images per program of the merge pass
+MERGE_SPLITS = 64  # splits the merge pass loads at once (one load round up to 64 splits)
+MERGE_WARPS = 4
 
 
 @triton.jit
@@ -42,27 +44,28 @@ def _x_tile(X, b0, B, D, d0, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE: tl.constexpr,
-             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """<x^[b], u[c]> for a [BLOCK_B, BLOCK_C] tile (zero outside), D streamed in BLOCK_K chunks."""
+def _dots_and_norms(X, U, b0, c0, B, C, D, EMULATE: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """<x[b], u[c]> for a [BLOCK_B, BLOCK_C] tile (zero outside) and |x[b]|^2 from the same
+    loads: D streamed in BLOCK_K chunks, x read once."""
     acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    xx = tl.zeros([BLOCK_B], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         x = _x_tile(X, b0, B, D, d0, BLOCK_B, BLOCK_K)
+        xf = x.to(tl.float32)
+        xx += tl.sum(xf * xf, axis=1)
         ut = tl.make_block_ptr(U, shape=(D, C), strides=(1, D), offsets=(d0, c0), block_shape=(BLOCK_K, BLOCK_C),
                                order=(0, 1))
         acc = _dot(x, tl.load(ut, boundary_check=(0, 1), padding_option="zero"), acc, X.dtype.element_ty, EMULATE)
-    return acc * inv_x[:, None]
+    return acc, xx
 
 
 @triton.jit
-def _inv_norms(X, b0, B, D, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """|x| and 1 / max(|x|, eps) of the tile's images."""
-    xx = tl.zeros([BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_K):
-        x = _x_tile(X, b0, B, D, d0, BLOCK_B, BLOCK_K).to(tl.float32)
-        xx += tl.sum(x * x, axis=1)
-    xn = tl.sqrt(xx)
-    return xn, 1.0 / tl.maximum(xn, EPS)
+def _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """<x^[b], u[c]> for a [BLOCK_B, BLOCK_C] tile (zero outside), D streamed in BLOCK_K chunks."""
+    acc, _ = _dots_and_norms(X, U, b0, c0, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
+    return acc * inv_x[:, None]
 
 
 @triton.jit
@@ -78,9 +81,9 @@ def _ce_fwd_kernel(
     b0 = pid * BLOCK_B
     offs_b = b0 + tl.arange(0, BLOCK_B)
     b_ok = offs_b < B
-    xn, inv_x = _inv_norms(X, b0, B, D, BLOCK_B, BLOCK_K)
     y = tl.load(Y + offs_b, mask=b_ok, other=-1).to(tl.int32)
     tau = tl.load(SCALE).to(tl.float32)
+    xn = tl.zeros([BLOCK_B], dtype=tl.float32)  # |x|, from the first class chunk's loads (every split has one)
     m_i = tl.full([BLOCK_B], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_B], dtype=tl.float32)
     target = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -89,7 +92,9 @@ def _ce_fwd_kernel(
     for c0 in range(split * cls_per_split, c_end, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_ok = offs_c < c_end
-        s = tau * _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
+        acc, xx = _dots_and_norms(X, U, b0, c0, B, C, D, EMULATE, BLOCK_B, BLOCK_C, BLOCK_K)
+        xn = tl.sqrt(xx)
+        s = tau * acc * (1.0 / tl.maximum(xn, EPS))[:, None]
         s_m = tl.where(c_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_m, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s_m - m_new[:, None]), axis=1)
@@ -108,21 +113,27 @@ def _ce_fwd_kernel(
 
 
 @triton.jit
-def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr):
-    """lse [B] and the per-image loss ROWS [B] from the splits' partials."""
+def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    """lse [B] and the per-image loss ROWS [B] from the splits' partials: BLOCK_S splits per
+    load, so that one round of loads (not one per split) covers up to BLOCK_S splits."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        m = tl.maximum(m, tl.load(PM + s * B + offs, mask=ok, other=0.0))
     l = tl.zeros([BLOCK], dtype=tl.float32)
     target = tl.zeros([BLOCK], dtype=tl.float32)
     s_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(0, SPLITS):
-        m_s = tl.load(PM + s * B + offs, mask=ok, other=0.0)
-        l += tl.load(PL + s * B + offs, mask=ok, other=0.0) * tl.exp(m_s - m)
-        target += tl.load(PT + s * B + offs, mask=ok, other=0.0)
-        s_sum += tl.load(PS + s * B + offs, mask=ok, other=0.0)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        idx = ss[:, None] * B + offs[None, :]
+        msk = (ss[:, None] < SPLITS) & ok[None, :]
+        pm = tl.load(PM + idx, mask=msk, other=float("-inf"))
+        pl = tl.load(PL + idx, mask=msk, other=0.0)
+        target += tl.sum(tl.load(PT + idx, mask=msk, other=0.0), axis=0)
+        s_sum += tl.sum(tl.load(PS + idx, mask=msk, other=0.0), axis=0)
+        m_new = tl.maximum(m, tl.max(pm, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past B: no inf - inf
+        l = l * tl.exp(m - m_ref) + tl.sum(pl * tl.exp(pm - m_ref[None, :]), axis=0)
+        m = m_new
     lse = m + tl.log(tl.where(ok, l, 1.0))  # rows past B: no log(0)
     tl.store(LSE + offs, lse, mask=ok)
     tl.store(ROWS + offs, lse - (1.0 - ls) * target - (ls / C) * s_sum, mask=ok)
@@ -151,7 +162,7 @@ def _ce_grad_kernel(
     X, U, Y, SCALE, LSE, XN, GLOSS, GCE, GL,  # dL/dL_ce = w_loss GLOSS + GCE ([1] each); GL [B, C] logits gradient
     BG, DSCALE,                          # BG [B, C] = B G in X's dtype; DSCALE [programs] partial sums of B G s/tau
     B, C, D, cls_per_split, ls, w_loss,
-    HAS_GL: tl.constexpr, EMULATE: tl.constexpr,
+    HAS_GL: tl.constexpr, NEED_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -177,8 +188,10 @@ def _ce_grad_kernel(
             bg += B * tl.load(GL + offs_b[:, None] * C + offs_c[None, :], mask=ok, other=0.0).to(tl.float32)
         bg = tl.where(ok, bg, 0.0)
         tl.store(BG + offs_b[:, None] * C + offs_c[None, :], bg.to(BG.dtype.element_ty), mask=ok)
-        dscale += tl.sum(bg * cos, axis=1)
-    tl.store(DSCALE + pid * tl.num_programs(1) + split, tl.sum(dscale, axis=0))
+        if NEED_SCALE:
+            dscale += tl.sum(bg * cos, axis=1)
+    if NEED_SCALE:
+        tl.store(DSCALE + pid * tl.num_programs(1) + split, tl.sum(dscale, axis=0))
 
 
 @triton.jit
@@ -267,7 +280,13 @@ def ce_config(B: int, C: int, D: int) -> dict:
     return dict(b_tiles=b_tiles, BLOCK_C=block_c, splits=triton.cdiv(C, cls_per_split), cls_per_split=cls_per_split,
                 BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)), out_chunks=out_chunks,
                 du_tiles=triton.cdiv(C, BLOCK_CU), dx_splits=triton.cdiv(C, dx_cls), dx_cls=dx_cls,
-                merge_programs=triton.cdiv(B, MERGE_ROWS), BLOCK_D=max(16, triton.next_power_of_2(D)))
+                merge_programs=triton.cdiv(B, MERGE_ROWS), BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_S=min(MERGE_SPLITS, triton.next_power_of_2(triton.cdiv(C, cls_per_split))))
+
+
+def merge_constexprs(cfg: dict) -> dict:
+    """The merge pass's block sizes for a ce_config."""
+    return dict(BLOCK=MERGE_ROWS, BLOCK_S=cfg["BLOCK_S"])
 
 
 def check_shape(D, dtype, device) -> None:
@@ -292,7 +311,7 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
         BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     lse, rows = _common.new_output((B,), **f32), _common.new_output((B,), **f32)
     _ce_merge_kernel[(cfg["merge_programs"],)](*parts, lse, rows, B, C, cfg["splits"], _common.fp32_scalar(ls),
-                                               BLOCK=MERGE_ROWS, num_warps=1)
+                                               **merge_constexprs(cfg), num_warps=MERGE_WARPS)
     return rows, lse, xn, logits
 
 
@@ -309,10 +328,11 @@ def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
 
 
 def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_dx: bool, du_dtype=None,
-                grad_loss=None, w_loss: float = 0.0):
+                grad_loss=None, w_loss: float = 0.0, need_scale: bool = True):
     """dL/dL_ce = w_loss grad_loss + grad_ce (fp32 [1] tensors, read by the kernel: no torch
     op to combine them); grad_logits [B, C] contiguous or None.
-    Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32, dX [B, D] or None)."""
+    Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32 or None (not
+    need_scale: no work for it), dX [B, D] or None)."""
     B, D = X.shape
     C = U.shape[0]
     cfg = ce_config(B, C, D)
@@ -320,11 +340,12 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
     emulate = _common.emulate_dot(X.dtype)
     has_gl = grad_logits is not None
     bg = _common.new_output((B, C), X.dtype, dev)
-    dscale = _common.new_output((cfg["b_tiles"] * cfg["splits"],), torch.float32, dev)
+    dscale = _common.new_output((cfg["b_tiles"] * cfg["splits"],), torch.float32, dev) if need_scale else bg
     _ce_grad_kernel[(cfg["b_tiles"], cfg["splits"])](
         X, U, y, scale, lse, xn, grad_ce if grad_loss is None else grad_loss, grad_ce,
         grad_logits if has_gl else bg, bg, dscale, B, C, D, cfg["cls_per_split"],
-        _common.fp32_scalar(ls), _common.fp32_scalar(w_loss), HAS_GL=has_gl, EMULATE=emulate, BLOCK_B=BLOCK_B,
+        _common.fp32_scalar(ls), _common.fp32_scalar(w_loss), HAS_GL=has_gl, NEED_SCALE=need_scale, EMULATE=emulate,
+        BLOCK_B=BLOCK_B,
         BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = _common.new_output((C, D), du_dtype or U.dtype, dev)
@@ -340,4 +361,4 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         dX = _common.new_output((B, D), X.dtype, dev)
         _ce_dx_finish_kernel[(B,)](X, xn, pdx, scale, dX, B, D, cfg["dx_splits"], BLOCK_D=cfg["BLOCK_D"],
                                    num_warps=4)
-    return dU, dscale.sum() / B, dX
+    return dU, (dscale.sum() / B if need_scale else None), dX

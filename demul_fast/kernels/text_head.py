@@ -139,12 +139,27 @@ def _dot(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _aggregate_store(tf, scale, U, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """u = sum_m (w/n) t over a resident tile tf [BLOCK_R, BLOCK_D] fp32; stores |u| and u^."""
+    u = tl.sum(tl.reshape(tf * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_D]), axis=1)
+    r = tl.sqrt(tl.sum(u * u, axis=1))
+    offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
+    tl.store(RN + offs_cls, r, mask=offs_cls < C)
+    u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, 0),
+                              block_shape=(BLOCK_CLS, BLOCK_D), order=(1, 0))
+    tl.store(u_ptr, (u * (1.0 / tl.maximum(r, EPS))[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
 def _text_fwd_kernel(
     T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
     NORM, U, RN, V, VV, VF,         # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF [splits, C*M]
-    C, M, D, RANK, stc, stm, std, sac, sam, cols_per_split,
-    AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
+    C, M, stc, stm, std, sac, sam, cols_per_split,
+    D: tl.constexpr, RANK: tl.constexpr,
+    AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -153,19 +168,52 @@ def _text_fwd_kernel(
     CM = C * M
     row_c, row_m, row_ok = _rows(pid, C, M, BLOCK_CLS, BLOCK_M)
     row = row_c * M + row_m
-    n = _row_norms(T, pid, C, M, D, stc, stm, std, BLOCK_CLS, BLOCK_M, BLOCK_K)
+    if RESIDENT:  # the whole [BLOCK_R, D] tile read once: norms, aggregation and products from it
+        t_all = _load_t(T, pid, C, M, D, stc, stm, std, 0, BLOCK_CLS, BLOCK_M, BLOCK_D)
+        n = tl.sqrt(tl.sum(t_all.to(tl.float32) * t_all.to(tl.float32), axis=1))
+    else:
+        n = _row_norms(T, pid, C, M, D, stc, stm, std, BLOCK_CLS, BLOCK_M, BLOCK_K)
     inv_n = 1.0 / tl.maximum(n, EPS)
+    if split == 0:
+        tl.store(NORM + row, n, mask=row_ok)
+        if AGG:
+            scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
+            if RESIDENT:
+                _aggregate_store(t_all.to(tl.float32), scale, U, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
+            else:
+                offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
+                uu = tl.zeros([BLOCK_CLS], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_K):
+                    t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+                    u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
+                    uu += tl.sum(u * u, axis=1)
+                r = tl.sqrt(uu)
+                tl.store(RN + offs_cls, r, mask=offs_cls < C)
+                inv_r = 1.0 / tl.maximum(r, EPS)
+                for d0 in range(0, D, BLOCK_K):
+                    t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+                    u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
+                    u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
+                                              block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0))
+                    tl.store(u_ptr, (u * inv_r[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
     if DIST:
         vv = tl.zeros([BLOCK_R], dtype=tl.float32)
         vf = tl.zeros([BLOCK_R], dtype=tl.float32)
         col_end = tl.minimum(split * cols_per_split + cols_per_split, RANK)
         for n0 in range(split * cols_per_split, col_end, BLOCK_N):
             acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_K):
-                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K)
-                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(d0, n0),
-                                           block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
-                acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+            if RESIDENT:
+                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(0, n0),
+                                           block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))   # R^T chunk
+                acc = _dot(t_all, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
+                           EMULATE)
+            else:
+                for d0 in range(0, D, BLOCK_K):
+                    t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K)
+                    rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(d0, n0),
+                                               block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
+                    acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
+                               EMULATE)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
             v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
@@ -175,25 +223,6 @@ def _text_fwd_kernel(
             vf += _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
         tl.store(VV + split * CM + row, vv, mask=row_ok)
         tl.store(VF + split * CM + row, vf, mask=row_ok)
-    if split == 0:
-        tl.store(NORM + row, n, mask=row_ok)
-        if AGG:
-            scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
-            offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
-            uu = tl.zeros([BLOCK_CLS], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_K):
-                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
-                u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
-                uu += tl.sum(u * u, axis=1)
-            r = tl.sqrt(uu)
-            tl.store(RN + offs_cls, r, mask=offs_cls < C)
-            inv_r = 1.0 / tl.maximum(r, EPS)
-            for d0 in range(0, D, BLOCK_K):
-                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
-                u = tl.sum(tl.reshape(t * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_K]), axis=1)
-                u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
-                                          block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0))
-                tl.store(u_ptr, (u * inv_r[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -223,7 +252,8 @@ def _text_bwd_kernel(
     R, CV, F, V, ZN, COS,           # basis, saved v, |z|, cos
     GLOSS, GDIST,                   # dL/dL_dist = w_loss GLOSS + GDIST ([1] fp32 each)
     DT, DA,                         # DT [C, M, D] contiguous, DA [C, M] contiguous
-    C, M, D, RANK, stc, stm, std, sac, sam, inv_cm, w_loss,
+    C, M, stc, stm, std, sac, sam, inv_cm, w_loss,
+    D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DO: tl.constexpr,
@@ -301,14 +331,25 @@ def _text_bwd_kernel(
 
 TARGET_PROGRAMS = 132  # one wave of an H100/H200 (132 SMs): grids are split until they cover it
 MAX_BLOCK_M = 128      # prompts per class the row tiles hold (a class's prompts share a program)
+RESIDENT_BYTES = 64 * 1024  # a forward row tile up to this size is read once and kept (registers/shared)
 
 
-def text_config(C: int, M: int, D: int, rank: int) -> dict:
-    """Block sizes and grids of the text kernels for T [C, M, D] and a basis of rank r.
+def shape_constexprs(D: int, rank: int) -> dict:
+    """The sizes the text kernels take as compile-time constants: loop bounds known to the
+    compiler (a runtime bound in the backward's r loop made ptxas serialise its wgmma, C7515)."""
+    return dict(D=D, RANK=rank)
+
+
+def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
+    """Block sizes and grids of the text kernels for T [C, M, D] (elements of elem_bytes) and
+    a basis of rank r.
 
     Rows per program: max(64, next_pow2(M)) (whole classes), 4 warps per 64 rows (Hopper's
-    warpgroup MMA needs 64 rows). The forward splits r until the grid covers one wave; the
-    backward splits its output D into BLOCK_DO-column chunks.
+    warpgroup MMA needs 64 rows). The forward reads its whole [rows, D] tile once when it
+    fits RESIDENT_BYTES (norms, the products with every r chunk and the aggregation from the
+    one read; 64 columns of r per product), else streams D in BLOCK_K chunks per r chunk.
+    It splits r until the grid covers one wave; the backward splits its output D into
+    BLOCK_DO-column chunks.
     """
     bm = triton.next_power_of_2(M)
     if bm > MAX_BLOCK_M:
@@ -318,15 +359,21 @@ def text_config(C: int, M: int, D: int, rank: int) -> dict:
     block_r = max(64, bm)
     bcls = block_r // bm
     tiles = triton.cdiv(C, bcls)
-    block_n = min(128, max(16, triton.next_power_of_2(max(rank, 1))))
+    block_d = max(16, triton.next_power_of_2(D))
+    resident = block_r * block_d * elem_bytes <= RESIDENT_BYTES
+    block_n = min(32 if resident else 128, max(16, triton.next_power_of_2(max(rank, 1))))
     n_chunks = triton.cdiv(max(rank, 1), block_n)
     cols_per_split = block_n * max(1, n_chunks // triton.cdiv(TARGET_PROGRAMS, tiles))  # rounded down: >= a wave
     splits = triton.cdiv(max(rank, 1), cols_per_split)
-    block_do = min(128, max(16, triton.next_power_of_2(D)))
+    # output chunks of up to 256 columns (8 warps): each chunk's program re-reads the row
+    # tile's v, F, t and du statistics, so fewer and wider chunks move fewer bytes
+    block_do = min(256 if block_r == 64 else 128, max(16, triton.next_power_of_2(D)))
     # the backward holds v, F, dv and its product chunk at once: 32 columns of r keep it within the
     # registers (64 spill at imagenet21k, where a tile holds 16 classes of M=4)
     return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
                 BLOCK_N=block_n, BLOCK_NB=min(block_n, 32), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
+                RESIDENT=resident, BLOCK_D=block_d, fwd_stages=2 if resident else 3,
+                fwd_warps=(8 if resident else 4) * block_r // 64, bwd_warps=8 if block_do >= 256 else 4 * block_r // 64,
                 tiles=tiles, splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
 
@@ -343,7 +390,7 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     """
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
-    cfg = text_config(C, M, D, rank)
+    cfg = text_config(C, M, D, rank, T.element_size())
     dev = T.device
     f32 = dict(dtype=torch.float32, device=dev)
     splits = cfg["splits"] if dist else 1
@@ -359,9 +406,10 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
         T, A_, R if dist else T, cv if dist else dummy, F if dist else dummy,
         norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
         vf if dist else dummy,
-        C, M, D, rank, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"],
-        AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+        C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
+        AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
+        BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     zn = cos = loss_parts = None
     if dist:
         programs = triton.cdiv(C * M, FINISH_BLOCK)
@@ -380,7 +428,7 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
-    cfg = text_config(C, M, D, rank)
+    cfg = text_config(C, M, D, rank, T.element_size())
     dev = T.device
     dT = _common.new_output((C, M, D), T.dtype, dev)
     dA = _common.new_output((C, M), a_dtype or A.dtype, dev) if agg else None
@@ -391,8 +439,8 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
         zn if dist else dummy, cos if dist else dummy,
         (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
         dT, dA if agg else dummy,
-        C, M, D, rank, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), _common.fp32_scalar(w_loss),
-        AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
+        C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), _common.fp32_scalar(w_loss),
+        **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["bwd_warps"])
     return dT, dA

@@ -149,18 +149,20 @@ def cached_distill_basis(phi_weight: torch.Tensor, phi_bias: Optional[torch.Tens
 
 def frozen_basis(phi_weight: Optional[torch.Tensor], phi_bias: Optional[torch.Tensor],
                  llm_embeddings: Optional[torch.Tensor], dtype: torch.dtype,
-                 cache: Optional[DistillBasisCache] = None) -> Optional[DistillBasis]:
+                 cache: Optional[DistillBasisCache] = None,
+                 pinned: Optional[DistillBasis] = None) -> Optional[DistillBasis]:
     """The basis of SPEC 4.3 a call runs with when the caller gives none, or None for the
     direct form of SPEC 4.1 -- the one rule, used by the functional API and by DeMulHead:
     None without LLM embeddings or when autograd is to differentiate W, b or E; inside
-    torch.compile built in the graph (compiled code cannot key a cache on storage); else
-    from ``cache`` (default: the functional API's), rebuilt when a tensor changes."""
+    torch.compile the basis ``pinned`` outside the graph (DeMulHead.plan) when there is one,
+    else built in the graph (compiled code cannot key a cache on storage); else from
+    ``cache`` (default: the functional API's), rebuilt when a tensor changes."""
     tensors = (phi_weight, phi_bias, llm_embeddings)
     if llm_embeddings is None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                                   for t in tensors)):
         return None
     if torch.compiler.is_compiling():
-        return build_distill_basis(*tensors, dtype=dtype)
+        return pinned if pinned is not None else build_distill_basis(*tensors, dtype=dtype)
     return (_CACHE if cache is None else cache).get(*tensors, dtype=dtype)
 
 

@@ -13,7 +13,9 @@ and v = R t^ + c with its partial sums), the distillation finish, the CE forward
 merge, and one kernel for the three losses; backward: the CE grad pass, dU, dX and its
 finish, and one text kernel that produces dT and dA together (du, dw, dA, dv and R^T dv
 from the saved v, no recompute of the product); the loss gradients are read by the kernels.
-Half-precision inputs add one cast of R to T's dtype per pass; d scale is one torch sum.
+Half-precision inputs cast R to T's dtype once per basis (kept while the basis lives); d
+scale is one torch sum, only when scale requires grad. Autograd does not zero-fill the
+gradients of the saved statistics (``set_materialize_grads(False)``).
 
 phi, b, E and the labels get no gradient (frozen, SPEC 4.3); a tensor ``scale`` that
 requires grad gets d scale.
@@ -43,9 +45,29 @@ _saved = conventions.saved_tensors
 f32 = torch.float32
 
 
+_R_CACHE: dict = {}  # (R's address, version, shape, dtypes) -> (R, R in the compute dtype)
+_R_CACHE_SIZE = 4
+
+
+def _basis_r(R: Tensor, dtype: torch.dtype) -> Tensor:
+    """R as the dot operand: in T's dtype, contiguous. The frozen basis is the same tensor
+    every step, so its cast is made once and kept (with R itself, whose memory therefore
+    cannot be reused by another tensor while the entry lives; an in-place change of R bumps
+    its version and misses)."""
+    if R.dtype == dtype and R.is_contiguous():
+        return R
+    key = (R.data_ptr(), R._version, tuple(R.shape), tuple(R.stride()), R.dtype, dtype, R.device)
+    hit = _R_CACHE.get(key)
+    if hit is None:
+        if len(_R_CACHE) >= _R_CACHE_SIZE:
+            _R_CACHE.pop(next(iter(_R_CACHE)))
+        hit = _R_CACHE[key] = (R, R.to(dtype).contiguous())
+    return hit[1]
+
+
 def _basis_args(T: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tensor, beta: Tensor):
     """The basis as the kernels take it: R in T's dtype (the dot operand), the rest fp32."""
-    return (R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous(),
+    return (_basis_r(R, T.dtype), c.to(f32).contiguous(), F.to(f32).contiguous(),
             delta.to(f32).contiguous(), beta.to(f32).reshape(1))
 
 
@@ -80,10 +102,13 @@ def _(text_features, prompt_logits, n, u, r, grad):
 
 def _aggregate_setup(ctx, inputs, output):
     u, n, r = output
+    ctx.set_materialize_grads(False)  # the statistics' gradients are never used: no zero-filled tensors
     ctx.save_for_backward(inputs[0], inputs[1], n, u, r)
 
 
 def _aggregate_backward(ctx, grad, *_unused_stats):
+    if grad is None:
+        return None, None
     T, A, n, u, r = _saved(ctx)
     return torch.ops.demul_fast.triton_aggregate_prompts_backward(T, A, n, u, r, grad)
 
@@ -116,7 +141,7 @@ def _(text_features, R, c, F, delta, beta):
 def _distill_bwd(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, n: Tensor, v: Tensor, zn: Tensor,
                  cos: Tensor, grad: Tensor) -> Tensor:
     T = text_features
-    Rk, ck, Fk = R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous()
+    Rk, ck, Fk = _basis_r(R, T.dtype), c.to(f32).contiguous(), F.to(f32).contiguous()
     g = grad.to(f32).reshape(1)
     return _text.text_backward(T, None, n, None, None, None, Rk, ck, Fk, v, zn, cos, g, agg=False, dist=True)[0]
 
@@ -128,10 +153,13 @@ def _(text_features, R, c, F, n, v, zn, cos, grad):
 
 def _distill_setup(ctx, inputs, output):
     T, R, c, F, _, _ = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(T, R, c, F, *output[1:])
 
 
 def _distill_backward(ctx, grad, *_unused_stats):
+    if grad is None:
+        return None, None, None, None, None, None
     T, R, c, F, n, v, zn, cos = _saved(ctx)
     dT = torch.ops.demul_fast.triton_prompt_distill_loss_backward(T, R, c, F, n, v, zn, cos, grad)
     return dT, None, None, None, None, None
@@ -160,32 +188,37 @@ def _(image_features, class_features, labels, scale, label_smoothing):
 
 @torch.library.custom_op("demul_fast::triton_cosine_cross_entropy_backward", mutates_args=())
 def _cosine_ce_bwd(image_features: Tensor, class_features: Tensor, labels: Tensor, scale: Tensor, lse: Tensor,
-                   xn: Tensor, grad: Tensor, label_smoothing: float, need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (d class_features [C, D], d scale [] fp32, d image_features [B, D] or empty)."""
+                   xn: Tensor, grad: Tensor, label_smoothing: float, need_dx: bool,
+                   need_scale: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (d class_features [C, D], d scale [] fp32 (empty unless need_scale), d image_features [B, D] or empty)."""
     X, U, y = (t.contiguous() for t in (image_features, class_features, labels))
     dU, dscale, dX = _ce.ce_backward(X, U, y, scale, lse, xn, grad.to(f32).reshape(1), None, label_smoothing,
-                                     need_dx)
-    return dU, dscale, dX if dX is not None else _empty(X)
+                                     need_dx, need_scale=need_scale)
+    return dU, dscale if dscale is not None else _empty(lse), dX if dX is not None else _empty(X)
 
 
 @_cosine_ce_bwd.register_fake
-def _(image_features, class_features, labels, scale, lse, xn, grad, label_smoothing, need_dx):
+def _(image_features, class_features, labels, scale, lse, xn, grad, label_smoothing, need_dx, need_scale):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
-    return torch.empty_like(class_features), image_features.new_empty((), dtype=f32), dX
+    dscale = image_features.new_empty((), dtype=f32) if need_scale else image_features.new_empty((0,), dtype=f32)
+    return torch.empty_like(class_features), dscale, dX
 
 
 def _cosine_ce_setup(ctx, inputs, output):
     X, U, y, scale, ls = inputs
     ctx.ls = ls
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(X, U, y, scale, output[1], output[2])
 
 
 def _cosine_ce_backward(ctx, grad, _grad_lse, _grad_xn):
+    if grad is None:
+        return None, None, None, None, None
     X, U, y, scale, lse, xn = _saved(ctx)
-    need_dx = ctx.needs_input_grad[0]
+    need_dx, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
     dU, dscale, dX = torch.ops.demul_fast.triton_cosine_cross_entropy_backward(X, U, y, scale, lse, xn, grad,
-                                                                               ctx.ls, need_dx)
-    return (dX if need_dx else None), dU, None, (dscale if ctx.needs_input_grad[3] else None), None
+                                                                               ctx.ls, need_dx, need_scale)
+    return (dX if need_dx else None), dU, None, (dscale if need_scale else None), None
 
 
 _cosine_ce.register_autograd(_cosine_ce_backward, setup_context=_cosine_ce_setup)
@@ -229,50 +262,65 @@ def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, delt
 @torch.library.custom_op("demul_fast::triton_demul_head_backward", mutates_args=())
 def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
               R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], n: Tensor, class_features: Tensor,
-              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_loss: Tensor,
-              grad_ce: Tensor, grad_dist: Tensor, grad_logits: Optional[Tensor], alpha: float,
-              label_smoothing: float, need_dx: bool) -> List[Tensor]:
-    """grad_loss, grad_ce, grad_dist: [] fp32 gradients of the three losses, combined inside
-    the kernels (dL/dL_ce = grad_loss + grad_ce, dL/dL_dist = alpha grad_loss + grad_dist).
-    -> [dT, dA, d scale [] fp32, d image_features (empty unless need_dx)]."""
+              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_loss: Optional[Tensor],
+              grad_ce: Optional[Tensor], grad_dist: Optional[Tensor], grad_logits: Optional[Tensor], alpha: float,
+              label_smoothing: float, need_dx: bool, need_scale: bool) -> List[Tensor]:
+    """grad_loss, grad_ce, grad_dist: [] fp32 gradients of the three losses (None: zero),
+    combined inside the kernels (dL/dL_ce = grad_loss + grad_ce, dL/dL_dist = alpha grad_loss
+    + grad_dist). -> [dT, dA, d scale [] fp32 (empty unless need_scale), d image_features
+    (empty unless need_dx)]."""
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     GL = grad_logits.contiguous() if grad_logits is not None else None
-    g_loss, g_ce, g_dist = (g.to(f32).reshape(1) for g in (grad_loss, grad_ce, grad_dist))
+    zero = None
+    grads = []
+    for g in (grad_loss, grad_ce, grad_dist):
+        if g is None:  # autograd left it out (set_materialize_grads(False)): one zero for all three
+            zero = zero if zero is not None else torch.zeros(1, dtype=f32, device=T.device)
+            g = zero
+        grads.append(g.to(f32).reshape(1))
+    g_loss, g_ce, g_dist = grads
     dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
-                                     du_dtype=f32, grad_loss=g_loss, w_loss=1.0)
+                                     du_dtype=f32, grad_loss=g_loss, w_loss=1.0, need_scale=need_scale)
     dist = R is not None
-    basis = (R.to(T.dtype).contiguous(), c.to(f32).contiguous(), F.to(f32).contiguous()) if dist else (None,) * 3
+    basis = (_basis_r(R, T.dtype), c.to(f32).contiguous(), F.to(f32).contiguous()) if dist else (None,) * 3
     dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, *basis, v if dist else None,
                                  zn if dist else None, cos if dist else None, g_dist if dist else None, agg=True,
                                  dist=dist, grad_loss=g_loss, w_loss=alpha)
-    return [dT, dA, dscale, dX if dX is not None else _empty(X)]
+    return [dT, dA, dscale if dscale is not None else _empty(lse), dX if dX is not None else _empty(X)]
 
 
 @_head_bwd.register_fake
 def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, r, lse, xn, v, zn,
-      cos, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx):
+      cos, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx, need_scale):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
+    dscale = text_features.new_empty((), dtype=f32) if need_scale else text_features.new_empty((0,), dtype=f32)
     return [torch.empty_like(text_features, memory_format=torch.contiguous_format),
-            torch.empty_like(prompt_logits), text_features.new_empty((), dtype=f32), dX]
+            torch.empty_like(prompt_logits), dscale, dX]
 
 
 def _head_setup(ctx, inputs, output):
     T, A, X, y, scale, R, c, F, delta, beta, alpha, ls, return_logits = inputs
     ctx.alpha, ctx.ls, ctx.return_logits = alpha, ls, return_logits
     ctx.dist = R is not None
+    # the saved statistics' gradients are never used: autograd passes None instead of
+    # zero-filling each of them (v alone is C*M*r elements)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(T, A, X, y, scale, *output[4:], *((R, c, F) if ctx.dist else ()))
 
 
 def _head_backward(ctx, grads):
     g_loss, g_ce, g_dist, g_logits = grads[:4]  # the saved outputs' gradients are unused
+    nothing = (None,) * 13
+    if g_loss is None and g_ce is None and g_dist is None and (g_logits is None or not ctx.return_logits):
+        return nothing
     T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, *basis = _saved(ctx)
     R, c, F = basis if ctx.dist else (None, None, None)
-    need_dx = ctx.needs_input_grad[2]
+    need_dx, need_scale = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
     dT, dA, dscale, dX = torch.ops.demul_fast.triton_demul_head_backward(
         T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, g_loss, g_ce, g_dist,
-        g_logits if ctx.return_logits else None, ctx.alpha, ctx.ls, need_dx)
-    return (dT, dA, dX if need_dx else None, None, dscale if ctx.needs_input_grad[4] else None,
+        g_logits if ctx.return_logits else None, ctx.alpha, ctx.ls, need_dx, need_scale)
+    return (dT, dA, dX if need_dx else None, None, dscale if need_scale else None,
             None, None, None, None, None, None, None, None)
 
 

@@ -65,6 +65,8 @@ class TextTower:
     project:              [..., W] -> [..., D] (identity when the tower has no projection)
     pool_type:            "argmax" (pool at the largest token id) or "eos" (first eos_id)
     dtype:                the dtype the tower computes in (its linear weights' dtype)
+    deep_ctx:             k when the blocks are MaPLe's deep-prompt blocks (layers 1.. replace
+                          positions 1..k by the next deep prompt), else None
     """
 
     token_embedding: Callable[[Tensor], Tensor]
@@ -77,6 +79,7 @@ class TextTower:
     context_length: int
     width: int
     dtype: torch.dtype
+    deep_ctx: Optional[int] = None
 
     def pool_positions(self, ids: Tensor) -> Tensor:
         """ids [N, L] -> [N] int64: the position whose hidden state the tower pools."""

@@ -1,0 +1,89 @@
+"""Launch counting (benchmarks/launches.py) and the step model (benchmarks/step_model.py):
+the counters count what they claim, eager counts do not depend on C (which lets the step
+suite count the eager steps at C=37 for every workload), and the model's arithmetic."""
+
+import pytest
+import torch
+
+from benchmarks import launches, models, step_model
+
+
+def test_eager_counter_separates_views_allocations_and_syncs():
+    x = torch.randn(4, 5)
+
+    def fn():
+        y = x.t()  # view: no launch
+        z = torch.empty(3)  # allocation: no launch
+        w = (y * 2).sum()  # two launches
+        float(w)  # a host read: a launch that is also a sync
+        return z
+
+    c = launches.count_eager(fn)
+    assert c["views"] == 1 and c["allocations"] == 1
+    assert c["launches"] == 3 and c["syncs"] == 1
+
+
+def test_code_counter_reads_the_call_function_only():
+    code = '''
+cpp_fused_add_0 = async_compile.cpp_pybinding(['float*'], r"""...""")
+def helper():
+    cpp_fused_add_0(buf)
+class Runner:
+    def call(self, args):
+        buf0 = empty_strided_cpu((4, ), (1, ), torch.float32)
+        cpp_fused_add_0(buf0)
+        extern_kernels.mm(a, b, out=buf1)
+        triton_poi_fused_1.run(buf0, buf1, 4, stream=stream0)
+        buf2 = torch.ops.demul_fast.cuda_demul_head.default(x, y)
+        buf3 = reinterpret_tensor(buf1, (2, 2), (2, 1), 0)
+        torch.ops.aten.index_put_.default(buf0, [i], v)
+        del buf1
+        return (buf0, )
+def benchmark_compiled_module():
+    cpp_fused_add_0(buf)
+'''
+    c = launches.count_code(code)
+    assert c == dict(kernels=2, extern=1, ops=2, custom_ops=1, launches=5)
+
+
+def _step_count(cls, C, **kw):
+    model, tok = models.clip_model("micro", "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    E, W, b = torch.randn(C, 12, generator=gen), torch.randn(12, 16, generator=gen), torch.randn(12, generator=gen)
+    m = cls(model, tok, models.classnames(C), llm_embeddings=E, phi=(W, b), n_prompts=2, n_ctx=4, **kw).train()
+    x, y = torch.randn(5, 16, generator=gen), torch.randint(0, C, (5,), generator=gen)
+
+    def step():
+        m(image_features=x, labels=y).loss.backward()
+    step()
+    return launches.count_eager(step)
+
+
+@pytest.mark.parametrize("which", ["reference", "demul"])
+def test_eager_step_count_does_not_depend_on_C(which):
+    """The step suite counts eager steps at C <= 37 and reuses the count for larger C: a step
+    dispatches the same ops for any number of classes (batched over them)."""
+    import demul_fast as df
+    from demul_fast import reference as ref
+    cls, kw = (ref.DeMulReference, {}) if which == "reference" else (df.DeMul, {"backend": "torch"})
+    counts = [_step_count(cls, C, **kw) for C in (3, 11, 40)]
+    assert counts[0] == counts[1] == counts[2], counts
+    assert counts[0]["launches"] > 50
+
+
+def test_step_model_arithmetic():
+    """Launch-bound and device-bound steps, from the model's own definitions."""
+    m = step_model.MACHINES["H100"]
+    lengths = [8] * 100
+    few = dict(text_head=10, image=0, optim=2, graphs=2)
+    many = dict(text_head=5000, image=400, optim=10, graphs=0)
+    r = step_model.breakdown(m, 100, "graphs", lengths, few)
+    assert r.bound == "device" and r.host_ms == pytest.approx(2 * 10e-3 + 2 * 3e-3)
+    work = r.image_ms + r.text_ms + r.head_ms + r.optim_ms
+    assert r.step_ms == pytest.approx(work + 12 * 1e-3)
+    e = step_model.breakdown(m, 100, "eager", lengths, many)
+    assert e.bound == "launch" and e.step_ms == pytest.approx(5410 * 5e-3)
+    # the full-length text tower does C*M*77 tokens of work, the prefix-shared one far fewer
+    full = step_model.text_cost(lengths, full=True)
+    short = step_model.text_cost(lengths, full=False)
+    assert full.flops > 5 * short.flops

@@ -1,0 +1,111 @@
+"""The Triton head's step as training calls it (issue 26), against the float64 reference:
+
+* ``loss.backward()`` alone: autograd hands the backward None for ce, dist and the saved
+  statistics (set_materialize_grads(False), no zero-filled tensors); the gradients must
+  still be those of the loss;
+* the text forward's two paths, the [rows, D] tile read once (RESIDENT) and D streamed in
+  chunks, both against the reference, on the same inputs (RESIDENT_BYTES moved);
+* the cast of the basis to the compute dtype is made once per basis and redone when R
+  changes in place;
+* a frozen scale gets no d-scale work (the kernel's partials are not even stored).
+"""
+
+import math
+
+import pytest
+import torch
+
+from demul_fast import reference as ref
+from demul_fast.ops.distill_basis import build_distill_basis
+from demul_fast.ops import triton_ops
+
+if triton_ops.UNAVAILABLE_REASON:
+    pytest.skip(triton_ops.UNAVAILABLE_REASON, allow_module_level=True)
+from demul_fast.kernels import _common, cosine_ce, text_head  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+
+
+def inputs(seed, C=9, M=3, D=40, B=6, K=24):
+    g = torch.Generator().manual_seed(seed)
+    T = torch.randn(C, M, D, generator=g, dtype=torch.float64)
+    A = torch.randn(C, M, generator=g, dtype=torch.float64)
+    X = torch.randn(B, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (B,), generator=g)
+    E = torch.randn(C, K, generator=g, dtype=torch.float64)
+    W = torch.randn(K, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    b = torch.randn(K, generator=g, dtype=torch.float64) * 0.3
+    return T, A, X, y, E, W, b
+
+
+def grads_of_loss(fn, T, A, X, dtype):
+    t, a, x = (v.detach().to(dtype).requires_grad_(True) for v in (T, A, X))
+    loss = fn(t, a, x)
+    loss.backward()
+    return loss.detach().double(), t.grad.double(), a.grad.double(), x.grad.double()
+
+
+def reference_step(T, A, X, y, E, W, b, alpha=0.7):
+    return grads_of_loss(lambda t, a, x: ref.demul_head(t, a, x, y, 13.0, E, W, b, alpha=alpha).loss,
+                         T, A, X, torch.float64)
+
+
+def assert_close(got, want, tol, what):
+    for name, g, w in zip(("loss", "dT", "dA", "dX"), got, want):
+        err = (g - w).abs().max().item()
+        scale = w.abs().max().item()
+        assert err <= tol * scale, f"{what} {name}: max error {err:.3g} vs {tol} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_loss_backward_alone(seed):
+    """Only the total loss is differentiated: ce and dist gradients arrive as None."""
+    T, A, X, y, E, W, b = inputs(seed)
+    basis = build_distill_basis(W, b, E)
+    got = grads_of_loss(lambda t, a, x: triton_ops.demul_head(t, a, x, y, 13.0, basis, alpha=0.7).loss,
+                        T, A, X, torch.float32)
+    assert_close(got, reference_step(T, A, X, y, E, W, b), 2e-5, "loss.backward()")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("resident", [True, False], ids=["tile-once", "streamed"])
+def test_text_forward_paths(monkeypatch, dtype, resident):
+    """Both paths of the text forward (D=100: two 64-column chunks when streamed) against the
+    reference, in three dtypes; the path taken is checked."""
+    monkeypatch.setattr(text_head, "RESIDENT_BYTES", 1 << 30 if resident else 0)
+    T, A, X, y, E, W, b = inputs(3, C=11, M=5, D=100, B=5, K=70)
+    assert text_head.text_config(11, 5, 100, 70, 2)["RESIDENT"] == resident
+    basis = build_distill_basis(W, b, E)
+    got = grads_of_loss(lambda t, a, x: triton_ops.demul_head(t, a, x, y, 13.0, basis, alpha=0.7).loss,
+                        T, A, X, dtype)
+    # the reference on the same rounded inputs, in float64
+    Tr, Ar, Xr = (v.to(dtype).double() for v in (T, A, X))
+    want = reference_step(Tr, Ar, Xr, y, E, W, b)
+    tol = 2e-5 if dtype == torch.float32 else (3e-2 if dtype == torch.bfloat16 else 5e-3)
+    assert_close(got, want, tol, f"{dtype} resident={resident}")
+
+
+def test_basis_cast_once_per_basis():
+    R = torch.randn(8, 16, dtype=torch.float32)
+    first = triton_ops._basis_r(R, torch.bfloat16)
+    assert triton_ops._basis_r(R, torch.bfloat16) is first  # kept
+    with torch.no_grad():
+        R.mul_(2.0)  # in place: a new version, a new cast
+    again = triton_ops._basis_r(R, torch.bfloat16)
+    assert again is not first and torch.equal(again, (R.to(torch.bfloat16)))
+    assert triton_ops._basis_r(first, torch.bfloat16) is first  # already the compute dtype
+
+
+def test_frozen_scale_gets_no_dscale_work():
+    T, A, X, y, E, W, b = inputs(5)
+    X32, U = X.float(), torch.nn.functional.normalize(torch.randn(9, 40), dim=-1)
+    s = torch.tensor([13.0])
+    rows, lse, xn, _ = cosine_ce.ce_forward(X32, U, y, s, 0.0, False)
+    g = torch.ones(1)
+    dU, dscale, dX = cosine_ce.ce_backward(X32, U, y, s, lse, xn, g, None, 0.0, False, need_scale=False)
+    assert dscale is None and dX is None and torch.isfinite(dU).all()
+    dU2, dscale2, _ = cosine_ce.ce_backward(X32, U, y, s, lse, xn, g, None, 0.0, False, need_scale=True)
+    assert torch.equal(dU, dU2) and torch.isfinite(dscale2)
