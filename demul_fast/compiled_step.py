@@ -122,9 +122,9 @@ class TrainStep:
         self.eager_steps = 0
         self._t0 = time.perf_counter()
         self._steps_at_t0 = 0
+        self._opt_step = None  # the compiled update (None: the optimizer's own step)
         if mode == "none":
             self._forward = self._forward_eager
-            self._opt_step = optimizer.step
             return
         backend = backend or _env_backend()
         opts = {} if backend is not None else {"mode": None if mode == "default" else mode}
@@ -137,8 +137,6 @@ class TrainStep:
             if backend is not None:
                 okw["backend"] = backend
             self._opt_step = torch.compile(self._update, **okw)
-        else:
-            self._opt_step = None
 
     # -- the step ------------------------------------------------------------------------
     def _update(self) -> None:
@@ -185,24 +183,16 @@ class TrainStep:
             torch.compiler.cudagraph_mark_step_begin()
         loss, stats = forward(inputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         if self.after_backward is not None:
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             self.after_backward()
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        elif self.scaler is not None:
-            self.scaler.scale(loss).backward()
+        if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            loss.backward()
-            if self._opt_step is not self.optimizer.step and not self.optimizer.state:
-                self._update()  # the first update creates the optimizer's state: eager, once
-            else:
-                self._opt_step()
+        elif self._opt_step is not None and self.steps > 0:
+            self._opt_step()
+        else:  # eager; and the first update of a compiled run, which creates the optimizer's state
+            self.optimizer.step()
         self.totals.add_(stats)  # consumes the graph's output before its next replay
         self.steps += 1
 
