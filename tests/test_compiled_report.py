@@ -159,8 +159,8 @@ def test_eager_goal(report):
         assert c["eager_fwd_bwd_us"] >= 10 * c["head_fwd_bwd_us"], card
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26 goal not met: the Triton head models about 4.5x the floor and "
-                                       "2.4x under the torch.compile model (docs/kernel-model.md); strict, so "
+@pytest.mark.xfail(strict=True, reason="issue 26 goal not met: the Triton head models 4.4x the floor and "
+                                       "only 2.6x under the torch.compile model (docs/kernel-model.md); strict, so "
                                        "this fails once the goal is met and the marker must go")
 def test_floor_and_compile_goals(report):
     """Issue 26's goals, modelled with the new model: the Triton head within 2.5x of the
