@@ -102,7 +102,7 @@ def test_traced_bytes_bound_what_the_kernels_must_move(report):
     must = {"text_fwd": t_bytes + v_bytes + e * r * D, "text_bwd": 2 * t_bytes + v_bytes + e * r * D,
             "ce_fwd": e * B * D + 4 * C * D, "ce_grad": e * B * D + 4 * C * D + e * B * C}
     for name, nbytes in must.items():
-        assert k[name]["hbm_bytes"] >= 0.95 * nbytes, name
+        assert k[name]["hbm_bytes"] >= 0.9 * nbytes, name  # the sampled trace: within 10%
     # text_fwd: T once per program; R once per program and split (<= 64 MB at imagenet)
     tiles = math.ceil(C * M / 64)
     assert k["text_fwd"]["l2_bytes"] <= 1.1 * (t_bytes + v_bytes + tiles * e * r * D), k["text_fwd"]["l2_bytes"]
