@@ -60,10 +60,10 @@ def kernels(rep: dict, before: Optional[dict] = None, mode: str = "frozen") -> s
         l2 = f"{o['l2_bytes'] / 1e6:.1f} -> " if o else ""
         l2 += f"{n['l2_bytes'] / 1e6:.1f}" if n else "gone"
         rounds = (f"{o['rounds']} -> " if o else "") + (f"{n['rounds']}" if n else "-")
+        grid = f"{o['grid']} -> {n['grid']}" if o and n and o["grid"] != n["grid"] else ref["grid"]
         us = (f"{o['modelled_us']['h100']:.2f} -> " if o else "") + (f"{n['modelled_us']['h100']:.2f}" if n else "-")
-        lines.append(f"| {key[0]} | {key[1]} | {ref['grid']} | {l2} | {ref['hbm_bytes'] / 1e6:.1f} | {rounds} | {us} | "
-                     f"{n['modelled_us']['h200']:.2f} |" if n else
-                     f"| {key[0]} | {key[1]} | {ref['grid']} | {l2} | {ref['hbm_bytes'] / 1e6:.1f} | {rounds} | {us} | - |")
+        lines.append(f"| {key[0]} | {key[1]} | {grid} | {l2} | {ref['hbm_bytes'] / 1e6:.1f} | {rounds} | {us} | "
+                     + (f"{n['modelled_us']['h200']:.2f} |" if n else "- |"))
     for r, label in ((before, "before"), (rep, "after")):
         if r:
             host = [h for h in r["host_ops"] if h["mode"] == mode and h["backend"] == "triton"]

@@ -2,14 +2,15 @@
 
 docs/SPEC.md sections 4, 4.1, 4.3. A program owns BLOCK_R >= 64 rows (c, m) of T [C, M, D]:
 BLOCK_CLS whole classes x BLOCK_M prompts, so that its products lower to Hopper's warpgroup
-MMA (64 rows per 4 warps). T is read in [BLOCK_R, BLOCK_K] chunks of its own dtype (any
-strides); nothing in float32 the size of a row tile stays live across a loop.
+MMA (64 rows per 4 warps). T is read in its own dtype (any strides); nothing in float32 the
+size of a row tile stays live across a loop. D and r are compile-time constants.
 
 * forward, grid (row tiles, r splits): n = |t|; v = R t^ + c over the split's columns of r
   (a [BLOCK_R, D] x [D, BLOCK_N] product per column chunk, v stored in T's dtype for the
   backward), with the partial sums |v|^2 and <v, F_c> per row; the programs of split 0 also
-  aggregate: w = softmax_m(A), u = sum_m w t^, u^ = u / max(|u|, eps) (two sweeps of the
-  tile: |u| first, then u^).
+  aggregate: w = softmax_m(A), u = sum_m w t^, u^ = u / max(|u|, eps). A row tile of at
+  most RESIDENT_BYTES is read once and kept for all of this; a larger one is streamed in
+  [BLOCK_R, BLOCK_K] chunks (once for n, once per column chunk, twice to aggregate).
 * finish, a small pass: |z| = sqrt(sum |v|^2 + beta), cos = (sum <v, F> + delta) / max(|z|, eps)
   and per-program sums of (1 - cos).
 * backward, grid (row tiles, D chunks): du = nb(u^, dL/du^, |u|), dw = <du, t^>,
