@@ -12,7 +12,10 @@ CoCoOp's logits and a cross-entropy; MaPLe's features against a fixed cotangent)
 warm-up call each (the counted one), then 3 calls of every provider interleaved (loop,
 batched, loop, ...); the minimum wall time and the minimum process CPU time (user + sys of
 all threads: less sensitive to other processes on a shared machine) are reported, with the
-load average before and after. Launches (counted): non-view aten operators dispatched during one call (a
+load average before and after. ``--threads 1`` is advised on a shared CPU: with two
+OpenMP threads and other processes running, every parallel operator waits for its second
+thread to be scheduled, a cost per launch that favours the provider with fewer, larger
+operators. ``DEMUL_FAST_FAMILY_LAYOUTS=cocoop`` (or ``maple``) runs one layout. Launches (counted): non-view aten operators dispatched during one call (a
 ``TorchDispatchMode``), what an eager GPU run launches as kernels. Agreement: the fast
 provider's outputs and every parameter's gradient against the plain one on the benchmark's
 own inputs (max relative difference, printed; the float64 proofs are tests/test_cocoop.py
@@ -174,7 +177,10 @@ def main(args) -> int:
     load0 = os.getloadavg()[0]
     rows = []
     t_start = time.perf_counter()
+    only = os.environ.get("DEMUL_FAST_FAMILY_LAYOUTS", "cocoop,maple").split(",")  # e.g. one per process
     for layout, build in (("cocoop", cocoop_providers), ("maple", maple_providers)):
+        if layout not in only:
+            continue
         providers, plan = build(sizes, dtype)
         stats = measure(providers, reps)
         (base, base_s), (fast, fast_s) = stats.items()
