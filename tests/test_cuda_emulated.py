@@ -249,8 +249,22 @@ def test_the_planted_race_at_text_head_131_is_caught():
 SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
 
 
+# The first barrier of block_sum / block_max ("scratch may still be read by a previous call")
+# guards a second call in a row; every kernel calls them once, or (sweep.cuh) between other
+# barriers: removing it is no race today (measured: not caught). strict: a caller that makes
+# it necessary turns this into a failure to look at.
+NOT_A_RACE_TODAY = {"common.cuh:115", "common.cuh:126"}
+
+
+def _barrier_param(f, ln):
+    where = f"{f}:{ln}"
+    marks = [pytest.mark.xfail(strict=True, reason="defensive barrier, no race with today's callers")] \
+        if where in NOT_A_RACE_TODAY else []
+    return pytest.param(where, id=where, marks=marks)
+
+
 @pytest.mark.skipif(not SWEEP, reason="one emulation build per barrier: set DEMUL_FAST_BARRIER_SWEEP=1")
-@pytest.mark.parametrize("where", [f"{f}:{ln}" for f, ln in emu_build.barriers()])
+@pytest.mark.parametrize("where", [_barrier_param(f, ln) for f, ln in emu_build.barriers()])
 def test_each_removed_barrier_is_caught(where):
     from cuda_emu import race_probe  # noqa: PLC0415
 
