@@ -110,7 +110,8 @@ def cubins(out_dir: str) -> List[str]:
 
     os.makedirs(out_dir, exist_ok=True)
     out = []
-    newest = max(os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "csrc", "*")))
+    newest = max(os.path.getmtime(p) for p in glob.glob(os.path.join(ROOT, "csrc", "*"))
+                 if p.endswith((".cu", ".cuh", ".h", ".cpp")))
     for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu"))):
         dst = os.path.join(out_dir, os.path.basename(src) + ".cubin")
         out.append(dst)
@@ -123,6 +124,17 @@ def cubins(out_dir: str) -> List[str]:
                *[f"-I{p}" for p in cpp.include_paths()], f"-I{cuda_include()}", src, "-o", dst]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
+
+
+def read_binaries(out_dir: str) -> Tuple[Dict[str, str], Dict[str, Dict[str, int]]]:
+    """({kernel: SASS}, {kernel: resources}) of the built extension, or of the cubins of
+    csrc/ compiled into out_dir/cuda_cubin when it is not built."""
+    binaries = [extension_path()] if extension_path() else cubins(os.path.join(out_dir, "cuda_cubin"))
+    sass, res = {}, {}
+    for binary in binaries:
+        sass.update(sass_by_kernel(binary))
+        res.update(resources_by_kernel(binary))
+    return sass, res
 
 
 _PLAN_MODULE = None
@@ -269,11 +281,7 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "fro
     ``unavailable_reason()``."""
     if unavailable_reason() is not None:
         return []
-    binaries = [extension_path()] if extension_path() else cubins(os.path.join(out_dir, "cuda_cubin"))
-    sass, res = {}, {}
-    for binary in binaries:
-        sass.update(sass_by_kernel(binary))
-        res.update(resources_by_kernel(binary))
+    sass, res = read_binaries(out_dir)
     sass_dir = os.path.join(out_dir, "cuda_sass")
     os.makedirs(sass_dir, exist_ok=True)
     entries = []

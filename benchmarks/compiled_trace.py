@@ -73,7 +73,12 @@ class _Launch:
     def __init__(self, name: str, grid, weights: Dict[tuple, float], tensors: List[tuple]):
         self.name, self.grid = name, tuple(grid)
         self.weights = weights          # sampled program -> how many programs it stands for
-        self.tensors = sorted(tensors)  # (first byte, end byte) of every tensor argument
+        self.tensors = []  # (first byte, end byte) of the tensor arguments, overlaps merged (a tensor passed twice)
+        for lo, hi in sorted(tensors):
+            if self.tensors and lo < self.tensors[-1][1]:
+                self.tensors[-1] = (self.tensors[-1][0], max(hi, self.tensors[-1][1]))
+            else:
+                self.tensors.append((lo, hi))
         self.programs: Dict[tuple, _Program] = {}
         self.read: List[np.ndarray] = []
         self.written: List[np.ndarray] = []

@@ -10,7 +10,9 @@
 Each provider runs forward + backward of a step's text side (prompt learner, encoder,
 CoCoOp's logits and a cross-entropy; MaPLe's features against a fixed cotangent). Time: one
 warm-up call each (the counted one), then 3 calls of every provider interleaved (loop,
-batched, loop, ...); the minimum is reported, with the load average before and after. Launches (counted): non-view aten operators dispatched during one call (a
+batched, loop, ...); the minimum wall time and the minimum process CPU time (user + sys of
+all threads: less sensitive to other processes on a shared machine) are reported, with the
+load average before and after. Launches (counted): non-view aten operators dispatched during one call (a
 ``TorchDispatchMode``), what an eager GPU run launches as kernels. Agreement: the fast
 provider's outputs and every parameter's gradient against the plain one on the benchmark's
 own inputs (max relative difference, printed; the float64 proofs are tests/test_cocoop.py
@@ -146,11 +148,12 @@ def measure(providers: Dict[str, Callable], reps: int) -> Dict[str, dict]:
     for name, fn in providers.items():
         with LaunchCounter() as counter:
             results[name] = fn()
-        stats[name] = {"launches": counter.launches, "times_s": []}
+        stats[name] = {"launches": counter.launches, "times_s": [], "cpu_s": []}
     for _ in range(reps):  # the counted call was the warm-up (plans, caches, allocator)
         for name, fn in providers.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
+            stats[name]["cpu_s"].append(time.process_time() - c0)
             stats[name]["times_s"].append(time.perf_counter() - t0)
     names = list(providers)
     stats[names[1]]["max_rel_diff"] = rel_diff(results[names[1]], results[names[0]])
@@ -179,11 +182,14 @@ def main(args) -> int:
             rows.append(dict(suite="family", layout=layout, provider=name, sizes=dict(zip(
                 ("C", "B", "n_ctx") if layout == "cocoop" else ("C", "n_ctx", "J"), sizes[layout]),
                 width=sizes["width"], layers=sizes["layers"]), dtype=str(dtype).replace("torch.", ""),
-                mode="fwd+bwd", min_s=min(s["times_s"]), times_s=s["times_s"], launches=s["launches"],
+                mode="fwd+bwd", min_s=min(s["times_s"]), times_s=s["times_s"], min_cpu_s=min(s["cpu_s"]),
+                cpu_s=s["cpu_s"], launches=s["launches"],
                 max_rel_diff=s.get("max_rel_diff"), plan=str(plan()) if name == fast else None))
         speed = min(base_s["times_s"]) / min(fast_s["times_s"])
+        cpu = min(base_s["cpu_s"]) / min(fast_s["cpu_s"])
         print(f"[family] {layout} {sizes[layout]}: {base} {min(base_s['times_s']):.3f} s, {fast} "
-              f"{min(fast_s['times_s']):.3f} s (min of {reps}): {speed:.1f}x; launches {base_s['launches']} vs "
+              f"{min(fast_s['times_s']):.3f} s (wall, min of {reps}): {speed:.1f}x; CPU time {min(base_s['cpu_s']):.3f} "
+              f"vs {min(fast_s['cpu_s']):.3f} s: {cpu:.1f}x; launches {base_s['launches']} vs "
               f"{fast_s['launches']} ({base_s['launches'] / max(fast_s['launches'], 1):.2f}x fewer); max rel diff "
               f"{fast_s['max_rel_diff']:.2e}; {plan()}")
     load1 = os.getloadavg()[0]

@@ -1,14 +1,14 @@
 """The ``encoder`` and ``step`` suites: the text encoder and a whole DeMul training step.
 
 ``encoder``: T [C, M, D] = encoder(ctx [M, n_ctx, width]) and d ctx (the output gradient
-G [C, M, D] is random), providers ``eager`` (``reference.FullTextEncoder``: all C*M
+G [C, M, D] is random), providers ``eager`` (``text_encoder.FullTextEncoder``: all C*M
 prompts at 77 tokens), ``compile`` (torch.compile of it), ``prefix``
 (``demul_fast.PrefixSharedTextEncoder``).
 
 ``step``: loss = model(image_features=X, labels=y) and its backward into ``ctx`` and
 ``head.prompt_logits`` (image features given; the optimizer update, over those two small
 tensors, is left out); with ``image_tower`` also op ``step+images``, the same from random
-images through the frozen image tower, providers ``eager`` (``reference.DeMulReference``), ``compile``
+images through the frozen image tower, providers ``eager`` (``model.DeMulReference``), ``compile``
 (torch.compile of it), ``demul-<backend>`` (``demul_fast.DeMul(backend=...)`` for each head
 backend available here). All models share one frozen CLIP model and start from the same
 ``ctx`` and prompt logits.
@@ -32,7 +32,10 @@ from typing import Dict, List, Optional
 import torch
 
 import demul_fast
+from demul_fast import model as modules
 from demul_fast import reference as ref
+from demul_fast import text_encoder
+from demul_fast.prompt_learner import encode_images
 from demul_fast.ops.backends import why_not
 
 from . import launches
@@ -104,7 +107,7 @@ class ChunkedGold:
     def __init__(self, model, tokenizer, names, n_ctx, gold_dtype, seqs_per_chunk: int, M: int):
         self.model = copy.deepcopy(model).to(gold_dtype)
         per = max(1, seqs_per_chunk // max(M, 1))
-        self.chunks = [(i, ref.FullTextEncoder(self.model, tokenizer, names[i:i + per], n_ctx))
+        self.chunks = [(i, text_encoder.FullTextEncoder(self.model, tokenizer, names[i:i + per], n_ctx))
                        for i in range(0, len(names), per)]
         self.dtype = gold_dtype
 
@@ -168,8 +171,8 @@ def encoder_workload(sizes, dtype, device, allow_compile: bool) -> Workload:
         return {"T": gold_enc.features(inputs["ctx"]), "grad:ctx": gold_enc.ctx_grad(inputs["ctx"], inputs["G"])}
 
     provs = []
-    full = ref.FullTextEncoder(model, tokenizer, names, n_ctx)
-    provs.append(Provider("eager", lambda i: full(i["ctx"]), note="reference.FullTextEncoder"))
+    full = text_encoder.FullTextEncoder(model, tokenizer, names, n_ctx)
+    provs.append(Provider("eager", lambda i: full(i["ctx"]), note="text_encoder.FullTextEncoder"))
     reason = _compile_or_skip(allow_compile)
     if reason:
         provs.append(unavailable("compile", reason))
@@ -240,7 +243,7 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
     gold_enc = _LazyGold(lambda: _gold_setup(model, tokenizer, names, n_ctx, M, device), device)  # built when first used
     scale = model.logit_scale.detach().exp()
 
-    ref_cls = getattr(ref, "DeMulReference", None)
+    ref_cls = getattr(modules, "DeMulReference", None)
     fast_cls = getattr(demul_fast, "DeMul", None)
     provs: List[Provider] = []
     g = torch.Generator().manual_seed(11)
@@ -305,10 +308,10 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
         return Provider(name, fn, params=params(m), note=note, launches=count)
 
     if ref_cls is None:
-        provs.append(unavailable("eager", "demul_fast.reference.DeMulReference is not in this build"))
+        provs.append(unavailable("eager", "demul_fast.model.DeMulReference is not in this build"))
     else:
         eager = build(ref_cls)
-        provs.append(step_provider("eager", eager, "reference.DeMulReference", REF_COUNT_C))
+        provs.append(step_provider("eager", eager, "model.DeMulReference", REF_COUNT_C))
         reason = _compile_or_skip(allow_compile)
         if reason:
             provs.append(unavailable("compile", reason))
@@ -355,7 +358,7 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
         A = a0.detach().to(gd).requires_grad_(True)
         # with the image tower, its features come from the run's own (frozen) model: the gold
         # checks what the providers compute from them
-        X = ref.encode_images(model, inputs["images"]) if image_tower else inputs["X"]
+        X = encode_images(model, inputs["images"]) if image_tower else inputs["X"]
         out = ref.demul_head(T, A, X.to(gd), inputs["y"], scale.to(gd), E.to(gd), W.to(gd), b.to(gd))
         out.loss.backward()
         return {"loss": out.loss.detach(), "grad:ctx": gold_enc.ctx_grad(ctx0, T.grad),

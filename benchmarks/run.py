@@ -6,7 +6,7 @@
 
 Suites: ``head`` (the four head functions, docs/SPEC.md section 4; fwd, bwd, fwd+bwd; with the
 one-time cost of the frozen-phi basis of SPEC 4.3 printed apart and kept in the JSON meta),
-``encoder`` (reference.FullTextEncoder vs PrefixSharedTextEncoder, docs/SPEC.md section 3),
+``encoder`` (text_encoder.FullTextEncoder vs PrefixSharedTextEncoder, docs/SPEC.md section 3),
 ``step`` (a DeMul training step from given image features: DeMulReference vs DeMul, eager
 and compiled as ``demul-<backend>-compile``; every row has ``launches_per_step``, counted by
 benchmarks/launches.py; ``--count-only`` counts without running the reference or timing,

@@ -1,13 +1,16 @@
-"""Old import paths of modules that moved into ``demul_fast.app`` and ``demul_fast.data``.
+"""Old import paths of what moved (into ``demul_fast.app``, ``demul_fast.data``, or out of
+the specification into the module layer).
 
-Each old module (``demul_fast.train``, ``demul_fast.datasets``, ...) is a stub whose
-attributes resolve, on first use, to the same objects at their new place, with a
-``DeprecationWarning`` naming that place. The stubs go away in the release after 0.1.
+Each old module (``demul_fast.train``, ``demul_fast.datasets``, ...) is a stub whose moved
+names resolve, on first use, to the same objects at their new place, with a
+``DeprecationWarning`` naming that place. The forwards go away in the release after 0.1.
+This module imports nothing of demul_fast (the specification may use it).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from typing import Callable, Dict, Iterable, List, Tuple
 
@@ -28,6 +31,6 @@ def forward(old: str, targets: Dict[str, Iterable[str]]) -> Tuple[Callable, Call
         return getattr(importlib.import_module(module), name)
 
     def __dir__() -> List[str]:
-        return sorted(where)
+        return sorted(set(where) | set(vars(sys.modules[old])))
 
     return __getattr__, __dir__

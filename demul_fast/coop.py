@@ -40,11 +40,29 @@ So gradients w.r.t. parameters (leaves) are exact in every case. The gradient w.
 intermediate ``prompts`` tensor itself (e.g. with ``prompts.retain_grad()``) differs from
 CoOp's in the shared block: only its row-sum is the same.
 
-Cost of the detection: a walk over a few autograd nodes and one bitwise comparison of the
-``[N, P, width]`` block, negligible next to the transformer; the comparison result is read
-on the host (one synchronisation per call on a GPU). The token-id analysis (EOT positions,
-truncated length) is cached per ``tokenized_prompts`` tensor (CoOp passes the same buffer
-every step) and recomputed if that tensor is modified in place.
+Groups (CoCoOp): ``prompts [B, N, L, W]`` are B groups of N rows with one tokenization
+(CoCoOp's per-image contexts ``ctx + meta_net(x_b)``, each expanded over the C classes).
+One call runs all groups: each group's shared block once (from its row 0), all suffixes
+packed. The walk then asks the same question per group: the block's gradient must be
+consumed as a sum over the rows of each group. It follows ``stack`` / ``unsqueeze`` of groups,
+``unbind`` / ``select`` of one group (CoCoOp's ``for pts_i in prompts`` loop), ``cat`` along
+groups, features or the sequence, and ``expand`` (of the rows: shareable; of the groups
+only: its source is asked); anything else ends the block.
+
+Deep prompts (MaPLe): ``compound_prompts_deeper_text`` (J blocks ``[n_ctx, W]``) replace
+positions 1..n_ctx of every row at layers 1..J. Those positions precede the class tokens
+and the tower is causal, so the shared block stays shared at every layer.
+
+Cost and synchronisation: a plan (token analysis, the walk's result, the shared length P,
+the index maps) is made once per ``tokenized_prompts`` object/version, shapes and walk
+result, with host reads (the EOT positions, one bitwise comparison of the ``[B, N, P, W]``
+block, the index maps' sizes). A reused plan reads nothing on the host: the block's equality
+is asserted on the device (``torch._assert_async``), so an eager step has no host
+synchronisation after the first, and a ``torch.compile(fullgraph=True)`` step (CUDA-graph
+capturable) runs the plan made by an eager call (``CoOpTextEncoder.plan`` or one eager
+forward), guarded on the device by the EOT positions of ``tokenized_prompts``. Without a
+recorded gradient (evaluation), the equality is read on the host every eager call unless
+``assume_shared=True`` (values of a class-specific context may have changed since the plan).
 """
 
 from __future__ import annotations

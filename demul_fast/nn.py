@@ -1,26 +1,70 @@
-"""Drop-in layers for prompt-learning code (CoOp/Dassl-style codebases).
+"""The DeMul head as layers (docs/SPEC.md section 4), and the one composition of its loss.
 
-``DeMulHead`` owns what the DeMul head learns and keeps frozen (docs/SPEC.md section 4): the
-prompt weight logits, the LLM class-name embeddings and the map phi, and calls the fused
-``demul_fast.demul_head`` with its ``backend``.
+``DeMulHead`` owns what the DeMul head learns and keeps frozen (the prompt weight logits,
+the LLM class-name embeddings and the map phi) and calls the fused ``demul_fast.demul_head``
+with its ``backend``; ``ReferenceHead`` is the same layer computed by the specification's
+``reference.demul_head`` in the input dtype. Both, and ``sharded.ShardedDeMul``, finish the
+loss with ``compose_head`` (an MLP phi's distillation, the entropy regulariser), written once
+here. ``CoOpTextEncoder`` (coop.py) is the drop-in text encoder for CoOp-style code.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .ops import functional
-from .ops.torch_ops import distill_rows
+from . import reference
 from .common import HeadOutput, Scale, l2_normalize
+from .ops import functional
 from .ops.distill_basis import DistillBasis, DistillBasisCache, build_distill_basis
+from .ops.torch_ops import distill_rows
 from .prompt_learner import HeadParameters
-from .reference import mlp_distill_loss, neg_entropy
 
 Tensor = torch.Tensor
 Phi = Union[nn.Linear, nn.Sequential, Tuple[Tensor, Optional[Tensor]], Sequence]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs: what the heads accumulate in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def linear_phi(head: HeadParameters) -> bool:
+    """True when the head distils through a linear phi (the fused loss applies)."""
+    return head.llm_embeddings is not None and head.phi_pre is None
+
+
+def mlp_distill(head: HeadParameters, text_features: Tensor, rows: slice = slice(None),
+                basis: Optional[DistillBasis] = None) -> Tensor:
+    """L_dist of an MLP phi over the classes ``rows`` (SPEC 4), accumulated in float32: its
+    earlier layers on t^, then its last linear layer directly, or in the K-free form of
+    SPEC 4.3 when ``basis`` (built from the same rows) is given."""
+    t32 = text_features.to(accumulation_dtype(text_features.dtype))
+    if basis is None:
+        return reference.mlp_distill_loss(t32, head.phi_pre, head.phi_weight, head.phi_bias,
+                                          head.llm_embeddings[rows])
+    h = head.phi_pre(l2_normalize(t32).to(head.phi_weight.dtype)).to(t32.dtype)
+    return distill_rows(h, basis)
+
+
+def compose_head(head: HeadParameters, out: HeadOutput, text_features: Tensor, prompt_logits: Tensor,
+                 mlp: Callable[[Tensor], Tensor], share: float = 1.0) -> HeadOutput:
+    """The rest of SPEC 4's loss after a head op: ``out`` holds its cross-entropy (and, with a
+    linear phi, its distillation and their sum). An MLP phi's distillation ``mlp(T)`` replaces
+    the op's; the entropy regulariser lambda * mean_c sum_m w log w of ``prompt_logits`` is
+    added when the weights are learned. Both extra terms are scaled by ``share``, the class
+    share C_r / C of one rank of ``ShardedDeMul`` (1 elsewhere), and ``distill_loss`` is the
+    scaled term. The one place DeMulHead, ReferenceHead and ShardedDeMul add these terms.
+    """
+    if head.phi_pre is not None:
+        dist = share * mlp(text_features).to(out.ce_loss.dtype)
+        out = out._replace(loss=out.ce_loss + head.alpha * dist, distill_loss=dist)
+    if head.entropy_weight and head.learn_weights:
+        ent = share * reference.neg_entropy(prompt_logits).to(out.loss.dtype)
+        out = out._replace(loss=out.loss + head.entropy_weight * ent)
+    return out
 
 
 class DeMulHead(HeadParameters):
@@ -38,7 +82,7 @@ class DeMulHead(HeadParameters):
 
     Parameters/buffers: ``prompt_logits [C, M]`` (init 0), ``llm_embeddings [C, K]``,
     ``phi_weight [K, D]``, ``phi_bias [K]``, and ``phi_pre`` (the MLP's earlier layers), as
-    ``reference.HeadParameters`` defines them (so ``reference.ReferenceHead`` loads the same
+    ``prompt_learner.HeadParameters`` defines them (so ``ReferenceHead`` loads the same
     state). With frozen phi the distillation runs in the K-free form of SPEC 4.3 on a basis
     built from these buffers (``distill_basis``); an MLP phi runs its earlier layers on t^,
     then its last linear layer in that form (torch backend).
@@ -104,36 +148,50 @@ class DeMulHead(HeadParameters):
         return_logits)``. Without: ``HeadOutput(None, None, None, logits [B, C])``.
         """
         dtype = text_features.dtype
-        logits_a = self.prompt_logits.to(dtype)
         if labels is None:
-            u = self.class_features(text_features)
-            x = l2_normalize(image_features.to(dtype))
-            return HeadOutput(None, None, None, scale * (x @ u.transpose(0, 1)))
-        basis = self.distill_basis(torch.float64 if dtype == torch.float64 else torch.float32)
-        linear_phi = self.llm_embeddings is not None and self.phi_pre is None
-        out = functional.demul_head(text_features, logits_a, image_features.to(dtype), labels, scale,
-                                    llm_embeddings=self.llm_embeddings if linear_phi else None,
-                                    phi_weight=self.phi_weight if linear_phi else None,
-                                    phi_bias=self.phi_bias if linear_phi else None,
-                                    distill_basis=basis if linear_phi else None, alpha=self.alpha,
+            return HeadOutput(None, None, None, reference.cosine_logits(image_features.to(dtype),
+                                                                        self.class_features(text_features), scale))
+        basis = self.distill_basis(accumulation_dtype(dtype))
+        linear = linear_phi(self)
+        out = functional.demul_head(text_features, self.prompt_logits.to(dtype), image_features.to(dtype), labels,
+                                    scale, llm_embeddings=self.llm_embeddings if linear else None,
+                                    phi_weight=self.phi_weight if linear else None,
+                                    phi_bias=self.phi_bias if linear else None,
+                                    distill_basis=basis if linear else None, alpha=self.alpha,
                                     label_smoothing=self.label_smoothing, return_logits=return_logits,
                                     backend=self.backend)
-        if self.phi_pre is not None:
-            t32 = text_features.to(torch.promote_types(dtype, torch.float32))  # accumulate in float32
-            if basis is None:
-                dist = mlp_distill_loss(t32, self.phi_pre, self.phi_weight, self.phi_bias, self.llm_embeddings)
-            else:  # the earlier layers, then the last linear layer in the K-free form (SPEC 4.3)
-                h = self.phi_pre(l2_normalize(t32).to(self.phi_weight.dtype)).to(t32.dtype)
-                dist = distill_rows(h, basis)
-            dist = dist.to(out.ce_loss.dtype)
-            out = out._replace(loss=out.ce_loss + self.alpha * dist, distill_loss=dist)
-        if self.entropy_weight and self.learn_weights:
-            a32 = self.prompt_logits.to(torch.promote_types(self.prompt_logits.dtype, torch.float32))
-            out = out._replace(loss=out.loss + self.entropy_weight * neg_entropy(a32).to(out.loss.dtype))
-        return out
+        a32 = self.prompt_logits.to(accumulation_dtype(self.prompt_logits.dtype))
+        return compose_head(self, out, text_features, a32, lambda t: mlp_distill(self, t, basis=basis))
 
 
-__all__ = ["DeMulHead", "CoOpTextEncoder"]
+class ReferenceHead(HeadParameters):
+    """The DeMul head as a layer computed by the specification (``reference.demul_head``,
+    ``reference.mlp_distill_loss``) in the input dtype: ``DeMulHead``'s reference, with the
+    same parameters, buffers and ``state_dict``."""
+
+    def class_features(self, text_features: Tensor) -> Tensor:
+        """T [C, M, D] -> u^ [C, D]."""
+        return reference.aggregate_prompts(text_features, self.prompt_logits.to(text_features.dtype))
+
+    def forward(self, text_features: Tensor, image_features: Tensor, labels: Optional[Tensor] = None,
+                scale: Scale = 100.0, return_logits: bool = False) -> HeadOutput:
+        dtype = text_features.dtype
+        if labels is None:
+            return HeadOutput(None, None, None, reference.cosine_logits(image_features.to(dtype),
+                                                                        self.class_features(text_features), scale))
+        linear = linear_phi(self)
+        out = reference.demul_head(text_features, self.prompt_logits.to(dtype), image_features.to(dtype), labels,
+                                   scale, llm_embeddings=self.llm_embeddings.to(dtype) if linear else None,
+                                   phi_weight=self.phi_weight.to(dtype) if linear else None,
+                                   phi_bias=self.phi_bias.to(dtype) if linear and self.phi_bias is not None else None,
+                                   alpha=self.alpha, label_smoothing=self.label_smoothing,
+                                   return_logits=return_logits)
+        return compose_head(self, out, text_features, self.prompt_logits.to(dtype),
+                            lambda t: reference.mlp_distill_loss(t, self.phi_pre, self.phi_weight, self.phi_bias,
+                                                                 self.llm_embeddings))
+
+
+__all__ = ["DeMulHead", "ReferenceHead", "compose_head", "CoOpTextEncoder"]
 
 
 def __getattr__(name):

@@ -1,8 +1,8 @@
 """The module plumbing that ``demul_fast.DeMul``, ``demul_fast.nn.DeMulHead`` and
-``reference.DeMulReference`` share: the learned context and its initialisation, the head's
+``model.DeMulReference`` share: the learned context and its initialisation, the head's
 parameters and frozen buffers, the frozen CLIP model, forward, cached class features, and
 saving/loading the learned prompts. The equations live in ``reference`` (the specification)
-and in the op layer; nothing here computes a loss.
+and in the op layer, the head's composition in ``nn``; nothing here computes a loss.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .common import HeadOutput, l2_normalize
-from . import towers
+from . import reference, towers
+from .common import HeadOutput
 from .prompts import init_phrase_tokens
 
 PROMPTS_FILE = "prompts.safetensors"
@@ -125,7 +125,7 @@ def logit_scale(clip_model: nn.Module) -> torch.Tensor:
 
 
 class DeMulModule(nn.Module):
-    """What ``DeMul`` and ``reference.DeMulReference`` share: parameters, the frozen CLIP
+    """What ``DeMul`` and ``DeMulReference`` share: parameters, the frozen CLIP
     model, forward, cached class features, saving/loading the learned prompts. A subclass
     sets ``self.text_encoder`` and ``self.head``."""
 
@@ -200,8 +200,8 @@ class DeMulModule(nn.Module):
         scale = logit_scale(self.clip_model)
         if labels is None and not self.training:
             u = self.class_features()
-            x = l2_normalize(image_features.to(u.dtype))
-            return HeadOutput(None, None, None, scale.to(u.dtype) * (x @ u.transpose(0, 1)))
+            logits = reference.cosine_logits(image_features.to(u.dtype), u, scale.to(u.dtype))
+            return HeadOutput(None, None, None, logits)
         return self.head(self.text_features(), image_features, labels, scale=scale, return_logits=True)
 
     # -- saving / loading the learned prompts -------------------------------------------

@@ -25,7 +25,7 @@ own classes; the full gradient is the SUM over ranks (``reduce_gradients``), not
 that DistributedDataParallel takes (each l_r is already weighted by its share). Every rank
 then holds the same gradient and takes the same optimizer step.
 
-``ShardedDeMul`` wraps a ``DeMul`` (or ``reference.DeMulReference``) module and runs any head
+``ShardedDeMul`` wraps a ``DeMul`` (or ``model.DeMulReference``) module and runs any head
 backend (the head's ``backend``). Joining the process group that ``torchrun`` describes, and
 the global-batch sampler, are the application's (``demul_fast.app.processes``).
 """
@@ -38,10 +38,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import reference
+from .common import HeadOutput
+from .nn import accumulation_dtype, compose_head, linear_phi, mlp_distill
 from .ops import functional
-from .common import HeadOutput, l2_normalize
 from .prompt_learner import logit_scale
-from .reference import FullTextEncoder, mlp_distill_loss, neg_entropy
+from .text_encoder import FullTextEncoder
 
 Tensor = torch.Tensor
 
@@ -125,7 +127,7 @@ def _shard_text_encoder(module: nn.Module, tokenizer: Callable, classnames: List
 class ShardedDeMul(nn.Module):
     """One rank's part of a class-sharded DeMul training step (see the module docstring).
 
-    module:    a ``DeMul`` or ``reference.DeMulReference``, identical on every rank (its
+    module:    a ``DeMul`` or ``DeMulReference``, identical on every rank (its
                parameters ``ctx`` and ``head.prompt_logits`` are the ones trained)
     tokenizer: the CLIP model's tokenizer (to build this rank's text encoder)
     group:     the process group (default: the whole world)
@@ -171,25 +173,21 @@ class ShardedDeMul(nn.Module):
         dist.all_reduce(count, group=self.group)                                  # B, the global batch
         ce_part = ce * (labels.numel() / count.to(ce.device, ce.dtype)[0])
         class_share = (self.hi - self.lo) / head.num_classes
+        rows = slice(self.lo, self.hi)
         dist_part = torch.zeros((), dtype=ce.dtype, device=ce.device)
-        if head.llm_embeddings is not None:
-            e = head.llm_embeddings[self.lo:self.hi]
-            if head.phi_pre is None:
-                b = None if head.phi_bias is None else head.phi_bias.to(dtype)
-                d = functional.prompt_distill_loss(t, head.phi_weight.to(dtype), b, e.to(dtype),
-                                                   backend=self.backend)
-            else:
-                t32 = t.to(torch.promote_types(dtype, torch.float32))  # accumulate in float32
-                d = mlp_distill_loss(t32, head.phi_pre, head.phi_weight, head.phi_bias, e)
+        if linear_phi(head):
+            b = None if head.phi_bias is None else head.phi_bias.to(dtype)
+            d = functional.prompt_distill_loss(t, head.phi_weight.to(dtype), b, head.llm_embeddings[rows].to(dtype),
+                                               backend=self.backend)
             dist_part = class_share * d.to(ce.dtype)
-        local = ce_part + head.alpha * dist_part
-        if head.entropy_weight and head.learn_weights:
-            a32 = logits_a.to(torch.promote_types(logits_a.dtype, torch.float32))
-            local = local + head.entropy_weight * class_share * neg_entropy(a32).to(ce.dtype)
+        a32 = logits_a.to(accumulation_dtype(logits_a.dtype))
+        out = compose_head(head, HeadOutput(ce_part + head.alpha * dist_part, ce_part, dist_part), t, a32,
+                           lambda t: mlp_distill(head, t, rows), share=class_share)
+        local, dist_part = out.loss, out.distill_loss
         totals = torch.stack([local, ce_part, dist_part]).detach()
         dist.all_reduce(totals, group=self.group)
         with torch.no_grad():
-            logits = scale * (l2_normalize(x) @ u_all.transpose(0, 1))
+            logits = reference.cosine_logits(x, u_all, scale)
         return HeadOutput(local + (totals[0] - local.detach()), totals[1], totals[2], logits)
 
     def reduce_gradients(self) -> None:

@@ -21,8 +21,9 @@ transformers, OpenAI ``clip``: one adapter per family in ``demul_fast.towers``);
 ``text_tower(model)`` builds it or raises ``UnsupportedTextTower`` saying why.
 
 ``PrefixSharedTextEncoder`` is the CoOp prompt learner's text encoder built on it:
-``forward(ctx [M, n_ctx, width]) -> T [C, M, D]``, exactly what
-``demul_fast.reference.FullTextEncoder`` computes at full length.
+``forward(ctx [M, n_ctx, width]) -> T [C, M, D]``, exactly what ``FullTextEncoder`` (the
+CoOp way, SPEC 3: every prompt at full length through the family's own text forward; the
+specification of this module) computes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from . import towers
 from .prefix_attention import PackedLayout, shared_prefix_attention
 from .prompts import build_prompts
 from .towers import LayerView, TextTower, UnsupportedTextTower, text_tower  # noqa: F401  (the tower API, re-exported)
@@ -127,6 +129,47 @@ def _layer_forward(layer: LayerView, x: Tensor, layout: PackedLayout, last: bool
 # The CoOp/DeMul text encoder
 # --------------------------------------------------------------------------------------
 
+class FullTextEncoder(nn.Module):
+    """Per-prompt text features the CoOp way (SPEC 3): all C*M prompts at full context
+    length through the CLIP text tower.
+
+    clip_model: open_clip ``CLIP`` / ``CustomTextCLIP``, transformers ``CLIPModel`` or OpenAI
+                ``clip.model.CLIP`` (used in place, not registered as a submodule)
+    tokenizer, classnames, n_ctx: as ``demul_fast.prompts.build_prompts``
+
+    ``forward(ctx [M, n_ctx, width]) -> T [C, M, D]``: token embeddings with positions
+    1..n_ctx replaced by ctx[m], then the family's own text forward
+    (``towers.TowerFamily.encode_embeddings``: + positional embedding, the transformer with
+    the model's own attention mask, ln_final, the hidden state at the pooled (EOT)
+    position, text_projection), in the dtype the family computes in.
+    """
+
+    def __init__(self, clip_model: nn.Module, tokenizer, classnames, n_ctx: int):
+        super().__init__()
+        self.__dict__["clip_model"] = clip_model
+        family = towers.family(clip_model)
+        self.__dict__["family"] = family
+        pool_type, eos_id = family.pool_rule(clip_model)
+        prompts = build_prompts(classnames, n_ctx, tokenizer, lambda ids: towers.pool_positions(ids, pool_type, eos_id),
+                                family.context_length(clip_model))
+        self.n_ctx = n_ctx
+        self.classnames = prompts.classnames
+        self.register_buffer("ids", prompts.ids, persistent=False)    # [C, L]
+        self.register_buffer("eot", prompts.eot, persistent=False)    # [C]
+
+    def forward(self, ctx: torch.Tensor) -> torch.Tensor:
+        """ctx [M, n_ctx, width] -> T [C, M, D]."""
+        model = self.clip_model
+        ctx = ctx.to(self.family.compute_dtype(model))
+        x = self.family.token_embedding(model)(self.ids).to(ctx.dtype)        # [C, L, W]
+        c, length, w = x.shape
+        m = ctx.shape[0]
+        x = x.unsqueeze(1).expand(c, m, length, w)
+        x = torch.cat([x[:, :, :1], ctx.unsqueeze(0).expand(c, m, self.n_ctx, w), x[:, :, 1 + self.n_ctx:]], dim=2)
+        pool = self.eot.repeat_interleave(m)                                  # rows are (c, m), m fastest
+        return self.family.encode_embeddings(model, x.reshape(c * m, length, w), pool).view(c, m, -1)
+
+
 class PrefixSharedTextEncoder(nn.Module):
     """Text features of C classes x M learned prompts, exact and prefix-shared (SPEC 3.1).
 
@@ -138,12 +181,12 @@ class PrefixSharedTextEncoder(nn.Module):
     classnames: C class names (underscores become spaces)
     n_ctx:      learned context tokens per prompt
     fallback:   None (refuse an unsupported tower with ``UnsupportedTextTower``) or "full"
-                (run such a tower at full length through ``reference.FullTextEncoder``)
+                (run such a tower at full length through ``FullTextEncoder``)
     checkpoint: activation checkpointing per layer of the prefix path (exact: the backward
                 recomputes each layer instead of keeping its activations)
 
     ``forward(ctx [M, n_ctx, width]) -> T [C, M, D]`` (unnormalised), equal to
-    ``reference.FullTextEncoder`` up to float rounding: the prompts are truncated after
+    ``FullTextEncoder`` up to float rounding: the prompts are truncated after
     the last EOT and [SOT] + ctx_m runs once per prompt m, shared by all C classes.
     ``mode`` says which path runs ("prefix" or "full").
     """
@@ -161,7 +204,6 @@ class PrefixSharedTextEncoder(nn.Module):
         except UnsupportedTextTower:
             if fallback != "full":
                 raise
-            from .reference import FullTextEncoder
             self.__dict__["tower"] = None
             self.__dict__["_full"] = FullTextEncoder(clip_model, tokenizer, classnames, n_ctx)
             self.mode = "full"

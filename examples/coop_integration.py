@@ -1,45 +1,51 @@
 """Using demul_fast in a CoOp code base: swap two layers, keep the trainer.
 
 A CoOp-style model (Zhou et al., "Learning to Prompt for Vision-Language Models") is a
-``PromptLearner`` (token prefix buffer, learned ``ctx``, token suffix buffer), a
-``TextEncoder`` that runs the prompt embeddings through CLIP's text transformer, the frozen
-image encoder and cosine logits with cross-entropy. Turning it into DeMul (M learned
-prompts, per-class prompt weights, LLM distillation; docs/SPEC.md) with demul_fast takes two
-swaps in ``CustomCLIP``:
+prompt learner (token embeddings of [SOT], a learned context, the class tokens), a text
+encoder that runs the prompt embeddings through CLIP's text transformer, the frozen image
+encoder and cosine logits with cross-entropy. Turning it into DeMul (M learned prompts,
+per-class prompt weights, LLM distillation; docs/SPEC.md) with demul_fast takes two swaps
+in ``PromptedDeMul``:
 
-1. ``TextEncoder(clip_model)``  ->  ``demul_fast.nn.CoOpTextEncoder(clip_model)``: the
+1. the full-length text encoder  ->  ``demul_fast.nn.CoOpTextEncoder(clip_model)``: the
    same ``forward(prompts, tokenized_prompts)``, the same result up to float rounding,
    but truncated after the last EOT and with the shared [SOT] + context block computed
    once per prompt instead of once per class;
 2. logits + ``F.cross_entropy``  ->  ``demul_fast.nn.DeMulHead(C, M, llm_embeddings,
    phi)``: prompt weighting, cosine cross-entropy and distillation in one fused call.
 
-The prompt learner below is written in CoOp's layout and extended to M prompts (``ctx``
-``[M, n_ctx, width]``); it builds one ``[C, 77, width]`` prompt tensor per prompt with
-``expand`` of that prompt's context, which is what lets ``CoOpTextEncoder`` share the
-prefix with exact gradients (see ``demul_fast/coop.py``).
+The prompt learner is this project's stand-in for CoOp's layout (tests/support/coop_layout.py;
+no CoOp code is copied), with M prompts (``ctx [M, n_ctx, width]``); it builds one
+``[C, 77, width]`` prompt tensor per prompt with ``expand`` of that prompt's context, which
+is what lets ``CoOpTextEncoder`` share the prefix with exact gradients (see
+``demul_fast/coop.py``).
 
 Runs on random data with a small randomly initialised open_clip model (no downloads):
 
     python examples/coop_integration.py                     # a few DeMul training steps
-    python examples/coop_integration.py --encoder plain     # the same with CoOp's encoder
+    python examples/coop_integration.py --encoder plain     # the same at full length
     python examples/coop_integration.py --compare 5 --model ViT-B-16 --classes 64 \
         --n-ctx 16 --prompts 1                              # time plain vs fast steps
 
 In a real run the LLM embeddings come from ``demul_fast.app.llm.class_name_embeddings`` and
-phi from ``demul_fast.mapping.fit_phi_for_model``; here both are random.
+phi from ``demul_fast.app.phi_cache.fit_phi_for_model``; here both are random.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 import demul_fast.nn as dnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.coop_layout import ContextPrompts, FullLengthTextEncoder  # noqa: E402  (the CoOp-style layout)
 
 WORDS = ["dog", "sea lion", "golden retriever", "red-winged blackbird", "cat", "maple tree", "airliner",
          "garden spider", "espresso", "african elephant", "fire truck", "sunflower", "mountain bike",
@@ -74,66 +80,19 @@ def build_clip(name: str, seed: int):
     return model.eval().requires_grad_(False), tokenizer
 
 
-class PromptLearner(nn.Module):
-    """CoOp's prompt learner (unified context, class token at the end), with M prompts.
-
-    Buffers ``token_prefix [C, 1, W]`` (SOT) and ``token_suffix [C, 77 - 1 - n_ctx, W]``
-    (class name, ".", EOT, padding); parameter ``ctx [M, n_ctx, W]`` (init N(0, 0.02)).
-    ``forward()`` returns M prompt tensors ``[C, 77, W]``: ``[prefix ; ctx[m] ; suffix]``.
-    """
-
-    def __init__(self, classnames: Sequence[str], clip_model: nn.Module, tokenizer, n_ctx: int, n_prompts: int):
-        super().__init__()
-        width = clip_model.ln_final.weight.shape[0]
-        dtype = clip_model.positional_embedding.dtype
-        texts = [" ".join(["X"] * n_ctx) + " " + name.replace("_", " ") + "." for name in classnames]
-        tokenized = tokenizer(texts)                                          # [C, 77]
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokenized).to(dtype)      # [C, 77, W]
-        self.ctx = nn.Parameter(torch.randn(n_prompts, n_ctx, width, dtype=dtype) * 0.02)
-        self.register_buffer("token_prefix", embedding[:, :1])
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:])
-        self.register_buffer("tokenized_prompts", tokenized)
-        self.n_cls, self.n_ctx = len(classnames), n_ctx
-
-    def forward(self) -> List[torch.Tensor]:
-        prompts = []
-        for ctx in self.ctx:                                                 # [n_ctx, W] per prompt
-            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)                # CoOp's broadcast
-            prompts.append(torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1))
-        return prompts
-
-
-class TextEncoder(nn.Module):
-    """CoOp's text encoder: every prompt at 77 tokens through the CLIP text tower."""
-
-    def __init__(self, clip_model: nn.Module):
-        super().__init__()
-        self.transformer = clip_model.transformer
-        self.positional_embedding = clip_model.positional_embedding
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-        self.register_buffer("attn_mask", clip_model.attn_mask, persistent=False)
-
-    def forward(self, prompts: torch.Tensor, tokenized_prompts: torch.Tensor) -> torch.Tensor:
-        x = prompts + self.positional_embedding.to(prompts.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)
-        x = self.ln_final(x)
-        return x[torch.arange(x.shape[0], device=x.device), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
-
-
-class CustomCLIP(nn.Module):
-    """CoOp's CustomCLIP with the DeMul head. ``encoder="fast"`` uses CoOpTextEncoder."""
+class PromptedDeMul(nn.Module):
+    """A CoOp-style model with M learned contexts and the DeMul head. ``encoder="fast"`` uses
+    CoOpTextEncoder; ``"plain"`` runs every prompt at full length."""
 
     def __init__(self, classnames: Sequence[str], clip_model: nn.Module, tokenizer, n_ctx: int, n_prompts: int,
                  llm_embeddings: torch.Tensor, phi: nn.Linear, encoder: str = "fast"):
         super().__init__()
-        self.prompt_learner = PromptLearner(classnames, clip_model, tokenizer, n_ctx, n_prompts)
+        self.prompt_learner = ContextPrompts(clip_model, tokenizer, classnames, n_ctx, n_prompts=n_prompts)
         self.image_encoder = clip_model.visual
         if encoder == "fast":
             self.text_encoder = dnn.CoOpTextEncoder(clip_model)              # swap 1
         elif encoder == "plain":
-            self.text_encoder = TextEncoder(clip_model)
+            self.text_encoder = FullLengthTextEncoder(clip_model)
         else:
             raise ValueError(f"encoder must be 'fast' or 'plain', got {encoder!r}")
         self.head = dnn.DeMulHead(len(classnames), n_prompts, llm_embeddings=llm_embeddings, phi=phi)  # swap 2
@@ -141,7 +100,7 @@ class CustomCLIP(nn.Module):
 
     def text_features(self) -> torch.Tensor:
         """T [C, M, D]: one text-encoder call per prompt, as CoOp calls it per step."""
-        tokenized = self.prompt_learner.tokenized_prompts
+        tokenized = self.prompt_learner.tokens
         return torch.stack([self.text_encoder(p, tokenized) for p in self.prompt_learner()], dim=1)
 
     def forward(self, image: Optional[torch.Tensor] = None, label: Optional[torch.Tensor] = None,
@@ -153,7 +112,7 @@ class CustomCLIP(nn.Module):
 
 
 def make_model(args, encoder: str, clip=None):
-    """CustomCLIP on ``clip`` = (model, tokenizer) (built from ``args.model`` if None)."""
+    """PromptedDeMul on ``clip`` = (model, tokenizer) (built from ``args.model`` if None)."""
     clip_model, tokenizer = clip or build_clip(args.model, args.seed)
     names = classnames(args.classes)
     dim = clip_model.text_projection.shape[1]
@@ -164,14 +123,14 @@ def make_model(args, encoder: str, clip=None):
         phi.weight.copy_(torch.randn(args.llm_dim, dim, generator=gen) * dim ** -0.5)
         phi.bias.zero_()
     torch.manual_seed(args.seed)                                          # same ctx init for both encoders
-    model = CustomCLIP(names, clip_model, tokenizer, args.n_ctx, args.prompts, llm, phi, encoder)
+    model = PromptedDeMul(names, clip_model, tokenizer, args.n_ctx, args.prompts, llm, phi, encoder)
     model.embed_dim = dim
     for name, p in model.named_parameters():                             # CoOp: train the prompt learner only
         p.requires_grad_(name.startswith("prompt_learner") or name == "head.prompt_logits")
     return model
 
 
-def random_batch(args, model: CustomCLIP):
+def random_batch(args, model: PromptedDeMul):
     gen = torch.Generator().manual_seed(args.seed + 1)
     size = model.image_encoder.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -241,7 +200,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--llm-dim", type=int, default=48)
     p.add_argument("--encoder", choices=("fast", "plain"), default="fast",
-                   help="fast: CoOpTextEncoder; plain: CoOp's TextEncoder")
+                   help="fast: CoOpTextEncoder; plain: every prompt at full length")
     p.add_argument("--compare", type=int, default=0, metavar="STEPS",
                    help="time STEPS training steps with each encoder (interleaved) and print the ratio")
     p.add_argument("--seed", type=int, default=0)
@@ -255,7 +214,7 @@ def main(argv=None) -> dict:
         t = r["tokens"]
         print(f"model {args.model}, C={args.classes}, M={args.prompts}, n_ctx={args.n_ctx}, B={args.batch}, "
               f"{torch.get_num_threads()} thread(s), median of {args.compare} steps:")
-        for label, key in (("plain (CoOp TextEncoder)", "plain"), ("fast (CoOpTextEncoder)", "fast")):
+        for label, key in (("plain (full length)", "plain"), ("fast (CoOpTextEncoder)", "fast")):
             print(f"  {label:<25} wall {r[key + '_s'] * 1e3:9.1f} ms  cpu {r[key + '_cpu_s'] * 1e3:9.1f} ms "
                   f"{t[key]:7d} tokens")
         print(f"  ratio plain / fast: wall {r['ratio']:.2f}x, cpu {r['cpu_ratio']:.2f}x")

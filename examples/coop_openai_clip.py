@@ -10,13 +10,14 @@ prompt learner's ``[C, 77, width]`` prompts with a ``TextEncoder`` that runs eve
 Same ``forward(prompts, tokenized_prompts)``, same ``[C, D]`` up to float rounding, same
 dtype (``clip.build_model``'s float16 weights compute in float16, as CoOp does), but
 truncated after the last EOT and with [SOT] + the learned context computed once instead of
-once per class. ``PromptLearner`` and ``TextEncoder`` below are CoOp's (trainers/coop.py,
-unified context, class token at the end), unchanged but for comments.
+once per class. The prompt layout (one learned context broadcast over the classes, class
+token at the end) and the full-length text encoder swapped out are this project's own
+stand-ins for CoOp's (tests/support/coop_layout.py); no CoOp code is copied.
 
 Random weights built with ``clip.model.CLIP`` (no downloads):
 
     python examples/coop_openai_clip.py                        # a few CoOp steps, tiny model
-    python examples/coop_openai_clip.py --encoder plain        # the same with CoOp's TextEncoder
+    python examples/coop_openai_clip.py --encoder plain        # the same with the full-length encoder
     python examples/coop_openai_clip.py --fp16                 # weights cast as clip.build_model casts
     python examples/coop_openai_clip.py --compare 3 --model ViT-B/16 --classes 64 --n-ctx 16
                                                                # time text-encoder fwd+bwd, both ways
@@ -25,7 +26,9 @@ Random weights built with ``clip.model.CLIP`` (no downloads):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import List
 
 import torch
@@ -33,6 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import demul_fast.nn as dnn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.coop_layout import ContextPrompts, FullLengthTextEncoder  # noqa: E402  (the CoOp-style layout)
 
 WORDS = ["dog", "sea lion", "golden retriever", "red-winged blackbird", "cat", "maple tree", "airliner",
          "garden spider", "espresso", "african elephant", "fire truck", "sunflower", "mountain bike",
@@ -65,87 +71,37 @@ def build_clip(name: str, seed: int, fp16: bool):
     return model.eval().requires_grad_(False)
 
 
-class PromptLearner(nn.Module):
-    """CoOp's PromptLearner: unified context ``ctx [n_ctx, W]`` in the model's dtype, token
-    prefix (SOT) and suffix (class name, ".", EOT, padding) buffers."""
-
-    def __init__(self, classnames, clip_model, n_ctx: int):
-        super().__init__()
-        import clip
-
-        n_cls = len(classnames)
-        dtype = clip_model.dtype
-        ctx_dim = clip_model.ln_final.weight.shape[0]
-        ctx_vectors = torch.empty(n_ctx, ctx_dim, dtype=dtype)
-        nn.init.normal_(ctx_vectors, std=0.02)
-        self.ctx = nn.Parameter(ctx_vectors)
-        prompt_prefix = " ".join(["X"] * n_ctx)
-        prompts = [prompt_prefix + " " + name + "." for name in classnames]
-        tokenized_prompts = torch.cat([clip.tokenize(p) for p in prompts])
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(tokenized_prompts).type(dtype)
-        self.register_buffer("token_prefix", embedding[:, :1, :])           # SOT
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:, :])   # CLS, EOS
-        self.n_cls, self.n_ctx = n_cls, n_ctx
-        self.tokenized_prompts = tokenized_prompts
-
-    def forward(self):
-        ctx = self.ctx
-        if ctx.dim() == 2:
-            ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
-        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1)
-
-
-class TextEncoder(nn.Module):
-    """CoOp's TextEncoder."""
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer = clip_model.transformer
-        self.positional_embedding = clip_model.positional_embedding
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-        self.dtype = clip_model.dtype
-
-    def forward(self, prompts, tokenized_prompts):
-        x = prompts + self.positional_embedding.type(self.dtype)
-        x = x.permute(1, 0, 2)  # NLD -> LND
-        x = self.transformer(x)
-        x = x.permute(1, 0, 2)  # LND -> NLD
-        x = self.ln_final(x).type(self.dtype)
-        x = x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
-        return x
-
-
-class CustomCLIP(nn.Module):
-    """CoOp's CustomCLIP; ``encoder="fast"`` is the one-line swap."""
+class PromptedCLIP(nn.Module):
+    """A CoOp-style model: learned context prompts (tests/support/coop_layout.py), a text
+    encoder called as ``encoder(prompts, tokens)``, the frozen image tower, cosine logits.
+    ``encoder="fast"`` is the one-line swap."""
 
     def __init__(self, classnames, clip_model, n_ctx: int, encoder: str = "fast"):
         super().__init__()
-        self.prompt_learner = PromptLearner(classnames, clip_model, n_ctx)
-        self.tokenized_prompts = self.prompt_learner.tokenized_prompts
+        import clip
+
+        self.prompt_learner = ContextPrompts(clip_model, clip.tokenize, classnames, n_ctx)
+        self.tokenized_prompts = self.prompt_learner.tokens
         self.image_encoder = clip_model.visual
         if encoder == "fast":
             self.text_encoder = dnn.CoOpTextEncoder(clip_model)    # the swap
         elif encoder == "plain":
-            self.text_encoder = TextEncoder(clip_model)
+            self.text_encoder = FullLengthTextEncoder(clip_model)
         else:
             raise ValueError(f"encoder must be 'fast' or 'plain', got {encoder!r}")
         self.logit_scale = clip_model.logit_scale
         self.dtype = clip_model.dtype
 
     def forward(self, image):
-        image_features = self.image_encoder(image.type(self.dtype))
-        text_features = self.text_encoder(self.prompt_learner(), self.tokenized_prompts)
-        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        image_features = F.normalize(self.image_encoder(image.type(self.dtype)), dim=-1)
+        text_features = F.normalize(self.text_encoder(self.prompt_learner(), self.tokenized_prompts), dim=-1)
         return self.logit_scale.exp() * image_features @ text_features.t()
 
 
-def make_model(args, encoder: str, clip_model=None) -> CustomCLIP:
+def make_model(args, encoder: str, clip_model=None) -> PromptedCLIP:
     clip_model = clip_model if clip_model is not None else build_clip(args.model, args.seed, args.fp16)
     torch.manual_seed(args.seed)  # the same ctx initialisation for both encoders
-    model = CustomCLIP(classnames(args.classes), clip_model, args.n_ctx, encoder)
+    model = PromptedCLIP(classnames(args.classes), clip_model, args.n_ctx, encoder)
     for name, p in model.named_parameters():  # CoOp: only the prompt learner learns
         p.requires_grad_("prompt_learner" in name)
     return model
@@ -169,7 +125,7 @@ def train(args, encoder: str) -> dict:
 
 
 def compare(args) -> dict:
-    """Time the text encoder's forward + backward (features [C, D] and d ctx), CoOp's and
+    """Time the text encoder's forward + backward (features [C, D] and d ctx), full length and
     the fast one, interleaved, on one frozen model; report the medians (wall and process
     CPU time) and the largest difference of features and ctx gradients."""
     clip_model = build_clip(args.model, args.seed, args.fp16)
@@ -212,7 +168,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--encoder", choices=("fast", "plain"), default="fast",
-                   help="fast: CoOpTextEncoder; plain: CoOp's TextEncoder")
+                   help="fast: CoOpTextEncoder; plain: every prompt at full length")
     p.add_argument("--compare", type=int, default=0, metavar="STEPS",
                    help="time STEPS text-encoder forward+backward calls with each encoder and print the ratio")
     p.add_argument("--seed", type=int, default=0)
@@ -227,7 +183,7 @@ def main(argv=None) -> dict:
         print(f"OpenAI CLIP text tower {args.model} ({'float16' if args.fp16 else 'float32'} weights), "
               f"C={args.classes}, n_ctx={args.n_ctx}, {torch.get_num_threads()} thread(s), "
               f"median of {args.compare} forward+backward calls:")
-        for label, key in (("CoOp TextEncoder", "plain"), ("CoOpTextEncoder", "fast")):
+        for label, key in (("full length", "plain"), ("CoOpTextEncoder", "fast")):
             print(f"  {label:<17} wall {r[key + '_s'] * 1e3:9.1f} ms  cpu {r[key + '_cpu_s'] * 1e3:9.1f} ms "
                   f"{t[key]:6d} tokens")
         print(f"  ratio plain / fast: wall {r['ratio']:.2f}x, cpu {r['cpu_ratio']:.2f}x")

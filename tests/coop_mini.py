@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demul_fast import mapping
+from demul_fast.data import classnames
 from demul_fast.data.coop_layouts import LAYOUTS
 
 COUNTS = {"train": 6, "val": 3, "test": 2}  # images per class
@@ -31,7 +31,7 @@ def make_dataset(root, name: str, n_classes: int = 3, counts=None, seed: int = 0
     counts = counts or COUNTS
     lay = LAYOUTS[name]
     folder = Path(root) / lay.folder
-    classes = mapping.dataset_classnames(name)[:n_classes]
+    classes = classnames.dataset_classnames(name)[:n_classes]
     rng = np.random.default_rng(seed)
     if name == "imagenet":
         wnids = [f"n{i:08d}" for i in range(n_classes)]

@@ -232,22 +232,23 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_fit_phi_command_and_training_with_it(env, tmp_path):
-    from demul_fast import mapping
+    from demul_fast import phi as phi_mod
+    from demul_fast.data import classnames
 
     names = tmp_path / "names.txt"
-    names.write_text("\n".join(list(CLASSES) + mapping.dataset_classnames("dtd")[:17]) + "\n")
+    names.write_text("\n".join(list(CLASSES) + classnames.dataset_classnames("dtd")[:17]) + "\n")
     target = tmp_path / "phi.safetensors"
     argv = ["fit-phi", "--out", str(target), "--model", env["model"], "--pretrained", "none", "--names", str(names),
             "--device", "cpu"]
     assert cli.main(argv) == 0
-    phi, info = mapping.load_phi(target)
+    phi, info = phi_mod.load_phi(target)
     assert isinstance(phi, torch.nn.Linear) and phi.weight.shape == (384, 32)
     assert info["report"]["n_fit"] + info["report"]["n_heldout"] == 20 and info["report"]["n_heldout"] == 2
     run = ["train", "--data", str(env["data"]), "--shots", "2", "--epochs", "1", "--no-progress"] + env["common"]
     assert cli.main(run + ["--out", str(tmp_path / "o"), "--phi", str(target)]) == 0
-    used, _ = mapping.load_phi(tmp_path / "o" / "phi.safetensors")
+    used, _ = phi_mod.load_phi(tmp_path / "o" / "phi.safetensors")
     assert torch.equal(used.weight, phi.weight) and torch.equal(used.bias, phi.bias)
-    mapping.save_phi(tmp_path / "wrong", torch.nn.Linear(16, 384))
+    phi_mod.save_phi(tmp_path / "wrong", torch.nn.Linear(16, 384))
     with pytest.raises(ValueError, match="maps D=16 to K=384, but this CLIP model has D=32"):
         train(_cfg(env, env["data"], tmp_path / "o2", phi=str(tmp_path / "wrong.safetensors")))
     assert not (tmp_path / "o2").exists()

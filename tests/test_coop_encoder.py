@@ -1,8 +1,8 @@
-"""CoOpTextEncoder against the plain CoOp TextEncoder computation (all rows at 77 tokens).
+"""CoOpTextEncoder against the full-length text forward of CoOp-style code (all rows at 77 tokens).
 
-The reference here is CoOp's TextEncoder written out on the open_clip tower:
-``x = prompts + positional_embedding; transformer(x, attn_mask); ln_final;
-x[arange, tokenized.argmax(-1)] @ text_projection``. Forward and the gradient w.r.t. the
+The reference is this project's stand-in for that layout and forward
+(tests/support/coop_layout.py): ``x = prompts + positional_embedding; transformer(x,
+attn_mask); ln_final; x[arange, tokenized.argmax(-1)] @ text_projection``. Forward and the gradient w.r.t. the
 context parameter(s) are compared in float64 (agreement to float rounding) for a shared
 context (CoOp's expand: sharing must happen), class-specific contexts (CSC) with random
 and with identical values (no sharing: each class keeps its own gradient), and class
@@ -21,6 +21,7 @@ from demul_fast.coop import CoOpTextEncoder, equal_prefix_len, gradient_shareabl
 from demul_fast.text_encoder import UnsupportedTextTower
 from clip_tiny import tiny_hf_clip
 from numerics import assert_error_rule
+from support.coop_layout import full_text_forward, layout, prompt_tokens
 
 WIDTH, N_CTX = 64, 4
 # different token lengths, one long name; EOT positions differ per row
@@ -49,27 +50,20 @@ def model64():
 
 @pytest.fixture(scope="module")
 def tokens():
-    tok = open_clip.get_tokenizer("ViT-B-16")
-    return tok([" ".join(["X"] * N_CTX) + " " + name + "." for name in CLASSNAMES])
+    return prompt_tokens(open_clip.get_tokenizer("ViT-B-16"), CLASSNAMES, N_CTX)
 
 
 def plain_coop(model, prompts, tokenized):
-    """CoOp's TextEncoder.forward on an open_clip CLIP."""
-    x = prompts + model.positional_embedding.to(prompts.dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
-    return x[torch.arange(x.shape[0]), tokenized.argmax(dim=-1)] @ model.text_projection
+    """The full-length text forward of CoOp-style code (tests/support/coop_layout.py)."""
+    return full_text_forward(model, prompts, tokenized)
 
 
 def coop_prompts(model, tokenized, ctx):
-    """CoOp's PromptLearner layout: [token_prefix (SOT) ; ctx ; token_suffix].
-    ctx [n_ctx, W] is broadcast by expand (unified context); ctx [C, n_ctx, W] is CSC."""
+    """The CoOp-style layout [SOT ; ctx ; class tokens, EOT, padding]: ctx [n_ctx, W] is
+    broadcast over the classes (one context), ctx [C, n_ctx, W] is one per class (CSC)."""
     with torch.no_grad():
         emb = model.token_embedding(tokenized).to(ctx.dtype)
-    prefix, suffix = emb[:, :1], emb[:, 1 + N_CTX:]
-    if ctx.dim() == 2:
-        ctx = ctx.unsqueeze(0).expand(tokenized.shape[0], -1, -1)
-    return torch.cat([prefix, ctx, suffix], dim=1)
+    return layout(emb, ctx, N_CTX)
 
 
 def run_both(model, tokenized, ctx, encoder=None, gen=None):
@@ -240,7 +234,7 @@ def test_low_precision_error_rule(tokens, gen, dtype):
 
 def test_token_analysis_follows_a_modified_tokenized_tensor(model64, tokens, gen):
     tok = open_clip.get_tokenizer("ViT-B-16")
-    other = tok([" ".join(["X"] * N_CTX) + " " + name + "." for name in ["a", "b c", "d", "e", "f"]])
+    other = prompt_tokens(tok, ["a", "b c", "d", "e", "f"], N_CTX)
     ids = tokens.clone()
     ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen)
     enc = CoOpTextEncoder(model64)
@@ -263,12 +257,7 @@ def test_custom_text_clip_and_layer_scale(tokens, gen):
     text = model.text
     ctx = torch.randn(N_CTX, WIDTH, dtype=torch.float64, generator=gen, requires_grad=True)
 
-    def plain(prompts):
-        x = text.transformer(prompts + text.positional_embedding, attn_mask=text.attn_mask)
-        x = text.ln_final(x)
-        return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ text.text_projection
-
-    ref = plain(coop_prompts(text, tokens, ctx))
+    ref = plain_coop(text, coop_prompts(text, tokens, ctx), tokens)
     cot = torch.randn(ref.shape, dtype=ref.dtype, generator=gen)
     (g_ref,) = torch.autograd.grad((ref * cot).sum(), ctx)
     enc = CoOpTextEncoder(model)

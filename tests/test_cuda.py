@@ -174,7 +174,7 @@ def test_frozen_operands_requiring_grad_are_refused():
 
 
 def test_default_order_on_a_gpu_is_triton_first_and_says_why(monkeypatch):
-    """Until a GPU measurement compares the kernel backends, triton comes first (README);
+    """Until a GPU measurement compares the kernel backends, triton comes first (docs/kernels.md, "Backends");
     ``python -m demul_fast`` prints the reason."""
     monkeypatch.delenv("DEMUL_FAST_BACKEND", raising=False)
     assert backends.default_order(torch.device("cuda")) == ("triton", "cuda", "torch")

@@ -190,11 +190,22 @@ def test_gradients_scale_exactly_with_the_loss_weight(gen, dtype):
     assert torch.equal(grads[1], grads[0] * 2.0 ** 16)
 
 
-def test_head_is_bitwise_deterministic(gen):
+@pytest.fixture
+def schedule(monkeypatch):
+    """Sets the emulation's schedule (include/emu_adversary.h) for the launches that follow."""
+    def set_schedule(name):
+        monkeypatch.setenv("DEMUL_EMU_SCHEDULE", name)
+    return set_schedule
+
+
+def test_head_is_bitwise_deterministic(gen, schedule):
+    """The same bits under two schedules (blocks and threads in id order, then reversed):
+    no atomics, no order-dependent reduction, no race."""
     T, A, X, y, E, W, b = make_inputs(gen, **ODD)
     basis = basis_of(E, W, b)
     results = []
-    for _ in range(2):
+    for name in ("forward", "reverse"):
+        schedule(name)
         leaves = [T.to(torch.bfloat16).requires_grad_(), A.float().requires_grad_(),
                   X.to(torch.bfloat16).requires_grad_()]
         out = cuda_ops.demul_head(*leaves, y, 30.0, basis, 0.5, 0.1, True)
@@ -202,6 +213,49 @@ def test_head_is_bitwise_deterministic(gen):
         results.append([out.loss, out.logits] + [v.grad for v in leaves])
     for a, c in zip(*results):
         assert torch.equal(a, c)
+
+
+def test_every_op_gives_the_same_bits_under_every_schedule(schedule):
+    """Every op, forward and backward, float32 / bfloat16 / float16, on shapes that split the
+    class ranges, under the adversarial emulation (NaN-poisoned shared memory and outputs,
+    strict barriers, WMMA checks) and three schedules: all finite, all bitwise identical
+    (tests/cuda_emu/race_probe.py runs all five)."""
+    from cuda_emu import race_probe  # noqa: PLC0415
+
+    first = None
+    for name in ("forward", "reverse", "shuffle:1"):
+        schedule(name)
+        got = race_probe._run_ops(cuda_ops._C)
+        assert all(torch.isfinite(t).all() for t in got), f"schedule {name}: a non-finite value (a poisoned read)"
+        first = first or got
+        assert all(torch.equal(a, c) for a, c in zip(first, got)), f"schedule {name} changes the bits: a race"
+
+
+def test_the_planted_race_at_text_head_131_is_caught():
+    """The barrier after s_gp's writes in text_head.cu's float32 path (warps 0-7 write, every
+    warp reads) removed: the adversarial emulation must notice (a subprocess: an abort of the
+    emulation ends only it). Builds one more emulation, cached like the first."""
+    from cuda_emu import build as emu_build, race_probe  # noqa: PLC0415
+
+    line = next(ln for f, ln in emu_build.barriers() if f == "text_head.cu" and ln > 125)
+    # the barrier guards the float32 (SIMT) path: float32 under two schedules suffices
+    report = race_probe.probe([f"text_head.cu:{line}"], dtypes=("float32",), schedules=("forward", "reverse"))
+    assert race_probe.caught(report), f"the removed barrier went unnoticed: {report}"
+
+
+# Barriers whose removal must be caught: all of them (tests/cuda_emu/race_probe.py; the table
+# in docs/testing-precision.md). Each builds its own emulation (a minute of CPU, cached), so
+# the sweep runs when DEMUL_FAST_BARRIER_SWEEP=1.
+SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
+
+
+@pytest.mark.skipif(not SWEEP, reason="one emulation build per barrier: set DEMUL_FAST_BARRIER_SWEEP=1")
+@pytest.mark.parametrize("where", [f"{f}:{ln}" for f, ln in emu_build.barriers()])
+def test_each_removed_barrier_is_caught(where):
+    from cuda_emu import race_probe  # noqa: PLC0415
+
+    report = race_probe.probe([where])
+    assert race_probe.caught(report), f"removing the barrier at {where} went unnoticed: {report}"
 
 
 def test_the_emulated_extension_reports_the_built_constants(emulated_extension):

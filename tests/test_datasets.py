@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from coop_mini import COUNTS, make_dataset
-from demul_fast import mapping
+from demul_fast.data import classnames
 from demul_fast.app import cli
 from demul_fast.app.config import TrainConfig
 from demul_fast.app.train import data_split
@@ -19,7 +19,7 @@ from demul_fast.data.coop_layouts import LAYOUTS, ClassNamesDiffer
 
 
 def test_layout_table_covers_the_eleven_datasets_in_order():
-    assert tuple(LAYOUTS) == mapping.DATASETS
+    assert tuple(LAYOUTS) == classnames.DATASETS
     assert LAYOUTS["eurosat"].images == "2750" and LAYOUTS["eurosat"].split == "split_zhou_EuroSAT.json"
     assert LAYOUTS["sun397"].images == "SUN397" and LAYOUTS["caltech101"].folder == "caltech-101"
 
@@ -30,7 +30,7 @@ def test_every_layout_reads_its_miniature(tmp_path, name):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ClassNamesDiffer)  # the shipped names: no warning
         data = datasets.read(name, tmp_path)
-    assert data.folder == folder and data.classes == mapping.dataset_classnames(name)[:3]
+    assert data.folder == folder and data.classes == classnames.dataset_classnames(name)[:3]
     per_split = {s: len(v) for s, v in data.items.items()}
     if name == "imagenet":  # val/ is the test set; there is no validation split
         assert per_split == {"train": 3 * COUNTS["train"], "val": 0, "test": 3 * COUNTS["test"]}
@@ -48,7 +48,7 @@ def test_every_layout_reads_its_miniature(tmp_path, name):
 def test_coop_split_draws_k_train_and_min_k_4_val_shots_by_seed(tmp_path, name):
     make_dataset(tmp_path, name, counts={"train": 7, "val": 5, "test": 2})
     split = datasets.coop_split(name, tmp_path, shots=5, seed=1, allow_fewer=False)
-    classes = mapping.dataset_classnames(name)[:3]
+    classes = classnames.dataset_classnames(name)[:3]
     assert split["classes"] == classes and split["short"] == {} and split["layout"] == f"coop:{name}"
     assert {c: len(v) for c, v in split["train"].items()} == {c: 5 for c in classes}
     if name == "imagenet":
@@ -69,7 +69,7 @@ def test_coop_split_draws_the_images_dassl_draws(tmp_path):
     """Known answer from Dassl's own generate_fewshot_dataset (run once, outside the repository,
     after random.seed(1) as CoOp's set_random_seed does): K=2 from train, then min(2, 4) from
     val with the same generator; label 3 has one val image and keeps it."""
-    names = mapping.dataset_classnames("eurosat")[:4]
+    names = classnames.dataset_classnames("eurosat")[:4]
     train_labels = [2, 0, 1, 2, 0, 3, 1, 2, 0, 1, 2, 0, 3, 1, 2, 0, 1, 0, 2, 1, 0]
     val_labels = [1, 0, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]
     split = {"train": [[f"tr{i}.jpg", label, names[label]] for i, label in enumerate(train_labels)],

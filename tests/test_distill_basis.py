@@ -276,7 +276,6 @@ def test_double_backward_matches_reference(gen):
 
 def test_mlp_phi_runs_its_last_layer_in_the_basis(gen, monkeypatch):
     """An MLP phi: earlier layers on t^, the last linear layer K-free (the direct MLP loss never runs)."""
-    from demul_fast import nn as dnn
 
     k, hidden = 11, 20
     phi = torch.nn.Sequential(torch.nn.Linear(D, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, k)).double()
@@ -285,6 +284,6 @@ def test_mlp_phi_runs_its_last_layer_in_the_basis(gen, monkeypatch):
     t = torch.randn(C, M, D, generator=gen, dtype=torch.float64)
     x, y = torch.randn(5, D, generator=gen, dtype=torch.float64), torch.randint(0, C, (5,))
     want = reference.mlp_distill_loss(t, head.phi_pre, head.phi_weight, head.phi_bias, e)
-    monkeypatch.setattr(dnn, "mlp_distill_loss", lambda *a: pytest.fail("the direct MLP loss ran"))
+    monkeypatch.setattr(reference, "mlp_distill_loss", lambda *a: pytest.fail("the direct MLP loss ran"))
     assert head.distill_basis(torch.float64).R.shape == (min(k, hidden), hidden)
     torch.testing.assert_close(head(t, x, y).distill_loss, want, rtol=0, atol=1e-13)

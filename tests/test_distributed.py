@@ -25,7 +25,7 @@ from demul_fast import DeMul
 from demul_fast.app import checkpoint
 from demul_fast.app.run_folder import run_log
 from demul_fast.sharded import ShardedDeMul, shard_bounds
-from demul_fast.reference import DeMulReference
+from demul_fast.model import DeMulReference
 from numerics import assert_error_rule, assert_same_trained_prompts
 
 TINY_VISION = dict(image_size=32, layers=1, width=32, patch_size=16, head_width=32)

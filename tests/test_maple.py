@@ -162,3 +162,21 @@ def test_bad_deep_prompts_name_the_argument():
         enc(prompts, ids, [deeper[0]] * LAYERS)
     assert isinstance(nn.ParameterList(deeper), nn.ParameterList)
     enc(prompts, ids, nn.ParameterList(deeper))  # MaPLe passes its ParameterList
+
+
+@pytest.mark.parametrize("attention", ["masked", "prefix"])
+def test_deep_prompts_on_a_standard_tower(attention):
+    """A tower of standard blocks takes deep prompts too (MaPLe's semantics run by the
+    encoder): against MaPLe's encoder over the same weights with MaPLe's blocks."""
+    import copy
+
+    model = tiny_openai_clip(width=32, heads=2, layers=4, seed=10)
+    assert towers.text_tower(model).deep_ctx is None
+    maple = to_deep_prompt_tower(copy.deepcopy(model), N_CTX)
+    learner = DeepPromptLearner(NAMES, model, N_CTX, 3, seed=10)
+    upstream = torch.randn(len(NAMES), 48, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    ref, ref_grads = step(learner, DeepTextEncoder(maple), upstream)
+    out, grads = step(learner, CoOpTextEncoder(model, attention=attention), upstream)
+    assert_exact(out, ref, "features")
+    for j, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_exact(g, r, f"grad {j}")

@@ -9,7 +9,7 @@ import torch
 from open_clip.model import CLIP
 
 from demul_fast import DeMul, UnsupportedTextTower
-from demul_fast.reference import DeMulReference
+from demul_fast.model import DeMulReference
 from numerics import assert_error_rule
 
 TINY_VISION = dict(image_size=32, layers=1, width=32, patch_size=16, head_width=32)

@@ -19,7 +19,7 @@ from open_clip.model import CLIP
 
 from backend_cases import backend_module, backend_params
 from demul_fast import DeMul
-from demul_fast.reference import DeMulReference
+from demul_fast.model import DeMulReference
 from numerics import assert_error_rule
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,6 @@
-"""The old import paths of the modules that moved into demul_fast.app and demul_fast.data
-(issue 24) keep working for one release: each old name is the very object at its new place,
+"""The old import paths of what moved in issue 24 (into demul_fast.app and demul_fast.data,
+mapping.py to phi.py, the reference modules out of the specification) keep working for one
+release: each old name is the very object at its new place,
 reached with a DeprecationWarning that names the new place; a name the old module never had
 is still an AttributeError. The entry points (``demul-fast``, ``python -m demul_fast.cli``)
 run the new command line."""
@@ -24,6 +25,11 @@ MOVED = {
     "demul_fast.checkpoint": {"write": "demul_fast.app.checkpoint", "CheckpointError": "demul_fast.app.checkpoint"},
     "demul_fast.zeroshot": {"zeroshot": "demul_fast.app.zeroshot"},
     "demul_fast.sweep": {"sweep": "demul_fast.app.sweep", "MissingExtra": "demul_fast.app.runtime"},
+    "demul_fast.mapping": {"fit_phi": "demul_fast.phi", "load_phi": "demul_fast.phi",
+                           "dataset_classnames": "demul_fast.data.classnames", "DATASETS": "demul_fast.data.classnames",
+                           "fit_phi_for_model": "demul_fast.app.phi_cache"},
+    "demul_fast.reference": {"DeMulReference": "demul_fast.model", "FullTextEncoder": "demul_fast.text_encoder",
+                             "ReferenceHead": "demul_fast.nn", "DeMulModule": "demul_fast.prompt_learner"},
     "demul_fast.distributed": {"ShardedDeMul": "demul_fast.sharded", "shard_bounds": "demul_fast.sharded",
                                "init_from_env": "demul_fast.app.processes"},
 }
@@ -39,6 +45,15 @@ def test_old_names_are_the_new_objects_with_a_deprecation_warning(old):
         assert name in dir(module)
     with pytest.raises(AttributeError, match="has no attribute 'not_a_name'"):
         module.not_a_name  # noqa: B018
+
+
+def test_the_specification_keeps_its_own_names_without_a_warning():
+    from demul_fast import reference
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert callable(reference.demul_head) and reference.EPS > 0
+    assert {"demul_head", "aggregate_prompts", "DeMulReference"} <= set(dir(reference))
 
 
 def test_from_import_of_an_old_path_works():

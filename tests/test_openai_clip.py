@@ -1,5 +1,6 @@
-"""OpenAI's ``clip`` package (and the code bases that vendor it, CoOp first): CoOp's own
-prompt-learner layout and ``TextEncoder`` swapped for ``CoOpTextEncoder``, ``DeMul`` over an
+"""OpenAI's ``clip`` package (and the code bases that vendor it, CoOp first): the CoOp-style
+prompt layout and full-length text encoder (this project's stand-in, tests/support/
+coop_layout.py) swapped for ``CoOpTextEncoder``, ``DeMul`` over an
 OpenAI model, the refusals, and ``load_clip`` on an OpenAI checkpoint file."""
 
 import pytest
@@ -8,74 +9,27 @@ import torch.nn as nn
 
 from demul_fast import DeMul, towers
 from demul_fast.coop import CoOpTextEncoder
-from demul_fast.reference import DeMulReference
+from demul_fast.model import DeMulReference
 from demul_fast.text_encoder import PrefixSharedTextEncoder, UnsupportedTextTower
 from clip_tiny import openai_tokenize, tiny_openai_clip
 from numerics import assert_error_rule
+from support.coop_layout import ContextPrompts, FullLengthTextEncoder
 
 NAMES = ["cat", "golden retriever", "extraordinarily long class name " * 14, "sea anemone", "x"]
 N_CTX = 4
 
 
-class PromptLearner(nn.Module):
-    """CoOp's PromptLearner (unified context), with the class token at the end, in the
-    middle or in front (``CLASS_TOKEN_POSITION``), as CoOp's trainers/coop.py builds it."""
-
-    def __init__(self, classnames, clip_model, n_ctx, position="end", seed=0):
-        super().__init__()
-        dtype = clip_model.dtype
-        gen = torch.Generator().manual_seed(seed)
-        self.ctx = nn.Parameter(0.02 * torch.randn(n_ctx, clip_model.ln_final.weight.shape[0], generator=gen)
-                                .to(dtype))
-        prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in classnames]
-        self.tokenized_prompts = torch.cat([openai_tokenize(p) for p in prompts])
-        with torch.no_grad():
-            embedding = clip_model.token_embedding(self.tokenized_prompts).type(dtype)
-        self.register_buffer("token_prefix", embedding[:, :1, :])
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:, :])
-        self.name_lens = [len(openai_tokenize(name)[0].nonzero()) - 2 for name in classnames]
-        self.n_cls, self.n_ctx, self.position = len(classnames), n_ctx, position
-
-    def forward(self):
-        ctx = self.ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
-        prefix, suffix = self.token_prefix, self.token_suffix
-        if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1)
-        rows, half = [], self.n_ctx // 2
-        for i, n in enumerate(self.name_lens):
-            name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
-            if self.position == "middle":
-                rows.append(torch.cat([prefix[i:i + 1], ctx[i:i + 1, :half], name, ctx[i:i + 1, half:], rest], 1))
-            else:
-                rows.append(torch.cat([prefix[i:i + 1], name, ctx[i:i + 1], rest], 1))
-        return torch.cat(rows, dim=0)
-
-
-class TextEncoder(nn.Module):
-    """CoOp's TextEncoder (trainers/coop.py), as it is."""
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer = clip_model.transformer
-        self.positional_embedding = clip_model.positional_embedding
-        self.ln_final = clip_model.ln_final
-        self.text_projection = clip_model.text_projection
-        self.dtype = clip_model.dtype
-
-    def forward(self, prompts, tokenized_prompts):
-        x = prompts + self.positional_embedding.type(self.dtype)
-        x = x.permute(1, 0, 2)  # NLD -> LND
-        x = self.transformer(x)
-        x = x.permute(1, 0, 2)  # LND -> NLD
-        x = self.ln_final(x).type(self.dtype)
-        x = x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
-        return x
+def coop_learner(model, position="end", seed=0):
+    """A learned context [n_ctx, W] in the model's dtype over the NAMES prompts, in the
+    CoOp-style layout with the class tokens at ``position`` (tests/support/coop_layout.py)."""
+    return ContextPrompts(model, openai_tokenize, NAMES, N_CTX, position=position,
+                          generator=torch.Generator().manual_seed(seed))
 
 
 def coop_step(learner, encoder, upstream):
     """Features [C, D] and d ctx of one CoOp text-encoder call."""
     learner.zero_grad(set_to_none=True)
-    out = encoder(learner(), learner.tokenized_prompts)
+    out = encoder(learner(), learner.tokens)
     (out.double() * upstream).sum().backward()
     return out.detach(), learner.ctx.grad.detach().clone()
 
@@ -83,9 +37,9 @@ def coop_step(learner, encoder, upstream):
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_coop_layout_float64_is_exact_and_does_less_work(position):
     model = tiny_openai_clip()
-    learner = PromptLearner(NAMES, model, N_CTX, position)
+    learner = coop_learner(model, position)
     upstream = torch.randn(len(NAMES), 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    t_coop, g_coop = coop_step(learner, TextEncoder(model), upstream)
+    t_coop, g_coop = coop_step(learner, FullLengthTextEncoder(model), upstream)
     fast = CoOpTextEncoder(model)
     t_fast, g_fast = coop_step(learner, fast, upstream)
     torch.testing.assert_close(t_fast, t_coop, rtol=1e-10, atol=1e-11 * float(t_coop.abs().max()))
@@ -103,13 +57,13 @@ def test_coop_layout_low_precision_error_rule(dtype):
     CoOpTextEncoder's error vs float64 at most 2x (3x for d ctx) CoOp's own in that dtype."""
     model64, model_lp = tiny_openai_clip(seed=3), tiny_openai_clip(seed=3, dtype=dtype)
     assert model_lp.dtype == dtype
-    learner_lp = PromptLearner(NAMES, model_lp, N_CTX)
-    learner64 = PromptLearner(NAMES, model64, N_CTX)
+    learner_lp = coop_learner(model_lp)
+    learner64 = coop_learner(model64)
     with torch.no_grad():
         learner64.ctx.copy_(learner_lp.ctx)
     upstream = torch.randn(len(NAMES), 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    t64, g64 = coop_step(learner64, TextEncoder(model64), upstream)
-    t_plain, g_plain = coop_step(learner_lp, TextEncoder(model_lp), upstream)
+    t64, g64 = coop_step(learner64, FullLengthTextEncoder(model64), upstream)
+    t_plain, g_plain = coop_step(learner_lp, FullLengthTextEncoder(model_lp), upstream)
     t_fast, g_fast = coop_step(learner_lp, CoOpTextEncoder(model_lp), upstream)
     assert t_fast.dtype == dtype and g_fast.dtype == dtype
     # float16-cast weights compute in float16 by design (CoOp's setting): so does the yardstick

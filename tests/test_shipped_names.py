@@ -3,12 +3,12 @@
 A change to a list (a fixed name, a regenerated union) must change this table on purpose.
 ``union.txt`` is generated from the 11 lists, never edited by hand:
 
-    python -c "from demul_fast import mapping; names = mapping.compute_union(
-        [mapping.dataset_classnames(d) for d in mapping.DATASETS]);
+    python -c "from demul_fast.data import classnames; names = classnames.compute_union(
+        [classnames.dataset_classnames(d) for d in classnames.DATASETS]);
         open('demul_fast/data/union.txt', 'w', encoding='utf-8').write('\\n'.join(names) + '\\n')"
 
 (names compared after underscores -> spaces and lower-casing, first spelling kept, in
-``mapping.DATASETS`` order).
+``classnames.DATASETS`` order).
 """
 
 import hashlib
@@ -16,7 +16,7 @@ from importlib import resources
 
 import pytest
 
-from demul_fast import mapping
+from demul_fast.data import classnames
 
 # file: (names, sha256 of the file's bytes)
 SHIPPED = {
@@ -39,26 +39,26 @@ def test_every_shipped_list_is_pinned():
     shipped = sorted(p.name for p in resources.files("demul_fast").joinpath("data").iterdir()
                      if p.name.endswith(".txt"))
     assert shipped == sorted(f"{name}.txt" for name in SHIPPED)
-    assert set(SHIPPED) == set(mapping.DATASETS) | {"union"}
+    assert set(SHIPPED) == set(classnames.DATASETS) | {"union"}
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_list_length_and_checksum(name):
     raw = resources.files("demul_fast").joinpath("data", f"{name}.txt").read_bytes()
-    names = mapping.union_classnames() if name == "union" else mapping.dataset_classnames(name)
+    names = classnames.union_classnames() if name == "union" else classnames.dataset_classnames(name)
     count, digest = SHIPPED[name]
     assert len(names) == count, name
     assert hashlib.sha256(raw).hexdigest() == digest, f"{name}.txt changed: update SHIPPED on purpose"
 
 
 def test_union_is_generated_from_the_lists_and_distinct():
-    union = mapping.union_classnames()
-    assert union == mapping.compute_union([mapping.dataset_classnames(d) for d in mapping.DATASETS])
+    union = classnames.union_classnames()
+    assert union == classnames.compute_union([classnames.dataset_classnames(d) for d in classnames.DATASETS])
     keys = [" ".join(n.replace("_", " ").lower().split()) for n in union]
     assert len(set(keys)) == len(union) == 2114
 
 
 def test_oxford_flowers_lotus_is_named_as_coop_names_it():
     """CoOp's split file names Oxford Flowers label 77 (0-based) "lotus", not "lotus lotus"."""
-    flowers = mapping.dataset_classnames("oxford_flowers")
-    assert flowers[77] == "lotus" and "lotus lotus" not in mapping.union_classnames()
+    flowers = classnames.dataset_classnames("oxford_flowers")
+    assert flowers[77] == "lotus" and "lotus lotus" not in classnames.union_classnames()

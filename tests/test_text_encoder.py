@@ -1,6 +1,6 @@
 """PrefixSharedTextEncoder (SPEC 3.1) against the full-length CoOp computation (SPEC 3).
 
-Three computations must agree: the prefix-shared encoder, ``reference.FullTextEncoder``
+Three computations must agree: the prefix-shared encoder, ``text_encoder.FullTextEncoder``
 and, independently of both, open_clip's ``encode_text`` steps written out here on the same
 embeddings (and ``encode_text`` itself on token ids when the context is the 'X' token's
 embedding). Small custom text towers keep this fast; one test uses ViT-B-16's text tower.
@@ -14,7 +14,7 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
 from demul_fast.prefix_attention import PackedLayout, shared_prefix_attention
-from demul_fast.reference import FullTextEncoder
+from demul_fast.text_encoder import FullTextEncoder
 from demul_fast.text_encoder import (PrefixSharedTextEncoder, UnsupportedTextTower, prefix_shared_forward,
                                      text_tower)
 from clip_tiny import tiny_hf_clip

@@ -4,7 +4,7 @@ transformers, OpenAI ``clip``), against each library's own forward.
 The library's forward (``encode_text`` / ``get_text_features`` on token ids) is made to
 see the learned context by a forward hook on its token embedding that replaces positions
 1..n_ctx by ctx[m]; so outputs and ctx gradients of ``PrefixSharedTextEncoder`` and
-``reference.FullTextEncoder`` are compared with code none of demul_fast wrote: exact in
+``text_encoder.FullTextEncoder`` are compared with code none of demul_fast wrote: exact in
 float64, the error rule (tests/numerics.py) in float32 and, for OpenAI, with the weights
 cast to float16 as ``clip.build_model`` casts them.
 """
@@ -18,8 +18,8 @@ from open_clip.model import CLIP
 
 from demul_fast import towers
 from demul_fast.coop import CoOpTextEncoder
-from demul_fast.mapping import clip_text_features
-from demul_fast.reference import FullTextEncoder
+from demul_fast.phi import clip_text_features
+from demul_fast.text_encoder import FullTextEncoder
 from demul_fast.text_encoder import PrefixSharedTextEncoder
 from clip_tiny import openai_tokenize, tiny_hf_clip, tiny_openai_clip
 from numerics import assert_error_rule
@@ -140,7 +140,7 @@ def test_low_precision_error_rule(family, dtype):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mapping_features_are_the_librarys_own(family):
+def test_phi_features_are_the_librarys_own(family):
     model, tok = build(family)
     feats = clip_text_features(model, tok, ["cat", "sea_anemone"], device="cpu")
     _, encode = own_embedding_and_encode(family, model)
@@ -151,7 +151,7 @@ def test_mapping_features_are_the_librarys_own(family):
 
 def test_transformers_text_model_with_projection():
     """``CLIPTextModelWithProjection`` (no image tower, no get_text_features): the tower,
-    the prefix path and the mapping's features all match its own ``text_embeds``."""
+    the prefix path and phi's features (demul_fast.phi) all match its own ``text_embeds``."""
     import transformers
     full = tiny_hf_clip()
     model = transformers.CLIPTextModelWithProjection(full.config.text_config).double().eval().requires_grad_(False)

@@ -87,7 +87,7 @@ def _train_parser(sub) -> None:
                    help="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="no random resized crop / flip (the evaluation transform for training too)")
-    p.add_argument("--reference", action="store_true", help="train demul_fast.reference.DeMulReference "
+    p.add_argument("--reference", action="store_true", help="train demul_fast.model.DeMulReference "
                                                             "(the plain PyTorch specification) instead of DeMul")
     p.add_argument("--text-encoder", default=d.text_encoder, choices=["prefix", "auto", "full"],
                    help="DeMul's text encoder (default %(default)s)")
@@ -150,7 +150,7 @@ def fit_phi_command(args) -> dict:
     """``demul-fast fit-phi``: returns the fit report as a dict."""
     from pathlib import Path
 
-    from .. import mapping
+    from .. import phi as phi_mod
     from ..data.classnames import union_classnames
     from . import llm
     from .models import load_clip
@@ -171,11 +171,11 @@ def fit_phi_command(args) -> dict:
         y = llm.class_name_embeddings(names, source)
     device = choose_device(args.device)
     clip, tokenizer, _, info = load_clip(args.model, args.pretrained, device, args.init_seed)
-    x = mapping.clip_text_features(clip, tokenizer, names, device=device)
-    phi, rep = mapping.fit_phi(x, y, method=args.method, heldout=args.heldout, seed=args.seed)
-    rep.extra.update({"template": mapping.DEFAULT_TEMPLATE, "n_names": len(names)})
-    mapping.save_phi(args.out, phi, rep, meta={"llm": source, "model": args.model, "pretrained": args.pretrained,
-                                               "clip_fingerprint": info["fingerprint"]})
+    x = phi_mod.clip_text_features(clip, tokenizer, names, device=device)
+    phi, rep = phi_mod.fit_phi(x, y, method=args.method, heldout=args.heldout, seed=args.seed)
+    rep.extra.update({"template": phi_mod.DEFAULT_TEMPLATE, "n_names": len(names)})
+    phi_mod.save_phi(args.out, phi, rep, meta={"llm": source, "model": args.model, "pretrained": args.pretrained,
+                                                   "clip_fingerprint": info["fingerprint"]})
     print(rep.summary())
     return {"report": vars(rep), "out": str(Path(args.out).with_suffix(".safetensors"))}
 

@@ -75,8 +75,7 @@ def fingerprint(model: nn.Module) -> str:
 def build_module(cfg: TrainConfig, clip, tokenizer, classnames, llm_embeddings, phi):
     """The trained module (``DeMul``, or ``DeMulReference`` with --reference), its context
     initialised from ``cfg.seed``."""
-    from ..model import DeMul
-    from ..reference import DeMulReference
+    from ..model import DeMul, DeMulReference
 
     cls = DeMulReference if cfg.reference else DeMul
     kwargs = dict(llm_embeddings=llm_embeddings, phi=phi, n_prompts=cfg.prompts, n_ctx=cfg.n_ctx,

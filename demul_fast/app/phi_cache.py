@@ -1,4 +1,5 @@
-"""The distillation's inputs of a run: the LLM embeddings of the class names and the map phi,
+"""The distillation's inputs: ``fit_phi_for_model`` (both sides of phi's fit for a list of
+names, then the fit) and, for a run, the LLM embeddings of the class names and the map phi,
 loaded from --phi or fitted (on the --phi-names names) and cached beside the LLM embeddings;
 and their copies in the run folder."""
 
@@ -8,9 +9,11 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
-from .. import mapping
+from torch import nn
+
+from .. import phi as phi_mod
 from ..data.classnames import compute_union, union_classnames
 from . import checkpoint, llm, processes, runtime
 from .config import TrainConfig
@@ -48,8 +51,8 @@ def llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device, clip_fing
         return None, None, None
     emb = llm.class_name_embeddings(classnames, cfg.llm)
     if cfg.phi:
-        phi, info = mapping.load_phi(cfg.phi)
-        d = mapping.clip_text_features(clip, tokenizer, classnames[:1], device=device).shape[1]
+        phi, info = phi_mod.load_phi(cfg.phi)
+        d = phi_mod.clip_text_features(clip, tokenizer, classnames[:1], device=device).shape[1]
         if info["arch"]["out_dim"] != emb.shape[1] or info["arch"]["in_dim"] != d:
             raise ValueError(f"--phi maps D={info['arch']['in_dim']} to K={info['arch']['out_dim']}, but this "
                              f"CLIP model has D={d} and the LLM embeddings K={emb.shape[1]}")
@@ -59,21 +62,21 @@ def llm_and_phi(cfg: TrainConfig, clip, tokenizer, classnames, device, clip_fing
     else:
         names = phi_names(cfg, classnames)
         y = llm.class_name_embeddings(names, cfg.llm)
-    key = json.dumps([clip_fingerprint, source_identity(cfg.llm), names, mapping.DEFAULT_TEMPLATE, cfg.seed])
+    key = json.dumps([clip_fingerprint, source_identity(cfg.llm), names, phi_mod.DEFAULT_TEMPLATE, cfg.seed])
     cached = llm.cache_dir().parent / "phi" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
     if cached.exists():
         try:
-            phi, info = mapping.load_phi(cached)
+            phi, info = phi_mod.load_phi(cached)
             runtime.log(f"phi loaded from the cache {cached}", cfg.progress)
             return emb, phi, info.get("report")
         except (OSError, ValueError, KeyError, RuntimeError):
             pass  # a damaged cache entry is refitted
-    x = mapping.clip_text_features(clip, tokenizer, names, device=device)
-    phi, rep = mapping.fit_phi(x, y, seed=cfg.seed)
+    x = phi_mod.clip_text_features(clip, tokenizer, names, device=device)
+    phi, rep = phi_mod.fit_phi(x, y, seed=cfg.seed)
     runtime.log(rep.summary(), cfg.progress)
     try:
         if processes.is_main():  # one writer of the shared cache
-            mapping.save_phi(cached, phi, rep)
+            phi_mod.save_phi(cached, phi, rep)
     except OSError:
         pass  # the cache is an optimisation
     return emb, phi, asdict(rep)
@@ -83,9 +86,24 @@ def save_llm_and_phi(out: Path, cfg: TrainConfig, classnames, emb, phi, report) 
     if emb is None:
         return
     llm.save_embeddings(out / LLM_FILE, classnames, emb)
-    mapping.save_phi(out / PHI_FILE, phi, meta={"llm": cfg.llm, "model": cfg.model, "pretrained": cfg.pretrained,
-                                                "template": mapping.DEFAULT_TEMPLATE, "source": cfg.phi})
+    phi_mod.save_phi(out / PHI_FILE, phi, meta={"llm": cfg.llm, "model": cfg.model, "pretrained": cfg.pretrained,
+                                                    "template": phi_mod.DEFAULT_TEMPLATE, "source": cfg.phi})
     if report is not None:
         info = json.loads((out / "phi.json").read_text())
         info["report"] = report
         checkpoint.write_json(out / "phi.json", info)
+
+
+def fit_phi_for_model(clip_model: nn.Module, tokenizer, llm_source="minilm", names: Optional[Sequence[str]] = None,
+                      template: str = phi_mod.DEFAULT_TEMPLATE, device=None, llm_device=None,
+                      **fit_kwargs) -> Tuple[nn.Module, phi_mod.PhiReport]:
+    """Compute both sides for ``names`` (default: ``union_classnames()``) and fit phi.
+
+    llm_source: anything ``llm.class_name_embeddings`` accepts.
+    """
+    names = list(names) if names is not None else union_classnames()
+    x = phi_mod.clip_text_features(clip_model, tokenizer, names, template, device=device)
+    y = llm.class_name_embeddings(names, llm_source, device=llm_device)
+    fitted, report = phi_mod.fit_phi(x, y, **fit_kwargs)
+    report.extra.update({"template": template, "n_names": len(names)})
+    return fitted, report

@@ -36,8 +36,10 @@ from typing import List
 
 import torch
 
-from .. import compiled_step, mapping
-from ..data import coop_layouts, sampling
+from .. import compiled_step
+from .. import phi as phi_mod
+from ..data import coop_layouts
+from ..data import sampling
 from ..data.folders import ImageList, build_transforms, check_images, discover, folder_split, items
 from ..sharded import ShardedDeMul
 from . import checkpoint, elastic, llm, processes, runtime
@@ -140,7 +142,7 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
         emb = phi = None
         if cfg.alpha != 0:
             emb = llm.load_embeddings(out / LLM_FILE, classnames)
-            phi, _ = mapping.load_phi(out / PHI_FILE)
+            phi, _ = phi_mod.load_phi(out / PHI_FILE)
         module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
         work = out
     else:

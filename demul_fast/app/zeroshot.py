@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import mapping
+from .. import phi as phi_mod
 from ..data import coop_layouts
 from ..data.folders import ImageList, build_transforms
 from . import runtime
@@ -33,7 +33,7 @@ def zeroshot(dataset: str, root, model: str = "ViT-B-16", pretrained: str = "ope
     dev = runtime.choose_device(device)
     amp_dtype = runtime.amp_dtype(precision, dev)
     clip, tokenizer, pre_cfg, info = load_clip(model, pretrained, dev, init_seed)
-    text = mapping.clip_text_features(clip, tokenizer, data.classes, template=template, device=dev).to(dev)
+    text = phi_mod.clip_text_features(clip, tokenizer, data.classes, template=template, device=dev).to(dev)
     _, eval_tf = build_transforms(pre_cfg, False)
     loader = torch.utils.data.DataLoader(ImageList(data.items["test"], eval_tf), batch_size=batch_size,
                                          shuffle=False, num_workers=workers)

@@ -6,7 +6,9 @@ The sources are copied, not rewritten by hand. Mechanical edits only:
 * every launch ``kernel<<<grid, block, smem, stream>>>(args);`` becomes
   ``::emu::launch([&] { kernel(args); }, grid, block, smem, stream);``;
 * ``extern __shared__ float name[];`` (dynamic shared memory) becomes a pointer to the
-  emulated block's buffer;
+  emulated block's buffer; each static ``__shared__`` declaration is followed by its
+  registration (include/emu_adversary.h: NaN at each block start, the 48 KB limit);
+* the bindings' output buffers (``at::empty``) are NaN-filled (include/emu_alloc.h);
 * each .cu file is compiled as C++ with include/emu_prelude.h first (fibers for threads,
   barriers, shuffles; include/mma.h emulates WMMA), and ops.h's device-only members are
   enabled (``#ifdef __CUDACC__``);
@@ -78,38 +80,106 @@ def _rewrite_launches(text: str) -> str:
     return "".join(out)
 
 
+def _split_declarators(decls: str) -> list:
+    """``a[2][3], b, c[4]`` -> the declared names, commas inside brackets ignored."""
+    names, depth, cur = [], 0, ""
+    for ch in decls + ",":
+        depth += {"[": 1, "(": 1, "<": 1, "]": -1, ")": -1, ">": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            names.append(re.match(r"\s*(\w+)", cur).group(1))
+            cur = ""
+        else:
+            cur += ch
+    return names
+
+
+def _register_shared(name: str, text: str) -> str:
+    """Each static ``__shared__ TYPE a[..], b;`` is followed by a registration of each variable
+    (include/emu_adversary.h: NaN-poisoned at each block start, 48 KB limit, alignment), with
+    the csrc/ file and line."""
+    out, pos = [], 0
+    for m in re.finditer(r"(?<!extern )__shared__\s+((?:alignas\([^)]*\)\s+)?[\w:]+(?:<[^;{}]*?>)?)\s+([^;]+);", text):
+        line = text.count("\n", 0, m.start()) + 1
+        regs = " ".join(f"::emu::adv::shared_static(&{v}, sizeof({v}), \"{name}\", {line});"
+                        for v in _split_declarators(m.group(2)))
+        out.append(text[pos:m.end()] + " " + regs)
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def transform(name: str, text: str) -> str:
+    text = _register_shared(name, text)  # before any edit that would shift the lines it names
     text = _rewrite_launches(text)
     text = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];", r"\1* \2 = ::emu::dyn_smem<\1>();", text)
     if name == "ops.h":
         text = text.replace("#ifdef __CUDACC__", "#if 1  // emulation: device members on the host")
     if name in ("bindings.cpp", "checks.h"):
         text = re.sub(r"(\.|->)is_cuda\(\)", r"\1is_cpu()", text)
+    if name == "bindings.cpp":  # output buffers NaN-poisoned (include/emu_alloc.h)
+        text = re.sub(r"\bat::empty(_like)?\(", r"::emu::poisoned_empty\1(", text)
+        text = '#include "emu_alloc.h"\n' + text
     if name.endswith(".cu"):
         text = '#include "emu_prelude.h"\n' + text
     return text
 
 
-def transformed_sources() -> dict:
-    """{file name in the build folder: transformed text} for csrc/."""
+def transformed_sources(edits: Optional[dict] = None) -> dict:
+    """{file name in the build folder: transformed text} for csrc/. ``edits``: {csrc file
+    name: function of its text}, applied before the transform (a planted bug, a removed
+    barrier: tests/test_cuda_emulated.py)."""
     out = {}
     for path in sorted(glob.glob(os.path.join(CSRC, "*"))):
         name = os.path.basename(path)
         if not name.endswith((".cu", ".cuh", ".h", ".cpp")):
             continue
         with open(path) as f:
-            out[name + (".cpp" if name.endswith(".cu") else "")] = transform(name, f.read())
+            text = f.read()
+        if edits and name in edits:
+            text = edits[name](text)
+        out[name + (".cpp" if name.endswith(".cu") else "")] = transform(name, text)
     return out
 
 
-def sources(out_dir: str) -> list:
+def _read(path: str) -> Optional[str]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
+def without_barrier(name: str, line: int):
+    """An edit for ``build``: the ``__syncthreads();`` on that line of csrc/<name> removed."""
+    def edit(text):
+        lines = text.split("\n")
+        if "__syncthreads();" not in lines[line - 1]:
+            raise ValueError(f"{name}:{line} has no __syncthreads")
+        lines[line - 1] = lines[line - 1].replace("__syncthreads();", "/* barrier removed */", 1)
+        return "\n".join(lines)
+    return {name: edit}
+
+
+def barriers() -> list:
+    """(file, line) of every ``__syncthreads();`` of csrc/."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(CSRC, "*"))):
+        with open(path) as f:
+            for i, text in enumerate(f, 1):
+                code = text.split("//")[0]
+                if "__syncthreads();" in code:
+                    found.append((os.path.basename(path), i))
+    return found
+
+
+def sources(out_dir: str, edits: Optional[dict] = None) -> list:
     """Writes the transformed csrc/ into out_dir; returns the translation units."""
     os.makedirs(out_dir, exist_ok=True)
     units = []
-    for name, text in transformed_sources().items():
+    for name, text in transformed_sources(edits).items():
         dest = os.path.join(out_dir, name)
-        with open(dest, "w") as f:
-            f.write(text)
+        if _read(dest) != text:  # an unchanged file keeps its time: ninja then rebuilds nothing
+            with open(dest, "w") as f:
+                f.write(text)
         if dest.endswith(".cpp"):
             units.append(dest)
     return units
@@ -122,13 +192,13 @@ def _flags() -> list:
             f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}"]
 
 
-def source_hash() -> str:
+def source_hash(edits: Optional[dict] = None) -> str:
     """What the emulated extension is built from: the transformed sources, the emulation's
     headers, the compiler flags, this file and the torch version (its headers and ABI)."""
     import torch
 
     digest = hashlib.sha1()
-    for name, text in sorted(transformed_sources().items()):
+    for name, text in sorted(transformed_sources(edits).items()):
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
     for u in sorted(glob.glob(os.path.join(HERE, "include", "**"), recursive=True)) + [os.path.abspath(__file__)]:
         if os.path.isfile(u):
@@ -147,21 +217,21 @@ def cache_root() -> str:
     return os.path.join(base, "demul_fast", "cuda_emu")
 
 
-def build(build_dir: Optional[str] = None, verbose: bool = False):
+def build(build_dir: Optional[str] = None, verbose: bool = False, edits: Optional[dict] = None):
     """The emulated extension as a Python module (same functions as demul_fast._C), built
     once per source hash in ``build_dir`` (default: ``cache_root()/<hash>``) and loaded
     from there by later runs (ninja finds nothing to rebuild)."""
     from torch.utils import cpp_extension
 
-    digest = source_hash()
+    digest = source_hash(edits)
     build_dir = build_dir or os.path.join(cache_root(), digest)
     if build_dir in _LOADED:  # one load per process
         return _LOADED[build_dir]
     src_dir = os.path.join(build_dir, "src")
     if not os.path.exists(os.path.join(src_dir, ".complete")):  # else the same text is there: no rewrite,
-        sources(src_dir)                                             # no new mtimes, nothing to rebuild
+        sources(src_dir, edits)                                      # no new mtimes, nothing to rebuild
         open(os.path.join(src_dir, ".complete"), "w").close()
-    units = sorted(os.path.join(src_dir, n) for n in transformed_sources() if n.endswith(".cpp"))
+    units = sorted(os.path.join(src_dir, n) for n in transformed_sources(edits) if n.endswith(".cpp"))
     name = "demul_fast_cuda_emu_" + digest[:10]
     obj_dir = os.path.join(build_dir, "obj")
     os.makedirs(obj_dir, exist_ok=True)

@@ -24,6 +24,8 @@
 #include <functional>
 #include <vector>
 
+#include "emu_adversary.h"  // schedules, poisoning, strict barriers (hooks marked "adv:" below)
+
 using std::isfinite;
 using std::max;
 using std::min;
@@ -90,8 +92,9 @@ inline void run_block(int n) {
     makecontext(&mm.fibers[i].ctx, trampoline, 0);
     mm.fibers[i].state = State::kRun;
   }
+  adv::block_start(mm.dyn.data(), mm.dyn.size() * sizeof(float));  // adv: NaN shared memory
   for (;;) {
-    for (int i = 0; i < n; ++i) {
+    for (int i : adv::order(n, true)) {  // adv: the schedule of this round
       if (mm.fibers[i].state != State::kRun) continue;
       mm.current = i;
       swapcontext(&mm.sched, &mm.fibers[i].ctx);
@@ -104,6 +107,8 @@ inline void run_block(int n) {
         waiting += mm.fibers[i].state == State::kWarpBarrier;
       }
       if (waiting > 0 && waiting == live) {
+        if (adv::mode().strict && live < std::min(n, 32 * w + 32) - 32 * w)  // adv
+          deadlock("a warp barrier / shuffle / WMMA call after some lanes of the warp exited");
         for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i)
           if (mm.fibers[i].state == State::kWarpBarrier) mm.fibers[i].state = State::kRun;
         released = true;
@@ -122,6 +127,7 @@ inline void run_block(int n) {
     }
     if (live == 0) return;
     if (waiting != live) deadlock("threads wait at different barriers");
+    if (adv::mode().strict && live < n) deadlock("__syncthreads after some threads of the block exited");  // adv
     for (auto& f : mm.fibers)
       if (f.state == State::kBlockBarrier) f.state = State::kRun;
   }
@@ -138,12 +144,12 @@ void launch(F&& body, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
   mm.dyn.assign((smem + sizeof(float) - 1) / sizeof(float) + 1, 0.f);
   const int n = static_cast<int>(block.x * block.y * block.z);
   if (n > 1024) deadlock("more than 1024 threads per block");
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        mm.block_idx = dim3(x, y, z);
-        run_block(n);
-      }
+  adv::configure();  // adv: the environment's schedule and checks, for this launch
+  const int blocks = static_cast<int>(grid.x * grid.y * grid.z);
+  for (int b : adv::order(blocks, false)) {
+    mm.block_idx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
+    run_block(n);
+  }
   mm.body = nullptr;
 }
 

@@ -7,7 +7,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
 #include <type_traits>
+
+#include "emu_prelude.h"
 
 namespace nvcuda {
 namespace wmma {
@@ -25,12 +28,23 @@ struct fragment {
   float v[16][16];  // (row, column) of the fragment's matrix
 };
 
+// Checks of every WMMA call (emu_adversary.h): reached by the whole warp (a warp barrier:
+// a divergent call cannot release it), a 32-byte aligned pointer, ldm a multiple of 16 bytes.
+inline void emu_wmma_check(const void* p, unsigned ldm, size_t elem) {
+  if (::emu::adv::mode().strict) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) ::emu::adv::fail("a WMMA pointer is not 32-byte aligned");
+    if ((ldm * elem) % 16 != 0) ::emu::adv::fail("a WMMA ldm is not a multiple of 16 bytes");
+  }
+  __syncwarp();
+}
+
 inline float emu_to_float(float x) { return x; }
 inline float emu_to_float(__half x) { return __half2float(x); }
 inline float emu_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <class Use, class T, class Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
+  emu_wmma_check(p, ld, sizeof(T));
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
       f.v[r][c] = emu_to_float(std::is_same_v<Layout, row_major> ? p[r * ld + c] : p[c * ld + r]);
@@ -45,6 +59,7 @@ void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, float x) {
 template <class TA, class LA, class TB, class LB>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
               const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  __syncwarp();  // the whole warp takes part
   float out[16][16];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
@@ -57,6 +72,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
+  emu_wmma_check(p, ld, sizeof(float));
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) p[l == mem_row_major ? r * ld + c : c * ld + r] = f.v[r][c];
 }

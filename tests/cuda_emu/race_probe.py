@@ -1,0 +1,125 @@
+"""Runs the CUDA kernels of csrc/ in the adversarial emulation and reports what goes wrong.
+
+``python tests/cuda_emu/race_probe.py [FILE:LINE ...]`` builds the emulation with the
+``__syncthreads();`` on each given line of csrc/FILE removed (none: the sources as they
+are), runs every op of the extension (aggregate, cross-entropy, distillation, the head;
+forward and backward; float32, bfloat16, float16, on shapes that split the class ranges)
+under every schedule of include/emu_adversary.h, and prints one JSON line: whether the run
+aborted (a divergent barrier, ...), produced non-finite values (a NaN-poisoned read), gave
+different bits under different schedules (a race), or differed from the unedited build.
+A subprocess per variant: an abort of the emulation ends only that process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+SCHEDULES = ["forward", "reverse", "lanes", "shuffle:1", "shuffle:2"]
+SHAPES = [dict(C=37, M=3, D=40, B=5, K=70), dict(C=70, M=2, D=24, B=3, K=20)]  # r < D and r = D; C > 64
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _run_ops(module, dtypes=DTYPES, shapes=None):
+    """Every op's outputs and gradients, for each dtype and shape: a flat list of tensors."""
+    import torch
+
+    from demul_fast.ops import cuda_ops
+    from demul_fast.ops.distill_basis import build_distill_basis
+
+    saved, cuda_ops._C = cuda_ops._C, module
+    results = []
+    try:
+        for shape in (SHAPES if shapes is None else shapes):
+            gen = torch.Generator().manual_seed(7)
+            C, M, D, B, K = (shape[k] for k in "CMDBK")
+
+            def r(*s):
+                return torch.randn(*s, generator=gen, dtype=torch.float64)
+            T64, A64, X64, E, W, b = r(C, M, D), r(C, M), r(B, D), r(C, K), r(K, D) / D ** 0.5, r(K)
+            y = torch.randint(0, C, (B,), generator=gen)
+            basis = build_distill_basis(W, b, E, dtype=torch.float32)
+            GL = r(B, C)
+            for dtype in (getattr(torch, d) for d in dtypes):
+                T, A, X = T64.to(dtype).requires_grad_(), A64.float().requires_grad_(), X64.to(dtype).requires_grad_()
+                out = cuda_ops.demul_head(T, A, X, y, 30.0, basis, 0.7, 0.1, True)
+                total = out.loss + 0.5 * out.ce_loss - 0.25 * out.distill_loss + (out.logits.float() * GL.float()).sum()
+                results += [out.loss, out.ce_loss, out.distill_loss, out.logits]
+                results += list(torch.autograd.grad(total, [T, A, X]))
+                T2, A2 = T64.to(dtype).requires_grad_(), A64.float().requires_grad_()
+                u = cuda_ops.aggregate_prompts(T2, A2)
+                results += [u, *torch.autograd.grad((u.double() * r(C, D)).sum(), [T2, A2])]
+                X2 = X64.to(dtype).requires_grad_()
+                U = torch.nn.functional.normalize(r(C, D), dim=-1).to(dtype).requires_grad_()
+                ce = cuda_ops.cosine_cross_entropy(X2, U, y, 20.0, 0.1)
+                results += [ce, *torch.autograd.grad(ce, [X2, U])]
+                T3 = T64.to(dtype).requires_grad_()
+                dl = cuda_ops.prompt_distill_loss(T3, basis)
+                results += [dl, *torch.autograd.grad(dl, [T3])]
+    finally:
+        cuda_ops._C = saved
+    return [t.detach().float().clone() for t in results]
+
+
+def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES):
+    import torch
+
+    sys.path.insert(0, TESTS)
+    from cuda_emu import build as emu_build
+
+    torch.set_num_threads(1)
+    edits = {}
+    for spec in edits_spec:
+        name, line = spec.split(":")
+        edits.update(emu_build.without_barrier(name, int(line)))
+    variant = emu_build.build(edits=edits or None)
+    base = emu_build.build() if edits else variant
+    report = dict(variant=edits_spec, aborted=False, nonfinite=[], schedules_differ=[], differs_from_base=[])
+    os.environ["DEMUL_EMU_SCHEDULE"] = "forward"
+    reference = _run_ops(base, dtypes)
+    for schedule in schedules:
+        os.environ["DEMUL_EMU_SCHEDULE"] = schedule
+        got = _run_ops(variant, dtypes)
+        if any(not torch.isfinite(t).all() for t in got):
+            report["nonfinite"].append(schedule)
+        first = report.setdefault("_first", got)
+        if any(not torch.equal(a, c) for a, c in zip(first, got)):
+            report["schedules_differ"].append(schedule)
+        if any(not torch.equal(a, c) for a, c in zip(reference, got)):
+            report["differs_from_base"].append(schedule)
+    del report["_first"]
+    print("PROBE " + json.dumps(report), flush=True)
+
+
+def probe(edits_spec=(), timeout=1800, dtypes=DTYPES, schedules=SCHEDULES) -> dict:
+    """Run the probe in a subprocess; an abort is reported with the emulation's message."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), TESTS]),
+               DEMUL_PROBE_DTYPES=",".join(dtypes), DEMUL_PROBE_SCHEDULES=",".join(schedules))
+    env.setdefault("TRITON_INTERPRET", "1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *edits_spec], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("PROBE "):
+            return json.loads(line[6:])
+    messages = [ln for ln in proc.stderr.splitlines() if ln.startswith("emu:")]
+    return dict(variant=list(edits_spec), aborted=True, returncode=proc.returncode,
+                message=messages[-1] if messages else proc.stderr[-2000:])
+
+
+def caught(report: dict) -> bool:
+    return bool(report["aborted"] or report.get("nonfinite") or report.get("schedules_differ")
+                or report.get("differs_from_base"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:], os.environ.get("DEMUL_PROBE_DTYPES", ",".join(DTYPES)).split(","),
+              os.environ.get("DEMUL_PROBE_SCHEDULES", ",".join(SCHEDULES)).split(","))
+    else:
+        print(json.dumps(probe(sys.argv[1:])))
