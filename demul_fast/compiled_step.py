@@ -88,7 +88,7 @@ def lr_value(optimizer: torch.optim.Optimizer) -> float:
 class TrainStep:
     """Forward + backward + optimizer update of a DeMul module, compiled or eager.
 
-    module:       a ``DeMulModule`` (``demul_fast.DeMul`` or ``reference.DeMulReference``)
+    module:       a ``DeMulModule`` (``demul_fast.DeMul`` or ``model.DeMulReference``)
     optimizer:    its optimizer (SGD as CoOp; any ``torch.optim`` optimizer whose ``step``
                   compiles). Its learning rate becomes a tensor when compiled (``set_lr``)
     mode:         one of ``COMPILE_MODES``; "none" is the eager step
