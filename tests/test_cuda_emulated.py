@@ -218,12 +218,13 @@ def test_head_is_bitwise_deterministic(gen, schedule):
 def test_every_op_gives_the_same_bits_under_every_schedule(schedule):
     """Every op, forward and backward, float32 / bfloat16 / float16, on shapes that split the
     class ranges, under the adversarial emulation (NaN-poisoned shared memory and outputs,
-    strict barriers, WMMA checks) and three schedules: all finite, all bitwise identical
-    (tests/cuda_emu/race_probe.py runs all five)."""
+    strict barriers, WMMA checks) and two schedules (ids in order; blocks and threads
+    reshuffled at every barrier): all finite, all bitwise identical (the head's determinism
+    test adds the reversed schedule; tests/cuda_emu/race_probe.py runs all five)."""
     from cuda_emu import race_probe  # noqa: PLC0415
 
     first = None
-    for name in ("forward", "reverse", "shuffle:1"):
+    for name in ("forward", "shuffle:1"):
         schedule(name)
         got = race_probe._run_ops(cuda_ops._C)
         assert all(torch.isfinite(t).all() for t in got), f"schedule {name}: a non-finite value (a poisoned read)"
@@ -251,9 +252,10 @@ SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
 
 # The first barrier of block_sum / block_max ("scratch may still be read by a previous call")
 # guards a second call in a row; every kernel calls them once, or (sweep.cuh) between other
-# barriers: removing it is no race today (measured: not caught). strict: a caller that makes
-# it necessary turns this into a failure to look at.
-NOT_A_RACE_TODAY = {"common.cuh:115", "common.cuh:126"}
+# barriers: removing it is no race today (measured: not caught). unstage's last barrier
+# (common.cuh:237, "c may be rewritten next") was not caught either: where c is rewritten, other
+# barriers come first. strict: a caller that makes one necessary turns it into a failure.
+NOT_A_RACE_TODAY = {"common.cuh:115", "common.cuh:126", "common.cuh:237"}
 
 
 def _barrier_param(f, ln):
