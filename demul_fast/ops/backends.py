@@ -90,14 +90,14 @@ def why_not(name: str, device: Optional[torch.device] = None, dtype: Optional[to
 
 
 # Why the order on a GPU is what it is; printed by describe(). Evidence so far is
-# compiled-code analysis only (modelled, README "CUDA extension"): no GPU measurement has
+# compiled-code analysis only (modelled, docs/kernel-model.md): no GPU measurement has
 # compared the two kernel backends yet. Change the order when one does.
 DEFAULT_ORDER_REASON = (
-    "static order, triton first: no GPU measurement compares the kernel backends yet, and their "
-    "compiled code models alike (benchmarks/results/compiled: both heads within 2x of the floor at the "
-    "imagenet preset in bfloat16, modelled); what the model does not see favours triton (warpgroup MMA "
-    "and vector loads against the CUDA kernels' mma.sync and scalar operand loads), so cuda comes "
-    "second until benchmarks/run.py on a GPU says otherwise")
+    "static order, triton first: no GPU measurement compares the kernel backends yet; the Triton head "
+    "is modelled from a trace of its loads and stores (docs/kernel-model.md), while the CUDA head's "
+    "rows are formula counts that undercount its text backward's re-reads (its rewrite is pending), "
+    "and the CUDA kernels use mma.sync with scalar operand loads against Triton's warpgroup MMA and "
+    "vector loads, so cuda comes second until benchmarks/run.py on a GPU says otherwise")
 
 
 def default_order(device: torch.device) -> Tuple[str, ...]:
