@@ -1,7 +1,7 @@
 """The "triton" backend against the float64 reference, with the error rule (tests/numerics.py).
 
 Without a GPU these run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest); its
-dots round their operands to the input dtype first (demul_fast/kernels/_common.emulate_dot), so the
+dots round their operands to the input dtype first (demul_fast/kernels/launch.emulate_dot), so the
 bf16/fp16 products the tensor cores would form are tested here in float32, bfloat16 and
 float16. Every output buffer is filled with NaN before its kernel runs (POISON_OUTPUTS), so
 an element a kernel forgets to write fails. The distillation is the K-free form (SPEC 4.3)
@@ -26,7 +26,7 @@ from demul_fast.ops import triton_ops  # triton is in the test extra (checked by
 
 if triton_ops.UNAVAILABLE_REASON:
     pytest.skip(triton_ops.UNAVAILABLE_REASON, allow_module_level=True)
-from demul_fast.kernels import _common, cosine_ce, text_head  # noqa: E402
+from demul_fast.kernels import cosine_ce, launch, text_head  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ODD = dict(C=37, M=3, D=100, B=5, K=70)
@@ -35,7 +35,7 @@ CROSSING = dict(C=40, M=5, D=300, B=20, K=40)
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def make_inputs(gen, C, M, D, B, K, bias=True):
@@ -338,7 +338,7 @@ def test_shape_limits():
     """Text tiles beyond MAX_BLOCK_M prompts and D beyond MAX_D are refused with a clear error
     (before any launch, through the backend's `unsupported` hook)."""
     with pytest.raises(ValueError, match="D <= 1024"):
-        _common.block_d(1025)
+        launch.block_d(1025)
     with pytest.raises(ValueError, match="M <= 128"):
         text_head.text_config(10, 129, 64, 64)
     assert "M <= 128" in triton_ops.unsupported("aggregate_prompts", text_features=torch.empty(2, 129, 8))

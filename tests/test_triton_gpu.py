@@ -18,8 +18,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    from demul_fast.kernels import _common
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    from demul_fast.kernels import launch
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def _head_check(gen, shape, dtype, ls=0.1, alpha=1.0, bias=True):

@@ -21,12 +21,12 @@ from demul_fast.ops import triton_ops
 
 if triton_ops.UNAVAILABLE_REASON:
     pytest.skip(triton_ops.UNAVAILABLE_REASON, allow_module_level=True)
-from demul_fast.kernels import _common, cosine_ce, text_head  # noqa: E402
+from demul_fast.kernels import cosine_ce, launch, text_head  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
 
 
 def inputs(seed, C=9, M=3, D=40, B=6, K=24):

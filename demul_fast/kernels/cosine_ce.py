@@ -24,7 +24,7 @@ import triton.language as tl
 
 from demul_fast import common
 
-from . import _common
+from . import launch
 from .text_head import TARGET_PROGRAMS, _dot
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
@@ -264,7 +264,7 @@ def ce_config(B: int, C: int, D: int) -> dict:
     """Block sizes and grids: class tiles of the widest BLOCK_C (64 down to 16) whose grid
     still covers one wave, class splits until it does (forward and grad pass), and class
     splits of the dX pass likewise."""
-    _common.block_d(D)
+    launch.block_d(D)
     b_tiles = triton.cdiv(B, BLOCK_B)
     block_c = 16
     for cand in (64, 32):  # 128 spills in the grad pass
@@ -291,7 +291,7 @@ def merge_constexprs(cfg: dict) -> dict:
 
 def check_shape(D, dtype, device) -> None:
     """Raise ValueError if feature dimension D is beyond these kernels (D <= MAX_D)."""
-    _common.block_d(D)
+    launch.block_d(D)
 
 
 def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
@@ -302,15 +302,15 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
     cfg = ce_config(B, C, D)
     dev = X.device
     f32 = dict(dtype=torch.float32, device=dev)
-    parts = [_common.new_output((cfg["splits"], B), **f32) for _ in range(4)]
-    xn = _common.new_output((B,), **f32)
-    logits = _common.new_output((B, C), X.dtype, dev) if return_logits else None
+    parts = [launch.new_output((cfg["splits"], B), **f32) for _ in range(4)]
+    xn = launch.new_output((B,), **f32)
+    logits = launch.new_output((B, C), X.dtype, dev) if return_logits else None
     _ce_fwd_kernel[(cfg["b_tiles"], cfg["splits"])](
         X, U, y, scale, *parts, xn, logits if return_logits else xn, B, C, D, cfg["cls_per_split"],
-        STORE_LOGITS=return_logits, EMULATE=_common.emulate_dot(X.dtype), BLOCK_B=BLOCK_B,
+        STORE_LOGITS=return_logits, EMULATE=launch.emulate_dot(X.dtype), BLOCK_B=BLOCK_B,
         BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=4)
-    lse, rows = _common.new_output((B,), **f32), _common.new_output((B,), **f32)
-    _ce_merge_kernel[(cfg["merge_programs"],)](*parts, lse, rows, B, C, cfg["splits"], _common.fp32_scalar(ls),
+    lse, rows = launch.new_output((B,), **f32), launch.new_output((B,), **f32)
+    _ce_merge_kernel[(cfg["merge_programs"],)](*parts, lse, rows, B, C, cfg["splits"], launch.fp32_scalar(ls),
                                                **merge_constexprs(cfg), num_warps=MERGE_WARPS)
     return rows, lse, xn, logits
 
@@ -318,12 +318,12 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
 def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
     """(loss, ce, dist) [] fp32 from the per-image CE losses [B] (or None) and the
     distillation's per-program sums of (1 - cos) (or None), in one launch."""
-    out = [_common.new_output((), torch.float32, device) for _ in range(3)]
+    out = [launch.new_output((), torch.float32, device) for _ in range(3)]
     dummy = out[0]
     _losses_kernel[(1,)](rows if rows is not None else dummy, rows.shape[0] if rows is not None else 0,
                          dist_parts if dist_parts is not None else dummy,
                          dist_parts.shape[0] if dist_parts is not None else 0, 1.0 / max(rows_dist, 1),
-                         _common.fp32_scalar(alpha), *out, BLOCK=256, num_warps=4)
+                         launch.fp32_scalar(alpha), *out, BLOCK=256, num_warps=4)
     return out
 
 
@@ -337,28 +337,28 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
     C = U.shape[0]
     cfg = ce_config(B, C, D)
     dev = X.device
-    emulate = _common.emulate_dot(X.dtype)
+    emulate = launch.emulate_dot(X.dtype)
     has_gl = grad_logits is not None
-    bg = _common.new_output((B, C), X.dtype, dev)
-    dscale = _common.new_output((cfg["b_tiles"] * cfg["splits"],), torch.float32, dev) if need_scale else bg
+    bg = launch.new_output((B, C), X.dtype, dev)
+    dscale = launch.new_output((cfg["b_tiles"] * cfg["splits"],), torch.float32, dev) if need_scale else bg
     _ce_grad_kernel[(cfg["b_tiles"], cfg["splits"])](
         X, U, y, scale, lse, xn, grad_ce if grad_loss is None else grad_loss, grad_ce,
         grad_logits if has_gl else bg, bg, dscale, B, C, D, cfg["cls_per_split"],
-        _common.fp32_scalar(ls), _common.fp32_scalar(w_loss), HAS_GL=has_gl, NEED_SCALE=need_scale, EMULATE=emulate,
+        launch.fp32_scalar(ls), launch.fp32_scalar(w_loss), HAS_GL=has_gl, NEED_SCALE=need_scale, EMULATE=emulate,
         BLOCK_B=BLOCK_B,
         BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
-    dU = _common.new_output((C, D), du_dtype or U.dtype, dev)
+    dU = launch.new_output((C, D), du_dtype or U.dtype, dev)
     _ce_du_kernel[(cfg["du_tiles"], cfg["out_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
                                                         BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=BLOCK_DO,
                                                         num_warps=4)
     dX = None
     if need_dx:
-        pdx = _common.new_output((cfg["dx_splits"], B, D), torch.float32, dev)
+        pdx = launch.new_output((cfg["dx_splits"], B, D), torch.float32, dev)
         _ce_dx_kernel[(cfg["b_tiles"], cfg["out_chunks"], cfg["dx_splits"])](
             U, bg, pdx, B, C, D, cfg["dx_cls"], EMULATE=emulate, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU,
             BLOCK_DO=BLOCK_DO, num_warps=4)
-        dX = _common.new_output((B, D), X.dtype, dev)
+        dX = launch.new_output((B, D), X.dtype, dev)
         _ce_dx_finish_kernel[(B,)](X, xn, pdx, scale, dX, B, D, cfg["dx_splits"], BLOCK_D=cfg["BLOCK_D"],
                                    num_warps=4)
     return dU, (dscale.sum() / B if need_scale else None), dX

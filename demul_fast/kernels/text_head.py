@@ -31,7 +31,7 @@ import triton.language as tl
 
 from demul_fast import common
 
-from . import _common
+from . import launch
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
 # Block pointers lower to plain vectorised loads here (tensor descriptors would need a device
@@ -356,7 +356,7 @@ def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
     if bm > MAX_BLOCK_M:
         raise ValueError(f"the triton backend's text kernels hold a class's prompts in one tile: M <= {MAX_BLOCK_M}, "
                          f"got M={M}; use backend='torch' or 'cuda'")
-    _common.block_d(D)
+    launch.block_d(D)
     block_r = max(64, bm)
     bcls = block_r // bm
     tiles = triton.cdiv(C, bcls)
@@ -395,12 +395,12 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     dev = T.device
     f32 = dict(dtype=torch.float32, device=dev)
     splits = cfg["splits"] if dist else 1
-    norm = _common.new_output((C * M,), **f32)
-    u = _common.new_output((C, D), u_dtype or T.dtype, dev) if agg else None
-    rn = _common.new_output((C,), **f32) if agg else None
-    v = _common.new_output((C * M, rank), T.dtype, dev) if dist else None
-    vv = _common.new_output((splits, C * M), **f32) if dist else None
-    vf = _common.new_output((splits, C * M), **f32) if dist else None
+    norm = launch.new_output((C * M,), **f32)
+    u = launch.new_output((C, D), u_dtype or T.dtype, dev) if agg else None
+    rn = launch.new_output((C,), **f32) if agg else None
+    v = launch.new_output((C * M, rank), T.dtype, dev) if dist else None
+    vv = launch.new_output((splits, C * M), **f32) if dist else None
+    vf = launch.new_output((splits, C * M), **f32) if dist else None
     dummy = norm
     A_ = A if agg else dummy
     _text_fwd_kernel[(cfg["tiles"], splits)](
@@ -408,14 +408,14 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
         norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
         vf if dist else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
-        AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
+        AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
         BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     zn = cos = loss_parts = None
     if dist:
         programs = triton.cdiv(C * M, FINISH_BLOCK)
-        zn, cos = _common.new_output((C * M,), **f32), _common.new_output((C * M,), **f32)
-        loss_parts = _common.new_output((programs,), **f32)
+        zn, cos = launch.new_output((C * M,), **f32), launch.new_output((C * M,), **f32)
+        loss_parts = launch.new_output((programs,), **f32)
         _distill_finish_kernel[(programs,)](vv, vf, delta, beta, zn, cos, loss_parts, C * M, M, splits,
                                             BLOCK=FINISH_BLOCK, num_warps=4)
     return norm, u, rn, v, zn, cos, loss_parts
@@ -431,8 +431,8 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     rank = R.shape[0] if dist else 0
     cfg = text_config(C, M, D, rank, T.element_size())
     dev = T.device
-    dT = _common.new_output((C, M, D), T.dtype, dev)
-    dA = _common.new_output((C, M), a_dtype or A.dtype, dev) if agg else None
+    dT = launch.new_output((C, M, D), T.dtype, dev)
+    dA = launch.new_output((C, M), a_dtype or A.dtype, dev) if agg else None
     dummy = norm
     _text_bwd_kernel[(cfg["tiles"], cfg["out_chunks"])](
         T, A if agg else dummy, norm, u if agg else dummy, rn if agg else dummy, grad_u if agg else dummy,
@@ -440,8 +440,8 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
         zn if dist else dummy, cos if dist else dummy,
         (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
         dT, dA if agg else dummy,
-        C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), _common.fp32_scalar(w_loss),
-        **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=_common.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
+        C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), launch.fp32_scalar(w_loss),
+        **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
         num_warps=cfg["bwd_warps"])
     return dT, dA

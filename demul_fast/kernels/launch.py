@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton launchers: output allocation, the dot mode, the D limit.
+"""What every Triton launcher shares: output allocation (NaN-poisoned in tests), the dot mode
+under the interpreter, fp32 scalar arguments, and the feature-dimension limit ``MAX_D``.
 
 Block sizes come from the shapes (demul_fast/kernels/text_head.text_config, demul_fast/kernels/cosine_ce.ce_config;
 no ``triton.autotune``: it would need a timing stand-in under the interpreter, and nothing
