@@ -19,8 +19,7 @@ def _head_inputs(gen, dtype=torch.float32, C=5, M=3, D=8, B=4, K=6):
 def test_torch_backend_always_available_and_default_on_cpu():
     info = backends.report(torch.device("cpu"))
     assert info["torch"]["available"]
-    name, _ = backends.select(None, torch.device("cpu"), torch.float32)
-    assert name == "torch"
+    assert backends.select(None, torch.device("cpu"), torch.float32).name == "torch"
 
 
 def test_describe_lists_every_backend():
@@ -88,29 +87,39 @@ def test_torch_backend_accumulates_in_float32(gen, dtype):
         assert_error_rule(name, a.grad, r.grad, p.grad, k=3.0, dtype=dtype)
 
 
-def test_backend_hook_refuses_a_call(gen, monkeypatch):
-    """A backend's ``unsupported`` hook: explicit request raises with its reason, the
+def test_backend_capability_refuses_a_call(gen, monkeypatch):
+    """A backend's ``capability`` answer: an explicit request raises with its reason, the
     automatic choice falls back to the next backend."""
     import types
 
-    fake = types.SimpleNamespace(unsupported=lambda fn, **args: "D too large for the fake kernels"
-                                 if args["text_features"].shape[2] > 4 else None)
-    monkeypatch.setitem(backends._loaded, "cuda", (fake, None))
-    monkeypatch.setattr(backends, "why_not", lambda name, device=None, dtype=None: None)
+    from demul_fast.ops.capability import Capability
+
+    def capability(call):
+        t = call.arg("text_features")
+        return Capability("D too large for the fake kernels" if t is not None and t.shape[2] > 4 else None)
+
+    monkeypatch.setitem(backends._loaded, "cuda", (types.SimpleNamespace(capability=capability), None))
     monkeypatch.setattr(backends, "default_order", lambda device: ("cuda", "torch"))
     monkeypatch.delenv("DEMUL_FAST_BACKEND", raising=False)
     big = ("demul_head", dict(text_features=torch.zeros(2, 3, 8)))
     small = ("demul_head", dict(text_features=torch.zeros(2, 3, 4)))
-    assert backends.select(None, torch.device("cpu"), torch.float32, big)[0] == "torch"
-    assert backends.select(None, torch.device("cpu"), torch.float32, small)[0] == "cuda"
+    assert backends.select(None, torch.device("cpu"), torch.float32, big).name == "torch"
+    assert backends.select(None, torch.device("cpu"), torch.float32, small).name == "cuda"
     with pytest.raises(backends.BackendUnavailable, match="D too large"):
         backends.select("cuda", torch.device("cpu"), torch.float32, big)
 
 
 def test_triton_refuses_frozen_inputs_that_require_grad(gen):
-    reason_fn = getattr(backends._load("triton")[0], "unsupported", None)
-    if reason_fn is None:
+    module = backends._load("triton")[0]
+    if module is None:
         pytest.skip(f"triton backend not importable: {backends._load('triton')[1]}")
-    W = torch.randn(6, 8, requires_grad=True)
-    assert "frozen" in reason_fn("prompt_distill_loss", text_features=torch.randn(5, 3, 8), phi_weight=W)
-    assert reason_fn("prompt_distill_loss", text_features=torch.randn(5, 3, 8), phi_weight=W.detach()) is None
+    from demul_fast.ops.capability import Call
+
+    T, W, E = torch.randn(5, 3, 8), torch.randn(6, 8, requires_grad=True), torch.randn(5, 6)
+
+    def ask(weight):
+        args = dict(text_features=T, phi_weight=weight, llm_embeddings=E)
+        return module.capability(Call(torch.device("cuda"), torch.float32, "prompt_distill_loss", args)).reason
+
+    assert "frozen" in ask(W)
+    assert ask(W.detach()) is None

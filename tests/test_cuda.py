@@ -159,18 +159,23 @@ def test_fake_head_shapes_dtypes_and_gradients(dtype, distill):
 
 @needs_ext
 def test_frozen_operands_requiring_grad_are_refused():
-    """phi/E (or a basis) that require grad are refused through the backend hook: the
+    """phi/E (or a basis) that require grad are refused by the backend's capability: the
     kernels give them no gradient (SPEC 4.1); functional then runs the direct form on torch."""
     from demul_fast.ops import cuda_ops
     T = torch.randn(5, 3, 8)
     W = torch.randn(6, 8, requires_grad=True)
-    reason = cuda_ops.unsupported("prompt_distill_loss", text_features=T, phi_weight=W)
+    from demul_fast.ops.capability import Call
+
+    def refusal(fn, **args):
+        return cuda_ops.capability(Call(torch.device("cuda"), torch.float32, fn, args)).reason
+
+    reason = refusal("prompt_distill_loss", text_features=T, phi_weight=W, llm_embeddings=torch.randn(5, 6))
     assert reason is not None and "phi_weight" in reason
     basis = DistillBasis(torch.randn(6, 8, requires_grad=True), torch.randn(6), torch.randn(5, 6), torch.randn(5),
                          torch.rand(()))
-    assert "basis" in cuda_ops.unsupported("demul_head", text_features=T, distill_basis=basis)
+    assert "basis" in refusal("demul_head", text_features=T, distill_basis=basis)
     frozen = DistillBasis(*(t.detach() for t in basis))
-    assert cuda_ops.unsupported("demul_head", text_features=T, distill_basis=frozen) is None
+    assert refusal("demul_head", text_features=T, distill_basis=frozen) is None
 
 
 def test_default_order_on_a_gpu_is_triton_first_and_says_why(monkeypatch):

@@ -18,6 +18,7 @@ import torch
 from demul_fast import reference as ref
 from demul_fast.ops import backends
 from demul_fast.ops import functional as F
+from demul_fast.ops.capability import Call
 from demul_fast.ops.distill_basis import build_distill_basis
 from numerics import assert_error_rule, default_compute_dtype, head_magnitudes
 import rounded_yardstick
@@ -300,21 +301,27 @@ def test_labels_out_of_range_read_nothing(gen):
     torch.testing.assert_close(rows, expect)
 
 
+def _triton_refusal(fn, **args):
+    """The triton backend's capability answer (demul_fast.ops.capability) for a call on DEVICE."""
+    lead = args["text_features"] if args.get("text_features") is not None else args["image_features"]
+    return triton_ops.capability(Call(torch.device(DEVICE), lead.dtype, fn, args)).reason
+
+
 def test_frozen_parameters_refuse_grad(gen):
-    """phi/E that require grad are refused by the backend's `unsupported` hook, naming the
+    """phi/E that require grad are refused by the backend's `capability`, naming the
     argument (demul_fast.ops.functional then runs the direct form on the torch backend)."""
     T, A, X, y, E, W, b = make_inputs(gen, C=4, M=2, D=8, B=2, K=8)
-    why = triton_ops.unsupported("demul_head", text_features=T.float(), image_features=X.float(),
-                                 phi_weight=W.float().requires_grad_(True), phi_bias=None, llm_embeddings=E.float())
+    why = _triton_refusal("demul_head", text_features=T.float(), image_features=X.float(),
+                          phi_weight=W.float().requires_grad_(True), phi_bias=None, llm_embeddings=E.float())
     assert why and "phi_weight" in why
-    why = triton_ops.unsupported("prompt_distill_loss", text_features=T.float(), phi_weight=W.float(),
-                                 llm_embeddings=E.float().requires_grad_(True))
+    why = _triton_refusal("prompt_distill_loss", text_features=T.float(), phi_weight=W.float(),
+                          llm_embeddings=E.float().requires_grad_(True))
     assert why and "llm_embeddings" in why
-    assert triton_ops.unsupported("demul_head", text_features=T.float(), image_features=X.float()) is None
+    assert _triton_refusal("demul_head", text_features=T.float(), image_features=X.float()) is None
     basis = basis_of(W, b, E)
-    assert triton_ops.unsupported("demul_head", text_features=T.float(), distill_basis=basis) is None
+    assert _triton_refusal("demul_head", text_features=T.float(), distill_basis=basis) is None
     grad_basis = basis._replace(F=basis.F.clone().requires_grad_(True))
-    assert "no gradient" in triton_ops.unsupported("demul_head", text_features=T.float(), distill_basis=grad_basis)
+    assert "no gradient" in _triton_refusal("demul_head", text_features=T.float(), distill_basis=grad_basis)
 
 
 def test_ops_registered():
@@ -336,12 +343,14 @@ def test_double_backward_refused(gen):
 
 def test_shape_limits():
     """Text tiles beyond MAX_BLOCK_M prompts and D beyond MAX_D are refused with a clear error
-    (before any launch, through the backend's `unsupported` hook)."""
+    (before any launch, through the backend's `capability`)."""
     with pytest.raises(ValueError, match="D <= 1024"):
         launch.block_d(1025)
     with pytest.raises(ValueError, match="M <= 128"):
         text_head.text_config(10, 129, 64, 64)
-    assert "M <= 128" in triton_ops.unsupported("aggregate_prompts", text_features=torch.empty(2, 129, 8))
+    assert "M <= 128" in _triton_refusal("aggregate_prompts", text_features=torch.empty(2, 129, 8))
+    assert "D <= 1024" in _triton_refusal("cosine_cross_entropy", text_features=None,
+                                          image_features=torch.empty(3, 1025), class_features=torch.empty(2, 1025))
 
 
 @pytest.mark.parametrize("B,C,D", [(256, 1000, 512), (1024, 21841, 512), (5, 37, 100)])

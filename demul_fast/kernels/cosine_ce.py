@@ -260,11 +260,33 @@ def _ce_dx_finish_kernel(X, XN, PDX, SCALE, DX, B, D, SPLITS, BLOCK_D: tl.conste
 
 # ---------------------------------------------------------------- launch configuration
 
+_CONFIGS: dict = {}  # (B, C, D, tunables) -> ce_config's answer
+_CONFIGS_KEPT = 256
+
+
 def ce_config(B: int, C: int, D: int) -> dict:
+    """``build_ce_config``'s answer for these sizes, worked out once and kept (a pure function
+    of them): the triton backend's capability question computes it to answer
+    (demul_fast.ops.triton_ops.capability), and the forward and backward launches read it
+    back. The dict is shared: read it, never change it. Under torch.compile it is built
+    afresh (the question is asked once per trace, not per call). Raises ValueError for D > MAX_D."""
+    if torch.compiler.is_compiling():  # traced code asks once per trace: no cache for guards to watch
+        return build_ce_config(B, C, D)
+    # the sizes, and the module's tunables
+    key = (B, C, D, BLOCK_B, BLOCK_CU, BLOCK_DO, MERGE_ROWS, MERGE_SPLITS, TARGET_PROGRAMS, launch.MAX_D)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        if len(_CONFIGS) >= _CONFIGS_KEPT:
+            _CONFIGS.clear()
+        cfg = _CONFIGS[key] = build_ce_config(B, C, D)
+    return cfg
+
+
+def build_ce_config(B: int, C: int, D: int) -> dict:
     """Block sizes and grids: class tiles of the widest BLOCK_C (64 down to 16) whose grid
     still covers one wave, class splits until it does (forward and grad pass), and class
     splits of the dX pass likewise."""
-    launch.block_d(D)
+    block_d = launch.block_d(D)
     b_tiles = triton.cdiv(B, BLOCK_B)
     block_c = 16
     for cand in (64, 32):  # 128 spills in the grad pass
@@ -280,18 +302,13 @@ def ce_config(B: int, C: int, D: int) -> dict:
     return dict(b_tiles=b_tiles, BLOCK_C=block_c, splits=triton.cdiv(C, cls_per_split), cls_per_split=cls_per_split,
                 BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)), out_chunks=out_chunks,
                 du_tiles=triton.cdiv(C, BLOCK_CU), dx_splits=triton.cdiv(C, dx_cls), dx_cls=dx_cls,
-                merge_programs=triton.cdiv(B, MERGE_ROWS), BLOCK_D=max(16, triton.next_power_of_2(D)),
+                merge_programs=triton.cdiv(B, MERGE_ROWS), BLOCK_D=block_d,
                 BLOCK_S=min(MERGE_SPLITS, triton.next_power_of_2(triton.cdiv(C, cls_per_split))))
 
 
 def merge_constexprs(cfg: dict) -> dict:
     """The merge pass's block sizes for a ce_config."""
     return dict(BLOCK=MERGE_ROWS, BLOCK_S=cfg["BLOCK_S"])
-
-
-def check_shape(D, dtype, device) -> None:
-    """Raise ValueError if feature dimension D is beyond these kernels (D <= MAX_D)."""
-    launch.block_d(D)
 
 
 def ce_forward(X, U, y, scale, ls: float, return_logits: bool):

@@ -52,6 +52,8 @@ def emulate_dot(dtype: torch.dtype) -> bool:
 
 
 def block_d(d: int) -> int:
+    """The block a kernel holds over D (a power of two, at least 16); the one place the D
+    limit is checked (ValueError beyond MAX_D)."""
     if d > MAX_D:
         raise ValueError(f"the triton backend supports feature dimension D <= {MAX_D}, got D={d}; "
                          "use backend='torch' or 'cuda'")

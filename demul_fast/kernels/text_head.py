@@ -341,7 +341,30 @@ def shape_constexprs(D: int, rank: int) -> dict:
     return dict(D=D, RANK=rank)
 
 
+_CONFIGS: dict = {}  # (C, M, D, rank, elem_bytes, tunables) -> text_config's answer
+_CONFIGS_KEPT = 256
+
+
 def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
+    """``build_text_config``'s answer for these sizes, worked out once and kept (it is a pure
+    function of them): the triton backend's capability question computes it to answer
+    (demul_fast.ops.triton_ops.capability), and the forward and backward launches of the
+    same call read it back. The dict is shared: read it, never change it. Under torch.compile it is
+    built afresh (the question is asked once per trace, not per call). Raises ValueError
+    for sizes beyond the kernels (M > MAX_BLOCK_M, D > MAX_D)."""
+    if torch.compiler.is_compiling():  # traced code asks once per trace: no cache for guards to watch
+        return build_text_config(C, M, D, rank, elem_bytes)
+    # the sizes, and the module's tunables (tests change RESIDENT_BYTES to take both paths)
+    key = (C, M, D, rank, elem_bytes, RESIDENT_BYTES, TARGET_PROGRAMS, MAX_BLOCK_M, launch.MAX_D)
+    cfg = _CONFIGS.get(key)
+    if cfg is None:
+        if len(_CONFIGS) >= _CONFIGS_KEPT:
+            _CONFIGS.clear()
+        cfg = _CONFIGS[key] = build_text_config(C, M, D, rank, elem_bytes)
+    return cfg
+
+
+def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
     """Block sizes and grids of the text kernels for T [C, M, D] (elements of elem_bytes) and
     a basis of rank r.
 
@@ -356,11 +379,10 @@ def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
     if bm > MAX_BLOCK_M:
         raise ValueError(f"the triton backend's text kernels hold a class's prompts in one tile: M <= {MAX_BLOCK_M}, "
                          f"got M={M}; use backend='torch' or 'cuda'")
-    launch.block_d(D)
+    block_d = launch.block_d(D)
     block_r = max(64, bm)
     bcls = block_r // bm
     tiles = triton.cdiv(C, bcls)
-    block_d = max(16, triton.next_power_of_2(D))
     resident = block_r * block_d * elem_bytes <= RESIDENT_BYTES
     block_n = min(32 if resident else 128, max(16, triton.next_power_of_2(max(rank, 1))))
     n_chunks = triton.cdiv(max(rank, 1), block_n)

@@ -14,7 +14,8 @@ cosine_cross_entropy, prompt_distill_loss, demul_head):
 ``backend=None`` picks the first available of a static order (``DEFAULT_ORDER_REASON``
 says why): triton, then cuda, then torch on a GPU; torch on the CPU. ``DEMUL_FAST_BACKEND`` overrides that default. An explicitly
 requested backend that cannot run the call raises ``BackendUnavailable`` saying why; the
-automatic choice falls back. ``describe()`` reports all of this;
+automatic choice falls back. Whether a backend can run a call is its module's one
+``capability`` function (demul_fast.ops.capability), asked once per call by ``select``. ``describe()`` reports all of this;
 ``python -m demul_fast`` prints it.
 """
 
@@ -23,11 +24,11 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..common import KERNEL_DTYPES, interpreting
+from .capability import Call, Capability
 
 BACKENDS = ("cuda", "triton", "torch")
 _MODULES = {
@@ -68,25 +69,20 @@ def preload() -> None:
         _load(name)
 
 
-def why_not(name: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
-    """None if backend ``name`` can run a call on (device, dtype); else the reason it cannot."""
+def ask(name: str, call: Call) -> Capability:
+    """Backend ``name``'s answer to ``call``: its module's ``capability(call)``
+    (demul_fast.ops.capability), or why the module is not there."""
     if name not in BACKENDS:
-        return f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+        return Capability(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module, reason = _load(name)
     if module is None:
-        return reason
-    if name == "torch":
-        return None
-    if dtype is not None and dtype not in KERNEL_DTYPES:
-        return f"the {name} backend takes float32, bfloat16 or float16 inputs, got {dtype}"
-    if device is not None:
-        device = torch.device(device)
-        if name == "cuda" and device.type != "cuda":
-            return f"the cuda backend needs CUDA tensors, got tensors on {device}"
-        if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):
-            return (f"the triton backend needs CUDA tensors, got tensors on {device} "
-                    "(CPU tensors run only under the interpreter, TRITON_INTERPRET=1)")
-    return None
+        return Capability(reason)
+    return module.capability(call)
+
+
+def why_not(name: str, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if backend ``name`` can run a call on (device, dtype); else the reason it cannot."""
+    return ask(name, Call(device, dtype)).reason
 
 
 # Why the order on a GPU is what it is; printed by describe(). Evidence so far is
@@ -104,40 +100,44 @@ def default_order(device: torch.device) -> Tuple[str, ...]:
     return ("triton", "cuda", "torch") if torch.device(device).type == "cuda" else ("torch",)
 
 
+class Choice(NamedTuple):
+    """The backend that runs a call: its name, its module, and its answer (whose ``plan``
+    is what it worked out to answer)."""
+
+    name: str
+    module: ModuleType
+    answer: Capability
+
+
 def select(backend: Optional[str], device: torch.device, dtype: torch.dtype,
-           call: Optional[Tuple[str, dict]] = None) -> Tuple[str, ModuleType]:
-    """Return (name, module) of the backend that runs a call on (device, dtype).
+           call: Optional[Tuple[str, dict]] = None) -> Choice:
+    """The backend that runs a call on (device, dtype).
 
     ``backend`` (or else ``DEMUL_FAST_BACKEND``) is an explicit request: it runs or raises
-    ``BackendUnavailable``. With neither, the first available of ``default_order(device)``.
-    ``call`` = (function name, its arguments) lets a backend refuse a particular call
-    through its optional ``unsupported(fn, **args) -> reason or None`` hook (a shape beyond
-    its kernels' limits, a frozen input that requires grad): an explicit request then
-    raises with that reason, the automatic choice moves on to the next backend.
+    ``BackendUnavailable`` with the backend's reason. With neither, the first of
+    ``default_order(device)`` whose answer is yes. ``call`` = (function name, its tensor
+    arguments by name) lets a backend refuse a particular call (a shape beyond its kernels'
+    limits, a frozen input that requires grad); without it only (device, dtype) is asked.
+    Each backend considered is asked once (``ask``): the requested one, or each of the
+    default order up to the first that can.
     """
+    fn, args = call if call is not None else (None, {})
+    question = Call(device, dtype, fn, args)
     requested = backend if backend is not None else (os.environ.get("DEMUL_FAST_BACKEND") or None)
     if requested is not None:
         if not isinstance(requested, str) or requested not in BACKENDS:
             source = "backend" if backend is not None else "DEMUL_FAST_BACKEND"
             raise ValueError(f"{source} must be one of {', '.join(BACKENDS)} or None, got {requested!r}")
-        reason = why_not(requested, device, dtype) or _refuses(requested, call)
-        if reason is not None:
+        answer = ask(requested, question)
+        if answer.reason is not None:
             source = "" if backend is not None else " (from DEMUL_FAST_BACKEND)"
-            raise BackendUnavailable(f"backend {requested!r}{source} is unavailable: {reason}")
-        return requested, _load(requested)[0]
+            raise BackendUnavailable(f"backend {requested!r}{source} is unavailable: {answer.reason}")
+        return Choice(requested, _load(requested)[0], answer)
     for name in default_order(device):
-        if why_not(name, device, dtype) is None and _refuses(name, call) is None:
-            return name, _load(name)[0]
+        answer = ask(name, question)
+        if answer.reason is None:
+            return Choice(name, _load(name)[0], answer)
     raise BackendUnavailable("no backend can run this call")  # unreachable: torch always can
-
-
-def _refuses(name: str, call: Optional[Tuple[str, dict]]) -> Optional[str]:
-    """The backend's own reason to refuse this particular call, or None."""
-    hook = getattr(_load(name)[0], "unsupported", None)
-    if call is None or hook is None:
-        return None
-    fn, args = call
-    return hook(fn, **args)
 
 
 def report(device: Optional[torch.device] = None) -> Dict[str, dict]:

@@ -18,7 +18,7 @@ brought to the extension's dtypes: the features (text_features, image_features) 
 dtype (float32, bfloat16 or float16), the small operands (prompt_logits, class_features,
 the basis, scale) in float32. Gradients flow back to the caller's tensors through those
 casts. Losses are float32; the basis (frozen phi and LLM embeddings) gets no gradient
-(SPEC 4.1), and asking for one is refused through ``unsupported``.
+(SPEC 4.1), and asking for one is refused by ``capability``.
 
 If the extension was not built, ``UNAVAILABLE_REASON`` says why and the backend layer
 never picks this module.
@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from . import custom_op_conventions as conventions
-from .validate import refuse_frozen_grads
+from .capability import Call, Capability, frozen_basis, frozen_operands, kernel_dtype
 from ..common import MAX_PROMPTS, HeadOutput
 from .distill_basis import DistillBasis
 
@@ -312,22 +312,26 @@ OPS = [_aggregate, _aggregate_backward, _cross_entropy, _cross_entropy_backward,
 # The backend functions (the DISTILL_BASIS API of demul_fast.ops.functional)
 
 
-def unsupported(fn: str, text_features=None, phi_weight=None, phi_bias=None, llm_embeddings=None,
-                distill_basis=None, **_) -> Optional[str]:
-    """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
+def capability(call: Call) -> Capability:
+    """Whether this backend can run ``call`` (demul_fast.ops.capability).
 
-    Read by demul_fast.ops.backends.select: an explicit backend="cuda" raises with the reason,
-    the automatic choice falls back to the next backend.
+    Device and dtype first (CUDA tensors of float32, bfloat16, float16), then frozen
+    operands that require grad, then the prompt limit M <= MAX_PROMPTS. No plan: the
+    extension works out its launches itself (``_C.head_launch_plan``). The extension's
+    entry points check their operands again in C++ (csrc/checks.h): they are callable
+    directly, and they receive internal operands (saved statistics) that no capability
+    question sees; those checks guard memory, they choose nothing.
     """
-    try:
-        refuse_frozen_grads("cuda", phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
-    except ValueError as exc:
-        return str(exc)
-    if distill_basis is not None and any(t.requires_grad for t in distill_basis):
-        return "the cuda backend gives the distillation basis no gradient (phi and E are frozen, SPEC 4.1)"
-    if text_features is not None and text_features.shape[1] > MAX_PROMPTS:
-        return f"the cuda kernels take at most M={MAX_PROMPTS} prompts, got M={text_features.shape[1]}"
-    return None
+    reason = kernel_dtype("cuda", call.dtype)
+    if reason is None and call.device is not None and torch.device(call.device).type != "cuda":
+        reason = f"the cuda backend needs CUDA tensors, got tensors on {torch.device(call.device)}"
+    if reason is not None or call.fn is None:
+        return Capability(reason)
+    reason = frozen_operands("cuda", call) or frozen_basis("cuda", call)
+    T = call.arg("text_features")
+    if reason is None and T is not None and T.shape[1] > MAX_PROMPTS:
+        reason = f"the cuda kernels take at most M={MAX_PROMPTS} prompts, got M={T.shape[1]}"
+    return Capability(reason)
 
 
 def aggregate_prompts(text_features: Tensor, prompt_logits: Tensor) -> Tensor:
@@ -363,4 +367,4 @@ def demul_head(text_features: Tensor, prompt_logits: Tensor, image_features: Ten
 
 
 __all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput", "OPS",
-           "DISTILL_BASIS", "unsupported"]
+           "DISTILL_BASIS", "capability"]

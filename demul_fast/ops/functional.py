@@ -1,5 +1,9 @@
 """The public functional API: validate, choose a backend, run it.
 
+Per call: the arguments are validated once (demul_fast.ops.validate: errors name the
+argument), then ``backends.select`` asks each backend it considers, once, whether it can
+run the call (its ``capability``, demul_fast.ops.capability), then the chosen backend runs.
+
 Each function has the reference's signature (demul_fast.reference) plus ``backend``:
 ``None`` (best available for the tensors' device and dtype, see demul_fast.ops.backends),
 ``"cuda"``, ``"triton"`` or ``"torch"``. Inputs are checked here, before any kernel runs
@@ -31,8 +35,8 @@ def aggregate_prompts(text_features: torch.Tensor, prompt_logits: torch.Tensor,
     text_features: [C, M, D], prompt_logits: [C, M] -> class features [C, D]
     """
     v.validate_aggregate(text_features, prompt_logits)
-    _, impl = select(backend, text_features.device, text_features.dtype,
-                     ("aggregate_prompts", dict(text_features=text_features, prompt_logits=prompt_logits)))
+    impl = select(backend, text_features.device, text_features.dtype,
+                  ("aggregate_prompts", dict(text_features=text_features, prompt_logits=prompt_logits))).module
     return impl.aggregate_prompts(text_features, prompt_logits)
 
 
@@ -43,15 +47,15 @@ def cosine_cross_entropy(image_features: torch.Tensor, class_features: torch.Ten
     image_features: [B, D], class_features: [C, D] (unit norm), labels: [B] -> scalar loss
     """
     v.validate_cross_entropy(image_features, class_features, labels, scale, label_smoothing)
-    _, impl = select(backend, image_features.device, image_features.dtype,
-                     ("cosine_cross_entropy", dict(image_features=image_features, class_features=class_features)))
+    impl = select(backend, image_features.device, image_features.dtype,
+                  ("cosine_cross_entropy", dict(image_features=image_features, class_features=class_features))).module
     return impl.cosine_cross_entropy(image_features, class_features, labels, scale, label_smoothing)
 
 
 def _select(backend: Optional[str], fn: str, args: dict):
     """The backend module for a call (demul_fast.ops.backends.select)."""
     t = args["text_features"]
-    return select(backend, t.device, t.dtype, (fn, args))[1]
+    return select(backend, t.device, t.dtype, (fn, args)).module
 
 
 def _basis(text_features: torch.Tensor, phi_weight, phi_bias, llm_embeddings,

@@ -27,6 +27,7 @@ import torch.nn.functional as nnf
 
 from .. import reference
 from ..common import EPS, HeadOutput, accumulation_dtype, l2_normalize
+from .capability import CAN, Call, Capability
 from .distill_basis import DistillBasis
 
 DISTILL_BASIS = True  # prompt_distill_loss and demul_head take a DistillBasis (SPEC 4.3)
@@ -167,5 +168,12 @@ def demul_head_direct(text_features, prompt_logits, image_features, labels, scal
                  return_logits, distill)
 
 
-__all__ = ["DISTILL_BASIS", "aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head",
+def capability(call: Call) -> Capability:
+    """Every device, dtype and call (demul_fast.ops.capability): the torch backend is the
+    fallback that never refuses (float64 included; phi/E that require grad run the direct
+    form of SPEC 4.1)."""
+    return CAN
+
+
+__all__ = ["DISTILL_BASIS", "capability", "aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head",
            "prompt_distill_loss_direct", "demul_head_direct", "distill_rows", "HeadOutput"]

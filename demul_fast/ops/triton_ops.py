@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from . import custom_op_conventions as conventions
-from .validate import refuse_frozen_grads
-from ..common import HeadOutput
+from .capability import Call, Capability, distill_rank, frozen_basis, frozen_operands, kernel_dtype
+from ..common import HeadOutput, interpreting
 from .distill_basis import DistillBasis
 
 try:
@@ -335,26 +335,40 @@ OPS = [getattr(torch.ops.demul_fast, f"triton_{name}{suffix}").default
 
 # ---------------------------------------------------------------- the backend's four functions
 
-def unsupported(fn: str, text_features=None, image_features=None, class_features=None,
-                phi_weight=None, phi_bias=None, llm_embeddings=None, distill_basis=None, **_) -> Optional[str]:
-    """Why this backend cannot run the call ``fn`` on these inputs (None if it can).
+def capability(call: Call) -> Capability:
+    """Whether this backend can run ``call`` (demul_fast.ops.capability), and its plan.
 
-    Read by demul_fast.ops.backends.select: an explicit backend="triton" raises with the reason,
-    the automatic choice falls back to the next backend.
+    Device and dtype first (CUDA tensors, or CPU tensors under the interpreter; float32,
+    bfloat16, float16), then frozen operands that require grad, then the kernels' size
+    limits, which are the launch configurations failing to build: the plan is
+    ``{"text": text_config, "ce": ce_config}`` for the call's shapes (each present where the
+    call launches those kernels), and the launches read the same configurations back
+    (text_head.text_config and cosine_ce.ce_config keep them by shape).
     """
+    reason = kernel_dtype("triton", call.dtype)
+    if reason is None and call.device is not None:
+        device = torch.device(call.device)
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            reason = (f"the triton backend needs CUDA tensors, got tensors on {device} "
+                      "(CPU tensors run only under the interpreter, TRITON_INTERPRET=1)")
+    if reason is None and call.fn is not None:
+        reason = frozen_operands("triton", call)
+    if reason is not None or call.fn is None:
+        return Capability(reason)
+    plan = {}
+    T = call.arg("text_features")
     try:
-        refuse_frozen_grads("triton", phi_weight=phi_weight, phi_bias=phi_bias, llm_embeddings=llm_embeddings)
-        if text_features is not None:
-            c, m, d = text_features.shape
-            _text.text_config(c, m, d, d)
-        feats = image_features if image_features is not None else class_features
-        if fn in ("cosine_cross_entropy", "demul_head") and feats is not None:
-            _ce.check_shape(feats.shape[1], feats.dtype, feats.device)
+        if T is not None:
+            c, m, d = T.shape
+            plan["text"] = _text.text_config(c, m, d, distill_rank(call), T.element_size())
+        feats = call.arg("image_features")
+        if call.fn in ("cosine_cross_entropy", "demul_head") and feats is not None:
+            classes = call.arg("class_features")
+            cls = classes.shape[0] if classes is not None else T.shape[0]
+            plan["ce"] = _ce.ce_config(feats.shape[0], cls, feats.shape[1])
     except ValueError as exc:
-        return str(exc)
-    if distill_basis is not None and any(t.requires_grad for t in distill_basis):
-        return "the triton backend gives the distillation basis no gradient (phi and E are frozen, SPEC 4.3)"
-    return None
+        return Capability(str(exc))
+    return Capability(frozen_basis("triton", call), plan)
 
 
 def aggregate_prompts(text_features, prompt_logits):
@@ -386,4 +400,4 @@ def demul_head(text_features, prompt_logits, image_features, labels, scale, basi
 
 
 __all__ = ["aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head", "HeadOutput",
-           "DISTILL_BASIS", "OPS", "UNAVAILABLE_REASON", "unsupported"]
+           "DISTILL_BASIS", "OPS", "UNAVAILABLE_REASON", "capability"]

@@ -1,5 +1,8 @@
 """Input checks of the public API: bad input is refused here, before any kernel runs.
 
+Validation only: whether a call is well formed, whatever backend runs it. Which backend
+may run a well-formed call is a separate question (demul_fast.ops.capability), asked after.
+
 Every error names the argument. Shape, dtype and device checks read only metadata.
 Two checks must look at values: labels in [0, C) and a tensor ``scale`` being finite.
 On CPU tensors they always run; on GPU tensors they cost one host synchronisation
@@ -201,18 +204,6 @@ def validate_head(text_features, prompt_logits, image_features, labels, scale, l
     if phi_weight is None:
         raise ValueError("phi_weight [K, D] is required when llm_embeddings is given")
     validate_distill(text_features, phi_weight, phi_bias, llm_embeddings)
-
-
-def refuse_frozen_grads(backend: str, **tensors) -> None:
-    """phi and the LLM embeddings are frozen (SPEC 4.1): the kernel backends compute no
-    gradient for them, so a request for one is refused rather than silently dropped."""
-    if not torch.is_grad_enabled():
-        return
-    for name, t in tensors.items():
-        if t is not None and t.requires_grad:
-            raise ValueError(
-                f"{name} requires grad, but the {backend} backend treats phi_weight, phi_bias and llm_embeddings "
-                f"as frozen (SPEC 4.1) and computes no gradient for them; detach {name} or use backend='torch'")
 
 
 def validate_basis(text_features, distill_basis) -> None:
