@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from demul_fast.coop import CoOpTextEncoder  # noqa: E402
 from support.family import (ConditionalPromptLearner, TextEncoder, cocoop_batched_logits,  # noqa: E402
-                            cocoop_loop_logits)
+                            cocoop_loop_logits, compare_then_step, min_times, new_report)
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark", "electric ray",
          "stingray", "rooster", "hen", "ostrich", "brambling", "goldfinch", "house finch", "junco"]
@@ -79,29 +78,20 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed + 1)
     params = [q for q in learner.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr)
-    report = {"losses": [], "max_rel_diff": 0.0, "times_s": {"loop": [], "batched": []}}
-    for step in range(args.steps):
+    report = new_report("loop", "batched")
+    for _ in range(args.steps):
         feats = torch.randn(args.batch, model.visual.output_dim, generator=gen)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         labels = torch.randint(0, args.classes, (args.batch,), generator=gen)
-        results = {}
-        for name, logits_fn, encoder in (("loop", cocoop_loop_logits, plain),
-                                         ("batched", cocoop_batched_logits, fast)):
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(logits_fn(learner, encoder, feats, model.logit_scale.exp()), labels)
-            grads = torch.autograd.grad(loss, params)
-            report["times_s"][name].append(time.perf_counter() - t0)
-            results[name] = (loss.detach(), grads)
-        (loss_l, g_l), (loss_b, g_b) = results["loop"], results["batched"]
-        for a, b in zip((loss_b, *g_b), (loss_l, *g_l)):
-            report["max_rel_diff"] = max(report["max_rel_diff"], float((a - b).abs().max() / b.abs().max()))
-        with torch.no_grad():  # train on the batched call's gradients
-            for q, g in zip(params, g_b):
-                q.grad = g
-        opt.step()
-        report["losses"].append(float(loss_b))
+
+        def loss_of(logits_fn, encoder):
+            return lambda: F.cross_entropy(logits_fn(learner, encoder, feats, model.logit_scale.exp()), labels)
+
+        # train on the batched call's gradients
+        compare_then_step(report, params, opt, ("loop", loss_of(cocoop_loop_logits, plain)),
+                          ("batched", loss_of(cocoop_batched_logits, fast)))
     report["plan"] = fast.last_plan
-    t_loop, t_batched = min(report["times_s"]["loop"]), min(report["times_s"]["batched"])
+    t_loop, t_batched = min_times(report)
     print(f"losses {[round(x, 5) for x in report['losses']]}; batched vs loop: max relative difference "
           f"{report['max_rel_diff']:.2e} (float32); {fast.last_plan}")
     print(f"text side fwd+bwd, min of {args.steps}: CoCoOp's loop {t_loop * 1e3:.1f} ms, one batched call "

@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from demul_fast.coop import CoOpTextEncoder  # noqa: E402
-from support.family import DeepPromptLearner, DeepTextEncoder, to_deep_prompt_tower  # noqa: E402
+from support.family import (DeepPromptLearner, DeepTextEncoder, compare_then_step, min_times,  # noqa: E402
+                            new_report, to_deep_prompt_tower)
 
 NAMES = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead shark", "electric ray",
          "stingray", "rooster", "hen", "ostrich", "brambling", "goldfinch", "house finch", "junco"]
@@ -64,26 +64,19 @@ def main(argv=None):
     params = [learner.ctx, *learner.compound_prompts_text]
     target = torch.randn(args.classes, 48, generator=torch.Generator().manual_seed(args.seed + 1))
     opt = torch.optim.SGD(params, lr=args.lr)
-    report = {"losses": [], "max_rel_diff": 0.0, "times_s": {"full": [], "prefix-shared": []}}
-    for _ in range(args.steps):
-        results = {}
-        for name, encoder in (("full", plain), ("prefix-shared", fast)):
-            t0 = time.perf_counter()
+    report = new_report("full", "prefix-shared")
+
+    def loss_of(encoder):
+        def loss():
             prompts, deeper = learner()
             text = encoder(prompts, learner.tokenized_prompts, deeper)
-            loss = (1 - torch.cosine_similarity(text, target, dim=-1)).mean()
-            grads = torch.autograd.grad(loss, params)
-            report["times_s"][name].append(time.perf_counter() - t0)
-            results[name] = (loss.detach(), grads)
-        (loss_f, g_f), (loss_s, g_s) = results["full"], results["prefix-shared"]
-        for a, b in zip((loss_s, *g_s), (loss_f, *g_f)):
-            report["max_rel_diff"] = max(report["max_rel_diff"], float((a - b).abs().max() / b.abs().max()))
-        for q, g in zip(params, g_s):
-            q.grad = g
-        opt.step()
-        report["losses"].append(float(loss_s))
+            return (1 - torch.cosine_similarity(text, target, dim=-1)).mean()
+        return loss
+
+    for _ in range(args.steps):  # train on the prefix-shared call's gradients
+        compare_then_step(report, params, opt, ("full", loss_of(plain)), ("prefix-shared", loss_of(fast)))
     report["plan"] = fast.last_plan
-    t_full, t_fast = min(report["times_s"]["full"]), min(report["times_s"]["prefix-shared"])
+    t_full, t_fast = min_times(report)
     print(f"losses {[round(x, 5) for x in report['losses']]}; prefix-shared vs MaPLe's encoder: max relative "
           f"difference {report['max_rel_diff']:.2e} (float32); {fast.last_plan}")
     print(f"text encoder fwd+bwd, min of {args.steps}: full length {t_full * 1e3:.1f} ms, prefix-shared "

@@ -52,3 +52,23 @@ def test_family_suite_tiny(tmp_path, capsys):
         assert r["launches"] > 0 and len(r["times_s"]) == 3
         if r["max_rel_diff"] is not None:
             assert r["max_rel_diff"] < 1e-4
+
+
+def test_compare_then_step_compares_gradients_and_trains_on_the_candidate():
+    """The examples' shared step (tests/support/family.py): a gradient-only difference of 1%
+    is reported, and the step uses the candidate's gradient."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.family import compare_then_step, min_times, new_report
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=0.5)
+    report = new_report("ref", "fast")
+    # same loss value, candidate gradient 1.01x the reference's: (1.01 w - 0.01 w.detach())^2 summed
+    ref = ("ref", lambda: (w * w).sum())
+    fast = ("fast", lambda: ((1.01 * w - 0.01 * w.detach()) ** 2).sum())
+    compare_then_step(report, [w], opt, ref, fast)
+    assert abs(report["max_rel_diff"] - 0.01) < 1e-6
+    assert torch.allclose(w.detach(), torch.tensor([1.0, -2.0]) * (1 - 0.5 * 2 * 1.01))
+    assert report["losses"] == [5.0] and len(min_times(report)) == 2

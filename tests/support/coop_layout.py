@@ -59,11 +59,17 @@ def layout(embedded: Tensor, ctx: Tensor, n_ctx: int, position: str = "end",
     return torch.stack(rows)
 
 
-def full_text_forward(clip_model: nn.Module, prompts: Tensor, tokens: Tensor) -> Tensor:
-    """Text features [C, D] of prompt embeddings [C, L, W], every row at full length."""
+def full_text_forward(clip_model: nn.Module, prompts: Tensor, tokens: Tensor,
+                      deep_prompts: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """Text features [C, D] of prompt embeddings [C, L, W], every row at full length.
+
+    ``deep_prompts``: MaPLe's deeper context blocks, for an OpenAI tower whose blocks take
+    ``[x, deep_prompts, counter]`` (tests/support/family.py ``DeepPromptBlock``)."""
     x = prompts + clip_model.positional_embedding.to(prompts.dtype)
     transformer = clip_model.transformer
-    if getattr(transformer, "batch_first", False):  # open_clip
+    if deep_prompts is not None:  # MaPLe's blocks: sequence first, [x, deeper, counter] in and out
+        x = transformer([x.transpose(0, 1), list(deep_prompts), 0])[0].transpose(0, 1)
+    elif getattr(transformer, "batch_first", False):  # open_clip
         x = transformer(x, attn_mask=clip_model.attn_mask)
     else:  # OpenAI's clip: sequence first, the causal mask held by each block
         x = transformer(x.transpose(0, 1)).transpose(0, 1)

@@ -1,72 +1,67 @@
 """Stand-ins for the prompt-learning layouts of CoOp's family on OpenAI's ``clip``, written
-for these tests from the methods' descriptions (docs/family.md):
+for these tests from the methods' descriptions (docs/family.md), on this project's CoOp
+layout (tests/support/coop_layout.py):
 
 * ``PromptLearner``: CoOp's unified context, ``[SOT ; ctx ; class tokens ...]`` with the
-  class token at the end, in the middle or in front (middle/front build each class's row
-  apart and stack the rows, as CoOp does).
+  class token at the end, in the middle or in front: coop_layout's ``ContextPrompts`` on
+  OpenAI's tokenizer, under the names CoOp's learners use.
 * ``ConditionalPromptLearner``: CoCoOp. A meta-net (Linear, ReLU, Linear) maps each image
   feature to a shift of the shared context, ``ctx_b = ctx + meta_net(x_b)``; image b's
   prompts are CoOp's with ``ctx_b``, built per image and stacked: ``[B, C, L, W]``.
-* ``TextEncoder``: CoOp's/CoCoOp's text encoder, full length (77 positions per row).
+* ``TextEncoder``: CoOp's/CoCoOp's text encoder, full length (77 positions per row):
+  coop_layout's ``FullLengthTextEncoder``.
 * ``cocoop_loop_logits``: CoCoOp's per-image loop (one text-encoder call per image);
   ``cocoop_batched_logits``: the same logits from one call on ``[B, C, L, W]``.
 * ``DeepPromptBlock`` / ``to_deep_prompt_tower``: MaPLe's text block as issue 27 describes
   it (forward on ``[x, deeper, counter]``; at layers i >= 1, while counter < len(deeper), the
   context positions 1..n_ctx of x are replaced by ``deeper[counter]``, counter += 1; then the
   usual pre-LN residual block), and ``DeepTextEncoder``, MaPLe's full-length encoder with its
-  third argument; ``DeepPromptLearner`` holds ctx and the J deep prompts.
+  third argument (coop_layout's ``full_text_forward`` with the deep prompts);
+  ``DeepPromptLearner`` holds ctx and the J deep prompts.
+* ``new_report``, ``compare_then_step``, ``min_times``: the examples' checked training
+  loop (examples/cocoop_batched.py, examples/maple_deep_prompts.py): each step compares the
+  fast call's loss and gradients with the reference's, then trains on the fast call's.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import time
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_tiny import openai_tokenize
+from support.coop_layout import ContextPrompts, FullLengthTextEncoder, full_text_forward, layout
 
 
-def class_name_lengths(classnames: Sequence[str]) -> List[int]:
-    return [int((openai_tokenize([name])[0] != 0).sum()) - 2 for name in classnames]
-
-
-class PromptLearner(nn.Module):
-    """CoOp's layout: one context [n_ctx, W] for all classes (``position``: end, middle, front)."""
+class PromptLearner(ContextPrompts):
+    """CoOp's layout (tests/support/coop_layout.py) on OpenAI's tokenizer: one context
+    [n_ctx, W] for all classes (``position``: end, middle, front), seeded by ``seed``.
+    ``tokenized_prompts``, ``token_prefix`` [C, 1, W] and ``token_suffix`` are the names
+    CoOp's learners give the token ids and the frozen rows around the context."""
 
     def __init__(self, classnames, clip_model, n_ctx, position="end", seed=0):
-        super().__init__()
-        dtype = clip_model.dtype
-        width = clip_model.ln_final.weight.shape[0]
-        gen = torch.Generator().manual_seed(seed)
-        self.ctx = nn.Parameter((0.02 * torch.randn(n_ctx, width, generator=gen)).to(dtype))
-        texts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in classnames]
-        self.register_buffer("tokenized_prompts", openai_tokenize(texts), persistent=False)
-        with torch.no_grad():
-            emb = clip_model.token_embedding(self.tokenized_prompts).to(dtype)
-        self.register_buffer("token_prefix", emb[:, :1], persistent=False)
-        self.register_buffer("token_suffix", emb[:, 1 + n_ctx:], persistent=False)
-        self.name_lens = class_name_lengths(classnames)
-        self.n_cls, self.n_ctx, self.position = len(classnames), n_ctx, position
+        super().__init__(clip_model, openai_tokenize, classnames, n_ctx, position=position,
+                         generator=torch.Generator().manual_seed(seed))
+        self.n_cls = len(classnames)
+
+    @property
+    def tokenized_prompts(self) -> torch.Tensor:
+        return self.tokens
+
+    @property
+    def token_prefix(self) -> torch.Tensor:
+        return self.embedded[:, :1]
+
+    @property
+    def token_suffix(self) -> torch.Tensor:
+        return self.embedded[:, 1 + self.n_ctx:]
 
     def build(self, ctx: torch.Tensor) -> torch.Tensor:
         """[C, L, W] prompts around one context ctx [n_ctx, W]."""
-        ctx = ctx.unsqueeze(0).expand(self.n_cls, -1, -1)
-        prefix, suffix = self.token_prefix, self.token_suffix
-        if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1)
-        rows, half = [], self.n_ctx // 2
-        for i, n in enumerate(self.name_lens):
-            name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
-            if self.position == "middle":
-                rows.append(torch.cat([prefix[i:i + 1], ctx[i:i + 1, :half], name, ctx[i:i + 1, half:], rest], 1))
-            else:
-                rows.append(torch.cat([prefix[i:i + 1], name, ctx[i:i + 1], rest], 1))
-        return torch.cat(rows, dim=0)
-
-    def forward(self) -> torch.Tensor:
-        return self.build(self.ctx)
+        return layout(self.embedded, ctx, self.n_ctx, self.position, self.name_lens)
 
 
 class ConditionalPromptLearner(PromptLearner):
@@ -85,20 +80,7 @@ class ConditionalPromptLearner(PromptLearner):
         return torch.stack([self.build(ctx_b) for ctx_b in shifted])                   # [B, C, L, W]
 
 
-class TextEncoder(nn.Module):
-    """CoOp's / CoCoOp's text encoder: every row at its full 77 positions."""
-
-    def __init__(self, clip_model):
-        super().__init__()
-        self.transformer, self.ln_final = clip_model.transformer, clip_model.ln_final
-        self.positional_embedding, self.text_projection = clip_model.positional_embedding, clip_model.text_projection
-        self.dtype = clip_model.dtype
-
-    def forward(self, prompts, tokenized_prompts):
-        x = (prompts + self.positional_embedding.to(self.dtype)).permute(1, 0, 2)
-        x = self.transformer(x).permute(1, 0, 2)
-        x = self.ln_final(x).to(self.dtype)
-        return x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
+TextEncoder = FullLengthTextEncoder  # CoOp's / CoCoOp's text encoder: every row at its full 77 positions
 
 
 def cocoop_loop_logits(learner, encoder, image_features, logit_scale):
@@ -147,14 +129,11 @@ def to_deep_prompt_tower(model, n_ctx: int):
     return model
 
 
-class DeepTextEncoder(TextEncoder):
+class DeepTextEncoder(FullLengthTextEncoder):
     """MaPLe's text encoder: the full-length tower on ``[x, deeper, 0]``."""
 
     def forward(self, prompts, tokenized_prompts, compound_prompts_deeper_text):
-        x = (prompts + self.positional_embedding.to(self.dtype)).permute(1, 0, 2)
-        x = self.transformer([x, list(compound_prompts_deeper_text), 0])[0].permute(1, 0, 2)
-        x = self.ln_final(x).to(self.dtype)
-        return x[torch.arange(x.shape[0]), tokenized_prompts.argmax(dim=-1)] @ self.text_projection
+        return full_text_forward(self.clip_model, prompts, tokenized_prompts, compound_prompts_deeper_text)
 
 
 class DeepPromptLearner(PromptLearner):
@@ -172,3 +151,40 @@ class DeepPromptLearner(PromptLearner):
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
+
+
+
+def new_report(reference: str, candidate: str) -> Dict:
+    """The examples' report: the trained candidate's losses, the largest relative difference
+    of its loss and gradients from the reference's, and each side's step times."""
+    return {"losses": [], "max_rel_diff": 0.0, "times_s": {reference: [], candidate: []}}
+
+
+def compare_then_step(report: Dict, params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
+                      reference: Tuple[str, Callable[[], torch.Tensor]],
+                      candidate: Tuple[str, Callable[[], torch.Tensor]]) -> None:
+    """One checked training step of an example: run each side's loss (``(name, fn)``, fn()
+    -> scalar) and its gradients with respect to ``params``, timed; fold the largest
+    relative difference max|a - b| / max|b| of the candidate's loss and gradients from the
+    reference's into ``report["max_rel_diff"]``; then train on the candidate's gradients
+    (set ``.grad``, ``optimizer.step()``) and record its loss."""
+    results = {}
+    for name, loss_fn in (reference, candidate):
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        grads = torch.autograd.grad(loss, list(params))
+        report["times_s"][name].append(time.perf_counter() - t0)
+        results[name] = (loss.detach(), grads)
+    (loss_r, g_r), (loss_c, g_c) = results[reference[0]], results[candidate[0]]
+    for a, b in zip((loss_c, *g_c), (loss_r, *g_r)):
+        report["max_rel_diff"] = max(report["max_rel_diff"], float((a - b).abs().max() / b.abs().max()))
+    with torch.no_grad():
+        for q, g in zip(params, g_c):
+            q.grad = g
+    optimizer.step()
+    report["losses"].append(float(loss_c))
+
+
+def min_times(report: Dict) -> List[float]:
+    """Each side's fastest step time (seconds), in the report's order (reference, candidate)."""
+    return [min(times) for times in report["times_s"].values()]
