@@ -1,12 +1,8 @@
 """CoCoOp with one text-encoder call per step instead of one per image.
 
-CoCoOp shifts the context per image (``ctx_b = ctx + meta_net(x_b)``), so its
-``CustomCLIP.forward`` encodes the C class prompts once per image, in a loop:
-
-    prompts = self.prompt_learner(image_features)              # [B, C, 77, width]
-    for pts_i, imf_i in zip(prompts, image_features):
-        text_features = self.text_encoder(pts_i, tokenized_prompts)
-        ...
+CoCoOp shifts the context per image (``ctx_b = ctx + meta_net(x_b)``), so its model's
+forward builds prompts [B, C, 77, width] and then loops over the B images, calling the text
+encoder once per image on that image's C class prompts [C, 77, width].
 
 With ``demul_fast.coop.CoOpTextEncoder`` the loop becomes one call on all B images:
 
