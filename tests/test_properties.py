@@ -300,13 +300,14 @@ class KernelReached(AssertionError):
 
 
 def _forbid_backends():
-    """Replace the four functions of every importable backend module with a stub that fails."""
+    """Replace the four functions of every importable backend module, and its capability
+    question (asked only after validation), with a stub that fails."""
     stack = ExitStack()
     for name in backends.BACKENDS:
         if backends._load(name)[0] is None:
             continue
         module = backend_module(name)
-        for fn in ("aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head"):
+        for fn in ("capability", "aggregate_prompts", "cosine_cross_entropy", "prompt_distill_loss", "demul_head"):
             def stub(*args, _where=f"{name}.{fn}", **kwargs):
                 raise KernelReached(f"malformed input reached {_where}")
             stack.enter_context(mock.patch.object(module, fn, stub))
