@@ -253,9 +253,8 @@ def test_head_half_precision(gen, dtype):
     keys = ["loss", "ce_loss", "distill_loss", "logits", "text_features", "prompt_logits", "image_features"]
     rounded = dict(text_features=T.to(dtype), prompt_logits=A.to(dtype), image_features=X.to(dtype), labels=y,
                    scale=12.0, llm_embeddings=E, phi_weight=W, phi_bias=b)
-    # the cotangents weigh loss, ce and dist 1 each: the gradients' terms are at most twice d loss's
-    mags = head_magnitudes(rounded, 1.0, 0.1)
-    mags = {k: (2 * v if k in keys[4:] else v) for k, v in mags.items()}
+    # the terms' magnitudes for this objective: loss + ce + dist + <GL, logits> (tests/numerics.py)
+    mags = head_magnitudes(rounded, 1.0, 0.1, cotangents=(1.0, 1.0, 1.0, GL.to(dtype)))
     interp = DEVICE == "cpu"
     rounded_yardstick.check_head(f"head {dtype}", "triton", dtype,
                                  "truncate" if interp and dtype == torch.bfloat16 else "nearest",
