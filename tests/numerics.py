@@ -245,7 +245,7 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
         signed_tau = float(scale.detach().double()) if isinstance(scale, torch.Tensor) else float(scale)
         s = signed_tau * original(X) @ original(u).T
         p = torch.softmax(s, dim=-1)
-        y = args["labels"]
+        y = torch.as_tensor(args["labels"]).long()  # int32 labels are accepted by the ops
         q = torch.nn.functional.one_hot(y, C).double() * (1 - label_smoothing) + label_smoothing / C
         g_loss, g_ce, _, GL = cotangents if cotangents is not None else (1.0, 0.0, 0.0, None)
         g = abs(float(g_loss) + float(g_ce))
@@ -281,7 +281,7 @@ def ce_magnitudes(X: torch.Tensor, U: torch.Tensor, labels: torch.Tensor, scale:
     xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
     s = float(scale) * (x / xn) @ u.T
     p = torch.softmax(s, dim=-1)
-    q = torch.nn.functional.one_hot(labels.cpu(), C).double() * (1 - label_smoothing) + label_smoothing / C
+    q = torch.nn.functional.one_hot(labels.cpu().long(), C).double() * (1 - label_smoothing) + label_smoothing / C
     terms = abs(float(g)) * ((2 + tau) * p + q)
     un = torch.linalg.vector_norm(u, dim=-1)
     return dict(ce_loss=tau + math.log(C) + 1.0, class_features=(tau / B) * terms.sum(0)[:, None],
