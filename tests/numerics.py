@@ -153,7 +153,8 @@ def assert_error_rule(name: str, fast: torch.Tensor, ref64: torch.Tensor, plain:
         f"{p['floor']:.3e} is {excess:.3e} > {bound:.3e} ({what})")
 
 
-def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0.0) -> dict:
+def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0.0,
+                    cotangents: Optional[tuple] = None) -> dict:
     """Magnitude of the terms behind each output of the head (SPEC 4 and 4.1), keyed like
     ``HeadOutput``'s fields and the gradients' argument names, for inputs as
     ``backend_cases.make_head_inputs`` gives them:
@@ -167,6 +168,9 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
     * dA[c, m] = w (dw - sum w dw) with |dw| <= |du[c]|: twice w |du[c]|'s terms.
     The gradients reaching each v^ come from one float64 reference run with
     ``reference.l2_normalize`` wrapped to record them.
+
+    ``cotangents`` = (g_loss, g_ce, g_dist, G_logits or None): the gradients are those of
+    g_loss loss + g_ce ce_loss + g_dist distill_loss + <G_logits, logits> (default: of loss).
     """
     from demul_fast import reference  # noqa: PLC0415
 
@@ -196,8 +200,13 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
 
     reference.l2_normalize = recording
     try:
-        out = reference.demul_head(**args, alpha=alpha, label_smoothing=label_smoothing)
-        out.loss.backward()
+        out = reference.demul_head(**args, alpha=alpha, label_smoothing=label_smoothing,
+                                   return_logits=cotangents is not None and cotangents[3] is not None)
+        g_loss, g_ce, g_dist, GL = cotangents if cotangents is not None else (1.0, 0.0, 0.0, None)
+        objective = float(g_loss) * out.loss + float(g_ce) * out.ce_loss + float(g_dist) * out.distill_loss
+        if GL is not None:
+            objective = objective + (out.logits * GL.detach().to(out.logits)).sum()
+        objective.backward()
     finally:
         reference.l2_normalize = original
 
@@ -210,26 +219,74 @@ def head_magnitudes(inputs: dict, alpha: float = 1.0, label_smoothing: float = 0
         return total
 
     # The cross-entropy part reaches T, A, X through dL/du^[c] = tau sum_b G[b,c] x^[b] and
-    # dL/dx^[b] = tau sum_c G[b,c] u^[c], sums that cancel: their terms are bounded with
-    # |G[b,c]| <= 1/B and sum_c |G[b,c]| <= 2/B. Derivation of the factor 1 + tau (for the
-    # gradients only; the losses and logits have none): G = softmax(s) - q is exp of the
-    # logits, whose absolute rounding is eps |s| <= tau eps, so G carries a relative error
-    # (1 + tau) eps where a product of terms would carry eps; the floor's units (16) multiply
-    # it as they multiply every other eps. It multiplies eps(compute) only: a half-precision
-    # operand allowance on top of it (the old bf16 checks) made the floors 100-700x too wide.
+    # dL/dx^[b] = tau sum_c G[b,c] u^[c], sums that cancel; B G = g (p - q) + B G_logits with
+    # p = softmax(s), g the cross-entropy's total cotangent. The terms of those sums, from the
+    # float64 reference's p and q (their actual size, not a worst case):
+    # * p = exp(s - lse) carries the absolute rounding of its exponent, eps |s| <= tau eps, so p
+    #   has the relative error (1 + tau) eps where a product of terms would have eps: p enters
+    #   with (1 + tau) eps, and once more with eps as a summand of the sum (|x^| = |u^| = 1);
+    #   q is exact and enters as a summand only; B G_logits is an input (a summand only);
+    # * so one entry's terms are T[b,c] = |g| ((2 + tau) p + q) + B |G_logits|, and (with the
+    #   prefactor tau / B) dL/du^[c] has the terms tau / B sum_b T[b,c], dL/dx^[b] has
+    #   tau / B sum_c T[b,c]; a normalisation divides them by |u| (= r[c]) or |x[b]|.
+    # The per-class sum replaces the old worst case (every |G| at its bound 1/B: tau (1 + tau)
+    # for every class), which is ~C/2 times larger on average and put the float32 floor of dA
+    # at 1.2 % of max |dA| (a 1 % dA error passed). The floor's units (16) multiply these terms
+    # as they multiply every other eps; the factor multiplies eps(compute) only (no half-
+    # precision operand allowance on top: the old bf16 checks made the floors 100-700x too wide).
     with torch.no_grad():
         B = X.shape[0]
         w = torch.softmax(A, dim=-1)
         t_hat = original(T)
-        r = torch.linalg.vector_norm(torch.einsum("cm,cmd->cd", w, t_hat), dim=-1).clamp_min(reference.EPS)
+        u = torch.einsum("cm,cmd->cd", w, t_hat)
+        r = torch.linalg.vector_norm(u, dim=-1).clamp_min(reference.EPS)
         n = torch.linalg.vector_norm(T, dim=-1).clamp_min(reference.EPS)
         xn = torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(reference.EPS)
-        du = tau * (1 + tau) / r  # [C]: terms of du[c]
+        signed_tau = float(scale.detach().double()) if isinstance(scale, torch.Tensor) else float(scale)
+        s = signed_tau * original(X) @ original(u).T
+        p = torch.softmax(s, dim=-1)
+        y = torch.as_tensor(args["labels"]).long()  # int32 labels are accepted by the ops
+        q = torch.nn.functional.one_hot(y, C).double() * (1 - label_smoothing) + label_smoothing / C
+        g_loss, g_ce, _, GL = cotangents if cotangents is not None else (1.0, 0.0, 0.0, None)
+        g = abs(float(g_loss) + float(g_ce))
+        terms_g = g * ((2 + tau) * p + q)
+        if GL is not None:
+            terms_g = terms_g + B * GL.detach().double().cpu().abs()
+        du = (tau / B) * terms_g.sum(0) / r  # [C]: terms of du[c]
         mags["text_features"] = terms(T) + (w * du[:, None] / n)[..., None]
-        mags["image_features"] = terms(X) + (2 * tau * (1 + tau) / B) / xn
+        mags["image_features"] = terms(X) + (tau / B) * terms_g.sum(1, keepdim=True) / xn
         mags["prompt_logits"] = 2 * w * du[:, None]
     return {k: (v.to(inputs["text_features"].device) if isinstance(v, torch.Tensor) else v)
             for k, v in mags.items()}
+
+
+def ce_magnitudes(X: torch.Tensor, U: torch.Tensor, labels: torch.Tensor, scale: float, label_smoothing: float,
+                  g: float) -> dict:
+    """Magnitude of the terms behind the standalone cosine cross-entropy's output and gradients
+    (class features U used as given), for the loss's cotangent g, from the float64 values:
+
+    * ce_loss: summands up to |tau| + log C (logsumexp and the smoothed target's sum), + 1;
+    * B G[b,c] = g (p - q) has the terms T[b,c] = |g| ((2 + tau) p + q) (derived in
+      ``head_magnitudes``: p = exp(s - lse) carries (1 + tau) eps relative, and each entry is
+      once more a summand);
+    * dU[c] = tau / B sum_b B G[b,c] x^[b]: terms tau / B sum_b T[b,c] (|x^| = 1);
+    * dX[b] = (dx^ - x^ <x^, dx^>) / |x[b]| with dx^ = tau / B sum_c B G[b,c] U[c]: terms
+      tau / B sum_c T[b,c] |U[c]| / |x[b]| (the projection's terms are as large);
+    * d tau = 1 / B sum B G cos: terms 1 / B sum_{b,c} T[b,c] |cos| <= 1 / B sum T (|cos| <= 1
+      up to U's rounding).
+    """
+    tau = abs(float(scale))
+    x, u = X.detach().double().cpu(), U.detach().double().cpu()
+    B, C = x.shape[0], u.shape[0]
+    xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    s = float(scale) * (x / xn) @ u.T
+    p = torch.softmax(s, dim=-1)
+    q = torch.nn.functional.one_hot(labels.cpu().long(), C).double() * (1 - label_smoothing) + label_smoothing / C
+    terms = abs(float(g)) * ((2 + tau) * p + q)
+    un = torch.linalg.vector_norm(u, dim=-1)
+    return dict(ce_loss=tau + math.log(C) + 1.0, class_features=(tau / B) * terms.sum(0)[:, None],
+                image_features=(tau / B) * (terms * un).sum(1, keepdim=True) / xn,
+                scale=float(terms.sum()) / B)
 
 
 def assert_same_trained_prompts(base: dict, got: dict, what: str, ulps: float = 64.0) -> None:

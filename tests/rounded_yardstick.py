@@ -240,12 +240,109 @@ def head(family: str, T, A, X, y, tau: float, basis, alpha: float, ls: float, co
 
 
 
-def yardstick(family: str, dtype: torch.dtype, mode: str, *args, **kwargs):
-    """(exact, plain, allowance, ambiguous counts): the family's head in float64 and in
-    float32 with its roundings, and per output the boundary allowance (module docstring):
-    one batched rerun per site, each ambiguous element rounded the other way."""
+def cross_entropy(family: str, X, U, y, tau: float, ls: float, g: float, sites: Sites,
+                  cd: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
+    """The standalone cosine cross-entropy (ops ``cosine_cross_entropy``: class features U
+    used as given, no normalisation) of one kernel family in compute dtype ``cd``, with the
+    family's roundings; g: the loss's cotangent. Its sites are the head's cross-entropy
+    sites (``head``) except u^: U is an input, already in the dtype, so the forward's dot
+    takes both operands as given (x itself, then times 1/|x|) and rounds nothing. Returns
+    ce_loss and the gradients image_features (dX), class_features (dU), scale (d tau)."""
+    eps = _eps()
+    x, u = X.to(cd), U.to(cd)
+    B, D = x.shape
+    C = u.shape[0]
+    xn = torch.linalg.vector_norm(x, dim=-1)
+    inv_x = 1 / xn.clamp_min(eps)
+    cos = (x @ u.mT) * inv_x[..., None]
+    s = tau * cos
+    lse = torch.logsumexp(s, dim=-1)
+    onehot = torch.nn.functional.one_hot(y, C).to(cd)
+    q = onehot * (1 - ls) + ls / C
+    rows = lse - (1 - ls) * (s * onehot).sum(-1) - (ls / C) * s.sum(-1)
+    out = dict(ce_loss=rows.mean(-1))
+    p = torch.exp(s - lse[..., None])
+    bg = g * (p - q)
+    # B G's window as in ``head`` (|u| = 1 up to the input's rounding: |x^||u| <= 1 + 2^-8)
+    win_bg = abs(g) * p * (2 * abs(tau) * ERR(2 * D) + ERR(C)) + ERR(1) * bg.abs()
+    dscale = (bg * cos).sum((-2, -1)) / B
+    x_hat = x * inv_x[..., None]
+    if family == "triton":
+        BG = sites("bg", bg, win_bg)                        # stored in X's dtype (_ce_grad_kernel)
+        X_op = sites("x_hat", x_hat, ERR(D) * x_hat.abs())  # the dU dot's operand (_ce_du_kernel)
+        dU = (tau / B) * BG.mT @ X_op
+        dx_hat = (tau / B) * BG @ u
+    else:  # csrc/cross_entropy.cu, as in ``head``
+        G_x = sites("tau_g", (tau / B) * bg, (abs(tau) / B) * win_bg, relative=True)
+        G_u = sites("tau_g_over_x", (tau / B) * bg * inv_x[..., None], (abs(tau) / B) * win_bg * inv_x[..., None],
+                    relative=True)
+        dU = G_u.mT @ x
+        dx_hat = G_x @ u
+    proj = torch.where(xn >= eps, (x_hat * dx_hat).sum(-1), torch.zeros_like(xn))
+    dX = (dx_hat - x_hat * proj[..., None]) * inv_x[..., None]
+    out.update(image_features=dX, class_features=dU, scale=dscale)
+    return out
+
+
+def aggregate(family: str, T, A, cot, sites: Sites, cd: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
+    """The standalone aggregation (ops ``aggregate_prompts``) of one kernel family: forward in
+    float32 (no dot: a weighted sum and norms), output u^ stored in T's dtype; cot: the
+    cotangent of u^ as autograd hands it (in u^'s dtype). Its one site: the Triton op saves
+    its output, u^ in T's dtype, and its backward (text_backward, agg) reads that rounded u^
+    back for <u^, t>, <u^, du^> and the projection (the head saves u^ in float32: no site
+    there); csrc/ keeps u^ in float32 (u32) for the backward: no site. Returns
+    class_features (u^) and the gradients text_features (dT), prompt_logits (dA)."""
+    eps = _eps()
+    t, a = T.to(cd), A.to(cd)
+    C, M, D = t.shape
+    n = torch.linalg.vector_norm(t, dim=-1)
+    inv_n = 1 / n.clamp_min(eps)
+    w = torch.softmax(a, dim=-1)
+    u = (t * (w * inv_n)[..., None]).sum(-2)
+    r = torch.linalg.vector_norm(u, dim=-1)
+    inv_r = 1 / r.clamp_min(eps)
+    u_hat = u * inv_r[..., None]
+    out = dict(class_features=u_hat)
+    if family == "triton":
+        # u^ in float32 as in ``head``: ERR(M + D) x (the terms' sum / |u| + |u^|)
+        terms_u = (t.abs() * (w * inv_n)[..., None]).sum(-2) * inv_r[..., None]
+        U_b = sites("u_hat", u_hat, ERR(M + D) * (terms_u + u_hat.abs()))
+    else:
+        U_b = u_hat
+    dU = cot.to(cd)
+    a_tg = torch.einsum("...cmd,...cd->...cm", t, dU)
+    a_ut = torch.einsum("...cmd,...cd->...cm", t, U_b)
+    a_ug = (U_b * dU).sum(-1)
+    proj_u = torch.where(r >= eps, a_ug, torch.zeros_like(a_ug))
+    dw = (a_tg - proj_u[..., None] * a_ut) * inv_r[..., None] * inv_n
+    dA = w * (dw - (w * dw).sum(-1, keepdim=True))
+    du = (dU - U_b * proj_u[..., None]) * inv_r[..., None]
+    proj_t = torch.where(n >= eps, w * dw, torch.zeros_like(dw))
+    dT = (w[..., None] * du[..., None, :] - (t * inv_n[..., None]) * proj_t[..., None]) * inv_n[..., None]
+    out.update(text_features=dT, prompt_logits=dA)
+    return out
+
+
+def distillation(family: str, T, basis, g: float, sites: Sites, cd: torch.dtype = torch.float64):
+    """The standalone distillation (ops ``prompt_distill_loss``) of one kernel family: the
+    head's distillation part (``head`` with the cross-entropy's cotangents zero; the kernels
+    are the same: triton text_forward/text_backward with dist=True, csrc/distill.cu), its
+    sites v or p and dvz. g: the loss's cotangent. Returns distill_loss and text_features."""
+    C, M, D = T.shape
+    A = torch.zeros(C, M, dtype=torch.float64)
+    X = torch.ones(1, D, dtype=torch.float64)
+    y = torch.zeros(1, dtype=torch.long)
+    out = head(family, T, A, X, y, 1.0, basis, 1.0, 0.0, (0.0, 0.0, g, None), sites, cd)
+    return dict(distill_loss=out["distill_loss"], text_features=out["text_features"])
+
+
+def yardstick(family: str, dtype: torch.dtype, mode: str, *args, op=None, **kwargs):
+    """(exact, plain, allowance, ambiguous counts): the family's head (or ``op``:
+    ``cross_entropy``, ``distillation``) in float64 and in float32 with its roundings, and
+    per output the boundary allowance (module docstring): one batched rerun per site, each
+    ambiguous element rounded the other way."""
     def fn(*a, **k):
-        return head(family, *a, **k)
+        return (op or head)(family, *a, **k)
     base = Sites(dtype, mode)
     exact = fn(*args, sites=base, cd=torch.float64, **kwargs)
     plain = fn(*args, sites=Sites(dtype, mode), cd=torch.float32, **kwargs)
@@ -260,6 +357,22 @@ def yardstick(family: str, dtype: torch.dtype, mode: str, *args, **kwargs):
             for k in allowance:
                 allowance[k] = allowance[k] + (other[k] - exact[k]).abs().reshape(-1, *exact[k].shape).sum(0)
     return exact, plain, allowance, counts
+
+
+def check_op(name: str, op, family: str, dtype: torch.dtype, mode: str, fast: Dict[str, torch.Tensor], args: tuple,
+             magnitudes: Dict[str, object], stored_ulps: float = 0.5) -> None:
+    """``check_head`` for a standalone op's yardstick (``cross_entropy``, ``distillation``):
+    args are its arguments after ``family``, without ``sites`` and ``cd``."""
+    from numerics import assert_error_rule  # noqa: PLC0415
+
+    exact, plain, allowance, counts = yardstick(family, dtype, mode, *args, op=op)
+    print(f"{name}: rounded yardstick ({op.__name__}, {family}, {dtype}, {mode}); elements on a rounding boundary: "
+          f"{counts}")
+    for key, f in fast.items():
+        grad = key in ("text_features", "prompt_logits", "image_features", "class_features", "scale")
+        assert_error_rule(f"{name} {key}", f, exact[key].to(f.device), plain[key].to(f.device), k=3.0 if grad else 2.0,
+                          dtype=dtype, magnitude=magnitudes.get(key), stored_ulps=stored_ulps,
+                          extra=allowance[key].to(f.device))
 
 
 def check_head(name: str, family: str, dtype: torch.dtype, mode: str, fast: Dict[str, torch.Tensor], T, A, X, y,

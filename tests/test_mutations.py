@@ -12,7 +12,7 @@ ce, dist, logits) and gradient (T, A, X).
 
 Mutations (``MUTATIONS``): alpha x1.05, scale x1.01, phi's bias dropped (c, delta, beta of
 the basis zeroed), label smoothing ignored; dT, dX, dA x1.05; each of them with its sign
-flipped; each set to zero; the last class's dA never written (zero: what unpoisoned memory
+flipped; each set to zero; dT, dX, dA x1.01 (a 1 % error in one gradient alone); the last class's dA never written (zero: what unpoisoned memory
 may hold; poisoned outputs turn a missing write into NaN, which fails trivially).
 
 ``python tests/test_mutations.py`` prints the table of which check refuses each mutation
@@ -68,6 +68,8 @@ def _last_class_unwritten(g):
 GRAD_MUTATIONS = {}
 for _g in GRADS:
     GRAD_MUTATIONS[f"{_g} x1.05"] = (_g, lambda g: g * 1.05)
+for _g in GRADS:  # a 1 % error: the floors' magnitudes are the actual per-class terms (numerics.py)
+    GRAD_MUTATIONS[f"{_g} x1.01"] = (_g, lambda g: g * 1.01)
 for _g in GRADS:
     GRAD_MUTATIONS[f"{_g} sign flipped"] = (_g, lambda g: -g)
 for _g in GRADS:

@@ -20,7 +20,7 @@ from demul_fast.ops import backends
 from demul_fast.ops import functional as F
 from demul_fast.ops.capability import Call
 from demul_fast.ops.distill_basis import build_distill_basis
-from numerics import assert_error_rule, default_compute_dtype, head_magnitudes
+from numerics import assert_error_rule, ce_magnitudes, default_compute_dtype, head_magnitudes
 import rounded_yardstick
 
 from demul_fast.ops import triton_ops  # triton is in the test extra (checked by conftest)
@@ -68,31 +68,37 @@ def run(fn, args, diff, dtype, cotangents=None):
     return outs, grads
 
 
-# The kernels round every tl.dot operand (normalised features, the basis) to a half input
-# dtype, as the tensor cores take them: the error rule's explicit operand allowance
-# (tests/numerics.py). Their float32 accumulation is checked in the compiled code
-# (tests/test_compiled_report.py: every wgmma accumulates in f32).
-TENSOR_CORE_OPERANDS = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
-
-
 def check(name, fast_fn, ref_fn, args, diff, dtype=torch.float32, cotangents=None, grad_names=None):
     """Error rule for every output (k=2) and every gradient (k=3): fast in ``dtype`` vs the
     float64 reference, bounded by the reference's own error on the same ``dtype`` inputs
-    accumulated in float32 (tests/numerics.py)."""
+    accumulated in float32 (tests/numerics.py). Float32 inputs only: in half precision the
+    kernels round some operands by design, and the ops' tests use ``check_rounded``."""
+    assert dtype == torch.float32, "half precision: check_rounded (the rounded yardstick)"
     fo, fg = run(fast_fn, args, diff, dtype, cotangents)
     if cotangents is not None:  # autograd hands a half-precision output its cotangent rounded
         cotangents = [c.to(f.dtype).double() for c, f in zip(cotangents, fo)]
     rounded = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
     ro, rg = run(ref_fn, rounded, diff, torch.float64, cotangents)  # exact, on the same rounded inputs
     po, pg = run(ref_fn, rounded, diff, default_compute_dtype(dtype), cotangents)
-    ulps = 1.0 if DEVICE == "cpu" else 0.5  # the interpreter truncates float32 -> bfloat16
-    operands = TENSOR_CORE_OPERANDS.get(dtype)
     assert len(fo) == len(ro)
     for i, (f, r, p) in enumerate(zip(fo, ro, po)):
-        assert_error_rule(f"{name} out{i}", f, r, p, k=2.0, dtype=dtype, stored_ulps=ulps, operands=operands)
+        assert_error_rule(f"{name} out{i}", f, r, p, k=2.0, dtype=dtype)
     for j, (f, r, p) in enumerate(zip(fg, rg, pg)):
         label = grad_names[j] if grad_names else f"grad{j}"
-        assert_error_rule(f"{name} {label}", f, r, p, k=3.0, dtype=dtype, stored_ulps=ulps, operands=operands)
+        assert_error_rule(f"{name} {label}", f, r, p, k=3.0, dtype=dtype)
+    return fo, fg
+
+
+def check_rounded(name, op, fast_fn, args, diff, dtype, cotangents, keys, yard_args, magnitudes):
+    """A standalone op in half precision against the yardstick that rounds what its kernels
+    round (tests/rounded_yardstick.py: ``aggregate``, ``cross_entropy``, ``distillation``),
+    float32 floors, no operand allowance. keys: the yardstick's names of the outputs, then of
+    the gradients; yard_args: the op's arguments (rounded) after the family."""
+    fo, fg = run(fast_fn, args, diff, dtype, cotangents)
+    interp = DEVICE == "cpu"  # the interpreter truncates float32 -> bfloat16; a GPU rounds to nearest
+    rounded_yardstick.check_op(name, op, "triton", dtype, "truncate" if interp and dtype == torch.bfloat16
+                               else "nearest", dict(zip(keys, list(fo) + list(fg))), yard_args, magnitudes,
+                               stored_ulps=1.0 if interp else 0.5)
     return fo, fg
 
 
@@ -111,6 +117,31 @@ def test_aggregate_prompts(gen, shape):
     fo, _ = check("aggregate", lambda t, a: F.aggregate_prompts(t, a, backend="triton"), ref.aggregate_prompts,
                   [T, A], diff=[0, 1], cotangents=cot, grad_names=["dT", "dA"])
     assert fo[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_aggregate_prompts_half_precision(gen, dtype):
+    """u^ stored in T's dtype and read back by the backward (the yardstick's one site)."""
+    T, A, *_ = make_inputs(gen, **ODD)
+    cot = rand_like(gen, torch.empty(ODD["C"], ODD["D"])).to(dtype).double()
+    fo, _ = check_rounded(f"aggregate {dtype}", rounded_yardstick.aggregate,
+                          lambda t, a: F.aggregate_prompts(t, a, backend="triton"), [T, A], [0, 1], dtype, [cot],
+                          ["class_features", "text_features", "prompt_logits"], (T.to(dtype), A.to(dtype), cot), {})
+    assert fo[0].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cosine_cross_entropy_half_precision(gen, dtype):
+    """B G stored in X's dtype, x^ rounded as the dU dot's operand (the yardstick's sites)."""
+    _, _, X, y, *_ = make_inputs(gen, **ODD)
+    U = ref.l2_normalize(rand_like(gen, torch.empty(ODD["C"], ODD["D"])))
+    tau = torch.tensor(14.3, dtype=torch.float64, device=DEVICE)
+    Xh, Uh, g = X.to(dtype), U.to(dtype), 0.7
+    cot = [torch.tensor(g, dtype=torch.float64, device=DEVICE)]
+    check_rounded(f"ce {dtype}", rounded_yardstick.cross_entropy,
+                  lambda x, u, s: F.cosine_cross_entropy(x, u, y, s, 0.1, backend="triton"), [X, U, tau], [0, 1, 2],
+                  dtype, cot, ["ce_loss", "image_features", "class_features", "scale"],
+                  (Xh, Uh, y, float(tau.to(dtype)), 0.1, g), ce_magnitudes(Xh, Uh, y, float(tau.to(dtype)), 0.1, g))
 
 
 @pytest.mark.parametrize("shape,ls", [(ODD, 0.0), (ODD, 0.1), (CROSSING, 0.1)], ids=["odd-ls0", "odd-ls0.1", "crossing"])
@@ -137,9 +168,16 @@ def test_cosine_cross_entropy_split_classes(gen, dtype):
     assert cfg["splits"] > 1 and cfg["dx_splits"] > 1 and 70 % 64
     _, _, X, y, *_ = make_inputs(gen, **shape)
     U = ref.l2_normalize(rand_like(gen, torch.empty(130, 32)))
-    check(f"ce split {dtype}", lambda x, u: F.cosine_cross_entropy(x, u, y, 20.0, 0.1, backend="triton"),
-          lambda x, u: ref.cosine_cross_entropy(x, u, y, 20.0, 0.1), [X, U], diff=[0, 1], dtype=dtype,
-          grad_names=["dX", "dU"])
+    fast = (lambda x, u: F.cosine_cross_entropy(x, u, y, 20.0, 0.1, backend="triton"))
+    if dtype == torch.float32:
+        check(f"ce split {dtype}", fast, lambda x, u: ref.cosine_cross_entropy(x, u, y, 20.0, 0.1), [X, U],
+              diff=[0, 1], dtype=dtype, grad_names=["dX", "dU"])
+    else:
+        Xh, Uh = X.to(dtype), U.to(dtype)
+        check_rounded(f"ce split {dtype}", rounded_yardstick.cross_entropy, fast, [X, U], [0, 1], dtype,
+                      [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)],
+                      ["ce_loss", "image_features", "class_features"], (Xh, Uh, y, 20.0, 0.1, 1.0),
+                      ce_magnitudes(Xh, Uh, y, 20.0, 0.1, 1.0))
 
 
 def test_cosine_cross_entropy_class_grad_only(gen):
@@ -163,9 +201,15 @@ def basis_of(W, b, E):
 def test_prompt_distill_loss(gen, K, bias, dtype):
     T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **dict(SMALL, K=K))
     basis = basis_of(W, b, E)
-    fo, _ = check(f"distill {dtype}", lambda t: triton_ops.prompt_distill_loss(t, basis),
-                  lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), None if b is None else b.to(t.dtype),
-                                                    E.to(t.dtype)), [T], diff=[0], dtype=dtype, grad_names=["dT"])
+    fast = (lambda t: triton_ops.prompt_distill_loss(t, basis))
+    if dtype == torch.float32:
+        fo, _ = check(f"distill {dtype}", fast,
+                      lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), None if b is None else b.to(t.dtype),
+                                                        E.to(t.dtype)), [T], diff=[0], dtype=dtype, grad_names=["dT"])
+    else:  # the saved v and dv|z| rounded as the kernels round them (tests/rounded_yardstick.py)
+        fo, _ = check_rounded(f"distill {dtype}", rounded_yardstick.distillation, fast, [T], [0], dtype,
+                              [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)],
+                              ["distill_loss", "text_features"], (T.to(dtype), basis, 1.0), {"distill_loss": 2.0})
     assert fo[0].dtype == torch.float32
 
 
@@ -254,9 +298,8 @@ def test_head_half_precision(gen, dtype):
     keys = ["loss", "ce_loss", "distill_loss", "logits", "text_features", "prompt_logits", "image_features"]
     rounded = dict(text_features=T.to(dtype), prompt_logits=A.to(dtype), image_features=X.to(dtype), labels=y,
                    scale=12.0, llm_embeddings=E, phi_weight=W, phi_bias=b)
-    # the cotangents weigh loss, ce and dist 1 each: the gradients' terms are at most twice d loss's
-    mags = head_magnitudes(rounded, 1.0, 0.1)
-    mags = {k: (2 * v if k in keys[4:] else v) for k, v in mags.items()}
+    # the terms' magnitudes for this objective: loss + ce + dist + <GL, logits> (tests/numerics.py)
+    mags = head_magnitudes(rounded, 1.0, 0.1, cotangents=(1.0, 1.0, 1.0, GL.to(dtype)))
     interp = DEVICE == "cpu"
     rounded_yardstick.check_head(f"head {dtype}", "triton", dtype,
                                  "truncate" if interp and dtype == torch.bfloat16 else "nearest",

@@ -1,0 +1,151 @@
+"""The adversarial CUDA emulation's strict checks fire (tests/cuda_emu/include/emu_adversary.h).
+
+One variant of the emulated extension (tests/cuda_emu/build.py, ``build(edits=...)``) carries
+planted violations at the start of the aggregation's forward kernel (csrc/aggregate.cu, 256
+threads per block), each switched on at run time by ``DEMUL_PLANT=<name>`` (the emulation's
+"device" code is host code: it can read the environment), so one build serves every plant:
+
+* ``exit_then_barrier``: threads 16..255 return, threads 0..15 (half of warp 0) reach a
+  ``__syncthreads``;
+* ``exit_then_warp_barrier``: lanes 16..31 of every warp return, lanes 0..15 reach a ``__syncwarp``;
+* ``wmma_partial_exit``: lanes 16..31 return, lanes 0..15 call ``wmma::load_matrix_sync``;
+* ``wmma_divergent``: lanes 0..15 call ``wmma::load_matrix_sync``, lanes 16..31 wait at a
+  ``__syncthreads`` (the whole warp does not reach the WMMA call);
+* ``wmma_misaligned``: every lane loads a WMMA fragment from a pointer 2 bytes off a
+  32-byte boundary;
+* ``wmma_bad_ldm``: every lane loads with ldm = 20 halves (40 bytes, not a multiple of 16);
+* ``static_smem``: a static ``__shared__`` array of 50,000 bytes (with the kernel's own 128:
+  over 48 KB).
+
+Each runs the aggregation once in a subprocess (an abort of the emulation ends only it) and
+must abort with the check's message; the same build without ``DEMUL_PLANT`` must run clean
+(so the abort comes from the plant, not from the edit), and the strict-only checks must stay
+silent under ``DEMUL_EMU_STRICT=0`` (so it is the strict check that fires).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cuda_emu import build as emu_build
+
+REASON = emu_build.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"CUDA emulation unavailable: {REASON}")
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+# at namespace scope, before csrc/aggregate.cu's own namespace: a 32-byte aligned tile
+DECLARATIONS = r"""
+#include <cstdlib>
+#include <string>
+struct alignas(32) PlantTile { __half v[16 * 32]; };
+"""
+
+# at the start of aggregate_forward_kernel's body (after ``const T* tc = ...;``)
+PLANT = r"""
+  {
+    const char* plant_env = std::getenv("DEMUL_PLANT");
+    const std::string plant = plant_env ? plant_env : "";
+    if (plant == "exit_then_barrier") {
+      if (tid >= 16) return;
+      __syncthreads();
+    }
+    if (plant == "exit_then_warp_barrier") {
+      if (lane >= 16) return;
+      __syncwarp();
+    }
+    if (plant.rfind("wmma_", 0) == 0) {
+      __shared__ PlantTile plant_tile;
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> plant_frag;
+      if (plant == "wmma_partial_exit") {
+        if (lane >= 16) return;
+        nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v, 16);
+      }
+      if (plant == "wmma_divergent") {
+        if (lane < 16) nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v, 16);
+        else __syncthreads();
+      }
+      if (plant == "wmma_misaligned") nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v + 1, 16);
+      if (plant == "wmma_bad_ldm") nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v, 20);
+    }
+    if (plant == "static_smem") {
+      __shared__ float plant_big[12500];
+      plant_big[tid] = 0.f;
+    }
+  }
+"""
+
+ANCHOR = "  const T* tc = t + c * M * D;\n"
+
+
+def _plant(text: str) -> str:
+    assert text.count(ANCHOR) == 1, "csrc/aggregate.cu changed: the plant's anchor line is gone"
+    text = text.replace("namespace demul {", DECLARATIONS + "namespace demul {", 1)
+    return text.replace(ANCHOR, ANCHOR + PLANT, 1)
+
+
+EDITS = {"aggregate.cu": _plant}
+
+# plant -> (the emulation's message, whether the check is one of DEMUL_EMU_STRICT's)
+EXPECTED = {
+    "exit_then_barrier": ("__syncthreads after some threads of the block exited", True),
+    "exit_then_warp_barrier": ("a warp barrier / shuffle / WMMA call after some lanes of the warp exited", True),
+    "wmma_partial_exit": ("a warp barrier / shuffle / WMMA call after some lanes of the warp exited", True),
+    # a WMMA call is a warp barrier: a warp split between it and __syncthreads cannot release
+    # either; that deadlock is reported whatever DEMUL_EMU_STRICT says
+    "wmma_divergent": ("a warp waits at __syncwarp/shuffle while some of its lanes wait at __syncthreads", False),
+    "wmma_misaligned": ("a WMMA pointer is not 32-byte aligned", True),
+    "wmma_bad_ldm": ("a WMMA ldm is not a multiple of 16 bytes", True),
+    "static_smem": ("static shared memory of one kernel exceeds 48 KB", True),
+}
+
+
+def child() -> None:
+    """Builds (or loads) the planted variant and runs the aggregation forward once."""
+    import torch
+
+    from demul_fast.ops import cuda_ops
+
+    torch.set_num_threads(1)
+    cuda_ops._C = emu_build.build(edits=EDITS)
+    gen = torch.Generator().manual_seed(0)
+    u = cuda_ops.aggregate_prompts(torch.randn(3, 2, 40, generator=gen), torch.randn(3, 2, generator=gen))
+    print("FINITE" if bool(torch.isfinite(u).all()) else "NONFINITE", flush=True)
+
+
+def _run(plant=None, strict=True):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), TESTS]),
+               DEMUL_EMU_STRICT="1" if strict else "0")
+    env.pop("DEMUL_PLANT", None)
+    if plant is not None:
+        env["DEMUL_PLANT"] = plant
+    return subprocess.run([sys.executable, os.path.abspath(__file__), "--child"], capture_output=True, text=True,
+                          env=env, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def planted_variant():
+    """Builds the variant once (cached by source hash like every emulation build) and checks
+    that, with no plant switched on, it runs clean."""
+    proc = _run()
+    assert proc.returncode == 0 and "FINITE" in proc.stdout, (
+        f"the planted build without DEMUL_PLANT does not run clean: rc {proc.returncode}\n{proc.stderr[-3000:]}")
+    return True
+
+
+@pytest.mark.parametrize("plant", list(EXPECTED))
+def test_the_strict_check_fires(planted_variant, plant):
+    message, strict_only = EXPECTED[plant]
+    proc = _run(plant)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("emu:")]
+    assert proc.returncode != 0, f"{plant}: the emulation did not abort (stdout {proc.stdout!r})"
+    assert lines and message in lines[-1], f"{plant}: expected {message!r}, got {lines or proc.stderr[-2000:]}"
+    if strict_only:
+        relaxed = _run(plant, strict=False)
+        assert message not in relaxed.stderr, f"{plant}: the message appears with DEMUL_EMU_STRICT=0"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--child"]:
+    child()
