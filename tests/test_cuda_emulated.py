@@ -232,14 +232,18 @@ def test_every_op_gives_the_same_bits_under_every_schedule(schedule):
         assert all(torch.equal(a, c) for a, c in zip(first, got)), f"schedule {name} changes the bits: a race"
 
 
-def test_the_planted_race_at_text_head_131_is_caught():
-    """The barrier after s_gp's writes in text_head.cu's float32 path (warps 0-7 write, every
-    warp reads) removed: the adversarial emulation must notice (a subprocess: an abort of the
-    emulation ends only it). Builds one more emulation, cached like the first."""
+def test_the_planted_race_after_the_g_build_is_caught():
+    """The barrier after the text backward's G build in text_head.cu (each warp writes its
+    rows of G and of s_gp, every warp reads all of them) removed: the adversarial emulation
+    must notice (a subprocess: an abort of the emulation ends only it). Builds one more
+    emulation, cached like the first."""
     from cuda_emu import build as emu_build, race_probe  # noqa: PLC0415
 
-    line = next(ln for f, ln in emu_build.barriers() if f == "text_head.cu" and ln > 125)
-    # the barrier guards the float32 (SIMT) path: float32 under two schedules suffices
+    with open(os.path.join(emu_build.CSRC, "text_head.cu")) as f:
+        build_line = next(i for i, text in enumerate(f, 1) if "build_g((ks" in text)
+    line = next(ln for f, ln in emu_build.barriers() if f == "text_head.cu" and ln > build_line)
+    assert line == build_line + 1, "the barrier must follow the build"
+    # float32 (the SIMT path) under two schedules suffices
     report = race_probe.probe([f"text_head.cu:{line}"], dtypes=("float32",), schedules=("forward", "reverse"))
     assert race_probe.caught(report), f"the removed barrier went unnoticed: {report}"
 
