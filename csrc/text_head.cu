@@ -24,10 +24,9 @@
 // accumulation: each chunk of R is converted while the previous one multiplies), in fp32
 // SIMT for float32 T. No atomics: deterministic. dA = w (dw - sum_m w dw) follows in a
 // small per-class kernel.
-#include <cuda_pipeline.h>
-
 #include "common.cuh"
 #include "ops.h"
+#include "pipeline.cuh"
 #include "sweep.cuh"
 
 namespace demul {
@@ -65,68 +64,6 @@ struct BwdSmem {
     return kp;
   }
 };
-
-// Bit casts (memcpy: a register move on the device, defined behaviour on the host).
-__device__ __forceinline__ float float_of(uint32_t b) {
-  float x;
-  memcpy(&x, &b, 4);
-  return x;
-}
-__device__ __forceinline__ uint32_t bits_of(float x) {
-  uint32_t b;
-  memcpy(&b, &x, 4);
-  return b;
-}
-__device__ __forceinline__ float half_bits_to_f(unsigned short b, __half*) {
-  __half_raw r;
-  r.x = b;
-  return __half2float(__half(r));
-}
-__device__ __forceinline__ float half_bits_to_f(unsigned short b, __nv_bfloat16*) {
-  __nv_bfloat16_raw r;
-  r.x = b;
-  return __bfloat162float(__nv_bfloat16(r));
-}
-__device__ __forceinline__ unsigned short f_to_bits(float x, __half*) {
-  return static_cast<__half_raw>(__float2half_rn(x)).x;
-}
-__device__ __forceinline__ unsigned short f_to_bits(float x, __nv_bfloat16*) {
-  return static_cast<__nv_bfloat16_raw>(__float2bfloat16_rn(x)).x;
-}
-
-// Loads kVec = 16 / sizeof(T) values of T from a 16-byte aligned address.
-template <typename T>
-__device__ __forceinline__ void load16(const T* p, float (&x)[16 / sizeof(T)]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-  if constexpr (std::is_same_v<T, float>) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) x[e] = float_of(w[e]);
-  } else {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      x[2 * e] = half_bits_to_f(static_cast<unsigned short>(w[e] & 0xffffu), static_cast<T*>(nullptr));
-      x[2 * e + 1] = half_bits_to_f(static_cast<unsigned short>(w[e] >> 16), static_cast<T*>(nullptr));
-    }
-  }
-}
-
-// Stores n = 16 / sizeof(TC) values rounded to TC at a 16-byte aligned address.
-template <typename TC>
-__device__ __forceinline__ void store16(TC* p, const float* x) {
-  uint4 u;
-  if constexpr (std::is_same_v<TC, float>) {
-    u = make_uint4(bits_of(x[0]), bits_of(x[1]), bits_of(x[2]), bits_of(x[3]));
-  } else {
-    uint32_t w[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      w[e] = static_cast<uint32_t>(f_to_bits(x[2 * e], static_cast<TC*>(nullptr))) |
-             (static_cast<uint32_t>(f_to_bits(x[2 * e + 1], static_cast<TC*>(nullptr))) << 16);
-    u = make_uint4(w[0], w[1], w[2], w[3]);
-  }
-  *reinterpret_cast<uint4*>(p) = u;
-}
 
 // Accumulator of G R over the k steps of one column chunk: G rows from shared memory
 // (g_ld elements per row, this step's 32 columns at g), the step's R chunk [32][64] at v
@@ -194,7 +131,6 @@ struct ChunkAccK<true, TC> {
   __device__ __forceinline__ void finish(float (*c)[kAccLd], float out[kPer][kPer]) { unstage(f, c, out); }
 };
 
-__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
