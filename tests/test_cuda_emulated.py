@@ -39,6 +39,10 @@ PRIMES = dict(C=23, M=5, D=131, B=67, K=193)  # every dimension crosses a 64-wid
 M64 = dict(C=3, M=64, D=72, B=7, K=40)       # one class per block of the fused forward
 MANY = dict(C=2, M=70, D=80, B=9, K=50)      # M > 64: the aggregation runs apart, blocks cross classes
 WIDE = dict(C=150, M=2, D=40, B=20, K=30)    # C > 64: the split class ranges and their merges
+# D and r past the 160 KB shared-memory budget of the resident tiles (csrc/distill.cu
+# DistillSmem: 64 x 936 x 2 B + 46 KB for 16-bit T; text_head.cu BwdSmem: G of r = 930 in
+# two panels, rebuilt per column chunk): the forward's streamed kernel, the backward's panels
+BIG = dict(C=2, M=3, D=930, B=3, K=950)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -123,7 +127,7 @@ def test_demul_head(gen, shape, distill, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY], ids=["odd", "primes", "m=64", "m>64"])
+@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY, BIG], ids=["odd", "primes", "m=64", "m>64", "big-d"])
 def test_demul_head_distillation_gradient(gen, shape, dtype):
     """The head with a cotangent on distill_loss alone: dT is the fused backward's distillation
     part only (G R, the r-space projection <p, G>, the saved p), which the cross-entropy's
