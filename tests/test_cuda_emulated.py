@@ -236,17 +236,21 @@ def test_every_op_gives_the_same_bits_under_every_schedule(schedule):
         assert all(torch.equal(a, c) for a, c in zip(first, got)), f"schedule {name} changes the bits: a race"
 
 
-def test_the_planted_race_after_the_g_build_is_caught():
-    """The barrier after the text backward's G build in text_head.cu (each warp writes its
-    rows of G and of s_gp, every warp reads all of them) removed: the adversarial emulation
+def _line_after(name, marker):
+    """The first barrier of csrc/<name> after the line holding ``marker``."""
+    with open(os.path.join(emu_build.CSRC, name)) as f:
+        at = next(i for i, text in enumerate(f, 1) if marker in text)
+    return next(ln for f, ln in emu_build.barriers() if f == name and ln > at)
+
+
+def test_the_planted_race_after_the_row_scalars_is_caught():
+    """The barrier after the text backward's per-row scalars in text_head.cu (threads 0-63
+    write s_coef, every warp reads it in the G build) removed: the adversarial emulation
     must notice (a subprocess: an abort of the emulation ends only it). Builds one more
     emulation, cached like the first."""
-    from cuda_emu import build as emu_build, race_probe  # noqa: PLC0415
+    from cuda_emu import race_probe  # noqa: PLC0415
 
-    with open(os.path.join(emu_build.CSRC, "text_head.cu")) as f:
-        build_line = next(i for i, text in enumerate(f, 1) if "build_g((ks" in text)
-    line = next(ln for f, ln in emu_build.barriers() if f == "text_head.cu" and ln > build_line)
-    assert line == build_line + 1, "the barrier must follow the build"
+    line = _line_after("text_head.cu", "s_s[tid] = -g_over_rows")
     # float32 (the SIMT path) under two schedules suffices
     report = race_probe.probe([f"text_head.cu:{line}"], dtypes=("float32",), schedules=("forward", "reverse"))
     assert race_probe.caught(report), f"the removed barrier went unnoticed: {report}"
@@ -264,12 +268,19 @@ SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
 # (common.cuh:237, "c may be rewritten next") was not caught either: where c is rewritten, other
 # barriers come first. strict: a caller that makes one necessary turns it into a failure.
 NOT_A_RACE_TODAY = {"common.cuh:115", "common.cuh:126", "common.cuh:237"}
+# A race on a GPU that the emulation does not see: the barrier after the text backward's G
+# build (each warp writes its rows of G, every warp reads all of them). The build's warp
+# shuffles (one per row) hold the emulated warps in step, so every row of G is written
+# before any warp gets past its last shuffle (measured: not caught under forward/reverse).
+NOT_CAUGHT = {f"text_head.cu:{_line_after('text_head.cu', 'build_g((ks')}"}
 
 
 def _barrier_param(f, ln):
     where = f"{f}:{ln}"
     marks = [pytest.mark.xfail(strict=True, reason="defensive barrier, no race with today's callers")] \
         if where in NOT_A_RACE_TODAY else []
+    if where in NOT_CAUGHT:
+        marks = [pytest.mark.xfail(strict=True, reason="a race the emulation's warp shuffles hide")]
     return pytest.param(where, id=where, marks=marks)
 
 
