@@ -20,7 +20,8 @@ FLOPs and bytes per launch are formulas from the kernels' code (each tensor a bl
 counted once per block that reads it where the kernel re-reads it per block: the text
 backward's rows of T and G build per column group, the distillation's T per split, the
 basis R once per row tile in both), NOT a trace as for the Triton kernels: ``l2_bytes``
-and ``hbm_bytes`` both carry them and ``traced`` is False.
+carries them, ``hbm_bytes`` too except for those two kernels, whose ``hbm_bytes`` counts each
+tensor once (R, 1 MB at imagenet, stays in L2); ``traced`` is False.
 ``rounds`` counts the serial per-element loops of the one-block finalize kernels.
 Times are modelled by benchmarks/compiled_model.py.
 
@@ -267,9 +268,9 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     L = []
 
-    def add(name, symbol, grid, flops, nbytes, rounds=1, dyn_smem=0):
+    def add(name, symbol, grid, flops, nbytes, rounds=1, dyn_smem=0, hbm=None):
         L.append(dict(name=name, symbol=symbol, grid=list(grid), flops=int(flops), bytes=int(nbytes), rounds=rounds,
-                      dyn_smem=int(dyn_smem)))
+                      dyn_smem=int(dyn_smem), hbm=int(nbytes if hbm is None else hbm)))
 
     # forward
     agg_flops, agg_bytes = 5 * R * D + 4 * C * D, 4 * (R + C * D + 2 * R + C)  # logits in; u^, w, n, |u| out
@@ -287,7 +288,8 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         rf"I{t}E",
         (d_tiles, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
         t_reads * e * R * D + e * R * r + 4 * d_tiles * (r * D + r) + 4 * C * r + 8 * dist_s * R
-        + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0)
+        + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
+        hbm=e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
         2 * B * C * D + 8 * B * C, e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
@@ -324,7 +326,8 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
         (tb + 1) * e * R * D + builds * (e * R * r + 4 * classes * r + 4 * tiles * r) + 4 * tiles * r * D
         + (tb + 1) * 4 * 2 * classes * D + e * R * D + 4 * (5 * R + C),
-        dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype))
+        dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
+        hbm=2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
     add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
     return L
 
@@ -356,7 +359,7 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "fro
                             spill_bytes=use.get("LOCAL", 0) + use.get("STACK", 0),
                             smem_bytes=use.get("SHARED", 0) + launch["dyn_smem"],  # static + dynamic
                             num_warps=8, flops=launch["flops"], bytes=launch["bytes"], l2_bytes=launch["bytes"],
-                            hbm_bytes=launch["bytes"], rounds=launch["rounds"], traced=False,
+                            hbm_bytes=launch["hbm"], rounds=launch["rounds"], traced=False,
                             time_kind="modelled", preset=preset, dtype=dtype))
     return entries
 

@@ -168,7 +168,9 @@ def test_cosine_cross_entropy(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,bias", [(ODD, True), (PRIMES, False)], ids=["k<d", "k>d-nobias"])
+# WIDE: D = 40 is two 32-wide slices of R per chunk, the second one's first use past D (the
+# zero fill of the slices past D is checked on poisoned shared memory, not on stale values)
+@pytest.mark.parametrize("shape,bias", [(ODD, True), (PRIMES, False), (WIDE, True)], ids=["k<d", "k>d-nobias", "d=40"])
 def test_prompt_distill_loss(gen, shape, bias, dtype):
     T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **shape)
     E, W, b = round_trip(dtype, E, W, b)
