@@ -18,8 +18,10 @@ the basis of SPEC 4.3 (r = min(K, D)).
 
 FLOPs and bytes per launch are formulas from the kernels' code (each tensor a block reads
 counted once per block that reads it where the kernel re-reads it per block: the text
-backward's G rebuild per column block, the distillation's T per split), NOT a trace as for
-the Triton kernels: ``l2_bytes`` and ``hbm_bytes`` both carry them and ``traced`` is False.
+backward's rows of T and G build per column group, the distillation's T per split, the
+basis R once per row tile in both), NOT a trace as for the Triton kernels: ``l2_bytes``
+carries them, ``hbm_bytes`` too except for those two kernels, whose ``hbm_bytes`` counts each
+tensor once (R, 1 MB at imagenet, stays in L2); ``traced`` is False.
 ``rounds`` counts the serial per-element loops of the one-block finalize kernels.
 Times are modelled by benchmarks/compiled_model.py.
 
@@ -156,9 +158,43 @@ def plan_module():
     return _PLAN_MODULE
 
 
-def launch_plan(C: int, M: int, B: int, rank: int, sms: int = SMS) -> dict:
-    """The extension's head_launch_plan (csrc/ops.h plan_head)."""
-    return dict(plan_module().head_launch_plan(C, M, B, rank, sms))
+def launch_plan(C: int, M: int, B: int, rank: int, sms: int = SMS, D: int = 0) -> dict:
+    """The extension's head_launch_plan (csrc/ops.h plan_head); with D, also the text
+    backward's groups of column chunks ("text_backward")."""
+    return dict(plan_module().head_launch_plan(C, M, B, rank, sms, D))
+
+
+def distill_tile_smem(D: int, dtype: str) -> int:
+    """Dynamic shared memory of distill_forward_tile_kernel (csrc/distill.cu DistillSmem: the
+    [64, D] tile of T, two R stages, and for 16-bit T two converted slices and the staging tile)."""
+    e, dp = ELEMENT_BYTES[dtype], -(-D // 32) * 32
+    mma = dtype != "float32"
+    a = -(-(64 * (dp + (8 if mma else 4)) * e) // 128) * 128
+    return a + 2 * 64 * 36 * 4 + (2 * 64 * 40 * e + 64 * 68 * 4 if mma else 0) + 128
+
+
+def distill_tile_fits(D: int, dtype: str) -> bool:
+    """Whether distill_forward_tile_kernel runs (its tile within the 160 KB budget), else
+    distill_forward_partial_kernel."""
+    return distill_tile_smem(D, dtype) <= 160 * 1024
+
+
+def text_backward_smem(kp: int, dtype: str) -> int:
+    """Dynamic shared memory of text_backward_kernel with kp columns of G (csrc/text_head.cu
+    BwdSmem: G, two R stages, and for 16-bit T two converted chunks and the staging tile)."""
+    e = ELEMENT_BYTES[dtype]
+    mma = dtype != "float32"
+    g = -(-(64 * (kp + (8 if mma else 4)) * e) // 128) * 128
+    return g + 2 * 32 * 68 * 4 + (2 * 32 * 72 * e + 64 * 68 * 4 if mma else 0) + 128
+
+
+def text_backward_panel(rank: int, dtype: str) -> int:
+    """Columns of G in shared memory per build (BwdSmem::panel): the whole rank (rounded up
+    to 32) when it fits the 160 KB budget."""
+    kp = -(-rank // 32) * 32
+    while kp > 32 and text_backward_smem(kp, dtype) > 160 * 1024:
+        kp -= 32
+    return kp
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,7 +259,7 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     g = 2 if dtype == "bfloat16" else 4  # ops.h ce_grad_type: the stored dL/ds
     r = min(K, D)
     R = C * M
-    plan = plan or launch_plan(C, M, B, r)
+    plan = plan or launch_plan(C, M, B, r, D=D)
     TILE = plan["tile_rows"]
     ce_s = plan["ce"]["splits"]
     fused = plan["fused_aggregate"]
@@ -232,18 +268,28 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
     L = []
 
-    def add(name, symbol, grid, flops, nbytes, rounds=1):
-        L.append(dict(name=name, symbol=symbol, grid=list(grid), flops=int(flops), bytes=int(nbytes), rounds=rounds))
+    def add(name, symbol, grid, flops, nbytes, rounds=1, dyn_smem=0, hbm=None):
+        L.append(dict(name=name, symbol=symbol, grid=list(grid), flops=int(flops), bytes=int(nbytes), rounds=rounds,
+                      dyn_smem=int(dyn_smem), hbm=int(nbytes if hbm is None else hbm)))
 
     # forward
     agg_flops, agg_bytes = 5 * R * D + 4 * C * D, 4 * (R + C * D + 2 * R + C)  # logits in; u^, w, n, |u| out
     if not fused:
         add("fwd aggregate", rf"24aggregate_forward_kernelI{t}E", (C,), agg_flops, e * R * D + agg_bytes)
     # the head's distillation also stores p = R t^ [C*M, r] in T's dtype for the fused backward,
-    # takes the norms of T and (fused) aggregates
-    add("fwd distill" + (" + aggregate" if fused else ""), rf"30distill_forward_partial_kernelI{t}E",
-        (cdiv(R, tile_rows), dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
-        e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
+    # takes the norms of T and (fused) aggregates. Bytes as the blocks read them: block (x, y)
+    # reads its tile of T once (the resident-tile kernel; the streamed kernel re-reads it per
+    # 64-wide chunk of r), its r range of R ([r/splits, D] float32: all of R once per row
+    # tile), c and the F rows of its classes.
+    d_tiles = cdiv(R, tile_rows)
+    t_reads = dist_s if distill_tile_fits(D, dtype) else cdiv(r, TILE)
+    add("fwd distill" + (" + aggregate" if fused else ""),
+        rf"{'27distill_forward_tile_kernel' if distill_tile_fits(D, dtype) else '30distill_forward_partial_kernel'}"
+        rf"I{t}E",
+        (d_tiles, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
+        t_reads * e * R * D + e * R * r + 4 * d_tiles * (r * D + r) + 4 * C * r + 8 * dist_s * R
+        + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
+        hbm=e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
         2 * B * C * D + 8 * B * C, e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
@@ -266,9 +312,22 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
                 4 * (xs + 1) * B * D)
         add("bwd image normalize", rf"30normalize_rows_backward_kernelI{t}E", (B,), 6 * B * D,
             2 * e * B * D + 4 * B * D + 4 * B)
-    add("bwd text", rf"20text_backward_kernelI{t}E", (cdiv(R, TILE), cdiv(D, TILE)),
-        2 * R * r * D + 4 * R * r * cdiv(D, TILE) + 16 * R * D,
-        2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
+    # the text backward: block (x, y) owns 64 rows and group y of the 64-wide column chunks
+    # (plan "text_backward"); it reads its rows of T, and the dL/du^, u^ rows of their classes,
+    # whole for the per-row scalars and its columns again in the epilogue, builds G from its
+    # rows of p, F and c once (per chunk when G goes in panels), and streams R's columns of
+    # its group ([r, D / groups] float32: all of R once per row tile).
+    tb = plan["text_backward"]["splits"]
+    tiles = cdiv(R, TILE)
+    chunks = cdiv(D, TILE)
+    builds = tb if text_backward_panel(r, dtype) >= r else chunks  # G builds per row tile
+    classes = min(C, tiles * (cdiv(TILE, M) + 1))  # class rows a row tile touches, over the tiles
+    add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
+        2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
+        (tb + 1) * e * R * D + builds * (e * R * r + 4 * classes * r + 4 * tiles * r) + 4 * tiles * r * D
+        + (tb + 1) * 4 * 2 * classes * D + e * R * D + 4 * (5 * R + C),
+        dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
+        hbm=2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
     add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
     return L
 
@@ -297,9 +356,10 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "fro
         entries.append(dict(name=f"cuda {launch['name']}", backend="cuda", kernel=symbol,
                             sass=os.path.relpath(path, out_dir), grid=math.prod(launch["grid"]),
                             grid_dims=launch["grid"], mma=kind, regs=use.get("REG"),
-                            spill_bytes=use.get("LOCAL", 0) + use.get("STACK", 0), smem_bytes=use.get("SHARED", 0),
+                            spill_bytes=use.get("LOCAL", 0) + use.get("STACK", 0),
+                            smem_bytes=use.get("SHARED", 0) + launch["dyn_smem"],  # static + dynamic
                             num_warps=8, flops=launch["flops"], bytes=launch["bytes"], l2_bytes=launch["bytes"],
-                            hbm_bytes=launch["bytes"], rounds=launch["rounds"], traced=False,
+                            hbm_bytes=launch["hbm"], rounds=launch["rounds"], traced=False,
                             time_kind="modelled", preset=preset, dtype=dtype))
     return entries
 

@@ -109,7 +109,7 @@ void run_text_backward(const at::Tensor& t, const at::Tensor& n, const float* g,
                      cos, zn, gw, t.size(0), t.size(1), t.size(2), basis ? basis->R.size(0) : 0};
   at::Tensor dw;
   float* dw_ptr = g ? scratch(dw, t.size(0) * t.size(1), t) : nullptr;
-  launch_text_backward(a, dt.data_ptr(), dw_ptr, da, stream());
+  launch_text_backward(a, text_backward_split(a.C * a.M, a.D, sm_count()), dt.data_ptr(), dw_ptr, da, stream());
 }
 
 // Backward of the cross-entropy into dxh (dL/dx^, also when only dscale is wanted), du, dscale.
@@ -502,8 +502,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CUDA toolkit version the extension was compiled with");
   m.def(
       "head_launch_plan",
-      [](int64_t C, int64_t M, int64_t B, int64_t rank, int64_t sms) {
-        const HeadPlan p = plan_head(C, M, B, rank, sms);
+      [](int64_t C, int64_t M, int64_t B, int64_t rank, int64_t sms, int64_t D) {
+        const HeadPlan p = plan_head(C, M, B, rank, D > 0 ? D : 1, sms);
         auto split = [](const Split& s) {
           py::dict d;
           d["splits"] = s.splits;
@@ -517,9 +517,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["distill"] = split(p.distill);
         d["ce"] = split(p.ce);
         d["ce_image"] = split(p.ce_image);
+        if (D > 0) d["text_backward"] = split(p.text_backward);  // D = 0: not asked for
         return d;
       },
-      py::arg("C"), py::arg("M"), py::arg("B"), py::arg("rank"), py::arg("sms"),
+      py::arg("C"), py::arg("M"), py::arg("B"), py::arg("rank"), py::arg("sms"), py::arg("D") = 0,
       "The launch plan of demul_head (csrc/ops.h plan_head), as the launchers use it, for the compiled-code report");
   m.def("aggregate_prompts_forward", &aggregate_prompts_forward, py::arg("text_features"), py::arg("prompt_logits"));
   m.def("aggregate_prompts_backward", &aggregate_prompts_backward, py::arg("grad_class_features"), py::arg("text_features"),

@@ -13,8 +13,17 @@
 // (SPEC 4) whole classes in the same pass over T.
 // The product runs on tensor cores for 16-bit T (R rounded to T's type), in fp32 SIMT for
 // float32 T (common.cuh).
+//
+// Two kernels compute the partial pass. distill_forward_tile_kernel (whenever the tile fits
+// the shared memory budget, DistillSmem) reads its [tile_rows, D] tile of T once, with
+// 16-byte cp.async copies where D and the base allow, into shared memory, where it stays
+// for the norms, the fused aggregation and every 64-wide chunk of its r range; the basis R
+// streams through a two-stage cp.async pipeline in [64 x 32] slices (converted to T's type
+// while the previous slice multiplies), one barrier per slice. distill_forward_partial_kernel
+// (larger D) streams both operands through tile_dot.
 #include "common.cuh"
 #include "ops.h"
+#include "pipeline.cuh"
 
 namespace demul {
 namespace {
@@ -124,6 +133,308 @@ distill_forward_partial_kernel(const T* __restrict__ t, const float* __restrict_
   }
 }
 
+// Shared memory of distill_forward_tile_kernel, in bytes from a 128-byte aligned base: the
+// tile of T [64][a_ld] (T's type), the two float32 stages of the R slices [64][36], and for
+// the tensor-core flavour the two converted slices [64][40] and the accumulator staging
+// tile [64][kAccLd].
+constexpr int kDStep = 32;                       // columns of D per pipeline stage
+constexpr int kSliceLd = kDStep + 4;             // floats per row of a stage (16-byte rows)
+constexpr int kSliceConvLd = kDStep + 8;         // elements per row of a converted slice
+constexpr int64_t kDistillSmemBudget = 160 * 1024;  // under the sm_80/90 opt-in (163/227 KB); not sm_86/89 (99 KB)
+
+template <typename T>
+struct DistillSmem {
+  static constexpr bool kMma = kUseMma<T, float>;
+  using TC = std::conditional_t<kMma, typename MmaType<T, float>::type, float>;  // == T
+  int64_t dp;  // D rounded up to kDStep
+  __host__ __device__ int64_t a_ld() const { return dp + (kMma ? 8 : 4); }
+  __host__ __device__ int64_t a_bytes() const { return (kTile * a_ld() * int64_t(sizeof(TC)) + 127) / 128 * 128; }
+  static constexpr int64_t kStageBytes = int64_t(kTile) * kSliceLd * 4;
+  static constexpr int64_t kConvBytes = kMma ? int64_t(kTile) * kSliceConvLd * int64_t(sizeof(TC)) : 0;
+  static constexpr int64_t kAccBytes = kMma ? int64_t(kTile) * kAccLd * 4 : 0;
+  __host__ __device__ int64_t stage_off(int b) const { return a_bytes() + b * kStageBytes; }
+  __host__ __device__ int64_t conv_off(int b) const { return a_bytes() + 2 * kStageBytes + b * kConvBytes; }
+  __host__ __device__ int64_t acc_off() const { return a_bytes() + 2 * kStageBytes + 2 * kConvBytes; }
+  __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
+  __host__ __device__ static DistillSmem of(int64_t D) { return {(D + kDStep - 1) / kDStep * kDStep}; }
+  static bool fits(int64_t D) { return of(D).bytes() <= kDistillSmemBudget; }
+};
+
+// acc[i][j] += A_tile[ty + 16 i, d0 .. d0+31] . S[tx + 16 j, 0 .. 31] (SIMT, float32), or the
+// tensor-core fragments of the same product (warp w: rows 16 (w % 4), columns 32 (w / 4)).
+template <bool kMma, typename TC>
+struct SliceAcc;
+
+template <typename TC>
+struct SliceAcc<false, TC> {
+  float o[kPer][kPer];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) o[i][j] = 0.f;
+  }
+  __device__ __forceinline__ void add(const float* a, int64_t a_ld, const float* v, int v_ld) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll 8
+    for (int k = 0; k < kDStep; ++k) {
+      float av[kPer], bv[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) av[i] = a[(ty + 16 * i) * a_ld + k];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) bv[j] = v[(tx + 16 * j) * v_ld + k];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i)
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) o[i][j] = fmaf(av[i], bv[j], o[i][j]);
+    }
+  }
+  __device__ __forceinline__ void finish(float (*)[kAccLd], float out[kPer][kPer]) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) out[i][j] = o[i][j];
+  }
+};
+
+template <typename TC>
+struct SliceAcc<true, TC> {
+  AccFrag f[2];
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(f[0], 0.f);
+    nvcuda::wmma::fill_fragment(f[1], 0.f);
+  }
+  __device__ __forceinline__ void add(const TC* a, int64_t a_ld, const TC* v, int v_ld) {
+    using namespace nvcuda;
+    const int warp = threadIdx.x >> 5, wr = 16 * (warp & 3), wc = 32 * (warp >> 2);
+#pragma unroll
+    for (int k = 0; k < kDStep; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, TC, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, a + wr * a_ld + k, static_cast<unsigned>(a_ld));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // rows of the slice are columns of the product: a column-major [k x n] operand
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, TC, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, v + (wc + 16 * h) * v_ld + k, static_cast<unsigned>(v_ld));
+        wmma::mma_sync(f[h], fa, fb, f[h]);
+      }
+    }
+  }
+  // Contains __syncthreads.
+  __device__ __forceinline__ void finish(float (*c)[kAccLd], float out[kPer][kPer]) { unstage(f, c, out); }
+};
+
+// distill_forward_partial_kernel's contract, with the tile of T resident in shared memory.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+distill_forward_tile_kernel(const T* __restrict__ t, const float* __restrict__ basis_r,
+                            const float* __restrict__ basis_c, const float* __restrict__ f, int64_t rows,
+                            int64_t M, int64_t rank, int64_t D, int64_t tile_rows, int64_t cols_per_split,
+                            float* __restrict__ partial, T* __restrict__ proj, float* __restrict__ n_out,
+                            FusedAggregate agg) {
+  using L = DistillSmem<T>;
+  constexpr bool kMma = L::kMma;
+  using TC = typename L::TC;
+  extern __shared__ float4 distill_dyn[];
+  __shared__ float s_ninv[kTile], s_wn[kTile];
+  const L lay = L::of(D);
+  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(distill_dyn) + 127) & ~uintptr_t(127));
+  TC* a_sm = reinterpret_cast<TC*>(base);
+  const int64_t a_ld = lay.a_ld(), dp = lay.dp;
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * tile_rows;
+  const int64_t r_end = r0 + tile_rows < rows ? r0 + tile_rows : rows;
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
+  const int64_t k_end = k_begin + cols_per_split < rank ? k_begin + cols_per_split : rank;
+  const bool lead = blockIdx.y == 0;
+  const int64_t nds = dp / kDStep;                                 // D steps per chunk of r
+  const int64_t steps = (k_end - k_begin + kTile - 1) / kTile * nds;  // k_begin is a multiple of 64
+
+  // The tile of T: rows r0 .. r_end (zeros below, up to 64) and columns 0 .. dp (zeros past D).
+  constexpr int kVec = 16 / sizeof(T);
+  if (D % kVec == 0 && aligned16(t)) {
+    for (int64_t u = tid; u < kTile * (dp / kVec); u += kThreads) {
+      const int64_t il = u / (dp / kVec), d = (u % (dp / kVec)) * kVec;
+      TC* dst = a_sm + il * a_ld + d;
+      if (r0 + il < r_end && d < D) {
+        __pipeline_memcpy_async(dst, t + (r0 + il) * D + d, 16);
+      } else {
+        const float z[kVec] = {};
+        store16(dst, z);
+      }
+    }
+  } else {
+    for (int64_t u = tid; u < kTile * dp; u += kThreads) {
+      const int64_t il = u / dp, d = u % dp;
+      a_sm[il * a_ld + d] = (r0 + il < r_end && d < D) ? t[(r0 + il) * D + d] : from_f<TC>(0.f);
+    }
+  }
+  __pipeline_commit();
+
+  // The R slice of pipeline step s -> stage b: rows 64 kc .. +63 of the block's r range,
+  // columns kDStep ds .. +31; rows past k_end and columns past D as zeros.
+  const bool vec_r = D % 4 == 0 && aligned16(basis_r);
+  auto issue = [&](int64_t s, int b) {
+    if (s < steps) {
+      float* st = reinterpret_cast<float*>(base + lay.stage_off(b));
+      const int64_t k0 = k_begin + (s / nds) * kTile, d0 = (s % nds) * kDStep;
+#pragma unroll
+      for (int q = 0; q < kTile * kDStep / 4 / kThreads; ++q) {
+        const int u = tid + kThreads * q, kl = u >> 3, c4 = (u & 7) * 4;
+        const int64_t k = k0 + kl, d = d0 + c4;
+        float* dst = st + kl * kSliceLd + c4;
+        if (vec_r) {
+          if (k < k_end && d < D) {
+            __pipeline_memcpy_async(dst, basis_r + k * D + d, 16);
+          } else {
+            *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (k < k_end && d + e < D) {
+              __pipeline_memcpy_async(dst + e, basis_r + k * D + d + e, 4);
+            } else {
+              dst[e] = 0.f;
+            }
+          }
+        }
+      }
+    }
+    __pipeline_commit();
+  };
+  auto convert = [&](int b) {  // stage b -> converted slice b (tensor-core flavour), 8 values a thread
+    if constexpr (kMma) {
+      const float* st = reinterpret_cast<const float*>(base + lay.stage_off(b));
+      TC* cv = reinterpret_cast<TC*>(base + lay.conv_off(b));
+      const int kl = tid >> 2, c8 = (tid & 3) * 8;
+      float x[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = st[kl * kSliceLd + c8 + e];
+      store16(cv + kl * kSliceConvLd + c8, x);
+    }
+  };
+  issue(0, 0);
+  issue(1, 1);
+  __pipeline_wait_prior(2);  // the tile of T
+  __syncthreads();
+
+  // Norms from the tile (a warp per row, the order of aggregate.cu: the same bits).
+  for (int il = warp; il < kTile; il += kThreads / 32) {
+    const int64_t r = r0 + il;
+    float nn = 0.f;
+    if (r < r_end) {
+      float ss = 0.f;
+      for (int64_t d = lane; d < D; d += 32) {
+        const float x = to_f(a_sm[il * a_ld + d]);
+        ss = fmaf(x, x, ss);
+      }
+      nn = sqrtf(warp_sum(ss));
+      if (lane == 0 && lead && n_out != nullptr) n_out[r] = nn;
+    }
+    if (lane == 0) s_ninv[il] = r < r_end ? inv_floor(nn) : 0.f;
+  }
+  __syncthreads();
+
+  if (agg.a != nullptr && lead) {  // whole classes: r0 and r_end are multiples of M
+    const int64_t c_begin = r0 / M, classes = (r_end - r0) / M;
+    for (int64_t cl = warp; cl < classes; cl += kThreads / 32) {
+      const int64_t c = c_begin + cl;
+      warp_softmax(agg.a + c * M, M, [&](int64_t m, float wm) {
+        agg.w[c * M + m] = wm;
+        s_wn[cl * M + m] = wm * s_ninv[cl * M + m];
+      });
+      __syncwarp();
+      const TC* tc = a_sm + cl * M * a_ld;
+      float uu = 0.f;
+      for (int64_t d = lane; d < D; d += 32) {
+        float u = 0.f;
+        for (int64_t m = 0; m < M; ++m) u = fmaf(s_wn[cl * M + m], to_f(tc[m * a_ld + d]), u);
+        agg.u32[c * D + d] = u;  // normalised below, by the same thread
+        uu = fmaf(u, u, uu);
+      }
+      const float rc = sqrtf(warp_sum(uu));
+      if (lane == 0) agg.r[c] = rc;
+      const float rinv = inv_floor(rc);
+      for (int64_t d = lane; d < D; d += 32) agg.u32[c * D + d] *= rinv;
+    }
+  }
+
+  float ninv[kPer], vv[kPer], vf[kPer];
+  int64_t cls[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int64_t r = r0 + ty + 16 * i;
+    cls[i] = r < r_end ? r / M : 0;
+    ninv[i] = s_ninv[ty + 16 * i];
+    vv[i] = 0.f;
+    vf[i] = 0.f;
+  }
+  // P = T_tile R_chunk^T per 64-wide chunk of r, over D in 32-wide slices.
+  if constexpr (kMma) {
+    __pipeline_wait_prior(0);  // slices 0 and 1
+    __syncthreads();
+    convert(0);
+    __syncthreads();  // stage 0 read: free for slice 2
+    issue(2, 0);
+  } else {
+    __pipeline_wait_prior(1);  // slice 0
+    __syncthreads();
+  }
+  SliceAcc<kMma, TC> acc;
+  acc.zero();
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t ds = s % nds;
+    const TC* ak = a_sm + ds * kDStep;
+    if constexpr (kMma) {
+      acc.add(ak, a_ld, reinterpret_cast<const TC*>(base + lay.conv_off(s & 1)), kSliceConvLd);
+      if (s + 1 < steps) convert((s + 1) & 1);  // converted slice (s+1)&1 was last read at step s-1
+      __pipeline_wait_prior(0);                 // slice s + 2
+      __syncthreads();
+      issue(s + 3, (s + 1) & 1);  // its stage was read by the conversion above
+    } else {
+      acc.add(ak, a_ld, reinterpret_cast<const float*>(base + lay.stage_off(s & 1)), kSliceLd);
+      __pipeline_wait_prior(0);  // slice s + 1
+      __syncthreads();
+      issue(s + 2, s & 1);  // its stage was read by this step's product
+    }
+    if (ds == nds - 1) {
+      const int64_t k0 = k_begin + (s / nds) * kTile;
+      float o[kPer][kPer];
+      acc.finish(reinterpret_cast<float(*)[kAccLd]>(base + lay.acc_off()), o);
+      acc.zero();
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const int64_t k = k0 + tx + 16 * j;
+        if (k < k_end) {
+          const float ck = basis_c[k];
+#pragma unroll
+          for (int i = 0; i < kPer; ++i) {
+            const float p = o[i][j] * ninv[i];  // (R t^)[k]
+            const float v = p + ck;
+            const int64_t r = r0 + ty + 16 * i;
+            if (proj != nullptr && r < r_end) proj[r * rank + k] = from_f<T>(p);
+            vv[i] = fmaf(v, v, vv[i]);
+            vf[i] = fmaf(v, f[cls[i] * rank + k], vf[i]);
+          }
+        }
+      }
+    }
+  }
+  __pipeline_wait_prior(0);  // nothing left in flight (the tail's commits are empty)
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    vv[i] = row_sum16(vv[i]);
+    vf[i] = row_sum16(vf[i]);
+    const int64_t r = r0 + ty + 16 * i;
+    if (tx == 0 && r < r_end) {
+      float* p = partial + (static_cast<int64_t>(blockIdx.y) * rows + r) * 2;
+      p[0] = vv[i];
+      p[1] = vf[i];
+    }
+  }
+}
+
 // One block: zn[i] = ||z[i]||, cos[i], dist = mean_i (1 - cos); loss_out (optional) =
 // ce[0] + alpha * dist (the head).
 __global__ void __launch_bounds__(1024)
@@ -161,10 +472,21 @@ void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split
   const int64_t rows = a.C * a.M;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, tile_rows)), static_cast<unsigned>(split.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
-    distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t), a.basis_r,
-                                                                  a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
-                                                                  split.cols_per_split, partial,
-                                                                  static_cast<scalar_t*>(proj), n_out, agg);
+    if (DistillSmem<scalar_t>::fits(a.D)) {  // the tile of T resident in shared memory
+      const int64_t smem = DistillSmem<scalar_t>::of(a.D).bytes();
+      if (smem > 48 * 1024) {  // the opt-in beyond 48 KB of dynamic shared memory (no sync)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(distill_forward_tile_kernel<scalar_t>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      }
+      distill_forward_tile_kernel<<<grid, kThreads, smem, stream>>>(
+          static_cast<const scalar_t*>(a.t), a.basis_r, a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
+          split.cols_per_split, partial, static_cast<scalar_t*>(proj), n_out, agg);
+    } else {
+      distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t), a.basis_r,
+                                                                    a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
+                                                                    split.cols_per_split, partial,
+                                                                    static_cast<scalar_t*>(proj), n_out, agg);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -139,6 +139,13 @@ inline Split distill_split(int64_t CM, int64_t rank, int64_t sms, int64_t tile_r
   return plan_split(CM, rank, sms, tile_rows);
 }
 inline Split ce_image_split(int64_t B, int64_t C, int64_t sms) { return plan_sweep_split(B, C, sms); }
+// The text backward's groups of 64-wide column chunks of dT (text_head.cu): each block
+// builds its rows' G once and reuses it over its group, so split D only as far as one wave
+// of blocks needs, and keep at least two chunks per group (G built at most once per two
+// chunks); one group when the row tiles alone fill the SMs.
+inline Split text_backward_split(int64_t CM, int64_t D, int64_t sms) {
+  return split_into(D, std::min(sms / ceil_div(CM, kTileRows), ceil_div(ceil_div(D, kTileRows), 2)));
+}
 
 // The decisions of one demul_head forward + backward with the distillation (C classes, M
 // prompts, B images, basis rank r) on a device of `sms` SMs.
@@ -149,13 +156,14 @@ struct HeadPlan {
   Split distill;              // its split of r
   Split ce;                   // the cross-entropy forward's split of the classes
   Split ce_image;             // the dL/dx^ sweep's split of the classes (X trained)
+  Split text_backward;        // the text backward's groups of column chunks of dT (D wide)
 };
 
-inline HeadPlan plan_head(int64_t C, int64_t M, int64_t B, int64_t rank, int64_t sms) {
+inline HeadPlan plan_head(int64_t C, int64_t M, int64_t B, int64_t rank, int64_t D, int64_t sms) {
   const bool fused = can_fuse_aggregate(M);
   const int64_t rows = distill_rows_per_block(fused, M);
   return {kTileRows, fused, rows, distill_split(C * M, rank, sms, rows), ce_forward_split(B, C, sms),
-          ce_image_split(B, C, sms)};
+          ce_image_split(B, C, sms), text_backward_split(C * M, D, sms)};
 }
 
 // partial: [split.splits, C*M, 2] scratch; n_out [C*M] = ||t|| when non-null; proj
@@ -168,7 +176,8 @@ void launch_distill_finalize(const DistillArgs& a, Split split, const float* par
                              float* dist, const float* ce, float alpha, float* loss_out, cudaStream_t stream);
 
 // The fused backward of the text side (text_head.cu): the aggregation's (SPEC 4.1) and the
-// distillation's (SPEC 4.3) in one kernel over 64 x 64 tiles of dT.
+// distillation's (SPEC 4.3) in one kernel; block (x, y) owns rows 64x .. 64x+63 and the
+// y-th group of `columns` (text_backward_split) of dT.
 struct TextBackwardArgs {
   DType dtype;
   const void* t;  // [C, M, D]
@@ -191,6 +200,7 @@ struct TextBackwardArgs {
 };
 
 // -> dt [C, M, D] in t's dtype; with the aggregation also da [C, M] (dw: C*M floats scratch).
-void launch_text_backward(const TextBackwardArgs& a, void* dt, float* dw, float* da, cudaStream_t stream);
+void launch_text_backward(const TextBackwardArgs& a, Split columns, void* dt, float* dw, float* da,
+                          cudaStream_t stream);
 
 }  // namespace demul

@@ -39,6 +39,10 @@ PRIMES = dict(C=23, M=5, D=131, B=67, K=193)  # every dimension crosses a 64-wid
 M64 = dict(C=3, M=64, D=72, B=7, K=40)       # one class per block of the fused forward
 MANY = dict(C=2, M=70, D=80, B=9, K=50)      # M > 64: the aggregation runs apart, blocks cross classes
 WIDE = dict(C=150, M=2, D=40, B=20, K=30)    # C > 64: the split class ranges and their merges
+# D and r past the 160 KB shared-memory budget of the resident tiles (csrc/distill.cu
+# DistillSmem: 64 x 936 x 2 B + 46 KB for 16-bit T; text_head.cu BwdSmem: G of r = 930 in
+# two panels, rebuilt per column chunk): the forward's streamed kernel, the backward's panels
+BIG = dict(C=2, M=3, D=930, B=3, K=950)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -123,7 +127,7 @@ def test_demul_head(gen, shape, distill, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY], ids=["odd", "primes", "m=64", "m>64"])
+@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY, BIG], ids=["odd", "primes", "m=64", "m>64", "big-d"])
 def test_demul_head_distillation_gradient(gen, shape, dtype):
     """The head with a cotangent on distill_loss alone: dT is the fused backward's distillation
     part only (G R, the r-space projection <p, G>, the saved p), which the cross-entropy's
@@ -193,7 +197,9 @@ def test_cosine_cross_entropy(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,bias", [(ODD, True), (PRIMES, False)], ids=["k<d", "k>d-nobias"])
+# WIDE: D = 40 is two 32-wide slices of R per chunk, the second one's first use past D (the
+# zero fill of the slices past D is checked on poisoned shared memory, not on stale values)
+@pytest.mark.parametrize("shape,bias", [(ODD, True), (PRIMES, False), (WIDE, True)], ids=["k<d", "k>d-nobias", "d=40"])
 def test_prompt_distill_loss(gen, shape, bias, dtype):
     T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **shape)
     E, W, b = round_trip(dtype, E, W, b)
@@ -270,14 +276,22 @@ def test_every_op_gives_the_same_bits_under_every_schedule(schedule):
         assert all(torch.equal(a, c) for a, c in zip(first, got)), f"schedule {name} changes the bits: a race"
 
 
-def test_the_planted_race_at_text_head_131_is_caught():
-    """The barrier after s_gp's writes in text_head.cu's float32 path (warps 0-7 write, every
-    warp reads) removed: the adversarial emulation must notice (a subprocess: an abort of the
-    emulation ends only it). Builds one more emulation, cached like the first."""
-    from cuda_emu import build as emu_build, race_probe  # noqa: PLC0415
+def _line_after(name, marker):
+    """The first barrier of csrc/<name> after the line holding ``marker``."""
+    with open(os.path.join(emu_build.CSRC, name)) as f:
+        at = next(i for i, text in enumerate(f, 1) if marker in text)
+    return next(ln for f, ln in emu_build.barriers() if f == name and ln > at)
 
-    line = next(ln for f, ln in emu_build.barriers() if f == "text_head.cu" and ln > 125)
-    # the barrier guards the float32 (SIMT) path: float32 under two schedules suffices
+
+def test_the_planted_race_after_the_row_scalars_is_caught():
+    """The barrier after the text backward's per-row scalars in text_head.cu (threads 0-63
+    write s_coef, every warp reads it in the G build) removed: the adversarial emulation
+    must notice (a subprocess: an abort of the emulation ends only it). Builds one more
+    emulation, cached like the first."""
+    from cuda_emu import race_probe  # noqa: PLC0415
+
+    line = _line_after("text_head.cu", "s_s[tid] = -g_over_rows")
+    # float32 (the SIMT path) under two schedules suffices
     report = race_probe.probe([f"text_head.cu:{line}"], dtypes=("float32",), schedules=("forward", "reverse"))
     assert race_probe.caught(report), f"the removed barrier went unnoticed: {report}"
 
@@ -294,12 +308,19 @@ SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
 # (common.cuh:237, "c may be rewritten next") was not caught either: where c is rewritten, other
 # barriers come first. strict: a caller that makes one necessary turns it into a failure.
 NOT_A_RACE_TODAY = {"common.cuh:115", "common.cuh:126", "common.cuh:237"}
+# A race on a GPU that the emulation does not see: the barrier after the text backward's G
+# build (each warp writes its rows of G, every warp reads all of them). The build's warp
+# shuffles (one per row) hold the emulated warps in step, so every row of G is written
+# before any warp gets past its last shuffle (measured: not caught under forward/reverse).
+NOT_CAUGHT = {f"text_head.cu:{_line_after('text_head.cu', 'build_g((ks')}"}
 
 
 def _barrier_param(f, ln):
     where = f"{f}:{ln}"
     marks = [pytest.mark.xfail(strict=True, reason="defensive barrier, no race with today's callers")] \
         if where in NOT_A_RACE_TODAY else []
+    if where in NOT_CAUGHT:
+        marks = [pytest.mark.xfail(strict=True, reason="a race the emulation's warp shuffles hide")]
     return pytest.param(where, id=where, marks=marks)
 
 

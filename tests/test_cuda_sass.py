@@ -34,7 +34,7 @@ def gemm_kernels_in_source():
             head = re.sub(r"__launch_bounds__\s*\([^)]*\)", "", chunk)
             name = re.search(r"(\w+)\s*\(", head).group(1)
             # the body runs to the next kernel, or the end of the file: enough to see a call
-            if "tile_dot(" in chunk or "ChunkAcc<" in chunk:
+            if any(call in chunk for call in ("tile_dot(", "ChunkAcc<", "ChunkAccK<", "SliceAcc<")):
                 names.add(name)
     return names
 
@@ -49,8 +49,8 @@ def instantiations(sass, name):
 
 
 def test_the_source_scan_finds_the_gemm_kernels():
-    assert {"ce_forward_partial_kernel", "distill_forward_partial_kernel", "sweep_kernel", "ce_grad_kernel",
-            "ce_class_grad_kernel", "text_backward_kernel"} <= gemm_kernels_in_source()
+    assert {"ce_forward_partial_kernel", "distill_forward_partial_kernel", "distill_forward_tile_kernel",
+            "sweep_kernel", "ce_grad_kernel", "ce_class_grad_kernel", "text_backward_kernel"} <= gemm_kernels_in_source()
 
 
 @pytest.mark.parametrize("dtype", sorted(SIXTEEN_BIT))
@@ -96,7 +96,7 @@ def test_compiled_report_lists_every_launch(tmp_path):
     launches on tensor cores in bfloat16, the grids from the extension's own launch plan
     (_C.head_launch_plan: csrc/ops.h plan_head)."""
     sizes = cc.preset_sizes("imagenet")
-    plan = cc.launch_plan(sizes["C"], sizes["M"], sizes["B"], min(sizes["K"], sizes["D"]))
+    plan = cc.launch_plan(sizes["C"], sizes["M"], sizes["B"], min(sizes["K"], sizes["D"]), D=sizes["D"])
     frozen = cc.collect("imagenet", str(tmp_path), "bfloat16")
     trained = cc.collect("imagenet", str(tmp_path), "bfloat16", mode="trained")
     keys = {"name", "backend", "sass", "grid", "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes",
@@ -111,5 +111,7 @@ def test_compiled_report_lists_every_launch(tmp_path):
     by = {x["name"]: x for x in frozen}
     tiles = -(-sizes["C"] * sizes["M"] // plan["distill_tile_rows"])
     assert by["cuda fwd distill + aggregate"]["grid_dims"] == [tiles, plan["distill"]["splits"]]
+    assert by["cuda bwd text"]["grid_dims"] == [-(-sizes["C"] * sizes["M"] // plan["tile_rows"]),
+                                                plan["text_backward"]["splits"]]
     assert by["cuda fwd cosine ce"]["grid_dims"] == [-(-sizes["B"] // plan["tile_rows"]), plan["ce"]["splits"]]
     assert plan["fused_aggregate"] == (sizes["M"] <= plan["tile_rows"])

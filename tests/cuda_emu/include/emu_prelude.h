@@ -191,3 +191,4 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 #define __shared__ static
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#include "emu_async.h"  // cp.async (cuda_pipeline.h) and the dynamic shared memory opt-in
