@@ -12,12 +12,14 @@
 // tx + 16 j of the 64 x 64 tile), so the epilogues are shared.
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -44,6 +46,18 @@
   }
 
 namespace demul {
+
+// Dynamic shared memory a kernel of this extension may ask for on the current device: the
+// device's per-block opt-in limit (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89) less
+// kStaticSmemReserve for the kernel's static __shared__ arrays, at most `cap`. Read from the
+// properties ATen caches per device (no synchronisation). The text backward narrows its G
+// panel to it, the distillation forward falls back to its streaming kernel beyond it.
+constexpr int64_t kStaticSmemReserve = 4 * 1024;  // > the static shared memory of text_backward_kernel
+                                                  // (2.6 KB) and distill_forward_tile_kernel (0.5 KB)
+inline int64_t dynamic_smem_budget(int64_t cap) {
+  const int64_t optin = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  return std::min(cap, optin - kStaticSmemReserve);
+}
 
 // Constants of demul_fast/common.py, passed by setup.py as macros (one source of truth).
 #ifndef DEMUL_EPS

@@ -140,7 +140,7 @@ distill_forward_partial_kernel(const T* __restrict__ t, const float* __restrict_
 constexpr int kDStep = 32;                       // columns of D per pipeline stage
 constexpr int kSliceLd = kDStep + 4;             // floats per row of a stage (16-byte rows)
 constexpr int kSliceConvLd = kDStep + 8;         // elements per row of a converted slice
-constexpr int64_t kDistillSmemBudget = 160 * 1024;  // under the sm_80/90 opt-in (163/227 KB); not sm_86/89 (99 KB)
+constexpr int64_t kDistillSmemCap = 160 * 1024;  // at most this much (under the sm_80/90 opt-in); less where the device has less
 
 template <typename T>
 struct DistillSmem {
@@ -157,7 +157,7 @@ struct DistillSmem {
   __host__ __device__ int64_t acc_off() const { return a_bytes() + 2 * kStageBytes + 2 * kConvBytes; }
   __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
   __host__ __device__ static DistillSmem of(int64_t D) { return {(D + kDStep - 1) / kDStep * kDStep}; }
-  static bool fits(int64_t D) { return of(D).bytes() <= kDistillSmemBudget; }
+  static bool fits(int64_t D, int64_t budget) { return of(D).bytes() <= budget; }
 };
 
 // acc[i][j] += A_tile[ty + 16 i, d0 .. d0+31] . S[tx + 16 j, 0 .. 31] (SIMT, float32), or the
@@ -472,7 +472,7 @@ void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split
   const int64_t rows = a.C * a.M;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, tile_rows)), static_cast<unsigned>(split.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
-    if (DistillSmem<scalar_t>::fits(a.D)) {  // the tile of T resident in shared memory
+    if (DistillSmem<scalar_t>::fits(a.D, dynamic_smem_budget(kDistillSmemCap))) {  // the tile of T resident in shared memory
       const int64_t smem = DistillSmem<scalar_t>::of(a.D).bytes();
       if (smem > 48 * 1024) {  // the opt-in beyond 48 KB of dynamic shared memory (no sync)
         C10_CUDA_CHECK(cudaFuncSetAttribute(distill_forward_tile_kernel<scalar_t>,

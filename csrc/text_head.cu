@@ -41,7 +41,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kKStep = 32;                  // rows of R per pipeline stage
 constexpr int kStageLd = kTile + 4;         // floats per row of a stage (16-byte rows)
 constexpr int kConvLd = kTile + 8;          // elements per row of a converted chunk
-constexpr int64_t kTextBwdSmemBudget = 160 * 1024;  // under the sm_80/90 opt-in (163/227 KB); not sm_86/89 (99 KB)
+constexpr int64_t kTextBwdSmemCap = 160 * 1024;  // at most this much (under the sm_80/90 opt-in); less where the device has less
 
 template <typename T>
 struct BwdSmem {
@@ -58,9 +58,9 @@ struct BwdSmem {
   __host__ __device__ int64_t acc_off() const { return g_bytes() + 2 * kStageBytes + 2 * kConvBytes; }
   __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
   // The widest panel within the budget (the whole rank when it fits).
-  static int64_t panel(int64_t rank) {
+  static int64_t panel(int64_t rank, int64_t budget) {
     int64_t kp = (rank + kKStep - 1) / kKStep * kKStep;
-    while (kp > kKStep && BwdSmem{kp}.bytes() > kTextBwdSmemBudget) kp -= kKStep;
+    while (kp > kKStep && BwdSmem{kp}.bytes() > budget) kp -= kKStep;
     return kp;
   }
 };
@@ -406,7 +406,7 @@ void launch_text_backward(const TextBackwardArgs& a, Split columns, void* dt, fl
                           cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(a.C * a.M, kTile)), static_cast<unsigned>(columns.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
-    const int64_t kp = a.proj != nullptr ? BwdSmem<scalar_t>::panel(a.rank) : kKStep;
+    const int64_t kp = a.proj != nullptr ? BwdSmem<scalar_t>::panel(a.rank, dynamic_smem_budget(kTextBwdSmemCap)) : kKStep;
     const int64_t smem = a.proj != nullptr ? BwdSmem<scalar_t>{kp}.bytes() : 0;
     if (smem > 48 * 1024) {  // the opt-in beyond 48 KB of dynamic shared memory (no sync)
       C10_CUDA_CHECK(cudaFuncSetAttribute(text_backward_kernel<scalar_t>,

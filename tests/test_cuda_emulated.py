@@ -43,6 +43,10 @@ WIDE = dict(C=150, M=2, D=40, B=20, K=30)    # C > 64: the split class ranges an
 # DistillSmem: 64 x 936 x 2 B + 46 KB for 16-bit T; text_head.cu BwdSmem: G of r = 930 in
 # two panels, rebuilt per column chunk): the forward's streamed kernel, the backward's panels
 BIG = dict(C=2, M=3, D=930, B=3, K=950)
+# between the 99 KB of shared memory of sm_86/89 and the 160 KB cap: 16-bit T's resident tile
+# (64 x 520 x 2 B + 46 KB) and a one-panel G of r = 512 fit an H100/H200, not an sm_86/89
+# (test_smaller_shared_memory_narrows_the_tiles)
+MID = dict(C=2, M=3, D=512, B=3, K=600)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -127,7 +131,8 @@ def test_demul_head(gen, shape, distill, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY, BIG], ids=["odd", "primes", "m=64", "m>64", "big-d"])
+@pytest.mark.parametrize("shape", [ODD, PRIMES, M64, MANY, BIG, MID],
+                         ids=["odd", "primes", "m=64", "m>64", "big-d", "mid-d"])
 def test_demul_head_distillation_gradient(gen, shape, dtype):
     """The head with a cotangent on distill_loss alone: dT is the fused backward's distillation
     part only (G R, the r-space projection <p, G>, the saved p), which the cross-entropy's
@@ -216,6 +221,25 @@ def test_prompt_distill_loss(gen, shape, bias, dtype):
     rounded_yardstick.check_op(f"emulated distill {dtype}", rounded_yardstick.distillation, "cuda", dtype, "nearest",
                                dict(distill_loss=fo, text_features=dT), (T.to(dtype), basis, 1.3),
                                {"distill_loss": 2.0})
+
+
+def test_smaller_shared_memory_narrows_the_tiles():
+    """On a device with 99 KB of opt-in shared memory per block (sm_86/89; the emulated device
+    is told so through $DEMUL_EMU_SMEM_OPTIN, and its cudaFuncSetAttribute aborts on a request
+    over the limit, as the driver refuses it), the "mid-d" head asks for less: the text
+    backward narrows its G panel and the distillation forward takes its streaming kernel
+    (common.cuh dynamic_smem_budget). Same test as in-process, in bf16 and float32."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DEMUL_EMU_SMEM_OPTIN=str(99 * 1024))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "test_demul_head_distillation_gradient and mid-d and (bfloat16 or float32)"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=1800)
+    emu_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("emu:")]
+    assert proc.returncode == 0, "\n".join(emu_lines) or proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

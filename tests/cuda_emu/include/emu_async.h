@@ -11,6 +11,10 @@
 // Groups still pending when a block ends are dropped (their destination stays poisoned).
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
+#include <cstdio>
+#include <cstdlib>
+
 #include <cstddef>
 #include <cstring>
 #include <vector>
@@ -100,8 +104,20 @@ inline void __pipeline_wait_prior(size_t prior) {
   }
 }
 
-// Dynamic shared memory is a host buffer of any size here: the opt-in has nothing to do.
-#define cudaFuncSetAttribute(...) (cudaSuccess)
+// Dynamic shared memory is a host buffer of any size here; the opt-in is checked against the
+// emulated device's limit (ATen/cuda/CUDAContext.h), as the driver refuses more than it has.
+namespace emu {
+inline cudaError_t func_set_attribute(cudaFuncAttribute attr, int value) {
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && static_cast<size_t>(value) > optin) {
+    std::fprintf(stderr, "emu: a kernel asks for %d bytes of dynamic shared memory, over the device's opt-in limit of %zu\n",
+                 value, optin);
+    std::abort();
+  }
+  return cudaSuccess;
+}
+}  // namespace emu
+#define cudaFuncSetAttribute(kernel, attr, value) (::emu::func_set_attribute((attr), (value)))
 #ifndef C10_CUDA_CHECK
 #define C10_CUDA_CHECK(expr) ((void)(expr))  // the opt-in above cannot fail here
 #endif
