@@ -260,8 +260,7 @@ class PrefixSharedTextEncoder(nn.Module):
             c, s = self.suffix_ids.shape
             eot = self.suffix_eot.unsqueeze(0).expand(m, c)
             layout = PackedLayout.build(m, 1 + self.n_ctx, c, s, eot)
-            for layer in self.tower.layers:  # the attention's index maps, for every head count used
-                layout.indices(layer.heads)
+            layout.attention_rows(), layout.masks(self.tower.dtype)  # the attention's maps and masks (tower dtype)
             self.__dict__["_layout"] = (key, layout)
         return self._layout[1]
 
