@@ -87,38 +87,80 @@ class PackedLayout:
             self._cache[key] = (rows, src)
         return self._cache[key]
 
-    def attention_rows(self) -> Tensor:
-        """[G*P + G*N*S] int64: the packed row of each slot of the attention layout (the G*P
-        prefix rows, then each sequence's S suffix slots; pad slots point at packed suffix
-        row 0: they are masked as keys, their queries' outputs are dropped). Cached."""
-        if "rows" not in self._cache:
-            n_pre = self.g * self.p
-            self._cache["rows"] = torch.cat([torch.arange(n_pre, device=self.eot.device), n_pre + self.pad_index])
-        return self._cache["rows"]
+    @property
+    def prefix_items(self) -> int:
+        """J = ceil(P / S): the prefix queries of a group ride along as J extra items of S
+        query slots each in the suffix queries' attention call (one call per layer)."""
+        return -(-self.p // self.s)
 
-    def masks(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-        """(suffix, eot) additive masks in ``dtype`` (0 where visible, -inf elsewhere), cached
-        per dtype (plan time builds the encoder's; a missing one is built, uncached, in a trace):
+    def attention_maps(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q_rows, kv_rows, out_rows, mask) of the one attention call of a layer over
+        B = G*(N+J) items of S query slots and P + S keys each, cached per dtype (plan time
+        builds the encoder's; a missing one is built, uncached, inside a trace):
 
-        suffix: [S, P + S] a suffix query at slot i sees the P prefix keys and its own suffix
-                keys 0..i (causal; the pad keys of a sequence lie after its EOT, so only its
-                pad queries see them, and their outputs are dropped)
-        eot:    [G*N, 1, 1, P + S] an EOT query sees the P prefix keys and its own keys 0..eot
-        No row is fully masked (every query sees the prefix keys), so no softmax is 0/0.
+        q_rows:  [B*S] packed row of each query slot: item (g, n < N) slot t holds suffix
+                 position t of sequence (g, n); item (g, N + j) slot t holds prefix position
+                 j*S + t (pad slots point at a valid row; their outputs are never read)
+        kv_rows: [G*P + B*S] packed row of each key: the G*P prefix rows, then each item's S
+                 suffix keys (a prefix item reads sequence 0's, all masked)
+        out_rows: [G*P + Ts] the slot of the output of each packed row (prefix rows first)
+        mask:    [B, 1, S, P + S] additive (0 visible, -inf not): a suffix query at t sees the
+                 P prefix keys and its own suffix keys 0..t; a prefix query at position u sees
+                 prefix keys 0..u. No row is fully masked (key 0 is always visible).
         """
-        key = ("masks", dtype)
+        key = ("maps", dtype)
+        if key in self._cache:
+            return self._cache[key]
+        g, p, n, s, j = self.g, self.p, self.n, self.s, self.prefix_items
+        dev = self.eot.device
+        n_pre, items = g * p, n + j
+        t = torch.arange(s, device=dev)
+        gi = torch.arange(g, device=dev).view(g, 1, 1)
+        suf = (n_pre + self.pad_index).view(g, n, s)                                        # [G, N, S]
+        upos = (torch.arange(j, device=dev).view(1, j, 1) * s + t.view(1, 1, s))          # [1, J, S] prefix position
+        pre = gi * p + torch.where(upos < p, upos, 0)                                       # [G, J, S]
+        q_rows = torch.cat([suf, pre], dim=1).flatten()
+        kv_rows = torch.cat([torch.arange(n_pre, device=dev), torch.cat([suf, suf[:, :1].expand(g, j, s)], 1).flatten()])
+        item_slot = (gi * items + torch.arange(items, device=dev).view(1, items, 1)) * s + t.view(1, 1, s)  # [G, N+J, S]
+        pre_out = item_slot[:, n:].reshape(g, j * s)[:, :p].flatten()                       # [G*P]
+        suf_out = item_slot[:, :n].flatten().index_select(0, self.valid_slots)              # [Ts]
+        out_rows = torch.cat([pre_out, suf_out])
+        keys = torch.arange(p + s, device=dev).view(1, 1, p + s)
+        suffix_visible = keys <= t.view(1, s, 1) + p                                        # [1, S, P+S]
+        prefix_visible = (keys < p) & (keys <= upos.view(j, s, 1))                         # [J, S, P+S]
+        visible = torch.cat([suffix_visible.expand(n, s, p + s), prefix_visible]).unsqueeze(0).expand(g, items, s, p + s)
+        zero = torch.zeros((), dtype=dtype, device=dev)
+        ninf = torch.full((), float("-inf"), dtype=dtype, device=dev)
+        mask = torch.where(visible, zero, ninf).reshape(g * items, 1, s, p + s)
+        out = (q_rows, kv_rows, out_rows, mask)
+        if not torch.compiler.is_compiling():
+            self._cache[key] = out
+        return out
+
+    def eot_maps(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """(kv_rows, mask) of the last layer's attention, EOT queries only: kv_rows [G*P + G*N*S]
+        (prefix rows, then each sequence's S suffix slots), mask [G*N, 1, 1, P + S] additive:
+        an EOT query sees the P prefix keys and its own keys 0..eot. Cached per dtype."""
+        key = ("eot", dtype)
         if key in self._cache:
             return self._cache[key]
         g, p, n, s = self.g, self.p, self.n, self.s
         dev = self.eot.device
+        n_pre = g * p
+        kv_rows = torch.cat([torch.arange(n_pre, device=dev), n_pre + self.pad_index])
         keys = torch.arange(p + s, device=dev)
         zero = torch.zeros((), dtype=dtype, device=dev)
         ninf = torch.full((), float("-inf"), dtype=dtype, device=dev)
-        suffix = torch.where(keys.view(1, p + s) <= torch.arange(s, device=dev).view(s, 1) + p, zero, ninf)
-        eot = torch.where(keys.view(1, p + s) <= self.eot.reshape(g * n, 1) + p, zero, ninf).view(g * n, 1, 1, p + s)
+        mask = torch.where(keys.view(1, p + s) <= self.eot.reshape(g * n, 1) + p, zero, ninf).view(g * n, 1, 1, p + s)
+        out = (kv_rows, mask)
         if not torch.compiler.is_compiling():
-            self._cache[key] = (suffix, eot)
-        return suffix, eot
+            self._cache[key] = out
+        return out
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Build (plan time, outside any trace) the maps and masks the attention uses in ``dtype``."""
+        self.attention_maps(dtype)
+        self.eot_maps(dtype)
 
 
 def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int,
@@ -141,26 +183,21 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
     w = k.shape[-1]
     hd = w // heads
     n_pre = g * p
-    rows = layout.attention_rows()
-    suffix_mask, eot_mask = layout.masks(q.dtype)
 
-    def blocks(x: Tensor) -> Tensor:  # rows -> [G, N, H, P + S, hd]: the group's prefix, then the sequence's suffix
-        buf = x.index_select(0, rows)                                                         # [G*P + G*N*S, W]
-        pre = buf[:n_pre].view(g, 1, p, heads, hd).transpose(2, 3).expand(g, n, heads, p, hd)
-        return torch.cat([pre, buf[n_pre:].view(g, n, s, heads, hd).transpose(2, 3)], dim=3)
+    def blocks(x: Tensor, rows: Tensor, items: int) -> Tensor:
+        """[G*items, H, P + S, hd]: each item's keys (or values), its group's prefix then its suffix."""
+        buf = x.index_select(0, rows)
+        pre = buf[:n_pre].view(g, 1, p, heads, hd).transpose(2, 3).expand(g, items, heads, p, hd)
+        suf = buf[n_pre:].view(g, items, s, heads, hd).transpose(2, 3)
+        return torch.cat([pre, suf], dim=3).view(g * items, heads, p + s, hd)
 
-    keys, values = blocks(k), blocks(v)
     if eot_only:
+        kv_rows, mask = layout.eot_maps(q.dtype)
         qs = q.view(g * n, 1, heads, hd).transpose(1, 2)                                      # [G*N, H, 1, hd]
-        out = F.scaled_dot_product_attention(qs, keys.view(g * n, heads, p + s, hd), values.view(g * n, heads, p + s, hd),
-                                             attn_mask=eot_mask)
+        out = F.scaled_dot_product_attention(qs, blocks(k, kv_rows, n), blocks(v, kv_rows, n), attn_mask=mask)
         return out.transpose(1, 2).reshape(g * n, w)
-    qbuf = q.index_select(0, rows)
-    qs = qbuf[n_pre:].view(g * n, s, heads, hd).transpose(1, 2)                              # [G*N, H, S, hd]
-    out_s = F.scaled_dot_product_attention(qs, keys.view(g * n, heads, p + s, hd), values.view(g * n, heads, p + s, hd),
-                                           attn_mask=suffix_mask)                            # [G*N, H, S, hd]
-    out_s = out_s.transpose(1, 2).reshape(g * n * s, w).index_select(0, layout.valid_slots)
-    # the prefixes' causal attention reads its keys/values from sequence 0's block (no other copy is kept)
-    qp = qbuf[:n_pre].view(g, p, heads, hd).transpose(1, 2)                                  # [G, H, P, hd]
-    out_p = F.scaled_dot_product_attention(qp, keys[:, 0, :, :p], values[:, 0, :, :p], is_causal=True)
-    return torch.cat([out_p.transpose(1, 2).reshape(n_pre, w), out_s])
+    q_rows, kv_rows, out_rows, mask = layout.attention_maps(q.dtype)
+    items = n + layout.prefix_items
+    qs = q.index_select(0, q_rows).view(g * items, s, heads, hd).transpose(1, 2)             # [B, H, S, hd]
+    out = F.scaled_dot_product_attention(qs, blocks(k, kv_rows, items), blocks(v, kv_rows, items), attn_mask=mask)
+    return out.transpose(1, 2).reshape(g * items * s, w).index_select(0, out_rows)
