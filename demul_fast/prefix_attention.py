@@ -171,14 +171,48 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
     k, v: [T, W] with T = G*P + Ts (prefix rows, then packed suffix rows)
     returns the attention output (before out_proj) for the rows of q: [T, W] or [G*N, W]
 
-    Two ``scaled_dot_product_attention`` calls (one with ``eot_only``), differentiated by
-    torch: the prefixes' causal attention [G, H, P, hd], and the suffix queries [G*N, H, S, hd]
-    over the keys [prefix keys of their group ; own suffix keys] [G*N, H, P + S, hd] under the
-    additive mask ``layout.masks``. The prefix keys and values are broadcast into every
-    sequence's key block (G*N*P*W elements each; the backward sums their gradient over the N
-    sequences). Softmax and its accumulation are the attention kernel's (float32 for
-    float16/bfloat16/float32, float64 for float64, on CPU and on the GPU's fused kernels).
+    One ``scaled_dot_product_attention`` call (``PackedLayout.attention_maps``): B = G*(N+J)
+    items of S query slots, each over P + S keys [its group's prefix keys ; its own suffix
+    keys] under an additive mask; the prefix keys and values are broadcast into every item's
+    key block (B*P*W elements each; their gradient is summed back over the items), and a
+    group's P prefix queries ride along as J = ceil(P/S) items attending causally to the
+    prefix keys only. ``eot_only``: G*N items of one query (the last layer). Softmax and its
+    accumulation are the attention kernel's (float32 for float16/bfloat16/float32, float64
+    for float64). Eagerly the backward recomputes the attention from q, k, v
+    (``_RecomputedAttention``); under torch.compile the attention is traced as is.
     """
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not (
+            q.requires_grad or k.requires_grad or v.requires_grad):
+        return _attend(q, k, v, layout, heads, eot_only)
+    return _RecomputedAttention.apply(q, k, v, layout, heads, eot_only)
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """Eager autograd of ``_attend`` that keeps only q, k, v (the packed rows, [T, W]) for
+    the backward and recomputes the gathers, the broadcast key blocks and the attention there
+    (the same operations, so the same values): the broadcast keys and values (G*(N+J)*(P+S)*W
+    elements each per layer) and the attention output are not held from the forward to the
+    backward. Under torch.compile the plain ``_attend`` is traced and AOTAutograd's
+    partitioner decides what to keep."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, heads, eot_only):
+        ctx.save_for_backward(q, k, v)
+        ctx.layout, ctx.heads, ctx.eot_only = layout, heads, eot_only
+        return _attend(q, k, v, layout, heads, eot_only)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = _attend(*inputs, ctx.layout, ctx.heads, ctx.eot_only)
+            dq, dk, dv = torch.autograd.grad(out, inputs, grad)
+        return dq, dk, dv, None, None, None
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int, eot_only: bool) -> Tensor:
+    """The attention of ``shared_prefix_attention`` as differentiable torch operations."""
     g, p, n, s = layout.g, layout.p, layout.n, layout.s
     w = k.shape[-1]
     hd = w // heads

@@ -152,15 +152,18 @@ def test_vit_b16_text_tower(tokenizer):
     torch.testing.assert_close(g_fast, g_full, rtol=1e-10, atol=1e-10 * float(g_full.abs().max()))
 
 
-def test_prefix_shared_forward_groups_with_distinct_suffixes(tokenizer):
+@pytest.mark.parametrize("p, s, eot", [(3, 5, [[0, 4, 2, 3], [4, 1, 0, 2]]),
+                                       (7, 3, [[0, 2, 1, 2], [2, 1, 0, 0]])])  # P > S: J = 3 prefix items, 2 pad slots
+def test_prefix_shared_forward_groups_with_distinct_suffixes(tokenizer, p, s, eot):
     """The core function with G groups of N arbitrary (not shared, not expanded) suffixes of
-    varying EOT, against each sequence run alone through encode_text's steps."""
+    varying EOT, against each sequence run alone through encode_text's steps; the prefix
+    longer or shorter than the suffix slots (the prefix queries' items in the attention call)."""
     model = make_clip(seed=7, text=dict(ls_init_value=0.2))
-    g, p, n, s, w = 2, 3, 4, 5, 64
+    g, n, w = 2, 4, 64
     gen = torch.Generator().manual_seed(4)
     prefix = torch.randn(g, p, w, generator=gen, dtype=torch.float64)
     suffix = torch.randn(g, n, s, w, generator=gen, dtype=torch.float64)
-    eot = torch.tensor([[0, 4, 2, 3], [4, 1, 0, 2]])
+    eot = torch.tensor(eot)
     prefix.requires_grad_()
     out = prefix_shared_forward(text_tower(model), prefix, suffix, eot)
     assert out.shape == (g, n, 48)
@@ -241,10 +244,12 @@ def test_state_dict_holds_no_clip_weights(tokenizer):
 
 
 @pytest.mark.parametrize("eot_only", [False, True])
-def test_shared_prefix_attention_gradcheck(eot_only):
-    """The hand-written backward of the packed attention op against finite differences."""
-    g, p, n, s, heads, hd = 2, 3, 3, 4, 2, 3
-    layout = PackedLayout.build(g, p, n, s, torch.tensor([[0, 3, 1], [2, 3, 0]]))
+@pytest.mark.parametrize("p, s, eot", [(3, 4, [[0, 3, 1], [2, 3, 0]]), (5, 2, [[0, 1, 1], [1, 0, 0]])])
+def test_shared_prefix_attention_gradcheck(eot_only, p, s, eot):
+    """The packed attention op's gradients (the attention kernel's backward through the
+    gathers, the prefix broadcast and the prefix items) against finite differences."""
+    g, n, heads, hd = 2, 3, 2, 3
+    layout = PackedLayout.build(g, p, n, s, torch.tensor(eot))
     gen = torch.Generator().manual_seed(6)
     rows = g * p + layout.suffix_rows
     k, v = (torch.randn(rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
