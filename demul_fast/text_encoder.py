@@ -260,7 +260,7 @@ class PrefixSharedTextEncoder(nn.Module):
             c, s = self.suffix_ids.shape
             eot = self.suffix_eot.unsqueeze(0).expand(m, c)
             layout = PackedLayout.build(m, 1 + self.n_ctx, c, s, eot)
-            layout.prepare(self.tower.dtype)  # the attention's maps and masks (tower dtype)
+            layout.prepare(self.tower.dtype, [layer.heads for layer in self.tower.layers])  # maps and masks
             self.__dict__["_layout"] = (key, layout)
         return self._layout[1]
 

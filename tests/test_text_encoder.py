@@ -13,6 +13,7 @@ import pytest
 import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
+from demul_fast import prefix_attention
 from demul_fast.prefix_attention import PackedLayout, shared_prefix_attention
 from demul_fast.text_encoder import FullTextEncoder
 from demul_fast.text_encoder import (PrefixSharedTextEncoder, UnsupportedTextTower, prefix_shared_forward,
@@ -256,3 +257,39 @@ def test_shared_prefix_attention_gradcheck(eot_only, p, s, eot):
     q = torch.randn(g * n if eot_only else rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: shared_prefix_attention(a, b, c, layout, heads, eot_only),
                                     (q, k, v), fast_mode=True)
+    # the one-call form that torch.compile traces (prefix_attention._attend), same checks
+    assert torch.autograd.gradcheck(lambda a, b, c: prefix_attention._attend(a, b, c, layout, heads, eot_only),
+                                    (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("eot_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p, s", [(3, 5), (17, 7), (4, 4)])
+def test_one_call_attention_matches_the_eager_op(eot_only, dtype, p, s):
+    """``_attend`` (one scaled_dot_product_attention call per layer: what a compiled step runs)
+    against the eager batched op, forward and gradients of q, k, v, on random packed rows of
+    random EOTs; float64 to 1e-12, lower precisions against the float64 op's result: within
+    3x the eager op's own error in that dtype (plus a rounding floor)."""
+    g, n, heads, hd = 2, 5, 4, 8
+    gen = torch.Generator().manual_seed(11 + p + s)
+    eot = torch.randint(0, s, (g, n), generator=gen)
+    layout = PackedLayout.build(g, p, n, s, eot)
+    layout.prepare(dtype, [heads])
+    rows = g * p + layout.suffix_rows
+    qkv64 = [torch.randn(g * n if (eot_only and i == 0) else rows, heads * hd, generator=gen, dtype=torch.float64)
+             for i in range(3)]
+    up64 = torch.randn(g * n if eot_only else rows, heads * hd, generator=gen, dtype=torch.float64)
+
+    def run(fn, dt):
+        xs = [x.to(dt).requires_grad_() for x in qkv64]
+        out = fn(*xs, layout, heads, eot_only)
+        grads = torch.autograd.grad((out * up64.to(dt)).sum(), xs)
+        return [out.detach().double()] + [gr.double() for gr in grads]
+
+    gold = run(shared_prefix_attention, torch.float64)
+    fast = run(prefix_attention._attend, dtype)
+    eager = run(shared_prefix_attention, dtype)
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), fast, gold, eager):
+        err, own = float((a - b).abs().max()), float((e - b).abs().max())
+        floor = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps * float(b.abs().max())
+        assert err <= 3 * own + floor, f"{name} {dtype}: error {err:.3g} vs the eager op's {own:.3g}"
