@@ -493,8 +493,7 @@ class CoOpTextEncoder(nn.Module):
                 rows = _GroupRows.build(shared, n, info.seq_len - shared, info.eot, x.dtype, deep_ctx)
             else:
                 layout = PackedLayout.build(b, shared, n, info.seq_len - shared, suffix_eot)
-                for heads in {layer.heads for layer in self.tower.layers}:  # index maps built here, not in a trace
-                    layout.indices(heads)
+                layout.prepare(x.dtype, [layer.heads for layer in self.tower.layers])  # built here, not in a trace
                 if deep_ctx:
                     layout.deep_rows(deep_ctx)
         summary = CoOpPlan(rows=n, seq_len=info.seq_len, shared_len=shared,

@@ -10,9 +10,9 @@ CLIP's text transformer is causal and pools the hidden state at the EOT token, s
 ``prefix_shared_forward`` runs such a batch: G groups, each one shared prefix of P
 tokens and N suffixes (up to S tokens). The prefix runs once per group (causal within
 itself); every suffix token attends to [its group's prefix keys ; its own suffix keys,
-causally] (``demul_fast.prefix_attention``: one batched product per group against the
-prefix, one softmax over both parts, which is the exact log-sum-exp merge; the prefix keys
-and values are never copied per suffix). Suffix tokens after each EOT are dropped and the
+causally] (``demul_fast.prefix_attention``: eagerly one batched product per group against
+the prefix and one softmax over both parts, the prefix never copied per suffix; under
+torch.compile one ``scaled_dot_product_attention`` call per layer). Suffix tokens after each EOT are dropped and the
 rest packed without padding, so the linear layers run on G*P + sum(len) rows instead of
 G*N*77; the last layer runs its attention output and MLP on the G*N EOT rows only.
 
@@ -260,8 +260,7 @@ class PrefixSharedTextEncoder(nn.Module):
             c, s = self.suffix_ids.shape
             eot = self.suffix_eot.unsqueeze(0).expand(m, c)
             layout = PackedLayout.build(m, 1 + self.n_ctx, c, s, eot)
-            for layer in self.tower.layers:  # the attention's index maps, for every head count used
-                layout.indices(layer.heads)
+            layout.prepare(self.tower.dtype, [layer.heads for layer in self.tower.layers])  # maps and masks
             self.__dict__["_layout"] = (key, layout)
         return self._layout[1]
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from open_clip.model import CLIP, CustomTextCLIP
 
+from demul_fast import prefix_attention
 from demul_fast.prefix_attention import PackedLayout, shared_prefix_attention
 from demul_fast.text_encoder import FullTextEncoder
 from demul_fast.text_encoder import (PrefixSharedTextEncoder, UnsupportedTextTower, prefix_shared_forward,
@@ -152,15 +153,18 @@ def test_vit_b16_text_tower(tokenizer):
     torch.testing.assert_close(g_fast, g_full, rtol=1e-10, atol=1e-10 * float(g_full.abs().max()))
 
 
-def test_prefix_shared_forward_groups_with_distinct_suffixes(tokenizer):
+@pytest.mark.parametrize("p, s, eot", [(3, 5, [[0, 4, 2, 3], [4, 1, 0, 2]]),
+                                       (7, 3, [[0, 2, 1, 2], [2, 1, 0, 0]])])  # P > S: J = 3 prefix items, 2 pad slots
+def test_prefix_shared_forward_groups_with_distinct_suffixes(tokenizer, p, s, eot):
     """The core function with G groups of N arbitrary (not shared, not expanded) suffixes of
-    varying EOT, against each sequence run alone through encode_text's steps."""
+    varying EOT, against each sequence run alone through encode_text's steps; the prefix
+    longer or shorter than the suffix slots (the prefix queries' items in the attention call)."""
     model = make_clip(seed=7, text=dict(ls_init_value=0.2))
-    g, p, n, s, w = 2, 3, 4, 5, 64
+    g, n, w = 2, 4, 64
     gen = torch.Generator().manual_seed(4)
     prefix = torch.randn(g, p, w, generator=gen, dtype=torch.float64)
     suffix = torch.randn(g, n, s, w, generator=gen, dtype=torch.float64)
-    eot = torch.tensor([[0, 4, 2, 3], [4, 1, 0, 2]])
+    eot = torch.tensor(eot)
     prefix.requires_grad_()
     out = prefix_shared_forward(text_tower(model), prefix, suffix, eot)
     assert out.shape == (g, n, 48)
@@ -241,13 +245,51 @@ def test_state_dict_holds_no_clip_weights(tokenizer):
 
 
 @pytest.mark.parametrize("eot_only", [False, True])
-def test_shared_prefix_attention_gradcheck(eot_only):
-    """The hand-written backward of the packed attention op against finite differences."""
-    g, p, n, s, heads, hd = 2, 3, 3, 4, 2, 3
-    layout = PackedLayout.build(g, p, n, s, torch.tensor([[0, 3, 1], [2, 3, 0]]))
+@pytest.mark.parametrize("p, s, eot", [(3, 4, [[0, 3, 1], [2, 3, 0]]), (5, 2, [[0, 1, 1], [1, 0, 0]])])
+def test_shared_prefix_attention_gradcheck(eot_only, p, s, eot):
+    """The packed attention op's gradients (the attention kernel's backward through the
+    gathers, the prefix broadcast and the prefix items) against finite differences."""
+    g, n, heads, hd = 2, 3, 2, 3
+    layout = PackedLayout.build(g, p, n, s, torch.tensor(eot))
     gen = torch.Generator().manual_seed(6)
     rows = g * p + layout.suffix_rows
     k, v = (torch.randn(rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     q = torch.randn(g * n if eot_only else rows, heads * hd, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: shared_prefix_attention(a, b, c, layout, heads, eot_only),
                                     (q, k, v), fast_mode=True)
+    # the one-call form that torch.compile traces (prefix_attention._attend), same checks
+    assert torch.autograd.gradcheck(lambda a, b, c: prefix_attention._attend(a, b, c, layout, heads, eot_only),
+                                    (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("eot_only", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p, s", [(3, 5), (17, 7), (4, 4)])
+def test_one_call_attention_matches_the_eager_op(eot_only, dtype, p, s):
+    """``_attend`` (one scaled_dot_product_attention call per layer: what a compiled step runs)
+    against the eager batched op, forward and gradients of q, k, v, on random packed rows of
+    random EOTs; float64 to 1e-12, lower precisions against the float64 op's result: within
+    3x the eager op's own error in that dtype (plus a rounding floor)."""
+    g, n, heads, hd = 2, 5, 4, 8
+    gen = torch.Generator().manual_seed(11 + p + s)
+    eot = torch.randint(0, s, (g, n), generator=gen)
+    layout = PackedLayout.build(g, p, n, s, eot)
+    layout.prepare(dtype, [heads])
+    rows = g * p + layout.suffix_rows
+    qkv64 = [torch.randn(g * n if (eot_only and i == 0) else rows, heads * hd, generator=gen, dtype=torch.float64)
+             for i in range(3)]
+    up64 = torch.randn(g * n if eot_only else rows, heads * hd, generator=gen, dtype=torch.float64)
+
+    def run(fn, dt):
+        xs = [x.to(dt).requires_grad_() for x in qkv64]
+        out = fn(*xs, layout, heads, eot_only)
+        grads = torch.autograd.grad((out * up64.to(dt)).sum(), xs)
+        return [out.detach().double()] + [gr.double() for gr in grads]
+
+    gold = run(shared_prefix_attention, torch.float64)
+    fast = run(prefix_attention._attend, dtype)
+    eager = run(shared_prefix_attention, dtype)
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), fast, gold, eager):
+        err, own = float((a - b).abs().max()), float((e - b).abs().max())
+        floor = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps * float(b.abs().max())
+        assert err <= 3 * own + floor, f"{name} {dtype}: error {err:.3g} vs the eager op's {own:.3g}"
