@@ -48,6 +48,7 @@ struct Group {  // one warp-level access: the sectors its lanes touch
 
 struct State {
   bool active = false, collective = false, race = true, tracing = false;
+  uintptr_t stack_lo = 0;  // the running fiber's stack: most accesses, none of interest
   int sample = 5;
   const char* kernel = "?";
   unsigned grid[3] = {1, 1, 1};
@@ -73,10 +74,8 @@ struct State {
   std::string log;  // finished launches, one JSON object per line
 };
 
-State& st() {
-  static State s;
-  return s;
-}
+State g_state;
+inline State& st() { return g_state; }
 
 std::string where(uintptr_t pc) {
   Dl_info info;
@@ -185,7 +184,6 @@ void check_shared(const SharedRegion& r, uintptr_t a, size_t n, bool write, int 
 
 void trace_global(uintptr_t a, size_t n, bool write, int tid, uintptr_t pc) {
   auto& s = st();
-  if (tid >= kCollective && (m().current & 31) != 0) return;  // a WMMA access: once per warp
   const uint64_t rel = static_cast<uint64_t>(pc - s.base) & 0xffffffffull;
   const int thread = tid >= kCollective ? (tid - kCollective) * 32 : tid;
   const uint64_t okey = (static_cast<uint64_t>(thread) << 33) | (rel << 1) | (write ? 1 : 0);
@@ -205,7 +203,8 @@ inline bool in_globals(uintptr_t a) {
 
 inline void access(uintptr_t a, size_t n, bool write, uintptr_t pc) {
   auto& s = st();
-  if (!s.active || n == 0) return;
+  if (!s.active || n == 0 || a - s.stack_lo < kStack) return;
+  if (s.collective && (m().current & 31) != 0) return;  // a WMMA load/store: every lane repeats lane 0's accesses
   const int tid = s.collective ? kCollective + (m().current >> 5) : m().current;
   if (s.race) {
     refresh_regions();
@@ -341,7 +340,11 @@ void launch_end() {
   s.written.clear();
 }
 
-void running(bool active) { st().active = active; }
+void running(bool active) {
+  auto& s = st();
+  s.active = active;
+  if (active) s.stack_lo = reinterpret_cast<uintptr_t>(m().stacks[m().current].data());
+}
 
 void block_barrier() {
   auto& s = st();
