@@ -84,10 +84,10 @@ def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES, race=False):
         name, line = spec.split(":")
         edits.update(emu_build.without_barrier(name, int(line)))
     variant = emu_build.build(edits=edits or None, instrument=race)
-    base = emu_build.build(instrument=race) if edits else variant
+    base = emu_build.build() if edits and not race else variant  # the race check needs no comparison
     report = dict(variant=edits_spec, race_check=race, aborted=False, nonfinite=[], schedules_differ=[], differs_from_base=[])
     os.environ["DEMUL_EMU_SCHEDULE"] = "forward"
-    reference = _run_ops(base, dtypes)
+    reference = None if race else _run_ops(base, dtypes)
     for schedule in schedules:
         os.environ["DEMUL_EMU_SCHEDULE"] = schedule
         got = _run_ops(variant, dtypes)
@@ -96,7 +96,7 @@ def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES, race=False):
         first = report.setdefault("_first", got)
         if any(not torch.equal(a, c) for a, c in zip(first, got)):
             report["schedules_differ"].append(schedule)
-        if any(not torch.equal(a, c) for a, c in zip(reference, got)):
+        if reference is not None and any(not torch.equal(a, c) for a, c in zip(reference, got)):
             report["differs_from_base"].append(schedule)
     del report["_first"]
     print("PROBE " + json.dumps(report), flush=True)
