@@ -92,7 +92,9 @@ std::string where(uintptr_t pc) {
     s = s.substr(0, s.find_first_of(" \n"));
     const std::string base = s.substr(s.find_last_of('/') + 1);
     if (first.empty()) first = base;
-    const bool emulation = base.rfind("emu_", 0) == 0 || base.rfind("mma.h", 0) == 0 || s.find("/usr/") != std::string::npos;
+    const std::string ext = base.find('.') == std::string::npos ? "" : base.substr(base.find('.'));
+    const bool kernel_source = ext == ".cu" || ext == ".cuh" || ext == ".h";  // not <vector>, cuda_bf16.hpp, ...
+    const bool emulation = !kernel_source || base.rfind("emu_", 0) == 0 || base.rfind("mma.h", 0) == 0;
     if (best.empty() && !emulation && base.rfind("??", 0) != 0) best = base;
   }
   pclose(f);
