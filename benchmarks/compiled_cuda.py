@@ -366,12 +366,16 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "fro
     frozen or trained): {"name", "backend": "cuda", "kernel" (mangled), "sass" (file under
     out_dir), "grid", "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes",
     "l2_bytes", "hbm_bytes", "rounds", "traced", "time_kind": "modelled"}. [] when
-    ``unavailable_reason()``. ``trace`` (default: when the emulation builds here): ``l2_bytes``
-    and ``hbm_bytes`` from ``trace_head`` (``traced``: True), else both the formula's ``bytes``."""
+    ``unavailable_reason()``. ``trace``: ``l2_bytes`` and ``hbm_bytes`` from ``trace_head``
+    (``traced``: True), else both the formula's ``bytes``; default: DEMUL_FAST_CUDA_TRACE=1 (the
+    committed reports still hold the formula rows: set it when regenerating them, then make it
+    the default)."""
     if unavailable_reason() is not None:
         return []
     if trace is None:
-        trace = trace_unavailable_reason() is None
+        trace = os.environ.get("DEMUL_FAST_CUDA_TRACE") == "1"
+    if trace and trace_unavailable_reason() is not None:
+        raise RuntimeError(f"the CUDA trace needs the CPU emulation: {trace_unavailable_reason()}")
     sass, res = read_binaries(out_dir)
     sass_dir = os.path.join(out_dir, "cuda_sass")
     os.makedirs(sass_dir, exist_ok=True)
