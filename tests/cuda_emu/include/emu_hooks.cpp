@@ -48,7 +48,8 @@ struct Group {  // one warp-level access: the sectors its lanes touch
 
 struct State {
   bool active = false, collective = false, race = true, tracing = false;
-  uintptr_t stack_lo = 0;  // the running fiber's stack: most accesses, none of interest
+  uintptr_t stack_lo = 0;       // the running fiber's stack: most accesses, none of interest
+  uintptr_t collective_pc = 0;  // the kernel code that called the WMMA load/store
   int sample = 5;
   const char* kernel = "?";
   unsigned grid[3] = {1, 1, 1};
@@ -208,6 +209,7 @@ inline void access(uintptr_t a, size_t n, bool write, uintptr_t pc) {
   if (!s.active || n == 0 || a - s.stack_lo < kStack) return;
   if (s.collective && (m().current & 31) != 0) return;  // a WMMA load/store: every lane repeats lane 0's accesses
   const int tid = s.collective ? kCollective + (m().current >> 5) : m().current;
+  if (s.collective) pc = s.collective_pc;
   if (s.race) {
     refresh_regions();
     for (const auto& r : s.regions)
@@ -358,7 +360,10 @@ void warp_barrier(int w) {
   s.warp_ep[w] = ++s.serial;
 }
 
-void collective(bool on) { st().collective = on; }
+void collective(bool on, const void* caller) {
+  st().collective = on;
+  st().collective_pc = reinterpret_cast<uintptr_t>(caller);
+}
 
 void global_range(const void* p, size_t bytes) {
   auto& g = st().globals;

@@ -31,7 +31,7 @@ void launch_end();
 void running(bool active);       // a thread (fiber) of the block runs / the scheduler does
 void block_barrier();            // a __syncthreads released
 void warp_barrier(int warp);     // a __syncwarp / shuffle / WMMA call released that warp
-void collective(bool on);        // inside a WMMA load/store: the warp's lanes act as one
+void collective(bool on, const void* caller = nullptr);  // inside a WMMA load/store: the warp acts as one
 void global_range(const void* p, size_t bytes);  // a tensor the bindings pass to a launch
 #else
 inline void launch_begin(const char*, unsigned, unsigned, unsigned, int) {}
@@ -42,7 +42,7 @@ inline void launch_end() {}
 inline void running(bool) {}
 inline void block_barrier() {}
 inline void warp_barrier(int) {}
-inline void collective(bool) {}
+inline void collective(bool, const void* = nullptr) {}
 inline void global_range(const void*, size_t) {}
 #endif
 
