@@ -26,6 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 SCHEDULES = ["forward", "reverse", "lanes", "shuffle:1", "shuffle:2"]
 SHAPES = [dict(C=37, M=3, D=40, B=5, K=70), dict(C=70, M=2, D=24, B=3, K=20)]  # r < D and r = D; C > 64
+# The race check sees only the paths a run takes: add one where every dimension crosses a
+# 64-wide tile (B > 64: loops over B chunks run twice, so a barrier between chunks matters).
+RACE_SHAPES = SHAPES + [dict(C=23, M=5, D=131, B=67, K=193)]
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -90,7 +93,7 @@ def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES, race=False):
     reference = None if race else _run_ops(base, dtypes)
     for schedule in schedules:
         os.environ["DEMUL_EMU_SCHEDULE"] = schedule
-        got = _run_ops(variant, dtypes)
+        got = _run_ops(variant, dtypes, RACE_SHAPES if race else None)
         if any(not torch.isfinite(t).all() for t in got):
             report["nonfinite"].append(schedule)
         first = report.setdefault("_first", got)
