@@ -148,12 +148,10 @@ def plan_module():
     if _PLAN_MODULE is None:
         if extension_path() is not None:
             from demul_fast import _C as mod
-        else:
-            import tempfile
-
+        else:  # the cached build of these sources (a fixed folder would keep a stale build's sources)
             from tests.cuda_emu import build as emu_build
 
-            mod = emu_build.build(os.path.join(tempfile.gettempdir(), "demul_fast_cuda_emu_plan"))
+            mod = emu_build.build()
         _PLAN_MODULE = mod
     return _PLAN_MODULE
 
@@ -332,19 +330,118 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     return L
 
 
-def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "frozen") -> List[dict]:
+# ---------------------------------------------------------------------------------------
+# The trace: the head's launches in the instrumented CPU emulation (tests/cuda_emu)
+
+
+def _kernel_name(symbol: str) -> str:
+    """The kernel's name in a mangled-name pattern: "20text_backward_kernelI..." -> text_backward_kernel."""
+    m = re.match(r"(\d+)", symbol)
+    n = int(m.group(1))
+    return symbol[m.end():m.end() + n]
+
+
+def trace_unavailable_reason() -> Optional[str]:
+    from tests.cuda_emu import build as emu_build
+
+    return emu_build.unavailable_reason()
+
+
+def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sample: int = 5,
+               sizes: Optional[Dict[str, int]] = None) -> List[dict]:
+    """Every CUDA launch of one demul_head forward + backward (X frozen or trained), run in the
+    instrumented emulation (tests/cuda_emu, ``build(instrument=True)``; include/emu_instrument.h)
+    at the preset's sizes: per launch {"kernel", "grid", "sampled_blocks", "l2_read_bytes",
+    "l2_write_bytes", "l2_bytes", "hbm_read_bytes", "hbm_write_bytes"}, counted the way
+    benchmarks/compiled_trace.py counts the Triton programs: a warp-level access (the lanes of a
+    warp at one instruction) moves the 32-byte sectors it touches; ``l2_bytes`` sums them over the
+    blocks (a sector read by every block, or twice by one, counts each time); HBM bytes are the
+    distinct sectors of the launch, per tensor. ``sample`` blocks per grid axis run (the first
+    two, the last two, evenly spaced ones between, each standing for its share: compiled_trace's
+    ``sample_grid``; 0: all); HBM bytes per tensor are extrapolated from them, at most the tensor."""
+    import json
+
+    import torch
+
+    from benchmarks.compiled_trace import head_inputs
+    from demul_fast.ops import cuda_ops
+    from tests.cuda_emu import build as emu_build
+
+    module = emu_build.build(instrument=True)
+    lib = emu_build.instrumented_library(module)
+    T, A, X, y, scale, basis = head_inputs(sizes or preset_sizes(preset), getattr(torch, dtype), mode == "trained")
+    saved_env = {k: os.environ.get(k) for k in ("DEMUL_EMU_RACE", "DEMUL_EMU_POISON", "DEMUL_EMU_SCHEDULE")}
+    os.environ.update(DEMUL_EMU_RACE="0", DEMUL_EMU_POISON="0", DEMUL_EMU_SCHEDULE="forward")
+    saved, cuda_ops._C = cuda_ops._C, module
+    lib.emu_trace_start(sample)
+    try:
+        out = cuda_ops.demul_head(T, A, X, y, scale, basis)
+        out.loss.backward()
+    finally:
+        text = lib.emu_trace_take().decode()
+        cuda_ops._C = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    launches = []
+    for line in text.splitlines():
+        x = json.loads(line)
+        blocks = math.prod(x["grid"])
+        scale_blocks = blocks / max(1, x["sampled_blocks"])
+        hbm = [0.0, 0.0]
+        for sectors, nr, nw in x["tensors"]:
+            hbm[0] += min(nr * scale_blocks, sectors)
+            hbm[1] += min(nw * scale_blocks, sectors)
+        hbm[0] += x["outside_sectors"][0] * scale_blocks  # none expected: every tensor is registered
+        hbm[1] += x["outside_sectors"][1] * scale_blocks
+        launches.append(dict(kernel=x["kernel"].split("<")[0], grid=[g for g in x["grid"] if g > 1] or [1],
+                             blocks=blocks, sampled_blocks=x["sampled_blocks"],
+                             l2_read_bytes=int(round(x["l2_read_bytes"])), l2_write_bytes=int(round(x["l2_write_bytes"])),
+                             l2_bytes=int(round(x["l2_read_bytes"] + x["l2_write_bytes"])),
+                             hbm_read_bytes=int(round(hbm[0])) * 32, hbm_write_bytes=int(round(hbm[1])) * 32))
+    return launches
+
+
+def match_trace(launches: List[dict], traced: List[dict]) -> List[Optional[dict]]:
+    """For each planned launch (``head_launches``), in order, the next traced launch of that
+    kernel (None if none): the plan and the code must agree."""
+    out, i = [], 0
+    for launch in launches:
+        name = _kernel_name(launch["symbol"])
+        j = next((k for k in range(i, len(traced)) if traced[k]["kernel"] == name), None)
+        out.append(traced[j] if j is not None else None)
+        if j is not None:
+            if traced[j]["blocks"] != math.prod(launch["grid"]):
+                raise RuntimeError(f"{launch['name']}: the plan launches {launch['grid']} blocks, the code {traced[j]['grid']}")
+            i = j + 1
+    return out
+
+
+def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "frozen",
+            trace: Optional[bool] = None) -> List[dict]:
     """One entry per CUDA kernel launch of the head fwd+bwd at ``preset`` in ``dtype`` (X
     frozen or trained): {"name", "backend": "cuda", "kernel" (mangled), "sass" (file under
     out_dir), "grid", "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes",
-    "l2_bytes", "hbm_bytes", "rounds", "traced": False, "time_kind": "modelled"}. [] when
-    ``unavailable_reason()``."""
+    "l2_bytes", "hbm_bytes", "rounds", "traced", "time_kind": "modelled"}. [] when
+    ``unavailable_reason()``. ``trace``: ``l2_bytes`` and ``hbm_bytes`` from ``trace_head``
+    (``traced``: True), else both the formula's ``bytes``; default: DEMUL_FAST_CUDA_TRACE=1 (the
+    committed reports still hold the formula rows: set it when regenerating them, then make it
+    the default)."""
     if unavailable_reason() is not None:
         return []
+    if trace is None:
+        trace = os.environ.get("DEMUL_FAST_CUDA_TRACE") == "1"
+    if trace and trace_unavailable_reason() is not None:
+        raise RuntimeError(f"the CUDA trace needs the CPU emulation: {trace_unavailable_reason()}")
     sass, res = read_binaries(out_dir)
     sass_dir = os.path.join(out_dir, "cuda_sass")
     os.makedirs(sass_dir, exist_ok=True)
     entries = []
-    for launch in head_launches(**preset_sizes(preset), dtype=dtype, mode=mode):
+    launches = head_launches(**preset_sizes(preset), dtype=dtype, mode=mode)
+    traced = match_trace(launches, trace_head(preset, mode, dtype)) if trace else [None] * len(launches)
+    for launch, tr in zip(launches, traced):
         symbol = next((k for k in sass if re.search(launch["symbol"], k)), None)
         if symbol is None:
             raise RuntimeError(f"kernel {launch['symbol']!r} ({launch['name']}) is not in {binary}")
@@ -361,6 +458,10 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "fro
                             num_warps=8, flops=launch["flops"], bytes=launch["bytes"], l2_bytes=launch["bytes"],
                             hbm_bytes=launch["hbm"], rounds=launch["rounds"], traced=False,
                             time_kind="modelled", preset=preset, dtype=dtype))
+        if tr is not None:
+            entries[-1].update(l2_bytes=tr["l2_bytes"], hbm_bytes=tr["hbm_read_bytes"] + tr["hbm_write_bytes"],
+                               hbm_read_bytes=tr["hbm_read_bytes"], hbm_write_bytes=tr["hbm_write_bytes"],
+                               sampled_blocks=tr["sampled_blocks"], traced=True)
     return entries
 
 

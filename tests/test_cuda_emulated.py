@@ -18,6 +18,7 @@ launch plans split as on the GPU (C > 64: class ranges split over blocks and mer
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -331,6 +332,8 @@ SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
 # barriers: removing it is no race today (measured: not caught). unstage's last barrier
 # (common.cuh:237, "c may be rewritten next") was not caught either: where c is rewritten, other
 # barriers come first. strict: a caller that makes one necessary turns it into a failure.
+# The shadow-memory race check (race_probe --race, three shapes, three dtypes) agrees: with
+# any one of the three removed, no shared-memory access races on any path the ops take.
 NOT_A_RACE_TODAY = {"common.cuh:115", "common.cuh:126", "common.cuh:237"}
 # A race on a GPU that the emulation does not see: the barrier after the text backward's G
 # build (each warp writes its rows of G, every warp reads all of them). The build's warp
@@ -361,3 +364,75 @@ def test_the_emulated_extension_reports_the_built_constants(emulated_extension):
     from demul_fast import common
     assert emulated_extension.EPS == common.EPS and emulated_extension.MAX_PROMPTS == common.MAX_PROMPTS
     assert os.path.basename(emulated_extension.__file__).startswith("demul_fast_cuda_emu_")
+
+
+# ---------------------------------------------------------------- the instrumented build
+# tests/cuda_emu/include/emu_instrument.h: the kernels compiled with GCC's kernel-address
+# instrumentation, every access through include/emu_hooks.cpp (one more cached build).
+
+
+def _csrc_line(name, pattern):
+    """The first line of csrc/<name> that matches ``pattern``."""
+    with open(os.path.join(emu_build.CSRC, name)) as f:
+        return next(i for i, text in enumerate(f, 1) if re.search(pattern, text))
+
+
+def test_the_race_check_passes_every_kernel_unchanged():
+    """Every op, forward and backward, in float32, bfloat16 and float16 on the shapes of
+    race_probe, under the shadow-memory race check: no shared-memory access races with
+    another thread's since the last barrier (warp barriers, shuffles, WMMA for one warp)."""
+    from cuda_emu import race_probe  # noqa: PLC0415
+
+    report = race_probe.probe([], race=True)
+    assert not report["aborted"], f"the race check fires on the unchanged sources: {report.get('message')}"
+    assert not report["nonfinite"], report
+
+
+def test_the_race_check_names_both_lines_of_the_race_at_text_head_131():
+    """The barrier after s_gp's writes removed: the race check aborts at the first read of
+    s_gp by a thread other than its writer, naming the kernel, the writing line and the
+    reading line (float32: the path the barrier guards)."""
+    from cuda_emu import race_probe  # noqa: PLC0415
+
+    line = next(ln for f, ln in emu_build.barriers() if f == "text_head.cu" and ln > 125)
+    report = race_probe.probe([f"text_head.cu:{line}"], dtypes=("float32",), race=True)
+    assert report["aborted"], f"the race check missed the removed barrier: {report}"
+    msg = report["message"]
+    write = _csrc_line("text_head.cu", r"s_gp\[warp & 1\]\[.*\] = ")
+    read = _csrc_line("text_head.cu", r"s_gp\[0\]\[il\] \+ s_gp\[1\]\[il\]")
+    assert "race in text_backward_kernel" in msg, msg
+    assert "written by thread" in msg and f"at text_head.cu:{write}," in msg, msg
+    assert "read by thread" in msg and f"at text_head.cu:{read} " in msg, msg
+
+
+def _sectors(lo, hi):
+    return set(range(lo // 32, (hi - 1) // 32 + 1))
+
+
+def test_the_cuda_trace_counts_sectors_per_warp_access():
+    """benchmarks/compiled_cuda.trace_head on the instrumented build, every block traced: the
+    row-norm kernel (a warp per row, lane l reading elements l, l + 32, ...) moves, per row
+    and per 32 elements, the sectors those bytes cover, and its HBM bytes are X's bytes; the
+    text backward reads p = R t^ once per column block (the G rebuild)."""
+    from benchmarks import compiled_cuda  # noqa: PLC0415
+
+    sizes = dict(C=37, M=3, D=100, B=5, K=70)
+    got = compiled_cuda.trace_head("tiny", "frozen", "bfloat16", sample=0, sizes=sizes)
+    names = [x["kernel"] for x in got]
+    planned = compiled_cuda.head_launches(**sizes, dtype="bfloat16", mode="frozen")
+    assert all(m is not None for m in compiled_cuda.match_trace(planned, got)), names
+    norms = next(x for x in got if x["kernel"] == "row_norms_kernel")
+    B, D, e = sizes["B"], sizes["D"], 2
+    want = 0
+    for r in range(B):
+        for k in range(0, D, 32):
+            want += 32 * len(_sectors(e * (r * D + k), e * (r * D + min(D, k + 32))))
+    assert norms["l2_read_bytes"] == want
+    assert norms["l2_write_bytes"] == 32 * B  # lane 0 writes one float per row
+    assert norms["hbm_read_bytes"] == 32 * len(_sectors(0, e * B * D))
+    assert norms["hbm_write_bytes"] == 32 * len(_sectors(0, 4 * B))
+    text = next(x for x in got if x["kernel"] == "text_backward_kernel")
+    rows, rank, col_blocks = sizes["C"] * sizes["M"], min(sizes["K"], sizes["D"]), -(-sizes["D"] // 64)
+    assert text["grid"][1] == col_blocks > 1
+    assert text["l2_read_bytes"] >= col_blocks * e * rows * rank  # p read by every column block
+    assert text["hbm_read_bytes"] < text["l2_read_bytes"] / col_blocks * 1.5

@@ -74,7 +74,7 @@ def _rewrite_launches(text: str) -> str:
                 break
         args = text[end + 4:i - 1]
         out.append(text[pos:m.start()])
-        out.append(f"::emu::launch([&] {{ {m.group(1)}({args}); }}, {config})")
+        out.append(f"::emu::launch(\"{m.group(1)}\", [&] {{ {m.group(1)}({args}); }}, {config})")
         pos = i
     out.append(text[pos:])
     return "".join(out)
@@ -108,7 +108,16 @@ def _register_shared(name: str, text: str) -> str:
     return "".join(out)
 
 
-def transform(name: str, text: str) -> str:
+def _register_globals(text: str) -> str:
+    """``X.data_ptr<T>()`` -> ``::emu::gptr(X, X.data_ptr<T>())`` (and ``X->`` with ``*X``): the
+    instrumented build's registry of the tensors passed to launches (include/emu_alloc.h)."""
+    def sub(m):
+        obj, arrow, call = m.group(1), m.group(2), m.group(0)
+        return f"::emu::gptr({'*' if arrow == '->' else ''}{obj}, {call})"
+    return re.sub(r"\b([A-Za-z_]\w*)(\.|->)data_ptr(?:<[\w:]+>)?\(\)", sub, text)
+
+
+def transform(name: str, text: str, instrument: bool = False) -> str:
     text = _register_shared(name, text)  # before any edit that would shift the lines it names
     text = _rewrite_launches(text)
     text = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];", r"\1* \2 = ::emu::dyn_smem<\1>();", text)
@@ -116,15 +125,17 @@ def transform(name: str, text: str) -> str:
         text = text.replace("#ifdef __CUDACC__", "#if 1  // emulation: device members on the host")
     if name in ("bindings.cpp", "checks.h"):
         text = re.sub(r"(\.|->)is_cuda\(\)", r"\1is_cpu()", text)
+    if instrument and name in ("bindings.cpp", "checks.h"):
+        text = _register_globals(text)
     if name == "bindings.cpp":  # output buffers NaN-poisoned (include/emu_alloc.h)
         text = re.sub(r"\bat::empty(_like)?\(", r"::emu::poisoned_empty\1(", text)
         text = '#include "emu_alloc.h"\n' + text
-    if name.endswith(".cu"):
-        text = '#include "emu_prelude.h"\n' + text
+    if name.endswith(".cu"):  # #line: compiler messages and debug lines name csrc/'s file and line
+        text = f'#include "emu_prelude.h"\n#line 1 "{name}"\n' + text
     return text
 
 
-def transformed_sources(edits: Optional[dict] = None) -> dict:
+def transformed_sources(edits: Optional[dict] = None, instrument: bool = False) -> dict:
     """{file name in the build folder: transformed text} for csrc/. ``edits``: {csrc file
     name: function of its text}, applied before the transform (a planted bug, a removed
     barrier: tests/test_cuda_emulated.py)."""
@@ -137,7 +148,7 @@ def transformed_sources(edits: Optional[dict] = None) -> dict:
             text = f.read()
         if edits and name in edits:
             text = edits[name](text)
-        out[name + (".cpp" if name.endswith(".cu") else "")] = transform(name, text)
+        out[name + (".cpp" if name.endswith(".cu") else "")] = transform(name, text, instrument)
     return out
 
 
@@ -171,11 +182,11 @@ def barriers() -> list:
     return found
 
 
-def sources(out_dir: str, edits: Optional[dict] = None) -> list:
+def sources(out_dir: str, edits: Optional[dict] = None, instrument: bool = False) -> list:
     """Writes the transformed csrc/ into out_dir; returns the translation units."""
     os.makedirs(out_dir, exist_ok=True)
     units = []
-    for name, text in transformed_sources(edits).items():
+    for name, text in transformed_sources(edits, instrument).items():
         dest = os.path.join(out_dir, name)
         if _read(dest) != text:  # an unchanged file keeps its time: ninja then rebuilds nothing
             with open(dest, "w") as f:
@@ -185,26 +196,34 @@ def sources(out_dir: str, edits: Optional[dict] = None) -> list:
     return units
 
 
-def _flags() -> list:
+def _flags(instrument: bool = False) -> list:
     from demul_fast import common
 
     return ["-O2", "-Wno-unknown-pragmas", f"-DDEMUL_EPS={float(common.EPS)!r}",
-            f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}"]
+            f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}"] + (["-DDEMUL_EMU_INSTRUMENT"] if instrument else [])
 
 
-def source_hash(edits: Optional[dict] = None) -> str:
+# The kernels' translation units of the instrumented build (include/emu_instrument.h): every
+# access calls __asan_{load,store}{1,2,4,8,16,N}_noabort (include/emu_hooks.cpp), no ASan
+# runtime; -g for the race check's file:line (addr2line).
+INSTRUMENT_FLAGS = ["-g", "-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
+                    "--param", "asan-globals=0", "--param", "asan-stack=0"]
+
+
+def source_hash(edits: Optional[dict] = None, instrument: bool = False) -> str:
     """What the emulated extension is built from: the transformed sources, the emulation's
     headers, the compiler flags, this file and the torch version (its headers and ABI)."""
     import torch
 
     digest = hashlib.sha1()
-    for name, text in sorted(transformed_sources(edits).items()):
+    for name, text in sorted(transformed_sources(edits, instrument).items()):
         digest.update(name.encode() + b"\0" + text.encode() + b"\0")
     for u in sorted(glob.glob(os.path.join(HERE, "include", "**"), recursive=True)) + [os.path.abspath(__file__)]:
         if os.path.isfile(u):
             with open(u, "rb") as f:
                 digest.update(os.path.relpath(u, HERE).encode() + b"\0" + f.read())
-    digest.update(" ".join(_flags() + [torch.__version__, os.environ.get("CXX", "c++")]).encode())
+    flags = _flags(instrument) + (INSTRUMENT_FLAGS if instrument else [])
+    digest.update(" ".join(flags + [torch.__version__, os.environ.get("CXX", "c++")]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -217,29 +236,73 @@ def cache_root() -> str:
     return os.path.join(base, "demul_fast", "cuda_emu")
 
 
-def build(build_dir: Optional[str] = None, verbose: bool = False, edits: Optional[dict] = None):
+def build(build_dir: Optional[str] = None, verbose: bool = False, edits: Optional[dict] = None,
+          instrument: bool = False):
     """The emulated extension as a Python module (same functions as demul_fast._C), built
     once per source hash in ``build_dir`` (default: ``cache_root()/<hash>``) and loaded
-    from there by later runs (ninja finds nothing to rebuild)."""
+    from there by later runs (ninja finds nothing to rebuild). ``instrument``: the variant
+    with the race check and the memory trace (include/emu_instrument.h), a build of its own."""
     from torch.utils import cpp_extension
 
-    digest = source_hash(edits)
+    digest = source_hash(edits, instrument)
     build_dir = build_dir or os.path.join(cache_root(), digest)
     if build_dir in _LOADED:  # one load per process
         return _LOADED[build_dir]
     src_dir = os.path.join(build_dir, "src")
     if not os.path.exists(os.path.join(src_dir, ".complete")):  # else the same text is there: no rewrite,
-        sources(src_dir, edits)                                      # no new mtimes, nothing to rebuild
+        sources(src_dir, edits, instrument)                          # no new mtimes, nothing to rebuild
         open(os.path.join(src_dir, ".complete"), "w").close()
-    units = sorted(os.path.join(src_dir, n) for n in transformed_sources(edits) if n.endswith(".cpp"))
-    name = "demul_fast_cuda_emu_" + digest[:10]
+    units = sorted(os.path.join(src_dir, n) for n in transformed_sources(edits, instrument) if n.endswith(".cpp"))
+    name = "demul_fast_cuda_emu_" + ("ins_" if instrument else "") + digest[:10]
     obj_dir = os.path.join(build_dir, "obj")
     os.makedirs(obj_dir, exist_ok=True)
+    includes = [os.path.join(HERE, "include"), src_dir, cuda_include()]
+    ldflags = []
+    if instrument:  # the kernels' units compiled here with the instrumentation, linked as objects
+        kernels = [u for u in units if u.endswith(".cu.cpp")]
+        units = [u for u in units if u not in kernels] + [os.path.join(HERE, "include", "emu_hooks.cpp")]
+        ldflags = _compile_instrumented(kernels, os.path.join(build_dir, "ins"), includes, verbose)
     _LOADED[build_dir] = cpp_extension.load(
         name=name, sources=units, build_directory=obj_dir, verbose=verbose, with_cuda=False,
-        extra_include_paths=[os.path.join(HERE, "include"), src_dir, cuda_include()],
-        extra_cflags=_flags())
+        extra_include_paths=includes, extra_cflags=_flags(instrument), extra_ldflags=ldflags)
     return _LOADED[build_dir]
+
+
+def _compile_instrumented(units: list, out_dir: str, includes: list, verbose: bool) -> list:
+    """Objects of ``units`` compiled with INSTRUMENT_FLAGS (the flags cpp_extension gives the
+    others), each once (the folder is per source hash)."""
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    os.makedirs(out_dir, exist_ok=True)
+    objs = []
+    for unit in units:
+        obj = os.path.join(out_dir, os.path.basename(unit) + ".o")
+        objs.append(obj)
+        if os.path.exists(obj):
+            continue
+        cmd = [os.environ.get("CXX", "c++"), "-fPIC", "-std=c++20", *_flags(True), *INSTRUMENT_FLAGS,
+               "-DTORCH_API_INCLUDE_EXTENSION_H", *[f"-I{p}" for p in includes],
+               *[f"-isystem{p}" for p in cpp_extension.include_paths()], f"-isystem{sysconfig.get_paths()['include']}",
+               "-c", unit, "-o", obj + ".tmp"]
+        if verbose:
+            print(" ".join(cmd))
+        subprocess.run(cmd, check=True)
+        os.replace(obj + ".tmp", obj)
+    return objs
+
+
+def instrumented_library(module) -> "ctypes.CDLL":
+    """The C functions of an instrumented build (emu_trace_start, emu_trace_take), by ctypes
+    on the already loaded module file (the same library: the same state)."""
+    import ctypes
+
+    lib = ctypes.CDLL(module.__file__)
+    lib.emu_trace_start.argtypes = [ctypes.c_int]
+    lib.emu_trace_take.restype = ctypes.c_char_p
+    return lib
 
 
 _LOADED: dict = {}

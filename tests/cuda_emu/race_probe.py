@@ -8,6 +8,11 @@ under every schedule of include/emu_adversary.h, and prints one JSON line: wheth
 aborted (a divergent barrier, ...), produced non-finite values (a NaN-poisoned read), gave
 different bits under different schedules (a race), or differed from the unedited build.
 A subprocess per variant: an abort of the emulation ends only that process.
+
+``--race`` (``probe(..., race=True)``) runs the instrumented build instead
+(include/emu_instrument.h): its shadow-memory check aborts at the first shared-memory access
+that races with another thread's since the last barrier, naming the kernel and both csrc
+file:lines (one schedule suffices: the check does not depend on the order).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 SCHEDULES = ["forward", "reverse", "lanes", "shuffle:1", "shuffle:2"]
 SHAPES = [dict(C=37, M=3, D=40, B=5, K=70), dict(C=70, M=2, D=24, B=3, K=20)]  # r < D and r = D; C > 64
+# The race check sees only the paths a run takes: add one where every dimension crosses a
+# 64-wide tile (B > 64: loops over B chunks run twice, so a barrier between chunks matters).
+RACE_SHAPES = SHAPES + [dict(C=23, M=5, D=131, B=67, K=193)]
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,7 +75,7 @@ def _run_ops(module, dtypes=DTYPES, shapes=None):
     return [t.detach().float().clone() for t in results]
 
 
-def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES):
+def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES, race=False):
     import torch
 
     sys.path.insert(0, TESTS)
@@ -78,37 +86,40 @@ def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES):
     for spec in edits_spec:
         name, line = spec.split(":")
         edits.update(emu_build.without_barrier(name, int(line)))
-    variant = emu_build.build(edits=edits or None)
-    base = emu_build.build() if edits else variant
-    report = dict(variant=edits_spec, aborted=False, nonfinite=[], schedules_differ=[], differs_from_base=[])
+    variant = emu_build.build(edits=edits or None, instrument=race)
+    base = emu_build.build() if edits and not race else variant  # the race check needs no comparison
+    report = dict(variant=edits_spec, race_check=race, aborted=False, nonfinite=[], schedules_differ=[], differs_from_base=[])
     os.environ["DEMUL_EMU_SCHEDULE"] = "forward"
-    reference = _run_ops(base, dtypes)
+    reference = None if race else _run_ops(base, dtypes)
     for schedule in schedules:
         os.environ["DEMUL_EMU_SCHEDULE"] = schedule
-        got = _run_ops(variant, dtypes)
+        got = _run_ops(variant, dtypes, RACE_SHAPES if race else None)
         if any(not torch.isfinite(t).all() for t in got):
             report["nonfinite"].append(schedule)
         first = report.setdefault("_first", got)
         if any(not torch.equal(a, c) for a, c in zip(first, got)):
             report["schedules_differ"].append(schedule)
-        if any(not torch.equal(a, c) for a, c in zip(reference, got)):
+        if reference is not None and any(not torch.equal(a, c) for a, c in zip(reference, got)):
             report["differs_from_base"].append(schedule)
     del report["_first"]
     print("PROBE " + json.dumps(report), flush=True)
 
 
-def probe(edits_spec=(), timeout=1800, dtypes=DTYPES, schedules=SCHEDULES) -> dict:
-    """Run the probe in a subprocess; an abort is reported with the emulation's message."""
+def probe(edits_spec=(), timeout=1800, dtypes=DTYPES, schedules=None, race=False) -> dict:
+    """Run the probe in a subprocess; an abort is reported with the emulation's message.
+    ``schedules``: default all five, or only "forward" with ``race``."""
+    schedules = schedules or (("forward",) if race else SCHEDULES)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS), TESTS]),
                DEMUL_PROBE_DTYPES=",".join(dtypes), DEMUL_PROBE_SCHEDULES=",".join(schedules))
     env.setdefault("TRITON_INTERPRET", "1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *edits_spec], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    env.pop("DEMUL_EMU_RACE", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *(["--race"] if race else []),
+                           *edits_spec], capture_output=True, text=True, env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("PROBE "):
             return json.loads(line[6:])
     messages = [ln for ln in proc.stderr.splitlines() if ln.startswith("emu:")]
-    return dict(variant=list(edits_spec), aborted=True, returncode=proc.returncode,
+    return dict(variant=list(edits_spec), race_check=race, aborted=True, returncode=proc.returncode,
                 message=messages[-1] if messages else proc.stderr[-2000:])
 
 
@@ -118,8 +129,13 @@ def caught(report: dict) -> bool:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2:], os.environ.get("DEMUL_PROBE_DTYPES", ",".join(DTYPES)).split(","),
-              os.environ.get("DEMUL_PROBE_SCHEDULES", ",".join(SCHEDULES)).split(","))
+    args = sys.argv[1:]
+    is_child = bool(args) and args[0] == "--child"
+    args = args[1:] if is_child else args
+    race = bool(args) and args[0] == "--race"
+    args = args[1:] if race else args
+    if is_child:
+        child(args, os.environ.get("DEMUL_PROBE_DTYPES", ",".join(DTYPES)).split(","),
+              os.environ.get("DEMUL_PROBE_SCHEDULES", ",".join(SCHEDULES)).split(","), race)
     else:
-        print(json.dumps(probe(sys.argv[1:])))
+        print(json.dumps(probe(args, race=race)))

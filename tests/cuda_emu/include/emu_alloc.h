@@ -9,6 +9,8 @@
 #include <cstring>
 #include <limits>
 
+#include "emu_instrument.h"
+
 namespace emu {
 
 inline bool poison_outputs() {
@@ -29,6 +31,19 @@ inline at::Tensor poisoned_empty_like(const at::Tensor& like) { return poisoned(
 
 inline at::Tensor poisoned_empty_like(const at::Tensor& like, at::TensorOptions options) {
   return poisoned(at::empty_like(like, options));
+}
+
+// The instrumented build rewrites each ``X.data_ptr<T>()`` of the bindings into
+// ``gptr(X, X.data_ptr<T>())``: the tensor's bytes are registered as global memory for the
+// trace (include/emu_instrument.h), the pointer passes through.
+template <class P>
+P gptr(const at::Tensor& t, P p) {
+  if (t.defined() && t.numel() > 0) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    ins::global_range(t.data_ptr(), static_cast<size_t>(last + 1) * t.element_size());
+  }
+  return p;
 }
 
 }  // namespace emu

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "emu_adversary.h"  // schedules, poisoning, strict barriers (hooks marked "adv:" below)
+#include "emu_instrument.h"  // race check and trace of the instrumented build (marked "ins:" below)
 
 using std::isfinite;
 using std::max;
@@ -97,7 +98,9 @@ inline void run_block(int n) {
     for (int i : adv::order(n, true)) {  // adv: the schedule of this round
       if (mm.fibers[i].state != State::kRun) continue;
       mm.current = i;
+      ins::running(true);  // ins
       swapcontext(&mm.sched, &mm.fibers[i].ctx);
+      ins::running(false);  // ins
     }
     bool released = false;
     for (int w = 0; w * 32 < n; ++w) {  // a warp barrier releases when its live lanes all wait on it
@@ -111,6 +114,7 @@ inline void run_block(int n) {
           deadlock("a warp barrier / shuffle / WMMA call after some lanes of the warp exited");
         for (int i = 32 * w; i < std::min(n, 32 * w + 32); ++i)
           if (mm.fibers[i].state == State::kWarpBarrier) mm.fibers[i].state = State::kRun;
+        ins::warp_barrier(w);  // ins
         released = true;
       } else if (waiting > 0) {
         bool others_at_block = false;
@@ -130,12 +134,14 @@ inline void run_block(int n) {
     if (adv::mode().strict && live < n) deadlock("__syncthreads after some threads of the block exited");  // adv
     for (auto& f : mm.fibers)
       if (f.state == State::kBlockBarrier) f.state = State::kRun;
+    ins::block_barrier();  // ins
   }
 }
 
-// kernel<<<grid, block, smem, stream>>>(args) becomes launch([&] { kernel(args); }, grid, block, smem, stream).
+// kernel<<<grid, block, smem, stream>>>(args) becomes
+// launch("kernel", [&] { kernel(args); }, grid, block, smem, stream).
 template <class F>
-void launch(F&& body, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
+void launch(const char* kernel, F&& body, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
   auto& mm = m();
   const std::function<void()> fn = body;
   mm.body = &fn;
@@ -146,10 +152,15 @@ void launch(F&& body, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nul
   if (n > 1024) deadlock("more than 1024 threads per block");
   adv::configure();  // adv: the environment's schedule and checks, for this launch
   const int blocks = static_cast<int>(grid.x * grid.y * grid.z);
+  ins::launch_begin(kernel, grid.x, grid.y, grid.z, n);  // ins
   for (int b : adv::order(blocks, false)) {
+    if (!ins::block_selected(b)) continue;  // ins: a trace that samples blocks
     mm.block_idx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
+    ins::block_begin(b);  // ins
     run_block(n);
+    ins::block_end();  // ins
   }
+  ins::launch_end();  // ins
   mm.body = nullptr;
 }
 

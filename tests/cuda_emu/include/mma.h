@@ -42,12 +42,15 @@ inline float emu_to_float(float x) { return x; }
 inline float emu_to_float(__half x) { return __half2float(x); }
 inline float emu_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// noinline: the race check names the kernel line that called it (its return address).
 template <class Use, class T, class Layout>
-void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
+__attribute__((noinline)) void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
   emu_wmma_check(p, ld, sizeof(T));
+  ::emu::ins::collective(true, __builtin_return_address(0));  // ins: every lane reads the fragment; on a GPU the warp does, once
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
       f.v[r][c] = emu_to_float(std::is_same_v<Layout, row_major> ? p[r * ld + c] : p[c * ld + r]);
+  ::emu::ins::collective(false);
 }
 
 template <class T>
@@ -71,10 +74,12 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
     for (int j = 0; j < 16; ++j) d.v[i][j] = out[i][j];
 }
 
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
+__attribute__((noinline)) inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
   emu_wmma_check(p, ld, sizeof(float));
+  ::emu::ins::collective(true, __builtin_return_address(0));  // ins
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) p[l == mem_row_major ? r * ld + c : c * ld + r] = f.v[r][c];
+  ::emu::ins::collective(false);
 }
 
 }  // namespace wmma
