@@ -102,6 +102,12 @@ EXPECTED = {
 }
 
 
+# The strict-only checks switched off by DEMUL_EMU_STRICT=0 (the message must go): run for one
+# plant per kind of check (a barrier, an alignment) rather than all six, for CI time (a
+# subprocess that loads the emulation each, ~5 s).
+RELAXED_CONTROLS = {"exit_then_barrier", "wmma_misaligned"}
+
+
 def child() -> None:
     """Builds (or loads) the planted variant and runs the aggregation forward once."""
     import torch
@@ -142,7 +148,7 @@ def test_the_strict_check_fires(planted_variant, plant):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("emu:")]
     assert proc.returncode != 0, f"{plant}: the emulation did not abort (stdout {proc.stdout!r})"
     assert lines and message in lines[-1], f"{plant}: expected {message!r}, got {lines or proc.stderr[-2000:]}"
-    if strict_only:
+    if strict_only and plant in RELAXED_CONTROLS:
         relaxed = _run(plant, strict=False)
         assert message not in relaxed.stderr, f"{plant}: the message appears with DEMUL_EMU_STRICT=0"
 

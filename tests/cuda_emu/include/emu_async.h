@@ -12,8 +12,14 @@
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+
+#ifdef DEMUL_EMU_INSTRUMENT  // include/emu_hooks.cpp: the copies below are accesses of the kernel's
+extern "C" void __asan_loadN_noabort(uintptr_t, size_t);   // thread, which the instrumentation
+extern "C" void __asan_storeN_noabort(uintptr_t, size_t);  // cannot see inside std::memcpy
+#endif
 
 #include <cstddef>
 #include <cstring>
@@ -82,6 +88,9 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_
   if (reinterpret_cast<uintptr_t>(dst) % size_and_align != 0 || reinterpret_cast<uintptr_t>(src) % size_and_align != 0)
     ::emu::adv::fail("__pipeline_memcpy_async: a pointer is not aligned to the copy size");
   if (zfill > size_and_align) ::emu::adv::fail("__pipeline_memcpy_async: zfill larger than the copy");
+#ifdef DEMUL_EMU_INSTRUMENT  // the trace: the global read happens at the issue (include/emu_instrument.h)
+  __asan_loadN_noabort(reinterpret_cast<uintptr_t>(src), size_and_align - zfill);
+#endif
   auto& q = emu_async_queue();
   q.open.push_back({dst, src, size_and_align - zfill, size_and_align});
   ::emu::adv::poison(dst, size_and_align);  // adv: unreadable until waited for
@@ -97,6 +106,9 @@ inline void __pipeline_wait_prior(size_t prior) {
   auto& q = emu_async_queue();
   while (q.groups.size() > prior) {
     for (const auto& c : q.groups.front()) {
+#ifdef DEMUL_EMU_INSTRUMENT  // the race check: the shared destination is written by the wait that covers it
+      __asan_storeN_noabort(reinterpret_cast<uintptr_t>(c.dst), c.size);
+#endif
       std::memcpy(c.dst, c.src, c.bytes);
       if (c.size > c.bytes) std::memset(static_cast<char*>(c.dst) + c.bytes, 0, c.size - c.bytes);
     }
