@@ -302,8 +302,14 @@ def test_compiled_demul_training_step_matches_eager(text_encoder):
         x, y = torch.randn(4, d, generator=gen), torch.randint(0, 3, (4,), generator=gen)
         eager = _step(model, params, x, y)
         got = _step(compiled, params, x, y)
+        # under compile the prefix-shared attention is one scaled_dot_product_attention call
+        # per layer (prefix_attention._attend), eager its batched products: the same sums in
+        # another order, so they agree to float32 rounding at each quantity's magnitude (32 eps
+        # of its largest entry: 2e-5 on dctx here, measured difference 7e-6), far inside what a
+        # 1% error or a wrong mask moves (test_text_encoder checks the two against float64)
         for name, a, b in zip(["loss", "ce_loss", "dctx", "dprompt_logits"], got, eager):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+            bound = 32 * torch.finfo(torch.float32).eps * float(b.abs().max())
+            torch.testing.assert_close(a, b, rtol=0, atol=bound, msg=lambda m, name=name: f"{name}: {m}")
     assert counter.frame_count == 1, f"{counter.frame_count} graphs (graph break or recompile)"
 
 
