@@ -222,17 +222,20 @@ def test_the_yardstick_is_the_reference_without_roundings():
         assert not allowance[name].any()
 
 
+def table_cell(mutation: str, failed: list) -> str:
+    """One cell of a mutation table: what refused the mutation (or **MISSED**); for the
+    control, "passes" (or what wrongly failed it)."""
+    if not failed:
+        return "passes" if mutation == "control" else "**MISSED**"
+    return ("FAILS: " if mutation == "control" else "") + ", ".join(failed)
+
+
 def table() -> str:
     rows = ["| mutation | " + " | ".join(f"{p} {IDS[d]}" for p in PATHS for d in DTYPES) + " |",
             "|---|" + "---|" * (len(PATHS) * len(DTYPES))]
     results = {(p, d): mutation_results(p, d) for p in PATHS for d in DTYPES}
     for m in ["control"] + MUTATIONS:
-        cells = []
-        for p in PATHS:
-            for d in DTYPES:
-                failed = results[(p, d)][m]
-                cells.append(("passes" if m == "control" else "**MISSED**") if not failed else
-                             ("FAILS: " if m == "control" else "") + ", ".join(failed))
+        cells = [table_cell(m, results[(p, d)][m]) for p in PATHS for d in DTYPES]
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

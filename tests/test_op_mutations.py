@@ -23,6 +23,7 @@ from demul_fast.ops import torch_ops
 from demul_fast.ops.distill_basis import build_distill_basis
 from numerics import assert_error_rule, ce_magnitudes
 import rounded_yardstick
+from test_mutations import table_cell
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,8 +160,7 @@ def table() -> str:
     for op in OPS:
         results = {c: mutation_results(op, *c) for c in cols}
         for m in results[cols[0]]:
-            cells = [("passes" if m == "control" else "**MISSED**") if not results[c][m] else
-                     ("FAILS: " if m == "control" else "") + ", ".join(results[c][m]) for c in cols]
+            cells = [table_cell(m, results[c][m]) for c in cols]
             rows.append(f"| {op}: {m} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
