@@ -121,6 +121,22 @@ def _storage_scale(z: torch.Tensor) -> float:
     return 2.0 ** min(max(14 - e, -100), 100)
 
 
+def _ce_forward(x, u, y, tau: float, ls: float, eps: float):
+    """The cosine cross-entropy's forward on the class features as the kernels' dot takes them
+    (u: u^ rounded at its site in ``head``, U as given in ``cross_entropy``): |x|, 1/|x|, cos,
+    the logits s, their logsumexp, the smoothed targets q and the per-image losses."""
+    C = u.shape[-2]
+    xn = torch.linalg.vector_norm(x, dim=-1)
+    inv_x = 1 / xn.clamp_min(eps)
+    cos = (x @ u.mT) * inv_x[..., None]
+    s = tau * cos
+    lse = torch.logsumexp(s, dim=-1)
+    onehot = torch.nn.functional.one_hot(y, C).to(x.dtype)
+    q = onehot * (1 - ls) + ls / C
+    rows = lse - (1 - ls) * (s * onehot).sum(-1) - (ls / C) * s.sum(-1)
+    return xn, inv_x, cos, s, lse, q, rows
+
+
 def head(family: str, T, A, X, y, tau: float, basis, alpha: float, ls: float, cot, sites: Sites,
          cd: torch.dtype = torch.float64) -> Dict[str, torch.Tensor]:
     """The head of one kernel family (``"triton"``: triton_ops.demul_head and its backward;
@@ -144,14 +160,7 @@ def head(family: str, T, A, X, y, tau: float, basis, alpha: float, ls: float, co
     # u^ in float32: u sums M terms w t/n, |u| sums D squares: ERR(M + D) x (the terms' sum / |u| + |u^|)
     terms_u = (t.abs() * (w * inv_n)[..., None]).sum(-2) * inv_r[..., None]
     U_op = sites("u_hat", u_hat, ERR(M + D) * (terms_u + u_hat.abs()))
-    xn = torch.linalg.vector_norm(x, dim=-1)
-    inv_x = 1 / xn.clamp_min(eps)
-    cos = (x @ U_op.mT) * inv_x[..., None]
-    s = tau * cos
-    lse = torch.logsumexp(s, dim=-1)
-    onehot = torch.nn.functional.one_hot(y, C).to(cd)
-    q = onehot * (1 - ls) + ls / C
-    rows = lse - (1 - ls) * (s * onehot).sum(-1) - (ls / C) * s.sum(-1)
+    xn, inv_x, cos, s, lse, q, rows = _ce_forward(x, U_op, y, tau, ls, eps)
     ce = rows.mean(-1)
     dist_on = basis is not None
     if dist_on:
@@ -252,14 +261,7 @@ def cross_entropy(family: str, X, U, y, tau: float, ls: float, g: float, sites: 
     x, u = X.to(cd), U.to(cd)
     B, D = x.shape
     C = u.shape[0]
-    xn = torch.linalg.vector_norm(x, dim=-1)
-    inv_x = 1 / xn.clamp_min(eps)
-    cos = (x @ u.mT) * inv_x[..., None]
-    s = tau * cos
-    lse = torch.logsumexp(s, dim=-1)
-    onehot = torch.nn.functional.one_hot(y, C).to(cd)
-    q = onehot * (1 - ls) + ls / C
-    rows = lse - (1 - ls) * (s * onehot).sum(-1) - (ls / C) * s.sum(-1)
+    xn, inv_x, cos, s, lse, q, rows = _ce_forward(x, u, y, tau, ls, eps)
     out = dict(ce_loss=rows.mean(-1))
     p = torch.exp(s - lse[..., None])
     bg = g * (p - q)
