@@ -100,6 +100,17 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
+def _nvidia_pip_includes() -> List[str]:
+    """site-packages/nvidia/*/include: with a pip-installed torch, ATen/cuda/CUDAContext.h's
+    cuBLAS/cuSPARSE headers live there, not in the toolkit (setup.py adds them the same way)."""
+    import glob
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return [d for base in getattr(nvidia, "__path__", []) for d in sorted(glob.glob(os.path.join(base, "*", "include")))]
+
+
 def cubins(out_dir: str) -> List[str]:
     """csrc/*.cu compiled by nvcc to sm_90a cubins (the flags of setup.py), for the SASS
     when the extension is not built."""
@@ -123,7 +134,8 @@ def cubins(out_dir: str) -> List[str]:
                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                "-U__CUDA_NO_BFLOAT16_OPERATORS__", f"-DDEMUL_EPS={float(common.EPS)!r}",
                f"-DDEMUL_MAX_PROMPTS={int(common.MAX_PROMPTS)}", "-I", os.path.join(ROOT, "csrc"),
-               *[f"-I{p}" for p in cpp.include_paths()], f"-I{cuda_include()}", src, "-o", dst]
+               *[f"-I{p}" for p in cpp.include_paths()], f"-I{cuda_include()}",
+               *[f"-I{p}" for p in _nvidia_pip_includes()], src, "-o", dst]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
 
