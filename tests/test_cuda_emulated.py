@@ -311,19 +311,21 @@ def _line_after(name, marker):
 def test_the_planted_race_after_the_row_scalars_is_caught():
     """The barrier after the text backward's per-row scalars in text_head.cu (threads 0-63
     write s_coef, every warp reads it in the G build) removed: the adversarial emulation
-    must notice (a subprocess: an abort of the emulation ends only it). Builds one more
-    emulation, cached like the first."""
+    must notice (a subprocess: an abort of the emulation ends only it). The same build as
+    the other tests: the barrier is turned off at run time (DEMUL_EMU_SKIP_BARRIERS)."""
     from cuda_emu import race_probe  # noqa: PLC0415
 
-    line = _line_after("text_head.cu", "s_s[tid] = -g_over_rows")
+    where = f"text_head.cu:{_line_after('text_head.cu', 's_s[tid] = -g_over_rows')}"
     # float32 (the SIMT path) under two schedules suffices
-    report = race_probe.probe([f"text_head.cu:{line}"], dtypes=("float32",), schedules=("forward", "reverse"))
+    report = race_probe.probe([where], dtypes=("float32",), schedules=("forward", "reverse"))
+    assert report["skipped"].get(where, 0) > 0 or report["aborted"], f"the runs never reached {where}: {report}"
     assert race_probe.caught(report), f"the removed barrier went unnoticed: {report}"
 
 
 # Barriers whose removal must be caught: all of them (tests/cuda_emu/race_probe.py; the table
-# in docs/testing-precision.md). Each builds its own emulation (a minute of CPU, cached), so
-# the sweep runs when DEMUL_FAST_BARRIER_SWEEP=1.
+# in docs/testing-precision.md). One build serves them all (the barrier is turned off at run
+# time), but each runs every op under five schedules and three dtypes (about a minute of CPU),
+# so the sweep runs when DEMUL_FAST_BARRIER_SWEEP=1.
 SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
 
 
@@ -344,13 +346,14 @@ def _barrier_param(f, ln):
     return pytest.param(where, id=where, marks=marks)
 
 
-@pytest.mark.skipif(not SWEEP, reason="one emulation build per barrier: set DEMUL_FAST_BARRIER_SWEEP=1")
+@pytest.mark.skipif(not SWEEP, reason="about a minute of emulation per barrier: set DEMUL_FAST_BARRIER_SWEEP=1")
 @pytest.mark.parametrize("where", [_barrier_param(f, ln) for f, ln in emu_build.barriers()])
 def test_each_removed_barrier_is_caught(where):
     from cuda_emu import race_probe  # noqa: PLC0415
 
     report = race_probe.probe([where])
     if not race_probe.caught(report):  # the shadow-memory check sees races the schedules hide
+        assert report["skipped"].get(where, 0) > 0, f"the probe's runs never reach {where}: {report}"
         report = race_probe.probe([where], race=True)
         assert report["aborted"], f"removing the barrier at {where} went unnoticed: {report}"
 
@@ -394,6 +397,7 @@ def test_the_race_check_names_both_lines_of_the_g_build_race():
     from cuda_emu import race_probe  # noqa: PLC0415
 
     line = _line_after("text_head.cu", "build_g((ks")
+    # the build of test_the_race_check_passes_every_kernel_unchanged, the barrier turned off at run time
     report = race_probe.probe([f"text_head.cu:{line}"], dtypes=("float32",), race=True)
     assert report["aborted"], f"the race check missed the removed barrier: {report}"
     msg = report["message"]

@@ -117,7 +117,21 @@ def _register_globals(text: str) -> str:
     return re.sub(r"\b([A-Za-z_]\w*)(\.|->)data_ptr(?:<[\w:]+>)?\(\)", sub, text)
 
 
+def _name_barriers(name: str, text: str) -> str:
+    """Each ``__syncthreads();`` of csrc/ (outside // comments) becomes
+    ``::emu::block_sync("<file>", <line>);``: DEMUL_EMU_SKIP_BARRIERS (include/emu_adversary.h)
+    can then turn any of them off at run time, so one build serves every removed-barrier
+    variant. Lines keep their numbers."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        code, sep, comment = line.partition("//")
+        if "__syncthreads();" in code:
+            lines[i] = code.replace("__syncthreads();", f'::emu::block_sync("{name}", {i + 1});') + sep + comment
+    return "\n".join(lines)
+
+
 def transform(name: str, text: str, instrument: bool = False) -> str:
+    text = _name_barriers(name, text)
     text = _register_shared(name, text)  # before any edit that would shift the lines it names
     text = _rewrite_launches(text)
     text = re.sub(r"extern\s+__shared__\s+(\w+)\s+(\w+)\[\];", r"\1* \2 = ::emu::dyn_smem<\1>();", text)

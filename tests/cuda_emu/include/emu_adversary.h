@@ -18,6 +18,12 @@
 //       block (warp) has exited before reaching aborts, naming the kernel's block; WMMA
 //       pointers must be 32-byte aligned with a legal ldm; static shared memory of one
 //       kernel must fit 48 KB.
+//   DEMUL_EMU_SKIP_BARRIERS = <file>:<line>[,<file>:<line>...]
+//       the __syncthreads on those lines of csrc/ do nothing (build.py names every barrier
+//       ::emu::block_sync("<file>", <line>)): one build serves every removed-barrier variant of
+//       the sweep (tests/cuda_emu/race_probe.py). At exit the process prints on stderr how
+//       often each listed barrier was skipped ("emu: skipped barrier <file>:<line> <n> times";
+//       0: the runs never reached it).
 //
 // Static __shared__ variables are registered by tests/cuda_emu/build.py, which follows each
 // __shared__ declaration of csrc/ with ::emu::adv::shared_static(&name, sizeof name, file, line).
@@ -52,7 +58,22 @@ struct Mode {
   std::vector<Region> statics;        // every static __shared__ variable seen so far
   std::vector<const void*> touched;   // those declared by the running launch
   size_t touched_bytes = 0;
+  std::string skip_spec;              // DEMUL_EMU_SKIP_BARRIERS as last parsed
+  std::vector<std::pair<std::string, int>> skip;  // the barriers that do nothing
 };
+
+// The skipped barriers and how often each was met, printed at exit (see the head).
+struct SkipHits {
+  std::vector<std::pair<std::string, long>> hits;
+  ~SkipHits() {
+    for (const auto& h : hits) std::fprintf(stderr, "emu: skipped barrier %s %ld times\n", h.first.c_str(), h.second);
+  }
+};
+
+inline SkipHits& skip_hits() {
+  static SkipHits h;
+  return h;
+}
 
 inline Mode& mode() {
   static Mode m;
@@ -87,6 +108,40 @@ inline void configure() {
   m.strict = !(st && std::strcmp(st, "0") == 0);
   m.touched.clear();
   m.touched_bytes = 0;
+  const char* sk = std::getenv("DEMUL_EMU_SKIP_BARRIERS");
+  const std::string spec = sk ? sk : "";
+  if (spec != m.skip_spec) {
+    m.skip_spec = spec;
+    m.skip.clear();
+    size_t pos = 0;
+    while (pos < spec.size()) {
+      size_t end = spec.find(',', pos);
+      if (end == std::string::npos) end = spec.size();
+      const std::string item = spec.substr(pos, end - pos);
+      const size_t colon = item.rfind(':');
+      if (colon == std::string::npos || colon == 0 || colon + 1 == item.size())
+        fail("DEMUL_EMU_SKIP_BARRIERS must be <file>:<line>[,<file>:<line>...]");
+      m.skip.emplace_back(item.substr(0, colon), std::atoi(item.c_str() + colon + 1));
+      bool known = false;
+      for (const auto& h : skip_hits().hits) known |= h.first == item;
+      if (!known) skip_hits().hits.emplace_back(item, 0);
+      pos = end + 1;
+    }
+  }
+}
+
+// Whether the barrier at csrc/<file>:<line> is one of DEMUL_EMU_SKIP_BARRIERS (counted).
+inline bool barrier_skipped(const char* file, int line) {
+  auto& m = mode();
+  if (m.skip.empty()) return false;
+  for (const auto& s : m.skip) {
+    if (s.second != line || s.first != file) continue;
+    const std::string key = s.first + ":" + std::to_string(line);
+    for (auto& h : skip_hits().hits)
+      if (h.first == key) ++h.second;
+    return true;
+  }
+  return false;
 }
 
 // The order of n items (blocks of a grid, or threads of a block for one round).

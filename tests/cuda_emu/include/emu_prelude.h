@@ -177,6 +177,14 @@ T* dyn_smem() {
 #define gridDim (::emu::m().grid)
 
 inline void __syncthreads() { emu::wait(emu::State::kBlockBarrier); }
+namespace emu {
+// Every __syncthreads of csrc/ (build.py names its file and line): a no-op when listed in
+// DEMUL_EMU_SKIP_BARRIERS (emu_adversary.h), the barrier otherwise.
+inline void block_sync(const char* file, int line) {
+  if (adv::barrier_skipped(file, line)) return;
+  wait(State::kBlockBarrier);
+}
+}  // namespace emu
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::State::kWarpBarrier); }
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
