@@ -91,6 +91,28 @@ def test_a_restart_resumes_only_its_own_checkpointed_run(tmp_path, monkeypatch):
     assert not elastic.resumes_own_run(tmp_path / "other", other)  # not under torchrun
 
 
+def test_a_restart_removes_only_the_staging_its_own_job_left(tmp_path, monkeypatch):
+    """A SIGKILLed first attempt (or one the agent's SIGTERM reached too late) leaves its
+    staging folder; the restart of the same job removes it before it starts again, and
+    nothing else: another job's staging, an untagged one, the run folder itself."""
+    from demul_fast.app import elastic
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    mine = checkpoint.staging_folder(tmp_path / "run", elastic.job_tag())
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-6")
+    theirs = checkpoint.staging_folder(tmp_path / "run", elastic.job_tag())
+    untagged = checkpoint.staging_folder(tmp_path / "run")
+    other_run = checkpoint.staging_folder(tmp_path / "run2", elastic.job_tag())
+    (tmp_path / "run").mkdir()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert mine.name.startswith(".run.partial-" + elastic.job_tag() + "-") and elastic.job_tag() not in theirs.name
+    assert checkpoint.remove_staging(tmp_path / "run", elastic.job_tag()) == [mine]
+    assert not mine.exists() and theirs.is_dir() and untagged.is_dir() and other_run.is_dir()
+    assert (tmp_path / "run").is_dir()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert elastic.job_tag() is None
+
+
 def test_negative_checkpoint_every_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["train", "--data", str(tmp_path), "--out", str(out), "--checkpoint-every", "-1"]) == 2

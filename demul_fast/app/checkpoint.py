@@ -15,12 +15,13 @@ and the old one deleted. A failed start deletes its own partial folder and nothi
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 POINTER_FILE = "checkpoint.json"
 PREFIX = "checkpoint-"
@@ -108,12 +109,25 @@ def write(run: Path, epoch: int, write_files: Callable[[Path], None], step: Opti
     return folder
 
 
-def staging_folder(out: Path) -> Path:
+def staging_folder(out: Path, job: Optional[str] = None) -> Path:
     """A new empty hidden folder beside ``out`` to build a new run in (parents of ``out`` are
-    created). A symbolic link ``out`` stands for the folder it points to."""
+    created). A symbolic link ``out`` stands for the folder it points to. ``job`` (a torchrun
+    job's tag, app/elastic.py ``job_tag``) goes into the name, so that a restart of the same
+    job can find what an earlier attempt left (``remove_staging``)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-" + (f"{job}-" if job else ""), dir=out.parent))
+
+
+def remove_staging(out: Path, job: str) -> List[Path]:
+    """Delete the staging folders of ``out`` made for ``job`` (``staging_folder(out, job)``):
+    those of an earlier attempt of the same torchrun job, killed before its first checkpoint.
+    No other folder is touched (another job's staging carries another tag). Returns them."""
+    out = Path(out).resolve()
+    gone = [p for p in out.parent.glob(f".{glob.escape(out.name)}.partial-{glob.escape(job)}-*") if p.is_dir()]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
 
 
 def swap_in(staging: Path, out: Path) -> None:

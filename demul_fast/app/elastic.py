@@ -13,11 +13,13 @@ resume, and the restart starts the run afresh, as the first attempt did.
 
 ``terminate_as_exit()`` turns the SIGTERM that the agent sends the surviving processes
 into ``SystemExit``, so that a new run that had not reached its first checkpoint removes
-its hidden staging folder (a SIGKILL leaves it behind: ``.<name>.partial-*``).
+its hidden staging folder. A SIGKILL leaves it behind (``.<name>.partial-<job>-*``, the job
+tag of ``job_tag``): the next attempt of the same job removes it before it starts again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -62,6 +64,16 @@ def resumes_own_run(out: Path, config: Mapping, run_file: str = "run.json") -> b
     mine = json.loads(json.dumps({k: v for k, v in config.items() if k not in LAUNCH_KEYS}))
     theirs = {k: v for k, v in saved.get("config", {}).items() if k not in LAUNCH_KEYS}
     return mine == theirs
+
+
+def job_tag() -> Optional[str]:
+    """A short tag of this torchrun job (a hash of its rendezvous id; None outside torchrun),
+    put into the name of the staging folder a new run is built in: a restart that finds no
+    checkpoint of its own removes what its earlier attempts left there (a SIGKILL, or a
+    SIGTERM the agent had to follow with SIGKILL, skips their cleanup)."""
+    if RUN_ID_ENV not in os.environ:
+        return None
+    return hashlib.sha1(os.environ[RUN_ID_ENV].encode()).hexdigest()[:12]
 
 
 def _raise_exit(signum, frame):

@@ -151,7 +151,12 @@ def _train(cfg: TrainConfig, staged: List[Path]) -> dict:
         module = build_module(cfg, clip, tokenizer, classnames, emb, phi).to(device)
         work = out  # the other ranks of a torchrun job write nothing
         if proc.is_main:
-            work = checkpoint.staging_folder(out)  # moved to out (over an --overwrite'd run) at the first checkpoint
+            job = elastic.job_tag()
+            if job is not None and elastic.restart_count() > 0:  # what this job's killed attempts left
+                for left in checkpoint.remove_staging(out, job):
+                    runtime.log(f"restart {elastic.restart_count()}: removed {left.name}, left by an earlier attempt",
+                                cfg.progress)
+            work = checkpoint.staging_folder(out, job)  # moved to out (over an --overwrite'd run) at the first checkpoint
             staged.append(work)
             checkpoint.write_json(work / SPLIT_FILE, split)
             save_llm_and_phi(work, cfg, classnames, emb, phi, report)
