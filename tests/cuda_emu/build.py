@@ -118,15 +118,16 @@ def _register_globals(text: str) -> str:
 
 
 def _name_barriers(name: str, text: str) -> str:
-    """Each ``__syncthreads();`` of csrc/ (outside // comments) becomes
-    ``::emu::block_sync("<file>", <line>);``: DEMUL_EMU_SKIP_BARRIERS (include/emu_adversary.h)
-    can then turn any of them off at run time, so one build serves every removed-barrier
-    variant. Lines keep their numbers."""
+    """Each ``__syncthreads();`` / ``__syncwarp();`` of csrc/ (outside // comments) becomes
+    ``::emu::block_sync("<file>", <line>);`` / ``::emu::warp_sync(...)``: DEMUL_EMU_SKIP_BARRIERS
+    (include/emu_adversary.h) can then turn any of them off at run time, so one build serves
+    every removed-barrier variant. Lines keep their numbers."""
     lines = text.split("\n")
     for i, line in enumerate(lines):
         code, sep, comment = line.partition("//")
-        if "__syncthreads();" in code:
-            lines[i] = code.replace("__syncthreads();", f'::emu::block_sync("{name}", {i + 1});') + sep + comment
+        for call, sync in (("__syncthreads();", "block_sync"), ("__syncwarp();", "warp_sync")):
+            code = code.replace(call, f'::emu::{sync}("{name}", {i + 1});')
+        lines[i] = code + sep + comment
     return "\n".join(lines)
 
 

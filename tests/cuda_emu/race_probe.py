@@ -85,7 +85,8 @@ def child(edits_spec, dtypes=DTYPES, schedules=SCHEDULES, race=False):
     torch.set_num_threads(1)
     for spec in edits_spec:  # each names a barrier (checked here: a wrong line is an error, not a pass)
         name, line = spec.split(":")
-        emu_build.without_barrier(name, int(line))[name](open(os.path.join(emu_build.CSRC, name)).read())
+        with open(os.path.join(emu_build.CSRC, name)) as f:
+            emu_build.without_barrier(name, int(line))[name](f.read())
     # One build for every variant: the listed barriers are turned off at run time
     # (DEMUL_EMU_SKIP_BARRIERS, include/emu_adversary.h), the unedited run uses the same module.
     module = emu_build.build(instrument=race)

@@ -19,8 +19,8 @@
 //       pointers must be 32-byte aligned with a legal ldm; static shared memory of one
 //       kernel must fit 48 KB.
 //   DEMUL_EMU_SKIP_BARRIERS = <file>:<line>[,<file>:<line>...]
-//       the __syncthreads on those lines of csrc/ do nothing (build.py names every barrier
-//       ::emu::block_sync("<file>", <line>)): one build serves every removed-barrier variant of
+//       the __syncthreads / __syncwarp on those lines of csrc/ do nothing (build.py names
+//       every barrier ::emu::block_sync / warp_sync("<file>", <line>)): one build serves every removed-barrier variant of
 //       the sweep (tests/cuda_emu/race_probe.py). At exit the process prints on stderr how
 //       often each listed barrier was skipped ("emu: skipped barrier <file>:<line> <n> times";
 //       0: the runs never reached it).

@@ -184,6 +184,11 @@ inline void block_sync(const char* file, int line) {
   if (adv::barrier_skipped(file, line)) return;
   wait(State::kBlockBarrier);
 }
+// Every __syncwarp() of csrc/ alike.
+inline void warp_sync(const char* file, int line) {
+  if (adv::barrier_skipped(file, line)) return;
+  wait(State::kWarpBarrier);
+}
 }  // namespace emu
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::State::kWarpBarrier); }
 
