@@ -377,8 +377,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int, e
     if eot_only:
         kv_rows, mask = layout.eot_maps(q.dtype)
         qs = q.view(g * n, 1, heads, hd).transpose(1, 2)                                      # [G*N, H, 1, hd]
-        out = F.scaled_dot_product_attention(qs, _blocks(k, kv_rows, layout, heads, n),
-                                             _blocks(v, kv_rows, layout, heads, n), attn_mask=mask)
+        out = F.scaled_dot_product_attention(qs, _recomputed_blocks(k, kv_rows, layout, heads, n),
+                                             _recomputed_blocks(v, kv_rows, layout, heads, n), attn_mask=mask)
         return out.transpose(1, 2).reshape(g * n, w)
     slots, out_rows = _attend_slots(q, k, v, layout, heads)
     return slots.index_select(0, out_rows)
@@ -395,6 +395,16 @@ def _blocks(x: Tensor, rows: Tensor, layout: PackedLayout, heads: int, items: in
     return torch.cat([pre, suf], dim=3).view(g * items, heads, p + s, hd)
 
 
+def _recomputed_blocks(x: Tensor, rows: Tensor, layout: PackedLayout, heads: int, items: int) -> Tensor:
+    """``_blocks``, not kept for the backward: under torch.compile the backward rebuilds the
+    broadcast key/value blocks (2 x B x (P + S) x W elements per layer) from the packed rows
+    it keeps anyway (a gather and a copy, in the kernel that already runs before the
+    attention's backward) instead of holding them from the forward (docs/step.md, memory)."""
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(_blocks, x, rows, layout, heads, items, use_reentrant=False)
+    return _blocks(x, rows, layout, heads, items)
+
+
 def _attend_slots(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int) -> Tuple[Tensor, Tensor]:
     """The one call of a (not last) layer: (output of every query slot [B*S, W], out_rows
     [G*P + Ts]: the slot of each packed row's output, ``PackedLayout.attention_maps``)."""
@@ -404,6 +414,6 @@ def _attend_slots(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: 
     q_rows, kv_rows, out_rows, mask = layout.attention_maps(q.dtype)
     items = layout.n + layout.prefix_items
     qs = q.index_select(0, q_rows).view(g * items, s, heads, hd).transpose(1, 2)             # [B, H, S, hd]
-    out = F.scaled_dot_product_attention(qs, _blocks(k, kv_rows, layout, heads, items),
-                                         _blocks(v, kv_rows, layout, heads, items), attn_mask=mask)
+    out = F.scaled_dot_product_attention(qs, _recomputed_blocks(k, kv_rows, layout, heads, items),
+                                         _recomputed_blocks(v, kv_rows, layout, heads, items), attn_mask=mask)
     return out.transpose(1, 2).reshape(g * items * s, w), out_rows
