@@ -364,7 +364,7 @@ def _attention_yardstick(q, k, v, layout, heads, eot_only, path, dtype, scale_fa
     ninf = torch.tensor(float("-inf"), dtype=torch.float64)
     if path == "one_call":
         # Which intermediates the CPU flash kernel rounds to the half dtype (its unnormalised
-        # weights, its normaliser) was not pinned down by experiment (docs/step.md), so this
+        # weights, its normaliser) was not pinned down by experiment (docs/testing-precision.md), so this
         # model allows either: the exact float64 attention y from the same q, k, v, and a
         # slack of 2 half roundings u (weights, normaliser) on every weight but the largest
         # (e_max = exp(0) = 1 is exact in any dtype), plus float32 slack for the scores,
