@@ -14,7 +14,10 @@ torch.compile (``_attend``) the whole layer's attention is one
 ``scaled_dot_product_attention`` call: the prefix keys and values broadcast into each
 sequence's key block, an additive mask (causal, offset by P), and the prefix queries as
 extra items of the same call. For the attention alone, suffixes are gathered into a padded
-``[N, S]`` layout; the linear layers around it run on the packed rows only.
+``[N, S]`` layout; the linear layers around it run on the packed rows, except that under
+compile the out_proj after it runs on the call's query slots (``project``) so that the
+gather back to rows fuses into the next kernel, and the broadcast key/value blocks are
+rebuilt in the backward instead of kept (``_recomputed_blocks``).
 
 ``PackedLayout`` holds the index maps and masks (built at plan time: ``prepare``). Softmax
 accumulates in ``common.accumulation_dtype`` (float32; float64 stays float64).
