@@ -294,6 +294,8 @@ def step_workload(sizes, dtype, device, allow_compile: bool, image_tower: bool =
         return Provider(name, lambda i: call(m, i), params=params(m), note=note, launches=eager_launches(m, cap))
 
     def compiled_provider(name, m, mode, note):
+        if hasattr(m, "plan"):  # as TrainStep does: packed layout and distillation basis decided outside the step
+            m.plan()
         compiled = torch.compile(m, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
         graphs = mode == "reduce-overhead" and device.type == "cuda"
 

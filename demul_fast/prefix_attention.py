@@ -14,7 +14,10 @@ torch.compile (``_attend``) the whole layer's attention is one
 ``scaled_dot_product_attention`` call: the prefix keys and values broadcast into each
 sequence's key block, an additive mask (causal, offset by P), and the prefix queries as
 extra items of the same call. For the attention alone, suffixes are gathered into a padded
-``[N, S]`` layout; the linear layers around it run on the packed rows only.
+``[N, S]`` layout; the linear layers around it run on the packed rows, except that under
+compile the out_proj after it runs on the call's query slots (``project``) so that the
+gather back to rows fuses into the next kernel, and the broadcast key/value blocks are
+rebuilt in the backward instead of kept (``_recomputed_blocks``).
 
 ``PackedLayout`` holds the index maps and masks (built at plan time: ``prepare``). Softmax
 accumulates in ``common.accumulation_dtype`` (float32; float64 stays float64).
@@ -23,7 +26,7 @@ accumulates in ``common.accumulation_dtype`` (float32; float64 stays float64).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +212,7 @@ class PackedLayout:
 
 
 def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int,
-                            eot_only: bool = False) -> Tensor:
+                            eot_only: bool = False, project: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Multi-head attention of one layer over the packed rows described by ``layout``.
 
     q: [T, W] (all rows), or [G*N, W] (the EOT row of each sequence, ``eot_only=True``)
@@ -233,10 +236,25 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
       of one query). One launch forward and one backward per layer instead of about 18
       products: the compiled step's launch count. Its softmax accumulates as the attention
       kernel does (float32 for float16/bfloat16/float32, float64 for float64).
+
+    project: optional row-wise map applied to the attention output (the layer's out_proj and
+    layer scale; it must act on each row alone, like a linear layer), returning
+    ``project(attention)`` in the rows of q. Eagerly it runs on the packed rows. Under
+    torch.compile it runs on the call's query slots (B*S rows, pad slots included) before
+    their gather back to packed rows, so that gather is read by the next kernel (the
+    residual add and layer norm) instead of being a kernel of its own between the attention
+    and the product: one launch fewer per layer forward, for (B*S - T) / T more rows in
+    that one product (docs/step.md). Row-wise maps commute with a row gather, so the
+    result is the same function.
     """
     if torch.compiler.is_compiling():
-        return _attend(q, k, v, layout, heads, eot_only)
-    return _SharedPrefixAttention.apply(q, k, v, layout, heads, eot_only)
+        if project is None or eot_only:
+            out = _attend(q, k, v, layout, heads, eot_only)
+            return out if project is None else project(out)
+        slots, out_rows = _attend_slots(q, k, v, layout, heads)
+        return project(slots).index_select(0, out_rows)
+    out = _SharedPrefixAttention.apply(q, k, v, layout, heads, eot_only)
+    return out if project is None else project(out)
 
 
 def _split(buf: Tensor, g: int, heads: int, p: int, n: int, sq: int) -> Tuple[Tensor, Tensor]:
@@ -356,25 +374,49 @@ class _SharedPrefixAttention(torch.autograd.Function):
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int, eot_only: bool) -> Tensor:
     """The attention of ``shared_prefix_attention`` as differentiable torch operations."""
-    g, p, n, s = layout.g, layout.p, layout.n, layout.s
+    g, n = layout.g, layout.n
     w = k.shape[-1]
     hd = w // heads
-    n_pre = g * p
-
-    def blocks(x: Tensor, rows: Tensor, items: int) -> Tensor:
-        """[G*items, H, P + S, hd]: each item's keys (or values), its group's prefix then its suffix."""
-        buf = x.index_select(0, rows)
-        pre = buf[:n_pre].view(g, 1, p, heads, hd).transpose(2, 3).expand(g, items, heads, p, hd)
-        suf = buf[n_pre:].view(g, items, s, heads, hd).transpose(2, 3)
-        return torch.cat([pre, suf], dim=3).view(g * items, heads, p + s, hd)
-
     if eot_only:
         kv_rows, mask = layout.eot_maps(q.dtype)
         qs = q.view(g * n, 1, heads, hd).transpose(1, 2)                                      # [G*N, H, 1, hd]
-        out = F.scaled_dot_product_attention(qs, blocks(k, kv_rows, n), blocks(v, kv_rows, n), attn_mask=mask)
+        out = F.scaled_dot_product_attention(qs, _recomputed_blocks(k, kv_rows, layout, heads, n),
+                                             _recomputed_blocks(v, kv_rows, layout, heads, n), attn_mask=mask)
         return out.transpose(1, 2).reshape(g * n, w)
+    slots, out_rows = _attend_slots(q, k, v, layout, heads)
+    return slots.index_select(0, out_rows)
+
+
+def _blocks(x: Tensor, rows: Tensor, layout: PackedLayout, heads: int, items: int) -> Tensor:
+    """[G*items, H, P + S, hd]: each item's keys (or values), its group's prefix then its suffix."""
+    g, p, s = layout.g, layout.p, layout.s
+    hd = x.shape[-1] // heads
+    n_pre = g * p
+    buf = x.index_select(0, rows)
+    pre = buf[:n_pre].view(g, 1, p, heads, hd).transpose(2, 3).expand(g, items, heads, p, hd)
+    suf = buf[n_pre:].view(g, items, s, heads, hd).transpose(2, 3)
+    return torch.cat([pre, suf], dim=3).view(g * items, heads, p + s, hd)
+
+
+def _recomputed_blocks(x: Tensor, rows: Tensor, layout: PackedLayout, heads: int, items: int) -> Tensor:
+    """``_blocks``, not kept for the backward: under torch.compile the backward rebuilds the
+    broadcast key/value blocks (2 x B x (P + S) x W elements per layer) from the packed rows
+    it keeps anyway (a gather and a copy, in the kernel that already runs before the
+    attention's backward) instead of holding them from the forward (docs/step.md, memory)."""
+    if torch.compiler.is_compiling():
+        return torch.utils.checkpoint.checkpoint(_blocks, x, rows, layout, heads, items, use_reentrant=False)
+    return _blocks(x, rows, layout, heads, items)
+
+
+def _attend_slots(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int) -> Tuple[Tensor, Tensor]:
+    """The one call of a (not last) layer: (output of every query slot [B*S, W], out_rows
+    [G*P + Ts]: the slot of each packed row's output, ``PackedLayout.attention_maps``)."""
+    g, s = layout.g, layout.s
+    w = k.shape[-1]
+    hd = w // heads
     q_rows, kv_rows, out_rows, mask = layout.attention_maps(q.dtype)
-    items = n + layout.prefix_items
+    items = layout.n + layout.prefix_items
     qs = q.index_select(0, q_rows).view(g * items, s, heads, hd).transpose(1, 2)             # [B, H, S, hd]
-    out = F.scaled_dot_product_attention(qs, blocks(k, kv_rows, items), blocks(v, kv_rows, items), attn_mask=mask)
-    return out.transpose(1, 2).reshape(g * items * s, w).index_select(0, out_rows)
+    out = F.scaled_dot_product_attention(qs, _recomputed_blocks(k, kv_rows, layout, heads, items),
+                                         _recomputed_blocks(v, kv_rows, layout, heads, items), attn_mask=mask)
+    return out.transpose(1, 2).reshape(g * items * s, w), out_rows

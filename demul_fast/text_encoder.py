@@ -119,9 +119,9 @@ def _layer_forward(layer: LayerView, x: Tensor, layout: PackedLayout, last: bool
         rows = layout.eot_rows + layout.g * layout.p
         x = x.index_select(0, rows)
         a = shared_prefix_attention(q.index_select(0, rows), k, v, layout, layer.heads, eot_only=True)
-    else:
-        a = shared_prefix_attention(q, k, v, layout, layer.heads)
-    x = x + layer.ls_1(layer.out_proj(a))
+        x = x + layer.ls_1(layer.out_proj(a))
+    else:  # out_proj and layer scale act row by row: under compile they run before the gather to rows
+        x = x + shared_prefix_attention(q, k, v, layout, layer.heads, project=lambda a: layer.ls_1(layer.out_proj(a)))
     return x + layer.ls_2(layer.mlp(layer.ln_2(x)))
 
 
