@@ -153,6 +153,37 @@ def _aggregate_store(tf, scale, U, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.co
 
 
 @triton.jit
+def _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.constexpr, BLOCK_CLS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
+    """The aggregation of the program's classes in PARTS parts of BLOCK_CLS // PARTS classes,
+    each part's [rows, D] tile read once from global memory: n = |t|, w = softmax(A),
+    u = sum_m (w/n) t, stores |u| and u^. A 128-row tile aggregated at once next to the
+    product's resident tile spills (ptxas, sm_90a); a part at a time does not."""
+    CP: tl.constexpr = BLOCK_CLS // PARTS
+    for part in tl.static_range(PARTS):
+        cls0 = pid * BLOCK_CLS + part * CP
+        p = tl.make_block_ptr(T, shape=(C, M, D), strides=(stc, stm, std), offsets=(cls0, 0, 0),
+                              block_shape=(CP, BLOCK_M, BLOCK_D), order=(2, 1, 0))
+        tf = tl.reshape(tl.load(p, boundary_check=(0, 1, 2), padding_option="zero"), [CP * BLOCK_M, BLOCK_D])
+        tf = tf.to(tl.float32)
+        inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(tf * tf, axis=1)), EPS)
+        offs_c = cls0 + tl.arange(0, CP)
+        offs_m = tl.arange(0, BLOCK_M)
+        ok = (offs_c[:, None] < C) & (offs_m[None, :] < M)
+        a = tl.load(A + offs_c[:, None] * sac + offs_m[None, :] * sam, mask=ok, other=float("-inf")).to(tl.float32)
+        a_max = tl.where(offs_c < C, tl.max(a, axis=1), 0.0)  # as _prompt_weights
+        ex = tl.exp(a - a_max[:, None])
+        den = tl.sum(ex, axis=1)
+        w = tl.reshape(ex / tl.where(den == 0.0, 1.0, den)[:, None], [CP * BLOCK_M])
+        u = tl.sum(tl.reshape(tf * (w * inv_n)[:, None], [CP, BLOCK_M, BLOCK_D]), axis=1)
+        r = tl.sqrt(tl.sum(u * u, axis=1))
+        tl.store(RN + offs_c, r, mask=offs_c < C)
+        u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(cls0, 0),
+                                  block_shape=(CP, BLOCK_D), order=(1, 0))
+        tl.store(u_ptr, (u * (1.0 / tl.maximum(r, EPS))[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
 def _text_fwd_kernel(
     T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
     NORM, U, RN, V, VV, VF,         # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF [splits, C*M]
@@ -160,7 +191,7 @@ def _text_fwd_kernel(
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, AGG_PARTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -178,10 +209,12 @@ def _text_fwd_kernel(
     if split == 0:
         tl.store(NORM + row, n, mask=row_ok)
         if AGG:
-            scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
             if RESIDENT:
-                _aggregate_store(t_all.to(tl.float32), scale, U, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
+                if AGG_PARTS == 0:  # from the resident tile (else after the product, below)
+                    scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
+                    _aggregate_store(t_all.to(tl.float32), scale, U, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
             else:
+                scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
                 offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
                 uu = tl.zeros([BLOCK_CLS], dtype=tl.float32)
                 for d0 in range(0, D, BLOCK_K):
@@ -224,6 +257,10 @@ def _text_fwd_kernel(
             vf += _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
         tl.store(VV + split * CM + row, vv, mask=row_ok)
         tl.store(VF + split * CM + row, vf, mask=row_ok)
+    if AGG and RESIDENT and AGG_PARTS > 0:
+        if split == 0:  # after the product, the resident tile dead: the tile read once more, in parts
+            _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
+                             AGG_PARTS)
 
 
 @triton.jit
@@ -331,8 +368,15 @@ def _text_bwd_kernel(
 # ---------------------------------------------------------------- launch configuration
 
 TARGET_PROGRAMS = 132  # one wave of an H100/H200 (132 SMs): grids are split until they cover it
+WAVE_SHARE = 0.9       # ... or 90% of it, when one split fewer reads T once less per program
 MAX_BLOCK_M = 128      # prompts per class the row tiles hold (a class's prompts share a program)
 RESIDENT_BYTES = 64 * 1024  # a forward row tile up to this size is read once and kept (registers/shared)
+# The resident forward's row tile: 128 rows where the [128, D] tile fits WIDE_RESIDENT_BYTES
+# and the device has the shared memory (about 200 KiB at D=512 in 16-bit types: Hopper);
+# each program reads the basis R once per split, so 128-row tiles halve R's reads.
+WIDE_ROWS = 128
+WIDE_RESIDENT_BYTES = 128 * 1024
+WIDE_SMEM = 210 * 1024  # shared memory per block the wide tile needs (ptxas sm_90a: 200 KiB at D=512)
 
 
 def shape_constexprs(D: int, rank: int) -> dict:
@@ -345,7 +389,17 @@ _CONFIGS: dict = {}  # (C, M, D, rank, elem_bytes, tunables) -> text_config's an
 _CONFIGS_KEPT = 256
 
 
-def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
+def wide_tiles_fit(device) -> bool:
+    """Whether ``device`` gives a block the shared memory of the 128-row resident forward
+    (Hopper: 227 KiB; Ampere's 163 KiB and Ada's 99 KiB do not). True off the GPU: the
+    interpreter and the sm_90a compiled-code report take the Hopper tiles."""
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return True
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) >= WIDE_SMEM
+
+
+def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wide: bool = True) -> dict:
     """``build_text_config``'s answer for these sizes, worked out once and kept (it is a pure
     function of them): the triton backend's capability question computes it to answer
     (demul_fast.ops.triton_ops.capability), and the forward and backward launches of the
@@ -353,27 +407,42 @@ def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
     built afresh (the question is asked once per trace, not per call). Raises ValueError
     for sizes beyond the kernels (M > MAX_BLOCK_M, D > MAX_D)."""
     if torch.compiler.is_compiling():  # traced code asks once per trace: no cache for guards to watch
-        return build_text_config(C, M, D, rank, elem_bytes)
+        return build_text_config(C, M, D, rank, elem_bytes, wide)
     # the sizes, and the module's tunables (tests change RESIDENT_BYTES to take both paths)
-    key = (C, M, D, rank, elem_bytes, RESIDENT_BYTES, TARGET_PROGRAMS, MAX_BLOCK_M, launch.MAX_D)
+    key = (C, M, D, rank, elem_bytes, wide, RESIDENT_BYTES, WIDE_RESIDENT_BYTES, WIDE_ROWS, TARGET_PROGRAMS,
+           MAX_BLOCK_M, launch.MAX_D)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         if len(_CONFIGS) >= _CONFIGS_KEPT:
             _CONFIGS.clear()
-        cfg = _CONFIGS[key] = build_text_config(C, M, D, rank, elem_bytes)
+        cfg = _CONFIGS[key] = build_text_config(C, M, D, rank, elem_bytes, wide)
     return cfg
 
 
-def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
+def _splits(tiles: int, rank: int, block_n: int) -> tuple:
+    """(columns of r per split, splits): the fewest splits whose grid covers WAVE_SHARE of a
+    wave of TARGET_PROGRAMS (every split reads its row tile once more)."""
+    n_chunks = triton.cdiv(max(rank, 1), block_n)
+    want = max(1, min(n_chunks, triton.cdiv(int(TARGET_PROGRAMS * WAVE_SHARE), tiles)))
+    cols_per_split = block_n * triton.cdiv(n_chunks, want)
+    return cols_per_split, triton.cdiv(max(rank, 1), cols_per_split)
+
+
+def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wide: bool = True) -> dict:
     """Block sizes and grids of the text kernels for T [C, M, D] (elements of elem_bytes) and
     a basis of rank r.
 
     Rows per program: max(64, next_pow2(M)) (whole classes), 4 warps per 64 rows (Hopper's
     warpgroup MMA needs 64 rows). The forward reads its whole [rows, D] tile once when it
     fits RESIDENT_BYTES (norms, the products with every r chunk and the aggregation from the
-    one read; 64 columns of r per product), else streams D in BLOCK_K chunks per r chunk.
-    It splits r until the grid covers one wave; the backward splits its output D into
-    BLOCK_DO-column chunks.
+    one read; 32 columns of r per product), else streams D in BLOCK_K chunks per r chunk.
+    When ``wide`` (the device's shared memory allows, ``wide_tiles_fit``) and a 128-row tile
+    fits WIDE_RESIDENT_BYTES, the resident forward takes 128 rows (``fwd_*`` keys): every
+    program reads its columns of R once, so R moves half as often; its aggregation then
+    reads the tile once more in 64-row parts after the product (``AGG_PARTS``), as the whole
+    tile aggregated next to the resident one spills.
+    The forward splits r until the grid covers WAVE_SHARE of a wave; the backward splits
+    its output D into BLOCK_DO-column chunks.
     """
     bm = triton.next_power_of_2(M)
     if bm > MAX_BLOCK_M:
@@ -384,10 +453,15 @@ def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) ->
     bcls = block_r // bm
     tiles = triton.cdiv(C, bcls)
     resident = block_r * block_d * elem_bytes <= RESIDENT_BYTES
+    fwd_r = max(WIDE_ROWS, bm)
+    if wide and resident and fwd_r > block_r and fwd_r * block_d * elem_bytes <= WIDE_RESIDENT_BYTES:
+        resident, agg_parts = True, fwd_r // block_r
+    else:
+        fwd_r, agg_parts = block_r, 0
+    fwd_cls = fwd_r // bm
+    fwd_tiles = triton.cdiv(C, fwd_cls)
     block_n = min(32 if resident else 128, max(16, triton.next_power_of_2(max(rank, 1))))
-    n_chunks = triton.cdiv(max(rank, 1), block_n)
-    cols_per_split = block_n * max(1, n_chunks // triton.cdiv(TARGET_PROGRAMS, tiles))  # rounded down: >= a wave
-    splits = triton.cdiv(max(rank, 1), cols_per_split)
+    cols_per_split, splits = _splits(fwd_tiles, rank, block_n)
     # output chunks of up to 256 columns (8 warps): each chunk's program re-reads the row
     # tile's v, F, t and du statistics, so fewer and wider chunks move fewer bytes
     block_do = min(256 if block_r == 64 else 128, max(16, triton.next_power_of_2(D)))
@@ -396,8 +470,10 @@ def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) ->
     return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
                 BLOCK_N=block_n, BLOCK_NB=min(block_n, 32), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
                 RESIDENT=resident, BLOCK_D=block_d, fwd_stages=2 if resident else 3,
-                fwd_warps=(8 if resident else 4) * block_r // 64, bwd_warps=8 if block_do >= 256 else 4 * block_r // 64,
-                tiles=tiles, splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
+                fwd_warps=8 if agg_parts else (8 if resident else 4) * block_r // 64,
+                bwd_warps=8 if block_do >= 256 else 4 * block_r // 64,
+                tiles=tiles, fwd_tiles=fwd_tiles, fwd_BLOCK_CLS=fwd_cls, AGG_PARTS=agg_parts,
+                splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
 
 FINISH_BLOCK = 1024
@@ -413,7 +489,7 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     """
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
-    cfg = text_config(C, M, D, rank, T.element_size())
+    cfg = text_config(C, M, D, rank, T.element_size(), wide_tiles_fit(T.device))
     dev = T.device
     f32 = dict(dtype=torch.float32, device=dev)
     splits = cfg["splits"] if dist else 1
@@ -425,14 +501,14 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     vf = launch.new_output((splits, C * M), **f32) if dist else None
     dummy = norm
     A_ = A if agg else dummy
-    _text_fwd_kernel[(cfg["tiles"], splits)](
+    _text_fwd_kernel[(cfg["fwd_tiles"], splits)](
         T, A_, R if dist else T, cv if dist else dummy, F if dist else dummy,
         norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
         vf if dist else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
         AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
-        BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+        BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     zn = cos = loss_parts = None
     if dist:
         programs = triton.cdiv(C * M, FINISH_BLOCK)
