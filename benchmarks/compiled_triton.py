@@ -104,7 +104,8 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
         ("ce_dx", cosine_ce._ce_dx_kernel, ce_ptrs, cu, 4),
         ("ce_dx_finish", cosine_ce._ce_dx_finish_kernel, ce_ptrs, dict(BLOCK_D=ce["BLOCK_D"]), 4),
         ("text_bwd", text_head._text_bwd_kernel, text_ptrs,
-         dict(blocks, BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"]), cfg["bwd_warps"]),
+         dict(blocks, BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
+              BLOCK_DO=cfg["BLOCK_DO"]), cfg["bwd_warps"]),
     ]
     out = {}
     for name, kernel, ptrs, consts, warps, *stages in specs:

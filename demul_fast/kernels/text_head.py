@@ -140,6 +140,23 @@ def _dot(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _dot_f32(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b for float32 a, b to about float32 precision: in float32 when DTYPE is, else on
+    the tensor cores as bfloat16 halves, a_hi b_hi + a_hi b_lo + a_lo b_hi (a = a_hi + a_lo,
+    relative error about 2^-16 of each product)."""
+    if DTYPE == tl.float32:
+        return _dot(a, b, acc, DTYPE, EMULATE)
+    else:
+        a_hi = a.to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = _dot(a_hi, b_hi, acc, tl.bfloat16, EMULATE)
+        acc = _dot(a_hi, b_lo, acc, tl.bfloat16, EMULATE)
+        return _dot(a_lo, b_hi, acc, tl.bfloat16, EMULATE)
+
+
+@triton.jit
 def _aggregate_store(tf, scale, U, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """u = sum_m (w/n) t over a resident tile tf [BLOCK_R, BLOCK_D] fp32; stores |u| and u^."""
@@ -353,10 +370,23 @@ def _text_bwd_kernel(
         dt_hat = (g * inv_z)[:, None] * acc
         proj_t += g * inv_z * proj_v
     if AGG:  # after the product: no float32 tile stays live across its loop
-        gu = _load_cls(GU, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
-        uh = _load_cls(U, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
-        du = (gu - uh * proj_u[:, None]) * inv_r[:, None]
-        dt_hat += w[:, None] * _per_row(du, BLOCK_M)
+        # w du per row as a product with the per-class rows of gu and u^ (du = (gu - <u^, gu> u^) / |u|):
+        # one-hot [rows, classes] weights times [classes, columns], accumulated onto dt^ in the
+        # product's registers (a [rows, columns] float32 copy of du per row spilled at 128 rows)
+        KC: tl.constexpr = 16 if BLOCK_CLS < 16 else BLOCK_CLS
+        offs_k = tl.arange(0, KC)
+        offs_o = o0 + tl.arange(0, BLOCK_DO)
+        k_cls = pid * BLOCK_CLS + offs_k
+        k_ok = (offs_k < BLOCK_CLS) & (k_cls < C)
+        at = k_cls[:, None] * D + offs_o[None, :]
+        k_mask = k_ok[:, None] & (offs_o[None, :] < D)
+        gu = tl.load(GU + at, mask=k_mask, other=0.0)
+        uh = tl.load(U + at, mask=k_mask, other=0.0).to(tl.float32)
+        one_hot = (tl.arange(0, BLOCK_R) // BLOCK_M)[:, None] == offs_k[None, :]
+        wr = w * _class_to_rows(inv_r, BLOCK_M)
+        dt_hat = _dot_f32(tl.where(one_hot, wr[:, None], 0.0), gu, dt_hat, DTYPE, EMULATE)
+        dt_hat = _dot_f32(tl.where(one_hot, (-wr * _class_to_rows(proj_u, BLOCK_M))[:, None], 0.0), uh, dt_hat,
+                          DTYPE, EMULATE)
     proj_t = tl.where(n >= EPS, proj_t, 0.0)
     t = _load_t(T, pid, C, M, D, stc, stm, std, o0, BLOCK_CLS, BLOCK_M, BLOCK_DO).to(tl.float32)
     dt = (dt_hat - (t * inv_n[:, None]) * proj_t[:, None]) * inv_n[:, None]
@@ -375,6 +405,9 @@ RESIDENT_BYTES = 64 * 1024  # a forward row tile up to this size is read once an
 # and the device has the shared memory (about 200 KiB at D=512 in 16-bit types: Hopper);
 # each program reads the basis R once per split, so 128-row tiles halve R's reads.
 WIDE_ROWS = 128
+BWD_ROWS = 128   # the backward's row tile (whole classes; more when a class has more prompts)
+BWD_MAX_CLS = 16  # ... holding at most this many classes (32 classes of M=4 spill: imagenet21k takes 64 rows)
+BWD_SWEEP = 128  # columns of T per round of the backward's <t, gu>, <u^, t> sweep (no dot: one load round each)
 WIDE_RESIDENT_BYTES = 128 * 1024
 WIDE_SMEM = 210 * 1024  # shared memory per block the wide tile needs (ptxas sm_90a: 200 KiB at D=512)
 
@@ -462,16 +495,24 @@ def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wi
     fwd_tiles = triton.cdiv(C, fwd_cls)
     block_n = min(32 if resident else 128, max(16, triton.next_power_of_2(max(rank, 1))))
     cols_per_split, splits = _splits(fwd_tiles, rank, block_n)
-    # output chunks of up to 256 columns (8 warps): each chunk's program re-reads the row
-    # tile's v, F, t and du statistics, so fewer and wider chunks move fewer bytes
-    block_do = min(256 if block_r == 64 else 128, max(16, triton.next_power_of_2(D)))
+    # the backward: 128-row tiles (R read once per 128 rows) and output chunks of up to 256
+    # columns, 8 warps; each chunk's program re-reads the row tile's v, F, t and du statistics,
+    # so fewer and wider chunks move fewer bytes. Its [128, 256] float32 accumulator fits the
+    # registers since w du joins it as a product (no per-row float32 copy of du)
+    bwd_r = max(BWD_ROWS, bm)
+    if bwd_r // bm > BWD_MAX_CLS:  # many small classes per tile: their per-class sums spill at 128 rows
+        bwd_r = block_r
+    bwd_cls = bwd_r // bm
+    block_do = min(256 if bm < 128 else 128, max(16, triton.next_power_of_2(D)))
     # the backward holds v, F, dv and its product chunk at once: 32 columns of r keep it within the
     # registers (64 spill at imagenet21k, where a tile holds 16 classes of M=4)
     return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
                 BLOCK_N=block_n, BLOCK_NB=min(block_n, 32), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
+                bwd_BLOCK_CLS=bwd_cls, bwd_tiles=triton.cdiv(C, bwd_cls), BLOCK_KB=BWD_SWEEP if D >= BWD_SWEEP else
+                max(16, triton.next_power_of_2(D)),
                 RESIDENT=resident, BLOCK_D=block_d, fwd_stages=2 if resident else 3,
                 fwd_warps=8 if agg_parts else (8 if resident else 4) * block_r // 64,
-                bwd_warps=8 if block_do >= 256 else 4 * block_r // 64,
+                bwd_warps=8,
                 tiles=tiles, fwd_tiles=fwd_tiles, fwd_BLOCK_CLS=fwd_cls, AGG_PARTS=agg_parts,
                 splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
@@ -532,14 +573,15 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     dT = launch.new_output((C, M, D), T.dtype, dev)
     dA = launch.new_output((C, M), a_dtype or A.dtype, dev) if agg else None
     dummy = norm
-    _text_bwd_kernel[(cfg["tiles"], cfg["out_chunks"])](
+    _text_bwd_kernel[(cfg["bwd_tiles"], cfg["out_chunks"])](
         T, A if agg else dummy, norm, u if agg else dummy, rn if agg else dummy, grad_u if agg else dummy,
         R if dist else T, cv if dist else dummy, F if dist else dummy, v if dist else T,
         zn if dist else dummy, cos if dist else dummy,
         (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
         dT, dA if agg else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), launch.fp32_scalar(w_loss),
-        **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
+        **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype),
+        BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
+        BLOCK_DO=cfg["BLOCK_DO"],
         num_warps=cfg["bwd_warps"])
     return dT, dA
