@@ -100,7 +100,7 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
         ("ce_merge", cosine_ce._ce_merge_kernel, ce_ptrs, cosine_ce.merge_constexprs(ce), cosine_ce.MERGE_WARPS),
         ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=256), 4),
         ("ce_grad", cosine_ce._ce_grad_kernel, ce_ptrs, dict(tiles, HAS_GL=False, NEED_SCALE=False), 4),
-        ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs, cu, 4),
+        ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs, dict(cu, BLOCK_DO=ce["BLOCK_DU"]), 4),
         ("ce_dx", cosine_ce._ce_dx_kernel, ce_ptrs, cu, 4),
         ("ce_dx_finish", cosine_ce._ce_dx_finish_kernel, ce_ptrs, dict(BLOCK_D=ce["BLOCK_D"]), 4),
         ("text_bwd", text_head._text_bwd_kernel, text_ptrs,

@@ -25,12 +25,13 @@ import triton.language as tl
 from demul_fast import common
 
 from . import launch
-from .text_head import TARGET_PROGRAMS, _dot
+from .text_head import TARGET_PROGRAMS, WAVE_SHARE, _dot
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
 BLOCK_B = 64     # image rows per program (warpgroup MMA)
 BLOCK_CU = 64    # class rows per program of the dU pass
-BLOCK_DO = 32    # output columns per program of the dU and dX passes
+BLOCK_DO = 32    # output columns per program of the dX pass (and of the dU pass where 64 leave too few programs)
+BLOCK_DU = 64    # output columns per program of the dU pass: each chunk re-reads BG, so wider chunks read it less
 MERGE_ROWS = 32  # images per program of the merge pass
 MERGE_SPLITS = 64  # splits the merge pass loads at once (one load round up to 64 splits)
 MERGE_WARPS = 4
@@ -273,7 +274,8 @@ def ce_config(B: int, C: int, D: int) -> dict:
     if torch.compiler.is_compiling():  # traced code asks once per trace: no cache for guards to watch
         return build_ce_config(B, C, D)
     # the sizes, and the module's tunables
-    key = (B, C, D, BLOCK_B, BLOCK_CU, BLOCK_DO, MERGE_ROWS, MERGE_SPLITS, TARGET_PROGRAMS, launch.MAX_D)
+    key = (B, C, D, BLOCK_B, BLOCK_CU, BLOCK_DO, BLOCK_DU, MERGE_ROWS, MERGE_SPLITS, TARGET_PROGRAMS, WAVE_SHARE,
+           launch.MAX_D)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         if len(_CONFIGS) >= _CONFIGS_KEPT:
@@ -288,20 +290,23 @@ def build_ce_config(B: int, C: int, D: int) -> dict:
     splits of the dX pass likewise."""
     block_d = launch.block_d(D)
     b_tiles = triton.cdiv(B, BLOCK_B)
+    wave = int(TARGET_PROGRAMS * WAVE_SHARE)  # every program reads its image tile: the fewest that cover this
     block_c = 16
     for cand in (64, 32):  # 128 spills in the grad pass
-        if b_tiles * triton.cdiv(C, cand) >= TARGET_PROGRAMS:
+        if b_tiles * triton.cdiv(C, cand) >= wave:
             block_c = cand
             break
     c_tiles = triton.cdiv(C, block_c)
     # tiles per split rounded down, so that the splits are at least the wave's share
-    cls_per_split = block_c * max(1, c_tiles // triton.cdiv(TARGET_PROGRAMS, b_tiles))
+    cls_per_split = block_c * max(1, c_tiles // triton.cdiv(wave, b_tiles))
     out_chunks = triton.cdiv(D, BLOCK_DO)
+    du_tiles = triton.cdiv(C, BLOCK_CU)
+    block_du = BLOCK_DU if du_tiles * triton.cdiv(D, BLOCK_DU) >= wave else BLOCK_DO
     dx_tiles = triton.cdiv(C, BLOCK_CU)
     dx_cls = BLOCK_CU * max(1, dx_tiles // triton.cdiv(TARGET_PROGRAMS, b_tiles * out_chunks))
     return dict(b_tiles=b_tiles, BLOCK_C=block_c, splits=triton.cdiv(C, cls_per_split), cls_per_split=cls_per_split,
                 BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)), out_chunks=out_chunks,
-                du_tiles=triton.cdiv(C, BLOCK_CU), dx_splits=triton.cdiv(C, dx_cls), dx_cls=dx_cls,
+                du_tiles=du_tiles, BLOCK_DU=block_du, du_chunks=triton.cdiv(D, block_du), dx_splits=triton.cdiv(C, dx_cls), dx_cls=dx_cls,
                 merge_programs=triton.cdiv(B, MERGE_ROWS), BLOCK_D=block_d,
                 BLOCK_S=min(MERGE_SPLITS, triton.next_power_of_2(triton.cdiv(C, cls_per_split))))
 
@@ -366,9 +371,9 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = launch.new_output((C, D), du_dtype or U.dtype, dev)
-    _ce_du_kernel[(cfg["du_tiles"], cfg["out_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
-                                                        BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=BLOCK_DO,
-                                                        num_warps=4)
+    _ce_du_kernel[(cfg["du_tiles"], cfg["du_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
+                                                       BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
+                                                       num_warps=4)
     dX = None
     if need_dx:
         pdx = launch.new_output((cfg["dx_splits"], B, D), torch.float32, dev)
