@@ -18,6 +18,8 @@ A label outside [0, C) is never used as an address: it only fails to match a cla
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -25,7 +27,8 @@ import triton.language as tl
 from demul_fast import common
 
 from . import launch
-from .text_head import TARGET_PROGRAMS, WAVE_SHARE, _dot
+from . import text_head
+from .text_head import TARGET_PROGRAMS, WAVE_SHARE, _distill_finish, _dot
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
 BLOCK_B = 64     # image rows per program (warpgroup MMA)
@@ -117,7 +120,26 @@ def _ce_fwd_kernel(
 def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
     """lse [B] and the per-image loss ROWS [B] from the splits' partials: BLOCK_S splits per
     load, so that one round of loads (not one per split) covers up to BLOCK_S splits."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _merge(tl.program_id(0), PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK, BLOCK_S)
+
+
+@triton.jit
+def _fwd_finish_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, MERGE_PROGRAMS,
+                       VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_PROGRAMS,
+                       BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK: tl.constexpr):
+    """The head's forward finish in one launch: programs below MERGE_PROGRAMS merge the CE
+    partials (_ce_merge_kernel), programs below DIST_PROGRAMS finish the distillation
+    (text_head._distill_finish_kernel); two small passes, one launch."""
+    pid = tl.program_id(0)
+    if pid < MERGE_PROGRAMS:
+        _merge(pid, PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK, BLOCK_S)
+    if pid < DIST_PROGRAMS:
+        _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_BLOCK)
+
+
+@triton.jit
+def _merge(pid, PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK], dtype=tl.float32)
@@ -316,9 +338,11 @@ def merge_constexprs(cfg: dict) -> dict:
     return dict(BLOCK=MERGE_ROWS, BLOCK_S=cfg["BLOCK_S"])
 
 
-def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
+def ce_forward(X, U, y, scale, ls: float, return_logits: bool, dist: Optional[text_head.DistillPartials] = None):
     """X [B, D], U [C, D] (contiguous), y [B] int, scale [1] fp32.
-    Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None)."""
+    Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None);
+    with ``dist`` (text_head.text_forward(..., finish=False)) its merge launch also finishes
+    the distillation, and (|z|, cos, per-program sums of (1 - cos)) follow."""
     B, D = X.shape
     C = U.shape[0]
     cfg = ce_config(B, C, D)
@@ -332,9 +356,15 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
         STORE_LOGITS=return_logits, EMULATE=launch.emulate_dot(X.dtype), BLOCK_B=BLOCK_B,
         BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     lse, rows = launch.new_output((B,), **f32), launch.new_output((B,), **f32)
-    _ce_merge_kernel[(cfg["merge_programs"],)](*parts, lse, rows, B, C, cfg["splits"], launch.fp32_scalar(ls),
-                                               **merge_constexprs(cfg), num_warps=MERGE_WARPS)
-    return rows, lse, xn, logits
+    merge = (*parts, lse, rows, B, C, cfg["splits"], launch.fp32_scalar(ls))
+    if dist is None:
+        _ce_merge_kernel[(cfg["merge_programs"],)](*merge, **merge_constexprs(cfg), num_warps=MERGE_WARPS)
+        return rows, lse, xn, logits
+    zn, cos, loss_parts, args = text_head.finish_args(dist)
+    programs = max(cfg["merge_programs"], loss_parts.shape[0])
+    _fwd_finish_kernel[(programs,)](*merge, cfg["merge_programs"], *args, loss_parts.shape[0],
+                                    **merge_constexprs(cfg), DIST_BLOCK=text_head.FINISH_BLOCK, num_warps=MERGE_WARPS)
+    return rows, lse, xn, logits, zn, cos, loss_parts
 
 
 def losses(rows, dist_parts, rows_dist: int, alpha: float, device):

@@ -24,6 +24,7 @@ size of a row tile stays live across a loop. D and r are compile-time constants.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import triton
@@ -286,7 +287,13 @@ def _distill_finish_kernel(
     ZN, COS, LOSSP,                 # ZN/COS [C*M] fp32, LOSSP [programs] fp32: sum of (1 - cos)
     CM, M, SPLITS, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    _distill_finish(tl.program_id(0), VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK)
+
+
+@triton.jit
+def _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK: tl.constexpr):
+    """One program of the distillation finish: rows pid * BLOCK ... (the head's forward runs it
+    in the cross-entropy merge's launch, cosine_ce._fwd_finish_kernel)."""
     row = pid * BLOCK + tl.arange(0, BLOCK)
     ok = row < CM
     vv = tl.zeros([BLOCK], dtype=tl.float32)
@@ -520,13 +527,15 @@ def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wi
 FINISH_BLOCK = 1024
 
 
-def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None):
+def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None, finish: bool = True):
     """T [C, M, D] (any strides), A [C, M] (if agg); basis R [r, D] in T's dtype, cv [r],
     F [C, r], delta [C], beta [1] fp32 (if dist).
 
     Returns (n [C*M], u^ [C, D] in u_dtype (default T's) or None, |u| [C] or None,
     v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos))
-    with the statistics in float32 (None where not computed).
+    with the statistics in float32 (None where not computed). Without ``finish`` (the
+    head: its cross-entropy merge runs the finish in the same launch) the last three are
+    replaced by ``DistillPartials`` for ``finish_args`` (or None without dist).
     """
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
@@ -551,13 +560,33 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
         BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     zn = cos = loss_parts = None
+    if dist and not finish:
+        return norm, u, rn, v, DistillPartials(vv, vf, delta, beta, C * M, M, splits), None, None
     if dist:
-        programs = triton.cdiv(C * M, FINISH_BLOCK)
-        zn, cos = launch.new_output((C * M,), **f32), launch.new_output((C * M,), **f32)
-        loss_parts = launch.new_output((programs,), **f32)
-        _distill_finish_kernel[(programs,)](vv, vf, delta, beta, zn, cos, loss_parts, C * M, M, splits,
-                                            BLOCK=FINISH_BLOCK, num_warps=4)
+        zn, cos, loss_parts, args = finish_args(DistillPartials(vv, vf, delta, beta, C * M, M, splits))
+        _distill_finish_kernel[(loss_parts.shape[0],)](*args, BLOCK=FINISH_BLOCK, num_warps=4)
     return norm, u, rn, v, zn, cos, loss_parts
+
+
+class DistillPartials(NamedTuple):
+    """What the distillation finish reads: the forward's partial sums [splits, C*M] of |v|^2
+    and <v, F>, delta [C], beta [1], and the sizes."""
+    vv: torch.Tensor
+    vf: torch.Tensor
+    delta: torch.Tensor
+    beta: torch.Tensor
+    rows: int
+    M: int
+    splits: int
+
+
+def finish_args(p: DistillPartials):
+    """(|z|, cos [C*M], per-program sums of (1 - cos), the finish's arguments up to BLOCK):
+    the outputs allocated, for _distill_finish_kernel or a launch that runs _distill_finish."""
+    f32 = dict(dtype=torch.float32, device=p.vv.device)
+    zn, cos = launch.new_output((p.rows,), **f32), launch.new_output((p.rows,), **f32)
+    loss_parts = launch.new_output((triton.cdiv(p.rows, FINISH_BLOCK),), **f32)
+    return zn, cos, loss_parts, (p.vv, p.vf, p.delta, p.beta, zn, cos, loss_parts, p.rows, p.M, p.splits)
 
 
 def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, agg: bool, dist: bool,
