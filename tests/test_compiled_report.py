@@ -9,8 +9,8 @@ against what the kernels must move (a kernel re-reading more than the bound allo
 latency terms present where loops run without a dot; every matmul on wgmma with float32
 accumulators, no spills, no ptxas performance warning (C7515: serialised wgmma); no
 zero-filled gradient, no per-step cast of the basis, no d-scale work with a frozen scale
-(host ops of the trace); the modelled goals of issue 26 (10x eager met on the H100; the
-floor, torch.compile and H200 eager ones not yet: a strict xfail); and the committed report
+(host ops of the trace); the modelled goals of issue 26 (10x eager and 3x torch.compile met
+on both cards; the floor one not yet: a strict xfail); and the committed report
 (benchmarks/results/compiled/imagenet.json) equal to the regenerated one up to rounding.
 """
 
@@ -165,30 +165,30 @@ def test_host_ops_of_a_step(report):
     for mode in compiled.MODES:
         host = [h for h in report["host_ops"] if h["backend"] == "triton" and h["mode"] == mode]
         fills = [h for h in host if h["op"] in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros")]
-        assert sum(h["write_bytes"] for h in fills) <= 16, fills
+        assert not fills, fills  # the zero for a loss gradient autograd leaves out is kept per device
         assert not [h for h in host if h["op"] in ("to", "_to_copy") and h["read_bytes"] > 1e5], host
         assert not [h for h in host if h["op"] in ("sum", "div")], host
 
 
-def test_eager_goal_on_the_h100(report):
-    """The eager reference models at least 10x the Triton head on the H100 (13x)."""
-    c = report["cards"]["h100"]
-    assert c["eager_fwd_bwd_us"] >= 10 * c["head_fwd_bwd_us"]
+@pytest.mark.parametrize("card", CARDS)
+def test_eager_and_compile_goals(report, card):
+    """Issue 26's goals against the baselines, modelled with the new model on both cards:
+    the Triton head at least 10x under the eager reference and 3x under torch.compile of it
+    (docs/kernel-model.md)."""
+    c = report["cards"][card]
+    assert c["eager_fwd_bwd_us"] >= 10 * c["head_fwd_bwd_us"], (c["eager_fwd_bwd_us"], c["head_fwd_bwd_us"])
+    assert c["compile_fwd_bwd_us"] >= 3 * c["head_fwd_bwd_us"], (c["compile_fwd_bwd_us"], c["head_fwd_bwd_us"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26 goals not met: the Triton head models 4.4x the floor, only 2.6x "
-                                       "under the torch.compile model, and 9.9x under eager on the H200 "
-                                       "(docs/kernel-model.md); strict, so this fails once they are met and the "
+@pytest.mark.xfail(strict=True, reason="issue 26's floor goal not met: the Triton head models 3.2x the floor "
+                                       "(docs/kernel-model.md); strict, so this fails once it is met and the "
                                        "marker must go")
-def test_floor_compile_and_eager_goals(report):
-    """Issue 26's goals, modelled with the new model, on both cards: the Triton head within
-    2.5x of the floor at the stated ceilings, at least 3x the torch.compile model and 10x
-    the eager model."""
+def test_floor_goal(report):
+    """Issue 26's goal against the floor, on both cards: the Triton head within 2.5x of the
+    floor at the stated ceilings."""
     for card in CARDS:
         c = report["cards"][card]
         assert c["head_fwd_bwd_us"] <= 2.5 * c["floor_us"], (card, c["head_fwd_bwd_us"], c["floor_us"])
-        assert c["compile_fwd_bwd_us"] >= 3 * c["head_fwd_bwd_us"], card
-        assert c["eager_fwd_bwd_us"] >= 10 * c["head_fwd_bwd_us"], card
 
 
 @pytest.mark.parametrize("name", MATMUL + ["ce_dx"])
