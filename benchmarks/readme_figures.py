@@ -10,7 +10,8 @@ from:
 * ``benchmarks/results/compiled/imagenet.json`` (the trace-based kernel model,
   docs/kernel-model.md): the Triton head at the ImageNet preset, H100 SXM / H200, X frozen;
   its floor, the eager reference and torch.compile of it; the old per-tensor model's figure;
-* ``benchmarks/results/compiled/imagenet21k.json`` (the old per-tensor model at ImageNet-21k);
+* ``benchmarks/results/compiled/imagenet21k.json`` (the same model at ImageNet-21k; an old-format
+  report of the per-tensor model is rendered as such);
 * the step model (benchmarks/step_model.py) on ``benchmarks/results/step-cpu.jsonl`` and
   ``benchmarks/results/step_fixed_counts.json``: a training step from image features at C=100
   on the H100, and the counted launches of eager and compiled DeMul.

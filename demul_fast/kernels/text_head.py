@@ -597,7 +597,7 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
-    cfg = text_config(C, M, D, rank, T.element_size())
+    cfg = text_config(C, M, D, rank, T.element_size(), wide_tiles_fit(T.device))  # the forward's configuration
     dev = T.device
     dT = launch.new_output((C, M, D), T.dtype, dev)
     dA = launch.new_output((C, M), a_dtype or A.dtype, dev) if agg else None

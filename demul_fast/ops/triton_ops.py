@@ -373,7 +373,8 @@ def capability(call: Call) -> Capability:
     try:
         if T is not None:
             c, m, d = T.shape
-            plan["text"] = _text.text_config(c, m, d, distill_rank(call), T.element_size())
+            plan["text"] = _text.text_config(c, m, d, distill_rank(call), T.element_size(),
+                                             _text.wide_tiles_fit(T.device))
         feats = call.arg("image_features")
         if call.fn in ("cosine_cross_entropy", "demul_head") and feats is not None:
             classes = call.arg("class_features")
