@@ -43,15 +43,15 @@ def headline(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def kernels(rep: dict, before: Optional[dict] = None, mode: str = "frozen") -> str:
+def kernels(rep: dict, before: Optional[dict] = None, mode: str = "frozen",
+            label: str = "the kernels before issue 26") -> str:
     def rows(r):
         return {(k["backend"], k["name"]): k for k in r["kernels"] if k["mode"] == mode}
 
     new = rows(rep)
     old = rows(before) if before else {}
     lines = [f"Per launch, X {mode}: counted bytes (L2 = between L2 and the SMs, HBM = device memory), "
-             "dependent load rounds, modelled us (H100 / H200); before = the kernels before issue 26 under the "
-             "same model.", "",
+             f"dependent load rounds, modelled us (H100 / H200); before = {label} under the same model.", "",
              "| backend | kernel | grid | L2 MB before -> after | HBM MB | rounds before -> after | "
              "H100 us before -> after | H200 us after |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key in list(old) + [k for k in new if k not in old]:
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report")
     p.add_argument("--before", default=None)
+    p.add_argument("--label", default="the kernels before issue 26", help="what the --before report is")
     args = p.parse_args(argv)
     with open(args.report) as f:
         rep = json.load(f)
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     print(headline(rep))
     print()
     for mode in ("frozen", "trained"):
-        print(kernels(rep, before, mode))
+        print(kernels(rep, before, mode, args.label))
         print()
     return 0
 

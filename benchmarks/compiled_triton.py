@@ -90,20 +90,25 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
     floats = ("ls", "inv_cm", "alpha", "w_loss")
     specs = [  # (row name, kernel, pointers, constexprs, warps[, stages])
         ("text_fwd", text_head._text_fwd_kernel, text_ptrs,
-         dict(blocks, BLOCK_N=cfg["BLOCK_N"], RESIDENT=cfg["RESIDENT"], BLOCK_D=cfg["BLOCK_D"]), cfg["fwd_warps"],
+         dict(blocks, BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_N=cfg["BLOCK_N"], RESIDENT=cfg["RESIDENT"],
+              BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"]), cfg["fwd_warps"],
          cfg["fwd_stages"]),
         ("distill_finish", text_head._distill_finish_kernel,
          dict(VV="*fp32", VF="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32", LOSSP="*fp32"),
          dict(BLOCK=text_head.FINISH_BLOCK), 4),
         ("ce_fwd", cosine_ce._ce_fwd_kernel, ce_ptrs, dict(tiles, STORE_LOGITS=False), 4),
         ("ce_merge", cosine_ce._ce_merge_kernel, ce_ptrs, cosine_ce.merge_constexprs(ce), cosine_ce.MERGE_WARPS),
+        ("fwd_finish", cosine_ce._fwd_finish_kernel,
+         dict(ce_ptrs, VV="*fp32", VF="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32", LOSSP="*fp32"),
+         dict(cosine_ce.merge_constexprs(ce), DIST_BLOCK=text_head.FINISH_BLOCK), cosine_ce.MERGE_WARPS),
         ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=256), 4),
         ("ce_grad", cosine_ce._ce_grad_kernel, ce_ptrs, dict(tiles, HAS_GL=False, NEED_SCALE=False), 4),
-        ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs, cu, 4),
+        ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs, dict(cu, BLOCK_DO=ce["BLOCK_DU"]), 4),
         ("ce_dx", cosine_ce._ce_dx_kernel, ce_ptrs, cu, 4),
         ("ce_dx_finish", cosine_ce._ce_dx_finish_kernel, ce_ptrs, dict(BLOCK_D=ce["BLOCK_D"]), 4),
         ("text_bwd", text_head._text_bwd_kernel, text_ptrs,
-         dict(blocks, BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"]), cfg["bwd_warps"]),
+         dict(blocks, BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
+              BLOCK_DO=cfg["BLOCK_DO"]), cfg["bwd_warps"]),
     ]
     out = {}
     for name, kernel, ptrs, consts, warps, *stages in specs:

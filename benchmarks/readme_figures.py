@@ -10,7 +10,8 @@ from:
 * ``benchmarks/results/compiled/imagenet.json`` (the trace-based kernel model,
   docs/kernel-model.md): the Triton head at the ImageNet preset, H100 SXM / H200, X frozen;
   its floor, the eager reference and torch.compile of it; the old per-tensor model's figure;
-* ``benchmarks/results/compiled/imagenet21k.json`` (the old per-tensor model at ImageNet-21k);
+* ``benchmarks/results/compiled/imagenet21k.json`` (the same model at ImageNet-21k; an old-format
+  report of the per-tensor model is rendered as such);
 * the step model (benchmarks/step_model.py) on ``benchmarks/results/step-cpu.jsonl`` and
   ``benchmarks/results/step_fixed_counts.json``: a training step from image features at C=100
   on the H100, and the counted launches of eager and compiled DeMul.
@@ -79,6 +80,17 @@ def imagenet_row() -> str:
 
 def imagenet21k_row() -> str:
     rep = _load("imagenet21k.json")
+    if "cards" in rep:  # the trace-based model (issue 26)
+        h100, h200 = rep["cards"]["h100"], rep["cards"]["h200"]
+        mode = "frozen"
+        head = _pair(h100["head_fwd_bwd_us_by_backend"]["triton"][mode],
+                     h200["head_fwd_bwd_us_by_backend"]["triton"][mode], _int)
+        floor = _pair(h100["floor_by_mode"][mode], h200["floor_by_mode"][mode], _int)
+        eager = f"{_int(h100['eager_by_mode'][mode])} / {_int(h200['eager_by_mode'][mode])}"
+        comp = f"{_int(h100['compile_by_mode'][mode])} / {_int(h200['compile_by_mode'][mode])}"
+        return (f"| the same at ImageNet-21k ({_sizes(rep, 'CMB')}), H100 SXM / H200 | {head} us (floor {floor} us; "
+                f"eager {eager} us; torch.compile of the reference {comp} us) | modelled from a trace of the "
+                "kernels' loads and stores | [docs/kernel-model.md](docs/kernel-model.md) |")
     return (f"| the same at ImageNet-21k ({_sizes(rep, 'CMB')}), old per-tensor model (not yet regenerated) | "
             f"{_int(rep['head_fwd_bwd_us_by_backend']['triton'])} us (floor {_int(rep['floor_us'])} us; "
             f"eager {_int(rep['eager_fwd_bwd_us'])} us) | modelled (old model, optimistic) | "

@@ -114,13 +114,14 @@ def test_the_triton_plan_is_what_the_launches_use(gen, monkeypatch):
                 phi_weight=v["W"], phi_bias=None)
     choice = backends.select("triton", T.device, T.dtype, ("demul_head", args))
     rank = min(K, D)
-    assert built == {"text": [(C, M, D, rank, 4)], "ce": [(B, C, D)]}
+    wide = text_head.wide_tiles_fit(T.device)  # the device's shared memory picks the forward's row tile
+    assert built == {"text": [(C, M, D, rank, 4, wide)], "ce": [(B, C, D)]}
     plan = choice.answer.plan
     out = df.demul_head(T, v["A"], v["X"], v["y"], 10.0, v["E"], v["W"], backend="triton")
     out.loss.backward()
     # no configuration was built again: the call's own question and its launches (text
     # forward and backward, CE forward and backward) all read the two planned ones
-    assert built == {"text": [(C, M, D, rank, 4)], "ce": [(B, C, D)]}
+    assert built == {"text": [(C, M, D, rank, 4, wide)], "ce": [(B, C, D)]}
     assert len(used) >= 6 and all(cfg is plan["text"] or cfg is plan["ce"] for cfg in used)
     assert sum(cfg is plan["text"] for cfg in used) >= 3 and sum(cfg is plan["ce"] for cfg in used) >= 3
 

@@ -9,8 +9,8 @@ against what the kernels must move (a kernel re-reading more than the bound allo
 latency terms present where loops run without a dot; every matmul on wgmma with float32
 accumulators, no spills, no ptxas performance warning (C7515: serialised wgmma); no
 zero-filled gradient, no per-step cast of the basis, no d-scale work with a frozen scale
-(host ops of the trace); the modelled goals of issue 26 (10x eager met on the H100; the
-floor, torch.compile and H200 eager ones not yet: a strict xfail); and the committed report
+(host ops of the trace); the modelled goals of issue 26 (10x eager and 3x torch.compile met
+on both cards; the floor one not yet: a strict xfail); and the committed report
 (benchmarks/results/compiled/imagenet.json) equal to the regenerated one up to rounding.
 """
 
@@ -24,6 +24,7 @@ import sys
 import pytest
 
 from benchmarks import compiled, compiled_model, compiled_trace, compiled_triton  # noqa: E402
+from demul_fast.kernels import cosine_ce, text_head  # noqa: E402
 if compiled_triton.unavailable_reason():
     pytest.skip(compiled_triton.unavailable_reason(), allow_module_level=True)
 
@@ -54,7 +55,7 @@ def _kernels(report, mode="frozen", backend="triton"):
 
 
 MATMUL = ["text_fwd", "text_bwd", "ce_fwd", "ce_grad", "ce_du"]
-FROZEN = MATMUL + ["distill_finish", "ce_merge", "losses"]
+FROZEN = MATMUL + ["fwd_finish", "losses"]  # fwd_finish: the CE merge and the distillation finish, one launch
 TRAINED = FROZEN + ["ce_dx", "ce_dx_finish"]
 
 
@@ -102,14 +103,30 @@ def test_traced_bytes_bound_what_the_kernels_must_move(report):
     must = {"text_fwd": t_bytes + v_bytes + e * r * D, "text_bwd": 2 * t_bytes + v_bytes + e * r * D,
             "ce_fwd": e * B * D + 4 * C * D, "ce_grad": e * B * D + 4 * C * D + e * B * C}
     for name, nbytes in must.items():
-        assert k[name]["hbm_bytes"] >= 0.9 * nbytes, name  # the sampled trace: within 10%
-    # text_fwd: its row tile once per program (tiles x splits programs), v written once, each
-    # program's share of R and F once (before issue 26: T 3-5 times per program, 143.8 MB)
-    tiles = math.ceil(C * M / 64)
-    splits = k["text_fwd"]["grid"] // tiles
-    bound = splits * t_bytes + v_bytes + tiles * e * r * D + 4 * C * r
+        # the sampled trace: within 10%, 15% for the CE passes (5 of their 32 class splits
+        # sampled, the last one partial: U's extrapolated reads come out low)
+        assert k[name]["hbm_bytes"] >= (0.85 if name.startswith("ce_") else 0.9) * nbytes, name
+    cfg = text_head.text_config(C, M, D, r)
+    # text_fwd: its row tile once per program (tiles x splits programs) and once more for the
+    # aggregation of the 128-row tiles, v written once, each program's share of R and F once
+    # (before issue 26: T 3-5 times per program, 143.8 MB; 64-row tiles: R once per 64 rows, 94.6 MB)
+    tiles, splits = cfg["fwd_tiles"], cfg["splits"]
+    assert k["text_fwd"]["grid"] == tiles * splits
+    bound = (splits + (1 if cfg["AGG_PARTS"] else 0)) * t_bytes + v_bytes + tiles * e * r * D + 4 * C * r
     assert k["text_fwd"]["l2_bytes"] <= 1.1 * bound, (k["text_fwd"]["l2_bytes"], bound)
-    assert k["ce_merge"]["l2_bytes"] < 1e6
+    # text_bwd: per output chunk the row tile's T, v, F and per-class gu, u^ once, its own
+    # chunk of T, gu, u^ once more, R once per row tile, dT written once (64-row tiles: 131.8 MB)
+    chunks, tiles = cfg["out_chunks"], cfg["bwd_tiles"]
+    assert k["text_bwd"]["grid"] == tiles * chunks
+    bound = chunks * (t_bytes + v_bytes + 4 * C * r + 8 * C * D) + 2 * t_bytes + 8 * C * D + tiles * e * r * D
+    assert k["text_bwd"]["l2_bytes"] <= 1.1 * bound, (k["text_bwd"]["l2_bytes"], bound)
+    # the CE passes: the image tile once per program, U (float32) once per image tile
+    ce = cosine_ce.ce_config(B, C, D)
+    for name in ("ce_fwd", "ce_grad"):
+        bound = ce["b_tiles"] * ce["splits"] * e * 64 * D + ce["b_tiles"] * 4 * C * D + (e * B * C if name == "ce_grad"
+                                                                                          else 0)
+        assert k[name]["l2_bytes"] <= 1.1 * bound + 1e6, (name, k[name]["l2_bytes"], bound)
+    assert k["fwd_finish"]["l2_bytes"] < 1e6
 
 
 def test_latency_terms(report):
@@ -118,7 +135,7 @@ def test_latency_terms(report):
     round per split before); latency_us = waves x rounds x round time."""
     k = _kernels(report)
     assert k["losses"]["rounds"] >= 1 and k["losses"]["latency_us"]["h100"] > 0
-    assert k["ce_merge"]["rounds"] <= 2, k["ce_merge"]["rounds"]
+    assert k["fwd_finish"]["rounds"] <= 3, k["fwd_finish"]["rounds"]  # the merge 1, the distillation finish 2
     for row in k.values():
         card = report["cards"]["h100"]["ceilings"]
         assert row["latency_us"]["h100"] >= row["rounds"] * card["round_us"] - 1e-9
@@ -150,30 +167,30 @@ def test_host_ops_of_a_step(report):
     for mode in compiled.MODES:
         host = [h for h in report["host_ops"] if h["backend"] == "triton" and h["mode"] == mode]
         fills = [h for h in host if h["op"] in ("zeros", "zeros_like", "zero_", "fill_", "new_zeros")]
-        assert sum(h["write_bytes"] for h in fills) <= 16, fills
+        assert not fills, fills  # the zero for a loss gradient autograd leaves out is kept per device
         assert not [h for h in host if h["op"] in ("to", "_to_copy") and h["read_bytes"] > 1e5], host
         assert not [h for h in host if h["op"] in ("sum", "div")], host
 
 
-def test_eager_goal_on_the_h100(report):
-    """The eager reference models at least 10x the Triton head on the H100 (13x)."""
-    c = report["cards"]["h100"]
-    assert c["eager_fwd_bwd_us"] >= 10 * c["head_fwd_bwd_us"]
+@pytest.mark.parametrize("card", CARDS)
+def test_eager_and_compile_goals(report, card):
+    """Issue 26's goals against the baselines, modelled with the new model on both cards:
+    the Triton head at least 10x under the eager reference and 3x under torch.compile of it
+    (docs/kernel-model.md)."""
+    c = report["cards"][card]
+    assert c["eager_fwd_bwd_us"] >= 10 * c["head_fwd_bwd_us"], (c["eager_fwd_bwd_us"], c["head_fwd_bwd_us"])
+    assert c["compile_fwd_bwd_us"] >= 3 * c["head_fwd_bwd_us"], (c["compile_fwd_bwd_us"], c["head_fwd_bwd_us"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26 goals not met: the Triton head models 4.4x the floor, only 2.6x "
-                                       "under the torch.compile model, and 9.9x under eager on the H200 "
-                                       "(docs/kernel-model.md); strict, so this fails once they are met and the "
+@pytest.mark.xfail(strict=True, reason="issue 26's floor goal not met: the Triton head models 3.2x the floor "
+                                       "(docs/kernel-model.md); strict, so this fails once it is met and the "
                                        "marker must go")
-def test_floor_compile_and_eager_goals(report):
-    """Issue 26's goals, modelled with the new model, on both cards: the Triton head within
-    2.5x of the floor at the stated ceilings, at least 3x the torch.compile model and 10x
-    the eager model."""
+def test_floor_goal(report):
+    """Issue 26's goal against the floor, on both cards: the Triton head within 2.5x of the
+    floor at the stated ceilings."""
     for card in CARDS:
         c = report["cards"][card]
         assert c["head_fwd_bwd_us"] <= 2.5 * c["floor_us"], (card, c["head_fwd_bwd_us"], c["floor_us"])
-        assert c["compile_fwd_bwd_us"] >= 3 * c["head_fwd_bwd_us"], card
-        assert c["eager_fwd_bwd_us"] >= 10 * c["head_fwd_bwd_us"], card
 
 
 @pytest.mark.parametrize("name", MATMUL + ["ce_dx"])

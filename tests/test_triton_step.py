@@ -88,6 +88,27 @@ def test_text_forward_paths(monkeypatch, dtype, resident):
     assert_close(got, want, tol, f"{dtype} resident={resident}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("wide", [True, False], ids=["128-rows", "64-rows"])
+@pytest.mark.parametrize("C,M", [(7, 20), (37, 3)], ids=["4-classes-per-tile", "many-classes"])
+def test_row_tiles(monkeypatch, dtype, wide, C, M):
+    """The forward's 128-row tiles (aggregation in two parts after the product) and the
+    64-row ones a GPU without the shared memory takes; the backward's 128-row tile of 4
+    classes of M=20 (its w du product padded to 16 classes) and its 64-row tile of 16
+    classes of M=3; each against the reference in three dtypes, with two tiles or more."""
+    monkeypatch.setattr(text_head, "wide_tiles_fit", lambda device: wide)
+    T, A, X, y, E, W, b = inputs(7, C=C, M=M, D=100, B=5, K=70)
+    cfg = text_head.text_config(C, M, 100, 70, 2, wide)
+    assert bool(cfg["AGG_PARTS"]) == wide and cfg["bwd_tiles"] >= 2 and cfg["fwd_tiles"] >= 2
+    basis = build_distill_basis(W, b, E)
+    got = grads_of_loss(lambda t, a, x: triton_ops.demul_head(t, a, x, y, 13.0, basis, alpha=0.7).loss,
+                        T, A, X, dtype)
+    Tr, Ar, Xr = (v.to(dtype).double() for v in (T, A, X))
+    want = reference_step(Tr, Ar, Xr, y, E, W, b)
+    tol = 2e-5 if dtype == torch.float32 else (3e-2 if dtype == torch.bfloat16 else 5e-3)
+    assert_close(got, want, tol, f"{dtype} wide={wide} C={C} M={M}")
+
+
 def test_basis_cast_once_per_basis():
     R = torch.randn(8, 16, dtype=torch.float32)
     first = triton_ops._basis_r(R, torch.bfloat16)

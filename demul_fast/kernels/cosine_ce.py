@@ -18,6 +18,8 @@ A label outside [0, C) is never used as an address: it only fails to match a cla
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -25,12 +27,14 @@ import triton.language as tl
 from demul_fast import common
 
 from . import launch
-from .text_head import TARGET_PROGRAMS, _dot
+from . import text_head
+from .text_head import TARGET_PROGRAMS, WAVE_SHARE, _distill_finish, _dot
 
 EPS = tl.constexpr(common.EPS)  # the norm floor, defined once in demul_fast.common
 BLOCK_B = 64     # image rows per program (warpgroup MMA)
 BLOCK_CU = 64    # class rows per program of the dU pass
-BLOCK_DO = 32    # output columns per program of the dU and dX passes
+BLOCK_DO = 32    # output columns per program of the dX pass (and of the dU pass where 64 leave too few programs)
+BLOCK_DU = 64    # output columns per program of the dU pass: each chunk re-reads BG, so wider chunks read it less
 MERGE_ROWS = 32  # images per program of the merge pass
 MERGE_SPLITS = 64  # splits the merge pass loads at once (one load round up to 64 splits)
 MERGE_WARPS = 4
@@ -116,7 +120,26 @@ def _ce_fwd_kernel(
 def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
     """lse [B] and the per-image loss ROWS [B] from the splits' partials: BLOCK_S splits per
     load, so that one round of loads (not one per split) covers up to BLOCK_S splits."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    _merge(tl.program_id(0), PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK, BLOCK_S)
+
+
+@triton.jit
+def _fwd_finish_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, MERGE_PROGRAMS,
+                       VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_PROGRAMS,
+                       BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK: tl.constexpr):
+    """The head's forward finish in one launch: programs below MERGE_PROGRAMS merge the CE
+    partials (_ce_merge_kernel), programs below DIST_PROGRAMS finish the distillation
+    (text_head._distill_finish_kernel); two small passes, one launch."""
+    pid = tl.program_id(0)
+    if pid < MERGE_PROGRAMS:
+        _merge(pid, PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK, BLOCK_S)
+    if pid < DIST_PROGRAMS:
+        _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_BLOCK)
+
+
+@triton.jit
+def _merge(pid, PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr):
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < B
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK], dtype=tl.float32)
@@ -273,7 +296,8 @@ def ce_config(B: int, C: int, D: int) -> dict:
     if torch.compiler.is_compiling():  # traced code asks once per trace: no cache for guards to watch
         return build_ce_config(B, C, D)
     # the sizes, and the module's tunables
-    key = (B, C, D, BLOCK_B, BLOCK_CU, BLOCK_DO, MERGE_ROWS, MERGE_SPLITS, TARGET_PROGRAMS, launch.MAX_D)
+    key = (B, C, D, BLOCK_B, BLOCK_CU, BLOCK_DO, BLOCK_DU, MERGE_ROWS, MERGE_SPLITS, TARGET_PROGRAMS, WAVE_SHARE,
+           launch.MAX_D)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         if len(_CONFIGS) >= _CONFIGS_KEPT:
@@ -288,20 +312,23 @@ def build_ce_config(B: int, C: int, D: int) -> dict:
     splits of the dX pass likewise."""
     block_d = launch.block_d(D)
     b_tiles = triton.cdiv(B, BLOCK_B)
+    wave = int(TARGET_PROGRAMS * WAVE_SHARE)  # every program reads its image tile: the fewest that cover this
     block_c = 16
     for cand in (64, 32):  # 128 spills in the grad pass
-        if b_tiles * triton.cdiv(C, cand) >= TARGET_PROGRAMS:
+        if b_tiles * triton.cdiv(C, cand) >= wave:
             block_c = cand
             break
     c_tiles = triton.cdiv(C, block_c)
     # tiles per split rounded down, so that the splits are at least the wave's share
-    cls_per_split = block_c * max(1, c_tiles // triton.cdiv(TARGET_PROGRAMS, b_tiles))
+    cls_per_split = block_c * max(1, c_tiles // triton.cdiv(wave, b_tiles))
     out_chunks = triton.cdiv(D, BLOCK_DO)
+    du_tiles = triton.cdiv(C, BLOCK_CU)
+    block_du = BLOCK_DU if du_tiles * triton.cdiv(D, BLOCK_DU) >= wave else BLOCK_DO
     dx_tiles = triton.cdiv(C, BLOCK_CU)
     dx_cls = BLOCK_CU * max(1, dx_tiles // triton.cdiv(TARGET_PROGRAMS, b_tiles * out_chunks))
     return dict(b_tiles=b_tiles, BLOCK_C=block_c, splits=triton.cdiv(C, cls_per_split), cls_per_split=cls_per_split,
                 BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)), out_chunks=out_chunks,
-                du_tiles=triton.cdiv(C, BLOCK_CU), dx_splits=triton.cdiv(C, dx_cls), dx_cls=dx_cls,
+                du_tiles=du_tiles, BLOCK_DU=block_du, du_chunks=triton.cdiv(D, block_du), dx_splits=triton.cdiv(C, dx_cls), dx_cls=dx_cls,
                 merge_programs=triton.cdiv(B, MERGE_ROWS), BLOCK_D=block_d,
                 BLOCK_S=min(MERGE_SPLITS, triton.next_power_of_2(triton.cdiv(C, cls_per_split))))
 
@@ -311,9 +338,11 @@ def merge_constexprs(cfg: dict) -> dict:
     return dict(BLOCK=MERGE_ROWS, BLOCK_S=cfg["BLOCK_S"])
 
 
-def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
+def ce_forward(X, U, y, scale, ls: float, return_logits: bool, dist: Optional[text_head.DistillPartials] = None):
     """X [B, D], U [C, D] (contiguous), y [B] int, scale [1] fp32.
-    Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None)."""
+    Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None);
+    with ``dist`` (text_head.text_forward(..., finish=False)) its merge launch also finishes
+    the distillation, and (|z|, cos, per-program sums of (1 - cos)) follow."""
     B, D = X.shape
     C = U.shape[0]
     cfg = ce_config(B, C, D)
@@ -327,9 +356,15 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool):
         STORE_LOGITS=return_logits, EMULATE=launch.emulate_dot(X.dtype), BLOCK_B=BLOCK_B,
         BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     lse, rows = launch.new_output((B,), **f32), launch.new_output((B,), **f32)
-    _ce_merge_kernel[(cfg["merge_programs"],)](*parts, lse, rows, B, C, cfg["splits"], launch.fp32_scalar(ls),
-                                               **merge_constexprs(cfg), num_warps=MERGE_WARPS)
-    return rows, lse, xn, logits
+    merge = (*parts, lse, rows, B, C, cfg["splits"], launch.fp32_scalar(ls))
+    if dist is None:
+        _ce_merge_kernel[(cfg["merge_programs"],)](*merge, **merge_constexprs(cfg), num_warps=MERGE_WARPS)
+        return rows, lse, xn, logits
+    zn, cos, loss_parts, args = text_head.finish_args(dist)
+    programs = max(cfg["merge_programs"], loss_parts.shape[0])
+    _fwd_finish_kernel[(programs,)](*merge, cfg["merge_programs"], *args, loss_parts.shape[0],
+                                    **merge_constexprs(cfg), DIST_BLOCK=text_head.FINISH_BLOCK, num_warps=MERGE_WARPS)
+    return rows, lse, xn, logits, zn, cos, loss_parts
 
 
 def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
@@ -366,9 +401,9 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = launch.new_output((C, D), du_dtype or U.dtype, dev)
-    _ce_du_kernel[(cfg["du_tiles"], cfg["out_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
-                                                        BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=BLOCK_DO,
-                                                        num_warps=4)
+    _ce_du_kernel[(cfg["du_tiles"], cfg["du_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
+                                                       BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
+                                                       num_warps=4)
     dX = None
     if need_dx:
         pdx = launch.new_output((cfg["dx_splits"], B, D), torch.float32, dev)

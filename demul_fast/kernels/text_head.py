@@ -24,6 +24,7 @@ size of a row tile stays live across a loop. D and r are compile-time constants.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import triton
@@ -140,6 +141,23 @@ def _dot(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _dot_f32(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b for float32 a, b to about float32 precision: in float32 when DTYPE is, else on
+    the tensor cores as bfloat16 halves, a_hi b_hi + a_hi b_lo + a_lo b_hi (a = a_hi + a_lo,
+    relative error about 2^-16 of each product)."""
+    if DTYPE == tl.float32:
+        return _dot(a, b, acc, DTYPE, EMULATE)
+    else:
+        a_hi = a.to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = _dot(a_hi, b_hi, acc, tl.bfloat16, EMULATE)
+        acc = _dot(a_hi, b_lo, acc, tl.bfloat16, EMULATE)
+        return _dot(a_lo, b_hi, acc, tl.bfloat16, EMULATE)
+
+
+@triton.jit
 def _aggregate_store(tf, scale, U, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """u = sum_m (w/n) t over a resident tile tf [BLOCK_R, BLOCK_D] fp32; stores |u| and u^."""
@@ -153,6 +171,37 @@ def _aggregate_store(tf, scale, U, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.co
 
 
 @triton.jit
+def _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.constexpr, BLOCK_CLS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
+    """The aggregation of the program's classes in PARTS parts of BLOCK_CLS // PARTS classes,
+    each part's [rows, D] tile read once from global memory: n = |t|, w = softmax(A),
+    u = sum_m (w/n) t, stores |u| and u^. A 128-row tile aggregated at once next to the
+    product's resident tile spills (ptxas, sm_90a); a part at a time does not."""
+    CP: tl.constexpr = BLOCK_CLS // PARTS
+    for part in tl.static_range(PARTS):
+        cls0 = pid * BLOCK_CLS + part * CP
+        p = tl.make_block_ptr(T, shape=(C, M, D), strides=(stc, stm, std), offsets=(cls0, 0, 0),
+                              block_shape=(CP, BLOCK_M, BLOCK_D), order=(2, 1, 0))
+        tf = tl.reshape(tl.load(p, boundary_check=(0, 1, 2), padding_option="zero"), [CP * BLOCK_M, BLOCK_D])
+        tf = tf.to(tl.float32)
+        inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(tf * tf, axis=1)), EPS)
+        offs_c = cls0 + tl.arange(0, CP)
+        offs_m = tl.arange(0, BLOCK_M)
+        ok = (offs_c[:, None] < C) & (offs_m[None, :] < M)
+        a = tl.load(A + offs_c[:, None] * sac + offs_m[None, :] * sam, mask=ok, other=float("-inf")).to(tl.float32)
+        a_max = tl.where(offs_c < C, tl.max(a, axis=1), 0.0)  # as _prompt_weights
+        ex = tl.exp(a - a_max[:, None])
+        den = tl.sum(ex, axis=1)
+        w = tl.reshape(ex / tl.where(den == 0.0, 1.0, den)[:, None], [CP * BLOCK_M])
+        u = tl.sum(tl.reshape(tf * (w * inv_n)[:, None], [CP, BLOCK_M, BLOCK_D]), axis=1)
+        r = tl.sqrt(tl.sum(u * u, axis=1))
+        tl.store(RN + offs_c, r, mask=offs_c < C)
+        u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(cls0, 0),
+                                  block_shape=(CP, BLOCK_D), order=(1, 0))
+        tl.store(u_ptr, (u * (1.0 / tl.maximum(r, EPS))[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
 def _text_fwd_kernel(
     T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
     NORM, U, RN, V, VV, VF,         # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF [splits, C*M]
@@ -160,7 +209,7 @@ def _text_fwd_kernel(
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, AGG_PARTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -178,10 +227,12 @@ def _text_fwd_kernel(
     if split == 0:
         tl.store(NORM + row, n, mask=row_ok)
         if AGG:
-            scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
             if RESIDENT:
-                _aggregate_store(t_all.to(tl.float32), scale, U, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
+                if AGG_PARTS == 0:  # from the resident tile (else after the product, below)
+                    scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
+                    _aggregate_store(t_all.to(tl.float32), scale, U, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
             else:
+                scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
                 offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
                 uu = tl.zeros([BLOCK_CLS], dtype=tl.float32)
                 for d0 in range(0, D, BLOCK_K):
@@ -224,6 +275,10 @@ def _text_fwd_kernel(
             vf += _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
         tl.store(VV + split * CM + row, vv, mask=row_ok)
         tl.store(VF + split * CM + row, vf, mask=row_ok)
+    if AGG and RESIDENT and AGG_PARTS > 0:
+        if split == 0:  # after the product, the resident tile dead: the tile read once more, in parts
+            _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
+                             AGG_PARTS)
 
 
 @triton.jit
@@ -232,7 +287,13 @@ def _distill_finish_kernel(
     ZN, COS, LOSSP,                 # ZN/COS [C*M] fp32, LOSSP [programs] fp32: sum of (1 - cos)
     CM, M, SPLITS, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    _distill_finish(tl.program_id(0), VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK)
+
+
+@triton.jit
+def _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK: tl.constexpr):
+    """One program of the distillation finish: rows pid * BLOCK ... (the head's forward runs it
+    in the cross-entropy merge's launch, cosine_ce._fwd_finish_kernel)."""
     row = pid * BLOCK + tl.arange(0, BLOCK)
     ok = row < CM
     vv = tl.zeros([BLOCK], dtype=tl.float32)
@@ -316,10 +377,23 @@ def _text_bwd_kernel(
         dt_hat = (g * inv_z)[:, None] * acc
         proj_t += g * inv_z * proj_v
     if AGG:  # after the product: no float32 tile stays live across its loop
-        gu = _load_cls(GU, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
-        uh = _load_cls(U, pid, C, D, o0, BLOCK_CLS, BLOCK_DO)
-        du = (gu - uh * proj_u[:, None]) * inv_r[:, None]
-        dt_hat += w[:, None] * _per_row(du, BLOCK_M)
+        # w du per row as a product with the per-class rows of gu and u^ (du = (gu - <u^, gu> u^) / |u|):
+        # one-hot [rows, classes] weights times [classes, columns], accumulated onto dt^ in the
+        # product's registers (a [rows, columns] float32 copy of du per row spilled at 128 rows)
+        KC: tl.constexpr = 16 if BLOCK_CLS < 16 else BLOCK_CLS
+        offs_k = tl.arange(0, KC)
+        offs_o = o0 + tl.arange(0, BLOCK_DO)
+        k_cls = pid * BLOCK_CLS + offs_k
+        k_ok = (offs_k < BLOCK_CLS) & (k_cls < C)
+        at = k_cls[:, None] * D + offs_o[None, :]
+        k_mask = k_ok[:, None] & (offs_o[None, :] < D)
+        gu = tl.load(GU + at, mask=k_mask, other=0.0)
+        uh = tl.load(U + at, mask=k_mask, other=0.0).to(tl.float32)
+        one_hot = (tl.arange(0, BLOCK_R) // BLOCK_M)[:, None] == offs_k[None, :]
+        wr = w * _class_to_rows(inv_r, BLOCK_M)
+        dt_hat = _dot_f32(tl.where(one_hot, wr[:, None], 0.0), gu, dt_hat, DTYPE, EMULATE)
+        dt_hat = _dot_f32(tl.where(one_hot, (-wr * _class_to_rows(proj_u, BLOCK_M))[:, None], 0.0), uh, dt_hat,
+                          DTYPE, EMULATE)
     proj_t = tl.where(n >= EPS, proj_t, 0.0)
     t = _load_t(T, pid, C, M, D, stc, stm, std, o0, BLOCK_CLS, BLOCK_M, BLOCK_DO).to(tl.float32)
     dt = (dt_hat - (t * inv_n[:, None]) * proj_t[:, None]) * inv_n[:, None]
@@ -331,8 +405,18 @@ def _text_bwd_kernel(
 # ---------------------------------------------------------------- launch configuration
 
 TARGET_PROGRAMS = 132  # one wave of an H100/H200 (132 SMs): grids are split until they cover it
+WAVE_SHARE = 0.9       # ... or 90% of it, when one split fewer reads T once less per program
 MAX_BLOCK_M = 128      # prompts per class the row tiles hold (a class's prompts share a program)
 RESIDENT_BYTES = 64 * 1024  # a forward row tile up to this size is read once and kept (registers/shared)
+# The resident forward's row tile: 128 rows where the [128, D] tile fits WIDE_RESIDENT_BYTES
+# and the device has the shared memory (about 200 KiB at D=512 in 16-bit types: Hopper);
+# each program reads the basis R once per split, so 128-row tiles halve R's reads.
+WIDE_ROWS = 128
+BWD_ROWS = 128   # the backward's row tile (whole classes; more when a class has more prompts)
+BWD_MAX_CLS = 16  # ... holding at most this many classes (32 classes of M=4 spill: imagenet21k takes 64 rows)
+BWD_SWEEP = 128  # columns of T per round of the backward's <t, gu>, <u^, t> sweep (no dot: one load round each)
+WIDE_RESIDENT_BYTES = 128 * 1024
+WIDE_SMEM = 210 * 1024  # shared memory per block the wide tile needs (ptxas sm_90a: 200 KiB at D=512)
 
 
 def shape_constexprs(D: int, rank: int) -> dict:
@@ -345,7 +429,17 @@ _CONFIGS: dict = {}  # (C, M, D, rank, elem_bytes, tunables) -> text_config's an
 _CONFIGS_KEPT = 256
 
 
-def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
+def wide_tiles_fit(device) -> bool:
+    """Whether ``device`` gives a block the shared memory of the 128-row resident forward
+    (Hopper: 227 KiB; Ampere's 163 KiB and Ada's 99 KiB do not). True off the GPU: the
+    interpreter and the sm_90a compiled-code report take the Hopper tiles."""
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return True
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) >= WIDE_SMEM
+
+
+def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wide: bool = True) -> dict:
     """``build_text_config``'s answer for these sizes, worked out once and kept (it is a pure
     function of them): the triton backend's capability question computes it to answer
     (demul_fast.ops.triton_ops.capability), and the forward and backward launches of the
@@ -353,27 +447,42 @@ def text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
     built afresh (the question is asked once per trace, not per call). Raises ValueError
     for sizes beyond the kernels (M > MAX_BLOCK_M, D > MAX_D)."""
     if torch.compiler.is_compiling():  # traced code asks once per trace: no cache for guards to watch
-        return build_text_config(C, M, D, rank, elem_bytes)
+        return build_text_config(C, M, D, rank, elem_bytes, wide)
     # the sizes, and the module's tunables (tests change RESIDENT_BYTES to take both paths)
-    key = (C, M, D, rank, elem_bytes, RESIDENT_BYTES, TARGET_PROGRAMS, MAX_BLOCK_M, launch.MAX_D)
+    key = (C, M, D, rank, elem_bytes, wide, RESIDENT_BYTES, WIDE_RESIDENT_BYTES, WIDE_ROWS, TARGET_PROGRAMS,
+           MAX_BLOCK_M, launch.MAX_D)
     cfg = _CONFIGS.get(key)
     if cfg is None:
         if len(_CONFIGS) >= _CONFIGS_KEPT:
             _CONFIGS.clear()
-        cfg = _CONFIGS[key] = build_text_config(C, M, D, rank, elem_bytes)
+        cfg = _CONFIGS[key] = build_text_config(C, M, D, rank, elem_bytes, wide)
     return cfg
 
 
-def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) -> dict:
+def _splits(tiles: int, rank: int, block_n: int) -> tuple:
+    """(columns of r per split, splits): the fewest splits whose grid covers WAVE_SHARE of a
+    wave of TARGET_PROGRAMS (every split reads its row tile once more)."""
+    n_chunks = triton.cdiv(max(rank, 1), block_n)
+    want = max(1, min(n_chunks, triton.cdiv(int(TARGET_PROGRAMS * WAVE_SHARE), tiles)))
+    cols_per_split = block_n * triton.cdiv(n_chunks, want)
+    return cols_per_split, triton.cdiv(max(rank, 1), cols_per_split)
+
+
+def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wide: bool = True) -> dict:
     """Block sizes and grids of the text kernels for T [C, M, D] (elements of elem_bytes) and
     a basis of rank r.
 
     Rows per program: max(64, next_pow2(M)) (whole classes), 4 warps per 64 rows (Hopper's
     warpgroup MMA needs 64 rows). The forward reads its whole [rows, D] tile once when it
     fits RESIDENT_BYTES (norms, the products with every r chunk and the aggregation from the
-    one read; 64 columns of r per product), else streams D in BLOCK_K chunks per r chunk.
-    It splits r until the grid covers one wave; the backward splits its output D into
-    BLOCK_DO-column chunks.
+    one read; 32 columns of r per product), else streams D in BLOCK_K chunks per r chunk.
+    When ``wide`` (the device's shared memory allows, ``wide_tiles_fit``) and a 128-row tile
+    fits WIDE_RESIDENT_BYTES, the resident forward takes 128 rows (``fwd_*`` keys): every
+    program reads its columns of R once, so R moves half as often; its aggregation then
+    reads the tile once more in 64-row parts after the product (``AGG_PARTS``), as the whole
+    tile aggregated next to the resident one spills.
+    The forward splits r until the grid covers WAVE_SHARE of a wave; the backward splits
+    its output D into BLOCK_DO-column chunks.
     """
     bm = triton.next_power_of_2(M)
     if bm > MAX_BLOCK_M:
@@ -384,36 +493,53 @@ def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2) ->
     bcls = block_r // bm
     tiles = triton.cdiv(C, bcls)
     resident = block_r * block_d * elem_bytes <= RESIDENT_BYTES
+    fwd_r = max(WIDE_ROWS, bm)
+    if wide and resident and fwd_r > block_r and fwd_r * block_d * elem_bytes <= WIDE_RESIDENT_BYTES:
+        resident, agg_parts = True, fwd_r // block_r
+    else:
+        fwd_r, agg_parts = block_r, 0
+    fwd_cls = fwd_r // bm
+    fwd_tiles = triton.cdiv(C, fwd_cls)
     block_n = min(32 if resident else 128, max(16, triton.next_power_of_2(max(rank, 1))))
-    n_chunks = triton.cdiv(max(rank, 1), block_n)
-    cols_per_split = block_n * max(1, n_chunks // triton.cdiv(TARGET_PROGRAMS, tiles))  # rounded down: >= a wave
-    splits = triton.cdiv(max(rank, 1), cols_per_split)
-    # output chunks of up to 256 columns (8 warps): each chunk's program re-reads the row
-    # tile's v, F, t and du statistics, so fewer and wider chunks move fewer bytes
-    block_do = min(256 if block_r == 64 else 128, max(16, triton.next_power_of_2(D)))
+    cols_per_split, splits = _splits(fwd_tiles, rank, block_n)
+    # the backward: 128-row tiles (R read once per 128 rows) and output chunks of up to 256
+    # columns, 8 warps; each chunk's program re-reads the row tile's v, F, t and du statistics,
+    # so fewer and wider chunks move fewer bytes. Its [128, 256] float32 accumulator fits the
+    # registers since w du joins it as a product (no per-row float32 copy of du)
+    bwd_r = max(BWD_ROWS, bm)
+    if bwd_r // bm > BWD_MAX_CLS:  # many small classes per tile: their per-class sums spill at 128 rows
+        bwd_r = block_r
+    bwd_cls = bwd_r // bm
+    block_do = min(256 if bm < 128 else 128, max(16, triton.next_power_of_2(D)))
     # the backward holds v, F, dv and its product chunk at once: 32 columns of r keep it within the
     # registers (64 spill at imagenet21k, where a tile holds 16 classes of M=4)
     return dict(BLOCK_CLS=bcls, BLOCK_M=bm, BLOCK_K=64 if D >= 64 else max(16, triton.next_power_of_2(D)),
                 BLOCK_N=block_n, BLOCK_NB=min(block_n, 32), BLOCK_DO=block_do, num_warps=4 * block_r // 64,
+                bwd_BLOCK_CLS=bwd_cls, bwd_tiles=triton.cdiv(C, bwd_cls), BLOCK_KB=BWD_SWEEP if D >= BWD_SWEEP else
+                max(16, triton.next_power_of_2(D)),
                 RESIDENT=resident, BLOCK_D=block_d, fwd_stages=2 if resident else 3,
-                fwd_warps=(8 if resident else 4) * block_r // 64, bwd_warps=8 if block_do >= 256 else 4 * block_r // 64,
-                tiles=tiles, splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
+                fwd_warps=8 if agg_parts else (8 if resident else 4) * block_r // 64,
+                bwd_warps=8,
+                tiles=tiles, fwd_tiles=fwd_tiles, fwd_BLOCK_CLS=fwd_cls, AGG_PARTS=agg_parts,
+                splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
 
 
 FINISH_BLOCK = 1024
 
 
-def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None):
+def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None, finish: bool = True):
     """T [C, M, D] (any strides), A [C, M] (if agg); basis R [r, D] in T's dtype, cv [r],
     F [C, r], delta [C], beta [1] fp32 (if dist).
 
     Returns (n [C*M], u^ [C, D] in u_dtype (default T's) or None, |u| [C] or None,
     v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos))
-    with the statistics in float32 (None where not computed).
+    with the statistics in float32 (None where not computed). Without ``finish`` (the
+    head: its cross-entropy merge runs the finish in the same launch) the last three are
+    replaced by ``DistillPartials`` for ``finish_args`` (or None without dist).
     """
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
-    cfg = text_config(C, M, D, rank, T.element_size())
+    cfg = text_config(C, M, D, rank, T.element_size(), wide_tiles_fit(T.device))
     dev = T.device
     f32 = dict(dtype=torch.float32, device=dev)
     splits = cfg["splits"] if dist else 1
@@ -425,22 +551,42 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     vf = launch.new_output((splits, C * M), **f32) if dist else None
     dummy = norm
     A_ = A if agg else dummy
-    _text_fwd_kernel[(cfg["tiles"], splits)](
+    _text_fwd_kernel[(cfg["fwd_tiles"], splits)](
         T, A_, R if dist else T, cv if dist else dummy, F if dist else dummy,
         norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
         vf if dist else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
         AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
-        BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+        BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     zn = cos = loss_parts = None
+    if dist and not finish:
+        return norm, u, rn, v, DistillPartials(vv, vf, delta, beta, C * M, M, splits), None, None
     if dist:
-        programs = triton.cdiv(C * M, FINISH_BLOCK)
-        zn, cos = launch.new_output((C * M,), **f32), launch.new_output((C * M,), **f32)
-        loss_parts = launch.new_output((programs,), **f32)
-        _distill_finish_kernel[(programs,)](vv, vf, delta, beta, zn, cos, loss_parts, C * M, M, splits,
-                                            BLOCK=FINISH_BLOCK, num_warps=4)
+        zn, cos, loss_parts, args = finish_args(DistillPartials(vv, vf, delta, beta, C * M, M, splits))
+        _distill_finish_kernel[(loss_parts.shape[0],)](*args, BLOCK=FINISH_BLOCK, num_warps=4)
     return norm, u, rn, v, zn, cos, loss_parts
+
+
+class DistillPartials(NamedTuple):
+    """What the distillation finish reads: the forward's partial sums [splits, C*M] of |v|^2
+    and <v, F>, delta [C], beta [1], and the sizes."""
+    vv: torch.Tensor
+    vf: torch.Tensor
+    delta: torch.Tensor
+    beta: torch.Tensor
+    rows: int
+    M: int
+    splits: int
+
+
+def finish_args(p: DistillPartials):
+    """(|z|, cos [C*M], per-program sums of (1 - cos), the finish's arguments up to BLOCK):
+    the outputs allocated, for _distill_finish_kernel or a launch that runs _distill_finish."""
+    f32 = dict(dtype=torch.float32, device=p.vv.device)
+    zn, cos = launch.new_output((p.rows,), **f32), launch.new_output((p.rows,), **f32)
+    loss_parts = launch.new_output((triton.cdiv(p.rows, FINISH_BLOCK),), **f32)
+    return zn, cos, loss_parts, (p.vv, p.vf, p.delta, p.beta, zn, cos, loss_parts, p.rows, p.M, p.splits)
 
 
 def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, agg: bool, dist: bool,
@@ -451,19 +597,20 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
-    cfg = text_config(C, M, D, rank, T.element_size())
+    cfg = text_config(C, M, D, rank, T.element_size(), wide_tiles_fit(T.device))  # the forward's configuration
     dev = T.device
     dT = launch.new_output((C, M, D), T.dtype, dev)
     dA = launch.new_output((C, M), a_dtype or A.dtype, dev) if agg else None
     dummy = norm
-    _text_bwd_kernel[(cfg["tiles"], cfg["out_chunks"])](
+    _text_bwd_kernel[(cfg["bwd_tiles"], cfg["out_chunks"])](
         T, A if agg else dummy, norm, u if agg else dummy, rn if agg else dummy, grad_u if agg else dummy,
         R if dist else T, cv if dist else dummy, F if dist else dummy, v if dist else T,
         zn if dist else dummy, cos if dist else dummy,
         (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
         dT, dA if agg else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), launch.fp32_scalar(w_loss),
-        **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), BLOCK_CLS=cfg["BLOCK_CLS"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_NB"], BLOCK_DO=cfg["BLOCK_DO"],
+        **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype),
+        BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
+        BLOCK_DO=cfg["BLOCK_DO"],
         num_warps=cfg["bwd_warps"])
     return dT, dA

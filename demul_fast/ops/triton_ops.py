@@ -49,6 +49,18 @@ _R_CACHE: dict = {}  # (R's address, version, shape, dtypes) -> (R, R in the com
 _R_CACHE_SIZE = 4
 
 
+_ZEROS: dict = {}  # device -> a float32 [1] zero, made once (never written: the kernels only read it)
+
+
+def _zero(device) -> Tensor:
+    """The [1] float32 zero a backward passes for a loss gradient autograd left out: one per
+    device, kept, so that a step makes no fill for it (a launch of its own per step before)."""
+    z = _ZEROS.get(device)
+    if z is None:
+        z = _ZEROS[device] = torch.zeros(1, dtype=f32, device=device)
+    return z
+
+
 def _basis_r(R: Tensor, dtype: torch.dtype) -> Tensor:
     """R as the dot operand: in T's dtype, contiguous. The frozen basis is the same tensor
     every step, so its cast is made once and kept (with R itself, whose memory therefore
@@ -237,8 +249,11 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
     X, y = image_features.contiguous(), labels.contiguous()
     dist = R is not None
     basis = _basis_args(T, R, c, F, delta, beta) if dist else (None,) * 5
-    n, U, r, v, zn, cos, parts = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32)
-    rows, lse, xn, logits = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits)
+    # the distillation's finish runs in the cross-entropy merge's launch (one launch fewer)
+    n, U, r, v, partials, _, _ = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32,
+                                                    finish=False)
+    rows, lse, xn, logits, *finished = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits, dist=partials)
+    zn, cos, parts = finished if dist else (None, None, None)
     loss, ce, dl = _ce.losses(rows, parts, zn.shape[0] if dist else 1, alpha, X.device)
     if not dist:
         v, zn, cos = _empty(U), _empty(U), _empty(U)
@@ -272,12 +287,10 @@ def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tens
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     GL = grad_logits.contiguous() if grad_logits is not None else None
-    zero = None
     grads = []
     for g in (grad_loss, grad_ce, grad_dist):
-        if g is None:  # autograd left it out (set_materialize_grads(False)): one zero for all three
-            zero = zero if zero is not None else torch.zeros(1, dtype=f32, device=T.device)
-            g = zero
+        if g is None:  # autograd left it out (set_materialize_grads(False)): the device's kept zero
+            g = _zero(T.device)
         grads.append(g.to(f32).reshape(1))
     g_loss, g_ce, g_dist = grads
     dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
@@ -360,7 +373,8 @@ def capability(call: Call) -> Capability:
     try:
         if T is not None:
             c, m, d = T.shape
-            plan["text"] = _text.text_config(c, m, d, distill_rank(call), T.element_size())
+            plan["text"] = _text.text_config(c, m, d, distill_rank(call), T.element_size(),
+                                             _text.wide_tiles_fit(T.device))
         feats = call.arg("image_features")
         if call.fn in ("cosine_cross_entropy", "demul_head") and feats is not None:
             classes = call.arg("class_features")
