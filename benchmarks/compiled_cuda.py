@@ -311,19 +311,25 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         add("bwd image normalize", rf"30normalize_rows_backward_kernelI{t}E", (B,), 6 * B * D,
             2 * e * B * D + 4 * B * D + 4 * B)
     # the text backward: block (x, y) owns 64 rows and group y of the 64-wide column chunks
-    # (plan "text_backward"); it reads its rows of T, and the dL/du^, u^ rows of their classes,
-    # whole for the per-row scalars and its columns again in the epilogue, builds G from its
-    # rows of p, F and c once (per chunk when G goes in panels), and streams R's columns of
-    # its group ([r, D / groups] float32: all of R once per row tile).
+    # (plan "text_backward"). Counted per warp access as the code issues them (32-byte
+    # sectors; csrc/text_head.cu): per group, its rows of T once for the per-row scalars
+    # (warp w takes 8 consecutive rows) with the dL/du^ and u^ columns once per class change
+    # in the warp's rows; G built from p (T's dtype), F once per class change and c once per
+    # warp (per chunk when G goes in panels); R's columns of the group streamed by cp.async
+    # ([r, D / groups] float32: all of R once per row tile); the epilogue's t, and dL/du^ and
+    # u^ per pair of rows a warp writes (one class or two), dT written once; per row a sector
+    # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
     tb = plan["text_backward"]["splits"]
     tiles = cdiv(R, TILE)
     chunks = cdiv(D, TILE)
     builds = tb if text_backward_panel(r, dtype) >= r else chunks  # G builds per row tile
-    classes = min(C, tiles * (cdiv(TILE, M) + 1))  # class rows a row tile touches, over the tiles
+    warps = cdiv(R, 8)
+    warp_classes = sum(len({i // M for i in range(8 * q, min(R, 8 * q + 8))}) for q in range(warps))
+    pair_classes = sum(len({i // M for i in range(q, min(R, q + 2))}) for q in range(0, R, 2))
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
-        (tb + 1) * e * R * D + builds * (e * R * r + 4 * classes * r + 4 * tiles * r) + 4 * tiles * r * D
-        + (tb + 1) * 4 * 2 * classes * D + e * R * D + 4 * (5 * R + C),
+        tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
+        + 4 * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R,
         dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
         hbm=2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
     add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
@@ -348,7 +354,7 @@ def trace_unavailable_reason() -> Optional[str]:
 
 
 def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sample: int = 5,
-               sizes: Optional[Dict[str, int]] = None) -> List[dict]:
+               sizes: Optional[Dict[str, int]] = None, lines: bool = False) -> List[dict]:
     """Every CUDA launch of one demul_head forward + backward (X frozen or trained), run in the
     instrumented emulation (tests/cuda_emu, ``build(instrument=True)``; include/emu_instrument.h)
     at the preset's sizes: per launch {"kernel", "grid", "sampled_blocks", "l2_read_bytes",
@@ -358,9 +364,9 @@ def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sampl
     blocks (a sector read by every block, or twice by one, counts each time); HBM bytes are the
     distinct sectors of the launch, per tensor. ``sample`` blocks per grid axis run (the first
     two, the last two, evenly spaced ones between, each standing for its share: compiled_trace's
-    ``sample_grid``; 0: all); HBM bytes per tensor are extrapolated from them, at most the tensor."""
-    import json
-
+    ``sample_grid``; 0: all); HBM bytes per tensor are extrapolated from them, at most the tensor.
+    Each launch's ``sites`` (``parse_trace``) break the L2 bytes down per access site; ``lines``:
+    with their source lines."""
     import torch
 
     from benchmarks.compiled_trace import head_inputs
@@ -385,6 +391,18 @@ def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sampl
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return parse_trace(text, module.__file__ if lines else None)
+
+
+def parse_trace(text: str, library: Optional[str] = None) -> List[dict]:
+    """The instrumented emulation's trace (one JSON object per launch, include/emu_hooks.cpp)
+    as launches {"kernel", "grid", "blocks", "sampled_blocks", "l2_read_bytes",
+    "l2_write_bytes", "l2_bytes", "hbm_read_bytes", "hbm_write_bytes", "sites"}; ``sites``: per
+    access site (code address) {"pc", "write", "warp_accesses", "lane_accesses", "bytes" (asked
+    by the lanes), "sector_bytes" (moved)}, weighted like the L2 bytes; with ``library`` (the
+    instrumented build's file) each site also gets its "line" (``site_lines``)."""
+    import json
+
     launches = []
     for line in text.splitlines():
         x = json.loads(line)
@@ -400,8 +418,46 @@ def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sampl
                              blocks=blocks, sampled_blocks=x["sampled_blocks"],
                              l2_read_bytes=int(round(x["l2_read_bytes"])), l2_write_bytes=int(round(x["l2_write_bytes"])),
                              l2_bytes=int(round(x["l2_read_bytes"] + x["l2_write_bytes"])),
-                             hbm_read_bytes=int(round(hbm[0])) * 32, hbm_write_bytes=int(round(hbm[1])) * 32))
+                             hbm_read_bytes=int(round(hbm[0])) * 32, hbm_write_bytes=int(round(hbm[1])) * 32,
+                             sites=[dict(pc=int(pc), write=bool(w), warp_accesses=g, lane_accesses=a, bytes=b,
+                                         sector_bytes=sb) for pc, w, g, a, b, sb in x.get("sites", [])]))
+    if library:
+        where = site_lines(library, sorted({s["pc"] for x in launches for s in x["sites"]}))
+        for x in launches:
+            for s in x["sites"]:
+                s["line"] = where.get(s["pc"], "?")
     return launches
+
+
+def site_lines(library: str, pcs: List[int]) -> Dict[int, str]:
+    """{code address relative to ``library``: "file:line"} of the trace's access sites (the
+    return addresses of the instrumentation's calls), by addr2line: the inlined frames in csrc/'s
+    files from the innermost out to the kernel's .cu file ("common.cuh:80 < text_head.cu:336"), else the innermost frame."""
+    out: Dict[int, str] = {}
+    if not pcs or shutil.which("addr2line") is None:
+        return out
+    text = subprocess.run(["addr2line", "-a", "-i", "-e", library] + [hex(pc - 1) for pc in pcs],
+                          capture_output=True, text=True, check=False).stdout
+    frames: Dict[int, List[str]] = {}
+    cur = None
+    for line in text.splitlines():
+        if line.startswith("0x"):
+            cur = int(line, 16) + 1
+            frames[cur] = []
+        elif cur is not None:
+            frames[cur].append(os.path.basename(line.split(" ")[0]))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = set(os.listdir(os.path.join(here, "csrc")))
+    for pc, fs in frames.items():
+        own = [f for f in fs if f.rsplit(":", 1)[0] in csrc]
+        chain = []
+        for f in own:  # from the innermost helper out to the first .cu frame (the kernel's file)
+            if f not in chain:
+                chain.append(f)
+            if re.search(r"\.cu:\d+$", f):
+                break
+        out[pc] = " < ".join(chain) if chain else (fs[0] if fs else "?")
+    return out
 
 
 def match_trace(launches: List[dict], traced: List[dict]) -> List[Optional[dict]]:
