@@ -18,10 +18,14 @@ the basis of SPEC 4.3 (r = min(K, D)).
 
 FLOPs and bytes per launch are formulas from the kernels' code (each tensor a block reads
 counted once per block that reads it where the kernel re-reads it per block: the text
-backward's rows of T and G build per column group, the distillation's T per split, the
-basis R once per row tile in both), NOT a trace as for the Triton kernels: ``l2_bytes``
-carries them, ``hbm_bytes`` too except for those two kernels, whose ``hbm_bytes`` counts each
-tensor once (R, 1 MB at imagenet, stays in L2); ``traced`` is False.
+backward's rows of T and G build per column group, its class rows per class change of a
+warp's rows, the distillation's T per split, the basis R once per row tile in both, the CE
+GEMMs' operands once per row / column tile), NOT a trace as for the Triton kernels:
+``l2_bytes`` carries them, ``hbm_bytes`` too except for the kernels whose ``hbm_bytes`` counts
+each tensor once (R, 1 MB at imagenet, stays in L2); ``traced`` is False. At imagenet (bf16)
+the formulas of the text backward, distillation forward and CE GEMMs agree with the trace
+(``trace_head``) within 7%; the one-block finalize and prompt-logit kernels (under 0.5 MB)
+count each tensor once and trace up to 3x that.
 ``rounds`` counts the serial per-element loops of the one-block finalize kernels.
 Times are modelled by benchmarks/compiled_model.py.
 
@@ -289,8 +293,14 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
         hbm=e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
+    # The tile_dot GEMMs (cross-entropy, its gradients): L2 bytes per block as the trace counts
+    # them (each block reads its rows of both operands, a 16-lane row read is whole sectors:
+    # X once per class split / class tile, u^ and dL/ds once per row tile / column tile),
+    # plus the per-row partials and scalars the trace shows (2-lane stores, broadcast reads);
+    # HBM bytes count each tensor once.
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
-        2 * B * C * D + 8 * B * C, e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
+        2 * B * C * D + 8 * B * C, ce_s * (e * B * D + 100 * B) + cdiv(B, TILE) * 4 * C * D,
+        hbm=e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
     # one block of 1024 threads; each thread loops over its rows and, per row, over the splits
     add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8,
         rounds=cdiv(B, 1024) * ce_s)
@@ -298,9 +308,10 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         8 * dist_s * R + 4 * (C + 2 * R) + 8, rounds=cdiv(R, 1024) * dist_s)
     # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA
     add("bwd ce grad", rf"14ce_grad_kernelI{t}", (cdiv(C, TILE), cdiv(B, TILE)), 2 * B * C * D + 12 * B * C,
-        4 * C * D + e * B * D + 16 * B + g * C * B)
+        cdiv(B, TILE) * 4 * C * D + cdiv(C, TILE) * e * B * D + 8 * C * B + g * C * B + 128 * B,
+        hbm=4 * C * D + e * B * D + 16 * B + g * C * B)
     add("bwd ce class grad", rf"20ce_class_grad_kernelI{t}", (cdiv(C, TILE), cdiv(D, TILE)), 2 * B * C * D,
-        g * C * B + e * B * D + 4 * C * D)
+        cdiv(D, TILE) * g * C * B + cdiv(C, TILE) * e * B * D + 4 * C * D, hbm=g * C * B + e * B * D + 4 * C * D)
     if mode == "trained":  # dL/dx^ = G u (a sweep over the classes), its split sum, then the normalisation
         xs = plan["ce_image"]["splits"]
         add("bwd image sweep", rf"12sweep_kernelI{t}.*CeImageRows", (cdiv(B, TILE), xs), 2 * B * C * D + 12 * B * C,
