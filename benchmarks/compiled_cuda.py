@@ -282,14 +282,18 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # takes the norms of T and (fused) aggregates. Bytes as the blocks read them: block (x, y)
     # reads its tile of T once (the resident-tile kernel; the streamed kernel re-reads it per
     # 64-wide chunk of r), its r range of R ([r/splits, D] float32: all of R once per row
-    # tile), c and the F rows of its classes.
+    # tile), c per warp and the F rows of its classes per pair of rows a warp access covers.
     d_tiles = cdiv(R, tile_rows)
     t_reads = dist_s if distill_tile_fits(D, dtype) else cdiv(r, TILE)
+    # the epilogue's F reads: a warp access covers two rows (one class or two) of a tile
+    f_pairs = sum(len({i // M for i in range(q, min(q + 2, t0 + tile_rows, R))})
+                  for t0 in range(0, R, tile_rows) for q in range(t0, min(t0 + tile_rows, R), 2))
     add("fwd distill" + (" + aggregate" if fused else ""),
         rf"{'27distill_forward_tile_kernel' if distill_tile_fits(D, dtype) else '30distill_forward_partial_kernel'}"
         rf"I{t}E",
         (d_tiles, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
-        t_reads * e * R * D + e * R * r + 4 * d_tiles * (r * D + r) + 4 * C * r + 8 * dist_s * R
+        t_reads * e * R * D + e * R * r + 4 * d_tiles * (r * D + r) + 4 * f_pairs * r + 4 * 8 * d_tiles * r
+        + 8 * dist_s * R
         + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
         hbm=e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)

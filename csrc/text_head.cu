@@ -15,8 +15,10 @@
 // Block (x, y) owns rows 64x .. 64x+63 and the y-th group of 64-wide column chunks of dT
 // (ops.h text_backward_split: one group when the row tiles fill the device, and at least
 // two chunks per group). It builds its rows' G once, for the whole rank, into (dynamic)
-// shared memory (16-byte loads of p, F and c where rank and the bases allow, the class
-// index once per row), and keeps it there for every chunk of its group; ranks too large
+// shared memory (a warp per 8 consecutive rows, 4-wide pieces: every warp access reads 128
+// contiguous columns of p, F and c where rank and the bases allow; c once per warp, F once
+// per class change, the class index once per row), and keeps it there for every chunk of
+// its group; ranks too large
 // for the shared memory budget go in panels, rebuilt per chunk. The basis R streams
 // through a two-stage cp.async pipeline (__pipeline_memcpy_async, 16-byte copies where D
 // and the base allow, 4-byte otherwise) in [32 x 64] chunks, one barrier per chunk; the
