@@ -318,8 +318,11 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         cdiv(D, TILE) * g * C * B + cdiv(C, TILE) * e * B * D + 4 * C * D, hbm=g * C * B + e * B * D + 4 * C * D)
     if mode == "trained":  # dL/dx^ = G u (a sweep over the classes), its split sum, then the normalisation
         xs = plan["ce_image"]["splits"]
+        # per block: its X rows once per class split, u^ once per row tile, the rows of B G once
+        # per 64-wide column chunk, its float32 partial written
         add("bwd image sweep", rf"12sweep_kernelI{t}.*CeImageRows", (cdiv(B, TILE), xs), 2 * B * C * D + 12 * B * C,
-            xs * (e * B * D) + 4 * C * D + 4 * xs * B * D + 16 * B)
+            xs * (e * B * D) + cdiv(B, TILE) * 4 * C * D + cdiv(D, TILE) * 4 * B * C + 4 * xs * B * D + 16 * B,
+            hbm=xs * (e * B * D) + 4 * C * D + 4 * xs * B * D + 16 * B)
         if xs > 1:
             add("bwd image split sum", r"17sum_splits_kernel", (min(cdiv(B * D, 256), 4096),), xs * B * D,
                 4 * (xs + 1) * B * D)
@@ -476,17 +479,19 @@ def site_lines(library: str, pcs: List[int]) -> Dict[int, str]:
 
 
 def match_trace(launches: List[dict], traced: List[dict]) -> List[Optional[dict]]:
-    """For each planned launch (``head_launches``), in order, the next traced launch of that
-    kernel (None if none): the plan and the code must agree."""
-    out, i = [], 0
+    """For each planned launch (``head_launches``), in order, the first traced launch of that
+    kernel not matched yet (None if none): the plan and the code must agree on the launches,
+    not on their order (X trained: the code runs the image sweep and its split sum before the
+    CE gradient kernels and the image normalisation last; the plan lists them together)."""
+    out, used = [], set()
     for launch in launches:
         name = _kernel_name(launch["symbol"])
-        j = next((k for k in range(i, len(traced)) if traced[k]["kernel"] == name), None)
+        j = next((k for k in range(len(traced)) if k not in used and traced[k]["kernel"] == name), None)
         out.append(traced[j] if j is not None else None)
         if j is not None:
+            used.add(j)
             if traced[j]["blocks"] != math.prod(launch["grid"]):
                 raise RuntimeError(f"{launch['name']}: the plan launches {launch['grid']} blocks, the code {traced[j]['grid']}")
-            i = j + 1
     return out
 
 
