@@ -18,10 +18,14 @@ the basis of SPEC 4.3 (r = min(K, D)).
 
 FLOPs and bytes per launch are formulas from the kernels' code (each tensor a block reads
 counted once per block that reads it where the kernel re-reads it per block: the text
-backward's rows of T and G build per column group, the distillation's T per split, the
-basis R once per row tile in both), NOT a trace as for the Triton kernels: ``l2_bytes``
-carries them, ``hbm_bytes`` too except for those two kernels, whose ``hbm_bytes`` counts each
-tensor once (R, 1 MB at imagenet, stays in L2); ``traced`` is False.
+backward's rows of T and G build per column group, its class rows per class change of a
+warp's rows, the distillation's T per split, the basis R once per row tile in both, the CE
+GEMMs' operands once per row / column tile), NOT a trace as for the Triton kernels:
+``l2_bytes`` carries them, ``hbm_bytes`` too except for the kernels whose ``hbm_bytes`` counts
+each tensor once (R, 1 MB at imagenet, stays in L2); ``traced`` is False. At imagenet (bf16)
+the formulas of the text backward, distillation forward and CE GEMMs agree with the trace
+(``trace_head``) within 7%; the one-block finalize and prompt-logit kernels (under 0.5 MB)
+count each tensor once and trace up to 3x that.
 ``rounds`` counts the serial per-element loops of the one-block finalize kernels.
 Times are modelled by benchmarks/compiled_model.py.
 
@@ -290,19 +294,29 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # takes the norms of T and (fused) aggregates. Bytes as the blocks read them: block (x, y)
     # reads its tile of T once (the resident-tile kernel; the streamed kernel re-reads it per
     # 64-wide chunk of r), its r range of R ([r/splits, D] float32: all of R once per row
-    # tile), c and the F rows of its classes.
+    # tile), c per warp and the F rows of its classes per pair of rows a warp access covers.
     d_tiles = cdiv(R, tile_rows)
     t_reads = dist_s if distill_tile_fits(D, dtype) else cdiv(r, TILE)
+    # the epilogue's F reads: a warp access covers two rows (one class or two) of a tile
+    f_pairs = sum(len({i // M for i in range(q, min(q + 2, t0 + tile_rows, R))})
+                  for t0 in range(0, R, tile_rows) for q in range(t0, min(t0 + tile_rows, R), 2))
     add("fwd distill" + (" + aggregate" if fused else ""),
         rf"{'27distill_forward_tile_kernel' if distill_tile_fits(D, dtype) else '30distill_forward_partial_kernel'}"
         rf"I{t}E",
         (d_tiles, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
-        t_reads * e * R * D + e * R * r + 4 * d_tiles * (r * D + r) + 4 * C * r + 8 * dist_s * R
+        t_reads * e * R * D + e * R * r + 4 * d_tiles * (r * D + r) + 4 * f_pairs * r + 4 * 8 * d_tiles * r
+        + 8 * dist_s * R
         + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
         hbm=e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
+    # The tile_dot GEMMs (cross-entropy, its gradients): L2 bytes per block as the trace counts
+    # them (each block reads its rows of both operands, a 16-lane row read is whole sectors:
+    # X once per class split / class tile, u^ and dL/ds once per row tile / column tile),
+    # plus the per-row partials and scalars the trace shows (2-lane stores, broadcast reads);
+    # HBM bytes count each tensor once.
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
-        2 * B * C * D + 8 * B * C, e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
+        2 * B * C * D + 8 * B * C, ce_s * (e * B * D + 100 * B) + cdiv(B, TILE) * 4 * C * D,
+        hbm=e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
     # one block of 1024 threads; each thread loops over its rows and, per row, over the splits
     add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8,
         rounds=cdiv(B, 1024) * ce_s)
@@ -310,32 +324,42 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         8 * dist_s * R + 4 * (C + 2 * R) + 8, rounds=cdiv(R, 1024) * dist_s)
     # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA
     add("bwd ce grad", rf"14ce_grad_kernelI{t}", (cdiv(C, TILE), cdiv(B, TILE)), 2 * B * C * D + 12 * B * C,
-        4 * C * D + e * B * D + 16 * B + g * C * B)
+        cdiv(B, TILE) * 4 * C * D + cdiv(C, TILE) * e * B * D + 8 * C * B + g * C * B + 128 * B,
+        hbm=4 * C * D + e * B * D + 16 * B + g * C * B)
     add("bwd ce class grad", rf"20ce_class_grad_kernelI{t}", (cdiv(C, TILE), cdiv(D, TILE)), 2 * B * C * D,
-        g * C * B + e * B * D + 4 * C * D)
+        cdiv(D, TILE) * g * C * B + cdiv(C, TILE) * e * B * D + 4 * C * D, hbm=g * C * B + e * B * D + 4 * C * D)
     if mode == "trained":  # dL/dx^ = G u (a sweep over the classes), its split sum, then the normalisation
         xs = plan["ce_image"]["splits"]
+        # per block: its X rows once per class split, u^ once per row tile, the rows of B G once
+        # per 64-wide column chunk, its float32 partial written
         add("bwd image sweep", rf"12sweep_kernelI{t}.*CeImageRows", (cdiv(B, TILE), xs), 2 * B * C * D + 12 * B * C,
-            xs * (e * B * D) + 4 * C * D + 4 * xs * B * D + 16 * B)
+            xs * (e * B * D) + cdiv(B, TILE) * 4 * C * D + cdiv(D, TILE) * 4 * B * C + 4 * xs * B * D + 16 * B,
+            hbm=xs * (e * B * D) + 4 * C * D + 4 * xs * B * D + 16 * B)
         if xs > 1:
             add("bwd image split sum", r"17sum_splits_kernel", (min(cdiv(B * D, 256), 4096),), xs * B * D,
                 4 * (xs + 1) * B * D)
         add("bwd image normalize", rf"30normalize_rows_backward_kernelI{t}E", (B,), 6 * B * D,
             2 * e * B * D + 4 * B * D + 4 * B)
     # the text backward: block (x, y) owns 64 rows and group y of the 64-wide column chunks
-    # (plan "text_backward"); it reads its rows of T, and the dL/du^, u^ rows of their classes,
-    # whole for the per-row scalars and its columns again in the epilogue, builds G from its
-    # rows of p, F and c once (per chunk when G goes in panels), and streams R's columns of
-    # its group ([r, D / groups] float32: all of R once per row tile).
+    # (plan "text_backward"). Counted per warp access as the code issues them (32-byte
+    # sectors; csrc/text_head.cu): per group, its rows of T once for the per-row scalars
+    # (warp w takes 8 consecutive rows) with the dL/du^ and u^ columns once per class change
+    # in the warp's rows; G built from p (T's dtype), F once per class change and c once per
+    # warp (per chunk when G goes in panels); R's columns of the group streamed by cp.async
+    # ([r, D / groups] float32: all of R once per row tile); the epilogue's t, and dL/du^ and
+    # u^ per pair of rows a warp writes (one class or two), dT written once; per row a sector
+    # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
     tb = plan["text_backward"]["splits"]
     tiles = cdiv(R, TILE)
     chunks = cdiv(D, TILE)
     builds = tb if text_backward_panel(r, dtype) >= r else chunks  # G builds per row tile
-    classes = min(C, tiles * (cdiv(TILE, M) + 1))  # class rows a row tile touches, over the tiles
+    warps = cdiv(R, 8)
+    warp_classes = sum(len({i // M for i in range(8 * q, min(R, 8 * q + 8))}) for q in range(warps))
+    pair_classes = sum(len({i // M for i in range(q, min(R, q + 2))}) for q in range(0, R, 2))
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
-        (tb + 1) * e * R * D + builds * (e * R * r + 4 * classes * r + 4 * tiles * r) + 4 * tiles * r * D
-        + (tb + 1) * 4 * 2 * classes * D + e * R * D + 4 * (5 * R + C),
+        tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
+        + 4 * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R,
         dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
         hbm=2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
     add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
@@ -360,7 +384,7 @@ def trace_unavailable_reason() -> Optional[str]:
 
 
 def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sample: int = 5,
-               sizes: Optional[Dict[str, int]] = None) -> List[dict]:
+               sizes: Optional[Dict[str, int]] = None, lines: bool = False) -> List[dict]:
     """Every CUDA launch of one demul_head forward + backward (X frozen or trained), run in the
     instrumented emulation (tests/cuda_emu, ``build(instrument=True)``; include/emu_instrument.h)
     at the preset's sizes: per launch {"kernel", "grid", "sampled_blocks", "l2_read_bytes",
@@ -370,9 +394,9 @@ def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sampl
     blocks (a sector read by every block, or twice by one, counts each time); HBM bytes are the
     distinct sectors of the launch, per tensor. ``sample`` blocks per grid axis run (the first
     two, the last two, evenly spaced ones between, each standing for its share: compiled_trace's
-    ``sample_grid``; 0: all); HBM bytes per tensor are extrapolated from them, at most the tensor."""
-    import json
-
+    ``sample_grid``; 0: all); HBM bytes per tensor are extrapolated from them, at most the tensor.
+    Each launch's ``sites`` (``parse_trace``) break the L2 bytes down per access site; ``lines``:
+    with their source lines."""
     import torch
 
     from benchmarks.compiled_trace import head_inputs
@@ -397,6 +421,18 @@ def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sampl
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return parse_trace(text, module.__file__ if lines else None)
+
+
+def parse_trace(text: str, library: Optional[str] = None) -> List[dict]:
+    """The instrumented emulation's trace (one JSON object per launch, include/emu_hooks.cpp)
+    as launches {"kernel", "grid", "blocks", "sampled_blocks", "l2_read_bytes",
+    "l2_write_bytes", "l2_bytes", "hbm_read_bytes", "hbm_write_bytes", "sites"}; ``sites``: per
+    access site (code address) {"pc", "write", "warp_accesses", "lane_accesses", "bytes" (asked
+    by the lanes), "sector_bytes" (moved)}, weighted like the L2 bytes; with ``library`` (the
+    instrumented build's file) each site also gets its "line" (``site_lines``)."""
+    import json
+
     launches = []
     for line in text.splitlines():
         x = json.loads(line)
@@ -412,22 +448,62 @@ def trace_head(preset: str, mode: str = "frozen", dtype: str = "bfloat16", sampl
                              blocks=blocks, sampled_blocks=x["sampled_blocks"],
                              l2_read_bytes=int(round(x["l2_read_bytes"])), l2_write_bytes=int(round(x["l2_write_bytes"])),
                              l2_bytes=int(round(x["l2_read_bytes"] + x["l2_write_bytes"])),
-                             hbm_read_bytes=int(round(hbm[0])) * 32, hbm_write_bytes=int(round(hbm[1])) * 32))
+                             hbm_read_bytes=int(round(hbm[0])) * 32, hbm_write_bytes=int(round(hbm[1])) * 32,
+                             sites=[dict(pc=int(pc), write=bool(w), warp_accesses=g, lane_accesses=a, bytes=b,
+                                         sector_bytes=sb) for pc, w, g, a, b, sb in x.get("sites", [])]))
+    if library:
+        where = site_lines(library, sorted({s["pc"] for x in launches for s in x["sites"]}))
+        for x in launches:
+            for s in x["sites"]:
+                s["line"] = where.get(s["pc"], "?")
     return launches
 
 
+def site_lines(library: str, pcs: List[int]) -> Dict[int, str]:
+    """{code address relative to ``library``: "file:line"} of the trace's access sites (the
+    return addresses of the instrumentation's calls), by addr2line: the inlined frames in csrc/'s
+    files from the innermost out to the kernel's .cu file ("common.cuh:80 < text_head.cu:336"), else the innermost frame."""
+    out: Dict[int, str] = {}
+    if not pcs or shutil.which("addr2line") is None:
+        return out
+    text = subprocess.run(["addr2line", "-a", "-i", "-e", library] + [hex(pc - 1) for pc in pcs],
+                          capture_output=True, text=True, check=False).stdout
+    frames: Dict[int, List[str]] = {}
+    cur = None
+    for line in text.splitlines():
+        if line.startswith("0x"):
+            cur = int(line, 16) + 1
+            frames[cur] = []
+        elif cur is not None:
+            frames[cur].append(os.path.basename(line.split(" ")[0]))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    csrc = set(os.listdir(os.path.join(here, "csrc")))
+    for pc, fs in frames.items():
+        own = [f for f in fs if f.rsplit(":", 1)[0] in csrc]
+        chain = []
+        for f in own:  # from the innermost helper out to the first .cu frame (the kernel's file)
+            if f not in chain:
+                chain.append(f)
+            if re.search(r"\.cu:\d+$", f):
+                break
+        out[pc] = " < ".join(chain) if chain else (fs[0] if fs else "?")
+    return out
+
+
 def match_trace(launches: List[dict], traced: List[dict]) -> List[Optional[dict]]:
-    """For each planned launch (``head_launches``), in order, the next traced launch of that
-    kernel (None if none): the plan and the code must agree."""
-    out, i = [], 0
+    """For each planned launch (``head_launches``), in order, the first traced launch of that
+    kernel not matched yet (None if none): the plan and the code must agree on the launches,
+    not on their order (X trained: the code runs the image sweep and its split sum before the
+    CE gradient kernels and the image normalisation last; the plan lists them together)."""
+    out, used = [], set()
     for launch in launches:
         name = _kernel_name(launch["symbol"])
-        j = next((k for k in range(i, len(traced)) if traced[k]["kernel"] == name), None)
+        j = next((k for k in range(len(traced)) if k not in used and traced[k]["kernel"] == name), None)
         out.append(traced[j] if j is not None else None)
         if j is not None:
+            used.add(j)
             if traced[j]["blocks"] != math.prod(launch["grid"]):
                 raise RuntimeError(f"{launch['name']}: the plan launches {launch['grid']} blocks, the code {traced[j]['grid']}")
-            i = j + 1
     return out
 
 

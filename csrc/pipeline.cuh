@@ -77,6 +77,39 @@ __device__ __forceinline__ void store16(TC* p, const float* x) {
   *reinterpret_cast<uint4*>(p) = u;
 }
 
+// Loads 4 values of T (16 bytes of float32, 8 of a 16-bit type) from an address aligned to
+// their size.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, float (&x)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    x[0] = half_bits_to_f(static_cast<unsigned short>(u.x & 0xffffu), static_cast<T*>(nullptr));
+    x[1] = half_bits_to_f(static_cast<unsigned short>(u.x >> 16), static_cast<T*>(nullptr));
+    x[2] = half_bits_to_f(static_cast<unsigned short>(u.y & 0xffffu), static_cast<T*>(nullptr));
+    x[3] = half_bits_to_f(static_cast<unsigned short>(u.y >> 16), static_cast<T*>(nullptr));
+  }
+}
+
+// Stores 4 values rounded to TC at an address aligned to their size.
+template <typename TC>
+__device__ __forceinline__ void store4(TC* p, const float (&x)[4]) {
+  if constexpr (std::is_same_v<TC, float>) {
+    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+  } else {
+    const uint32_t lo = static_cast<uint32_t>(f_to_bits(x[0], static_cast<TC*>(nullptr))) |
+                        (static_cast<uint32_t>(f_to_bits(x[1], static_cast<TC*>(nullptr))) << 16);
+    const uint32_t hi = static_cast<uint32_t>(f_to_bits(x[2], static_cast<TC*>(nullptr))) |
+                        (static_cast<uint32_t>(f_to_bits(x[3], static_cast<TC*>(nullptr))) << 16);
+    *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
+  }
+}
+
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace demul

@@ -15,8 +15,10 @@
 // Block (x, y) owns rows 64x .. 64x+63 and the y-th group of 64-wide column chunks of dT
 // (ops.h text_backward_split: one group when the row tiles fill the device, and at least
 // two chunks per group). It builds its rows' G once, for the whole rank, into (dynamic)
-// shared memory (16-byte loads of p, F and c where rank and the bases allow, the class
-// index once per row), and keeps it there for every chunk of its group; ranks too large
+// shared memory (a warp per 8 consecutive rows, 4-wide pieces: every warp access reads 128
+// contiguous columns of p, F and c where rank and the bases allow; c once per warp, F once
+// per class change, the class index once per row), and keeps it there for every chunk of
+// its group; ranks too large
 // for the shared memory budget go in panels, rebuilt per chunk. The basis R streams
 // through a two-stage cp.async pipeline (__pipeline_memcpy_async, 16-byte copies where D
 // and the base allow, 4-byte otherwise) in [32 x 64] chunks, one barrier per chunk; the
@@ -33,6 +35,7 @@ namespace demul {
 namespace {
 
 constexpr int kWarps = kThreads / 32;
+constexpr int kRows = kTile / kWarps;  // rows of the tile per warp in the per-row phases
 
 // The shared memory of text_backward_kernel, in bytes from a 128-byte aligned base: G [64]
 // [g_ld] (T's tensor-core type, or float32), the two float32 stages of the R chunks [32][68],
@@ -214,42 +217,66 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
     issue(1, 1);
   }
 
-  // 1. Per-row scalars; the aggregation's need whole rows of t (a warp per row).
-  for (int il = warp; il < kTile; il += kWarps) {
-    const int64_t i = r0 + il;
-    const int64_t c = i < rows ? i / M : 0;  // the class of the row, once
-    float ni = 1.f, wi = 0.f, dwi = 0.f, ug = 0.f, rc = 1.f;
-    if (i < rows) {
-      ni = a.n[i];
-      if (agg) {
-        const T* ti = t + i * D;
-        const float* gc = a.g + c * D;
-        const float* uc = a.u32 + c * D;
-        float tg = 0.f, tu = 0.f, gu = 0.f;
-        for (int64_t d = lane; d < D; d += 32) {
-          const float tv = to_f(ti[d]), gv = gc[d], uv = uc[d];
-          tg = fmaf(tv, gv, tg);
-          tu = fmaf(tv, uv, tu);
-          gu = fmaf(uv, gv, gu);
+  // 1. Per-row scalars; the aggregation's need whole rows of t. Warp w takes the tile's rows
+  // kRows w .. kRows w + kRows - 1 (consecutive: mostly one class), lane l their columns l,
+  // l + 32, ...; the class rows of dL/du^ and u^ are loaded once per column and class, not
+  // once per row (the same sums in the same order per row as a warp per row).
+  {
+    int64_t cls[kRows];
+    float tg[kRows], tu[kRows], gu[kRows];
+#pragma unroll
+    for (int q = 0; q < kRows; ++q) {
+      const int64_t i = r0 + warp * kRows + q;
+      cls[q] = i < rows ? i / M : 0;  // the class of the row, once
+      tg[q] = tu[q] = gu[q] = 0.f;
+    }
+    if (agg) {
+      for (int64_t d = lane; d < D; d += 32) {
+        float gv = 0.f, uv = 0.f;
+#pragma unroll
+        for (int q = 0; q < kRows; ++q) {
+          const int64_t i = r0 + warp * kRows + q;
+          if (i >= rows) break;  // warp-uniform: the rows past the end are the last ones
+          if (q == 0 || cls[q] != cls[q - 1]) {
+            gv = a.g[cls[q] * D + d];
+            uv = a.u32[cls[q] * D + d];
+          }
+          const float tv = to_f(t[i * D + d]);
+          tg[q] = fmaf(tv, gv, tg[q]);
+          tu[q] = fmaf(tv, uv, tu[q]);
+          gu[q] = fmaf(uv, gv, gu[q]);
         }
-        tg = warp_sum(tg);
-        tu = warp_sum(tu);
-        ug = warp_sum(gu);
-        rc = a.r[c];
-        wi = a.w[i];
-        // dw = <normalize_backward(u^, dL/du^, ||u||), t> / max(n, eps)
-        dwi = (rc >= kEps ? (tg - ug * tu) / rc : tg / kEps) * inv_floor(ni);
       }
     }
-    if (lane == 0) {
-      s_n[il] = ni;
-      s_w[il] = wi;
-      s_dw[il] = dwi;
-      s_ug[il] = ug;
-      s_rc[il] = rc;
-      s_cls[il] = c;
-      s_gp[il] = 0.f;
-      if (agg && blockIdx.y == 0 && i < rows) dw_out[i] = dwi;
+#pragma unroll
+    for (int q = 0; q < kRows; ++q) {
+      const int il = warp * kRows + q;
+      const int64_t i = r0 + il;
+      float ni = 1.f, wi = 0.f, dwi = 0.f, ug = 0.f, rc = 1.f;
+      if (agg) {
+        tg[q] = warp_sum(tg[q]);
+        tu[q] = warp_sum(tu[q]);
+        ug = warp_sum(gu[q]);
+      }
+      if (i < rows) {
+        ni = a.n[i];
+        if (agg) {
+          rc = a.r[cls[q]];
+          wi = a.w[i];
+          // dw = <normalize_backward(u^, dL/du^, ||u||), t> / max(n, eps)
+          dwi = (rc >= kEps ? (tg[q] - ug * tu[q]) / rc : tg[q] / kEps) * inv_floor(ni);
+        }
+      }
+      if (lane == 0) {
+        s_n[il] = ni;
+        s_w[il] = wi;
+        s_dw[il] = dwi;
+        s_ug[il] = ug;
+        s_rc[il] = rc;
+        s_cls[il] = cls[q];
+        s_gp[il] = 0.f;
+        if (agg && blockIdx.y == 0 && i < rows) dw_out[i] = dwi;
+      }
     }
   }
   if (dist && tid < kTile) {
@@ -261,58 +288,69 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
   __syncthreads();
 
   // G's columns kb .. kb + kp of this tile's rows into shared memory (zeros past the rank
-  // and past the rows); with `acc_gp`, sum_k G p into s_gp. A warp per row, 16-byte pieces
-  // where the rank and the bases allow.
-  constexpr int kVec = 16 / sizeof(T);
-  const bool vec_g = dist && rank % kVec == 0 && aligned16(proj) && aligned16(a.f) && aligned16(a.basis_c);
+  // and past the rows); with `acc_gp`, sum_k G p into s_gp. Warp w builds rows kRows w ..
+  // kRows w + kRows - 1, lane l the 4-wide pieces 4 l, 4 l + 128, ... of each (16-byte loads of
+  // F and c, 4 values of p: every warp access reads a contiguous 128 columns) where the rank
+  // and the bases allow, else element l, l + 32, ...; c is read once per piece for the warp's
+  // rows, F once per piece and class.
+  const bool vec_g = dist && rank % 4 == 0 && aligned16(proj) && aligned16(a.f) && aligned16(a.basis_c);
   auto build_g = [&](int64_t kb, bool acc_gp) {
-    for (int il = warp; il < kTile; il += kWarps) {
-      const int64_t i = r0 + il;
-      const bool live = i < rows;
-      const float cf = s_coef[il];
-      const float* __restrict__ fc = a.f + s_cls[il] * rank;
-      const T* __restrict__ pi = proj + (live ? i : 0) * rank;
-      TC* gr = g_sm + il * g_ld;
-      float gp = 0.f;
-      if (vec_g) {
-        for (int64_t kl = lane * kVec; kl < kp; kl += 32 * kVec) {
-          const int64_t k = kb + kl;
-          float gv[kVec];
-          if (live && k < rank) {  // rank % kVec == 0: the whole piece is in range
-            float p[kVec];
-            load16(pi + k, p);
+    float gp[kRows];
 #pragma unroll
-            for (int e = 0; e < kVec; e += 4) {
-              const float4 f4 = *reinterpret_cast<const float4*>(fc + k + e);
-              const float4 c4 = *reinterpret_cast<const float4*>(a.basis_c + k + e);
-              gv[e] = f4.x - cf * (p[e] + c4.x);
-              gv[e + 1] = f4.y - cf * (p[e + 1] + c4.y);
-              gv[e + 2] = f4.z - cf * (p[e + 2] + c4.z);
-              gv[e + 3] = f4.w - cf * (p[e + 3] + c4.w);
-            }
-#pragma unroll
-            for (int e = 0; e < kVec; ++e) gp = fmaf(gv[e], p[e], gp);
-          } else {
-#pragma unroll
-            for (int e = 0; e < kVec; ++e) gv[e] = 0.f;
-          }
-#pragma unroll
-          for (int e = 0; e < kVec; e += 16 / sizeof(TC)) store16(gr + kl + e, gv + e);
-        }
-      } else {
-        for (int64_t kl = lane; kl < kp; kl += 32) {
-          const int64_t k = kb + kl;
-          float gv = 0.f;
-          if (live && k < rank) {
-            const float p = to_f(pi[k]);
-            gv = fc[k] - cf * (p + a.basis_c[k]);
-            gp = fmaf(gv, p, gp);
-          }
-          gr[kl] = from_f<TC>(gv);
+    for (int q = 0; q < kRows; ++q) gp[q] = 0.f;
+    const int step = vec_g ? 128 : 32;
+    for (int64_t kl = vec_g ? 4 * lane : lane; kl < kp; kl += step) {
+      const int64_t k = kb + kl;
+      const bool in_rank = k < rank;  // vec_g: rank % 4 == 0, the whole piece is in range
+      float c4[4] = {0.f, 0.f, 0.f, 0.f}, f4[4] = {0.f, 0.f, 0.f, 0.f};
+      if (in_rank) {
+        if (vec_g) {
+          load4(a.basis_c + k, c4);
+        } else {
+          c4[0] = a.basis_c[k];
         }
       }
-      gp = warp_sum(gp);
-      if (acc_gp && lane == 0) s_gp[il] += gp;
+#pragma unroll
+      for (int q = 0; q < kRows; ++q) {
+        const int il = warp * kRows + q;
+        const int64_t i = r0 + il;
+        const bool live = i < rows && in_rank;
+        const float cf = s_coef[il];
+        if (live && (q == 0 || s_cls[il] != s_cls[il - 1])) {  // a new class (rows past the end come last)
+          if (vec_g) {
+            load4(a.f + s_cls[il] * rank + k, f4);
+          } else {
+            f4[0] = a.f[s_cls[il] * rank + k];
+          }
+        }
+        TC* gr = g_sm + il * g_ld + kl;
+        if (vec_g) {
+          float gv[4] = {0.f, 0.f, 0.f, 0.f};
+          if (live) {
+            float pv[4];
+            load4(proj + i * rank + k, pv);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              gv[e] = f4[e] - cf * (pv[e] + c4[e]);
+              gp[q] = fmaf(gv[e], pv[e], gp[q]);
+            }
+          }
+          store4(gr, gv);
+        } else {
+          float gv = 0.f;
+          if (live) {
+            const float pv = to_f(proj[i * rank + k]);
+            gv = f4[0] - cf * (pv + c4[0]);
+            gp[q] = fmaf(gv, pv, gp[q]);
+          }
+          *gr = from_f<TC>(gv);
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kRows; ++q) {
+      const float sum = warp_sum(gp[q]);
+      if (acc_gp && lane == 0) s_gp[warp * kRows + q] += sum;
     }
   };
 

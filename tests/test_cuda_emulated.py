@@ -446,3 +446,49 @@ def test_the_cuda_trace_counts_sectors_per_warp_access():
     # and R (the cp.async copies, counted at their issue) once per row tile and group
     groups = text["grid"][1] if len(text["grid"]) > 1 else 1
     assert text["l2_read_bytes"] >= groups * (e * rows * rank + text["grid"][0] * 4 * rank * sizes["D"])
+
+
+# (kernel, L2 read bytes, L2 write bytes) of include/emu_probe.cpp's probes, counted by hand:
+# one block of two warps, each warp on its own 2 KB; a warp access moves the 32-byte sectors
+# its lanes touch.
+PROBES = [
+    ("probe_scalar", 2 * 4 * 32, 2 * 4 * 32),        # 32 lanes x 4 B contiguous: 4 sectors, read and written
+    ("probe_strided", 2 * 32 * 32, 0),               # lanes 32 B apart: 32 sectors for 128 B
+    ("probe_vec16", 2 * 16 * 32, 2 * 4 * 32),        # one 16-byte load a lane: 512 B in 16 sectors (not 4 x 16)
+    ("probe_vec16_pairs", 2 * 2 * 32 * 32, 2 * 4 * 32),  # two 16-byte loads 32 B apart a lane: 32 sectors each
+    ("probe_half_store", 0, 2 * 2 * 32),             # 32 lanes x 2 B: 2 sectors
+    ("probe_divergent", 2 * (4 + 4) * 32, 2 * 4 * 32),  # every lane once, the odd lanes again: 4 + 4 sectors
+    ("probe_cp_async", 2 * (16 + 4) * 32, 0),        # 16-byte then 4-byte cp.async copies, counted at the issue
+]
+
+
+def test_the_trace_counts_the_probe_kernels_by_hand():
+    """The instrumented emulation's trace on the probe kernels of include/emu_probe.cpp: the L2
+    bytes of each equal the sectors counted by hand, each site groups the 32 lanes of a warp
+    (64 lane accesses over the two warps; 32 for the odd lanes' second pass), and a float4 load
+    is one 16-byte access (the kernels are compiled with -fno-tree-sra: else four 4-byte
+    accesses of 16 sectors each would count 4x the sectors of the coalesced load)."""
+    from benchmarks import compiled_cuda  # noqa: PLC0415
+
+    module = emu_build.build(instrument=True)
+    lib = emu_build.instrumented_library(module)
+    buf, out = torch.zeros(1024), torch.zeros(64)
+    assert buf.data_ptr() % 32 == 0 and out.data_ptr() % 32 == 0
+    lib.emu_trace_start(0)
+    try:
+        lib.emu_probe_run(buf.data_ptr(), buf.numel() * 4, out.data_ptr())
+    finally:
+        got = compiled_cuda.parse_trace(lib.emu_trace_take().decode())
+    assert [x["kernel"] for x in got] == [p[0] for p in PROBES]
+    for x, (name, read, written) in zip(got, PROBES):
+        assert (x["l2_read_bytes"], x["l2_write_bytes"]) == (read, written), name
+        assert sum(s["sector_bytes"] for s in x["sites"]) == read + written, name
+        for s in x["sites"]:
+            assert s["warp_accesses"] == 2, (name, s)
+            second_pass = name == "probe_divergent" and s["lane_accesses"] == 32
+            assert s["lane_accesses"] == 64 or second_pass, (name, s)
+    vec = next(x for x in got if x["kernel"] == "probe_vec16")
+    assert max(s["bytes"] / s["lane_accesses"] for s in vec["sites"]) == 16  # one float4 a lane
+    # HBM: the distinct sectors; the pairs' second load re-reads the first's sectors
+    pairs = next(x for x in got if x["kernel"] == "probe_vec16_pairs")
+    assert pairs["hbm_read_bytes"] == 2 * 1024

@@ -221,8 +221,12 @@ def _flags(instrument: bool = False) -> list:
 # The kernels' translation units of the instrumented build (include/emu_instrument.h): every
 # access calls __asan_{load,store}{1,2,4,8,16,N}_noabort (include/emu_hooks.cpp), no ASan
 # runtime; -g for the race check's file:line (addr2line).
+# -fno-tree-sra: a 16-byte vector access (float4, uint4: one LDG.128 / STG.128 on the GPU)
+# stays one 16-byte access instead of four 4-byte accesses of its fields, each of which the
+# trace would count as a warp access of its own (4x the sectors of a coalesced 16-byte load;
+# include/emu_probe.cpp's probe_vec16 checks it).
 INSTRUMENT_FLAGS = ["-g", "-fsanitize=kernel-address", "--param", "asan-instrumentation-with-call-threshold=0",
-                    "--param", "asan-globals=0", "--param", "asan-stack=0"]
+                    "--param", "asan-globals=0", "--param", "asan-stack=0", "-fno-tree-sra"]
 
 
 def source_hash(edits: Optional[dict] = None, instrument: bool = False) -> str:
@@ -274,7 +278,7 @@ def build(build_dir: Optional[str] = None, verbose: bool = False, edits: Optiona
     includes = [os.path.join(HERE, "include"), src_dir, cuda_include()]
     ldflags = []
     if instrument:  # the kernels' units compiled here with the instrumentation, linked as objects
-        kernels = [u for u in units if u.endswith(".cu.cpp")]
+        kernels = [u for u in units if u.endswith(".cu.cpp")] + [os.path.join(HERE, "include", "emu_probe.cpp")]
         units = [u for u in units if u not in kernels] + [os.path.join(HERE, "include", "emu_hooks.cpp")]
         ldflags = _compile_instrumented(kernels, os.path.join(build_dir, "ins"), includes, verbose)
     _LOADED[build_dir] = cpp_extension.load(
@@ -317,6 +321,7 @@ def instrumented_library(module) -> "ctypes.CDLL":
     lib = ctypes.CDLL(module.__file__)
     lib.emu_trace_start.argtypes = [ctypes.c_int]
     lib.emu_trace_take.restype = ctypes.c_char_p
+    lib.emu_probe_run.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     return lib
 
 

@@ -9,6 +9,10 @@
 // destination is NaN-filled at the issue, so a read of the shared memory before the wait
 // that covers it sees NaN instead of the data (a missing or too weak wait is caught).
 // Groups still pending when a block ends are dropped (their destination stays poisoned).
+// In the instrumented build (include/emu_instrument.h) a copy is one access of the kernel's
+// thread at the kernel line that issued it (the global read at the issue, for the trace; the
+// shared write at the issue and at the covering wait, for the race check: named by the caller's return
+// address, hence noinline); the queues' own accesses are not traced (ins::quiet).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -16,10 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#ifdef DEMUL_EMU_INSTRUMENT  // include/emu_hooks.cpp: the copies below are accesses of the kernel's
-extern "C" void __asan_loadN_noabort(uintptr_t, size_t);   // thread, which the instrumentation
-extern "C" void __asan_storeN_noabort(uintptr_t, size_t);  // cannot see inside std::memcpy
-#endif
+#include "emu_instrument.h"
 
 #include <cstddef>
 #include <cstring>
@@ -33,6 +34,13 @@ extern "C" void __asan_storeN_noabort(uintptr_t, size_t);  // cannot see inside 
 
 namespace emu {
 namespace async {
+
+struct Quiet {  // the queues' bookkeeping: heap accesses of the emulation, not of the kernel
+  Quiet() { ::emu::ins::quiet(true); }
+  ~Quiet() { ::emu::ins::quiet(false); }
+  Quiet(const Quiet&) = delete;
+  Quiet& operator=(const Quiet&) = delete;
+};
 
 struct Copy {
   void* dst;
@@ -82,33 +90,39 @@ inline emu::async::Queue& emu_async_queue() {
   return q;
 }
 
-inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align, size_t zfill = 0) {
+__attribute__((noinline)) inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align,
+                                                               size_t zfill = 0) {
   if (!(size_and_align == 4 || size_and_align == 8 || size_and_align == 16))
     ::emu::adv::fail("__pipeline_memcpy_async: size must be 4, 8 or 16 bytes");
   if (reinterpret_cast<uintptr_t>(dst) % size_and_align != 0 || reinterpret_cast<uintptr_t>(src) % size_and_align != 0)
     ::emu::adv::fail("__pipeline_memcpy_async: a pointer is not aligned to the copy size");
   if (zfill > size_and_align) ::emu::adv::fail("__pipeline_memcpy_async: zfill larger than the copy");
-#ifdef DEMUL_EMU_INSTRUMENT  // the trace: the global read happens at the issue (include/emu_instrument.h)
-  __asan_loadN_noabort(reinterpret_cast<uintptr_t>(src), size_and_align - zfill);
-#endif
+  // ins: the global read happens at the issue (the trace), at the kernel line that issued it;
+  // the destination may be written from the issue on (the race check; again at the wait)
+  const void* caller = __builtin_return_address(0);
+  ::emu::ins::copy_access(src, size_and_align - zfill, false, caller);
+  ::emu::ins::copy_access(dst, size_and_align, true, caller);
+  ::emu::async::Quiet quiet;
   auto& q = emu_async_queue();
   q.open.push_back({dst, src, size_and_align - zfill, size_and_align});
   ::emu::adv::poison(dst, size_and_align);  // adv: unreadable until waited for
 }
 
 inline void __pipeline_commit() {
+  ::emu::async::Quiet quiet;
   auto& q = emu_async_queue();
   q.groups.push_back(std::move(q.open));
   q.open.clear();
 }
 
-inline void __pipeline_wait_prior(size_t prior) {
+__attribute__((noinline)) inline void __pipeline_wait_prior(size_t prior) {
+  const void* caller = __builtin_return_address(0);
+  ::emu::async::Quiet quiet;
   auto& q = emu_async_queue();
   while (q.groups.size() > prior) {
     for (const auto& c : q.groups.front()) {
-#ifdef DEMUL_EMU_INSTRUMENT  // the race check: the shared destination is written by the wait that covers it
-      __asan_storeN_noabort(reinterpret_cast<uintptr_t>(c.dst), c.size);
-#endif
+      // ins: the race check: the shared destination is written by the wait that covers it
+      ::emu::ins::copy_access(c.dst, c.size, true, caller);
       std::memcpy(c.dst, c.src, c.bytes);
       if (c.size > c.bytes) std::memset(static_cast<char*>(c.dst) + c.bytes, 0, c.size - c.bytes);
     }

@@ -44,10 +44,18 @@ struct SharedRegion {
 struct Group {  // one warp-level access: the sectors its lanes touch
   std::vector<uint64_t> sectors;
   bool write;
+  uint64_t site = 0;     // the access's code address (relative to this library) << 1 | write
+  uint64_t bytes = 0;    // the bytes its lanes asked for
+  uint32_t accesses = 0;  // the lane accesses it groups
+};
+
+struct Site {  // one access site (code address) of the running launch, over its sampled blocks
+  double groups = 0, accesses = 0, bytes = 0, sector_bytes = 0;  // weighted by the blocks they stand for
 };
 
 struct State {
   bool active = false, collective = false, race = true, tracing = false;
+  int quiet = 0;  // > 0: the emulation's own bookkeeping runs (its heap may reuse a freed tensor's range)
   uintptr_t stack_lo = 0;       // the running fiber's stack: most accesses, none of interest
   uintptr_t collective_pc = 0;  // the kernel code that called the WMMA load/store
   int sample = 5;
@@ -71,6 +79,7 @@ struct State {
   std::unordered_map<uint64_t, Group> groups;         // (warp, pc, write, occurrence) -> sectors
   double l2_read = 0, l2_write = 0;
   std::vector<uint64_t> read, written;  // sectors of the sampled blocks
+  std::unordered_map<uint64_t, Site> sites;  // by Group::site
   int sampled = 0;
   std::string log;  // finished launches, one JSON object per line
 };
@@ -195,6 +204,9 @@ void trace_global(uintptr_t a, size_t n, bool write, int tid, uintptr_t pc) {
                         (write ? 1 : 0);
   Group& g = s.groups[gkey];
   g.write = write;
+  g.site = (rel << 1) | (write ? 1 : 0);
+  g.bytes += n;
+  ++g.accesses;
   for (uint64_t sec = a / kSector; sec <= (a + n - 1) / kSector; ++sec) g.sectors.push_back(sec);
 }
 
@@ -206,7 +218,7 @@ inline bool in_globals(uintptr_t a) {
 
 inline void access(uintptr_t a, size_t n, bool write, uintptr_t pc) {
   auto& s = st();
-  if (!s.active || n == 0 || a - s.stack_lo < kStack) return;
+  if (!s.active || s.quiet > 0 || n == 0 || a - s.stack_lo < kStack) return;
   if (s.collective && (m().current & 31) != 0) return;  // a WMMA load/store: every lane repeats lane 0's accesses
   const int tid = s.collective ? kCollective + (m().current >> 5) : m().current;
   if (s.collective) pc = s.collective_pc;
@@ -273,6 +285,7 @@ void launch_begin(const char* kernel, unsigned gx, unsigned gy, unsigned gz, int
     s.l2_read = s.l2_write = 0;
     s.read.clear();
     s.written.clear();
+    s.sites.clear();
     s.sampled = 0;
   }
 }
@@ -304,6 +317,11 @@ void block_end() {
     auto& g = kv.second;
     sort_unique(g.sectors);
     (g.write ? s.l2_write : s.l2_read) += s.block_weight * static_cast<double>(g.sectors.size() * kSector);
+    Site& site = s.sites[g.site];
+    site.groups += s.block_weight;
+    site.accesses += s.block_weight * g.accesses;
+    site.bytes += s.block_weight * static_cast<double>(g.bytes);
+    site.sector_bytes += s.block_weight * static_cast<double>(g.sectors.size() * kSector);
     auto& all = g.write ? s.written : s.read;
     all.insert(all.end(), g.sectors.begin(), g.sectors.end());
   }
@@ -339,9 +357,22 @@ void launch_end() {
                 "\"l2_read_bytes\": %.1f, \"l2_write_bytes\": %.1f, \"outside_sectors\": [%zu, %zu], \"tensors\": [",
                 s.kernel, s.grid[0], s.grid[1], s.grid[2], s.threads, s.sampled, s.l2_read, s.l2_write,
                 s.read.size() - seen_r, s.written.size() - seen_w);
-  s.log += head + ranges + "]}\n";
+  // per access site: [code address relative to this library, write, warp accesses, lane
+  // accesses, bytes asked, sector bytes moved], weighted as l2_*_bytes
+  std::vector<std::pair<uint64_t, Site>> sites(s.sites.begin(), s.sites.end());
+  std::sort(sites.begin(), sites.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::string per_site;
+  for (const auto& kv : sites) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "%s[%" PRIu64 ", %d, %.1f, %.1f, %.1f, %.1f]", per_site.empty() ? "" : ", ",
+                  kv.first >> 1, static_cast<int>(kv.first & 1), kv.second.groups, kv.second.accesses, kv.second.bytes,
+                  kv.second.sector_bytes);
+    per_site += buf;
+  }
+  s.log += head + ranges + "], \"sites\": [" + per_site + "]}\n";
   s.read.clear();
   s.written.clear();
+  s.sites.clear();
 }
 
 void running(bool active) {
@@ -358,6 +389,16 @@ void block_barrier() {
 void warp_barrier(int w) {
   auto& s = st();
   s.warp_ep[w] = ++s.serial;
+}
+
+void quiet(bool on) { st().quiet += on ? 1 : -1; }
+
+void copy_access(const void* p, size_t bytes, bool write, const void* caller) {
+  auto& s = st();
+  const int saved = s.quiet;
+  s.quiet = 0;
+  access(reinterpret_cast<uintptr_t>(p), bytes, write, reinterpret_cast<uintptr_t>(caller));
+  s.quiet = saved;
 }
 
 void collective(bool on, const void* caller) {

@@ -12,7 +12,12 @@
 //  * a trace of global memory (emu_trace_start / emu_trace_take, read by
 //    benchmarks/compiled_cuda.py): per warp-level access (the lanes of a warp at the same
 //    instruction, the same time) the 32-byte sectors it touches, summed over the blocks (L2
-//    bytes), and the distinct sectors per tensor (HBM bytes), loads and stores apart.
+//    bytes), and the distinct sectors per tensor (HBM bytes), loads and stores apart; and
+//    per access site (code address) the warp accesses, lane accesses, bytes and sectors.
+//    An "instruction" is the CPU code's access: build.py compiles the kernels with
+//    -fno-tree-sra so that a 16-byte vector access (float4, uint4) stays one access, as on the
+//    GPU, instead of four 4-byte ones (tests/test_cuda_emulated.py checks this on the probe
+//    kernels of include/emu_probe.cu, whose sectors are counted by hand).
 // In the plain build every function here is an empty inline function.
 #pragma once
 
@@ -33,6 +38,9 @@ void block_barrier();            // a __syncthreads released
 void warp_barrier(int warp);     // a __syncwarp / shuffle / WMMA call released that warp
 void collective(bool on, const void* caller = nullptr);  // inside a WMMA load/store: the warp acts as one
 void global_range(const void* p, size_t bytes);  // a tensor the bindings pass to a launch
+void quiet(bool on);  // the emulation's own bookkeeping runs (include/emu_async.h's queues): not the kernel's accesses
+void copy_access(const void* p, size_t bytes, bool write, const void* caller);  // an emulated cp.async's
+                                                                               // global read / shared write
 #else
 inline void launch_begin(const char*, unsigned, unsigned, unsigned, int) {}
 inline bool block_selected(int) { return true; }
@@ -44,6 +52,8 @@ inline void block_barrier() {}
 inline void warp_barrier(int) {}
 inline void collective(bool, const void* = nullptr) {}
 inline void global_range(const void*, size_t) {}
+inline void quiet(bool) {}
+inline void copy_access(const void*, size_t, bool, const void*) {}
 #endif
 
 }  // namespace ins
