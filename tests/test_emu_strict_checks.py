@@ -1,9 +1,8 @@
 """The adversarial CUDA emulation's strict checks fire (tests/cuda_emu/include/emu_adversary.h).
 
-One variant of the emulated extension (tests/cuda_emu/build.py, ``build(edits=...)``) carries
-planted violations at the start of the aggregation's forward kernel (csrc/aggregate.cu, 256
-threads per block), each switched on at run time by ``DEMUL_PLANT=<name>`` (the emulation's
-"device" code is host code: it can read the environment), so one build serves every plant:
+The planted violations live in tests/cuda_emu/include/emu_plants.cpp, a kernel of one block
+of 256 threads compiled into every emulation build (the one the kernels' tests use: no build
+of its own), each switched on at run time by ``DEMUL_PLANT=<name>``:
 
 * ``exit_then_barrier``: threads 16..255 return, threads 0..15 (half of warp 0) reach a
   ``__syncthreads``;
@@ -14,12 +13,11 @@ threads per block), each switched on at run time by ``DEMUL_PLANT=<name>`` (the 
 * ``wmma_misaligned``: every lane loads a WMMA fragment from a pointer 2 bytes off a
   32-byte boundary;
 * ``wmma_bad_ldm``: every lane loads with ldm = 20 halves (40 bytes, not a multiple of 16);
-* ``static_smem``: a static ``__shared__`` array of 50,000 bytes (with the kernel's own 128:
-  over 48 KB).
+* ``static_smem``: a static ``__shared__`` array of 50,000 bytes (over 48 KB).
 
-Each runs the aggregation once in a subprocess (an abort of the emulation ends only it) and
-must abort with the check's message; the same build without ``DEMUL_PLANT`` must run clean
-(so the abort comes from the plant, not from the edit), and the strict-only checks must stay
+Each runs the plant kernel once in a subprocess (an abort of the emulation ends only it) and
+must abort with the check's message; the kernel without ``DEMUL_PLANT`` must run clean and
+write every output (so the abort comes from the plant), and the strict-only checks must stay
 silent under ``DEMUL_EMU_STRICT=0`` (so it is the strict check that fires).
 """
 
@@ -35,58 +33,6 @@ REASON = emu_build.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"CUDA emulation unavailable: {REASON}")
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-# at namespace scope, before csrc/aggregate.cu's own namespace: a 32-byte aligned tile
-DECLARATIONS = r"""
-#include <cstdlib>
-#include <string>
-struct alignas(32) PlantTile { __half v[16 * 32]; };
-"""
-
-# at the start of aggregate_forward_kernel's body (after ``const T* tc = ...;``)
-PLANT = r"""
-  {
-    const char* plant_env = std::getenv("DEMUL_PLANT");
-    const std::string plant = plant_env ? plant_env : "";
-    if (plant == "exit_then_barrier") {
-      if (tid >= 16) return;
-      __syncthreads();
-    }
-    if (plant == "exit_then_warp_barrier") {
-      if (lane >= 16) return;
-      __syncwarp();
-    }
-    if (plant.rfind("wmma_", 0) == 0) {
-      __shared__ PlantTile plant_tile;
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> plant_frag;
-      if (plant == "wmma_partial_exit") {
-        if (lane >= 16) return;
-        nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v, 16);
-      }
-      if (plant == "wmma_divergent") {
-        if (lane < 16) nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v, 16);
-        else __syncthreads();
-      }
-      if (plant == "wmma_misaligned") nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v + 1, 16);
-      if (plant == "wmma_bad_ldm") nvcuda::wmma::load_matrix_sync(plant_frag, plant_tile.v, 20);
-    }
-    if (plant == "static_smem") {
-      __shared__ float plant_big[12500];
-      plant_big[tid] = 0.f;
-    }
-  }
-"""
-
-ANCHOR = "  const T* tc = t + c * M * D;\n"
-
-
-def _plant(text: str) -> str:
-    assert text.count(ANCHOR) == 1, "csrc/aggregate.cu changed: the plant's anchor line is gone"
-    text = text.replace("namespace demul {", DECLARATIONS + "namespace demul {", 1)
-    return text.replace(ANCHOR, ANCHOR + PLANT, 1)
-
-
-EDITS = {"aggregate.cu": _plant}
 
 # plant -> (the emulation's message, whether the check is one of DEMUL_EMU_STRICT's)
 EXPECTED = {
@@ -109,16 +55,17 @@ RELAXED_CONTROLS = {"exit_then_barrier", "wmma_misaligned"}
 
 
 def child() -> None:
-    """Builds (or loads) the planted variant and runs the aggregation forward once."""
+    """Loads the emulation build (built once per source hash) and runs the plant kernel once."""
+    import ctypes
+
     import torch
 
-    from demul_fast.ops import cuda_ops
-
     torch.set_num_threads(1)
-    cuda_ops._C = emu_build.build(edits=EDITS)
-    gen = torch.Generator().manual_seed(0)
-    u = cuda_ops.aggregate_prompts(torch.randn(3, 2, 40, generator=gen), torch.randn(3, 2, generator=gen))
-    print("FINITE" if bool(torch.isfinite(u).all()) else "NONFINITE", flush=True)
+    lib = ctypes.CDLL(emu_build.build().__file__)  # the loaded module's library: the same state
+    lib.emu_plant_run.argtypes = [ctypes.c_void_p]
+    out = torch.zeros(256)
+    lib.emu_plant_run(out.data_ptr())
+    print("WRITTEN" if bool((out == 1).all()) else "UNWRITTEN", flush=True)
 
 
 def _run(plant=None, strict=True):
@@ -133,11 +80,11 @@ def _run(plant=None, strict=True):
 
 @pytest.fixture(scope="module")
 def planted_variant():
-    """Builds the variant once (cached by source hash like every emulation build) and checks
-    that, with no plant switched on, it runs clean."""
+    """Builds (or loads) the emulation and checks that, with no plant switched on, the plant
+    kernel runs clean and every thread writes its output."""
     proc = _run()
-    assert proc.returncode == 0 and "FINITE" in proc.stdout, (
-        f"the planted build without DEMUL_PLANT does not run clean: rc {proc.returncode}\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0 and "WRITTEN" in proc.stdout.split(), (
+        f"the plant kernel without DEMUL_PLANT does not run clean: rc {proc.returncode}\n{proc.stdout}{proc.stderr[-3000:]}")
     return True
 
 

@@ -276,6 +276,7 @@ def build(build_dir: Optional[str] = None, verbose: bool = False, edits: Optiona
     obj_dir = os.path.join(build_dir, "obj")
     os.makedirs(obj_dir, exist_ok=True)
     includes = [os.path.join(HERE, "include"), src_dir, cuda_include()]
+    units.append(os.path.join(HERE, "include", "emu_plants.cpp"))  # tests/test_emu_strict_checks.py's plants
     ldflags = []
     if instrument:  # the kernels' units compiled here with the instrumentation, linked as objects
         kernels = [u for u in units if u.endswith(".cu.cpp")] + [os.path.join(HERE, "include", "emu_probe.cpp")]
