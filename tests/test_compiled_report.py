@@ -193,6 +193,17 @@ def test_floor_goal(report):
         assert c["head_fwd_bwd_us"] <= 2.5 * c["floor_us"], (card, c["head_fwd_bwd_us"], c["floor_us"])
 
 
+@pytest.mark.xfail(strict=True, reason="issue 26's CUDA goal not met: the CUDA head models 1.81x the Triton "
+                                       "head's time (docs/kernel-model.md); strict, so this fails once it is met")
+def test_cuda_goal(report):
+    """Issue 26's goal for the CUDA head, on both cards and both modes: within 1.5x of the
+    Triton head's modelled time."""
+    for card in CARDS:
+        by = report["cards"][card]["head_fwd_bwd_us_by_backend"]
+        for mode in ("frozen", "trained"):
+            assert by["cuda"][mode] <= 1.5 * by["triton"][mode], (card, mode, by["cuda"][mode], by["triton"][mode])
+
+
 @pytest.mark.parametrize("name", MATMUL + ["ce_dx"])
 def test_tensor_core_products_accumulate_in_float32(report, name):
     """Float32 accumulation, read from the compiled code: every warpgroup MMA of a Triton
