@@ -13,12 +13,20 @@ A subprocess per variant: an abort of the emulation ends only that process.
 (include/emu_instrument.h): its shadow-memory check aborts at the first shared-memory access
 that races with another thread's since the last barrier, naming the kernel and both csrc
 file:lines (one schedule suffices: the check does not depend on the order).
+
+``--sweep [FILE ...]`` removes each barrier of the named csrc/ files (default: all of csrc/),
+``__syncthreads();`` and ``__syncwarp();``, found in the sources as they are now (no line
+numbers kept anywhere), one at a time: the schedules first, then the race check, and prints
+one JSON line per barrier as it goes and a markdown table at the end (caught by what, and
+the writer's and the reader's file:line that the race check names). Two builds per barrier
+(a few minutes of CPU each on a small machine): ``nice`` it, and run one sweep at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -128,7 +136,65 @@ def caught(report: dict) -> bool:
                 or report.get("differs_from_base"))
 
 
+_RACE = re.compile(r"emu: race in (\w+) .*?: (\w+) by (.+?) at (\S+), then (\w+) by (.+?) at (\S+) with no barrier")
+
+
+def race_lines(message: str):
+    """(kernel, first access's file:line, second access's file:line) of a race-check abort, or None."""
+    found = _RACE.search(message or "")
+    return None if found is None else (found.group(1), found.group(4), found.group(7))
+
+
+def sweep(files=(), out=sys.stdout, dtypes=DTYPES) -> list:
+    """Each barrier of csrc/``files`` (all of csrc/ when empty) removed in turn: the schedules'
+    probe, then the race check. Returns one row per barrier (also printed as a JSON line)."""
+    sys.path.insert(0, TESTS)
+    from cuda_emu import build as emu_build
+
+    rows = []
+    for name, line in emu_build.barriers(emu_build.BARRIER_CALLS):
+        if files and name not in files:
+            continue
+        where = f"{name}:{line}"
+        with open(os.path.join(emu_build.CSRC, name)) as f:
+            text = f.read().split("\n")[line - 1].strip()
+        sched = probe([where], dtypes=dtypes)
+        race = probe([where], dtypes=dtypes, race=True)
+        row = dict(barrier=where, code=text, schedules=_what(sched), race_check=caught(race),
+                   race_lines=race_lines(race.get("message")), race_message=race.get("message"),
+                   schedules_report=sched)
+        row["caught"] = bool(row["schedules"] or row["race_check"])
+        rows.append(row)
+        print("SWEEP " + json.dumps(row), file=out, flush=True)
+    print(table(rows), file=out, flush=True)
+    return rows
+
+
+def _what(report: dict) -> str:
+    """What noticed a removed barrier under the schedules ('' if nothing)."""
+    if report["aborted"]:
+        return "abort: " + (report.get("message") or "")[:160]
+    parts = [f"{k} ({', '.join(report[k])})" for k in ("nonfinite", "schedules_differ", "differs_from_base")
+             if report.get(k)]
+    return "; ".join(parts)
+
+
+def table(rows: list) -> str:
+    """The sweep's rows as a markdown table."""
+    lines = ["| barrier | code | schedules | race check (kernel: first access, second access) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        race = "not caught"
+        if r["race_check"]:
+            race = "caught" if r["race_lines"] is None else "{}: {}, {}".format(*r["race_lines"])
+        lines.append(f"| {r['barrier']} | `{r['code']}` | {r['schedules'] or 'not caught'} | {race} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--sweep"]:
+        sweep(sys.argv[2:])
+        sys.exit(0)
     args = sys.argv[1:]
     is_child = bool(args) and args[0] == "--child"
     args = args[1:] if is_child else args
