@@ -23,12 +23,12 @@ derandomized unless DEMUL_FAST_TEST_SEED is set) or ``slow`` (hundreds of exampl
 ``pytest tests/test_properties.py --hypothesis-profile slow``.
 """
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import demul_fast as df
@@ -37,6 +37,7 @@ from backend_cases import (DTYPE_IDS, HAS_GPU, KERNEL_DTYPES, assert_head_matche
                            strided_view)
 from demul_fast.ops import backends
 from demul_fast.kernels import cosine_ce, text_head
+from rounded_yardstick import TooManyBoundaryElements
 
 EXAMPLES = settings.default.max_examples  # of the loaded profile
 
@@ -125,6 +126,20 @@ def test_the_strategy_crosses_tiles():
     assert crossing >= 0.5 and distilling >= 0.6 and dtypes == set(KERNEL_DTYPES)
 
 
+@contextmanager
+def _bounded_yardstick():
+    """A draw whose half-precision inputs put more operand elements on a rounding boundary than
+    the rounded yardstick's cap (its boundary allowance reruns the op once per element; e.g.
+    C=97, M=17, D=129, K=97 in float16: 78,000 for the distillation alone) is rejected as an
+    invalid example (hypothesis counts those, and fails its health check if they are common),
+    not judged with a weaker rule."""
+    try:
+        yield
+    except TooManyBoundaryElements as e:
+        print(f"rejected: {e}")
+        reject()
+
+
 @pytest.mark.parametrize("backend,device,dtypes", _agreement_params())
 @given(data=st.data())
 def test_every_backend_agrees_with_the_reference(backend, device, dtypes, data):
@@ -135,7 +150,9 @@ def test_every_backend_agrees_with_the_reference(backend, device, dtypes, data):
     inputs["scale"] = case["scale"]
     print(f"{backend} {DTYPE_IDS[case['dtype']]} {case['dims']} distill={case['distill']} bias={case['bias']} "
           f"strided={case['strided']} {case['opts']}")
-    assert_head_matches_reference(inputs, backend, view=strided_view if case["strided"] else None, **case["opts"])
+    with _bounded_yardstick():
+        assert_head_matches_reference(inputs, backend, view=strided_view if case["strided"] else None,
+                                      **case["opts"])
 
 
 @pytest.mark.parametrize("backend,device,dtypes", _agreement_params())
@@ -149,7 +166,8 @@ def test_every_backend_agrees_with_the_reference_part_by_part(backend, device, d
     gen = torch.Generator().manual_seed(case["seed"])
     inputs = make_head_inputs(gen, dtype=case["dtype"], device=device, bias=case["bias"], **case["dims"])
     print(f"{backend} {DTYPE_IDS[case['dtype']]} {case['dims']} bias={case['bias']} {case['opts']}")
-    assert_parts_match_reference(inputs, gen, backend, case["opts"]["label_smoothing"])
+    with _bounded_yardstick():
+        assert_parts_match_reference(inputs, gen, backend, case["opts"]["label_smoothing"])
 
 
 # ---- 2. malformed input is refused before any backend runs -----------------------------------
