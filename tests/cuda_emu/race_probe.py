@@ -144,7 +144,7 @@ def caught(report: dict) -> bool:
                 or report.get("differs_from_base"))
 
 
-_RACE = re.compile(r"emu: race in (\w+) .*?: (\w+) by (.+?) at (\S+), then (\w+) by (.+?) at (\S+) with no barrier")
+_RACE = re.compile(r"emu: race in (\S+) .*?: (\w+) by (.+?) at (\S+), then (\w+) by (.+?) at (\S+) with no barrier")
 
 
 def race_lines(message: str):
