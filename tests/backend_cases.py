@@ -15,6 +15,7 @@ Collection-time decisions, never silent:
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable, Dict, List, Optional
 
 import pytest
@@ -189,3 +190,127 @@ def assert_head_matches_reference(inputs: dict, backend: Optional[str], grad_arg
         assert_error_rule(f"{backend}:d{k}", fast_g[k], ref_g[k], plain_g[k], k=3.0, dtype=dtype,
                           magnitude=mags.get(k), stored_ulps=ulps)
     return fast
+
+
+def part_values(inputs, impl, ls, cast=None):
+    """The three standalone ops on fresh leaves: [(name, value), ...], each op's gradients on
+    their own (<aggregate, R> w.r.t. T and A, ce w.r.t. X and the class features U, distill
+    w.r.t. T): summed by autograd in a half-precision leaf, two ops' gradients would be
+    rounded twice, which is autograd's doing, not the op's. ``impl``: an object with the
+    functions ``aggregate_prompts(T, A)``, ``cosine_cross_entropy(X, U, y, scale, ls)``,
+    ``prompt_distill_loss(T, W, b, E)`` (the reference, or a backend's)."""
+    def leaf(t):
+        t = t.detach().clone() if cast is None else t.detach().to(cast)
+        return t.requires_grad_() if t.is_floating_point() else t
+
+    T, A, X, U = (leaf(inputs[k]) for k in ("text_features", "prompt_logits", "image_features", "class_features"))
+    W, b, E, R = (None if inputs[k] is None else leaf(inputs[k]).detach()
+                  for k in ("phi_weight", "phi_bias", "llm_embeddings", "cotangent"))
+    agg = impl.aggregate_prompts(T, A)
+    ce = impl.cosine_cross_entropy(X, U, inputs["labels"], 30.0, ls)
+    dist = impl.prompt_distill_loss(T, W, b, E)
+    agg_grads = torch.autograd.grad((agg.double() * R.double()).sum(), [T, A])  # R in agg's dtype: exact
+    ce_grads = torch.autograd.grad(ce, [X, U])
+    dist_grads = torch.autograd.grad(dist, [T])
+    return list(zip(PART_NAMES, [agg, ce, dist, *agg_grads, *ce_grads, *dist_grads]))
+
+
+PART_NAMES = ["aggregate", "cross_entropy", "distill", "aggregate dT", "aggregate dA", "ce dX", "ce dU", "distill dT"]
+
+
+class _Backend:
+    """The public functions with ``backend=name`` (the shape ``part_values`` calls)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def aggregate_prompts(self, T, A):
+        return df.aggregate_prompts(T, A, backend=self.name)
+
+    def cosine_cross_entropy(self, X, U, y, scale, ls):
+        return df.cosine_cross_entropy(X, U, y, scale, ls, backend=self.name)
+
+    def prompt_distill_loss(self, T, W, b, E):
+        return df.prompt_distill_loss(T, W, b, E, backend=self.name)
+
+
+def assert_parts_match_reference(inputs: dict, gen, backend: Optional[str], ls: float, impl=None, family=None,
+                                 interpreted: Optional[bool] = None, mutations: Optional[dict] = None,
+                                 refused: Optional[dict] = None):
+    """The error rule for the three standalone ops (``part_values``) of one backend against
+    the float64 reference on the same inputs: float32 and float64 inputs, and the torch
+    backend, with the reference in the compute dtype as yardstick; a kernel family ("triton",
+    "cuda") in half precision with the yardstick that rounds what its kernels round
+    (tests/rounded_yardstick.py: ``aggregate``, ``cross_entropy``, ``distillation``), float32
+    floors, no operand allowance. Adds ``class_features`` (unit rows) and the aggregate's
+    ``cotangent`` to ``inputs``, drawn from ``gen``. ``impl``/``family``/``interpreted``
+    default to the public functions with ``backend``, the backend's name, and whether it is
+    the Triton interpreter. ``mutations`` (the check's own mutation test, as in
+    kernel_checks): {name: f} changing the fast values (a dict by ``PART_NAMES``); after the
+    control passes each is judged too, and ``refused[name]`` gets the failure ('' if none).
+
+    Magnitudes of the terms: the aggregate is unit vectors; the cross-entropy's summands are
+    up to 30 + log C; 1 - cos is in [0, 2]; the aggregate's gradients are sums of terms of
+    the size of |R|, which cancel where an exact gradient is ~0 (e.g. D=1: u^ = +-1 is
+    constant); the cross-entropy's and the distillation's gradients: below."""
+    from demul_fast.ops.distill_basis import build_distill_basis  # noqa: PLC0415
+    import rounded_yardstick as ry  # noqa: PLC0415
+    from numerics import assert_error_rule, ce_magnitudes, default_compute_dtype, head_magnitudes  # noqa: PLC0415
+
+    dtype, device = inputs["text_features"].dtype, inputs["text_features"].device
+    C, D = inputs["text_features"].shape[0], inputs["text_features"].shape[2]
+    inputs["class_features"] = torch.nn.functional.normalize(torch.randn(C, D, generator=gen), dim=-1).to(
+        device=device, dtype=dtype)
+    inputs["cotangent"] = torch.randn(C, D, generator=gen).to(device=device, dtype=dtype)
+    family = family or backend
+    interpreted = _interpreted(backend or "", device.type) if interpreted is None else interpreted
+    compute = default_compute_dtype(dtype)
+    fast = dict(part_values(inputs, impl or _Backend(backend), ls))
+    ref = dict(part_values(inputs, df.reference, ls, cast=torch.float64))
+    ulps = 1.0 if interpreted else 0.5  # the interpreter truncates float32 -> bfloat16
+    mags = dict(aggregate=1.0, cross_entropy=31.0 + math.log(C), distill=2.0)
+    grad_mag = max(1.0, float(inputs["cotangent"].abs().max()))
+    for name in ("aggregate dT", "aggregate dA"):
+        mags[name] = max(grad_mag, float(ref[name].abs().max()))
+    # the cross-entropy's and the distillation's gradients have terms of their own, unrelated to
+    # |R| (a flat max(|R|, ...) let a 1 % error of the distillation's dT pass in float32):
+    # numerics.ce_magnitudes for the loss's cotangent 1, and head_magnitudes' T-terms for a
+    # cotangent on the head's distill_loss alone (the same mean of 1 - cos over C x M)
+    ce = ce_magnitudes(inputs["image_features"], inputs["class_features"], inputs["labels"], 30.0, ls, 1.0)
+    mags["ce dX"], mags["ce dU"] = ce["image_features"], ce["class_features"]
+    head_inputs = {k: inputs[k] for k in ("text_features", "prompt_logits", "image_features", "labels",
+                                          "llm_embeddings", "phi_weight", "phi_bias")}
+    mags["distill dT"] = head_magnitudes(dict(head_inputs, scale=30.0), 1.0, ls,
+                                         cotangents=(0.0, 0.0, 1.0, None))["text_features"]
+    if family in ("triton", "cuda") and dtype in (torch.bfloat16, torch.float16):
+        mode = "truncate" if interpreted and dtype == torch.bfloat16 else "nearest"
+        T, A, X, U, R = (inputs[k] for k in ("text_features", "prompt_logits", "image_features", "class_features",
+                                             "cotangent"))
+        W, b, E = inputs["phi_weight"], inputs["phi_bias"], inputs["llm_embeddings"]
+        basis = build_distill_basis(W, b, E, dtype=torch.float32)  # as demul_fast.ops.functional builds it
+        # (the op's yardstick, its arguments, {its key: the part's name})
+        checks = [(ry.aggregate, (T, A, R), dict(class_features="aggregate", text_features="aggregate dT",
+                                                 prompt_logits="aggregate dA")),
+                  (ry.cross_entropy, (X, U, inputs["labels"], 30.0, ls, 1.0),
+                   dict(ce_loss="cross_entropy", image_features="ce dX", class_features="ce dU")),
+                  (ry.distillation, (T, basis, 1.0), dict(distill_loss="distill", text_features="distill dT"))]
+
+        def judge(label, f):
+            for op, args, names in checks:
+                ry.check_op(f"{label} {op.__name__}", op, family, dtype, mode, {k: f[n] for k, n in names.items()},
+                            args, {k: mags[n] for k, n in names.items()}, stored_ulps=ulps)
+    else:
+        plain = dict(part_values(inputs, df.reference, ls, cast=None if compute == dtype else compute))
+
+        def judge(label, f):
+            for name in PART_NAMES:
+                grad = " d" in name
+                assert_error_rule(f"{label}:{name}", f[name], ref[name], plain[name], k=3.0 if grad else 2.0,
+                                  dtype=dtype, magnitude=mags[name], stored_ulps=ulps)
+    judge(f"{backend or family}", fast)
+    for label, change in (mutations or {}).items():
+        try:
+            judge(f"{backend or family} [{label}]", change(dict(fast)))
+            refused[label] = ""
+        except AssertionError as e:
+            refused[label] = str(e).split("\n")[0] or "refused"

@@ -25,15 +25,14 @@ rounded) inputs:
   not cancel. A float or a tensor broadcastable to the result (e.g. one magnitude per row).
 * ``k`` = 2 for outputs, 3 for gradients, as in flash-attention's tests.
 * Kernel paths in half precision round some operands by design (tensor cores; saved
-  tensors). The head's checks (backend_cases, test_triton, test_cuda_emulated,
-  test_mutations, test_edge_cases) use ``plain``/``ref64`` from tests/rounded_yardstick.py,
-  which round exactly those values and compute the rest in float32/float64: the float32
-  floor above then applies unchanged, with no operand allowance, plus ``extra``: that
-  module's derived allowance for operand elements that lie on a rounding boundary.
-* ``operands`` (legacy, still used by the checks of the standalone aggregate /
-  cross-entropy / distillation ops in half precision, which have no rounded yardstick yet):
-  one more floor term ``OPERAND_UNITS * u(operands) * magnitude_i``. Such a check bounds the
-  operands' rounding but cannot catch a 1 % error in bfloat16 (2^-8 x 4 = 1.6 %).
+  tensors). Their checks (backend_cases, kernel_checks (the GPU tests, the emulated CUDA
+  kernels, tests/test_kernel_checks.py), test_triton, test_mutations, test_edge_cases,
+  test_properties) use ``plain``/``ref64`` from tests/rounded_yardstick.py, which round
+  exactly those values and compute the rest in float32/float64: the float32 floor above then
+  applies unchanged, with no operand allowance, plus ``extra``: that module's derived
+  allowance for operand elements that lie on a rounding boundary. (The former operand
+  allowance, 4 units of the half dtype at the terms' magnitude, is gone: 1.6 % of the
+  magnitude in bfloat16, it passed a 1 % error.)
 
 When ``fast`` *is* the yardstick (bitwise, after its rounding to ``fast``'s dtype), ``k *
 plain error`` would be a reference agreeing with itself: such a comparison is recorded in
@@ -61,7 +60,6 @@ import torch
 # a path that computes in half precision by design already has a half-sized yardstick error,
 # and its floor only keeps an exactly rounded yardstick from making the bound zero.
 FLOOR_UNITS = {torch.float64: 16.0, torch.float32: 16.0, torch.bfloat16: 4.0, torch.float16: 4.0}
-OPERAND_UNITS = 4.0  # two operands, each rounded once, through the head's normalisations
 SELF_COMPARISONS: List[str] = []  # names of checks where fast was bitwise the yardstick
 
 Magnitude = Union[float, torch.Tensor, None]
@@ -90,7 +88,7 @@ def _unit(dtype: torch.dtype) -> float:
 
 def error_bound(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, k: float,
                 compute_dtype: torch.dtype, magnitude: Magnitude, stored_ulps: float = 0.5,
-                operands: Optional[torch.dtype] = None, extra: Optional[torch.Tensor] = None):
+                extra: Optional[torch.Tensor] = None):
     """(excess, bound, parts): excess = max_i(|fast_i - ref_i| - stored rounding_i - floor_i),
     which must be <= bound = k * plain error (0 for a self-comparison)."""
     ref = ref64.detach().double()
@@ -105,8 +103,6 @@ def error_bound(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, k:
         magnitude = magnitude.detach().double().to(ref.device)
     info = torch.finfo(compute_dtype)  # below info.tiny, underflow
     floor = FLOOR_UNITS[compute_dtype] * info.eps * magnitude + info.tiny
-    if operands is not None:
-        floor = floor + OPERAND_UNITS * _unit(operands) * magnitude
     if extra is not None:  # the rounded yardstick's boundary allowance (tests/rounded_yardstick.py)
         floor = floor + extra.detach().double().to(ref.device)
     excess = float((diff - stored - floor).max()) if diff.numel() else 0.0
@@ -121,15 +117,15 @@ def error_bound(fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, k:
 def assert_error_rule(name: str, fast: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor,
                       k: float = 2.0, dtype: Optional[torch.dtype] = None, *, magnitude: Magnitude = None,
                       compute_dtype: Optional[torch.dtype] = None, stored_ulps: float = 0.5,
-                      operands: Optional[torch.dtype] = None, extra: Optional[torch.Tensor] = None) -> None:
+                      extra: Optional[torch.Tensor] = None) -> None:
     """The rule above, with the statistics printed before the assert.
 
     dtype: the inputs' dtype (default plain's); compute_dtype: the accumulation precision the
     fast path promises (default float32, float64 for float64 inputs); magnitude: the size of
     the terms that produce each value (default max|ref64|); stored_ulps: units in the last place
     of fast's dtype that storing a result may cost (0.5: round to nearest; the Triton
-    interpreter converts float32 to bfloat16 by truncation, a whole unit); operands: the half
-    dtype a tensor-core path rounds its product operands to by design (see above).
+    interpreter converts float32 to bfloat16 by truncation, a whole unit); extra: the rounded
+    yardstick's boundary allowance, per element (see above).
     """
     assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
     assert plain.shape == ref64.shape, f"{name}: yardstick shape {tuple(plain.shape)} != {tuple(ref64.shape)}"
@@ -140,14 +136,14 @@ def assert_error_rule(name: str, fast: torch.Tensor, ref64: torch.Tensor, plain:
         f"{name}: the yardstick is in {plain.dtype} but the path promises {compute_dtype} accumulation: "
         f"compute it on the same inputs upcast to {compute_dtype}, or pass compute_dtype={plain.dtype} "
         "for a path that stores its intermediates in that precision by design")
-    excess, bound, p = error_bound(fast, ref64, plain, k, compute_dtype, magnitude, stored_ulps, operands, extra)
+    excess, bound, p = error_bound(fast, ref64, plain, k, compute_dtype, magnitude, stored_ulps, extra)
     if p["self_compare"]:
         SELF_COMPARISONS.append(name)
     what = "fast is the yardstick itself: judged by rounding + floor only" if p["self_compare"] else \
         f"{k} x yardstick err {p['plain_err']:.3e}"
     print(f"{name}: fast err {p['fast_err']:.3e}, {what}, floor {p['floor']:.3e} "
           f"({dtype} inputs, {compute_dtype} compute, stored {fast.dtype}"
-          f"{f', {operands} operands' if operands is not None else ''}); excess {excess:.3e} <= {bound:.3e}?")
+          f"); excess {excess:.3e} <= {bound:.3e}?")
     assert excess <= bound, (
         f"{name}: error {p['fast_err']:.3e} exceeds the rule: excess over stored rounding + floor "
         f"{p['floor']:.3e} is {excess:.3e} > {bound:.3e} ({what})")

@@ -12,7 +12,8 @@ accumulation order, real concurrency between blocks (tests/test_cuda_gpu.py, on 
 
 Every function and the head against the float64 reference with the error rule
 (tests/numerics.py; half inputs against the yardstick that rounds what the kernels round,
-tests/rounded_yardstick.py, with float32 floors and no operand allowance), on shapes that cross every 64-wide tile, in
+tests/rounded_yardstick.py, with float32 floors and no operand allowance; the checks of
+tests/kernel_checks.py, which the GPU tests call too), on shapes that cross every 64-wide tile, in
 float32 (SIMT path), bfloat16 and float16 (WMMA path), forward and gradients, with the
 launch plans split as on the GPU (C > 64: class ranges split over blocks and merged).
 """
@@ -27,8 +28,7 @@ from demul_fast import reference as ref
 from demul_fast.ops import cuda_ops
 from demul_fast.ops.distill_basis import build_distill_basis
 import kernel_checks
-import rounded_yardstick
-from numerics import ce_magnitudes, head_magnitudes, round_trip
+from numerics import round_trip
 
 from cuda_emu import build as emu_build
 
@@ -69,20 +69,17 @@ def make_inputs(gen, C, M, D, B, K, bias=True):
     return r(C, M, D), r(C, M), r(B, D), y, r(C, K), r(K, D) / D ** 0.5, (r(K) if bias else None)
 
 
-def check(name, fast_fn, ref_fn, args, diff, dtype, cotangents, grad_names, magnitudes=None):
-    """The error rule for every output (k=2) and gradient (k=3) against the float64 reference
-    on the same rounded inputs, the float32 reference as yardstick."""
-    (fo, fg), *_ = kernel_checks.check_against_reference(name, fast_fn, ref_fn, args, diff, dtype, cotangents,
-                                                          grad_names, magnitudes=magnitudes)
-    return fo, fg
-
-
 def basis_of(E, W, b):
     return build_distill_basis(W, b, E, dtype=torch.float32)
 
 
 def rand(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+# The checks are tests/kernel_checks.py's, the very ones the GPU tests (test_cuda_gpu.py) call:
+# float32 against the float32 reference as yardstick, bfloat16 / float16 against the yardstick
+# that rounds what csrc/ rounds (tests/rounded_yardstick.py), float32 floors.
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -98,36 +95,10 @@ def test_demul_head(gen, shape, distill, dtype):
 
     def fast(t, a, x, s):
         return tuple(cuda_ops.demul_head(t, a, x, y, s, basis, 0.7, 0.1, True))
-
-    def reference(t, a, x, s):
-        cast = (lambda v: None if v is None or not distill else v.to(t.dtype))
-        return tuple(ref.demul_head(t, a, x, y, s, cast(E), cast(W), cast(b), alpha=0.7, label_smoothing=0.1,
-                                    return_logits=True))
     # A cotangent on every output (loss, ce, dist, logits): every gradient path of the kernels.
     cot = [torch.tensor(v, dtype=torch.float64) for v in (1.0, 0.5, -0.25)] + [rand(gen, B, C) / (B * C)]
-    # The terms' magnitudes of tests/numerics.py (head_magnitudes) for this objective: 1.5 ce +
-    # 0.45 dist + <G, logits> (the cotangents below); d tau = sum G cos / tau has terms
-    # sum |G| <= 2 x 1.5 + sum |G_logits|.
-    rounded = dict(text_features=T.to(dtype), prompt_logits=A.to(dtype), image_features=X.to(dtype), labels=y,
-                   scale=tau, llm_embeddings=E if distill else None, phi_weight=W if distill else None,
-                   phi_bias=b if distill else None)
-    GL = cot[3].to(dtype)  # autograd hands the logits their cotangent in their dtype
-    mags = head_magnitudes(rounded, 0.7, 0.1, cotangents=(1.0, 0.5, -0.25, GL))
-    mags = dict(loss=mags["loss"], ce_loss=mags["ce_loss"], distill_loss=mags["distill_loss"], logits=mags["logits"],
-                text_features=mags["text_features"], prompt_logits=mags["prompt_logits"],
-                image_features=mags["image_features"], scale=4.0)
-    if dtype == torch.float32:
-        fo, _ = check(f"emulated head {dtype}", fast, reference, [T, A, X, tau], [0, 1, 2, 3], dtype, cot,
-                      ["dT", "dA", "dX", "dscale"], magnitudes=list(mags.values()))
-    else:
-        # half precision: the yardstick rounds what the kernels round (tests/rounded_yardstick.py),
-        # float32 floors, no operand allowance
-        fo, fg = kernel_checks.run(fast, [T, A, X, tau], [0, 1, 2, 3], dtype, cot)
-        keys = ["loss", "ce_loss", "distill_loss", "logits", "text_features", "prompt_logits", "image_features",
-                "scale"]
-        rounded_yardstick.check_head(f"emulated head {dtype}", "cuda", dtype, "nearest", dict(zip(keys, fo + fg)),
-                                     T.to(dtype), A.to(dtype), X.to(dtype), y, 100.0, basis, 0.7, 0.1,
-                                     (1.0, 0.5, -0.25, GL), mags)
+    fo, _ = kernel_checks.check_head(f"emulated head {dtype}", "cuda", fast, T, A, X, y, tau,
+                                     *((E, W, b) if distill else (None, None, None)), 0.7, 0.1, cot, dtype)
     assert [o.dtype for o in fo] == [torch.float32] * 3 + [dtype]
 
 
@@ -144,23 +115,8 @@ def test_demul_head_distillation_gradient(gen, shape, dtype):
 
     def fast(t, a):
         return cuda_ops.demul_head(t, a, X.to(t.dtype), y, 30.0, basis, 0.7, 0.1).distill_loss
-
-    def reference(t, a):
-        return ref.demul_head(t, a, X.to(t.dtype), y, 30.0, E.to(t.dtype), W.to(t.dtype), b.to(t.dtype),
-                              alpha=0.7, label_smoothing=0.1).distill_loss
-    if dtype == torch.float32:
-        check(f"emulated head distillation {dtype}", fast, reference, [T, A], [0], dtype,
-              [torch.tensor(1.3, dtype=torch.float64)], ["dT"])
-    else:
-        # the yardstick that rounds what the kernels round (the saved p, the dT dot's operand),
-        # float32 floors on the terms' magnitudes for this cotangent (tests/numerics.py)
-        (fo,), (fg,) = kernel_checks.run(fast, [T, A], [0], dtype, [torch.tensor(1.3, dtype=torch.float64)])
-        rounded = dict(text_features=T.to(dtype), prompt_logits=A.to(dtype), image_features=X.to(dtype), labels=y,
-                       scale=30.0, llm_embeddings=E, phi_weight=W, phi_bias=b)
-        mags = head_magnitudes(rounded, 0.7, 0.1, cotangents=(0.0, 0.0, 1.3, None))
-        rounded_yardstick.check_head(f"emulated head distillation {dtype}", "cuda", dtype, "nearest",
-                                     dict(distill_loss=fo, text_features=fg), T.to(dtype), A.to(dtype), X.to(dtype), y,
-                                     30.0, basis, 0.7, 0.1, (0.0, 0.0, 1.3, None), mags)
+    kernel_checks.check_head_distillation(f"emulated head distillation {dtype}", "cuda", fast, T, A, X, y, 30.0,
+                                          E, W, b, 0.7, 0.1, 1.3, dtype)
     a = A.float().requires_grad_()
     (dA,) = torch.autograd.grad(fast(T.to(dtype), a), [a])
     assert not dA.any()
@@ -170,36 +126,19 @@ def test_demul_head_distillation_gradient(gen, shape, dtype):
 @pytest.mark.parametrize("shape", [ODD, MANY], ids=["odd", "m>64"])
 def test_aggregate_prompts(gen, shape, dtype):
     T, A, *_ = make_inputs(gen, **shape)
-    cot = rand(gen, shape["C"], shape["D"])
-    if dtype == torch.float32:
-        check(f"emulated aggregate {dtype}", cuda_ops.aggregate_prompts, ref.aggregate_prompts, [T, A], [0, 1], dtype,
-              [cot], ["dT", "dA"])
-        return
-    # half precision: the yardstick of tests/rounded_yardstick.py (csrc/ keeps u^ in float32
-    # for the backward: no site but the stored results), float32 floors, no operand allowance
-    (fo,), (dT, dA) = kernel_checks.run(cuda_ops.aggregate_prompts, [T, A], [0, 1], dtype, [cot])
-    rounded_yardstick.check_op(f"emulated aggregate {dtype}", rounded_yardstick.aggregate, "cuda", dtype, "nearest",
-                               dict(class_features=fo, text_features=dT, prompt_logits=dA),
-                               (T.to(dtype), A.to(dtype), cot.to(dtype)), {})
+    (fo,), _ = kernel_checks.check_aggregate(f"emulated aggregate {dtype}", "cuda", cuda_ops.aggregate_prompts, T, A,
+                                             rand(gen, shape["C"], shape["D"]), dtype)
+    assert fo.dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cosine_cross_entropy(gen, dtype):
     _, _, X, y, *_ = make_inputs(gen, **PRIMES)
     U = ref.l2_normalize(rand(gen, PRIMES["C"], PRIMES["D"]))
-    tau = torch.tensor(57.0, dtype=torch.float64)
-    if dtype == torch.float32:
-        check(f"emulated ce {dtype}", lambda x, u, s: cuda_ops.cosine_cross_entropy(x, u, y, s, 0.1),
-              lambda x, u, s: ref.cosine_cross_entropy(x, u, y, s, 0.1), [X, U, tau], [0, 1, 2], dtype,
-              [torch.tensor(0.7)], ["dX", "dU", "dscale"])
-        return
-    # half precision: the yardstick that rounds what csrc/cross_entropy.cu rounds (tau G tiles)
-    (fo,), (dX, dU, ds) = kernel_checks.run(lambda x, u, s: cuda_ops.cosine_cross_entropy(x, u, y, s, 0.1),
-                                            [X, U, tau], [0, 1, 2], dtype, [torch.tensor(0.7)])
-    Xh, Uh = X.to(dtype), U.to(dtype)
-    rounded_yardstick.check_op(f"emulated ce {dtype}", rounded_yardstick.cross_entropy, "cuda", dtype, "nearest",
-                               dict(ce_loss=fo, image_features=dX, class_features=dU, scale=ds),
-                               (Xh, Uh, y, 57.0, 0.1, 0.7), ce_magnitudes(Xh, Uh, y, 57.0, 0.1, 0.7))
+    (fo,), _ = kernel_checks.check_cross_entropy(
+        f"emulated ce {dtype}", "cuda", lambda x, u, s: cuda_ops.cosine_cross_entropy(x, u, y, s, 0.1), X, U, y,
+        torch.tensor(57.0, dtype=torch.float64), 0.1, 0.7, dtype)
+    assert fo.dtype == torch.float32 and fo.dim() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -210,18 +149,9 @@ def test_prompt_distill_loss(gen, shape, bias, dtype):
     T, _, _, _, E, W, b = make_inputs(gen, bias=bias, **shape)
     E, W, b = round_trip(dtype, E, W, b)
     basis = basis_of(E, W, b)
-    if dtype == torch.float32:
-        check(f"emulated distill {dtype}", lambda t: cuda_ops.prompt_distill_loss(t, basis),
-              lambda t: ref.prompt_distill_loss(t, W.to(t.dtype), None if b is None else b.to(t.dtype),
-                                                E.to(t.dtype)),
-              [T], [0], dtype, [torch.tensor(1.3)], ["dT"])
-        return
-    # half precision: the yardstick that rounds what csrc/distill.cu rounds (the saved p, dv|z|)
-    (fo,), (dT,) = kernel_checks.run(lambda t: cuda_ops.prompt_distill_loss(t, basis), [T], [0], dtype,
-                                     [torch.tensor(1.3)])
-    rounded_yardstick.check_op(f"emulated distill {dtype}", rounded_yardstick.distillation, "cuda", dtype, "nearest",
-                               dict(distill_loss=fo, text_features=dT), (T.to(dtype), basis, 1.3),
-                               {"distill_loss": 2.0})
+    (fo,), _ = kernel_checks.check_distill(f"emulated distill {dtype}", "cuda",
+                                           lambda t: cuda_ops.prompt_distill_loss(t, basis), T, E, W, b, 1.3, dtype)
+    assert fo.dtype == torch.float32
 
 
 def test_smaller_shared_memory_narrows_the_tiles():
@@ -332,11 +262,20 @@ SWEEP = os.environ.get("DEMUL_FAST_BARRIER_SWEEP") == "1"
 # The first barrier of block_sum / block_max ("scratch may still be read by a previous call")
 # guards a second call in a row; every kernel calls them once, or (sweep.cuh) between other
 # barriers: removing it is no race today (measured: not caught). unstage's last barrier
-# (common.cuh:237, "c may be rewritten next") was not caught either: where c is rewritten, other
-# barriers come first. strict: a caller that makes one necessary turns it into a failure.
-# The shadow-memory race check (race_probe --race, three shapes, three dtypes) agrees: with
-# any one of the three removed, no shared-memory access races on any path the ops take.
-NOT_A_RACE_TODAY = {"common.cuh:115", "common.cuh:126", "common.cuh:237"}
+# ("c may be rewritten next") was not caught either: where c is rewritten, other barriers
+# come first. strict: a caller that makes one necessary turns it into a failure. The
+# shadow-memory race check (race_probe --race, three shapes, three dtypes) agrees: with any
+# one of the three removed, no shared-memory access races on any path the ops take. Found by
+# their code, not by line numbers (which move with every edit of common.cuh).
+def _barrier_at(name, marker):
+    """The barrier of csrc/<name> on the line holding ``marker``, else the first one after it."""
+    with open(os.path.join(emu_build.CSRC, name)) as f:
+        at = next(i for i, text in enumerate(f, 1) if marker in text)
+    return next(ln for f, ln in emu_build.barriers() if f == name and ln >= at)
+
+
+NOT_A_RACE_TODAY = {f"common.cuh:{_barrier_at('common.cuh', marker)}"
+                    for marker in ("float block_sum(", "float block_max(", "c may be rewritten next")}
 
 
 def _barrier_param(f, ln):

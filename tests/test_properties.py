@@ -23,20 +23,21 @@ derandomized unless DEMUL_FAST_TEST_SEED is set) or ``slow`` (hundreds of exampl
 ``pytest tests/test_properties.py --hypothesis-profile slow``.
 """
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 import demul_fast as df
 from backend_cases import (DTYPE_IDS, HAS_GPU, KERNEL_DTYPES, assert_head_matches_reference,
-                           available_backends, backend_module, make_head_inputs, strided_view)
-from numerics import assert_error_rule, default_compute_dtype
+                           assert_parts_match_reference, available_backends, backend_module, make_head_inputs,
+                           strided_view)
 from demul_fast.ops import backends
 from demul_fast.kernels import cosine_ce, text_head
+from rounded_yardstick import TooManyBoundaryElements
 
 EXAMPLES = settings.default.max_examples  # of the loaded profile
 
@@ -125,6 +126,20 @@ def test_the_strategy_crosses_tiles():
     assert crossing >= 0.5 and distilling >= 0.6 and dtypes == set(KERNEL_DTYPES)
 
 
+@contextmanager
+def _bounded_yardstick():
+    """A draw whose half-precision inputs put more operand elements on a rounding boundary than
+    the rounded yardstick's cap (its boundary allowance reruns the op once per element; e.g.
+    C=97, M=17, D=129, K=97 in float16: 78,000 for the distillation alone) is rejected as an
+    invalid example (hypothesis counts those, and fails its health check if they are common),
+    not judged with a weaker rule."""
+    try:
+        yield
+    except TooManyBoundaryElements as e:
+        print(f"rejected: {e}")
+        reject()
+
+
 @pytest.mark.parametrize("backend,device,dtypes", _agreement_params())
 @given(data=st.data())
 def test_every_backend_agrees_with_the_reference(backend, device, dtypes, data):
@@ -135,31 +150,9 @@ def test_every_backend_agrees_with_the_reference(backend, device, dtypes, data):
     inputs["scale"] = case["scale"]
     print(f"{backend} {DTYPE_IDS[case['dtype']]} {case['dims']} distill={case['distill']} bias={case['bias']} "
           f"strided={case['strided']} {case['opts']}")
-    assert_head_matches_reference(inputs, backend, view=strided_view if case["strided"] else None, **case["opts"])
-
-
-def _parts(inputs, backend, ls, cast=None, reference=False):
-    """The three parts on fresh leaves: [(name, value), ...], each op's gradients on their
-    own (<aggregate, R> w.r.t. T and A, ce w.r.t. X and the class features U, distill w.r.t.
-    T): summed by autograd in a half-precision leaf, two ops' gradients would be rounded
-    twice, which is autograd's doing, not the op's."""
-    def leaf(t):
-        t = t.detach().clone() if cast is None else t.detach().to(cast)
-        return t.requires_grad_() if t.is_floating_point() else t
-
-    T, A, X, U = (leaf(inputs[k]) for k in ("text_features", "prompt_logits", "image_features", "class_features"))
-    W, b, E, R = (None if inputs[k] is None else leaf(inputs[k]).detach()
-                  for k in ("phi_weight", "phi_bias", "llm_embeddings", "cotangent"))
-    impl = df.reference if reference else df
-    kw = {} if reference else dict(backend=backend)
-    agg = impl.aggregate_prompts(T, A, **kw)
-    ce = impl.cosine_cross_entropy(X, U, inputs["labels"], 30.0, ls, **kw)
-    dist = impl.prompt_distill_loss(T, W, b, E, **kw)
-    agg_grads = torch.autograd.grad((agg.double() * R.double()).sum(), [T, A])  # R in agg's dtype: exact
-    ce_grads = torch.autograd.grad(ce, [X, U])
-    dist_grads = torch.autograd.grad(dist, [T])
-    return list(zip(["aggregate", "cross_entropy", "distill", "aggregate dT", "aggregate dA", "ce dX", "ce dU",
-                     "distill dT"], [agg, ce, dist, *agg_grads, *ce_grads, *dist_grads]))
+    with _bounded_yardstick():
+        assert_head_matches_reference(inputs, backend, view=strided_view if case["strided"] else None,
+                                      **case["opts"])
 
 
 @pytest.mark.parametrize("backend,device,dtypes", _agreement_params())
@@ -167,34 +160,14 @@ def _parts(inputs, backend, ls, cast=None, reference=False):
 @given(data=st.data())
 def test_every_backend_agrees_with_the_reference_part_by_part(backend, device, dtypes, data):
     """aggregate_prompts, cosine_cross_entropy and prompt_distill_loss on their own (they are
-    separate ops from the fused head), forward and gradients."""
+    separate ops from the fused head), forward and gradients (backend_cases.assert_parts_match_reference:
+    a kernel backend in half precision against the yardstick that rounds what its kernels round)."""
     case = data.draw(head_cases(dtypes, big=device == "cuda"))
     gen = torch.Generator().manual_seed(case["seed"])
-    dtype = case["dtype"]
-    inputs = make_head_inputs(gen, dtype=dtype, device=device, bias=case["bias"], **case["dims"])
-    C, D = inputs["text_features"].shape[0], inputs["text_features"].shape[2]
-    inputs["class_features"] = torch.nn.functional.normalize(torch.randn(C, D, generator=gen), dim=-1).to(
-        device=device, dtype=dtype)
-    inputs["cotangent"] = torch.randn(C, D, generator=gen).to(device=device, dtype=dtype)
-    ls = case["opts"]["label_smoothing"]
-    compute = default_compute_dtype(dtype)
-    fast = _parts(inputs, backend, ls)
-    ref = _parts(inputs, backend, ls, cast=torch.float64, reference=True)
-    plain = _parts(inputs, backend, ls, cast=None if compute == dtype else compute, reference=True)
-    # Magnitudes of the terms: the aggregate is unit vectors; the cross-entropy's summands are
-    # up to 30 + log C; 1 - cos is in [0, 2]; the gradients are sums of terms of the size of
-    # |R| (through the aggregate) and of unit loss cotangents, which cancel where an exact
-    # gradient is ~0 (e.g. D=1: u^ = +-1 is constant).
-    ulps = 1.0 if backend == "triton" and device == "cpu" else 0.5  # interpreter truncates to bf16
-    # the kernel backends round their tensor-core operands to a half input dtype by design (tests/numerics.py)
-    operands = dtype if backend in ("triton", "cuda") and dtype in (torch.bfloat16, torch.float16) else None
-    mags = dict(aggregate=1.0, cross_entropy=31.0 + torch.tensor(float(C)).log().item(), distill=2.0)
-    grad_mag = max(1.0, float(inputs["cotangent"].abs().max()))
-    for (name, f), (_, r), (_, p) in zip(fast, ref, plain):
-        grad = " d" in name
-        mag = max(grad_mag, float(r.abs().max())) if grad else mags[name]
-        assert_error_rule(f"{backend}:{name}", f, r, p, k=3.0 if grad else 2.0, dtype=dtype, magnitude=mag,
-                          stored_ulps=ulps, operands=operands)
+    inputs = make_head_inputs(gen, dtype=case["dtype"], device=device, bias=case["bias"], **case["dims"])
+    print(f"{backend} {DTYPE_IDS[case['dtype']]} {case['dims']} bias={case['bias']} {case['opts']}")
+    with _bounded_yardstick():
+        assert_parts_match_reference(inputs, gen, backend, case["opts"]["label_smoothing"])
 
 
 # ---- 2. malformed input is refused before any backend runs -----------------------------------

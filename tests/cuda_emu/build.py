@@ -174,25 +174,31 @@ def _read(path: str) -> Optional[str]:
         return f.read()
 
 
+BARRIER_CALLS = ("__syncthreads();", "__syncwarp();")
+
+
 def without_barrier(name: str, line: int):
-    """An edit for ``build``: the ``__syncthreads();`` on that line of csrc/<name> removed."""
+    """An edit for ``build``: the barrier (``__syncthreads();`` or ``__syncwarp();``) on that
+    line of csrc/<name> removed."""
     def edit(text):
         lines = text.split("\n")
-        if "__syncthreads();" not in lines[line - 1]:
-            raise ValueError(f"{name}:{line} has no __syncthreads")
-        lines[line - 1] = lines[line - 1].replace("__syncthreads();", "/* barrier removed */", 1)
+        call = next((c for c in BARRIER_CALLS if c in lines[line - 1].split("//")[0]), None)
+        if call is None:
+            raise ValueError(f"{name}:{line} has no __syncthreads / __syncwarp")
+        lines[line - 1] = lines[line - 1].replace(call, "/* barrier removed */", 1)
         return "\n".join(lines)
     return {name: edit}
 
 
-def barriers() -> list:
-    """(file, line) of every ``__syncthreads();`` of csrc/."""
+def barriers(calls=("__syncthreads();",)) -> list:
+    """(file, line) of every barrier call of csrc/ (default ``__syncthreads();``; ``calls=
+    BARRIER_CALLS`` adds the warp barriers), found in the sources as they are now."""
     found = []
     for path in sorted(glob.glob(os.path.join(CSRC, "*"))):
         with open(path) as f:
             for i, text in enumerate(f, 1):
                 code = text.split("//")[0]
-                if "__syncthreads();" in code:
+                if any(c in code for c in calls):
                     found.append((os.path.basename(path), i))
     return found
 

@@ -13,6 +13,14 @@ A subprocess per variant: an abort of the emulation ends only that process.
 (include/emu_instrument.h): its shadow-memory check aborts at the first shared-memory access
 that races with another thread's since the last barrier, naming the kernel and both csrc
 file:lines (one schedule suffices: the check does not depend on the order).
+
+``--sweep [FILE | FILE:LINE ...] [--both]`` removes each barrier of the named csrc/ files
+(default: all of csrc/), ``__syncthreads();`` and ``__syncwarp();``, found in the sources as
+they are now (no line numbers kept anywhere), one at a time: the race check first (it names
+both lines), then the schedules where it missed (``--both``: always), and prints one JSON
+line per barrier as it goes and a markdown table at the end (caught by what, and the first
+and second access's file:line that the race check names). One or two builds per barrier (a
+few minutes of CPU each on a small machine): ``nice`` it, and run one sweep at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ SHAPES = [dict(C=37, M=3, D=40, B=5, K=70), dict(C=70, M=2, D=24, B=3, K=20)]  #
 # The race check sees only the paths a run takes: add one where every dimension crosses a
 # 64-wide tile (B > 64: loops over B chunks run twice, so a barrier between chunks matters).
 RACE_SHAPES = SHAPES + [dict(C=23, M=5, D=131, B=67, K=193)]
+# The distillation forward's streaming kernel (distill_forward_partial_kernel: the tile of T
+# past the 160 KB budget, csrc/distill.cu DistillSmem) is taken by no shape above: float32 T
+# with D = 560 (D rounded to 576: 64 x 580 x 4 B + the stages > 160 KB), in float32 only
+# (16-bit T would need D > 896), run after the shapes above in every mode.
+STREAMING = [(dict(C=2, M=3, D=560, B=3, K=40), ("float32",))]
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,8 +57,10 @@ def _run_ops(module, dtypes=DTYPES, shapes=None):
 
     saved, cuda_ops._C = cuda_ops._C, module
     results = []
+    cases = [(shape, dtypes) for shape in (SHAPES if shapes is None else shapes)]
+    cases += [(shape, [d for d in only if d in dtypes]) for shape, only in STREAMING]
     try:
-        for shape in (SHAPES if shapes is None else shapes):
+        for shape, shape_dtypes in cases:
             gen = torch.Generator().manual_seed(7)
             C, M, D, B, K = (shape[k] for k in "CMDBK")
 
@@ -55,7 +70,7 @@ def _run_ops(module, dtypes=DTYPES, shapes=None):
             y = torch.randint(0, C, (B,), generator=gen)
             basis = build_distill_basis(W, b, E, dtype=torch.float32)
             GL = r(B, C)
-            for dtype in (getattr(torch, d) for d in dtypes):
+            for dtype in (getattr(torch, d) for d in shape_dtypes):
                 T, A, X = T64.to(dtype).requires_grad_(), A64.float().requires_grad_(), X64.to(dtype).requires_grad_()
                 out = cuda_ops.demul_head(T, A, X, y, 30.0, basis, 0.7, 0.1, True)
                 total = out.loss + 0.5 * out.ce_loss - 0.25 * out.distill_loss + (out.logits.float() * GL.float()).sum()
@@ -137,7 +152,69 @@ def caught(report: dict) -> bool:
                 or report.get("differs_from_base"))
 
 
+_RACE = re.compile(r"emu: race in (\S+) .*?: (\w+) by (.+?) at (\S+), then (\w+) by (.+?) at (\S+) with no barrier")
+
+
+def race_lines(message: str):
+    """(kernel, first access's file:line, second access's file:line) of a race-check abort, or None."""
+    found = _RACE.search(message or "")
+    return None if found is None else (found.group(1), found.group(4), found.group(7))
+
+
+def sweep(files=(), out=sys.stdout, dtypes=DTYPES, both=False) -> list:
+    """Each barrier of csrc/``files`` (all of csrc/ when empty; an entry FILE:LINE selects one
+    barrier) removed in turn: the race check (it names both lines), then the schedules'
+    probe where the race check missed (``both``: always). Returns one row per barrier (also
+    printed as a JSON line)."""
+    sys.path.insert(0, TESTS)
+    from cuda_emu import build as emu_build
+
+    rows = []
+    for name, line in emu_build.barriers(emu_build.BARRIER_CALLS):
+        where = f"{name}:{line}"
+        if files and name not in files and where not in files:
+            continue
+        with open(os.path.join(emu_build.CSRC, name)) as f:
+            text = f.read().split("\n")[line - 1].strip()
+        race = probe([where], dtypes=dtypes, race=True)
+        sched = probe([where], dtypes=dtypes) if both or not caught(race) else None
+        row = dict(barrier=where, code=text, schedules=None if sched is None else _what(sched),
+                   race_check=caught(race), race_lines=race_lines(race.get("message")),
+                   race_message=race.get("message"), schedules_report=sched)
+        row["caught"] = bool(row["schedules"] or row["race_check"])
+        rows.append(row)
+        print("SWEEP " + json.dumps(row), file=out, flush=True)
+    print(table(rows), file=out, flush=True)
+    return rows
+
+
+def _what(report: dict) -> str:
+    """What noticed a removed barrier under the schedules ('' if nothing)."""
+    if report["aborted"]:
+        return "abort: " + (report.get("message") or "")[:160]
+    parts = [f"{k} ({', '.join(report[k])})" for k in ("nonfinite", "schedules_differ", "differs_from_base")
+             if report.get(k)]
+    return "; ".join(parts)
+
+
+def table(rows: list) -> str:
+    """The sweep's rows as a markdown table."""
+    lines = ["| barrier | code | schedules | race check (kernel: first access, second access) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        race = "not caught"
+        if r["race_check"]:
+            race = "caught" if r["race_lines"] is None else "{}: {}, {}".format(*r["race_lines"])
+        sched = "not run (the race check caught it)" if r["schedules"] is None else r["schedules"] or "not caught"
+        lines.append(f"| {r['barrier']} | `{r['code']}` | {sched} | {race} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--sweep"]:
+        both = "--both" in sys.argv[2:]
+        sweep([a for a in sys.argv[2:] if a != "--both"], both=both)
+        sys.exit(0)
     args = sys.argv[1:]
     is_child = bool(args) and args[0] == "--child"
     args = args[1:] if is_child else args
