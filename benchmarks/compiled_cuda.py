@@ -532,7 +532,8 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "fro
     for launch, tr in zip(launches, traced):
         symbol = next((k for k in sass if re.search(launch["symbol"], k)), None)
         if symbol is None:
-            raise RuntimeError(f"kernel {launch['symbol']!r} ({launch['name']}) is not in {binary}")
+            raise RuntimeError(f"kernel {launch['symbol']!r} ({launch['name']}) is not in the built extension "
+                               "or the cubins of csrc/")
         path = os.path.join(sass_dir, re.sub(r"\W+", "_", launch["name"]) + ".sass")
         with open(path, "w") as f:
             f.write(sass[symbol])
