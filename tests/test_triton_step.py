@@ -78,14 +78,20 @@ def test_text_forward_paths(monkeypatch, dtype, resident):
     monkeypatch.setattr(text_head, "RESIDENT_BYTES", 1 << 30 if resident else 0)
     T, A, X, y, E, W, b = inputs(3, C=11, M=5, D=100, B=5, K=70)
     assert text_head.text_config(11, 5, 100, 70, 2)["RESIDENT"] == resident
+    _head_matches_reference(T, A, X, y, E, W, b, dtype, f"{dtype} resident={resident}")
+
+
+def _head_matches_reference(T, A, X, y, E, W, b, dtype, label):
+    """The Triton head's loss gradients against the float64 reference on the same rounded
+    inputs (the error rule's yardstick is in test_mutations / test_error_rule: this checks the
+    paths taken, at the tolerances of this file)."""
     basis = build_distill_basis(W, b, E)
     got = grads_of_loss(lambda t, a, x: triton_ops.demul_head(t, a, x, y, 13.0, basis, alpha=0.7).loss,
                         T, A, X, dtype)
-    # the reference on the same rounded inputs, in float64
     Tr, Ar, Xr = (v.to(dtype).double() for v in (T, A, X))
     want = reference_step(Tr, Ar, Xr, y, E, W, b)
     tol = 2e-5 if dtype == torch.float32 else (3e-2 if dtype == torch.bfloat16 else 5e-3)
-    assert_close(got, want, tol, f"{dtype} resident={resident}")
+    assert_close(got, want, tol, label)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -100,13 +106,7 @@ def test_row_tiles(monkeypatch, dtype, wide, C, M):
     T, A, X, y, E, W, b = inputs(7, C=C, M=M, D=100, B=5, K=70)
     cfg = text_head.text_config(C, M, 100, 70, 2, wide)
     assert bool(cfg["AGG_PARTS"]) == wide and cfg["bwd_tiles"] >= 2 and cfg["fwd_tiles"] >= 2
-    basis = build_distill_basis(W, b, E)
-    got = grads_of_loss(lambda t, a, x: triton_ops.demul_head(t, a, x, y, 13.0, basis, alpha=0.7).loss,
-                        T, A, X, dtype)
-    Tr, Ar, Xr = (v.to(dtype).double() for v in (T, A, X))
-    want = reference_step(Tr, Ar, Xr, y, E, W, b)
-    tol = 2e-5 if dtype == torch.float32 else (3e-2 if dtype == torch.bfloat16 else 5e-3)
-    assert_close(got, want, tol, f"{dtype} wide={wide} C={C} M={M}")
+    _head_matches_reference(T, A, X, y, E, W, b, dtype, f"{dtype} wide={wide} C={C} M={M}")
 
 
 def test_basis_cast_once_per_basis():
