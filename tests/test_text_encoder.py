@@ -262,6 +262,17 @@ def test_shared_prefix_attention_gradcheck(eot_only, p, s, eot):
                                     (q, k, v), fast_mode=True)
 
 
+def _random_packed_layout(seed, g, p, n, s, heads, dtype):
+    """A packed layout of g groups of n suffixes of length s after a prefix of p, with
+    random EOT positions, prepared for ``dtype``: (the generator, to draw the inputs from
+    next; the layout; its packed row count)."""
+    gen = torch.Generator().manual_seed(seed)
+    eot = torch.randint(0, s, (g, n), generator=gen)
+    layout = PackedLayout.build(g, p, n, s, eot)
+    layout.prepare(dtype, [heads])
+    return gen, layout, g * p + layout.suffix_rows
+
+
 @pytest.mark.parametrize("eot_only", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p, s", [(3, 5), (17, 7), (4, 4)])
@@ -271,11 +282,7 @@ def test_one_call_attention_matches_the_eager_op(eot_only, dtype, p, s):
     random EOTs; float64 to 1e-12, lower precisions against the float64 op's result: within
     3x the eager op's own error in that dtype (plus a rounding floor)."""
     g, n, heads, hd = 2, 5, 4, 8
-    gen = torch.Generator().manual_seed(11 + p + s)
-    eot = torch.randint(0, s, (g, n), generator=gen)
-    layout = PackedLayout.build(g, p, n, s, eot)
-    layout.prepare(dtype, [heads])
-    rows = g * p + layout.suffix_rows
+    gen, layout, rows = _random_packed_layout(11 + p + s, g, p, n, s, heads, dtype)
     qkv64 = [torch.randn(g * n if (eot_only and i == 0) else rows, heads * hd, generator=gen, dtype=torch.float64)
              for i in range(3)]
     up64 = torch.randn(g * n if eot_only else rows, heads * hd, generator=gen, dtype=torch.float64)
@@ -430,11 +437,7 @@ def test_attention_forward_rounded_yardstick(path, eot_only, dtype, p, s):
     moves elements by several half ulps, outside it (docs/testing-precision.md's rule: a
     bound a wrong kernel cannot meet in any dtype)."""
     g, n, heads, hd = 2, 5, 4, 8
-    gen = torch.Generator().manual_seed(23 + p + s)
-    eot = torch.randint(0, s, (g, n), generator=gen)
-    layout = PackedLayout.build(g, p, n, s, eot)
-    layout.prepare(dtype, [heads])
-    rows = g * p + layout.suffix_rows
+    gen, layout, rows = _random_packed_layout(23 + p + s, g, p, n, s, heads, dtype)
     # scores of a few units (q scaled by 3): softmax weights far from uniform, so a 1%
     # scale error moves them
     q = (3 * torch.randn(g * n if eot_only else rows, heads * hd, generator=gen)).to(dtype)
