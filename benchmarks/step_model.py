@@ -17,8 +17,9 @@ Ways: ``reference`` (the full-length CoOp encoder, C*M prompts of 77 tokens, eag
 ``graphs`` (compiled and replayed as CUDA graphs: ``--compile reduce-overhead``).
 
 The model, per component: device time = max(FLOPs / matmul rate, bytes / bandwidth) (the
-same FLOPs and bytes for every way: it does not credit compiled code with its fusion, so
-it favours eager), plus a device-side cost per kernel (its start and tail) of
+same bytes for every way: it does not credit compiled code with its fusion, so it favours
+eager; the text FLOPs are those of the products each way's code runs:
+``text_linear_adjustment``), plus a device-side cost per kernel (its start and tail) of
 ``kernel_gap_us`` each. Host time = launches x the per-launch host cost of the way (one
 graph launch per graph when replayed). The step takes max(device, host): the host runs
 ahead of the device while it can (eager PyTorch is asynchronous), so a step is either
