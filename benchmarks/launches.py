@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections import Counter
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -118,7 +118,8 @@ class _CodeOnly(Exception):
     """Raised by a stubbed kernel: the generated code is all that was wanted."""
 
 
-def count_compiled(fn: Callable[[], object], run: bool = True) -> Tuple[object, Dict[str, object]]:
+def count_compiled(fn: Callable[[], object], run: bool = True,
+                   codes: Optional[List[str]] = None) -> Tuple[object, Dict[str, object]]:
     """Count the launches of the code inductor generates for every graph ``fn`` compiles
     (dynamo is reset first, so each graph is compiled inside this call; the caches that
     would skip code generation are off): (result, {launches, kernels, extern, ops,
@@ -128,6 +129,7 @@ def count_compiled(fn: Callable[[], object], run: bool = True) -> Tuple[object, 
     together with the forward (``force_non_lazy_backward_lowering``), the C++ kernels are
     not compiled (stubs), and the first kernel call ends ``fn`` (result None). On a CPU this
     takes the count from minutes of C++ compilation to the seconds of tracing and lowering.
+    codes: a list that receives the generated modules' code (optional).
     """
     from unittest import mock
 
@@ -145,7 +147,7 @@ def count_compiled(fn: Callable[[], object], run: bool = True) -> Tuple[object, 
     if not run:
         patches += [torch._functorch.config.patch(force_non_lazy_backward_lowering=True),
                     mock.patch.object(AsyncCompile, "cpp_pybinding", stub), mock.patch.object(AsyncCompile, "cpp", stub)]
-    codes: List[str] = []
+    codes = [] if codes is None else codes
     patches.append(mock.patch.object(GraphLowering, "save_output_code", lambda code: codes.append(code)))
     result = None
     with contextlib.ExitStack() as stack:

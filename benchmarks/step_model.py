@@ -17,8 +17,9 @@ Ways: ``reference`` (the full-length CoOp encoder, C*M prompts of 77 tokens, eag
 ``graphs`` (compiled and replayed as CUDA graphs: ``--compile reduce-overhead``).
 
 The model, per component: device time = max(FLOPs / matmul rate, bytes / bandwidth) (the
-same FLOPs and bytes for every way: it does not credit compiled code with its fusion, so
-it favours eager), plus a device-side cost per kernel (its start and tail) of
+same bytes for every way: it does not credit compiled code with its fusion, so it favours
+eager; the text FLOPs are those of the products each way's code runs:
+``text_linear_adjustment``), plus a device-side cost per kernel (its start and tail) of
 ``kernel_gap_us`` each. Host time = launches x the per-launch host cost of the way (one
 graph launch per graph when replayed). The step takes max(device, host): the host runs
 ahead of the device while it can (eager PyTorch is asynchronous), so a step is either
@@ -68,10 +69,39 @@ WAYS = ("reference", "eager", "compiled", "graphs")
 ACT_ELEMS = 16  # activation elements read+written per token, layer and pass (qkv, attention, MLP, norms)
 
 
-def text_cost(suffix_lengths: List[int], full: bool) -> Cost:
+def text_linear_adjustment(suffix_lengths: List[int], way: str) -> int:
+    """FLOPs (forward + backward) by which DeMul's text tower differs from
+    ``floors.encoder_cost`` (every packed row through every linear layer), counted from the
+    shapes of what the code runs (``demul_fast/text_encoder.py``, ``prefix_attention.py``):
+
+    * every way: the last layer runs out_proj and the MLP on the C*M EOT rows only
+      (``_layer_forward``'s last branch): minus the other rows' 9 W^2 multiply-adds each;
+    * compiled ways (``compiled``, ``graphs``): layer 0's ln_1 and q/k/v run on the M*P
+      prefix rows and one prompt's suffix rows (the suffix is the same for the M prompts
+      before layer 0: ``PackedLayout.shared_suffix_maps``): minus (M - 1) * sum(len) rows of
+      3 W^2; and out_proj runs on the attention call's B*S query slots in the other layers
+      (``shared_prefix_attention``'s ``project``): plus (B*S - T) rows of W^2 in each of
+      them, B = M*(C + J) items of S = max(len) slots, J = ceil(P / S).
+
+    The backward of a frozen tower computes input gradients only: the same products again.
+    Attention scores and layer norms are not adjusted (under 1 % of the text FLOPs here)."""
+    M, n_ctx = SIZES["M"], SIZES["n_ctx"]
+    w, layers = TEXT["width"], TEXT["layers"]
+    C, P = len(suffix_lengths), n_ctx + 1
+    tokens = M * P + M * sum(suffix_lengths)
+    per_pass = -(tokens - C * M) * 2 * 9 * w * w
+    if way in ("compiled", "graphs"):
+        S = max(suffix_lengths)
+        slots = M * (C + -(-P // S)) * S
+        per_pass += -(M - 1) * sum(suffix_lengths) * 2 * 3 * w * w + (layers - 1) * (slots - tokens) * 2 * w * w
+    return 2 * per_pass
+
+
+def text_cost(suffix_lengths: List[int], full: bool, way: Optional[str] = None) -> Cost:
     """FLOPs and bytes of the text tower's forward + backward over C classes x M prompts:
-    prefix-shared (floors.encoder_cost) or full length (C*M sequences of 77 tokens, every
-    position attending to its causal past), plus the activation traffic."""
+    prefix-shared (floors.encoder_cost, adjusted to what the code of ``way`` runs:
+    ``text_linear_adjustment``; way None: not adjusted) or full length (C*M sequences of 77
+    tokens, every position attending to its causal past), plus the activation traffic."""
     M, n_ctx, e = SIZES["M"], SIZES["n_ctx"], SIZES["e"]
     w, layers, L = TEXT["width"], TEXT["layers"], TEXT["context"]
     C = len(suffix_lengths)
@@ -84,6 +114,8 @@ def text_cost(suffix_lengths: List[int], full: bool) -> Cost:
     else:
         cost = encoder_cost("fwd+bwd", n_prompts=M, n_ctx=n_ctx, suffix_lengths=suffix_lengths, width=w,
                             layers=layers, embed_dim=TEXT["embed_dim"], weight_bytes=e * TEXT["params"], e=e)
+        if way is not None:
+            cost = cost + Cost(0, text_linear_adjustment(suffix_lengths, way))
         tokens = M * (n_ctx + 1) + M * sum(suffix_lengths)
     return cost + Cost(3 * e * ACT_ELEMS * tokens * layers * w, 0)  # fwd once, bwd twice
 
@@ -126,7 +158,7 @@ def breakdown(m: Machine, C: int, way: str, suffix_lengths: List[int], launches:
     tower's forward, "optim": the update, "graphs": graphs replayed per step} for this way."""
     M, D, B, K, e = SIZES["M"], SIZES["D"], SIZES["B"], SIZES["K"], SIZES["e"]
     image = device_ms(image_cost(), m)
-    text = device_ms(text_cost(suffix_lengths, full=way == "reference"), m)
+    text = device_ms(text_cost(suffix_lengths, full=way == "reference", way=way), m)
     head = device_ms(head_cost("demul_head", "fwd+bwd", C, M, D, B, K, e), m)
     optim = device_ms(optim_cost(C), m)
     out = []

@@ -201,18 +201,48 @@ class PackedLayout:
             self._cache[key] = out
         return out
 
+    def shared_suffix_maps(self, dtype: torch.dtype) -> Optional[Tuple[Tensor, Tensor, int]]:
+        """(q_rows, kv_rows, rows) for a first layer whose suffix rows are computed for one
+        group only, or None when that is not exact here (G = 1, or the groups' EOT positions
+        differ). Before the first layer every group's suffix rows hold the same token and
+        position embeddings when the suffix is one tensor expanded over the groups (DeMul's
+        C class suffixes, the same for each of its M prompts), so their ln_1 and q/k/v are
+        the same for every group: computed on the leading ``rows`` = G*P + Ts/G packed rows
+        (the prefix rows, then group 0's suffix rows: rows are in (group, sequence,
+        position) order), and read by the attention through q_rows / kv_rows
+        (``attention_maps``'s, re-pointed at those rows). Built at plan time (``prepare``:
+        comparing the groups' EOT positions reads the device); inside a trace an unprepared
+        layout gives None."""
+        key = ("shared", dtype)
+        if key in self._cache:
+            return self._cache[key]
+        if torch.compiler.is_compiling():
+            return None
+        g, ts = self.g, self.suffix_rows
+        out = None
+        if g > 1 and ts % g == 0 and bool((self.eot == self.eot[:1]).all()):
+            n_pre, ts1 = g * self.p, ts // g
+            dev = self.eot.device
+            remap = torch.cat([torch.arange(n_pre, device=dev), n_pre + torch.arange(ts, device=dev) % ts1])
+            q_rows, kv_rows, _, _ = self.attention_maps(dtype)
+            out = (remap.index_select(0, q_rows), remap.index_select(0, kv_rows), n_pre + ts1)
+        self._cache[key] = out
+        return out
+
     def prepare(self, dtype: torch.dtype, heads) -> None:
         """Build (plan time, outside any trace) what the attention uses: the per-head index
         maps of the eager op for every head count in ``heads``, and the one-call attention's
-        maps and masks in ``dtype``."""
+        maps and masks in ``dtype`` (with the shared-suffix first layer's maps)."""
         for h in set(heads):
             self.indices(h)
         self.attention_maps(dtype)
         self.eot_maps(dtype)
+        self.shared_suffix_maps(dtype)
 
 
 def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int,
-                            eot_only: bool = False, project: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+                            eot_only: bool = False, project: Optional[Callable[[Tensor], Tensor]] = None,
+                            shared_suffix: Optional[Tuple[Tensor, Tensor, int]] = None) -> Tensor:
     """Multi-head attention of one layer over the packed rows described by ``layout``.
 
     q: [T, W] (all rows), or [G*N, W] (the EOT row of each sequence, ``eot_only=True``)
@@ -246,12 +276,19 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
     and the product: one launch fewer per layer forward, for (B*S - T) / T more rows in
     that one product (docs/step.md). Row-wise maps commute with a row gather, so the
     result is the same function.
+
+    shared_suffix: ``layout.shared_suffix_maps(dtype)`` (compiled path only, with project,
+    not eot_only): q, k, v are then [G*P + Ts/G, W], the first layer's leading rows, group
+    0's suffix rows standing for every group's (the same values there); the output is still
+    [T, W].
     """
+    if shared_suffix is not None and (eot_only or project is None or not torch.compiler.is_compiling()):
+        raise ValueError("shared_suffix is for the compiled path of a layer that is not the last, with project")
     if torch.compiler.is_compiling():
         if project is None or eot_only:
             out = _attend(q, k, v, layout, heads, eot_only)
             return out if project is None else project(out)
-        slots, out_rows = _attend_slots(q, k, v, layout, heads)
+        slots, out_rows = _attend_slots(q, k, v, layout, heads, shared_suffix)
         return project(slots).index_select(0, out_rows)
     out = _SharedPrefixAttention.apply(q, k, v, layout, heads, eot_only)
     return out if project is None else project(out)
@@ -408,13 +445,17 @@ def _recomputed_blocks(x: Tensor, rows: Tensor, layout: PackedLayout, heads: int
     return _blocks(x, rows, layout, heads, items)
 
 
-def _attend_slots(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int) -> Tuple[Tensor, Tensor]:
+def _attend_slots(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int,
+                  shared_suffix: Optional[Tuple[Tensor, Tensor, int]] = None) -> Tuple[Tensor, Tensor]:
     """The one call of a (not last) layer: (output of every query slot [B*S, W], out_rows
-    [G*P + Ts]: the slot of each packed row's output, ``PackedLayout.attention_maps``)."""
+    [G*P + Ts]: the slot of each packed row's output, ``PackedLayout.attention_maps``).
+    With ``shared_suffix`` q, k, v are the G*P + Ts/G rows of ``PackedLayout.shared_suffix_maps``."""
     g, s = layout.g, layout.s
     w = k.shape[-1]
     hd = w // heads
     q_rows, kv_rows, out_rows, mask = layout.attention_maps(q.dtype)
+    if shared_suffix is not None:
+        q_rows, kv_rows = shared_suffix[0], shared_suffix[1]
     items = layout.n + layout.prefix_items
     qs = q.index_select(0, q_rows).view(g * items, s, heads, hd).transpose(1, 2)             # [B, H, S, hd]
     out = F.scaled_dot_product_attention(qs, _recomputed_blocks(k, kv_rows, layout, heads, items),

@@ -91,6 +91,14 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     suffix_rows = (suffix.to(dtype) + pos[p:p + s]).reshape(g * n * s, w).index_select(0, layout.valid_slots)
     x = torch.cat([(prefix + pos[:p]).reshape(g * p, w), suffix_rows])       # [G*P + Ts, W], packed
     last = len(tower.layers) - 1
+    # Under compile, a suffix expanded over the groups (DeMul's: the same C class suffixes for
+    # each of the M prompts) has the same rows in every group before layer 0, so layer 0's
+    # ln_1 and q/k/v run on the G*P prefix rows and group 0's Ts/G suffix rows only (exact:
+    # the same values; (G-1)/G of layer 0's suffix q/k/v work and of its input-gradient product
+    # removed, no launch added). Eagerly the batched-product attention reads [T, W] q/k/v.
+    shared = None
+    if torch.compiler.is_compiling() and g > 1 and last > 0 and suffix.stride(0) == 0 and not checkpoint:
+        shared = layout.shared_suffix_maps(dtype)
     deep = list(deep_prompts or ())
     if deep:
         k = deep[0].shape[0]
@@ -101,7 +109,14 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     for i, layer in enumerate(tower.layers):
         if 1 <= i <= len(deep):  # MaPLe: the context rows of layer i's input are deep_prompts[i - 1]
             x = x.index_copy(0, deep_rows, deep[i - 1].to(dtype).index_select(0, deep_src))
-        if checkpoint and torch.is_grad_enabled():
+        if i == 0 and shared is not None:
+            # the packed rows are in (group, sequence, position) order: group 0's suffix rows
+            # follow the prefix rows, so the rows layer 0 needs are a leading slice of x
+            q, k, v = layer.qkv(layer.ln_1(x[:shared[2]]))                   # [G*P + Ts/G, 3 x W]
+            x = x + shared_prefix_attention(q, k, v, layout, layer.heads, shared_suffix=shared,
+                                            project=lambda a: layer.ls_1(layer.out_proj(a)))
+            x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
+        elif checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(_layer_forward, layer, x, layout, i == last, use_reentrant=False)
         else:
             x = _layer_forward(layer, x, layout, i == last)

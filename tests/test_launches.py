@@ -87,3 +87,47 @@ def test_step_model_arithmetic():
     full = step_model.text_cost(lengths, full=True)
     short = step_model.text_cost(lengths, full=False)
     assert full.flops > 5 * short.flops
+    # what the code runs beyond floors.encoder_cost, worked by hand for C=100 suffixes of 8,
+    # M=4, P=17, W=512: T = 68 + 3200 = 3268 rows; every way skips out_proj + MLP (9 W^2) of
+    # the last layer's T - 400 non-EOT rows; compiled ways also skip layer 0's q/k/v (3 W^2)
+    # of 3 x 800 shared suffix rows and add out_proj (W^2) on B*S - T = 4*(100+3)*8 - 3268 =
+    # 28 pad slots in 11 layers; 2 multiply-add FLOPs each, forward and backward
+    w2 = 512 * 512
+    assert step_model.text_linear_adjustment(lengths, "eager") == -2 * 2 * 2868 * 9 * w2
+    assert step_model.text_linear_adjustment(lengths, "graphs") == -2 * 2 * (2868 * 9 + 2400 * 3 - 11 * 28) * w2
+    eager, graphs = (step_model.text_cost(lengths, full=False, way=w) for w in ("eager", "graphs"))
+    assert eager.flops == short.flops - 2 * 2 * 2868 * 9 * w2 and graphs.flops < eager.flops
+
+
+def test_max_autotune_cpp_gemm_template_is_not_offered_for_the_training_step():
+    """max-autotune's C++ GEMM template (``max_autotune_gemm_backends="CPP,ATEN"``), the only
+    way inductor fuses an epilogue into a matrix product on a CPU, is offered only for a
+    constant weight (``use_cpp_gemm_template(require_constant_mat2=True)`` in mm/addmm's
+    lowering: a frozen inference graph). In a training graph the frozen tower's weights are
+    graph inputs, so every product stays an extern call and the step counts what the default
+    mode counts (docs/step.md: 242 at C=100 for ViT-B/16). If a torch release starts offering
+    it, this fails: recount the step with max-autotune. Two-layer tower, code generated, not
+    built; with "CPP" alone inductor has no choice for a product at all."""
+    from torch._inductor import config
+
+    import demul_fast as df
+    model, tok = models.clip_model("tiny", "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    E, W, b = torch.randn(5, 12, generator=gen), torch.randn(12, 128, generator=gen), torch.randn(12, generator=gen)
+    m = df.DeMul(model, tok, models.classnames(5), llm_embeddings=E, phi=(W, b), n_prompts=2, n_ctx=4,
+                 backend="torch").train()
+    m.plan()
+    x, y = torch.randn(3, 128, generator=gen), torch.randint(0, 5, (3,), generator=gen)
+    compiled = torch.compile(m, fullgraph=True, dynamic=False)
+
+    def count(**patch):
+        codes = []
+        with config.patch(**patch):
+            out = launches.count_compiled(lambda: compiled(image_features=x, labels=y).loss.backward(), run=False,
+                                          codes=codes)[1]
+        return out, codes
+
+    default, _ = count()
+    tuned, codes = count(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    assert codes and not any("micro_gemm" in c for c in codes), "a C++ GEMM template was chosen"
+    assert tuned == default and tuned["extern"] > 10, (tuned, default)

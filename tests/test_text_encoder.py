@@ -475,3 +475,53 @@ def test_compiled_branch_with_projection_matches_the_eager_op(p, s, monkeypatch)
     traced = run()
     for name, a, b in zip(("out", "dq", "dk", "dv", "dw"), traced, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("p, s", [(3, 5), (7, 3)])  # P > S: J = 3 prefix items, pad slots
+def test_compiled_first_layer_computes_a_shared_suffix_once(tokenizer, p, s, monkeypatch):
+    """``prefix_shared_forward`` with a suffix expanded over the groups (DeMul's layout): the
+    branch torch.compile traces runs layer 0's ln_1 and q/k/v on the G*P prefix rows and
+    group 0's Ts/G suffix rows only (``PackedLayout.shared_suffix_maps``), against the eager
+    path on all T rows: features and the prefix gradient, float64, to 1e-12. The branch is
+    taken by making ``is_compiling`` report True; that layer 0's q/k/v product saw
+    G*P + Ts/G rows is checked on the product's input. Groups whose EOT positions differ get
+    no shared maps."""
+    model = make_clip(seed=7, text=dict(ls_init_value=0.2))
+    g, n, w = 3, 4, 64
+    gen = torch.Generator().manual_seed(6 + p)
+    prefix = torch.randn(g, p, w, generator=gen, dtype=torch.float64)
+    suffix = torch.randn(1, n, s, w, generator=gen, dtype=torch.float64).expand(g, n, s, w)
+    eot = torch.randint(0, s, (1, n), generator=gen).expand(g, n)
+    up = torch.randn(g, n, 48, generator=gen, dtype=torch.float64)
+    tower = text_tower(model)
+    layout = PackedLayout.build(g, p, n, s, eot)
+    layout.prepare(torch.float64, [layer.heads for layer in tower.layers])
+    assert layout.shared_suffix_maps(torch.float64) is not None
+    ts = layout.suffix_rows
+    rows_seen = []
+    qkv = tower.layers[0].qkv
+
+    def spy(x):
+        rows_seen.append(x.shape[0])
+        return qkv(x)
+    monkeypatch.setattr(tower.layers[0], "qkv", spy)
+
+    def run():
+        pre = prefix.clone().requires_grad_()
+        out = prefix_shared_forward(tower, pre, suffix, eot, layout=layout)
+        return out.detach(), torch.autograd.grad((out * up).sum(), pre)[0]
+
+    eager = run()
+    assert rows_seen[0] == g * p + ts
+    rows_seen.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = run()
+    assert rows_seen[0] == g * p + ts // g, rows_seen
+    torch.testing.assert_close(traced[0], eager[0], rtol=0, atol=1e-12, msg="features")
+    torch.testing.assert_close(traced[1], eager[1], rtol=0, atol=1e-12, msg="d prefix")
+    monkeypatch.undo()
+    other = torch.cat([eot[:1], eot[1:].roll(1, dims=1)])  # the same row count per group, other positions
+    assert (other != eot).any()
+    distinct = PackedLayout.build(g, p, n, s, other)
+    distinct.prepare(torch.float64, [2])
+    assert distinct.shared_suffix_maps(torch.float64) is None
