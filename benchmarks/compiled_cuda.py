@@ -24,8 +24,9 @@ GEMMs' operands once per row / column tile), NOT a trace as for the Triton kerne
 ``l2_bytes`` carries them, ``hbm_bytes`` too except for the kernels whose ``hbm_bytes`` counts
 each tensor once (R, 0.5 MB at imagenet in bfloat16, stays in L2); ``traced`` is False. At imagenet (bf16)
 the formulas of the text backward, distillation forward and CE GEMMs agree with the trace
-(``trace_head``) within 7%; the one-block finalize and prompt-logit kernels (under 0.5 MB)
-count each tensor once and trace up to 3x that.
+(``trace_head``) within 3% (retraced with the basis R in T's dtype: distillation forward
+1.024, text backward 1.000, CE GEMMs 1.000); the one-block finalize and prompt-logit kernels
+(under 0.5 MB) count each tensor once and trace up to 3x that.
 ``rounds`` counts the serial per-element loops of the one-block finalize kernels.
 Times are modelled by benchmarks/compiled_model.py.
 
