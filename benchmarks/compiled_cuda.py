@@ -22,10 +22,11 @@ backward's rows of T and G build per column group, its class rows per class chan
 warp's rows, the distillation's T per split, the basis R once per row tile in both, the CE
 GEMMs' operands once per row / column tile), NOT a trace as for the Triton kernels:
 ``l2_bytes`` carries them, ``hbm_bytes`` too except for the kernels whose ``hbm_bytes`` counts
-each tensor once (R, 1 MB at imagenet, stays in L2); ``traced`` is False. At imagenet (bf16)
+each tensor once (R, 0.5 MB at imagenet in bfloat16, stays in L2); ``traced`` is False. At imagenet (bf16)
 the formulas of the text backward, distillation forward and CE GEMMs agree with the trace
-(``trace_head``) within 7%; the one-block finalize and prompt-logit kernels (under 0.5 MB)
-count each tensor once and trace up to 3x that.
+(``trace_head``) within 3% (retraced with the basis R in T's dtype: distillation forward
+1.024, text backward 1.000, CE GEMMs 1.000); the one-block finalize and prompt-logit kernels
+(under 0.5 MB) count each tensor once and trace up to 3x that.
 ``rounds`` counts the serial per-element loops of the one-block finalize kernels.
 Times are modelled by benchmarks/compiled_model.py.
 
@@ -180,11 +181,12 @@ def launch_plan(C: int, M: int, B: int, rank: int, sms: int = SMS, D: int = 0) -
 
 def distill_tile_smem(D: int, dtype: str) -> int:
     """Dynamic shared memory of distill_forward_tile_kernel (csrc/distill.cu DistillSmem: the
-    [64, D] tile of T, two R stages, and for 16-bit T two converted slices and the staging tile)."""
+    [64, D] tile of T, two R stages [64, 32] in T's type, and for 16-bit T the staging tile)."""
     e, dp = ELEMENT_BYTES[dtype], -(-D // 32) * 32
     mma = dtype != "float32"
-    a = -(-(64 * (dp + (8 if mma else 4)) * e) // 128) * 128
-    return a + 2 * 64 * 36 * 4 + (2 * 64 * 40 * e + 64 * 68 * 4 if mma else 0) + 128
+    pad = 8 if mma else 4
+    a = -(-(64 * (dp + pad) * e) // 128) * 128
+    return a + 2 * 64 * (32 + pad) * e + (64 * 68 * 4 if mma else 0) + 128
 
 
 def distill_tile_fits(D: int, dtype: str) -> bool:
@@ -195,11 +197,12 @@ def distill_tile_fits(D: int, dtype: str) -> bool:
 
 def text_backward_smem(kp: int, dtype: str) -> int:
     """Dynamic shared memory of text_backward_kernel with kp columns of G (csrc/text_head.cu
-    BwdSmem: G, two R stages, and for 16-bit T two converted chunks and the staging tile)."""
+    BwdSmem: G, two R stages [32, 64] in T's type, and for 16-bit T the staging tile)."""
     e = ELEMENT_BYTES[dtype]
     mma = dtype != "float32"
-    g = -(-(64 * (kp + (8 if mma else 4)) * e) // 128) * 128
-    return g + 2 * 32 * 68 * 4 + (2 * 32 * 72 * e + 64 * 68 * 4 if mma else 0) + 128
+    pad = 8 if mma else 4
+    g = -(-(64 * (kp + pad) * e) // 128) * 128
+    return g + 2 * 32 * (64 + pad) * e + (64 * 68 * 4 if mma else 0) + 128
 
 
 def text_backward_panel(rank: int, dtype: str) -> int:
@@ -293,7 +296,7 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # the head's distillation also stores p = R t^ [C*M, r] in T's dtype for the fused backward,
     # takes the norms of T and (fused) aggregates. Bytes as the blocks read them: block (x, y)
     # reads its tile of T once (the resident-tile kernel; the streamed kernel re-reads it per
-    # 64-wide chunk of r), its r range of R ([r/splits, D] float32: all of R once per row
+    # 64-wide chunk of r), its r range of R ([r/splits, D] in T's dtype: all of R once per row
     # tile), c per warp and the F rows of its classes per pair of rows a warp access covers.
     d_tiles = cdiv(R, tile_rows)
     t_reads = dist_s if distill_tile_fits(D, dtype) else cdiv(r, TILE)
@@ -304,10 +307,10 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         rf"{'27distill_forward_tile_kernel' if distill_tile_fits(D, dtype) else '30distill_forward_partial_kernel'}"
         rf"I{t}E",
         (d_tiles, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
-        t_reads * e * R * D + e * R * r + 4 * d_tiles * (r * D + r) + 4 * f_pairs * r + 4 * 8 * d_tiles * r
+        t_reads * e * R * D + e * R * r + d_tiles * (e * r * D + 4 * r) + 4 * f_pairs * r + 4 * 8 * d_tiles * r
         + 8 * dist_s * R
         + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
-        hbm=e * R * D + e * R * r + 4 * (r * D + r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
+        hbm=e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
     add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     # The tile_dot GEMMs (cross-entropy, its gradients): L2 bytes per block as the trace counts
     # them (each block reads its rows of both operands, a 16-lane row read is whole sectors:
@@ -346,7 +349,7 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # (warp w takes 8 consecutive rows) with the dL/du^ and u^ columns once per class change
     # in the warp's rows; G built from p (T's dtype), F once per class change and c once per
     # warp (per chunk when G goes in panels); R's columns of the group streamed by cp.async
-    # ([r, D / groups] float32: all of R once per row tile); the epilogue's t, and dL/du^ and
+    # ([r, D / groups] in T's dtype: all of R once per row tile); the epilogue's t, and dL/du^ and
     # u^ per pair of rows a warp writes (one class or two), dT written once; per row a sector
     # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
     tb = plan["text_backward"]["splits"]
@@ -359,9 +362,9 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
         tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
-        + 4 * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R,
+        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R,
         dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
-        hbm=2 * e * R * D + e * R * r + 4 * (r * D + r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
+        hbm=2 * e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
     add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
     return L
 

@@ -4,8 +4,9 @@
 // CUDA stream without a host synchronisation.
 //
 // Dtypes: the features (text_features, image_features) are float32, bfloat16 or float16,
-// both alike; small operands (prompt_logits, class_features, the distillation basis of
-// SPEC 4.3, scale, gradient scalars) and saved statistics are float32; losses are float32
+// both alike, and so is the distillation basis' R (the products' operand); the other small
+// operands (prompt_logits, class_features, the rest of the basis of SPEC 4.3, scale, gradient
+// scalars) and saved statistics are float32; losses are float32
 // 0-dim tensors. Unused outputs are empty tensors. Saved statistics come in SPEC order:
 // n = ||t||, w, r = ||u||, lse, ||x||, ||z||, cos (those kept), then u^ in float32.
 #include <ATen/core/Tensor.h>
@@ -37,6 +38,7 @@ at::TensorOptions f32(const at::Tensor& like) { return like.options().dtype(at::
 at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
 float* fp(at::Tensor& t) { return t.data_ptr<float>(); }
 const float* cfp(const at::Tensor& t) { return t.data_ptr<float>(); }
+const void* cvp(const at::Tensor& t) { return t.data_ptr(); }
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
@@ -57,13 +59,14 @@ CeArgs ce_args(const at::Tensor& x, const at::Tensor& u32, const at::Tensor& lab
           static_cast<float>(ls), x.size(0), u32.size(0), x.size(1)};
 }
 
-// The frozen-phi basis of SPEC 4.3 (demul_fast.ops.distill_basis.DistillBasis), float32.
+// The frozen-phi basis of SPEC 4.3 (demul_fast.ops.distill_basis.DistillBasis): R in
+// text_features' dtype, the rest float32.
 struct Basis {
   at::Tensor R, c, F, delta, beta;  // [r, D], [r], [C, r], [C], []
 };
 
 DistillArgs distill_args(const at::Tensor& t, const Basis& b) {
-  return {dtype_of(t), t.data_ptr(), cfp(b.R), cfp(b.c), cfp(b.F), cfp(b.delta), cfp(b.beta),
+  return {dtype_of(t), t.data_ptr(), cvp(b.R), cfp(b.c), cfp(b.F), cfp(b.delta), cfp(b.beta),
           t.size(0), t.size(1), t.size(2), b.R.size(0)};
 }
 
@@ -105,7 +108,7 @@ void run_text_backward(const at::Tensor& t, const at::Tensor& n, const float* g,
                        GradWeight gw, at::Tensor& dt, float* da) {
   TextBackwardArgs a{dtype_of(t), t.data_ptr(), cfp(n), g, u32, w, r,
                      proj ? proj->data_ptr() : nullptr,
-                     basis ? cfp(basis->R) : nullptr, basis ? cfp(basis->c) : nullptr, basis ? cfp(basis->F) : nullptr,
+                     basis ? cvp(basis->R) : nullptr, basis ? cfp(basis->c) : nullptr, basis ? cfp(basis->F) : nullptr,
                      cos, zn, gw, t.size(0), t.size(1), t.size(2), basis ? basis->R.size(0) : 0};
   at::Tensor dw;
   float* dw_ptr = g ? scratch(dw, t.size(0) * t.size(1), t) : nullptr;
@@ -163,11 +166,14 @@ void check_aggregate_saved(const at::Tensor& t, const at::Tensor& w, const at::T
   check_size(u32, 1, D, "class_features", "D");
 }
 
-// The basis of SPEC 4.3 for text_features [C, M, D]: R [r, D], c [r], F [C, r], delta [C],
-// beta [] (1 element), all float32 on text_features' device.
+// The basis of SPEC 4.3 for text_features [C, M, D]: R [r, D] in text_features' dtype (the
+// kernels' product operand, staged as it is: demul_fast/ops/cuda_ops.py casts it once per
+// basis), c [r], F [C, r], delta [C], beta [] (1 element) float32, all on text_features' device.
 Basis check_basis(const at::Tensor& t, const at::Tensor& R, const at::Tensor& c, const at::Tensor& F,
                   const at::Tensor& delta, const at::Tensor& beta) {
-  check_f32(R, "basis.R", 2, "[r, D]");
+  check_input(R, "basis.R", 2, "[r, D]");
+  TORCH_CHECK(R.scalar_type() == t.scalar_type(), "basis.R must have the dtype of text_features (",
+              t.scalar_type(), "), got ", R.scalar_type());
   check_size(R, 1, t.size(2), "basis.R", "D");
   const int64_t rank = R.size(0);
   check_f32(c, "basis.c", 1, "[r]");

@@ -11,16 +11,18 @@
 // instead of two: v is not recomputed; p rather than v so that the backward's
 // <t^, R^T G> = <p, G> has no cancellation v - c in it). In the head it also aggregates
 // (SPEC 4) whole classes in the same pass over T.
-// The product runs on tensor cores for 16-bit T (R rounded to T's type), in fp32 SIMT for
-// float32 T (common.cuh).
+// R comes in T's dtype (cast once per basis by demul_fast/ops/cuda_ops.py; the bindings
+// refuse another). The product runs on tensor cores for 16-bit T, in fp32 SIMT for float32 T
+// (common.cuh).
 //
 // Two kernels compute the partial pass. distill_forward_tile_kernel (whenever the tile fits
 // the shared memory budget, DistillSmem) reads its [tile_rows, D] tile of T once, with
 // 16-byte cp.async copies where D and the base allow, into shared memory, where it stays
 // for the norms, the fused aggregation and every 64-wide chunk of its r range; the basis R
-// streams through a two-stage cp.async pipeline in [64 x 32] slices (converted to T's type
-// while the previous slice multiplies), one barrier per slice. distill_forward_partial_kernel
-// (larger D) streams both operands through tile_dot.
+// streams through a two-stage cp.async pipeline in [64 x 32] slices of T's type (16-byte
+// copies where D and the base allow; for 16-bit R otherwise plain element loads, cp.async
+// having no 2-byte copy), one barrier per slice. distill_forward_partial_kernel (larger D)
+// streams both operands through tile_dot.
 #include "common.cuh"
 #include "ops.h"
 #include "pipeline.cuh"
@@ -36,12 +38,12 @@ namespace {
 // class), so that the head's forward reads T in one kernel.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-distill_forward_partial_kernel(const T* __restrict__ t, const float* __restrict__ basis_r,
+distill_forward_partial_kernel(const T* __restrict__ t, const T* __restrict__ basis_r,
                                const float* __restrict__ basis_c, const float* __restrict__ f, int64_t rows,
                                int64_t M, int64_t rank, int64_t D, int64_t tile_rows, int64_t cols_per_split,
                                float* __restrict__ partial, T* __restrict__ proj, float* __restrict__ n_out,
                                FusedAggregate agg) {
-  __shared__ TileSmem<T, float> sm;
+  __shared__ TileSmem<T, T> sm;
   __shared__ float s_ninv[kTile], s_wn[kTile];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * tile_rows;
@@ -134,12 +136,9 @@ distill_forward_partial_kernel(const T* __restrict__ t, const float* __restrict_
 }
 
 // Shared memory of distill_forward_tile_kernel, in bytes from a 128-byte aligned base: the
-// tile of T [64][a_ld] (T's type), the two float32 stages of the R slices [64][36], and for
-// the tensor-core flavour the two converted slices [64][40] and the accumulator staging
-// tile [64][kAccLd].
+// tile of T [64][a_ld] and the two stages of the R slices [64][kSliceLd] (T's type), and for
+// the tensor-core flavour the accumulator staging tile [64][kAccLd].
 constexpr int kDStep = 32;                       // columns of D per pipeline stage
-constexpr int kSliceLd = kDStep + 4;             // floats per row of a stage (16-byte rows)
-constexpr int kSliceConvLd = kDStep + 8;         // elements per row of a converted slice
 constexpr int64_t kDistillSmemCap = 160 * 1024;  // at most this much (under the sm_80/90 opt-in); less where the device has less
 
 template <typename T>
@@ -149,12 +148,12 @@ struct DistillSmem {
   int64_t dp;  // D rounded up to kDStep
   __host__ __device__ int64_t a_ld() const { return dp + (kMma ? 8 : 4); }
   __host__ __device__ int64_t a_bytes() const { return (kTile * a_ld() * int64_t(sizeof(TC)) + 127) / 128 * 128; }
-  static constexpr int64_t kStageBytes = int64_t(kTile) * kSliceLd * 4;
-  static constexpr int64_t kConvBytes = kMma ? int64_t(kTile) * kSliceConvLd * int64_t(sizeof(TC)) : 0;
+  // elements per row of a stage: 16-byte rows (80 bytes for 16-bit T, 144 for float32)
+  static constexpr int kSliceLd = kDStep + (kMma ? 8 : 4);
+  static constexpr int64_t kStageBytes = int64_t(kTile) * kSliceLd * int64_t(sizeof(TC));
   static constexpr int64_t kAccBytes = kMma ? int64_t(kTile) * kAccLd * 4 : 0;
   __host__ __device__ int64_t stage_off(int b) const { return a_bytes() + b * kStageBytes; }
-  __host__ __device__ int64_t conv_off(int b) const { return a_bytes() + 2 * kStageBytes + b * kConvBytes; }
-  __host__ __device__ int64_t acc_off() const { return a_bytes() + 2 * kStageBytes + 2 * kConvBytes; }
+  __host__ __device__ int64_t acc_off() const { return a_bytes() + 2 * kStageBytes; }
   __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
   __host__ __device__ static DistillSmem of(int64_t D) { return {(D + kDStep - 1) / kDStep * kDStep}; }
   static bool fits(int64_t D, int64_t budget) { return of(D).bytes() <= budget; }
@@ -227,7 +226,7 @@ struct SliceAcc<true, TC> {
 // distill_forward_partial_kernel's contract, with the tile of T resident in shared memory.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-distill_forward_tile_kernel(const T* __restrict__ t, const float* __restrict__ basis_r,
+distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis_r,
                             const float* __restrict__ basis_c, const float* __restrict__ f, int64_t rows,
                             int64_t M, int64_t rank, int64_t D, int64_t tile_rows, int64_t cols_per_split,
                             float* __restrict__ partial, T* __restrict__ proj, float* __restrict__ n_out,
@@ -272,47 +271,45 @@ distill_forward_tile_kernel(const T* __restrict__ t, const float* __restrict__ b
   __pipeline_commit();
 
   // The R slice of pipeline step s -> stage b: rows 64 kc .. +63 of the block's r range,
-  // columns kDStep ds .. +31; rows past k_end and columns past D as zeros.
-  const bool vec_r = D % 4 == 0 && aligned16(basis_r);
+  // columns kDStep ds .. +31, in T's type as R is; rows past k_end and columns past D as zeros.
+  // 16-byte pieces (kVec values) where D and the base allow, else value by value (cp.async of
+  // 4 bytes for float32, plain loads for 16-bit R: cp.async has no 2-byte copy).
+  constexpr int kSliceLd = L::kSliceLd;
+  constexpr int kPieces = kDStep / kVec;  // 16-byte pieces per row of a slice
+  const bool vec_r = D % kVec == 0 && aligned16(basis_r);
   auto issue = [&](int64_t s, int b) {
     if (s < steps) {
-      float* st = reinterpret_cast<float*>(base + lay.stage_off(b));
+      TC* st = reinterpret_cast<TC*>(base + lay.stage_off(b));
       const int64_t k0 = k_begin + (s / nds) * kTile, d0 = (s % nds) * kDStep;
 #pragma unroll
-      for (int q = 0; q < kTile * kDStep / 4 / kThreads; ++q) {
-        const int u = tid + kThreads * q, kl = u >> 3, c4 = (u & 7) * 4;
-        const int64_t k = k0 + kl, d = d0 + c4;
-        float* dst = st + kl * kSliceLd + c4;
+      for (int q = 0; q < kTile * kPieces / kThreads; ++q) {
+        const int u = tid + kThreads * q, kl = u / kPieces, c = (u % kPieces) * kVec;
+        const int64_t k = k0 + kl, d = d0 + c;
+        TC* dst = st + kl * kSliceLd + c;
         if (vec_r) {
           if (k < k_end && d < D) {
             __pipeline_memcpy_async(dst, basis_r + k * D + d, 16);
           } else {
-            *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
+            const float z[kVec] = {};
+            store16(dst, z);
           }
         } else {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
+          for (int e = 0; e < kVec; ++e) {
             if (k < k_end && d + e < D) {
-              __pipeline_memcpy_async(dst + e, basis_r + k * D + d + e, 4);
+              if constexpr (sizeof(T) == 4) {
+                __pipeline_memcpy_async(dst + e, basis_r + k * D + d + e, 4);
+              } else {
+                dst[e] = basis_r[k * D + d + e];
+              }
             } else {
-              dst[e] = 0.f;
+              dst[e] = from_f<TC>(0.f);
             }
           }
         }
       }
     }
     __pipeline_commit();
-  };
-  auto convert = [&](int b) {  // stage b -> converted slice b (tensor-core flavour), 8 values a thread
-    if constexpr (kMma) {
-      const float* st = reinterpret_cast<const float*>(base + lay.stage_off(b));
-      TC* cv = reinterpret_cast<TC*>(base + lay.conv_off(b));
-      const int kl = tid >> 2, c8 = (tid & 3) * 8;
-      float x[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = st[kl * kSliceLd + c8 + e];
-      store16(cv + kl * kSliceConvLd + c8, x);
-    }
   };
   issue(0, 0);
   issue(1, 1);
@@ -371,33 +368,17 @@ distill_forward_tile_kernel(const T* __restrict__ t, const float* __restrict__ b
     vf[i] = 0.f;
   }
   // P = T_tile R_chunk^T per 64-wide chunk of r, over D in 32-wide slices.
-  if constexpr (kMma) {
-    __pipeline_wait_prior(0);  // slices 0 and 1
-    __syncthreads();
-    convert(0);
-    __syncthreads();  // stage 0 read: free for slice 2
-    issue(2, 0);
-  } else {
-    __pipeline_wait_prior(1);  // slice 0
-    __syncthreads();
-  }
+  __pipeline_wait_prior(1);  // slice 0
+  __syncthreads();
   SliceAcc<kMma, TC> acc;
   acc.zero();
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t ds = s % nds;
     const TC* ak = a_sm + ds * kDStep;
-    if constexpr (kMma) {
-      acc.add(ak, a_ld, reinterpret_cast<const TC*>(base + lay.conv_off(s & 1)), kSliceConvLd);
-      if (s + 1 < steps) convert((s + 1) & 1);  // converted slice (s+1)&1 was last read at step s-1
-      __pipeline_wait_prior(0);                 // slice s + 2
-      __syncthreads();
-      issue(s + 3, (s + 1) & 1);  // its stage was read by the conversion above
-    } else {
-      acc.add(ak, a_ld, reinterpret_cast<const float*>(base + lay.stage_off(s & 1)), kSliceLd);
-      __pipeline_wait_prior(0);  // slice s + 1
-      __syncthreads();
-      issue(s + 2, s & 1);  // its stage was read by this step's product
-    }
+    acc.add(ak, a_ld, reinterpret_cast<const TC*>(base + lay.stage_off(s & 1)), kSliceLd);
+    __pipeline_wait_prior(0);  // slice s + 1
+    __syncthreads();
+    issue(s + 2, s & 1);  // its stage was read by this step's product
     if (ds == nds - 1) {
       const int64_t k0 = k_begin + (s / nds) * kTile;
       float o[kPer][kPer];
@@ -479,10 +460,11 @@ void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       }
       distill_forward_tile_kernel<<<grid, kThreads, smem, stream>>>(
-          static_cast<const scalar_t*>(a.t), a.basis_r, a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
+          static_cast<const scalar_t*>(a.t), static_cast<const scalar_t*>(a.basis_r), a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
           split.cols_per_split, partial, static_cast<scalar_t*>(proj), n_out, agg);
     } else {
-      distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t), a.basis_r,
+      distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t),
+                                                                    static_cast<const scalar_t*>(a.basis_r),
                                                                     a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
                                                                     split.cols_per_split, partial,
                                                                     static_cast<scalar_t*>(proj), n_out, agg);

@@ -4,7 +4,8 @@
 // None of them synchronises with the host. Shapes follow docs/SPEC.md section 2: C classes,
 // M prompts, D joint dim, B images, r = min(K, D) the rank of the distillation basis
 // (SPEC 4.3), C * M prompt rows. "Features" pointers
-// (t, x, w, v, out, dt, dv, logits) have the DType; every other pointer is float32.
+// (t, x, w, v, out, dt, dv, logits) and the distillation basis R have the DType; every other
+// pointer is float32.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -101,13 +102,14 @@ void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const 
 // power-of-two scaling, see sweep.cuh).
 inline DType ce_grad_type(DType features) { return features == DType::kBFloat16 ? DType::kBFloat16 : DType::kFloat; }
 
-// Distillation operands (SPEC 4.3): t [C, M, D] and the frozen-phi basis, float32:
-// basis_r [r, D] (R), basis_c [r] (c), f [C, r] (F), delta [C], beta [1]. The forward takes
-// the norms of t itself; the backward is launch_text_backward's.
+// Distillation operands (SPEC 4.3): t [C, M, D] and the frozen-phi basis: basis_r [r, D]
+// (R, in t's dtype: the products' operand, cast once per basis by the caller), and float32
+// basis_c [r] (c), f [C, r] (F), delta [C], beta [1]. The forward takes the norms of t
+// itself; the backward is launch_text_backward's.
 struct DistillArgs {
   DType dtype;
   const void* t;
-  const float* basis_r;
+  const void* basis_r;
   const float* basis_c;
   const float* f;
   const float* delta;
@@ -188,9 +190,10 @@ struct TextBackwardArgs {
   const float* w;
   const float* r;
   // distillation (proj null: none): proj [C*M, r] = R t^ in t's dtype (the forward's), the
-  // basis R [r, D], c [r], F [C, r], the saved cos and ||z|| [C*M], the loss weight
+  // basis R [r, D] in t's dtype, c [r], F [C, r], the saved cos and ||z|| [C*M], the loss
+  // weight
   const void* proj;
-  const float* basis_r;
+  const void* basis_r;
   const float* basis_c;
   const float* f;
   const float* cos;

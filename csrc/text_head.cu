@@ -19,12 +19,13 @@
 // contiguous columns of p, F and c where rank and the bases allow; c once per warp, F once
 // per class change, the class index once per row), and keeps it there for every chunk of
 // its group; ranks too large
-// for the shared memory budget go in panels, rebuilt per chunk. The basis R streams
-// through a two-stage cp.async pipeline (__pipeline_memcpy_async, 16-byte copies where D
-// and the base allow, 4-byte otherwise) in [32 x 64] chunks, one barrier per chunk; the
-// product G R runs on tensor cores for 16-bit T (G and R rounded to T's type, float32
-// accumulation: each chunk of R is converted while the previous one multiplies), in fp32
-// SIMT for float32 T. No atomics: deterministic. dA = w (dw - sum_m w dw) follows in a
+// for the shared memory budget go in panels, rebuilt per chunk. The basis R (in T's dtype:
+// cast once per basis by demul_fast/ops/cuda_ops.py) streams through a two-stage cp.async
+// pipeline (__pipeline_memcpy_async, 16-byte copies where D and the base allow; else 4-byte
+// copies for float32 and plain element loads for 16-bit R, cp.async having no 2-byte copy) in
+// [32 x 64] chunks of T's type, one barrier per chunk; the product G R runs on tensor cores
+// for 16-bit T (G rounded to T's type, float32 accumulation), in fp32 SIMT for float32 T. No
+// atomics: deterministic. dA = w (dw - sum_m w dw) follows in a
 // small per-class kernel.
 #include "common.cuh"
 #include "ops.h"
@@ -38,27 +39,24 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRows = kTile / kWarps;  // rows of the tile per warp in the per-row phases
 
 // The shared memory of text_backward_kernel, in bytes from a 128-byte aligned base: G [64]
-// [g_ld] (T's tensor-core type, or float32), the two float32 stages of the R chunks [32][68],
-// and for the tensor-core flavour the two converted chunks [32][72] and the accumulator
-// staging tile [64][kAccLd].
+// [g_ld] and the two stages of the R chunks [32][kStageLd] (T's type), and for the
+// tensor-core flavour the accumulator staging tile [64][kAccLd].
 constexpr int kKStep = 32;                  // rows of R per pipeline stage
-constexpr int kStageLd = kTile + 4;         // floats per row of a stage (16-byte rows)
-constexpr int kConvLd = kTile + 8;          // elements per row of a converted chunk
 constexpr int64_t kTextBwdSmemCap = 160 * 1024;  // at most this much (under the sm_80/90 opt-in); less where the device has less
 
 template <typename T>
 struct BwdSmem {
   static constexpr bool kMma = kUseMma<T, float>;
-  using TC = std::conditional_t<kMma, typename MmaType<T, float>::type, float>;
+  using TC = std::conditional_t<kMma, typename MmaType<T, float>::type, float>;  // == T
   int64_t kp;  // G's columns in shared memory (a multiple of kKStep)
   __host__ __device__ int64_t g_ld() const { return kp + (kMma ? 8 : 4); }
   __host__ __device__ int64_t g_bytes() const { return (kTile * g_ld() * int64_t(sizeof(TC)) + 127) / 128 * 128; }
-  static constexpr int64_t kStageBytes = int64_t(kKStep) * kStageLd * 4;
-  static constexpr int64_t kConvBytes = kMma ? int64_t(kKStep) * kConvLd * int64_t(sizeof(TC)) : 0;
+  // elements per row of a stage: 16-byte rows (144 bytes for 16-bit T, 272 for float32)
+  static constexpr int kStageLd = kTile + (kMma ? 8 : 4);
+  static constexpr int64_t kStageBytes = int64_t(kKStep) * kStageLd * int64_t(sizeof(TC));
   static constexpr int64_t kAccBytes = kMma ? int64_t(kTile) * kAccLd * 4 : 0;
   __host__ __device__ int64_t stage_off(int b) const { return g_bytes() + b * kStageBytes; }
-  __host__ __device__ int64_t conv_off(int b) const { return g_bytes() + 2 * kStageBytes + b * kConvBytes; }
-  __host__ __device__ int64_t acc_off() const { return g_bytes() + 2 * kStageBytes + 2 * kConvBytes; }
+  __host__ __device__ int64_t acc_off() const { return g_bytes() + 2 * kStageBytes; }
   __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
   // The widest panel within the budget (the whole rank when it fits).
   static int64_t panel(int64_t rank, int64_t budget) {
@@ -166,50 +164,49 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
   const int64_t panel_steps = kp / kKStep;
   const bool rebuild = nks > panel_steps;  // G in panels: rebuilt for every column chunk
 
-  // The R chunk of pipeline step s -> stage b: rows kKStep ks .. +31, columns 64 dc .. +63;
-  // rows past the rank and columns past D as zeros. One commit per step (maybe empty).
-  const float* __restrict__ basis_r = a.basis_r;
-  const bool vec_r = dist && D % 4 == 0 && aligned16(basis_r);
+  // The R chunk of pipeline step s -> stage b: rows kKStep ks .. +31, columns 64 dc .. +63,
+  // in T's type as R is; rows past the rank and columns past D as zeros. 16-byte pieces
+  // (kVec values) where D and the base allow, else value by value (cp.async of 4 bytes for
+  // float32, plain loads for 16-bit R: cp.async has no 2-byte copy). One commit per step
+  // (maybe empty).
+  const T* __restrict__ basis_r = static_cast<const T*>(a.basis_r);
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kStageLd = L::kStageLd;
+  constexpr int kPieces = kTile / kVec;  // 16-byte pieces per row of a chunk
+  const bool vec_r = dist && D % kVec == 0 && aligned16(basis_r);
   auto issue = [&](int64_t s, int b) {
     if (s < steps) {
-      float* st = reinterpret_cast<float*>(base + lay.stage_off(b));
+      TC* st = reinterpret_cast<TC*>(base + lay.stage_off(b));
       const int64_t k0 = (s % nks) * kKStep, d0 = (dc_begin + s / nks) * kTile;
 #pragma unroll
-      for (int q = 0; q < kKStep * kTile / 4 / kThreads; ++q) {
-        const int u = tid + kThreads * q, kl = u >> 4, c4 = (u & 15) * 4;
-        const int64_t k = k0 + kl, d = d0 + c4;
-        float* dst = st + kl * kStageLd + c4;
+      for (int q = 0; q < kKStep * kPieces / kThreads; ++q) {
+        const int u = tid + kThreads * q, kl = u / kPieces, c = (u % kPieces) * kVec;
+        const int64_t k = k0 + kl, d = d0 + c;
+        TC* dst = st + kl * kStageLd + c;
         if (vec_r) {
           if (k < rank && d < D) {
             __pipeline_memcpy_async(dst, basis_r + k * D + d, 16);
           } else {
-            *reinterpret_cast<float4*>(dst) = make_float4(0.f, 0.f, 0.f, 0.f);
+            const float z[kVec] = {};
+            store16(dst, z);
           }
         } else {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
+          for (int e = 0; e < kVec; ++e) {
             if (k < rank && d + e < D) {
-              __pipeline_memcpy_async(dst + e, basis_r + k * D + d + e, 4);
+              if constexpr (sizeof(T) == 4) {
+                __pipeline_memcpy_async(dst + e, basis_r + k * D + d + e, 4);
+              } else {
+                dst[e] = basis_r[k * D + d + e];
+              }
             } else {
-              dst[e] = 0.f;
+              dst[e] = from_f<TC>(0.f);
             }
           }
         }
       }
     }
     __pipeline_commit();
-  };
-  // Stage b -> converted chunk b (tensor-core flavour): 8 values per thread.
-  auto convert = [&](int b) {
-    if constexpr (kMma) {
-      const float* st = reinterpret_cast<const float*>(base + lay.stage_off(b));
-      TC* cv = reinterpret_cast<TC*>(base + lay.conv_off(b));
-      const int kl = tid >> 3, c8 = (tid & 7) * 8;
-      float x[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = st[kl * kStageLd + c8 + e];
-      store16(cv + kl * kConvLd + c8, x);
-    }
   };
 
   if (dist) {  // the first chunks load while the per-row scalars are taken
@@ -384,15 +381,7 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
   }
 
   // 2. dt^_d = s (G R) over this group's column chunks, G from shared memory.
-  if constexpr (kMma) {
-    __pipeline_wait_prior(0);  // chunks 0 and 1
-    __syncthreads();
-    convert(0);  // published by the barrier after G's build
-    __syncthreads();  // stage 0 read: free for chunk 2
-    issue(2, 0);
-  } else {
-    __pipeline_wait_prior(1);  // chunk 0
-  }
+  __pipeline_wait_prior(1);  // chunk 0, published by the barrier after G's build
   ChunkAccK<kMma, TC> acc;
   acc.zero();
   for (int64_t s = 0; s < steps; ++s) {
@@ -403,18 +392,10 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
       __syncthreads();
     }
     const TC* gk = g_sm + (ks % panel_steps) * kKStep;
-    if constexpr (kMma) {
-      acc.add(gk, g_ld, reinterpret_cast<const TC*>(base + lay.conv_off(s & 1)), kConvLd);
-      if (s + 1 < steps) convert((s + 1) & 1);  // converted chunk (s+1)&1 was last read at step s-1
-      __pipeline_wait_prior(0);                 // chunk s + 2
-      __syncthreads();
-      issue(s + 3, (s + 1) & 1);  // its stage was read by the conversion above
-    } else {
-      acc.add(gk, g_ld, reinterpret_cast<const float*>(base + lay.stage_off(s & 1)), kStageLd);
-      __pipeline_wait_prior(0);  // chunk s + 1
-      __syncthreads();
-      issue(s + 2, s & 1);  // its stage was read by this step's product
-    }
+    acc.add(gk, g_ld, reinterpret_cast<const TC*>(base + lay.stage_off(s & 1)), kStageLd);
+    __pipeline_wait_prior(0);  // chunk s + 1
+    __syncthreads();
+    issue(s + 2, s & 1);  // its stage was read by this step's product
     if (ks == nks - 1) {
       float o[kPer][kPer];
       acc.finish(reinterpret_cast<float(*)[kAccLd]>(base + lay.acc_off()), o);

@@ -193,8 +193,6 @@ def test_floor_goal(report):
         assert c["head_fwd_bwd_us"] <= 2.5 * c["floor_us"], (card, c["head_fwd_bwd_us"], c["floor_us"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26's CUDA goal not met: the CUDA head models 1.81x the Triton "
-                                       "head's time (docs/kernel-model.md); strict, so this fails once it is met")
 def test_cuda_goal(report):
     """Issue 26's goal for the CUDA head, on both cards and both modes: within 1.5x of the
     Triton head's modelled time."""

@@ -154,6 +154,37 @@ def test_prompt_distill_loss(gen, shape, bias, dtype):
     assert fo.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_basis_r_of_another_dtype_is_refused_naming_it(emulated_extension, dtype):
+    """The kernels stage the basis R as it comes, in T's type (16-byte cp.async of T's values):
+    a direct caller's R of another dtype (the float32 R of the custom ops, which cast it once
+    per basis, or a 16-bit R for float32 T) is refused by every entry point that takes the
+    basis, with an error naming basis.R; the forward's and backward's other operands valid."""
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    T, A, X, y = torch.randn(5, 3, 8).to(dtype), torch.randn(5, 3), torch.randn(4, 8).to(dtype), torch.arange(4)
+    s = torch.tensor(30.0)
+    good = (torch.randn(4, 8).to(dtype), torch.randn(4), torch.randn(5, 4), torch.randn(5), torch.rand(()))
+    bad = (good[0].to(other),) + good[1:]
+    _, n, zn, cos, proj = emulated_extension.prompt_distill_loss_forward(T, *good)
+    saved = emulated_extension.demul_head_forward(T, A, X, y, s, *good, 1.0, 0.0, False)[4:]
+    g = torch.ones(())
+    calls = [lambda b: emulated_extension.prompt_distill_loss_forward(T, *b),
+             lambda b: emulated_extension.prompt_distill_loss_backward(g, T, *b, n, zn, cos, proj),
+             lambda b: emulated_extension.demul_head_forward(T, A, X, y, s, *b, 1.0, 0.0, False),
+             lambda b: emulated_extension.demul_head_backward(g, None, None, None, T, X, y, s, *b, 1.0, 0.0, *saved,
+                                                              True, False, False)]
+    for call in calls:
+        assert torch.isfinite(call(good)[0]).all()
+        with pytest.raises(RuntimeError, match=rf"basis\.R must have the dtype of text_features \({_aten(dtype)}\), "
+                                               rf"got {_aten(other)}"):
+            call(bad)
+
+
+def _aten(dtype):
+    """ATen's name of a dtype, as the extension's messages print it."""
+    return {torch.float32: "Float", torch.bfloat16: "BFloat16", torch.float16: "Half"}[dtype]
+
+
 def test_smaller_shared_memory_narrows_the_tiles():
     """On a device with 99 KB of opt-in shared memory per block (sm_86/89; the emulated device
     is told so through $DEMUL_EMU_SMEM_OPTIN, and its cudaFuncSetAttribute aborts on a request
@@ -360,7 +391,7 @@ def test_the_cuda_trace_counts_sectors_per_warp_access():
     """benchmarks/compiled_cuda.trace_head on the instrumented build, every block traced: the
     row-norm kernel (a warp per row, lane l reading elements l, l + 32, ...) moves, per row
     and per 32 elements, the sectors those bytes cover, and its HBM bytes are X's bytes; the
-    text backward reads p = R t^ and the float32 basis R (its cp.async copies included)."""
+    text backward reads p = R t^ and the basis R in T's dtype (its cp.async copies included)."""
     from benchmarks import compiled_cuda  # noqa: PLC0415
 
     sizes = dict(C=37, M=3, D=100, B=5, K=70)
@@ -384,7 +415,7 @@ def test_the_cuda_trace_counts_sectors_per_warp_access():
     # G is built once per row tile and group of column chunks: p = R t^ is read once per group,
     # and R (the cp.async copies, counted at their issue) once per row tile and group
     groups = text["grid"][1] if len(text["grid"]) > 1 else 1
-    assert text["l2_read_bytes"] >= groups * (e * rows * rank + text["grid"][0] * 4 * rank * sizes["D"])
+    assert text["l2_read_bytes"] >= groups * (e * rows * rank + text["grid"][0] * e * rank * sizes["D"])
 
 
 # (kernel, L2 read bytes, L2 write bytes) of include/emu_probe.cpp's probes, counted by hand:

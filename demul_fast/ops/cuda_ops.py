@@ -10,14 +10,15 @@ frozen-phi basis of SPEC 4.3 (``DISTILL_BASIS = True``, demul_fast/ops/distill_b
 math is docs/SPEC.md section 4, the gradients 4.1, the K-free distillation 4.3.
 
 Numerics: bfloat16 and float16 inputs run every matrix product on tensor cores (operands
-in that type, the float32 class features and basis rounded to it, float32 accumulation);
+in that type, the float32 class features and basis R rounded to it, float32 accumulation);
 float32 inputs run them in float32 on the SIMT cores, not TF32 (csrc/common.cuh).
 
 Inputs arrive validated (demul_fast/ops/validate.py). Here they are only made contiguous and
 brought to the extension's dtypes: the features (text_features, image_features) in their
 dtype (float32, bfloat16 or float16), the small operands (prompt_logits, class_features,
-the basis, scale) in float32. Gradients flow back to the caller's tensors through those
-casts. Losses are float32; the basis (frozen phi and LLM embeddings) gets no gradient
+the basis, scale) in float32; the custom ops hand the extension the basis R in T's dtype
+(``_basis_r``: the float32 R rounded once per basis and dtype, kept, not once per step).
+Gradients flow back to the caller's tensors through those casts. Losses are float32; the basis (frozen phi and LLM embeddings) gets no gradient
 (SPEC 4.1), and asking for one is refused by ``capability``.
 
 If the extension was not built, ``UNAVAILABLE_REASON`` says why and the backend layer
@@ -58,8 +59,30 @@ def _grad_scalar(g: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _basis_operands(basis: DistillBasis):
-    """The basis as the extension's five float32 operands (R [r, D], c [r], F [C, r], delta [C], beta [])."""
+    """The basis as the custom ops' five float32 operands (R [r, D], c [r], F [C, r], delta [C], beta [])."""
     return tuple(t.detach().to(_F32).contiguous() for t in basis)
+
+
+_R_CACHE: dict = {}  # (R's address, version, shape, strides, dtype) -> (R, R in that dtype)
+_R_CACHE_SIZE = 4
+
+
+def _basis_r(R: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float32 basis R as the extension takes it: in T's dtype, contiguous (its products
+    stage R as it is, csrc/distill.cu and text_head.cu; the bindings refuse another dtype).
+    The frozen basis is the same tensor every step, so its rounding is made once and kept
+    (with R itself, whose memory therefore cannot be reused by another tensor while the entry
+    lives; an in-place change of R bumps its version and misses). Called inside the custom
+    ops, on real tensors."""
+    if R.dtype == dtype and R.is_contiguous():
+        return R
+    key = (R.data_ptr(), R._version, tuple(R.shape), tuple(R.stride()), dtype, R.device)
+    hit = _R_CACHE.get(key)
+    if hit is None:
+        if len(_R_CACHE) >= _R_CACHE_SIZE:
+            _R_CACHE.pop(next(iter(_R_CACHE)))
+        hit = _R_CACHE[key] = (R, R.to(dtype).contiguous())
+    return hit[1]
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,7 +199,8 @@ def _distill(text_features: Tensor, basis_r: Tensor, basis_c: Tensor, basis_f: T
              basis_beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [], ||t|| [C*M], ||z|| [C*M], cos [C*M]), all float32, and p = R t^ [C*M, r] in
     text_features' dtype (the backward's operand)"""
-    return tuple(_C.prompt_distill_loss_forward(text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta))
+    return tuple(_C.prompt_distill_loss_forward(text_features, _basis_r(basis_r, text_features.dtype), basis_c,
+                                                basis_f, basis_delta, basis_beta))
 
 
 @_distill.register_fake
@@ -191,8 +215,8 @@ def _distill_backward(grad: Optional[Tensor], text_features: Tensor, basis_r: Te
                       basis_f: Tensor, basis_delta: Tensor, basis_beta: Tensor, n: Tensor, zn: Tensor,
                       cos: Tensor, proj: Tensor) -> Tensor:
     """-> dL/dT [C, M, D]"""
-    return _C.prompt_distill_loss_backward(grad, text_features, basis_r, basis_c, basis_f, basis_delta, basis_beta, n, zn,
-                                           cos, proj)
+    return _C.prompt_distill_loss_backward(grad, text_features, _basis_r(basis_r, text_features.dtype), basis_c,
+                                           basis_f, basis_delta, basis_beta, n, zn, cos, proj)
 
 
 @_distill_backward.register_fake
@@ -230,6 +254,8 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
     """-> (loss, ce, dist, logits [B, C] or [0], then saved statistics: n [C, M], w [C, M], r [C], lse [B],
     ||x|| [B], ||z|| [C*M], cos [C*M] (these two [0] without a basis), u^ float32 [C, D], and
     p = R t^ [C*M, r] in text_features' dtype ([0] without a basis: the fused backward's operand))"""
+    if basis_r is not None:
+        basis_r = _basis_r(basis_r, text_features.dtype)
     return tuple(_C.demul_head_forward(text_features, prompt_logits, image_features, labels, scale, basis_r, basis_c,
                                  basis_f, basis_delta, basis_beta, alpha, label_smoothing, return_logits))
 
@@ -256,6 +282,8 @@ def _head_backward(grad_loss: Optional[Tensor], grad_ce: Optional[Tensor], grad_
                    proj: Tensor, need_text: bool, need_image: bool,
                    need_scale: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dL/dT, dL/dA float32, dL/dX, dL/dscale []), each [0] when not needed"""
+    if basis_r is not None:
+        basis_r = _basis_r(basis_r, text_features.dtype)
     return tuple(_C.demul_head_backward(grad_loss, grad_ce, grad_dist, grad_logits, text_features, image_features, labels,
                                   scale, basis_r, basis_c, basis_f, basis_delta, basis_beta, alpha, label_smoothing,
                                   n, w, r, lse, xnorm, zn, cos, u32, proj, need_text, need_image, need_scale))
