@@ -112,12 +112,14 @@ def test_row_tiles(monkeypatch, dtype, wide, C, M):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("D,K", [(100, 70), (128, 200)], ids=["3-groups", "4-groups"])
+@pytest.mark.parametrize("D,K", [(100, 70), (128, 200), (300, 320)], ids=["3-groups", "4-groups", "2-bwd-chunks"])
 @pytest.mark.parametrize("turned", [False, True], ids=["triangular-R", "full-R"])
 def test_triangular_forward(monkeypatch, dtype, D, K, turned):
     """The 128-row forward with R triangular: the r columns in groups of a quarter of the tile,
     each group's product over the pieces of the tile at or right of its diagonal only, whole
-    groups per split (two splits here, so that a split owns two groups). On the package's
+    groups per split (two splits here, so that a split owns two groups); the backward's
+    output chunks reading only the columns of r left of their last column (D=300, r=300:
+    chunk 0 reads 256 of the 300). On the package's
     basis (R the QR factor of phi's W) and on the same basis turned by a random orthogonal P
     (R, c, F -> P R, P c, F P^T: the same loss, R not triangular, which the op turns back);
     both against the reference in three dtypes."""
@@ -129,6 +131,7 @@ def test_triangular_forward(monkeypatch, dtype, D, K, turned):
     groups = -(-rank // (cfg["BLOCK_D"] // 4))
     assert cfg["TRI"] and cfg["fwd_tiles"] == 2 and cfg["splits"] == 2 < groups
     assert {(cfg["OWNERS"] >> (2 * g)) & 3 for g in range(groups)} == {0, 1}
+    assert cfg["out_chunks"] == (2 if D > 256 else 1) and (D <= 256 or rank > cfg["BLOCK_DO"])
     basis = build_distill_basis(W, b, E)
     if turned:
         g = torch.Generator().manual_seed(5)
