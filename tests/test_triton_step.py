@@ -117,9 +117,8 @@ def test_row_tiles(monkeypatch, dtype, wide, C, M):
 def test_triangular_forward(monkeypatch, dtype, D, K, turned):
     """The 128-row forward with R triangular: the r columns in groups of a quarter of the tile,
     each group's product over the pieces of the tile at or right of its diagonal only, whole
-    groups per split (two splits here, so that a split owns two groups); the backward's
-    output chunks reading only the columns of r left of their last column (D=300, r=300:
-    chunk 0 reads 256 of the 300). On the package's
+    groups per split (two splits here, so that a split owns two groups); D=300, r=300 also
+    takes the backward's two output chunks. On the package's
     basis (R the QR factor of phi's W) and on the same basis turned by a random orthogonal P
     (R, c, F -> P R, P c, F P^T: the same loss, R not triangular, which the op turns back);
     both against the reference in three dtypes."""
