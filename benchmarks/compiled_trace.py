@@ -381,9 +381,11 @@ def trace_head(preset: str, mode: str, dtype_name: str = "bfloat16") -> dict:
     dtype = getattr(torch, dtype_name)
     sizes = PRESETS[preset]
     T, A, X, y, scale, basis = head_inputs(sizes, dtype, mode == "trained")
-    # steady state: the basis's cast to the compute dtype is made once per basis, not per step,
-    # and the zero read for a loss gradient autograd leaves out once per device
-    if hasattr(triton_ops, "_basis_r"):
+    # steady state: the basis's triangular turn and its cast to the compute dtype are made once
+    # per basis, not per step, and the zero read for a loss gradient autograd leaves out once per device
+    if hasattr(triton_ops, "_kernel_basis"):
+        triton_ops._kernel_basis(T, basis.R, basis.c, basis.F)
+    elif hasattr(triton_ops, "_basis_r"):
         triton_ops._basis_r(basis.R, dtype)
     if hasattr(triton_ops, "_zero"):
         triton_ops._zero(T.device)

@@ -91,7 +91,7 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
     specs = [  # (row name, kernel, pointers, constexprs, warps[, stages])
         ("text_fwd", text_head._text_fwd_kernel, text_ptrs,
          dict(blocks, BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_N=cfg["BLOCK_N"], RESIDENT=cfg["RESIDENT"],
-              BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"]), cfg["fwd_warps"],
+              BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=cfg["TRI"], OWNERS=cfg["OWNERS"]), cfg["fwd_warps"],
          cfg["fwd_stages"]),
         ("distill_finish", text_head._distill_finish_kernel,
          dict(VV="*fp32", VF="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32", LOSSP="*fp32"),

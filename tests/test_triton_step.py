@@ -7,6 +7,8 @@
   chunks, both against the reference, on the same inputs (RESIDENT_BYTES moved);
 * the cast of the basis to the compute dtype is made once per basis and redone when R
   changes in place;
+* the 128-row forward with R triangular (its zero blocks skipped) on the package's basis
+  and on one whose R is not triangular (turned back by triton_ops.triangular_basis);
 * a frozen scale gets no d-scale work (the kernel's partials are not even stored).
 """
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 from demul_fast import reference as ref
-from demul_fast.ops.distill_basis import build_distill_basis
+from demul_fast.ops.distill_basis import DistillBasis, build_distill_basis
 from demul_fast.ops import triton_ops
 
 if triton_ops.UNAVAILABLE_REASON:
@@ -81,11 +83,11 @@ def test_text_forward_paths(monkeypatch, dtype, resident):
     _head_matches_reference(T, A, X, y, E, W, b, dtype, f"{dtype} resident={resident}")
 
 
-def _head_matches_reference(T, A, X, y, E, W, b, dtype, label):
+def _head_matches_reference(T, A, X, y, E, W, b, dtype, label, basis=None):
     """The Triton head's loss gradients against the float64 reference on the same rounded
     inputs (the error rule's yardstick is in test_mutations / test_error_rule: this checks the
     paths taken, at the tolerances of this file)."""
-    basis = build_distill_basis(W, b, E)
+    basis = build_distill_basis(W, b, E) if basis is None else basis
     got = grads_of_loss(lambda t, a, x: triton_ops.demul_head(t, a, x, y, 13.0, basis, alpha=0.7).loss,
                         T, A, X, dtype)
     Tr, Ar, Xr = (v.to(dtype).double() for v in (T, A, X))
@@ -107,6 +109,54 @@ def test_row_tiles(monkeypatch, dtype, wide, C, M):
     cfg = text_head.text_config(C, M, 100, 70, 2, wide)
     assert bool(cfg["AGG_PARTS"]) == wide and cfg["bwd_tiles"] >= 2 and cfg["fwd_tiles"] >= 2
     _head_matches_reference(T, A, X, y, E, W, b, dtype, f"{dtype} wide={wide} C={C} M={M}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D,K", [(100, 70), (128, 200), (300, 320)], ids=["3-groups", "4-groups", "2-bwd-chunks"])
+@pytest.mark.parametrize("turned", [False, True], ids=["triangular-R", "full-R"])
+def test_triangular_forward(monkeypatch, dtype, D, K, turned):
+    """The 128-row forward with R triangular: the r columns in groups of a quarter of the tile,
+    each group's product over the pieces of the tile at or right of its diagonal only, whole
+    groups per split (two splits here, so that a split owns two groups); D=300, r=300 also
+    takes the backward's two output chunks. On the package's
+    basis (R the QR factor of phi's W) and on the same basis turned by a random orthogonal P
+    (R, c, F -> P R, P c, F P^T: the same loss, R not triangular, which the op turns back);
+    both against the reference in three dtypes."""
+    monkeypatch.setattr(text_head, "TARGET_PROGRAMS", 4)  # 2 row tiles x 2 splits
+    C, M = 7, 20
+    T, A, X, y, E, W, b = inputs(11, C=C, M=M, D=D, B=5, K=K)
+    rank = min(K, D)
+    cfg = text_head.text_config(C, M, D, rank, 2, True)
+    groups = -(-rank // (cfg["BLOCK_D"] // 4))
+    assert cfg["TRI"] and cfg["fwd_tiles"] == 2 and cfg["splits"] == 2 < groups
+    assert {(cfg["OWNERS"] >> (2 * g)) & 3 for g in range(groups)} == {0, 1}
+    assert cfg["out_chunks"] == (2 if D > 256 else 1) and (D <= 256 or rank > cfg["BLOCK_DO"])
+    basis = build_distill_basis(W, b, E)
+    if turned:
+        g = torch.Generator().manual_seed(5)
+        P = torch.linalg.qr(torch.randn(rank, rank, generator=g, dtype=torch.float64))[0]
+        R, c, F = (t.double() for t in basis[:3])
+        basis = DistillBasis((P @ R).float(), (P @ c).float(), (F @ P.T).float(), basis.delta, basis.beta)
+        assert (basis.R.tril(-1).abs() > 1e-3).any()  # not triangular
+    _head_matches_reference(T, A, X, y, E, W, b, dtype, f"{dtype} D={D} K={K} turned={turned}", basis)
+
+
+def test_triangular_basis_once_per_basis():
+    """The turn is made once per basis (kept), its R upper triangular, and redone when F changes in place."""
+    g = torch.Generator().manual_seed(3)
+    R, c, F = torch.randn(6, 9, generator=g), torch.randn(6, generator=g), torch.randn(4, 6, generator=g)
+    first = triton_ops.triangular_basis(R, c, F)
+    assert triton_ops.triangular_basis(R, c, F) is first
+    R2, c2, F2 = (t.double() for t in first)
+    assert torch.equal(R2.tril(-1), torch.zeros_like(R2)) and R2.is_contiguous()
+    # the same |v| and <v, F> for any row: R2 t + c2 = P^T (R t + c), F2 = F P
+    t = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    v, v2 = R.double() @ t + c.double()[:, None], R2 @ t + c2[:, None]
+    assert torch.allclose(v.norm(dim=0), v2.norm(dim=0), rtol=1e-5)
+    assert torch.allclose(F.double() @ v, F2 @ v2, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        F.mul_(2.0)
+    assert triton_ops.triangular_basis(R, c, F) is not first
 
 
 def test_basis_cast_once_per_basis():

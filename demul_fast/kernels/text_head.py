@@ -202,6 +202,39 @@ def _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.cons
 
 
 @triton.jit
+def _row_sq(t):
+    """|t|^2 per row [rows] fp32 of a [rows, N] tile."""
+    tf = t.to(tl.float32)
+    return tl.sum(tf * tf, axis=1)
+
+
+@triton.jit
+def _piece(q: tl.constexpr, t0, t1, t2, t3):
+    """The q-th of four tiles (q a compile-time constant)."""
+    if q == 0:
+        return t0
+    elif q == 1:
+        return t1
+    elif q == 2:
+        return t2
+    else:
+        return t3
+
+
+@triton.jit
+def _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr):
+    """v = acc / n + c over columns n0:n0+BLOCK_N of r, stored in V's dtype; returns the
+    partial |v|^2 and <v, F_c> per row."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
+    v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
+    tl.store(_v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N),
+             tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
+    return tl.sum(v * v, axis=1), _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+
+
+@triton.jit
 def _text_fwd_kernel(
     T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
     NORM, U, RN, V, VV, VF,         # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF [splits, C*M]
@@ -209,7 +242,7 @@ def _text_fwd_kernel(
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, AGG_PARTS: tl.constexpr,
+    BLOCK_D: tl.constexpr, AGG_PARTS: tl.constexpr, TRI: tl.constexpr, OWNERS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -218,7 +251,14 @@ def _text_fwd_kernel(
     CM = C * M
     row_c, row_m, row_ok = _rows(pid, C, M, BLOCK_CLS, BLOCK_M)
     row = row_c * M + row_m
-    if RESIDENT:  # the whole [BLOCK_R, D] tile read once: norms, aggregation and products from it
+    PW: tl.constexpr = BLOCK_D // 4  # TRI: the tile in four column pieces of PW
+    if TRI:  # the whole [BLOCK_R, D] tile read once, as four [BLOCK_R, PW] pieces (R triangular, below)
+        t0 = _load_t(T, pid, C, M, D, stc, stm, std, 0, BLOCK_CLS, BLOCK_M, PW)
+        t1 = _load_t(T, pid, C, M, D, stc, stm, std, PW, BLOCK_CLS, BLOCK_M, PW)
+        t2 = _load_t(T, pid, C, M, D, stc, stm, std, 2 * PW, BLOCK_CLS, BLOCK_M, PW)
+        t3 = _load_t(T, pid, C, M, D, stc, stm, std, 3 * PW, BLOCK_CLS, BLOCK_M, PW)
+        n = tl.sqrt(_row_sq(t0) + _row_sq(t1) + _row_sq(t2) + _row_sq(t3))
+    elif RESIDENT:  # the whole [BLOCK_R, D] tile read once: norms, aggregation and products from it
         t_all = _load_t(T, pid, C, M, D, stc, stm, std, 0, BLOCK_CLS, BLOCK_M, BLOCK_D)
         n = tl.sqrt(tl.sum(t_all.to(tl.float32) * t_all.to(tl.float32), axis=1))
     else:
@@ -251,28 +291,45 @@ def _text_fwd_kernel(
     if DIST:
         vv = tl.zeros([BLOCK_R], dtype=tl.float32)
         vf = tl.zeros([BLOCK_R], dtype=tl.float32)
-        col_end = tl.minimum(split * cols_per_split + cols_per_split, RANK)
-        for n0 in range(split * cols_per_split, col_end, BLOCK_N):
-            acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-            if RESIDENT:
-                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(0, n0),
-                                           block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))   # R^T chunk
-                acc = _dot(t_all, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
-                           EMULATE)
-            else:
-                for d0 in range(0, D, BLOCK_K):
-                    t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K)
-                    rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(d0, n0),
-                                               block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
-                    acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
+        if TRI:
+            # R is upper triangular (triton_ops.triangular_basis): R[n, d] = 0 for d < n, so the
+            # columns n of group g (PW of them, from g PW) take only the pieces q >= g of the tile
+            # and of R^T: 10 of the 16 piece products at D = r. Each split owns whole groups
+            # (OWNERS: 2 bits per group, the groups balanced by their piece counts).
+            for g in tl.static_range(4):
+                if g * PW < RANK:
+                    if ((OWNERS >> (2 * g)) & 3) == split:
+                        for n0 in range(g * PW, (g + 1) * PW, BLOCK_N):
+                            acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+                            for q in tl.static_range(g, 4):
+                                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(q * PW, n0),
+                                                           block_shape=(PW, BLOCK_N), order=(0, 1))   # R^T piece
+                                acc = _dot(_piece(q, t0, t1, t2, t3),
+                                           tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc,
+                                           DTYPE, EMULATE)
+                            dvv, dvf = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS,
+                                              BLOCK_M, BLOCK_N)
+                            vv += dvv
+                            vf += dvf
+        else:
+            col_end = tl.minimum(split * cols_per_split + cols_per_split, RANK)
+            for n0 in range(split * cols_per_split, col_end, BLOCK_N):
+                acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+                if RESIDENT:
+                    rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(0, n0),
+                                               block_shape=(BLOCK_D, BLOCK_N), order=(0, 1))   # R^T chunk
+                    acc = _dot(t_all, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
                                EMULATE)
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
-            v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
-            tl.store(_v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N),
-                     tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
-            vv += tl.sum(v * v, axis=1)
-            vf += _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+                else:
+                    for d0 in range(0, D, BLOCK_K):
+                        t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K)
+                        rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(d0, n0),
+                                                   block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
+                        acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
+                                   EMULATE)
+                dvv, dvf = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS, BLOCK_M, BLOCK_N)
+                vv += dvv
+                vf += dvf
         tl.store(VV + split * CM + row, vv, mask=row_ok)
         tl.store(VF + split * CM + row, vf, mask=row_ok)
     if AGG and RESIDENT and AGG_PARTS > 0:
@@ -502,6 +559,23 @@ def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wi
     fwd_tiles = triton.cdiv(C, fwd_cls)
     block_n = min(32 if resident else 128, max(16, triton.next_power_of_2(max(rank, 1))))
     cols_per_split, splits = _splits(fwd_tiles, rank, block_n)
+    # the 128-row resident forward with a triangular R (the head's basis, triton_ops.triangular_basis):
+    # four column pieces of the tile, groups of r columns taking only the pieces at or right of
+    # their diagonal; the splits own whole groups, balanced by their piece counts
+    tri = bool(agg_parts) and rank > 0 and block_d >= 64
+    owners = 0
+    if tri:
+        pw = block_d // 4
+        block_n = min(block_n, pw)  # chunks of r inside one group
+        groups = triton.cdiv(rank, pw)
+        splits = min(splits, groups)
+        cols_per_split = block_n * triton.cdiv(triton.cdiv(rank, block_n), splits)  # a general R's split
+        splits = triton.cdiv(rank, cols_per_split)
+        load = [0] * splits
+        for g in range(groups):  # the costliest group first, to the least loaded split
+            s = min(range(splits), key=lambda i: (load[i], i))
+            load[s] += 4 - g
+            owners |= s << (2 * g)
     # the backward: 128-row tiles (R read once per 128 rows) and output chunks of up to 256
     # columns, 8 warps; each chunk's program re-reads the row tile's v, F, t and du statistics,
     # so fewer and wider chunks move fewer bytes. Its [128, 256] float32 accumulator fits the
@@ -521,15 +595,19 @@ def build_text_config(C: int, M: int, D: int, rank: int, elem_bytes: int = 2, wi
                 fwd_warps=8 if agg_parts else (8 if resident else 4) * block_r // 64,
                 bwd_warps=8,
                 tiles=tiles, fwd_tiles=fwd_tiles, fwd_BLOCK_CLS=fwd_cls, AGG_PARTS=agg_parts,
-                splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do))
+                splits=splits, cols_per_split=cols_per_split, out_chunks=triton.cdiv(D, block_do),
+                TRI=tri, OWNERS=owners)
 
 
 FINISH_BLOCK = 1024
 
 
-def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None, finish: bool = True):
+def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None, finish: bool = True,
+                 triangular: bool = False):
     """T [C, M, D] (any strides), A [C, M] (if agg); basis R [r, D] in T's dtype, cv [r],
-    F [C, r], delta [C], beta [1] fp32 (if dist).
+    F [C, r], delta [C], beta [1] fp32 (if dist). ``triangular``: the caller guarantees that R
+    is upper triangular (R[n, d] = 0 for d < n; triton_ops.triangular_basis), and the 128-row
+    forward then skips the products with its zero blocks.
 
     Returns (n [C*M], u^ [C, D] in u_dtype (default T's) or None, |u| [C] or None,
     v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos))
@@ -558,7 +636,8 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
         AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
         BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+        BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=bool(dist and triangular and cfg["TRI"]),
+        OWNERS=cfg["OWNERS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     zn = cos = loss_parts = None
     if dist and not finish:
         return norm, u, rn, v, DistillPartials(vv, vf, delta, beta, C * M, M, splits), None, None

@@ -13,7 +13,9 @@ and v = R t^ + c with its partial sums), the distillation finish, the CE forward
 merge, and one kernel for the three losses; backward: the CE grad pass, dU, dX and its
 finish, and one text kernel that produces dT and dA together (du, dw, dA, dv and R^T dv
 from the saved v, no recompute of the product); the loss gradients are read by the kernels.
-Half-precision inputs cast R to T's dtype once per basis (kept while the basis lives); d
+The basis is turned once so that R is upper triangular (``triangular_basis``; the forward
+skips R's zero blocks) and half-precision inputs cast R to T's dtype once per basis (both
+kept while the basis lives); d
 scale is one torch sum, only when scale requires grad. Autograd does not zero-fill the
 gradients of the saved statistics (``set_materialize_grads(False)``).
 
@@ -77,10 +79,49 @@ def _basis_r(R: Tensor, dtype: torch.dtype) -> Tensor:
     return hit[1]
 
 
+_TRI_CACHE: dict = {}  # fingerprints of (R, c, F) -> ((R, c, F), their triangular form)
+_TRI_CACHE_SIZE = 4
+
+
+def _fingerprint(t: Tensor) -> tuple:
+    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def triangular_basis(R: Tensor, c: Tensor, F: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The basis turned so that R is upper triangular (exact algebra, SPEC 4.3): with the QR
+    factorisation R = P R' (P [r, r] orthogonal, R' [r, D] upper triangular, r <= D),
+    v' = R' t^ + P^T c = P^T v, so |v'| = |v| and <v', P^T F[c]> = <v, F[c]>: the loss and the
+    gradient of T are those of (R, c, F). The 128-row forward skips R's zero blocks
+    (text_head.text_forward(..., triangular=True)). A basis from build_distill_basis is already
+    triangular (R is the QR factor of phi's W; P is then +-1 on the diagonal); one built by
+    hand need not be. Computed once per basis in float64 and kept (R', P^T c and F P in float32,
+    R' in R's dtype), like the cast of R; nothing is read back to the host."""
+    key = (_fingerprint(R), _fingerprint(c), _fingerprint(F))
+    hit = _TRI_CACHE.get(key)
+    if hit is None:
+        p, r2 = torch.linalg.qr(R.detach().to(torch.float64), mode="reduced")  # p [r, r], r2 [r, D]
+        turned = (r2.to(R.dtype).contiguous(), (p.transpose(0, 1) @ c.detach().to(torch.float64)).to(f32),
+                  (F.detach().to(torch.float64) @ p).to(f32).contiguous())
+        if len(_TRI_CACHE) >= _TRI_CACHE_SIZE:
+            _TRI_CACHE.pop(next(iter(_TRI_CACHE)))
+        hit = _TRI_CACHE[key] = ((R, c, F), turned)
+    return hit[1]
+
+
+def _kernel_basis(T: Tensor, R: Tensor, c: Tensor, F: Tensor) -> Tuple[Tensor, Tensor, Tensor, bool]:
+    """(R in T's dtype (the dot operand), c, F fp32, triangular): the forward and the backward
+    take the same (turned when r <= D: ``triangular_basis``)."""
+    tri = R.shape[0] <= R.shape[1]
+    if tri:
+        R, c, F = triangular_basis(R, c, F)
+    return _basis_r(R, T.dtype), c.to(f32).contiguous(), F.to(f32).contiguous(), tri
+
+
 def _basis_args(T: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tensor, beta: Tensor):
-    """The basis as the kernels take it: R in T's dtype (the dot operand), the rest fp32."""
-    return (_basis_r(R, T.dtype), c.to(f32).contiguous(), F.to(f32).contiguous(),
-            delta.to(f32).contiguous(), beta.to(f32).reshape(1))
+    """The basis as the kernels take it: R in T's dtype (the dot operand), the rest fp32, and
+    whether R is triangular."""
+    Rk, ck, Fk, tri = _kernel_basis(T, R, c, F)
+    return (Rk, ck, Fk, delta.to(f32).contiguous(), beta.to(f32).reshape(1)), tri
 
 
 # ---------------------------------------------------------------- aggregation
@@ -135,8 +176,9 @@ def _distill(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tens
              beta: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss [] fp32; saved: n [C*M], v [C*M, r] in T's dtype, |z|, cos [C*M])."""
     T = text_features
-    Rk, ck, Fk, dk, bk = _basis_args(T, R, c, F, delta, beta)
-    n, _, _, v, zn, cos, parts = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True)
+    (Rk, ck, Fk, dk, bk), tri = _basis_args(T, R, c, F, delta, beta)
+    n, _, _, v, zn, cos, parts = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True,
+                                                    triangular=tri)
     return _ce.losses(None, parts, zn.shape[0], 1.0, T.device)[2], n, v, zn, cos
 
 
@@ -153,7 +195,7 @@ def _(text_features, R, c, F, delta, beta):
 def _distill_bwd(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, n: Tensor, v: Tensor, zn: Tensor,
                  cos: Tensor, grad: Tensor) -> Tensor:
     T = text_features
-    Rk, ck, Fk = _basis_r(R, T.dtype), c.to(f32).contiguous(), F.to(f32).contiguous()
+    Rk, ck, Fk, _ = _kernel_basis(T, R, c, F)  # the forward's (v is in its coordinates)
     g = grad.to(f32).reshape(1)
     return _text.text_backward(T, None, n, None, None, None, Rk, ck, Fk, v, zn, cos, g, agg=False, dist=True)[0]
 
@@ -248,10 +290,10 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     dist = R is not None
-    basis = _basis_args(T, R, c, F, delta, beta) if dist else (None,) * 5
+    basis, tri = _basis_args(T, R, c, F, delta, beta) if dist else ((None,) * 5, False)
     # the distillation's finish runs in the cross-entropy merge's launch (one launch fewer)
     n, U, r, v, partials, _, _ = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32,
-                                                    finish=False)
+                                                    finish=False, triangular=tri)
     rows, lse, xn, logits, *finished = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits, dist=partials)
     zn, cos, parts = finished if dist else (None, None, None)
     loss, ce, dl = _ce.losses(rows, parts, zn.shape[0] if dist else 1, alpha, X.device)
@@ -296,7 +338,7 @@ def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tens
     dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
                                      du_dtype=f32, grad_loss=g_loss, w_loss=1.0, need_scale=need_scale)
     dist = R is not None
-    basis = (_basis_r(R, T.dtype), c.to(f32).contiguous(), F.to(f32).contiguous()) if dist else (None,) * 3
+    basis = _kernel_basis(T, R, c, F)[:3] if dist else (None,) * 3  # the forward's (v is in its coordinates)
     dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, *basis, v if dist else None,
                                  zn if dist else None, cos if dist else None, g_dist if dist else None, agg=True,
                                  dist=dist, grad_loss=g_loss, w_loss=alpha)
