@@ -134,15 +134,16 @@ def _mutated(judge, name, fast, keys, mutations, refused):
 def _judge_rounded(name, op, family, dtype, interpreted, fast, keys, yard_args, magnitudes, mutations=None,
                    refused=None):
     mode, ulps = rounding(family, dtype, interpreted)
+    memo = {}  # the yardstick of these inputs, computed once for the control and every mutation
 
     def judge(label, got):
         results = dict(zip(keys, list(got[0]) + list(got[1])))
         if op is rounded_yardstick.head:
             rounded_yardstick.check_head(label, family, dtype, mode, results, *yard_args, magnitudes,
-                                         stored_ulps=ulps)
+                                         stored_ulps=ulps, memo=memo)
         else:
             rounded_yardstick.check_op(label, op, family, dtype, mode, results, yard_args, magnitudes,
-                                       stored_ulps=ulps)
+                                       stored_ulps=ulps, memo=memo)
     _mutated(judge, name, fast, keys, mutations, refused)
 
 
@@ -249,13 +250,16 @@ def check_head(name, family, fn, T, A, X, y, tau, E, W, b, alpha, ls, cot, dtype
 
 
 def check_head_distillation(name, family, fn, T, A, X, y, tau, E, W, b, alpha, ls, g, dtype, interpreted=False,
-                            before=None, after=None, mutations=None, refused=None):
+                            before=None, after=None, mutations=None, refused=None, prompt_grad=False):
     """fn(t, a) -> the head's distill_loss alone (X, y, the scale tau (a float), alpha, ls
     frozen), its gradient w.r.t. T for the cotangent g: the fused backward's distillation part,
-    which the cross-entropy's larger terms hide in ``check_head``."""
+    which the cross-entropy's larger terms hide in ``check_head``. ``prompt_grad``: the same
+    backward also gives the gradient w.r.t. A (returned after the results: the caller checks
+    it is zero, as the loss does not depend on A)."""
     keys = ["distill_loss", "text_features"]
     cot = [torch.tensor(float(g), dtype=torch.float64, device=T.device)]
-    fast = run(fn, [T, A], [0], dtype, cot, before, after)
+    fast = run(fn, [T, A], [0, 1] if prompt_grad else [0], dtype, cot, before, after)
+    dA = fast[1].pop() if prompt_grad else None
     rounded = dict(text_features=T.to(dtype), prompt_logits=A.to(dtype), image_features=X.to(dtype), labels=y,
                    scale=tau, llm_embeddings=E, phi_weight=W, phi_bias=b)
     mags = head_magnitudes(rounded, alpha, ls, cotangents=(0.0, 0.0, float(g), None))
@@ -271,4 +275,4 @@ def check_head_distillation(name, family, fn, T, A, X, y, tau, E, W, b, alpha, l
                                           label_smoothing=ls).distill_loss,
             [T, A], [0], dtype, cot, before, after)
         _judge_plain(name, fast, exact, plain, dtype, keys, mags, mutations, refused)
-    return fast
+    return (fast, dA) if prompt_grad else fast

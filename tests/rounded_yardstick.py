@@ -368,13 +368,23 @@ def yardstick(family: str, dtype: torch.dtype, mode: str, *args, op=None, **kwar
     return exact, plain, allowance, counts
 
 
+def _memoised(memo: Optional[dict], compute):
+    """compute() once per ``memo`` (a dict the caller keeps while the yardstick's arguments
+    stay the same, e.g. across the mutations of one result); None: every call computes."""
+    if memo is None:
+        return compute()
+    if "yardstick" not in memo:
+        memo["yardstick"] = compute()
+    return memo["yardstick"]
+
+
 def check_op(name: str, op, family: str, dtype: torch.dtype, mode: str, fast: Dict[str, torch.Tensor], args: tuple,
-             magnitudes: Dict[str, object], stored_ulps: float = 0.5) -> None:
+             magnitudes: Dict[str, object], stored_ulps: float = 0.5, memo: Optional[dict] = None) -> None:
     """``check_head`` for a standalone op's yardstick (``cross_entropy``, ``distillation``):
     args are its arguments after ``family``, without ``sites`` and ``cd``."""
     from numerics import assert_error_rule  # noqa: PLC0415
 
-    exact, plain, allowance, counts = yardstick(family, dtype, mode, *args, op=op)
+    exact, plain, allowance, counts = _memoised(memo, lambda: yardstick(family, dtype, mode, *args, op=op))
     print(f"{name}: rounded yardstick ({op.__name__}, {family}, {dtype}, {mode}); elements on a rounding boundary: "
           f"{counts}")
     for key, f in fast.items():
@@ -386,14 +396,16 @@ def check_op(name: str, op, family: str, dtype: torch.dtype, mode: str, fast: Di
 
 def check_head(name: str, family: str, dtype: torch.dtype, mode: str, fast: Dict[str, torch.Tensor], T, A, X, y,
                tau: float, basis, alpha: float, ls: float, cot, magnitudes: Dict[str, object],
-               stored_ulps: float = 0.5) -> None:
+               stored_ulps: float = 0.5, memo: Optional[dict] = None) -> None:
     """The error rule (tests/numerics.py; k = 2 outputs, 3 gradients) for every entry of
     ``fast`` (keys as ``head`` returns them: loss, ce_loss, distill_loss, logits,
     text_features, prompt_logits, image_features, scale) against this yardstick: float32
-    floors on ``magnitudes`` (same keys), no operand allowance, plus the boundary allowance."""
+    floors on ``magnitudes`` (same keys), no operand allowance, plus the boundary allowance.
+    ``memo``: see ``_memoised`` (the yardstick depends on the inputs only, not on ``fast``)."""
     from numerics import assert_error_rule  # noqa: PLC0415
 
-    exact, plain, allowance, counts = yardstick(family, dtype, mode, T, A, X, y, float(tau), basis, alpha, ls, cot)
+    exact, plain, allowance, counts = _memoised(
+        memo, lambda: yardstick(family, dtype, mode, T, A, X, y, float(tau), basis, alpha, ls, cot))
     print(f"{name}: rounded yardstick ({family}, {dtype}, {mode}); elements on a rounding boundary: {counts}")
     for key, f in fast.items():
         grad = key in ("text_features", "prompt_logits", "image_features", "scale")

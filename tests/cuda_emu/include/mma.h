@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "emu_prelude.h"
@@ -59,10 +60,31 @@ void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, float x) {
     for (auto& e : row) e = x;
 }
 
+// The last product computed per warp, by its operands' bits: every lane of a warp holds the
+// same fragments (loaded by the whole warp from the same memory), so the first lane computes
+// the product and the other 31 find its operands here and copy the result (the same bits: the
+// product is a function of the operands' bits). Lanes whose operands differ (a kernel bug
+// that loads per lane) compute their own, as before.
+struct MmaMemo {
+  bool valid = false;
+  float a[16][16], b[16][16], c[16][16], d[16][16];
+};
+
+inline MmaMemo& emu_mma_memo() {
+  static MmaMemo memo[32];  // per warp of the block (at most 1024 threads)
+  return memo[(::emu::m().current / 32) % 32];
+}
+
 template <class TA, class LA, class TB, class LB>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
               const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
   __syncwarp();  // the whole warp takes part
+  MmaMemo& memo = emu_mma_memo();
+  if (memo.valid && std::memcmp(memo.a, a.v, sizeof memo.a) == 0 && std::memcmp(memo.b, b.v, sizeof memo.b) == 0 &&
+      std::memcmp(memo.c, c.v, sizeof memo.c) == 0) {
+    std::memcpy(d.v, memo.d, sizeof memo.d);
+    return;
+  }
   float out[16][16];
   for (int i = 0; i < 16; ++i)
     for (int j = 0; j < 16; ++j) {
@@ -70,8 +92,12 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
       for (int k = 0; k < 16; ++k) s = std::fma(a.v[i][k], b.v[k][j], s);
       out[i][j] = s;
     }
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) d.v[i][j] = out[i][j];
+  std::memcpy(memo.a, a.v, sizeof memo.a);
+  std::memcpy(memo.b, b.v, sizeof memo.b);
+  std::memcpy(memo.c, c.v, sizeof memo.c);
+  std::memcpy(memo.d, out, sizeof memo.d);
+  memo.valid = true;
+  std::memcpy(d.v, out, sizeof out);
 }
 
 __attribute__((noinline)) inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t l) {
