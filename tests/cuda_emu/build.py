@@ -317,8 +317,10 @@ def _compile_instrumented(units: list, out_dir: str, includes: list, verbose: bo
 
     from torch.utils import cpp_extension
 
+    from concurrent.futures import ThreadPoolExecutor
+
     os.makedirs(out_dir, exist_ok=True)
-    objs = []
+    objs, todo = [], []
     for unit in units:
         obj = os.path.join(out_dir, os.path.basename(unit) + ".o")
         objs.append(obj)
@@ -330,8 +332,17 @@ def _compile_instrumented(units: list, out_dir: str, includes: list, verbose: bo
                "-c", unit, "-o", obj + ".tmp"]
         if verbose:
             print(" ".join(cmd))
+        todo.append((cmd, obj))
+
+    def compile_one(job):
+        cmd, obj = job
         subprocess.run(cmd, check=True)
         os.replace(obj + ".tmp", obj)
+
+    # the units compile in parallel, as ninja compiles the others (MAX_JOBS, else every core)
+    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(compile_one, todo))
     return objs
 
 
