@@ -1,5 +1,6 @@
 // WMMA for the CUDA-on-CPU emulation (tests/cuda_emu/include/emu_prelude.h): every lane
-// holds the whole 16 x 16 fragment as float32 and computes the whole product; the operand
+// holds the whole 16 x 16 fragment as float32 and gets the whole product (computed once per
+// warp when the lanes' operands are bitwise equal: MmaMemo below); the operand
 // types are converted exactly (the kernels round their operands before loading them), the
 // products accumulate in float32 as on the tensor cores (in another order).
 #pragma once
