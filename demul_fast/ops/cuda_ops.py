@@ -35,6 +35,7 @@ from . import custom_op_conventions as conventions
 from .capability import Call, Capability, frozen_basis, frozen_operands, kernel_dtype
 from ..common import MAX_PROMPTS, HeadOutput
 from .distill_basis import DistillBasis
+from .distill_basis import basis_r_in as _basis_r  # one cached cast of R per basis and dtype
 
 try:
     from .. import _C
@@ -61,28 +62,6 @@ def _grad_scalar(g: Optional[Tensor]) -> Optional[Tensor]:
 def _basis_operands(basis: DistillBasis):
     """The basis as the custom ops' five float32 operands (R [r, D], c [r], F [C, r], delta [C], beta [])."""
     return tuple(t.detach().to(_F32).contiguous() for t in basis)
-
-
-_R_CACHE: dict = {}  # (R's address, version, shape, strides, dtype) -> (R, R in that dtype)
-_R_CACHE_SIZE = 4
-
-
-def _basis_r(R: Tensor, dtype: torch.dtype) -> Tensor:
-    """The float32 basis R as the extension takes it: in T's dtype, contiguous (its products
-    stage R as it is, csrc/distill.cu and text_head.cu; the bindings refuse another dtype).
-    The frozen basis is the same tensor every step, so its rounding is made once and kept
-    (with R itself, whose memory therefore cannot be reused by another tensor while the entry
-    lives; an in-place change of R bumps its version and misses). Called inside the custom
-    ops, on real tensors."""
-    if R.dtype == dtype and R.is_contiguous():
-        return R
-    key = (R.data_ptr(), R._version, tuple(R.shape), tuple(R.stride()), dtype, R.device)
-    hit = _R_CACHE.get(key)
-    if hit is None:
-        if len(_R_CACHE) >= _R_CACHE_SIZE:
-            _R_CACHE.pop(next(iter(_R_CACHE)))
-        hit = _R_CACHE[key] = (R, R.to(dtype).contiguous())
-    return hit[1]
 
 
 # ---------------------------------------------------------------------------------------

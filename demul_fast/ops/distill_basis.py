@@ -174,3 +174,25 @@ def clear_distill_basis_cache() -> None:
 
 __all__ = ["DistillBasis", "DistillBasisCache", "build_distill_basis", "cached_distill_basis", "frozen_basis",
            "clear_distill_basis_cache"]
+
+
+_R_CACHE: dict = {}  # (R's address, version, shape, strides, dtypes, device) -> (R, R in that dtype)
+_R_CACHE_SIZE = 4
+
+
+def basis_r_in(R, dtype):
+    """The basis R as the kernels' dot operand: in T's dtype, contiguous (both kernel
+    backends: the Triton text kernels and csrc/distill.cu, text_head.cu stage it as it is).
+    The frozen basis is the same tensor every step, so its cast is made once and kept (with R
+    itself, whose memory therefore cannot be reused by another tensor while the entry lives;
+    an in-place change of R bumps its version and misses). Called inside the custom ops, on
+    real tensors."""
+    if R.dtype == dtype and R.is_contiguous():
+        return R
+    key = (R.data_ptr(), R._version, tuple(R.shape), tuple(R.stride()), R.dtype, dtype, R.device)
+    hit = _R_CACHE.get(key)
+    if hit is None:
+        if len(_R_CACHE) >= _R_CACHE_SIZE:
+            _R_CACHE.pop(next(iter(_R_CACHE)))
+        hit = _R_CACHE[key] = (R, R.to(dtype).contiguous())
+    return hit[1]

@@ -32,6 +32,7 @@ from . import custom_op_conventions as conventions
 from .capability import Call, Capability, distill_rank, frozen_basis, frozen_operands, kernel_dtype
 from ..common import HeadOutput, interpreting
 from .distill_basis import DistillBasis
+from .distill_basis import basis_r_in as _basis_r  # one cached cast of R per basis and dtype
 
 try:
     from ..kernels import cosine_ce as _ce
@@ -47,10 +48,6 @@ _saved = conventions.saved_tensors
 f32 = torch.float32
 
 
-_R_CACHE: dict = {}  # (R's address, version, shape, dtypes) -> (R, R in the compute dtype)
-_R_CACHE_SIZE = 4
-
-
 _ZEROS: dict = {}  # device -> a float32 [1] zero, made once (never written: the kernels only read it)
 
 
@@ -61,22 +58,6 @@ def _zero(device) -> Tensor:
     if z is None:
         z = _ZEROS[device] = torch.zeros(1, dtype=f32, device=device)
     return z
-
-
-def _basis_r(R: Tensor, dtype: torch.dtype) -> Tensor:
-    """R as the dot operand: in T's dtype, contiguous. The frozen basis is the same tensor
-    every step, so its cast is made once and kept (with R itself, whose memory therefore
-    cannot be reused by another tensor while the entry lives; an in-place change of R bumps
-    its version and misses)."""
-    if R.dtype == dtype and R.is_contiguous():
-        return R
-    key = (R.data_ptr(), R._version, tuple(R.shape), tuple(R.stride()), R.dtype, dtype, R.device)
-    hit = _R_CACHE.get(key)
-    if hit is None:
-        if len(_R_CACHE) >= _R_CACHE_SIZE:
-            _R_CACHE.pop(next(iter(_R_CACHE)))
-        hit = _R_CACHE[key] = (R, R.to(dtype).contiguous())
-    return hit[1]
 
 
 _TRI_CACHE: dict = {}  # fingerprints of (R, c, F) -> ((R, c, F), their triangular form)
