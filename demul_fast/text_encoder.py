@@ -109,34 +109,33 @@ def prefix_shared_forward(tower: TextTower, prefix: Tensor, suffix: Tensor, suff
     for i, layer in enumerate(tower.layers):
         if 1 <= i <= len(deep):  # MaPLe: the context rows of layer i's input are deep_prompts[i - 1]
             x = x.index_copy(0, deep_rows, deep[i - 1].to(dtype).index_select(0, deep_src))
-        if i == 0 and shared is not None:
-            # the packed rows are in (group, sequence, position) order: group 0's suffix rows
-            # follow the prefix rows, so the rows layer 0 needs are a leading slice of x
-            q, k, v = layer.qkv(layer.ln_1(x[:shared[2]]))                   # [G*P + Ts/G, 3 x W]
-            x = x + shared_prefix_attention(q, k, v, layout, layer.heads, shared_suffix=shared,
-                                            project=lambda a: layer.ls_1(layer.out_proj(a)))
-            x = x + layer.ls_2(layer.mlp(layer.ln_2(x)))
-        elif checkpoint and torch.is_grad_enabled():
+        if checkpoint and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(_layer_forward, layer, x, layout, i == last, use_reentrant=False)
         else:
-            x = _layer_forward(layer, x, layout, i == last)
+            x = _layer_forward(layer, x, layout, i == last, shared if i == 0 else None)
     if last < 0:  # a tower without layers
         x = x.index_select(0, layout.eot_rows + g * p)
     return tower.project(tower.ln_final(x)).view(g, n, -1)
 
 
-def _layer_forward(layer: LayerView, x: Tensor, layout: PackedLayout, last: bool) -> Tensor:
+def _layer_forward(layer: LayerView, x: Tensor, layout: PackedLayout, last: bool,
+                   shared: Optional[Tuple[Tensor, Tensor, int]] = None) -> Tensor:
     """One residual block on the packed rows x [G*P + Ts, W]; the last block returns only the
     G*N pooled (EOT) rows [G*N, W]: keys and values of every row are computed, the attention
-    output, out_proj and MLP run on the pooled rows alone."""
-    q, k, v = layer.qkv(layer.ln_1(x))
+    output, out_proj and MLP run on the pooled rows alone. ``shared``: the first layer's
+    ``layout.shared_suffix_maps`` (compiled path, not the last layer): ln_1 and q/k/v run on
+    the leading G*P + Ts/G rows only (the packed rows are in (group, sequence, position)
+    order, so group 0's suffix rows follow the prefix rows), the attention reads them for
+    every group."""
+    q, k, v = layer.qkv(layer.ln_1(x if shared is None else x[:shared[2]]))
     if last:
         rows = layout.eot_rows + layout.g * layout.p
         x = x.index_select(0, rows)
         a = shared_prefix_attention(q.index_select(0, rows), k, v, layout, layer.heads, eot_only=True)
         x = x + layer.ls_1(layer.out_proj(a))
     else:  # out_proj and layer scale act row by row: under compile they run before the gather to rows
-        x = x + shared_prefix_attention(q, k, v, layout, layer.heads, project=lambda a: layer.ls_1(layer.out_proj(a)))
+        x = x + shared_prefix_attention(q, k, v, layout, layer.heads, project=lambda a: layer.ls_1(layer.out_proj(a)),
+                                        shared_suffix=shared)
     return x + layer.ls_2(layer.mlp(layer.ln_2(x)))
 
 
