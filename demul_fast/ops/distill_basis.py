@@ -90,8 +90,10 @@ def build_distill_basis(phi_weight: torch.Tensor, phi_bias: Optional[torch.Tenso
     return DistillBasis(r, c, f, delta, beta).to(dtype)
 
 
-def _fingerprint(t: Optional[torch.Tensor]) -> Tuple:
-    """What identifies a tensor's current values without reading them (the module docstring)."""
+def tensor_fingerprint(t: Optional[torch.Tensor]) -> Tuple:
+    """What identifies a tensor's current values without reading them (the module docstring);
+    the key of every cache of a frozen tensor's derivative (this basis, its cast R, the
+    Triton path's triangular turn)."""
     if t is None:
         return (None,)
     return (t._version, t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
@@ -115,7 +117,7 @@ class DistillBasisCache:
             dtype: Optional[torch.dtype] = None) -> DistillBasis:
         """The cached basis of (W [K, D], b [K] or None, E [C, K]) in ``dtype``, built if absent."""
         tensors = (phi_weight, phi_bias, llm_embeddings)
-        key = tuple(_fingerprint(t) for t in tensors) + (dtype,)
+        key = tuple(tensor_fingerprint(t) for t in tensors) + (dtype,)
         self._entries = [e for e in self._entries if all(r is None or r() is not None for r in e.refs)]
         for i, entry in enumerate(self._entries):
             if entry.key == key and all((r is None and t is None) or (r is not None and r() is t)
@@ -172,12 +174,19 @@ def clear_distill_basis_cache() -> None:
     _CACHE.clear()
 
 
-__all__ = ["DistillBasis", "DistillBasisCache", "build_distill_basis", "cached_distill_basis", "frozen_basis",
-           "clear_distill_basis_cache"]
+def kept(cache: dict, key, make, size: int = 4):
+    """cache[key], made by make() on a miss; the oldest entry goes when ``size`` are kept.
+    The entries hold the tensors their keys fingerprint (so an address cannot be reused by
+    another tensor while its entry lives)."""
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        hit = cache[key] = make()
+    return hit
 
 
-_R_CACHE: dict = {}  # (R's address, version, shape, strides, dtypes, device) -> (R, R in that dtype)
-_R_CACHE_SIZE = 4
+_R_CACHE: dict = {}  # (R's fingerprint, dtype) -> (R, R in that dtype)
 
 
 def basis_r_in(R, dtype):
@@ -189,10 +198,8 @@ def basis_r_in(R, dtype):
     real tensors."""
     if R.dtype == dtype and R.is_contiguous():
         return R
-    key = (R.data_ptr(), R._version, tuple(R.shape), tuple(R.stride()), R.dtype, dtype, R.device)
-    hit = _R_CACHE.get(key)
-    if hit is None:
-        if len(_R_CACHE) >= _R_CACHE_SIZE:
-            _R_CACHE.pop(next(iter(_R_CACHE)))
-        hit = _R_CACHE[key] = (R, R.to(dtype).contiguous())
-    return hit[1]
+    return kept(_R_CACHE, (tensor_fingerprint(R), dtype), lambda: (R, R.to(dtype).contiguous()))[1]
+
+
+__all__ = ["DistillBasis", "DistillBasisCache", "build_distill_basis", "cached_distill_basis", "frozen_basis",
+           "clear_distill_basis_cache"]

@@ -33,6 +33,7 @@ from .capability import Call, Capability, distill_rank, frozen_basis, frozen_ope
 from ..common import HeadOutput, interpreting
 from .distill_basis import DistillBasis
 from .distill_basis import basis_r_in as _basis_r  # one cached cast of R per basis and dtype
+from .distill_basis import kept, tensor_fingerprint
 
 try:
     from ..kernels import cosine_ce as _ce
@@ -61,11 +62,6 @@ def _zero(device) -> Tensor:
 
 
 _TRI_CACHE: dict = {}  # fingerprints of (R, c, F) -> ((R, c, F), their triangular form)
-_TRI_CACHE_SIZE = 4
-
-
-def _fingerprint(t: Tensor) -> tuple:
-    return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
 
 def triangular_basis(R: Tensor, c: Tensor, F: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -77,16 +73,11 @@ def triangular_basis(R: Tensor, c: Tensor, F: Tensor) -> Tuple[Tensor, Tensor, T
     triangular (R is the QR factor of phi's W; P is then +-1 on the diagonal); one built by
     hand need not be. Computed once per basis in float64 and kept (R', P^T c and F P in float32,
     R' in R's dtype), like the cast of R; nothing is read back to the host."""
-    key = (_fingerprint(R), _fingerprint(c), _fingerprint(F))
-    hit = _TRI_CACHE.get(key)
-    if hit is None:
+    def turn():
         p, r2 = torch.linalg.qr(R.detach().to(torch.float64), mode="reduced")  # p [r, r], r2 [r, D]
-        turned = (r2.to(R.dtype).contiguous(), (p.transpose(0, 1) @ c.detach().to(torch.float64)).to(f32),
-                  (F.detach().to(torch.float64) @ p).to(f32).contiguous())
-        if len(_TRI_CACHE) >= _TRI_CACHE_SIZE:
-            _TRI_CACHE.pop(next(iter(_TRI_CACHE)))
-        hit = _TRI_CACHE[key] = ((R, c, F), turned)
-    return hit[1]
+        return (R, c, F), (r2.to(R.dtype).contiguous(), (p.transpose(0, 1) @ c.detach().to(torch.float64)).to(f32),
+                           (F.detach().to(torch.float64) @ p).to(f32).contiguous())
+    return kept(_TRI_CACHE, tuple(tensor_fingerprint(t) for t in (R, c, F)), turn)[1]
 
 
 def _kernel_basis(T: Tensor, R: Tensor, c: Tensor, F: Tensor) -> Tuple[Tensor, Tensor, Tensor, bool]:
