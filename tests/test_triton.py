@@ -28,6 +28,8 @@ from demul_fast.ops import triton_ops  # triton is in the test extra (checked by
 if triton_ops.UNAVAILABLE_REASON:
     pytest.skip(triton_ops.UNAVAILABLE_REASON, allow_module_level=True)
 from demul_fast.kernels import cosine_ce, launch, text_head  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ODD = dict(C=37, M=3, D=100, B=5, K=70)
@@ -306,6 +308,52 @@ def test_head_half_precision(gen, dtype):
                                  dict(zip(keys, list(fo) + list(fg))), T.to(dtype), A.to(dtype), X.to(dtype), y, 12.0,
                                  basis_of(W, b, E), 1.0, 0.1, (1.0, 1.0, 1.0, GL.to(dtype)), mags,
                                  stored_ulps=1.0 if interp else 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_head_cancelling_text_gradient(dtype, scale):
+    """D = 1: normalising a 1-vector has zero gradient, so dT is exactly 0 and what the kernel
+    returns is its own rounding, held to float32 floors on the terms that cancel. Class 22 of
+    this draw has |u| = 0.014 (its prompts' signs nearly cancel), so the terms of
+    dL/du = (gu - <u^, gu> u^) / |u| are large. The text backward's product that spreads w du
+    to the rows ran as two bfloat16 pieces (3 products, 3 2^-16 of each term): an error of
+    about 65 float32 units of the terms' magnitude here, 4x the floor, in bfloat16 and float16
+    (found by hypothesis in tests/test_properties.py); three pieces keep it at float32's."""
+    from backend_cases import assert_head_matches_reference, make_head_inputs  # noqa: PLC0415
+
+    inputs = make_head_inputs(torch.Generator().manual_seed(0), C=33, M=8, D=1, B=33, K=33, dtype=dtype,
+                              device=DEVICE, bias=False)
+    inputs["scale"] = scale
+    assert_head_matches_reference(inputs, "triton", label_smoothing=0.0, alpha=1.0, return_logits=False)
+
+
+@triton.jit
+def _split_product_kernel(A, B, O, K: tl.constexpr, N: tl.constexpr, MR: tl.constexpr, EMULATE: tl.constexpr):
+    rows, ks, cols = tl.arange(0, MR), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(A + rows[:, None] * K + ks[None, :])
+    b = tl.load(B + ks[:, None] * N + cols[None, :])
+    acc = text_head._dot_f32(a, b, tl.zeros([MR, N], dtype=tl.float32), tl.bfloat16, EMULATE)
+    tl.store(O + rows[:, None] * N + cols[None, :], acc)
+
+
+def test_split_product_keeps_float32_precision(gen):
+    """text_head._dot_f32 (float32 operands on the bfloat16 tensor cores, three pieces each)
+    against float64: within 8 float32 units of sum |a| |b| per element, on operands spread over
+    2^-20..2^20. Dropping the third pieces' products (a0 b2, a2 b0) leaves 2^-15 (truncating) /
+    2^-17 (rounding) of the terms and fails; so does the former two-piece form."""
+    MR, K, N = 32, 16, 64
+    def spread(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                * 2.0 ** torch.randint(-20, 21, shape, generator=gen)).float().to(DEVICE)
+    a, b = spread(MR, K), spread(K, N)
+    out = torch.empty(MR, N, dtype=torch.float32, device=DEVICE)
+    _split_product_kernel[(1,)](a, b, out, K=K, N=N, MR=MR, EMULATE=launch.emulate_dot(torch.bfloat16))
+    exact = a.double() @ b.double()
+    terms = a.double().abs() @ b.double().abs()
+    ratio = float(((out.double() - exact).abs() / terms).max())
+    print(f"max error / sum |a||b| = {ratio:.3e} = {ratio / torch.finfo(torch.float32).eps:.2f} float32 units")
+    assert ratio <= 8 * torch.finfo(torch.float32).eps
 
 
 def test_head_noncontiguous_and_mixed_dtypes(gen):

@@ -142,19 +142,32 @@ def _dot(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _dot_f32(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + a @ b for float32 a, b to about float32 precision: in float32 when DTYPE is, else on
-    the tensor cores as bfloat16 halves, a_hi b_hi + a_hi b_lo + a_lo b_hi (a = a_hi + a_lo,
-    relative error about 2^-16 of each product)."""
+    """acc + a @ b for float32 a, b to float32 precision: in float32 when DTYPE is, else on the
+    tensor cores as three bfloat16 pieces of each operand (a = a0 + a1 + a2 + a residue, each piece
+    the rounding of what the previous ones leave: 8 bits each, residue <= 2^-24 |a| rounding to
+    nearest, 0 when the conversion truncates) and the six piece products of order <= 2
+    (a0 b0, a0 b1, a1 b0, a0 b2, a1 b1, a2 b0; the dropped a1 b2, a2 b1, a2 b2 are <= 3 2^-24 |a b|
+    rounding to nearest, 3 2^-21 truncating). Two pieces (three products: a_lo b_lo and the
+    pieces' own roundings dropped) were 3 2^-16 |a b|: about 400 float32 units, which a gradient
+    that cancels to ~0 (D = 1: dT is exactly 0) showed against float32 floors."""
     if DTYPE == tl.float32:
         return _dot(a, b, acc, DTYPE, EMULATE)
     else:
-        a_hi = a.to(tl.bfloat16)
-        b_hi = b.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-        acc = _dot(a_hi, b_hi, acc, tl.bfloat16, EMULATE)
-        acc = _dot(a_hi, b_lo, acc, tl.bfloat16, EMULATE)
-        return _dot(a_lo, b_hi, acc, tl.bfloat16, EMULATE)
+        a0 = a.to(tl.bfloat16)
+        b0 = b.to(tl.bfloat16)
+        ra = a - a0.to(tl.float32)
+        rb = b - b0.to(tl.float32)
+        a1 = ra.to(tl.bfloat16)
+        b1 = rb.to(tl.bfloat16)
+        a2 = (ra - a1.to(tl.float32)).to(tl.bfloat16)
+        b2 = (rb - b1.to(tl.float32)).to(tl.bfloat16)
+        # smallest first: the float32 accumulator then rounds the large products last
+        acc = _dot(a1, b1, acc, tl.bfloat16, EMULATE)
+        acc = _dot(a0, b2, acc, tl.bfloat16, EMULATE)
+        acc = _dot(a2, b0, acc, tl.bfloat16, EMULATE)
+        acc = _dot(a0, b1, acc, tl.bfloat16, EMULATE)
+        acc = _dot(a1, b0, acc, tl.bfloat16, EMULATE)
+        return _dot(a0, b0, acc, tl.bfloat16, EMULATE)
 
 
 @triton.jit
@@ -434,9 +447,11 @@ def _text_bwd_kernel(
         dt_hat = (g * inv_z)[:, None] * acc
         proj_t += g * inv_z * proj_v
     if AGG:  # after the product: no float32 tile stays live across its loop
-        # w du per row as a product with the per-class rows of gu and u^ (du = (gu - <u^, gu> u^) / |u|):
-        # one-hot [rows, classes] weights times [classes, columns], accumulated onto dt^ in the
-        # product's registers (a [rows, columns] float32 copy of du per row spilled at 128 rows)
+        # w du per row, du = (gu - <u^, gu> u^) / |u| per class: du is formed per class in float32
+        # ([classes, columns], the cancellation of its two terms at float32 precision), then
+        # spread to the class's rows as a product of the one-hot [rows, classes] weights w with
+        # it, accumulated onto dt^ in the product's registers (a [rows, columns] float32 copy of
+        # du per row spilled at 128 rows); _dot_f32 keeps that product at float32 precision
         KC: tl.constexpr = 16 if BLOCK_CLS < 16 else BLOCK_CLS
         offs_k = tl.arange(0, KC)
         offs_o = o0 + tl.arange(0, BLOCK_DO)
@@ -446,11 +461,13 @@ def _text_bwd_kernel(
         k_mask = k_ok[:, None] & (offs_o[None, :] < D)
         gu = tl.load(GU + at, mask=k_mask, other=0.0)
         uh = tl.load(U + at, mask=k_mask, other=0.0).to(tl.float32)
+        # <u^, gu> per class on the classes axis of the product (one nonzero term per sum: exact)
+        pick = offs_k[:, None] == tl.arange(0, BLOCK_CLS)[None, :]
+        proj_k = tl.sum(tl.where(pick, proj_u[None, :], 0.0), axis=1)
+        inv_rk = 1.0 / tl.maximum(tl.load(RN + k_cls, mask=k_ok, other=1.0), EPS)
+        du = (gu - proj_k[:, None] * uh) * inv_rk[:, None]
         one_hot = (tl.arange(0, BLOCK_R) // BLOCK_M)[:, None] == offs_k[None, :]
-        wr = w * _class_to_rows(inv_r, BLOCK_M)
-        dt_hat = _dot_f32(tl.where(one_hot, wr[:, None], 0.0), gu, dt_hat, DTYPE, EMULATE)
-        dt_hat = _dot_f32(tl.where(one_hot, (-wr * _class_to_rows(proj_u, BLOCK_M))[:, None], 0.0), uh, dt_hat,
-                          DTYPE, EMULATE)
+        dt_hat = _dot_f32(tl.where(one_hot, w[:, None], 0.0), du, dt_hat, DTYPE, EMULATE)
     proj_t = tl.where(n >= EPS, proj_t, 0.0)
     t = _load_t(T, pid, C, M, D, stc, stm, std, o0, BLOCK_CLS, BLOCK_M, BLOCK_DO).to(tl.float32)
     dt = (dt_hat - (t * inv_n[:, None]) * proj_t[:, None]) * inv_n[:, None]
