@@ -79,8 +79,19 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Say how many error-rule checks compared the reference with itself (tests/numerics.py)."""
+    """Say how many error-rule checks compared the reference with itself (tests/numerics.py);
+    with DEMUL_FAST_YARDSTICK_TIMES=FILE, write the rounded yardstick's seconds per test there
+    (tests/rounded_yardstick.py ``TIMES``, JSON: {test: [calls, evaluations s, reruns s]})."""
     from numerics import SELF_COMPARISONS  # noqa: PLC0415
+
+    times_file = os.environ.get("DEMUL_FAST_YARDSTICK_TIMES")
+    if times_file:
+        import json  # noqa: PLC0415
+
+        import rounded_yardstick  # noqa: PLC0415
+
+        with open(times_file, "w") as f:
+            json.dump(rounded_yardstick.TIMES, f, indent=1, sort_keys=True)
 
     if SELF_COMPARISONS:
         terminalreporter.write_line(

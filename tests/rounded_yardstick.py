@@ -41,6 +41,8 @@ relative). It is added to the rule's floor for that check only.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -351,9 +353,11 @@ def yardstick(family: str, dtype: torch.dtype, mode: str, *args, op=None, **kwar
     ambiguous element rounded the other way."""
     def fn(*a, **k):
         return (op or head)(family, *a, **k)
+    started = time.perf_counter()
     base = Sites(dtype, mode)
     exact = fn(*args, sites=base, cd=torch.float64, **kwargs)
     plain = fn(*args, sites=Sites(dtype, mode), cd=torch.float32, **kwargs)
+    evaluated = time.perf_counter()
     allowance = {k: torch.zeros_like(v) for k, v in exact.items()}
     counts = {name: len(amb[1]) for name, amb in base.ambiguous.items()}
     cap = max_flips(next(iter(exact.values())).device)
@@ -365,7 +369,23 @@ def yardstick(family: str, dtype: torch.dtype, mode: str, *args, op=None, **kwar
             other = fn(*args, sites=sites, cd=torch.float64, **kwargs)
             for k in allowance:
                 allowance[k] = allowance[k] + (other[k] - exact[k]).abs().reshape(-1, *exact[k].shape).sum(0)
+    _record(evaluated - started, time.perf_counter() - evaluated)
     return exact, plain, allowance, counts
+
+
+# Seconds spent in ``yardstick`` per test (pytest's PYTEST_CURRENT_TEST): [calls, the float64 and
+# float32 evaluations, the boundary reruns]. The two evaluations are what the former yardstick (the
+# reference in float64 and in float32) also paid; the reruns are this yardstick's own cost. With
+# DEMUL_FAST_YARDSTICK_TIMES=FILE, tests/conftest.py writes them to FILE at the end of the run.
+TIMES: Dict[str, list] = {}
+
+
+def _record(evaluations: float, reruns: float) -> None:
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    row = TIMES.setdefault(test, [0, 0.0, 0.0])
+    row[0] += 1
+    row[1] += evaluations
+    row[2] += reruns
 
 
 def _memoised(memo: Optional[dict], compute):
