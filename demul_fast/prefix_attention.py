@@ -229,6 +229,47 @@ class PackedLayout:
         self._cache[key] = out
         return out
 
+    def attention_tables(self, shared: bool = False) -> Tuple[Tensor, Tensor]:
+        """(seq_table [G*N, 4], grp_table [G, 4]) int32, the layout as the one-launch kernels of
+        ``demul_fast::prefix_attention`` read it (demul_fast/kernels/prefix_attention.py):
+        per sequence (out_row0, src_row0, len, prefix_row0), per group (prefix_row0,
+        suffix_out_row0, suffix_rows, suffix_src_row0). ``shared``: the inputs hold the
+        first layer's G*P + Ts/G rows (``shared_suffix_maps``), so every group's suffix rows
+        are read from group 0's. Cached."""
+        key = ("tables", shared)
+        if key in self._cache:
+            return self._cache[key]
+        g, p, n = self.g, self.p, self.n
+        dev = self.eot.device
+        lens = (self.eot + 1).reshape(g * n)
+        start = g * p + torch.cumsum(lens, 0) - lens                                        # [G*N] first packed row
+        gi = torch.arange(g, device=dev)
+        grp_rows = (self.eot + 1).sum(1)                                                    # [G]
+        grp_start = g * p + torch.cumsum(grp_rows, 0) - grp_rows
+        if shared:
+            ts1 = self.suffix_rows // g
+            src = start - gi.repeat_interleave(n) * ts1
+            grp_src = torch.full_like(grp_start, g * p)
+        else:
+            src, grp_src = start, grp_start
+        seq = torch.stack([start, src, lens, gi.repeat_interleave(n) * p], 1).to(torch.int32).contiguous()
+        grp = torch.stack([gi * p, grp_start, grp_rows, grp_src], 1).to(torch.int32).contiguous()
+        out = (seq, grp)
+        if not torch.compiler.is_compiling():
+            self._cache[key] = out
+        return out
+
+    def op_maps(self, dtype: torch.dtype, shared: bool = False) -> Tuple[Tensor, ...]:
+        """The ``maps`` of ``demul_fast.ops.prefix_attention.prefix_attention``: (seq_table,
+        grp_table, q_rows, kv_rows, out_rows, mask), the kernels' tables and the CPU
+        composite's query-slot maps (``attention_maps``; ``shared``: re-pointed at the shared
+        first layer's rows, ``shared_suffix_maps``)."""
+        seq, grp = self.attention_tables(shared)
+        q_rows, kv_rows, out_rows, mask = self.attention_maps(dtype)
+        if shared:
+            q_rows, kv_rows, _ = self.shared_suffix_maps(dtype)
+        return seq, grp, q_rows, kv_rows, out_rows, mask
+
     def prepare(self, dtype: torch.dtype, heads) -> None:
         """Build (plan time, outside any trace) what the attention uses: the per-head index
         maps of the eager op for every head count in ``heads``, and the one-call attention's
@@ -237,7 +278,9 @@ class PackedLayout:
             self.indices(h)
         self.attention_maps(dtype)
         self.eot_maps(dtype)
-        self.shared_suffix_maps(dtype)
+        self.attention_tables(False)
+        if self.shared_suffix_maps(dtype) is not None:
+            self.attention_tables(True)
 
 
 def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int,
