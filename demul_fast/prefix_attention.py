@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import accumulation_dtype
+from .ops import prefix_attention as _ops_attention
 
 Tensor = torch.Tensor
 
@@ -328,13 +329,24 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
     if shared_suffix is not None and (eot_only or project is None or not torch.compiler.is_compiling()):
         raise ValueError("shared_suffix is for the compiled path of a layer that is not the last, with project")
     if torch.compiler.is_compiling():
-        if project is None or eot_only:
+        if eot_only:
             out = _attend(q, k, v, layout, heads, eot_only)
-            return out if project is None else project(out)
-        slots, out_rows = _attend_slots(q, k, v, layout, heads, shared_suffix)
-        return project(slots).index_select(0, out_rows)
+        else:
+            out = _attend_op(q, k, v, layout, heads, shared_suffix is not None)
+        return out if project is None else project(out)
     out = _SharedPrefixAttention.apply(q, k, v, layout, heads, eot_only)
     return out if project is None else project(out)
+
+
+def _attend_op(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int, shared: bool = False) -> Tensor:
+    """The compiled path of a (not last) layer: ``demul_fast::prefix_attention``, one custom op
+    on the packed rows (one Triton launch forward and one backward on CUDA; the query-slot
+    composite of ``attention_maps`` on a CPU), output [T, W] in packed row order. ``shared``:
+    q, k, v are the first layer's G*P + Ts/G rows (``shared_suffix_maps``)."""
+    rows = layout.g * layout.p + layout.suffix_rows
+    out, _ = _ops_attention.prefix_attention(q, k, v, layout.op_maps(q.dtype, shared), heads, layout.p, layout.g,
+                                             rows)
+    return out
 
 
 def _split(buf: Tensor, g: int, heads: int, p: int, n: int, sq: int) -> Tuple[Tensor, Tensor]:

@@ -2,7 +2,10 @@
 packed rows (docs/SPEC.md section 3.1; the layout: demul_fast/prefix_attention.py).
 
     prefix_attention(q, k, v, seq_table, grp_table, q_rows, kv_rows, out_rows, mask,
-                     heads, p, g, rows) -> (out [rows, W], lse [rows, heads] float32)
+                     heads, p, g, rows) -> (out [rows, W], lse [rows, heads])
+
+lse (the log-sum-exp of each row's scaled scores) is float32 (float64 for float64 inputs,
+which only the CPU composite takes).
     prefix_attention_backward(q, k, v, out, lse, grad, <the same layout>) -> (dq, dk, dv)
 
 q, k, v: [R, W] input rows (row stride free, unit column stride: views of the qkv product),
@@ -33,6 +36,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..common import accumulation_dtype
 from . import custom_op_conventions as conventions
 
 try:
@@ -76,7 +80,7 @@ def _composite_forward(q, k, v, q_rows, kv_rows, out_rows, mask, heads, p, g):
         _slots(q, q_rows, b, s, heads), _blocks(k, kv_rows, g, p, b // g, s, heads),
         _blocks(v, kv_rows, g, p, b // g, s, heads), attn_mask=mask, scale=(w // heads) ** -0.5)
     out = out.transpose(1, 2).reshape(b * s, w).index_select(0, out_rows)
-    lse = lse.transpose(1, 2).reshape(b * s, heads).index_select(0, out_rows).float()
+    lse = lse.transpose(1, 2).reshape(b * s, heads).index_select(0, out_rows).to(accumulation_dtype(q.dtype))
     return out, lse
 
 
@@ -91,7 +95,7 @@ def _composite_backward(q, k, v, out, lse, grad, q_rows, kv_rows, out_rows, mask
         buf[out_rows] = x
         return buf
 
-    lse_s = to_slots(lse.to(torch.float32), float("inf")).view(b, s, heads).transpose(1, 2)  # pad slots: p = 0
+    lse_s = to_slots(lse, float("inf")).view(b, s, heads).transpose(1, 2)  # pad slots: p = 0
     o_s = to_slots(out, 0.0).view(b, s, heads, hd).transpose(1, 2)
     g_s = to_slots(grad, 0.0).view(b, s, heads, hd).transpose(1, 2)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -119,7 +123,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, seq_table: Tensor, grp_table: Te
 
 @_attention.register_fake
 def _(q, k, v, seq_table, grp_table, q_rows, kv_rows, out_rows, mask, heads, p, g, rows):
-    return q.new_empty((rows, q.shape[1])), q.new_empty((rows, heads), dtype=torch.float32)
+    return q.new_empty((rows, q.shape[1])), q.new_empty((rows, heads), dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("demul_fast::prefix_attention_backward", mutates_args=())
