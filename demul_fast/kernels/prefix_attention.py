@@ -41,6 +41,7 @@ from . import launch
 
 BLOCK_M = 16   # query rows per block (suffixes are short: about 6 rows on average for CoOp's class names)
 BLOCK_N = 16   # keys per block
+FWD_WARPS, BWD_WARPS, STAGES = 4, 8, 2  # sm_90a, ptxas -v: no spills (the float32 backward spills at 4 warps)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -267,18 +268,21 @@ def forward(q, k, v, seq_table, grp_table, heads: int, p: int, rows: int):
     scale = (w // heads) ** -0.5
     _prefix_attention_fwd[(ns + g, heads)](
         q, k, v, out, lse, seq_table, grp_table, ns, p, heads, _check_rows(q), _check_rows(k), _check_rows(v),
-        out.stride(0), launch.fp32_scalar(scale * LOG2E), **_meta(heads, w))
+        out.stride(0), launch.fp32_scalar(scale * LOG2E), num_warps=FWD_WARPS, num_stages=STAGES,
+        **_meta(heads, w))
     return out, lse
 
 
 def backward(q, k, v, out, lse, grad, seq_table, grp_table, heads: int, p: int, rows: int, dtype=None):
-    """-> (dq, dk, dv), each [rows, W] in ``dtype`` (default q's; output row order), one launch."""
+    """-> dqkv [rows, 3W] in ``dtype`` (default q's; output row order): dq, dk, dv side by side
+    (the gradient of a qkv product's output as it is), one launch."""
     w = q.shape[1]
-    dq, dk, dv = (launch.new_output((rows, w), dtype or q.dtype, q.device) for _ in range(3))
+    dqkv = launch.new_output((rows, 3 * w), dtype or q.dtype, q.device)
+    dq, dk, dv = dqkv[:, :w], dqkv[:, w:2 * w], dqkv[:, 2 * w:]
     ns, g = seq_table.shape[0], grp_table.shape[0]
     scale = (w // heads) ** -0.5
     _prefix_attention_bwd[(ns + g, heads)](
         q, k, v, out, lse, grad, dq, dk, dv, seq_table, grp_table, ns, p, heads, _check_rows(q), _check_rows(k),
         _check_rows(v), _check_rows(out), _check_rows(grad), dq.stride(0), launch.fp32_scalar(scale),
-        launch.fp32_scalar(scale * LOG2E), **_meta(heads, w))
-    return dq, dk, dv
+        launch.fp32_scalar(scale * LOG2E), num_warps=BWD_WARPS, num_stages=STAGES, **_meta(heads, w))
+    return dqkv

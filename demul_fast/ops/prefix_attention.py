@@ -6,12 +6,16 @@ packed rows (docs/SPEC.md section 3.1; the layout: demul_fast/prefix_attention.p
 
 lse (the log-sum-exp of each row's scaled scores) is float32 (float64 for float64 inputs,
 which only the CPU composite takes).
-    prefix_attention_backward(q, k, v, out, lse, grad, <the same layout>) -> (dq, dk, dv)
+    prefix_attention_backward(q, k, v, out, lse, grad, <the same layout>) -> dqkv [rows, 3W]
 
 q, k, v: [R, W] input rows (row stride free, unit column stride: views of the qkv product),
 R = rows, or R = G*P + Ts/G when the inputs hold group 0's suffix rows for every group (the
 first layer's shared suffix): the outputs and the backward's dq, dk, dv are in the ``rows``
-packed rows; autograd sums the gradient of the shared rows over the groups. Two descriptions
+packed rows; autograd sums the gradient of the shared rows over the groups. The backward
+writes dq, dk, dv side by side in one [rows, 3W] tensor and autograd hands out its three
+column blocks (``split``): where q, k, v are the ``chunk`` of one qkv product, the chunk's
+backward (a ``cat`` of those blocks) is the tensor itself, which inductor recognises
+(cat of a split, in order), so no copy kernel joins dq, dk and dv. Two descriptions
 of the same layout travel with the call, both built at plan time
 (``PackedLayout.attention_tables`` / ``attention_maps``):
 
@@ -129,11 +133,11 @@ def _(q, k, v, seq_table, grp_table, q_rows, kv_rows, out_rows, mask, heads, p, 
 @torch.library.custom_op("demul_fast::prefix_attention_backward", mutates_args=())
 def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad: Tensor, seq_table: Tensor,
                    grp_table: Tensor, q_rows: Tensor, kv_rows: Tensor, out_rows: Tensor, mask: Tensor, heads: int,
-                   p: int, g: int, rows: int) -> Tuple[Tensor, Tensor, Tensor]:
+                   p: int, g: int, rows: int) -> Tensor:
     if _use_triton(q):
         return _kernel.backward(q, k, v, out, lse, grad, seq_table, grp_table, heads, p, rows, _grad_dtype(q, rows))
     d = _composite_backward(q, k, v, out, lse, grad, q_rows, kv_rows, out_rows, mask, heads, p, g)
-    return tuple(x.to(_grad_dtype(q, rows)) for x in d)
+    return torch.cat(d, 1).to(_grad_dtype(q, rows))
 
 
 def _grad_dtype(q: Tensor, rows: int) -> torch.dtype:
@@ -144,7 +148,7 @@ def _grad_dtype(q: Tensor, rows: int) -> torch.dtype:
 
 @_attention_bwd.register_fake
 def _(q, k, v, out, lse, grad, seq_table, grp_table, q_rows, kv_rows, out_rows, mask, heads, p, g, rows):
-    return tuple(q.new_empty((rows, q.shape[1]), dtype=_grad_dtype(q, rows)) for _ in range(3))
+    return q.new_empty((rows, 3 * q.shape[1]), dtype=_grad_dtype(q, rows))
 
 
 conventions.register_backward_op(_attention_bwd, "prefix_attention")
@@ -170,10 +174,9 @@ def _backward(ctx, grad, _grad_lse):
         return (None,) * 13
     q, k, v, out, lse, seq_table, grp_table, q_rows, kv_rows, out_rows, mask = conventions.saved_tensors(ctx)
     heads, p, g, rows = ctx.args
-    dq, dk, dv = torch.ops.demul_fast.prefix_attention_backward(
+    dqkv = torch.ops.demul_fast.prefix_attention_backward(
         q, k, v, out, lse, grad, seq_table, grp_table, q_rows, kv_rows, out_rows, mask, heads, p, g, rows)
-    n_in = q.shape[0]
-    return tuple(_to_inputs(d, n_in, g, p, rows, q.dtype) for d in (dq, dk, dv)) + (None,) * 10
+    return tuple(_to_inputs(dqkv, q.shape[0], g, p, rows, q.dtype).split(q.shape[1], 1)) + (None,) * 10
 
 
 _attention.register_autograd(_backward, setup_context=_setup)
