@@ -176,7 +176,12 @@ def _backward(ctx, grad, _grad_lse):
     heads, p, g, rows = ctx.args
     dqkv = torch.ops.demul_fast.prefix_attention_backward(
         q, k, v, out, lse, grad, seq_table, grp_table, q_rows, kv_rows, out_rows, mask, heads, p, g, rows)
-    return tuple(_to_inputs(dqkv, q.shape[0], g, p, rows, q.dtype).split(q.shape[1], 1)) + (None,) * 10
+    w = q.shape[1]
+    # split_with_sizes along dim 1, written as 1: inductor's post-grad pattern cat(split(x)) -> x
+    # compares the split's and the cat's dims as written, and the qkv chunk's backward cat
+    # reaches it with dim 1 (counted on a 4-layer tower: split(w, 1) and dims -1 both left a
+    # copy kernel per layer; split_with_sizes(.., 1) removes it)
+    return tuple(_to_inputs(dqkv, q.shape[0], g, p, rows, q.dtype).split_with_sizes([w, w, w], 1)) + (None,) * 10
 
 
 _attention.register_autograd(_backward, setup_context=_setup)
