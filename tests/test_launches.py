@@ -105,7 +105,7 @@ def test_max_autotune_cpp_gemm_template_is_not_offered_for_the_training_step():
     constant weight (``use_cpp_gemm_template(require_constant_mat2=True)`` in mm/addmm's
     lowering: a frozen inference graph). In a training graph the frozen tower's weights are
     graph inputs, so every product stays an extern call and the step counts what the default
-    mode counts (docs/step.md: 242 at C=100 for ViT-B/16). If a torch release starts offering
+    mode counts (docs/step.md: 242 at C=100 for ViT-B/16 when counted, before the attention op). If a torch release starts offering
     it, this fails: recount the step with max-autotune. Two-layer tower, code generated, not
     built; with "CPP" alone inductor has no choice for a product at all."""
     from torch._inductor import config
