@@ -10,14 +10,16 @@ keys and, causally, to its own suffix keys: one softmax over the P + S scores, t
 attention of the full-length sequence. Eagerly (``_SharedPrefixAttention``) the prefix
 scores of all suffix queries of a group are one batched product, the suffix scores a small
 product per sequence, and the prefix keys/values are never copied per sequence. Under
-torch.compile (``_attend``) the whole layer's attention is one
-``scaled_dot_product_attention`` call: the prefix keys and values broadcast into each
+torch.compile every layer but the last runs ``demul_fast::prefix_attention``
+(``_attend_op``; demul_fast/ops/prefix_attention.py): one custom op on the packed rows, one
+Triton launch each way on CUDA, on a CPU the composite below. The last layer (EOT queries
+only), and that composite, are one ``scaled_dot_product_attention`` call (``_attend``): the prefix keys and values broadcast into each
 sequence's key block, an additive mask (causal, offset by P), and the prefix queries as
 extra items of the same call. For the attention alone, suffixes are gathered into a padded
-``[N, S]`` layout; the linear layers around it run on the packed rows, except that under
-compile the out_proj after it runs on the call's query slots (``project``) so that the
-gather back to rows fuses into the next kernel, and the broadcast key/value blocks are
-rebuilt in the backward instead of kept (``_recomputed_blocks``).
+``[N, S]`` layout, and the broadcast key/value blocks are rebuilt in the backward instead
+of kept (``_recomputed_blocks``); the linear layers around the attention run on the packed
+rows (``_attend_slots`` still serves ``_attend``; ``shared_prefix_attention`` no longer runs
+out_proj on its query slots).
 
 ``PackedLayout`` holds the index maps and masks (built at plan time: ``prepare``). Softmax
 accumulates in ``common.accumulation_dtype`` (float32; float64 stays float64).
@@ -301,7 +303,12 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
       ``common.accumulation_dtype``; it keeps q, k, v and the probabilities). On a CPU it is
       2-4x faster than the one-call form (measured, one layer of ViT-B/16 at C=100) and
       keeps fewer bytes;
-    * under torch.compile: ``_attend``, one ``scaled_dot_product_attention`` call per layer
+    * under torch.compile, every layer but the last: ``_attend_op``, the custom op
+      ``demul_fast::prefix_attention`` on the packed rows (q, k, v read in place, packed
+      output rows, prefix key/value gradients summed inside; one Triton launch each way on
+      CUDA; on a CPU its body is the one-call form below), then ``project`` on the T rows;
+    * under torch.compile, the last layer (``eot_only``) and the op's CPU body: ``_attend``,
+      one ``scaled_dot_product_attention`` call per layer
       (``PackedLayout.attention_maps``): B = G*(N+J) items of S query slots, each over P + S
       keys [its group's prefix keys ; its own suffix keys] under an additive mask; the prefix
       keys and values are broadcast into every item's key block (B*P*W elements each; their
@@ -313,13 +320,8 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
 
     project: optional row-wise map applied to the attention output (the layer's out_proj and
     layer scale; it must act on each row alone, like a linear layer), returning
-    ``project(attention)`` in the rows of q. Eagerly it runs on the packed rows. Under
-    torch.compile it runs on the call's query slots (B*S rows, pad slots included) before
-    their gather back to packed rows, so that gather is read by the next kernel (the
-    residual add and layer norm) instead of being a kernel of its own between the attention
-    and the product: one launch fewer per layer forward, for (B*S - T) / T more rows in
-    that one product (docs/step.md). Row-wise maps commute with a row gather, so the
-    result is the same function.
+    ``project(attention)`` in the rows of q, on the packed rows (eagerly and under
+    torch.compile: the op writes packed rows).
 
     shared_suffix: ``layout.shared_suffix_maps(dtype)`` (compiled path only, with project,
     not eot_only): q, k, v are then [G*P + Ts/G, W], the first layer's leading rows, group
