@@ -79,9 +79,9 @@ def text_linear_adjustment(suffix_lengths: List[int], way: str) -> int:
     * compiled ways (``compiled``, ``graphs``): layer 0's ln_1 and q/k/v run on the M*P
       prefix rows and one prompt's suffix rows (the suffix is the same for the M prompts
       before layer 0: ``PackedLayout.shared_suffix_maps``): minus (M - 1) * sum(len) rows of
-      3 W^2; and out_proj runs on the attention call's B*S query slots in the other layers
-      (``shared_prefix_attention``'s ``project``): plus (B*S - T) rows of W^2 in each of
-      them, B = M*(C + J) items of S = max(len) slots, J = ceil(P / S).
+      3 W^2. (out_proj runs on the T packed rows again: the attention is the custom op
+      ``demul_fast::prefix_attention``, which writes packed rows; before it, out_proj ran on
+      the one-call attention's B*S query slots, (B*S - T) more rows in 11 layers.)
 
     The backward of a frozen tower computes input gradients only: the same products again.
     Attention scores and layer norms are not adjusted (under 1 % of the text FLOPs here)."""
@@ -91,9 +91,7 @@ def text_linear_adjustment(suffix_lengths: List[int], way: str) -> int:
     tokens = M * P + M * sum(suffix_lengths)
     per_pass = -(tokens - C * M) * 2 * 9 * w * w
     if way in ("compiled", "graphs"):
-        S = max(suffix_lengths)
-        slots = M * (C + -(-P // S)) * S
-        per_pass += -(M - 1) * sum(suffix_lengths) * 2 * 3 * w * w + (layers - 1) * (slots - tokens) * 2 * w * w
+        per_pass += -(M - 1) * sum(suffix_lengths) * 2 * 3 * w * w
     return 2 * per_pass
 
 

@@ -10,14 +10,16 @@ keys and, causally, to its own suffix keys: one softmax over the P + S scores, t
 attention of the full-length sequence. Eagerly (``_SharedPrefixAttention``) the prefix
 scores of all suffix queries of a group are one batched product, the suffix scores a small
 product per sequence, and the prefix keys/values are never copied per sequence. Under
-torch.compile (``_attend``) the whole layer's attention is one
-``scaled_dot_product_attention`` call: the prefix keys and values broadcast into each
+torch.compile every layer but the last runs ``demul_fast::prefix_attention``
+(``_attend_op``; demul_fast/ops/prefix_attention.py): one custom op on the packed rows, one
+Triton launch each way on CUDA, on a CPU the composite below. The last layer (EOT queries
+only), and that composite, are one ``scaled_dot_product_attention`` call (``_attend``): the prefix keys and values broadcast into each
 sequence's key block, an additive mask (causal, offset by P), and the prefix queries as
 extra items of the same call. For the attention alone, suffixes are gathered into a padded
-``[N, S]`` layout; the linear layers around it run on the packed rows, except that under
-compile the out_proj after it runs on the call's query slots (``project``) so that the
-gather back to rows fuses into the next kernel, and the broadcast key/value blocks are
-rebuilt in the backward instead of kept (``_recomputed_blocks``).
+``[N, S]`` layout, and the broadcast key/value blocks are rebuilt in the backward instead
+of kept (``_recomputed_blocks``); the linear layers around the attention run on the packed
+rows (``_attend_slots`` still serves ``_attend``; ``shared_prefix_attention`` no longer runs
+out_proj on its query slots).
 
 ``PackedLayout`` holds the index maps and masks (built at plan time: ``prepare``). Softmax
 accumulates in ``common.accumulation_dtype`` (float32; float64 stays float64).
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import accumulation_dtype
+from .ops import prefix_attention as _ops_attention
 
 Tensor = torch.Tensor
 
@@ -229,6 +232,47 @@ class PackedLayout:
         self._cache[key] = out
         return out
 
+    def attention_tables(self, shared: bool = False) -> Tuple[Tensor, Tensor]:
+        """(seq_table [G*N, 4], grp_table [G, 4]) int32, the layout as the one-launch kernels of
+        ``demul_fast::prefix_attention`` read it (demul_fast/kernels/prefix_attention.py):
+        per sequence (out_row0, src_row0, len, prefix_row0), per group (prefix_row0,
+        suffix_out_row0, suffix_rows, suffix_src_row0). ``shared``: the inputs hold the
+        first layer's G*P + Ts/G rows (``shared_suffix_maps``), so every group's suffix rows
+        are read from group 0's. Cached."""
+        key = ("tables", shared)
+        if key in self._cache:
+            return self._cache[key]
+        g, p, n = self.g, self.p, self.n
+        dev = self.eot.device
+        lens = (self.eot + 1).reshape(g * n)
+        start = g * p + torch.cumsum(lens, 0) - lens                                        # [G*N] first packed row
+        gi = torch.arange(g, device=dev)
+        grp_rows = (self.eot + 1).sum(1)                                                    # [G]
+        grp_start = g * p + torch.cumsum(grp_rows, 0) - grp_rows
+        if shared:
+            ts1 = self.suffix_rows // g
+            src = start - gi.repeat_interleave(n) * ts1
+            grp_src = torch.full_like(grp_start, g * p)
+        else:
+            src, grp_src = start, grp_start
+        seq = torch.stack([start, src, lens, gi.repeat_interleave(n) * p], 1).to(torch.int32).contiguous()
+        grp = torch.stack([gi * p, grp_start, grp_rows, grp_src], 1).to(torch.int32).contiguous()
+        out = (seq, grp)
+        if not torch.compiler.is_compiling():
+            self._cache[key] = out
+        return out
+
+    def op_maps(self, dtype: torch.dtype, shared: bool = False) -> Tuple[Tensor, ...]:
+        """The ``maps`` of ``demul_fast.ops.prefix_attention.prefix_attention``: (seq_table,
+        grp_table, q_rows, kv_rows, out_rows, mask), the kernels' tables and the CPU
+        composite's query-slot maps (``attention_maps``; ``shared``: re-pointed at the shared
+        first layer's rows, ``shared_suffix_maps``)."""
+        seq, grp = self.attention_tables(shared)
+        q_rows, kv_rows, out_rows, mask = self.attention_maps(dtype)
+        if shared:
+            q_rows, kv_rows, _ = self.shared_suffix_maps(dtype)
+        return seq, grp, q_rows, kv_rows, out_rows, mask
+
     def prepare(self, dtype: torch.dtype, heads) -> None:
         """Build (plan time, outside any trace) what the attention uses: the per-head index
         maps of the eager op for every head count in ``heads``, and the one-call attention's
@@ -237,7 +281,9 @@ class PackedLayout:
             self.indices(h)
         self.attention_maps(dtype)
         self.eot_maps(dtype)
-        self.shared_suffix_maps(dtype)
+        self.attention_tables(False)
+        if self.shared_suffix_maps(dtype) is not None:
+            self.attention_tables(True)
 
 
 def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int,
@@ -257,7 +303,12 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
       ``common.accumulation_dtype``; it keeps q, k, v and the probabilities). On a CPU it is
       2-4x faster than the one-call form (measured, one layer of ViT-B/16 at C=100) and
       keeps fewer bytes;
-    * under torch.compile: ``_attend``, one ``scaled_dot_product_attention`` call per layer
+    * under torch.compile, every layer but the last: ``_attend_op``, the custom op
+      ``demul_fast::prefix_attention`` on the packed rows (q, k, v read in place, packed
+      output rows, prefix key/value gradients summed inside; one Triton launch each way on
+      CUDA; on a CPU its body is the one-call form below), then ``project`` on the T rows;
+    * under torch.compile, the last layer (``eot_only``) and the op's CPU body: ``_attend``,
+      one ``scaled_dot_product_attention`` call per layer
       (``PackedLayout.attention_maps``): B = G*(N+J) items of S query slots, each over P + S
       keys [its group's prefix keys ; its own suffix keys] under an additive mask; the prefix
       keys and values are broadcast into every item's key block (B*P*W elements each; their
@@ -269,13 +320,8 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
 
     project: optional row-wise map applied to the attention output (the layer's out_proj and
     layer scale; it must act on each row alone, like a linear layer), returning
-    ``project(attention)`` in the rows of q. Eagerly it runs on the packed rows. Under
-    torch.compile it runs on the call's query slots (B*S rows, pad slots included) before
-    their gather back to packed rows, so that gather is read by the next kernel (the
-    residual add and layer norm) instead of being a kernel of its own between the attention
-    and the product: one launch fewer per layer forward, for (B*S - T) / T more rows in
-    that one product (docs/step.md). Row-wise maps commute with a row gather, so the
-    result is the same function.
+    ``project(attention)`` in the rows of q, on the packed rows (eagerly and under
+    torch.compile: the op writes packed rows).
 
     shared_suffix: ``layout.shared_suffix_maps(dtype)`` (compiled path only, with project,
     not eot_only): q, k, v are then [G*P + Ts/G, W], the first layer's leading rows, group
@@ -285,13 +331,24 @@ def shared_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayou
     if shared_suffix is not None and (eot_only or project is None or not torch.compiler.is_compiling()):
         raise ValueError("shared_suffix is for the compiled path of a layer that is not the last, with project")
     if torch.compiler.is_compiling():
-        if project is None or eot_only:
+        if eot_only:
             out = _attend(q, k, v, layout, heads, eot_only)
-            return out if project is None else project(out)
-        slots, out_rows = _attend_slots(q, k, v, layout, heads, shared_suffix)
-        return project(slots).index_select(0, out_rows)
+        else:
+            out = _attend_op(q, k, v, layout, heads, shared_suffix is not None)
+        return out if project is None else project(out)
     out = _SharedPrefixAttention.apply(q, k, v, layout, heads, eot_only)
     return out if project is None else project(out)
+
+
+def _attend_op(q: Tensor, k: Tensor, v: Tensor, layout: PackedLayout, heads: int, shared: bool = False) -> Tensor:
+    """The compiled path of a (not last) layer: ``demul_fast::prefix_attention``, one custom op
+    on the packed rows (one Triton launch forward and one backward on CUDA; the query-slot
+    composite of ``attention_maps`` on a CPU), output [T, W] in packed row order. ``shared``:
+    q, k, v are the first layer's G*P + Ts/G rows (``shared_suffix_maps``)."""
+    rows = layout.g * layout.p + layout.suffix_rows
+    out, _ = _ops_attention.prefix_attention(q, k, v, layout.op_maps(q.dtype, shared), heads, layout.p, layout.g,
+                                             rows)
+    return out
 
 
 def _split(buf: Tensor, g: int, heads: int, p: int, n: int, sq: int) -> Tuple[Tensor, Tensor]:

@@ -302,8 +302,10 @@ def test_compiled_demul_training_step_matches_eager(text_encoder):
         x, y = torch.randn(4, d, generator=gen), torch.randint(0, 3, (4,), generator=gen)
         eager = _step(model, params, x, y)
         got = _step(compiled, params, x, y)
-        # under compile the prefix-shared attention is one scaled_dot_product_attention call
-        # per layer (prefix_attention._attend), eager its batched products: the same sums in
+        # under compile the prefix-shared attention is one custom op per layer
+        # (demul_fast::prefix_attention; on a CPU its body is the query-slot
+        # scaled_dot_product_attention composite; the last layer _attend), eager its batched
+        # products: the same sums in
         # another order, so they agree to float32 rounding at each quantity's magnitude (32 eps
         # of its largest entry: 2e-5 on dctx here, measured difference 7e-6), far inside what a
         # 1% error or a wrong mask moves (test_text_encoder checks the two against float64)

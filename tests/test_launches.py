@@ -90,11 +90,11 @@ def test_step_model_arithmetic():
     # what the code runs beyond floors.encoder_cost, worked by hand for C=100 suffixes of 8,
     # M=4, P=17, W=512: T = 68 + 3200 = 3268 rows; every way skips out_proj + MLP (9 W^2) of
     # the last layer's T - 400 non-EOT rows; compiled ways also skip layer 0's q/k/v (3 W^2)
-    # of 3 x 800 shared suffix rows and add out_proj (W^2) on B*S - T = 4*(100+3)*8 - 3268 =
-    # 28 pad slots in 11 layers; 2 multiply-add FLOPs each, forward and backward
+    # of 3 x 800 shared suffix rows (out_proj runs on the T packed rows: the attention op writes
+    # them); 2 multiply-add FLOPs each, forward and backward
     w2 = 512 * 512
     assert step_model.text_linear_adjustment(lengths, "eager") == -2 * 2 * 2868 * 9 * w2
-    assert step_model.text_linear_adjustment(lengths, "graphs") == -2 * 2 * (2868 * 9 + 2400 * 3 - 11 * 28) * w2
+    assert step_model.text_linear_adjustment(lengths, "graphs") == -2 * 2 * (2868 * 9 + 2400 * 3) * w2
     eager, graphs = (step_model.text_cost(lengths, full=False, way=w) for w in ("eager", "graphs"))
     assert eager.flops == short.flops - 2 * 2 * 2868 * 9 * w2 and graphs.flops < eager.flops
 
@@ -105,7 +105,7 @@ def test_max_autotune_cpp_gemm_template_is_not_offered_for_the_training_step():
     constant weight (``use_cpp_gemm_template(require_constant_mat2=True)`` in mm/addmm's
     lowering: a frozen inference graph). In a training graph the frozen tower's weights are
     graph inputs, so every product stays an extern call and the step counts what the default
-    mode counts (docs/step.md: 242 at C=100 for ViT-B/16). If a torch release starts offering
+    mode counts (docs/step.md: 242 at C=100 for ViT-B/16 when counted, before the attention op). If a torch release starts offering
     it, this fails: recount the step with max-autotune. Two-layer tower, code generated, not
     built; with "CPP" alone inductor has no choice for a product at all."""
     from torch._inductor import config
@@ -131,3 +131,31 @@ def test_max_autotune_cpp_gemm_template_is_not_offered_for_the_training_step():
     tuned, codes = count(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
     assert codes and not any("micro_gemm" in c for c in codes), "a C++ GEMM template was chosen"
     assert tuned == default and tuned["extern"] > 10, (tuned, default)
+
+
+def test_a_middle_text_layer_compiles_to_16_launches(monkeypatch):
+    """docs/step.md: under torch.compile a text layer that is neither the first (shared suffix
+    rows) nor the last (EOT queries) is 8 launches forward (qkv, the prefix_attention op,
+    out_proj, residual + ln_2, fc1, GELU, fc2, residual + ln_1) and 8 backward (4 input-gradient
+    products, GELU's and the two layer norms' backward, the op's backward, whose [T, 3W] output
+    is the qkv product's gradient as it is: no cat kernel). Counted as the difference between
+    a 4- and a 3-layer tiny tower (one middle layer more), code generated, not built; the
+    attention op is one launch each way (custom_ops)."""
+    import demul_fast as df
+
+    def count(layers):
+        cfg = dict(models.CUSTOM_TOWERS["tiny"], text_cfg=dict(models.CUSTOM_TOWERS["tiny"]["text_cfg"], layers=layers))
+        monkeypatch.setitem(models.CUSTOM_TOWERS, f"tiny-{layers}-layers", cfg)  # clip_model caches by name
+        model, tok = models.clip_model(f"tiny-{layers}-layers", "cpu", torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        E, W, b = torch.randn(5, 12, generator=gen), torch.randn(12, 128, generator=gen), torch.randn(12, generator=gen)
+        m = df.DeMul(model, tok, models.classnames(5), llm_embeddings=E, phi=(W, b), n_prompts=2, n_ctx=4,
+                     backend="torch").train()
+        m.plan()
+        x, y = torch.randn(3, 128, generator=gen), torch.randint(0, 5, (3,), generator=gen)
+        compiled = torch.compile(m, fullgraph=True, dynamic=False)
+        return launches.count_compiled(lambda: compiled(image_features=x, labels=y).loss.backward(), run=False)[1]
+
+    three, four = count(3), count(4)
+    assert four["launches"] - three["launches"] == 16, (three, four)
+    assert four["custom_ops"] - three["custom_ops"] == 2 and four["extern"] - three["extern"] == 8, (three, four)
