@@ -76,7 +76,8 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
     r = min(K, D)
     cfg = text_head.text_config(C, M, D, r)
     text_ptrs = dict(T="*bf16", A="*bf16", R="*bf16", CV="*fp32", F="*fp32", NORM="*fp32", U="*fp32",
-                     RN="*fp32", V="*bf16", VV="*fp32", VF="*fp32", GU="*fp32", ZN="*fp32", COS="*fp32",
+                     RN="*fp32", V="*bf16", VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", GU="*fp32", ZN="*fp32",
+                     COS="*fp32", PV="*fp32",
                      GDIST="*fp32", GLOSS="*fp32", DT="*bf16", DA="*bf16")
     blocks = dict(BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
                   EMULATE=False, AGG=True, DIST=True, std=1, sam=1, **text_head.shape_constexprs(D, r))
@@ -94,12 +95,14 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
               BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=cfg["TRI"], OWNERS=cfg["OWNERS"]), cfg["fwd_warps"],
          cfg["fwd_stages"]),
         ("distill_finish", text_head._distill_finish_kernel,
-         dict(VV="*fp32", VF="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32", LOSSP="*fp32"),
+         dict(VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32",
+              PV="*fp32", LOSSP="*fp32"),
          dict(BLOCK=text_head.FINISH_BLOCK), 4),
         ("ce_fwd", cosine_ce._ce_fwd_kernel, ce_ptrs, dict(tiles, STORE_LOGITS=False), 4),
         ("ce_merge", cosine_ce._ce_merge_kernel, ce_ptrs, cosine_ce.merge_constexprs(ce), cosine_ce.MERGE_WARPS),
         ("fwd_finish", cosine_ce._fwd_finish_kernel,
-         dict(ce_ptrs, VV="*fp32", VF="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32", LOSSP="*fp32"),
+         dict(ce_ptrs, VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32",
+              COS="*fp32", PV="*fp32", LOSSP="*fp32"),
          dict(cosine_ce.merge_constexprs(ce), DIST_BLOCK=text_head.FINISH_BLOCK), cosine_ce.MERGE_WARPS),
         ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=256), 4),
         ("ce_grad", cosine_ce._ce_grad_kernel, ce_ptrs, dict(tiles, HAS_GL=False, NEED_SCALE=False), 4),
@@ -108,7 +111,7 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
         ("ce_dx_finish", cosine_ce._ce_dx_finish_kernel, ce_ptrs, dict(BLOCK_D=ce["BLOCK_D"]), 4),
         ("text_bwd", text_head._text_bwd_kernel, text_ptrs,
          dict(blocks, BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
-              BLOCK_DO=cfg["BLOCK_DO"]), cfg["bwd_warps"]),
+              BLOCK_DO=cfg["BLOCK_DO"], TRI=True, OUT_CHUNKS=cfg["out_chunks"]), cfg["bwd_warps"]),
     ]
     out = {}
     for name, kernel, ptrs, consts, warps, *stages in specs:

@@ -125,7 +125,7 @@ def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.cons
 
 @triton.jit
 def _fwd_finish_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, MERGE_PROGRAMS,
-                       VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_PROGRAMS,
+                       VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, DSPLITS, DIST_PROGRAMS,
                        BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK: tl.constexpr):
     """The head's forward finish in one launch: programs below MERGE_PROGRAMS merge the CE
     partials (_ce_merge_kernel), programs below DIST_PROGRAMS finish the distillation
@@ -134,7 +134,7 @@ def _fwd_finish_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, MERGE_PROGRA
     if pid < MERGE_PROGRAMS:
         _merge(pid, PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK, BLOCK_S)
     if pid < DIST_PROGRAMS:
-        _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_BLOCK)
+        _distill_finish(pid, VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, DSPLITS, DIST_BLOCK)
 
 
 @triton.jit
@@ -342,7 +342,7 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool, dist: Optional[te
     """X [B, D], U [C, D] (contiguous), y [B] int, scale [1] fp32.
     Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None);
     with ``dist`` (text_head.text_forward(..., finish=False)) its merge launch also finishes
-    the distillation, and (|z|, cos, per-program sums of (1 - cos)) follow."""
+    the distillation, and (|z|, cos, per-program sums of (1 - cos), PV) follow."""
     B, D = X.shape
     C = U.shape[0]
     cfg = ce_config(B, C, D)
@@ -360,11 +360,11 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool, dist: Optional[te
     if dist is None:
         _ce_merge_kernel[(cfg["merge_programs"],)](*merge, **merge_constexprs(cfg), num_warps=MERGE_WARPS)
         return rows, lse, xn, logits
-    zn, cos, loss_parts, args = text_head.finish_args(dist)
+    zn, cos, pv, loss_parts, args = text_head.finish_args(dist)
     programs = max(cfg["merge_programs"], loss_parts.shape[0])
     _fwd_finish_kernel[(programs,)](*merge, cfg["merge_programs"], *args, loss_parts.shape[0],
                                     **merge_constexprs(cfg), DIST_BLOCK=text_head.FINISH_BLOCK, num_warps=MERGE_WARPS)
-    return rows, lse, xn, logits, zn, cos, loss_parts
+    return rows, lse, xn, logits, zn, cos, loss_parts, pv
 
 
 def losses(rows, dist_parts, rows_dist: int, alpha: float, device):

@@ -225,19 +225,22 @@ def _piece(q: tl.constexpr, t0, t1, t2, t3):
 def _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr):
     """v = acc / n + c over columns n0:n0+BLOCK_N of r, stored in V's dtype; returns the
-    partial |v|^2 and <v, F_c> per row."""
+    partial |v|^2, <v, F_c>, <v - c, F_c> and <v - c, v> per row (the last two: the backward's
+    <v - c, dv |z|> without a sweep over all of r, _distill_finish)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
     v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
     tl.store(_v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N),
              tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
-    return tl.sum(v * v, axis=1), _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+    f = _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N)
+    vc = tl.where(row_ok[:, None], v - cv[None, :], 0.0)
+    return tl.sum(v * v, axis=1), _row_dot(v, f, BLOCK_M), _row_dot(vc, f, BLOCK_M), tl.sum(vc * v, axis=1)
 
 
 @triton.jit
 def _text_fwd_kernel(
     T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
-    NORM, U, RN, V, VV, VF,         # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF [splits, C*M]
+    NORM, U, RN, V, VV, VF, VA, VB,  # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF/VA/VB [splits, C*M]
     C, M, stc, stm, std, sac, sam, cols_per_split,
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr, RESIDENT: tl.constexpr,
@@ -291,6 +294,8 @@ def _text_fwd_kernel(
     if DIST:
         vv = tl.zeros([BLOCK_R], dtype=tl.float32)
         vf = tl.zeros([BLOCK_R], dtype=tl.float32)
+        va = tl.zeros([BLOCK_R], dtype=tl.float32)
+        vb = tl.zeros([BLOCK_R], dtype=tl.float32)
         if TRI:
             # R is upper triangular (triton_ops.triangular_basis): R[n, d] = 0 for d < n, so the
             # columns n of group g (PW of them, from g PW) take only the pieces q >= g of the tile
@@ -307,10 +312,12 @@ def _text_fwd_kernel(
                                 acc = _dot(_piece(q, t0, t1, t2, t3),
                                            tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc,
                                            DTYPE, EMULATE)
-                            dvv, dvf = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS,
-                                              BLOCK_M, BLOCK_N)
+                            dvv, dvf, dva, dvb = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK,
+                                                        BLOCK_CLS, BLOCK_M, BLOCK_N)
                             vv += dvv
                             vf += dvf
+                            va += dva
+                            vb += dvb
         else:
             col_end = tl.minimum(split * cols_per_split + cols_per_split, RANK)
             for n0 in range(split * cols_per_split, col_end, BLOCK_N):
@@ -327,11 +334,16 @@ def _text_fwd_kernel(
                                                    block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
                         acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
                                    EMULATE)
-                dvv, dvf = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS, BLOCK_M, BLOCK_N)
+                dvv, dvf, dva, dvb = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS, BLOCK_M,
+                                            BLOCK_N)
                 vv += dvv
                 vf += dvf
+                va += dva
+                vb += dvb
         tl.store(VV + split * CM + row, vv, mask=row_ok)
         tl.store(VF + split * CM + row, vf, mask=row_ok)
+        tl.store(VA + split * CM + row, va, mask=row_ok)
+        tl.store(VB + split * CM + row, vb, mask=row_ok)
     if AGG and RESIDENT and AGG_PARTS > 0:
         if split == 0:  # after the product, the resident tile dead: the tile read once more, in parts
             _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
@@ -340,42 +352,71 @@ def _text_fwd_kernel(
 
 @triton.jit
 def _distill_finish_kernel(
-    VV, VF, DELTA, BETA,            # partial sums [splits, C*M], DELTA [C], BETA [1]
-    ZN, COS, LOSSP,                 # ZN/COS [C*M] fp32, LOSSP [programs] fp32: sum of (1 - cos)
+    VV, VF, VA, VB, DELTA, BETA,    # partial sums [splits, C*M], DELTA [C], BETA [1]
+    ZN, COS, PV, LOSSP,             # ZN/COS/PV [C*M] fp32, LOSSP [programs] fp32: sum of (1 - cos)
     CM, M, SPLITS, BLOCK: tl.constexpr,
 ):
-    _distill_finish(tl.program_id(0), VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK)
+    _distill_finish(tl.program_id(0), VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, SPLITS, BLOCK)
 
 
 @triton.jit
-def _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK: tl.constexpr):
+def _distill_finish(pid, VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, SPLITS, BLOCK: tl.constexpr):
     """One program of the distillation finish: rows pid * BLOCK ... (the head's forward runs it
-    in the cross-entropy merge's launch, cosine_ce._fwd_finish_kernel)."""
+    in the cross-entropy merge's launch, cosine_ce._fwd_finish_kernel). Also the backward's
+    PV = <v - c, dv |z|> = <v - c, F> - k <v - c, v> with k = cos / |z| (0 below the eps floor,
+    as the backward's dv), so that the backward needs only the columns of r its chunk of
+    the output reads (R triangular)."""
     row = pid * BLOCK + tl.arange(0, BLOCK)
     ok = row < CM
     vv = tl.zeros([BLOCK], dtype=tl.float32)
     vf = tl.zeros([BLOCK], dtype=tl.float32)
+    va = tl.zeros([BLOCK], dtype=tl.float32)
+    vb = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLITS):
         vv += tl.load(VV + s * CM + row, mask=ok, other=0.0)
         vf += tl.load(VF + s * CM + row, mask=ok, other=0.0)
+        va += tl.load(VA + s * CM + row, mask=ok, other=0.0)
+        vb += tl.load(VB + s * CM + row, mask=ok, other=0.0)
     zn = tl.sqrt(vv + tl.load(BETA))
     cos = (vf + tl.load(DELTA + row // M, mask=ok, other=0.0)) / tl.maximum(zn, EPS)
     tl.store(ZN + row, zn, mask=ok)
     tl.store(COS + row, cos, mask=ok)
+    k = tl.where(zn >= EPS, cos, 0.0) / tl.maximum(zn, EPS)
+    tl.store(PV + row, va - k * vb, mask=ok)
     tl.store(LOSSP + pid, tl.sum(tl.where(ok, 1.0 - cos, 0.0), axis=0))
+
+
+@triton.jit
+def _bwd_product(acc, k, V, F, R, pid, C, M, o0, N_START: tl.constexpr, N_END: tl.constexpr, D: tl.constexpr,
+                 RANK: tl.constexpr, DTYPE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_CLS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """acc + dv|z| R[N_START:N_END, o0:o0+BLOCK_DO] with dv|z| = F - k v (k = cos / |z| per row)."""
+    BLOCK_R: tl.constexpr = BLOCK_CLS * BLOCK_M
+    for n0 in range(N_START, N_END, BLOCK_N):
+        v_ptr = _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N)
+        v = tl.reshape(tl.load(v_ptr, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_R, BLOCK_N])
+        v = v.to(tl.float32)
+        f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+        # dv |z| (entries within [-2, 2]): the row factor 1/|z| is applied after the product, so
+        # that float16 operands cannot overflow when |z| is small
+        dvz = f - k[:, None] * v
+        r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
+                                  block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
+        acc = _dot(dvz, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+    return acc
 
 
 @triton.jit
 def _text_bwd_kernel(
     T, A, NORM, U, RN, GU,          # forward inputs and statistics; U [C, D] u^ and GU [C, D] dL/du^, fp32
-    R, CV, F, V, ZN, COS,           # basis, saved v, |z|, cos
+    R, CV, F, V, ZN, COS, PV,       # basis, saved v, |z|, cos, <v - c, dv |z|>
     GLOSS, GDIST,                   # dL/dL_dist = w_loss GLOSS + GDIST ([1] fp32 each)
     DT, DA,                         # DT [C, M, D] contiguous, DA [C, M] contiguous
     C, M, stc, stm, std, sac, sam, inv_cm, w_loss,
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    BLOCK_DO: tl.constexpr, TRI: tl.constexpr, OUT_CHUNKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -415,22 +456,18 @@ def _text_bwd_kernel(
         cos = tl.where(zn >= EPS, tl.load(COS + row, mask=row_ok, other=0.0), 0.0)
         inv_z = 1.0 / tl.maximum(zn, EPS)
         g = -(w_loss * tl.load(GLOSS) + tl.load(GDIST)) * inv_cm
-        proj_v = tl.zeros([BLOCK_R], dtype=tl.float32)  # <v - c, dv |z|> = |z| <t^, R^T dv>
+        # <v - c, dv |z|> = |z| <t^, R^T dv> over all of r, from the forward (_distill_finish)
+        proj_v = tl.load(PV + row, mask=row_ok, other=0.0)
         acc = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
-        for n0 in range(0, RANK, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            v_ptr = _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N)
-            v = tl.reshape(tl.load(v_ptr, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_R, BLOCK_N])
-            v = v.to(tl.float32)
-            f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
-            cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
-            # dv |z| (entries within [-2, 2]): the row factor 1/|z| is applied after the product, so
-            # that float16 operands cannot overflow when |z| is small
-            dvz = f - (cos * inv_z)[:, None] * v
-            proj_v += tl.sum(tl.where(row_ok[:, None], (v - cv[None, :]) * dvz, 0.0), axis=1)
-            r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
-                                      block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
-            acc = _dot(dvz, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+        if TRI:  # R triangular: the output columns o0.. of chunk cc take the columns n < (cc + 1) BLOCK_DO of r
+            for cc in tl.static_range(OUT_CHUNKS):
+                if chunk == cc:
+                    N_END: tl.constexpr = RANK if RANK < (cc + 1) * BLOCK_DO else (cc + 1) * BLOCK_DO
+                    acc = _bwd_product(acc, cos * inv_z, V, F, R, pid, C, M, o0, 0, N_END, D, RANK, DTYPE, EMULATE,
+                                       BLOCK_CLS, BLOCK_M, BLOCK_N, BLOCK_DO)
+        else:
+            acc = _bwd_product(acc, cos * inv_z, V, F, R, pid, C, M, o0, 0, RANK, D, RANK, DTYPE, EMULATE,
+                               BLOCK_CLS, BLOCK_M, BLOCK_N, BLOCK_DO)
         dt_hat = (g * inv_z)[:, None] * acc
         proj_t += g * inv_z * proj_v
     if AGG:  # after the product: no float32 tile stays live across its loop
@@ -610,10 +647,11 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     forward then skips the products with its zero blocks.
 
     Returns (n [C*M], u^ [C, D] in u_dtype (default T's) or None, |u| [C] or None,
-    v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos))
-    with the statistics in float32 (None where not computed). Without ``finish`` (the
-    head: its cross-entropy merge runs the finish in the same launch) the last three are
-    replaced by ``DistillPartials`` for ``finish_args`` (or None without dist).
+    v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos),
+    PV [C*M] (the backward's <v - c, dv |z|>)) with the statistics in float32 (None where
+    not computed). Without ``finish`` (the head: its cross-entropy merge runs the finish in
+    the same launch) the last four are replaced by ``DistillPartials`` for ``finish_args``
+    (or None without dist) and three Nones.
     """
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
@@ -627,24 +665,26 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     v = launch.new_output((C * M, rank), T.dtype, dev) if dist else None
     vv = launch.new_output((splits, C * M), **f32) if dist else None
     vf = launch.new_output((splits, C * M), **f32) if dist else None
+    va = launch.new_output((splits, C * M), **f32) if dist else None
+    vb = launch.new_output((splits, C * M), **f32) if dist else None
     dummy = norm
     A_ = A if agg else dummy
     _text_fwd_kernel[(cfg["fwd_tiles"], splits)](
         T, A_, R if dist else T, cv if dist else dummy, F if dist else dummy,
         norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
-        vf if dist else dummy,
+        vf if dist else dummy, va if dist else dummy, vb if dist else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
         AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
         BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=bool(dist and triangular and cfg["TRI"]),
         OWNERS=cfg["OWNERS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
-    zn = cos = loss_parts = None
+    zn = cos = loss_parts = pv = None
     if dist and not finish:
-        return norm, u, rn, v, DistillPartials(vv, vf, delta, beta, C * M, M, splits), None, None
+        return norm, u, rn, v, DistillPartials(vv, vf, va, vb, delta, beta, C * M, M, splits), None, None, None
     if dist:
-        zn, cos, loss_parts, args = finish_args(DistillPartials(vv, vf, delta, beta, C * M, M, splits))
+        zn, cos, pv, loss_parts, args = finish_args(DistillPartials(vv, vf, va, vb, delta, beta, C * M, M, splits))
         _distill_finish_kernel[(loss_parts.shape[0],)](*args, BLOCK=FINISH_BLOCK, num_warps=4)
-    return norm, u, rn, v, zn, cos, loss_parts
+    return norm, u, rn, v, zn, cos, loss_parts, pv
 
 
 class DistillPartials(NamedTuple):
@@ -652,6 +692,8 @@ class DistillPartials(NamedTuple):
     and <v, F>, delta [C], beta [1], and the sizes."""
     vv: torch.Tensor
     vf: torch.Tensor
+    va: torch.Tensor
+    vb: torch.Tensor
     delta: torch.Tensor
     beta: torch.Tensor
     rows: int
@@ -660,22 +702,27 @@ class DistillPartials(NamedTuple):
 
 
 def finish_args(p: DistillPartials):
-    """(|z|, cos [C*M], per-program sums of (1 - cos), the finish's arguments up to BLOCK):
+    """(|z|, cos, PV [C*M], per-program sums of (1 - cos), the finish's arguments up to BLOCK):
     the outputs allocated, for _distill_finish_kernel or a launch that runs _distill_finish."""
     f32 = dict(dtype=torch.float32, device=p.vv.device)
-    zn, cos = launch.new_output((p.rows,), **f32), launch.new_output((p.rows,), **f32)
+    zn, cos, pv = (launch.new_output((p.rows,), **f32) for _ in range(3))
     loss_parts = launch.new_output((triton.cdiv(p.rows, FINISH_BLOCK),), **f32)
-    return zn, cos, loss_parts, (p.vv, p.vf, p.delta, p.beta, zn, cos, loss_parts, p.rows, p.M, p.splits)
+    return zn, cos, pv, loss_parts, (p.vv, p.vf, p.va, p.vb, p.delta, p.beta, zn, cos, pv, loss_parts, p.rows, p.M,
+                                     p.splits)
 
 
 def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, agg: bool, dist: bool,
-                  a_dtype=None, grad_loss=None, w_loss: float = 0.0):
+                  a_dtype=None, grad_loss=None, w_loss: float = 0.0, pv=None, triangular: bool = False):
     """grad_u [C, D] dL/du^ (if agg); dL/dL_dist = w_loss grad_loss + grad_dist (fp32 [1]
     tensors, if dist); the other
-    tensors as text_forward takes and returns them.
+    tensors as text_forward takes and returns them (pv: its PV, required with dist;
+    ``triangular``: R is, as the forward took it, and each output chunk reads only the
+    columns of r at or left of its diagonal).
     Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
+    if dist and pv is None:
+        raise ValueError("text_backward: pv (text_forward's PV) is required with dist")
     cfg = text_config(C, M, D, rank, T.element_size(), wide_tiles_fit(T.device))  # the forward's configuration
     dev = T.device
     dT = launch.new_output((C, M, D), T.dtype, dev)
@@ -684,12 +731,12 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     _text_bwd_kernel[(cfg["bwd_tiles"], cfg["out_chunks"])](
         T, A if agg else dummy, norm, u if agg else dummy, rn if agg else dummy, grad_u if agg else dummy,
         R if dist else T, cv if dist else dummy, F if dist else dummy, v if dist else T,
-        zn if dist else dummy, cos if dist else dummy,
+        zn if dist else dummy, cos if dist else dummy, pv if dist else dummy,
         (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
         dT, dA if agg else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), launch.fp32_scalar(w_loss),
         **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype),
         BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
-        BLOCK_DO=cfg["BLOCK_DO"],
+        BLOCK_DO=cfg["BLOCK_DO"], TRI=bool(dist and triangular), OUT_CHUNKS=cfg["out_chunks"],
         num_warps=cfg["bwd_warps"])
     return dT, dA

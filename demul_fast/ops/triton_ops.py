@@ -145,13 +145,14 @@ _aggregate.register_autograd(_aggregate_backward, setup_context=_aggregate_setup
 
 @torch.library.custom_op("demul_fast::triton_prompt_distill_loss", mutates_args=())
 def _distill(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tensor,
-             beta: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss [] fp32; saved: n [C*M], v [C*M, r] in T's dtype, |z|, cos [C*M])."""
+             beta: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [] fp32; saved: n [C*M], v [C*M, r] in T's dtype, |z|, cos [C*M], and the
+    backward's <v - c, dv |z|> [C*M])."""
     T = text_features
     (Rk, ck, Fk, dk, bk), tri = _basis_args(T, R, c, F, delta, beta)
-    n, _, _, v, zn, cos, parts = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True,
-                                                    triangular=tri)
-    return _ce.losses(None, parts, zn.shape[0], 1.0, T.device)[2], n, v, zn, cos
+    n, _, _, v, zn, cos, parts, pv = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True,
+                                                        triangular=tri)
+    return _ce.losses(None, parts, zn.shape[0], 1.0, T.device)[2], n, v, zn, cos, pv
 
 
 @_distill.register_fake
@@ -160,20 +161,21 @@ def _(text_features, R, c, F, delta, beta):
     f = text_features.new_empty
     rows = C * M
     return (f((), dtype=f32), f((rows,), dtype=f32), f((rows, R.shape[0])), f((rows,), dtype=f32),
-            f((rows,), dtype=f32))
+            f((rows,), dtype=f32), f((rows,), dtype=f32))
 
 
 @torch.library.custom_op("demul_fast::triton_prompt_distill_loss_backward", mutates_args=())
 def _distill_bwd(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, n: Tensor, v: Tensor, zn: Tensor,
-                 cos: Tensor, grad: Tensor) -> Tensor:
+                 cos: Tensor, pv: Tensor, grad: Tensor) -> Tensor:
     T = text_features
-    Rk, ck, Fk, _ = _kernel_basis(T, R, c, F)  # the forward's (v is in its coordinates)
+    Rk, ck, Fk, tri = _kernel_basis(T, R, c, F)  # the forward's (v is in its coordinates)
     g = grad.to(f32).reshape(1)
-    return _text.text_backward(T, None, n, None, None, None, Rk, ck, Fk, v, zn, cos, g, agg=False, dist=True)[0]
+    return _text.text_backward(T, None, n, None, None, None, Rk, ck, Fk, v, zn, cos, g, agg=False, dist=True, pv=pv,
+                               triangular=tri)[0]
 
 
 @_distill_bwd.register_fake
-def _(text_features, R, c, F, n, v, zn, cos, grad):
+def _(text_features, R, c, F, n, v, zn, cos, pv, grad):
     return torch.empty_like(text_features, memory_format=torch.contiguous_format)
 
 
@@ -186,8 +188,8 @@ def _distill_setup(ctx, inputs, output):
 def _distill_backward(ctx, grad, *_unused_stats):
     if grad is None:
         return None, None, None, None, None, None
-    T, R, c, F, n, v, zn, cos = _saved(ctx)
-    dT = torch.ops.demul_fast.triton_prompt_distill_loss_backward(T, R, c, F, n, v, zn, cos, grad)
+    T, R, c, F, n, v, zn, cos, pv = _saved(ctx)
+    dT = torch.ops.demul_fast.triton_prompt_distill_loss_backward(T, R, c, F, n, v, zn, cos, pv, grad)
     return dT, None, None, None, None, None
 
 
@@ -257,21 +259,21 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
           R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], delta: Optional[Tensor],
           beta: Optional[Tensor], alpha: float, label_smoothing: float, return_logits: bool) -> List[Tensor]:
     """-> [loss, ce, dist (all [] fp32), logits [B, C] or empty; saved for the backward:
-    n [C*M], u^ [C, D] fp32, |u| [C], lse [B], |x| [B], v [C*M, r], |z|, cos [C*M] (the
-    last three empty without distillation)]."""
+    n [C*M], u^ [C, D] fp32, |u| [C], lse [B], |x| [B], v [C*M, r], |z|, cos, <v - c, dv |z|>
+    [C*M] (the last four empty without distillation)]."""
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     dist = R is not None
     basis, tri = _basis_args(T, R, c, F, delta, beta) if dist else ((None,) * 5, False)
     # the distillation's finish runs in the cross-entropy merge's launch (one launch fewer)
-    n, U, r, v, partials, _, _ = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32,
+    n, U, r, v, partials, *_ = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32,
                                                     finish=False, triangular=tri)
     rows, lse, xn, logits, *finished = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits, dist=partials)
-    zn, cos, parts = finished if dist else (None, None, None)
+    zn, cos, parts, pv = finished if dist else (None, None, None, None)
     loss, ce, dl = _ce.losses(rows, parts, zn.shape[0] if dist else 1, alpha, X.device)
     if not dist:
-        v, zn, cos = _empty(U), _empty(U), _empty(U)
-    return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, xn, v, zn, cos]
+        v, zn, cos, pv = _empty(U), _empty(U), _empty(U), _empty(U)
+    return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, xn, v, zn, cos, pv]
 
 
 @_head.register_fake
@@ -285,13 +287,14 @@ def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, delt
     v = f((rows, R.shape[0])) if R is not None else f((0,), dtype=f32)
     return [f((), dtype=f32), f((), dtype=f32), f((), dtype=f32), logits, f((C * M,), dtype=f32),
             f((C, D), dtype=f32), f((C,), dtype=f32), f((B,), dtype=f32), f((B,), dtype=f32), v, f((rows,), dtype=f32),
-            f((rows,), dtype=f32)]
+            f((rows,), dtype=f32), f((rows,), dtype=f32)]
 
 
 @torch.library.custom_op("demul_fast::triton_demul_head_backward", mutates_args=())
 def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
               R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], n: Tensor, class_features: Tensor,
-              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_loss: Optional[Tensor],
+              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, pv: Tensor,
+              grad_loss: Optional[Tensor],
               grad_ce: Optional[Tensor], grad_dist: Optional[Tensor], grad_logits: Optional[Tensor], alpha: float,
               label_smoothing: float, need_dx: bool, need_scale: bool) -> List[Tensor]:
     """grad_loss, grad_ce, grad_dist: [] fp32 gradients of the three losses (None: zero),
@@ -310,16 +313,16 @@ def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tens
     dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
                                      du_dtype=f32, grad_loss=g_loss, w_loss=1.0, need_scale=need_scale)
     dist = R is not None
-    basis = _kernel_basis(T, R, c, F)[:3] if dist else (None,) * 3  # the forward's (v is in its coordinates)
-    dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, *basis, v if dist else None,
+    Rk, ck, Fk, tri = _kernel_basis(T, R, c, F) if dist else (None, None, None, False)  # the forward's
+    dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, Rk, ck, Fk, v if dist else None,
                                  zn if dist else None, cos if dist else None, g_dist if dist else None, agg=True,
-                                 dist=dist, grad_loss=g_loss, w_loss=alpha)
+                                 dist=dist, grad_loss=g_loss, w_loss=alpha, pv=pv if dist else None, triangular=tri)
     return [dT, dA, dscale if dscale is not None else _empty(lse), dX if dX is not None else _empty(X)]
 
 
 @_head_bwd.register_fake
 def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, r, lse, xn, v, zn,
-      cos, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx, need_scale):
+      cos, pv, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx, need_scale):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
     dscale = text_features.new_empty((), dtype=f32) if need_scale else text_features.new_empty((0,), dtype=f32)
     return [torch.empty_like(text_features, memory_format=torch.contiguous_format),
@@ -341,11 +344,11 @@ def _head_backward(ctx, grads):
     nothing = (None,) * 13
     if g_loss is None and g_ce is None and g_dist is None and (g_logits is None or not ctx.return_logits):
         return nothing
-    T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, *basis = _saved(ctx)
+    T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, pv, *basis = _saved(ctx)
     R, c, F = basis if ctx.dist else (None, None, None)
     need_dx, need_scale = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
     dT, dA, dscale, dX = torch.ops.demul_fast.triton_demul_head_backward(
-        T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, g_loss, g_ce, g_dist,
+        T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, pv, g_loss, g_ce, g_dist,
         g_logits if ctx.return_logits else None, ctx.alpha, ctx.ls, need_dx, need_scale)
     return (dT, dA, dX if need_dx else None, None, dscale if need_scale else None,
             None, None, None, None, None, None, None, None)
