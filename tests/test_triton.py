@@ -236,6 +236,41 @@ def test_distill_small_projection():
           lambda t: ref.prompt_distill_loss(t, W.to(t), b.to(t), E.to(t)), [T.to(DEVICE)], diff=[0], grad_names=["dT"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_distill_backward_near_cos_one(dtype):
+    """Every e^ close to its prompts' z^ (cos near 1, dv |z| = F - (cos/|z|) v about 1e-3 of
+    |F|): the backward's <v - c, dv |z|> comes from the forward as <v - c, F> - (cos/|z|)
+    <v - c, v> (text_head._distill_finish's PV), two sums that cancel to about 1e-3 here.
+    D = r = 300 with K > D: three output chunks, each reading only its triangle of R."""
+    gen = torch.Generator().manual_seed(11)
+    C, M, D, K = 6, 3, 300, 320
+    T = torch.randn(C, 1, D, generator=gen, dtype=torch.float64) \
+        + 1e-3 * torch.randn(C, M, D, generator=gen, dtype=torch.float64)
+    T = T.to(dtype).double()  # the rows the kernels see, so that E matches them
+    W = torch.randn(K, D, generator=gen, dtype=torch.float64) / math.sqrt(D)
+    b = 0.5 * torch.randn(K, generator=gen, dtype=torch.float64)
+    z = ref.l2_normalize(T) @ W.T + b
+    E = 2.0 * z.mean(1) + 1e-3 * torch.randn(C, K, generator=gen, dtype=torch.float64)
+    e_hat, z_hat = ref.l2_normalize(E)[:, None, :], ref.l2_normalize(z)
+    cos = (e_hat * z_hat).sum(-1, keepdim=True)
+    assert float((e_hat - cos * z_hat).norm(dim=-1).max()) < 1e-2  # dv |z| small: the case is near-cancelling
+    T, W, b, E = (t.to(DEVICE) for t in (T, W, b, E))
+    basis = basis_of(W, b, E)
+    fast = (lambda t: triton_ops.prompt_distill_loss(t, basis))
+    if dtype == torch.float32:  # check()'s rule with the loss's terms (1 and cos) as its magnitude, as below
+        def reference(t):
+            return ref.prompt_distill_loss(t, W.to(t), b.to(t), E.to(t))
+        (fo,), (fg,) = run(fast, [T], [0], dtype)
+        (ro,), (rg,) = run(reference, [T], [0], torch.float64)
+        (po,), (pg,) = run(reference, [T], [0], torch.float32)
+        assert_error_rule("distill near cos 1 loss", fo, ro, po, k=2.0, dtype=dtype, magnitude=2.0)
+        assert_error_rule("distill near cos 1 dT", fg, rg, pg, k=3.0, dtype=dtype)
+    else:
+        check_rounded(f"distill near cos 1 {dtype}", rounded_yardstick.distillation, fast, [T], [0], dtype,
+                      [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)], ["distill_loss", "text_features"],
+                      (T.to(dtype), basis, 1.0), {"distill_loss": 2.0})
+
+
 HEAD_CASES = [
     # shape, label_smoothing, alpha, bias, llm embeddings, return_logits, scale tensor
     (ODD, 0.0, 1.0, True, True, False, False),
