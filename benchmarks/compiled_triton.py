@@ -85,7 +85,7 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
     ce_ptrs = dict(X="*bf16", U="*fp32", Y="*i64", SCALE="*fp32", PM="*fp32", PL="*fp32", PT="*fp32", PS="*fp32",
                    XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GLOSS="*fp32", GCE="*fp32", GL="*bf16",
                    BG="*bf16", DSCALE="*fp32", DU="*fp32", PDX="*fp32", DX="*bf16", DISTP="*fp32", LOSS="*fp32",
-                   CE="*fp32", DIST="*fp32")
+                   CE="*fp32", DIST="*fp32", TICKET="*i32")
     tiles = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=ce["BLOCK_C"], BLOCK_K=ce["BLOCK_K"])
     cu = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=cosine_ce.BLOCK_CU, BLOCK_DO=cosine_ce.BLOCK_DO)
     floats = ("ls", "inv_cm", "alpha", "w_loss")
@@ -98,13 +98,14 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
          dict(VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32",
               PV="*fp32", LOSSP="*fp32"),
          dict(BLOCK=text_head.FINISH_BLOCK), 4),
-        ("ce_fwd", cosine_ce._ce_fwd_kernel, ce_ptrs, dict(tiles, STORE_LOGITS=False), 4),
+        ("ce_fwd", cosine_ce._ce_fwd_kernel, ce_ptrs, dict(tiles, STORE_LOGITS=False, ZERO_TICKET=True), 4),
         ("ce_merge", cosine_ce._ce_merge_kernel, ce_ptrs, cosine_ce.merge_constexprs(ce), cosine_ce.MERGE_WARPS),
         ("fwd_finish", cosine_ce._fwd_finish_kernel,
          dict(ce_ptrs, VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32",
               COS="*fp32", PV="*fp32", LOSSP="*fp32"),
-         dict(cosine_ce.merge_constexprs(ce), DIST_BLOCK=text_head.FINISH_BLOCK), cosine_ce.MERGE_WARPS),
-        ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=256), 4),
+         dict(cosine_ce.merge_constexprs(ce), DIST_BLOCK=text_head.FINISH_BLOCK, LOSS_BLOCK=cosine_ce.LOSS_BLOCK),
+         cosine_ce.MERGE_WARPS),
+        ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=cosine_ce.LOSS_BLOCK), 4),
         ("ce_grad", cosine_ce._ce_grad_kernel, ce_ptrs, dict(tiles, HAS_GL=False, NEED_SCALE=False), 4),
         ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs, dict(cu, BLOCK_DO=ce["BLOCK_DU"]), 4),
         ("ce_dx", cosine_ce._ce_dx_kernel, ce_ptrs, cu, 4),

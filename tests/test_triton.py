@@ -379,6 +379,35 @@ def test_labels_out_of_range_read_nothing(gen):
     torch.testing.assert_close(rows, expect)
 
 
+@pytest.mark.parametrize("preset", [-1, 0], ids=["no-last-ticket", "zeroed"])
+def test_losses_run_in_the_program_with_the_last_ticket(gen, monkeypatch, preset):
+    """The head's forward finish (cosine_ce._fwd_finish_kernel) reduces the losses in the one
+    program that takes the last ticket (the others' rows are stored by then, on a GPU too).
+    The interpreter runs programs in order, so a gate that lets every program reduce would
+    still end on the right value here: the ticket is set before the launch instead. From -1 no
+    program takes the last ticket, and the losses must stay unwritten (NaN-poisoned); from 0
+    (what ce_fwd's first program stores) they are written. B = 100, C*M = 111: 4 merge
+    programs."""
+    T, A, X, y, E, W, b = make_inputs(gen, C=37, M=3, D=24, B=100, K=30)
+    real = cosine_ce._fwd_finish_kernel
+
+    class Preset:
+        def __getitem__(self, grid):
+            assert grid[0] > 1, grid
+            def launch_it(*args, **kwargs):
+                tickets = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32]
+                assert len(tickets) == 1
+                tickets[0].fill_(preset)
+                return real[grid](*args, **kwargs)
+            return launch_it
+
+    monkeypatch.setattr(cosine_ce, "_fwd_finish_kernel", Preset())
+    out = triton_ops.demul_head(T.float(), A.float(), X.float(), y, torch.full((), 5.0, device=DEVICE),
+                                basis_of(W, b, E))
+    for value in (out.loss, out.ce_loss, out.distill_loss):
+        assert bool(torch.isnan(value)) == (preset == -1), (preset, value)
+
+
 def _triton_refusal(fn, **args):
     """The triton backend's capability answer (demul_fast.ops.capability) for a call on DEVICE."""
     lead = args["text_features"] if args.get("text_features") is not None else args["image_features"]

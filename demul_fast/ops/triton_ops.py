@@ -268,9 +268,10 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
     # the distillation's finish runs in the cross-entropy merge's launch (one launch fewer)
     n, U, r, v, partials, *_ = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32,
                                                     finish=False, triangular=tri)
-    rows, lse, xn, logits, *finished = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits, dist=partials)
-    zn, cos, parts, pv = finished if dist else (None, None, None, None)
-    loss, ce, dl = _ce.losses(rows, parts, zn.shape[0] if dist else 1, alpha, X.device)
+    # ... and so do the losses (the program of that launch that finishes last reduces them)
+    rows, lse, xn, logits, zn, cos, parts, pv, loss, ce, dl = _ce.ce_forward(
+        X, U, y, scale, label_smoothing, return_logits, dist=partials, alpha=alpha,
+        rows_dist=T.shape[0] * T.shape[1] if dist else 1)
     if not dist:
         v, zn, cos, pv = _empty(U), _empty(U), _empty(U), _empty(U)
     return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, xn, v, zn, cos, pv]
