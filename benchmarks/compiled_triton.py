@@ -78,14 +78,14 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
     text_ptrs = dict(T="*bf16", A="*bf16", R="*bf16", CV="*fp32", F="*fp32", NORM="*fp32", U="*fp32",
                      RN="*fp32", V="*bf16", VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", GU="*fp32", ZN="*fp32",
                      COS="*fp32", PV="*fp32",
-                     GDIST="*fp32", GLOSS="*fp32", DT="*bf16", DA="*bf16")
+                     GDIST="*fp32", GLOSS="*fp32", DT="*bf16", DA="*bf16", PTG="*fp32", PUT="*fp32", PUG="*fp32")
     blocks = dict(BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
                   EMULATE=False, AGG=True, DIST=True, std=1, sam=1, **text_head.shape_constexprs(D, r))
     ce = cosine_ce.ce_config(B, C, D)
     ce_ptrs = dict(X="*bf16", U="*fp32", Y="*i64", SCALE="*fp32", PM="*fp32", PL="*fp32", PT="*fp32", PS="*fp32",
                    XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GLOSS="*fp32", GCE="*fp32", GL="*bf16",
                    BG="*bf16", DSCALE="*fp32", DU="*fp32", PDX="*fp32", DX="*bf16", DISTP="*fp32", LOSS="*fp32",
-                   CE="*fp32", DIST="*fp32", TICKET="*i32")
+                   CE="*fp32", DIST="*fp32", TICKET="*i32", T="*bf16", PTG="*fp32", PUT="*fp32", PUG="*fp32")
     tiles = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=ce["BLOCK_C"], BLOCK_K=ce["BLOCK_K"])
     cu = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=cosine_ce.BLOCK_CU, BLOCK_DO=cosine_ce.BLOCK_DO)
     floats = ("ls", "inv_cm", "alpha", "w_loss")
@@ -107,12 +107,14 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
          cosine_ce.MERGE_WARPS),
         ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=cosine_ce.LOSS_BLOCK), 4),
         ("ce_grad", cosine_ce._ce_grad_kernel, ce_ptrs, dict(tiles, HAS_GL=False, NEED_SCALE=False), 4),
-        ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs, dict(cu, BLOCK_DO=ce["BLOCK_DU"]), 4),
+        ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs,
+         dict(cu, BLOCK_DO=ce["BLOCK_DU"], SWEEP=True, SWEEP_M=cosine_ce.sweep_rows(M, ce["BLOCK_DU"]), std=1), 4),
         ("ce_dx", cosine_ce._ce_dx_kernel, ce_ptrs, cu, 4),
         ("ce_dx_finish", cosine_ce._ce_dx_finish_kernel, ce_ptrs, dict(BLOCK_D=ce["BLOCK_D"]), 4),
         ("text_bwd", text_head._text_bwd_kernel, text_ptrs,
          dict(blocks, BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
-              BLOCK_DO=cfg["BLOCK_DO"], TRI=True, OUT_CHUNKS=cfg["out_chunks"]), cfg["bwd_warps"]),
+              BLOCK_DO=cfg["BLOCK_DO"], TRI=True, OUT_CHUNKS=cfg["out_chunks"], SWEPT=True, SW_CHUNKS=ce["du_chunks"],
+              SW_P2=triton.next_power_of_2(ce["du_chunks"])), cfg["bwd_warps"]),
     ]
     out = {}
     for name, kernel, ptrs, consts, warps, *stages in specs:

@@ -241,11 +241,14 @@ def _ce_grad_kernel(
 @triton.jit
 def _ce_du_kernel(
     X, XN, BG, SCALE, DU,                # DU [C, D] = (tau/B) (BG)^T x^
-    B, C, D, EMULATE: tl.constexpr,
+    U, T, PTG, PUT, PUG,                 # SWEEP: U [C, D] the class features, T [C, M, D] strided, partials
+    B, C, D, M, stc, stm, std,
+    EMULATE: tl.constexpr, SWEEP: tl.constexpr, SWEEP_M: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     c0 = tl.program_id(0) * BLOCK_C
-    o0 = tl.program_id(1) * BLOCK_DO
+    chunk = tl.program_id(1)
+    o0 = chunk * BLOCK_DO
     acc = tl.zeros([BLOCK_C, BLOCK_DO], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
@@ -256,9 +259,32 @@ def _ce_du_kernel(
         acc = _dot(tl.load(bgt, boundary_check=(0, 1), padding_option="zero"), x_hat, acc, X.dtype.element_ty,
                    EMULATE)
     tau = tl.load(SCALE).to(tl.float32)
+    du = ((tau / B) * acc).to(DU.dtype.element_ty)
     p = tl.make_block_ptr(DU, shape=(C, D), strides=(D, 1), offsets=(c0, o0), block_shape=(BLOCK_C, BLOCK_DO),
                           order=(1, 0))
-    tl.store(p, ((tau / B) * acc).to(DU.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p, du, boundary_check=(0, 1))
+    if SWEEP:
+        # the text backward's sums over D (text_head._text_bwd_kernel, SWEPT), over this chunk of
+        # columns: <t, gu> and <u^, t> per prompt row, <u^, gu> per class, with gu = dU as stored.
+        # The rows of T read once here instead of once per output chunk of the text backward.
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs_o = o0 + tl.arange(0, BLOCK_DO)
+        c_ok = offs_c < C
+        o_ok = offs_o < D
+        gu = du.to(tl.float32)
+        uh = tl.load(U + offs_c[:, None] * D + offs_o[None, :], mask=c_ok[:, None] & o_ok[None, :],
+                     other=0.0).to(tl.float32)
+        tl.store(PUG + chunk * C + offs_c, tl.sum(uh * gu, axis=1), mask=c_ok)
+        for m0 in range(0, M, SWEEP_M):
+            offs_m = m0 + tl.arange(0, SWEEP_M)
+            m_ok = offs_m < M
+            t = tl.load(T + offs_c[:, None, None] * stc + offs_m[None, :, None] * stm + offs_o[None, None, :] * std,
+                        mask=c_ok[:, None, None] & m_ok[None, :, None] & o_ok[None, None, :], other=0.0)
+            t = t.to(tl.float32)
+            rows = chunk * C * M + offs_c[:, None] * M + offs_m[None, :]
+            ok = c_ok[:, None] & m_ok[None, :]
+            tl.store(PTG + rows, tl.sum(t * gu[:, None, :], axis=2), mask=ok)
+            tl.store(PUT + rows, tl.sum(t * uh[:, None, :], axis=2), mask=ok)
 
 
 @triton.jit
@@ -416,11 +442,14 @@ def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
 
 
 def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_dx: bool, du_dtype=None,
-                grad_loss=None, w_loss: float = 0.0, need_scale: bool = True):
+                grad_loss=None, w_loss: float = 0.0, need_scale: bool = True, sweep_t=None):
     """dL/dL_ce = w_loss grad_loss + grad_ce (fp32 [1] tensors, read by the kernel: no torch
     op to combine them); grad_logits [B, C] contiguous or None.
+    With ``sweep_t`` (the head: T [C, M, D], whose aggregation gave U) the dU pass also sums
+    the text backward's <t, dU>, <u^, t> per row and <u^, dU> per class over its chunk of
+    columns (text_head.text_backward's ``swept``).
     Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32 or None (not
-    need_scale: no work for it), dX [B, D] or None)."""
+    need_scale: no work for it), dX [B, D] or None[, text_head.Swept with sweep_t])."""
     B, D = X.shape
     C = U.shape[0]
     cfg = ce_config(B, C, D)
@@ -437,9 +466,21 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = launch.new_output((C, D), du_dtype or U.dtype, dev)
-    _ce_du_kernel[(cfg["du_tiles"], cfg["du_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
-                                                       BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
-                                                       num_warps=4)
+    swept = None
+    if sweep_t is not None:
+        if sweep_t.shape[0] != C or sweep_t.shape[2] != D:
+            raise ValueError(f"ce_backward: sweep_t {tuple(sweep_t.shape)} is not [C={C}, M, D={D}]")
+        M = sweep_t.shape[1]
+        f32 = dict(dtype=torch.float32, device=dev)
+        swept = text_head.Swept(launch.new_output((cfg["du_chunks"], C * M), **f32),
+                                launch.new_output((cfg["du_chunks"], C * M), **f32),
+                                launch.new_output((cfg["du_chunks"], C), **f32), cfg["du_chunks"])
+    M = sweep_t.shape[1] if swept else 1
+    _ce_du_kernel[(cfg["du_tiles"], cfg["du_chunks"])](
+        X, xn, bg, scale, dU, U, sweep_t if swept else dU, *(swept[:3] if swept else (dU,) * 3), B, C, D, M,
+        *(sweep_t.stride() if swept else (0, 0, 0)), EMULATE=emulate, SWEEP=swept is not None,
+        SWEEP_M=sweep_rows(M, cfg["BLOCK_DU"]), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
+        num_warps=4)
     dX = None
     if need_dx:
         pdx = launch.new_output((cfg["dx_splits"], B, D), torch.float32, dev)
@@ -449,4 +490,13 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         dX = launch.new_output((B, D), X.dtype, dev)
         _ce_dx_finish_kernel[(B,)](X, xn, pdx, scale, dX, B, D, cfg["dx_splits"], BLOCK_D=cfg["BLOCK_D"],
                                    num_warps=4)
-    return dU, (dscale.sum() / B if need_scale else None), dX
+    out = (dU, (dscale.sum() / B if need_scale else None), dX)
+    return out + (swept,) if sweep_t is not None else out
+
+
+SWEEP_ELEMS = 8192  # T elements per load round of the dU pass's sweep (64 float32 registers a thread at 4 warps)
+
+
+def sweep_rows(M: int, block_do: int) -> int:
+    """Prompt rows per class per load round of the dU pass's sweep (a power of two)."""
+    return max(1, min(triton.next_power_of_2(M), SWEEP_ELEMS // (BLOCK_CU * block_do)))

@@ -24,7 +24,7 @@ size of a row tile stays live across a loop. D and r are compile-time constants.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -412,11 +412,13 @@ def _text_bwd_kernel(
     R, CV, F, V, ZN, COS, PV,       # basis, saved v, |z|, cos, <v - c, dv |z|>
     GLOSS, GDIST,                   # dL/dL_dist = w_loss GLOSS + GDIST ([1] fp32 each)
     DT, DA,                         # DT [C, M, D] contiguous, DA [C, M] contiguous
+    PTG, PUT, PUG,                  # SWEPT: [SW_CHUNKS, C*M] <t, gu>, <u^, t>, [SW_CHUNKS, C] <u^, gu> partials
     C, M, stc, stm, std, sac, sam, inv_cm, w_loss,
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DO: tl.constexpr, TRI: tl.constexpr, OUT_CHUNKS: tl.constexpr,
+    SWEPT: tl.constexpr, SW_CHUNKS: tl.constexpr, SW_P2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -433,16 +435,26 @@ def _text_bwd_kernel(
         w = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M)
         offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
         r = tl.load(RN + offs_cls, mask=offs_cls < C, other=1.0)
-        a_tg = tl.zeros([BLOCK_R], dtype=tl.float32)    # <t, gu> per row
-        a_ut = tl.zeros([BLOCK_R], dtype=tl.float32)    # <u^, t> per row
-        a_ug = tl.zeros([BLOCK_CLS], dtype=tl.float32)  # <u^, gu> per class
-        for d0 in range(0, D, BLOCK_K):
-            t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
-            gu = _load_cls(GU, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
-            uh = _load_cls(U, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
-            a_tg += _row_dot(t, gu, BLOCK_M)
-            a_ut += _row_dot(t, uh, BLOCK_M)
-            a_ug += tl.sum(uh * gu, axis=1)
+        if SWEPT:  # the sums over D from the dU pass (cosine_ce._ce_du_kernel), per chunk of its columns
+            offs_s = tl.arange(0, SW_P2)
+            s_ok = offs_s < SW_CHUNKS
+            at_rows = offs_s[:, None] * (C * M) + row[None, :]
+            rows_ok = s_ok[:, None] & row_ok[None, :]
+            a_tg = tl.sum(tl.load(PTG + at_rows, mask=rows_ok, other=0.0), axis=0)
+            a_ut = tl.sum(tl.load(PUT + at_rows, mask=rows_ok, other=0.0), axis=0)
+            a_ug = tl.sum(tl.load(PUG + offs_s[:, None] * C + offs_cls[None, :],
+                                  mask=s_ok[:, None] & (offs_cls < C)[None, :], other=0.0), axis=0)
+        else:
+            a_tg = tl.zeros([BLOCK_R], dtype=tl.float32)    # <t, gu> per row
+            a_ut = tl.zeros([BLOCK_R], dtype=tl.float32)    # <u^, t> per row
+            a_ug = tl.zeros([BLOCK_CLS], dtype=tl.float32)  # <u^, gu> per class
+            for d0 in range(0, D, BLOCK_K):
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+                gu = _load_cls(GU, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+                uh = _load_cls(U, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+                a_tg += _row_dot(t, gu, BLOCK_M)
+                a_ut += _row_dot(t, uh, BLOCK_M)
+                a_ug += tl.sum(uh * gu, axis=1)
         # normalize backward of u^; below the floor the divisor is the constant eps (SPEC 4.1)
         inv_r = 1.0 / tl.maximum(r, EPS)
         proj_u = tl.where(r >= EPS, a_ug, 0.0)
@@ -687,6 +699,16 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     return norm, u, rn, v, zn, cos, loss_parts, pv
 
 
+class Swept(NamedTuple):
+    """The text backward's sums over D made by the dU pass (cosine_ce.ce_backward(...,
+    sweep_t)): per chunk of its columns, <t, grad_u> and <u^, t> [chunks, C*M] and
+    <u^, grad_u> [chunks, C] (float32), and the number of chunks."""
+    tg: torch.Tensor
+    ut: torch.Tensor
+    ug: torch.Tensor
+    chunks: int
+
+
 class DistillPartials(NamedTuple):
     """What the distillation finish reads: the forward's partial sums [splits, C*M] of |v|^2
     and <v, F>, delta [C], beta [1], and the sizes."""
@@ -712,12 +734,16 @@ def finish_args(p: DistillPartials):
 
 
 def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, agg: bool, dist: bool,
-                  a_dtype=None, grad_loss=None, w_loss: float = 0.0, pv=None, triangular: bool = False):
+                  a_dtype=None, grad_loss=None, w_loss: float = 0.0, pv=None, triangular: bool = False,
+                  swept: Optional["Swept"] = None):
     """grad_u [C, D] dL/du^ (if agg); dL/dL_dist = w_loss grad_loss + grad_dist (fp32 [1]
     tensors, if dist); the other
     tensors as text_forward takes and returns them (pv: its PV, required with dist;
     ``triangular``: R is, as the forward took it, and each output chunk reads only the
     columns of r at or left of its diagonal).
+    ``swept``: the sums over D of <t, grad_u>, <u^, t> per row and <u^, grad_u> per class,
+    made by the dU pass that computed grad_u (cosine_ce.ce_backward(..., sweep_t=T)); without
+    it each program sweeps its rows of T for them.
     Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
@@ -733,10 +759,12 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
         R if dist else T, cv if dist else dummy, F if dist else dummy, v if dist else T,
         zn if dist else dummy, cos if dist else dummy, pv if dist else dummy,
         (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
-        dT, dA if agg else dummy,
+        dT, dA if agg else dummy, *(swept[:3] if swept is not None else (dummy,) * 3),
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), launch.fp32_scalar(w_loss),
         **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype),
         BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
         BLOCK_DO=cfg["BLOCK_DO"], TRI=bool(dist and triangular), OUT_CHUNKS=cfg["out_chunks"],
+        SWEPT=bool(agg and swept is not None), SW_CHUNKS=swept.chunks if swept is not None else 1,
+        SW_P2=triton.next_power_of_2(swept.chunks) if swept is not None else 1,
         num_warps=cfg["bwd_warps"])
     return dT, dA

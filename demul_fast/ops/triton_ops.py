@@ -311,13 +311,16 @@ def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tens
             g = _zero(T.device)
         grads.append(g.to(f32).reshape(1))
     g_loss, g_ce, g_dist = grads
-    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
-                                     du_dtype=f32, grad_loss=g_loss, w_loss=1.0, need_scale=need_scale)
+    # the dU pass also makes the text backward's sums over D (T's rows read once, not per output chunk)
+    dU, dscale, dX, swept = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing,
+                                            need_dx, du_dtype=f32, grad_loss=g_loss, w_loss=1.0,
+                                            need_scale=need_scale, sweep_t=T)
     dist = R is not None
     Rk, ck, Fk, tri = _kernel_basis(T, R, c, F) if dist else (None, None, None, False)  # the forward's
     dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, Rk, ck, Fk, v if dist else None,
                                  zn if dist else None, cos if dist else None, g_dist if dist else None, agg=True,
-                                 dist=dist, grad_loss=g_loss, w_loss=alpha, pv=pv if dist else None, triangular=tri)
+                                 dist=dist, grad_loss=g_loss, w_loss=alpha, pv=pv if dist else None, triangular=tri,
+                                 swept=swept)
     return [dT, dA, dscale if dscale is not None else _empty(lse), dX if dX is not None else _empty(X)]
 
 
