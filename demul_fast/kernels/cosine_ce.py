@@ -442,12 +442,13 @@ def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
 
 
 def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_dx: bool, du_dtype=None,
-                grad_loss=None, w_loss: float = 0.0, need_scale: bool = True, sweep_t=None):
+                grad_loss=None, w_loss: float = 0.0, need_scale: bool = True, sweep_t=None, sweep_u=None):
     """dL/dL_ce = w_loss grad_loss + grad_ce (fp32 [1] tensors, read by the kernel: no torch
     op to combine them); grad_logits [B, C] contiguous or None.
     With ``sweep_t`` (the head: T [C, M, D], whose aggregation gave U) the dU pass also sums
     the text backward's <t, dU>, <u^, t> per row and <u^, dU> per class over its chunk of
-    columns (text_head.text_backward's ``swept``).
+    columns (text_head.text_backward's ``swept``), with u^ = ``sweep_u`` (default U; the head
+    passes the float32 u^ there and u^ in X's type as U).
     Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32 or None (not
     need_scale: no work for it), dX [B, D] or None[, text_head.Swept with sweep_t])."""
     B, D = X.shape
@@ -477,7 +478,7 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
                                 launch.new_output((cfg["du_chunks"], C), **f32), cfg["du_chunks"])
     M = sweep_t.shape[1] if swept else 1
     _ce_du_kernel[(cfg["du_tiles"], cfg["du_chunks"])](
-        X, xn, bg, scale, dU, U, sweep_t if swept else dU, *(swept[:3] if swept else (dU,) * 3), B, C, D, M,
+        X, xn, bg, scale, dU, U if sweep_u is None else sweep_u, sweep_t if swept else dU, *(swept[:3] if swept else (dU,) * 3), B, C, D, M,
         *(sweep_t.stride() if swept else (0, 0, 0)), EMULATE=emulate, SWEEP=swept is not None,
         SWEEP_M=sweep_rows(M, cfg["BLOCK_DU"]), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
         num_warps=4)

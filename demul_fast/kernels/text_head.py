@@ -158,21 +158,27 @@ def _dot_f32(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _aggregate_store(tf, scale, U, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-    """u = sum_m (w/n) t over a resident tile tf [BLOCK_R, BLOCK_D] fp32; stores |u| and u^."""
+def _aggregate_store(tf, scale, U, UL, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr, STORE_UL: tl.constexpr):
+    """u = sum_m (w/n) t over a resident tile tf [BLOCK_R, BLOCK_D] fp32; stores |u| and u^
+    (and u^ in UL's type, STORE_UL)."""
     u = tl.sum(tl.reshape(tf * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_D]), axis=1)
     r = tl.sqrt(tl.sum(u * u, axis=1))
     offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
     tl.store(RN + offs_cls, r, mask=offs_cls < C)
     u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, 0),
                               block_shape=(BLOCK_CLS, BLOCK_D), order=(1, 0))
-    tl.store(u_ptr, (u * (1.0 / tl.maximum(r, EPS))[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+    u_hat = u * (1.0 / tl.maximum(r, EPS))[:, None]
+    tl.store(u_ptr, u_hat.to(U.dtype.element_ty), boundary_check=(0, 1))
+    if STORE_UL:
+        tl.store(tl.make_block_ptr(UL, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, 0),
+                                   block_shape=(BLOCK_CLS, BLOCK_D), order=(1, 0)),
+                 u_hat.to(UL.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
-def _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.constexpr, BLOCK_CLS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
+def _aggregate_parts(T, A, U, UL, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.constexpr, BLOCK_CLS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr, STORE_UL: tl.constexpr):
     """The aggregation of the program's classes in PARTS parts of BLOCK_CLS // PARTS classes,
     each part's [rows, D] tile read once from global memory: n = |t|, w = softmax(A),
     u = sum_m (w/n) t, stores |u| and u^. A 128-row tile aggregated at once next to the
@@ -198,7 +204,12 @@ def _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.cons
         tl.store(RN + offs_c, r, mask=offs_c < C)
         u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(cls0, 0),
                                   block_shape=(CP, BLOCK_D), order=(1, 0))
-        tl.store(u_ptr, (u * (1.0 / tl.maximum(r, EPS))[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+        u_hat = u * (1.0 / tl.maximum(r, EPS))[:, None]
+        tl.store(u_ptr, u_hat.to(U.dtype.element_ty), boundary_check=(0, 1))
+        if STORE_UL:
+            tl.store(tl.make_block_ptr(UL, shape=(C, D), strides=(D, 1), offsets=(cls0, 0),
+                                       block_shape=(CP, BLOCK_D), order=(1, 0)),
+                     u_hat.to(UL.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -241,11 +252,13 @@ def _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS: tl.cons
 def _text_fwd_kernel(
     T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
     NORM, U, RN, V, VV, VF, VA, VB,  # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF/VA/VB [splits, C*M]
+    UL,                             # STORE_UL: u^ [C, D] again, in the cross-entropy dot's operand type
     C, M, stc, stm, std, sac, sam, cols_per_split,
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, AGG_PARTS: tl.constexpr, TRI: tl.constexpr, OWNERS: tl.constexpr,
+    STORE_UL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -273,7 +286,8 @@ def _text_fwd_kernel(
             if RESIDENT:
                 if AGG_PARTS == 0:  # from the resident tile (else after the product, below)
                     scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
-                    _aggregate_store(t_all.to(tl.float32), scale, U, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
+                    _aggregate_store(t_all.to(tl.float32), scale, U, UL, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
+                                     STORE_UL)
             else:
                 scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
                 offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
@@ -291,6 +305,10 @@ def _text_fwd_kernel(
                     u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
                                               block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0))
                     tl.store(u_ptr, (u * inv_r[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+                    if STORE_UL:
+                        tl.store(tl.make_block_ptr(UL, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
+                                                   block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0)),
+                                 (u * inv_r[:, None]).to(UL.dtype.element_ty), boundary_check=(0, 1))
     if DIST:
         vv = tl.zeros([BLOCK_R], dtype=tl.float32)
         vf = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -346,8 +364,8 @@ def _text_fwd_kernel(
         tl.store(VB + split * CM + row, vb, mask=row_ok)
     if AGG and RESIDENT and AGG_PARTS > 0:
         if split == 0:  # after the product, the resident tile dead: the tile read once more, in parts
-            _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
-                             AGG_PARTS)
+            _aggregate_parts(T, A, U, UL, RN, pid, C, M, stc, stm, std, sac, sam, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
+                             AGG_PARTS, STORE_UL)
 
 
 @triton.jit
@@ -652,11 +670,13 @@ FINISH_BLOCK = 1024
 
 
 def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None, finish: bool = True,
-                 triangular: bool = False):
+                 triangular: bool = False, u_low: Optional[torch.Tensor] = None):
     """T [C, M, D] (any strides), A [C, M] (if agg); basis R [r, D] in T's dtype, cv [r],
     F [C, r], delta [C], beta [1] fp32 (if dist). ``triangular``: the caller guarantees that R
     is upper triangular (R[n, d] = 0 for d < n; triton_ops.triangular_basis), and the 128-row
-    forward then skips the products with its zero blocks.
+    forward then skips the products with its zero blocks. ``u_low`` (with agg): a [C, D]
+    contiguous buffer that receives u^ again in its own type (the head: the cross-entropy
+    dot's operand type, so that its passes read half the bytes of the float32 u^).
 
     Returns (n [C*M], u^ [C, D] in u_dtype (default T's) or None, |u| [C] or None,
     v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos),
@@ -684,12 +704,13 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     _text_fwd_kernel[(cfg["fwd_tiles"], splits)](
         T, A_, R if dist else T, cv if dist else dummy, F if dist else dummy,
         norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
-        vf if dist else dummy, va if dist else dummy, vb if dist else dummy,
+        vf if dist else dummy, va if dist else dummy, vb if dist else dummy, u_low if u_low is not None else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
         AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
         BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=bool(dist and triangular and cfg["TRI"]),
-        OWNERS=cfg["OWNERS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+        OWNERS=cfg["OWNERS"], STORE_UL=bool(agg and u_low is not None), num_warps=cfg["fwd_warps"],
+        num_stages=cfg["fwd_stages"])
     zn = cos = loss_parts = pv = None
     if dist and not finish:
         return norm, u, rn, v, DistillPartials(vv, vf, va, vb, delta, beta, C * M, M, splits), None, None, None
