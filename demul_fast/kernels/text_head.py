@@ -407,8 +407,11 @@ def _distill_finish(pid, VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M,
 @triton.jit
 def _bwd_product(acc, k, V, F, R, pid, C, M, o0, N_START: tl.constexpr, N_END: tl.constexpr, D: tl.constexpr,
                  RANK: tl.constexpr, DTYPE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_CLS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """acc + dv|z| R[N_START:N_END, o0:o0+BLOCK_DO] with dv|z| = F - k v (k = cos / |z| per row)."""
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr, TRI: tl.constexpr = False):
+    """acc + dv|z| R[N_START:N_END, o0:o0+BLOCK_DO] with dv|z| = F - k v (k = cos / |z| per row).
+    TRI: R is upper triangular (R[n, o] = 0 for o < n, exactly: triton_ops.triangular_basis), and
+    only its 16-byte groups of 8 columns that reach the diagonal or beyond are loaded (the
+    others are the zeros they would read)."""
     BLOCK_R: tl.constexpr = BLOCK_CLS * BLOCK_M
     for n0 in range(N_START, N_END, BLOCK_N):
         v_ptr = _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N)
@@ -418,9 +421,17 @@ def _bwd_product(acc, k, V, F, R, pid, C, M, o0, N_START: tl.constexpr, N_END: t
         # dv |z| (entries within [-2, 2]): the row factor 1/|z| is applied after the product, so
         # that float16 operands cannot overflow when |z| is small
         dvz = f - k[:, None] * v
-        r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
-                                  block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
-        acc = _dot(dvz, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+        if TRI:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            offs_o = o0 + tl.arange(0, BLOCK_DO)
+            group_end = (offs_o // 8) * 8 + 7  # the last column of each column's group of 8
+            r_ok = (offs_n[:, None] < RANK) & (offs_o[None, :] < D) & (group_end[None, :] >= offs_n[:, None])
+            r = tl.load(R + offs_n[:, None] * D + offs_o[None, :], mask=r_ok, other=0.0)
+        else:
+            r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
+                                      block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
+            r = tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero")
+        acc = _dot(dvz, r, acc, DTYPE, EMULATE)
     return acc
 
 
@@ -494,7 +505,7 @@ def _text_bwd_kernel(
                 if chunk == cc:
                     N_END: tl.constexpr = RANK if RANK < (cc + 1) * BLOCK_DO else (cc + 1) * BLOCK_DO
                     acc = _bwd_product(acc, cos * inv_z, V, F, R, pid, C, M, o0, 0, N_END, D, RANK, DTYPE, EMULATE,
-                                       BLOCK_CLS, BLOCK_M, BLOCK_N, BLOCK_DO)
+                                       BLOCK_CLS, BLOCK_M, BLOCK_N, BLOCK_DO, TRI)
         else:
             acc = _bwd_product(acc, cos * inv_z, V, F, R, pid, C, M, o0, 0, RANK, D, RANK, DTYPE, EMULATE,
                                BLOCK_CLS, BLOCK_M, BLOCK_N, BLOCK_DO)
