@@ -318,18 +318,27 @@ def _text_fwd_kernel(
             # R is upper triangular (triton_ops.triangular_basis): R[n, d] = 0 for d < n, so the
             # columns n of group g (PW of them, from g PW) take only the pieces q >= g of the tile
             # and of R^T: 10 of the 16 piece products at D = r. Each split owns whole groups
-            # (OWNERS: 2 bits per group, the groups balanced by their piece counts).
+            # (OWNERS: 2 bits per group, the groups balanced by their piece counts). Within the
+            # diagonal piece (q = g) only the 16-byte groups of R reaching d >= n are loaded.
             for g in tl.static_range(4):
                 if g * PW < RANK:
                     if ((OWNERS >> (2 * g)) & 3) == split:
                         for n0 in range(g * PW, (g + 1) * PW, BLOCK_N):
                             acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
                             for q in tl.static_range(g, 4):
-                                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(q * PW, n0),
-                                                           block_shape=(PW, BLOCK_N), order=(0, 1))   # R^T piece
-                                acc = _dot(_piece(q, t0, t1, t2, t3),
-                                           tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc,
-                                           DTYPE, EMULATE)
+                                if q == g:  # the diagonal piece: only R's 16-byte groups that reach d >= n
+                                    offs_d = q * PW + tl.arange(0, PW)
+                                    offs_n = n0 + tl.arange(0, BLOCK_N)
+                                    group_end = (offs_d // 8) * 8 + 7
+                                    rt_ok = ((offs_d[:, None] < D) & (offs_n[None, :] < RANK)
+                                             & (group_end[:, None] >= offs_n[None, :]))
+                                    rt = tl.load(R + offs_n[None, :] * D + offs_d[:, None], mask=rt_ok, other=0.0)
+                                else:
+                                    rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D),
+                                                               offsets=(q * PW, n0), block_shape=(PW, BLOCK_N),
+                                                               order=(0, 1))   # R^T piece
+                                    rt = tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero")
+                                acc = _dot(_piece(q, t0, t1, t2, t3), rt, acc, DTYPE, EMULATE)
                             dvv, dvf, dva, dvb = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK,
                                                         BLOCK_CLS, BLOCK_M, BLOCK_N)
                             vv += dvv
