@@ -318,6 +318,17 @@ def test_demul_head(gen, shape, ls, alpha, bias, with_llm, return_logits, scale_
         assert float(fo[2].detach()) == 0.0
 
 
+def test_head_sweep_in_rounds(gen, monkeypatch):
+    """The dU pass's sweep for the text backward (cosine_ce._ce_du_kernel, SWEEP) in rounds of
+    2 prompt rows per class: M = 5 takes three rounds, the last one partial."""
+    monkeypatch.setattr(cosine_ce, "SWEEP_ELEMS", cosine_ce.BLOCK_CU * cosine_ce.BLOCK_DO * 2)
+    shape = dict(CROSSING, D=100)
+    assert cosine_ce.sweep_rows(shape["M"], cosine_ce.ce_config(shape["B"], shape["C"], shape["D"])["BLOCK_DU"]) == 2
+    T, A, X, y, E, W, b = make_inputs(gen, **shape)
+    fast, slow = head_fns(y, E, W, b, 1.0, 0.0, False)
+    check("head", fast, slow, [T, A, X, 17.0], diff=[0, 1, 2], grad_names=["dT", "dA", "dX"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
 def test_head_half_precision(gen, dtype):
     """Half inputs, the GPU's operand rounding emulated: outputs in the input dtype, losses

@@ -481,7 +481,7 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         X, xn, bg, scale, dU, U if sweep_u is None else sweep_u, sweep_t if swept else dU, *(swept[:3] if swept else (dU,) * 3), B, C, D, M,
         *(sweep_t.stride() if swept else (0, 0, 0)), EMULATE=emulate, SWEEP=swept is not None,
         SWEEP_M=sweep_rows(M, cfg["BLOCK_DU"]), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
-        num_warps=4)
+        num_warps=SWEEP_WARPS if swept else 4)
     dX = None
     if need_dx:
         pdx = launch.new_output((cfg["dx_splits"], B, D), torch.float32, dev)
@@ -495,7 +495,9 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
     return out + (swept,) if sweep_t is not None else out
 
 
-SWEEP_ELEMS = 8192  # T elements per load round of the dU pass's sweep (64 float32 registers a thread at 4 warps)
+SWEEP_WARPS = 8     # warps of the dU pass with the sweep (ptxas sm_90a, imagenet: 205 registers, no spill)
+SWEEP_ELEMS = 16384  # T elements per load round of its sweep (64 float32 registers a thread at 8 warps; 4 rows
+#                      of 64 classes x 64 columns; 8 rows spill 1.2 KB)
 
 
 def sweep_rows(M: int, block_do: int) -> int:
