@@ -330,11 +330,22 @@ def test_head_sweep_in_rounds(gen, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
-def test_head_half_precision(gen, dtype):
+@pytest.mark.parametrize("path", ["128-rows", "64-rows", "streamed"])
+def test_head_half_precision(gen, monkeypatch, dtype, path):
     """Half inputs, the GPU's operand rounding emulated: outputs in the input dtype, losses
     in float32; the error rule against the yardstick that rounds what the kernels round
-    (tests/rounded_yardstick.py), with float32 floors and no operand allowance."""
+    (tests/rounded_yardstick.py), with float32 floors and no operand allowance. Each path of
+    the text forward's aggregation (the 128-row tile's parts, the 64-row resident tile, the
+    streamed tile), which also stores the u^ the CE passes read in X's type."""
+    if path == "64-rows":
+        monkeypatch.setattr(text_head, "wide_tiles_fit", lambda device: False)
+    elif path == "streamed":
+        monkeypatch.setattr(text_head, "RESIDENT_BYTES", 0)
     T, A, X, y, E, W, b = make_inputs(gen, **dict(SMALL, C=9, B=6))
+    cfg = text_head.text_config(9, SMALL["M"], SMALL["D"], min(SMALL["K"], SMALL["D"]), 2,
+                                text_head.wide_tiles_fit(None))
+    assert (bool(cfg["AGG_PARTS"]), cfg["RESIDENT"]) == {"128-rows": (True, True), "64-rows": (False, True),
+                                                          "streamed": (False, False)}[path], cfg
     fast, _ = head_fns(y, E, W, b, 1.0, 0.1, True)
     GL = rand_like(gen, torch.empty(6, 9)) / 54
     cot = [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)] * 3 + [GL]
