@@ -76,39 +76,48 @@ def collect(preset: str, out_dir: str) -> Dict[str, dict]:
     r = min(K, D)
     cfg = text_head.text_config(C, M, D, r)
     text_ptrs = dict(T="*bf16", A="*bf16", R="*bf16", CV="*fp32", F="*fp32", NORM="*fp32", U="*fp32",
-                     RN="*fp32", V="*bf16", VV="*fp32", VF="*fp32", GU="*fp32", ZN="*fp32", COS="*fp32",
-                     GDIST="*fp32", GLOSS="*fp32", DT="*bf16", DA="*bf16")
+                     RN="*fp32", V="*bf16", VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", GU="*fp32", ZN="*fp32",
+                     COS="*fp32", PV="*fp32",
+                     GDIST="*fp32", GLOSS="*fp32", DT="*bf16", DA="*bf16", PTG="*fp32", PUT="*fp32", PUG="*fp32",
+                     UL="*bf16")
     blocks = dict(BLOCK_CLS=cfg["BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
                   EMULATE=False, AGG=True, DIST=True, std=1, sam=1, **text_head.shape_constexprs(D, r))
     ce = cosine_ce.ce_config(B, C, D)
-    ce_ptrs = dict(X="*bf16", U="*fp32", Y="*i64", SCALE="*fp32", PM="*fp32", PL="*fp32", PT="*fp32", PS="*fp32",
+    ce_ptrs = dict(X="*bf16", U="*bf16", Y="*i64", SCALE="*fp32", PM="*fp32", PL="*fp32", PT="*fp32", PS="*fp32",
                    XN="*fp32", LOGITS="*bf16", LSE="*fp32", ROWS="*fp32", GLOSS="*fp32", GCE="*fp32", GL="*bf16",
                    BG="*bf16", DSCALE="*fp32", DU="*fp32", PDX="*fp32", DX="*bf16", DISTP="*fp32", LOSS="*fp32",
-                   CE="*fp32", DIST="*fp32")
+                   CE="*fp32", DIST="*fp32", TICKET="*i32", T="*bf16", PTG="*fp32", PUT="*fp32", PUG="*fp32")
     tiles = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=ce["BLOCK_C"], BLOCK_K=ce["BLOCK_K"])
     cu = dict(EMULATE=False, BLOCK_B=cosine_ce.BLOCK_B, BLOCK_C=cosine_ce.BLOCK_CU, BLOCK_DO=cosine_ce.BLOCK_DO)
     floats = ("ls", "inv_cm", "alpha", "w_loss")
     specs = [  # (row name, kernel, pointers, constexprs, warps[, stages])
         ("text_fwd", text_head._text_fwd_kernel, text_ptrs,
          dict(blocks, BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_N=cfg["BLOCK_N"], RESIDENT=cfg["RESIDENT"],
-              BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=cfg["TRI"], OWNERS=cfg["OWNERS"]), cfg["fwd_warps"],
+              BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=cfg["TRI"], OWNERS=cfg["OWNERS"], STORE_UL=True),
+         cfg["fwd_warps"],
          cfg["fwd_stages"]),
         ("distill_finish", text_head._distill_finish_kernel,
-         dict(VV="*fp32", VF="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32", LOSSP="*fp32"),
+         dict(VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32",
+              PV="*fp32", LOSSP="*fp32"),
          dict(BLOCK=text_head.FINISH_BLOCK), 4),
-        ("ce_fwd", cosine_ce._ce_fwd_kernel, ce_ptrs, dict(tiles, STORE_LOGITS=False), 4),
+        ("ce_fwd", cosine_ce._ce_fwd_kernel, ce_ptrs, dict(tiles, STORE_LOGITS=False, ZERO_TICKET=True), 4),
         ("ce_merge", cosine_ce._ce_merge_kernel, ce_ptrs, cosine_ce.merge_constexprs(ce), cosine_ce.MERGE_WARPS),
         ("fwd_finish", cosine_ce._fwd_finish_kernel,
-         dict(ce_ptrs, VV="*fp32", VF="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32", COS="*fp32", LOSSP="*fp32"),
-         dict(cosine_ce.merge_constexprs(ce), DIST_BLOCK=text_head.FINISH_BLOCK), cosine_ce.MERGE_WARPS),
-        ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=256), 4),
+         dict(ce_ptrs, VV="*fp32", VF="*fp32", VA="*fp32", VB="*fp32", DELTA="*fp32", BETA="*fp32", ZN="*fp32",
+              COS="*fp32", PV="*fp32", LOSSP="*fp32"),
+         dict(cosine_ce.merge_constexprs(ce), DIST_BLOCK=text_head.FINISH_BLOCK, LOSS_BLOCK=cosine_ce.LOSS_BLOCK),
+         cosine_ce.MERGE_WARPS),
+        ("losses", cosine_ce._losses_kernel, ce_ptrs, dict(BLOCK=cosine_ce.LOSS_BLOCK), 4),
         ("ce_grad", cosine_ce._ce_grad_kernel, ce_ptrs, dict(tiles, HAS_GL=False, NEED_SCALE=False), 4),
-        ("ce_du", cosine_ce._ce_du_kernel, ce_ptrs, dict(cu, BLOCK_DO=ce["BLOCK_DU"]), 4),
+        ("ce_du", cosine_ce._ce_du_kernel, dict(ce_ptrs, U="*fp32"),
+         dict(cu, BLOCK_DO=ce["BLOCK_DU"], SWEEP=True, SWEEP_M=cosine_ce.sweep_rows(M, ce["BLOCK_DU"]), std=1),
+         cosine_ce.SWEEP_WARPS),
         ("ce_dx", cosine_ce._ce_dx_kernel, ce_ptrs, cu, 4),
         ("ce_dx_finish", cosine_ce._ce_dx_finish_kernel, ce_ptrs, dict(BLOCK_D=ce["BLOCK_D"]), 4),
         ("text_bwd", text_head._text_bwd_kernel, text_ptrs,
          dict(blocks, BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
-              BLOCK_DO=cfg["BLOCK_DO"]), cfg["bwd_warps"]),
+              BLOCK_DO=cfg["BLOCK_DO"], TRI=True, OUT_CHUNKS=cfg["out_chunks"], SWEPT=True, SW_CHUNKS=ce["du_chunks"],
+              SW_P2=triton.next_power_of_2(ce["du_chunks"])), cfg["bwd_warps"]),
     ]
     out = {}
     for name, kernel, ptrs, consts, warps, *stages in specs:

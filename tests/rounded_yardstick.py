@@ -14,8 +14,8 @@ floors with no operand allowance.
 The rounding sites (``site(name, value)``) of the Triton head (demul_fast/kernels/):
 
 * ``u_hat``   u^ (float32, saved) rounded to the dtype as the CE dot's operand (_cosines);
-* ``v``       v = R t^ + c saved in T's dtype for the backward (the forward's |z| and cos
-              use the unrounded float32 v);
+* ``v``       v = R t^ + c saved in T's dtype for the backward (the forward's |z|, cos and
+              the backward's <v - c, dv |z|> use the unrounded float32 v);
 * ``bg``      B G = g (softmax(s) - q) + B dL/dlogits stored in X's dtype (_ce_grad_kernel);
 * ``x_hat``   x^ rounded as the dU dot's operand (_ce_du_kernel);
 * ``dvz``     dv |z| = F - (cos/|z|) v rounded as the dT dot's operand (_text_bwd_kernel);
@@ -260,7 +260,10 @@ def head(family: str, T, A, X, y, tau: float, basis, alpha: float, ls: float, co
         inv_z = 1 / zn.clamp_min(eps)
         g = -g_dist_tot / (C * M)
         dvz = F[:, None, :] - (cos_z * inv_z)[..., None] * v_h
-        proj_v = (p_h * dvz).sum(-1)
+        if family == "triton":  # <v - c, dv|z|> from the forward's unrounded v (_distill_finish's PV)
+            proj_v = ((v - c) * (F[:, None, :] - (cos_z * inv_z)[..., None] * v)).sum(-1)
+        else:
+            proj_v = (p_h * dvz).sum(-1)
         # dv|z|: F minus cos/|z| (r-term sums of v F and |v|^2 over a v with ERR(2 D)) times v:
         # ERR(2 D + r) x (|F| + 2 |cos/|z|| |v|)
         rank = R_h.shape[0]

@@ -9,8 +9,9 @@ against what the kernels must move (a kernel re-reading more than the bound allo
 latency terms present where loops run without a dot; every matmul on wgmma with float32
 accumulators, no spills, no ptxas performance warning (C7515: serialised wgmma); no
 zero-filled gradient, no per-step cast of the basis, no d-scale work with a frozen scale
-(host ops of the trace); the modelled goals of issue 26 (10x eager and 3x torch.compile met
-on both cards; the floor one not yet: a strict xfail); and the committed report
+(host ops of the trace); the modelled goals of issue 26 (10x eager, 3x torch.compile and 2.5x
+the floor met on both cards; CUDA within 1.5x of Triton not met against the faster Triton
+head: a strict xfail); and the committed report
 (benchmarks/results/compiled/imagenet.json) equal to the regenerated one up to rounding.
 """
 
@@ -55,7 +56,8 @@ def _kernels(report, mode="frozen", backend="triton"):
 
 
 MATMUL = ["text_fwd", "text_bwd", "ce_fwd", "ce_grad", "ce_du"]
-FROZEN = MATMUL + ["fwd_finish", "losses"]  # fwd_finish: the CE merge and the distillation finish, one launch
+# fwd_finish: the CE merge, the distillation finish and (its last program) the losses, one launch
+FROZEN = MATMUL + ["fwd_finish"]
 TRAINED = FROZEN + ["ce_dx", "ce_dx_finish"]
 
 
@@ -101,7 +103,7 @@ def test_traced_bytes_bound_what_the_kernels_must_move(report):
     k = _kernels(report)
     t_bytes, v_bytes = e * C * M * D, e * C * M * r
     must = {"text_fwd": t_bytes + v_bytes + e * r * D, "text_bwd": 2 * t_bytes + v_bytes + e * r * D,
-            "ce_fwd": e * B * D + 4 * C * D, "ce_grad": e * B * D + 4 * C * D + e * B * C}
+            "ce_fwd": e * B * D + e * C * D, "ce_grad": e * B * D + e * C * D + e * B * C}  # u^ in X's type
     for name, nbytes in must.items():
         # the sampled trace: within 10%, 15% for the CE passes (5 of their 32 class splits
         # sampled, the last one partial: U's extrapolated reads come out low)
@@ -120,27 +122,37 @@ def test_traced_bytes_bound_what_the_kernels_must_move(report):
     r_share = sum(4 - g for g in range(groups)) / (4 * groups)
     bound = (splits + (1 if cfg["AGG_PARTS"] else 0)) * t_bytes + v_bytes + r_share * tiles * e * r * D + 4 * C * r
     assert k["text_fwd"]["l2_bytes"] <= 1.1 * bound, (k["text_fwd"]["l2_bytes"], bound)
-    # text_bwd: per output chunk the row tile's T, v, F and per-class gu, u^ once, its own
-    # chunk of T, gu, u^ once more, R once per row tile, dT written once (64-row tiles: 131.8 MB)
+    # text_bwd: per output chunk the row tile's v and F once (at most: R triangular, a chunk
+    # reads the columns of r left of its diagonal), its own chunk of T, gu, u^ once, the dU
+    # pass's partial sums over D per chunk, R once per row tile, dT written once; no sweep of T
+    # per chunk (64-row tiles: 131.8 MB; 128-row tiles with the sweep per chunk: 99.1 MB)
+    ce = cosine_ce.ce_config(B, C, D)
     chunks, tiles = cfg["out_chunks"], cfg["bwd_tiles"]
     assert k["text_bwd"]["grid"] == tiles * chunks
-    bound = chunks * (t_bytes + v_bytes + 4 * C * r + 8 * C * D) + 2 * t_bytes + 8 * C * D + tiles * e * r * D
+    partials = ce["du_chunks"] * (2 * 4 * C * M + 4 * C)
+    bound = chunks * (v_bytes + 4 * C * r + partials) + 2 * t_bytes + 8 * C * D + tiles * e * r * D
     assert k["text_bwd"]["l2_bytes"] <= 1.1 * bound, (k["text_bwd"]["l2_bytes"], bound)
-    # the CE passes: the image tile once per program, U (float32) once per image tile
-    ce = cosine_ce.ce_config(B, C, D)
+    # the CE passes: the image tile once per program, u^ (in X's type) once per image tile
     for name in ("ce_fwd", "ce_grad"):
-        bound = ce["b_tiles"] * ce["splits"] * e * 64 * D + ce["b_tiles"] * 4 * C * D + (e * B * C if name == "ce_grad"
+        bound = ce["b_tiles"] * ce["splits"] * e * 64 * D + ce["b_tiles"] * e * C * D + (e * B * C if name == "ce_grad"
                                                                                           else 0)
         assert k[name]["l2_bytes"] <= 1.1 * bound + 1e6, (name, k[name]["l2_bytes"], bound)
+    # the dU pass: per program its column chunk of X and its classes' columns of BG, dU written
+    # once; its sweep for the text backward: T, the float32 u^ once, the partial sums written
+    programs = ce["du_tiles"] * ce["du_chunks"]
+    assert k["ce_du"]["grid"] == programs
+    bound = programs * e * B * (ce["BLOCK_DU"] + cosine_ce.BLOCK_CU) + 4 * C * D + t_bytes + 4 * C * D + partials
+    assert k["ce_du"]["l2_bytes"] <= 1.1 * bound, (k["ce_du"]["l2_bytes"], bound)
     assert k["fwd_finish"]["l2_bytes"] < 1e6
 
 
 def test_latency_terms(report):
-    """Loops without a dot pay dependent-load rounds: the one-program losses pass and the
-    distillation finish have some; the CE merge loads its splits in one round (issue 26: one
-    round per split before); latency_us = waves x rounds x round time."""
+    """Loops without a dot pay dependent-load rounds: the forward finish (the CE merge, the
+    distillation finish, the losses in its last program) has some; the CE merge loads its
+    splits in one round (issue 26: one round per split before); latency_us = waves x rounds x
+    round time."""
     k = _kernels(report)
-    assert k["losses"]["rounds"] >= 1 and k["losses"]["latency_us"]["h100"] > 0
+    assert k["fwd_finish"]["rounds"] >= 1 and k["fwd_finish"]["latency_us"]["h100"] > 0
     assert k["fwd_finish"]["rounds"] <= 3, k["fwd_finish"]["rounds"]  # the merge 1, the distillation finish 2
     for row in k.values():
         card = report["cards"]["h100"]["ceilings"]
@@ -188,9 +200,6 @@ def test_eager_and_compile_goals(report, card):
     assert c["compile_fwd_bwd_us"] >= 3 * c["head_fwd_bwd_us"], (c["compile_fwd_bwd_us"], c["head_fwd_bwd_us"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26's floor goal not met: the Triton head models 3.06x the floor "
-                                       "(docs/kernel-model.md); strict, so this fails once it is met and the "
-                                       "marker must go")
 def test_floor_goal(report):
     """Issue 26's goal against the floor, on both cards: the Triton head within 2.5x of the
     floor at the stated ceilings."""
@@ -199,6 +208,10 @@ def test_floor_goal(report):
         assert c["head_fwd_bwd_us"] <= 2.5 * c["floor_us"], (card, c["head_fwd_bwd_us"], c["floor_us"])
 
 
+@pytest.mark.xfail(strict=True, reason="issue 26's CUDA goal against the Triton head of helper v26 (38.5 us "
+                                       "X frozen, H100): the CUDA head (csrc/ unchanged here, 66.1 us) models "
+                                       "1.72x (1.74x X trained); the CUDA kernels are another helper's work; "
+                                       "strict, so this fails once it is met and the marker must go")
 def test_cuda_goal(report):
     """Issue 26's goal for the CUDA head, on both cards and both modes: within 1.5x of the
     Triton head's modelled time."""

@@ -238,6 +238,41 @@ def test_distill_small_projection():
           lambda t: ref.prompt_distill_loss(t, W.to(t), b.to(t), E.to(t)), [T.to(DEVICE)], diff=[0], grad_names=["dT"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_distill_backward_near_cos_one(dtype):
+    """Every e^ close to its prompts' z^ (cos near 1, dv |z| = F - (cos/|z|) v about 1e-3 of
+    |F|): the backward's <v - c, dv |z|> comes from the forward as <v - c, F> - (cos/|z|)
+    <v - c, v> (text_head._distill_finish's PV), two sums that cancel to about 1e-3 here.
+    D = r = 300 with K > D: three output chunks, each reading only its triangle of R."""
+    gen = torch.Generator().manual_seed(11)
+    C, M, D, K = 6, 3, 300, 320
+    T = torch.randn(C, 1, D, generator=gen, dtype=torch.float64) \
+        + 1e-3 * torch.randn(C, M, D, generator=gen, dtype=torch.float64)
+    T = T.to(dtype).double()  # the rows the kernels see, so that E matches them
+    W = torch.randn(K, D, generator=gen, dtype=torch.float64) / math.sqrt(D)
+    b = 0.5 * torch.randn(K, generator=gen, dtype=torch.float64)
+    z = ref.l2_normalize(T) @ W.T + b
+    E = 2.0 * z.mean(1) + 1e-3 * torch.randn(C, K, generator=gen, dtype=torch.float64)
+    e_hat, z_hat = ref.l2_normalize(E)[:, None, :], ref.l2_normalize(z)
+    cos = (e_hat * z_hat).sum(-1, keepdim=True)
+    assert float((e_hat - cos * z_hat).norm(dim=-1).max()) < 1e-2  # dv |z| small: the case is near-cancelling
+    T, W, b, E = (t.to(DEVICE) for t in (T, W, b, E))
+    basis = basis_of(W, b, E)
+    fast = (lambda t: triton_ops.prompt_distill_loss(t, basis))
+    if dtype == torch.float32:  # check()'s rule with the loss's terms (1 and cos) as its magnitude, as below
+        def reference(t):
+            return ref.prompt_distill_loss(t, W.to(t), b.to(t), E.to(t))
+        (fo,), (fg,) = run(fast, [T], [0], dtype)
+        (ro,), (rg,) = run(reference, [T], [0], torch.float64)
+        (po,), (pg,) = run(reference, [T], [0], torch.float32)
+        assert_error_rule("distill near cos 1 loss", fo, ro, po, k=2.0, dtype=dtype, magnitude=2.0)
+        assert_error_rule("distill near cos 1 dT", fg, rg, pg, k=3.0, dtype=dtype)
+    else:
+        check_rounded(f"distill near cos 1 {dtype}", rounded_yardstick.distillation, fast, [T], [0], dtype,
+                      [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)], ["distill_loss", "text_features"],
+                      (T.to(dtype), basis, 1.0), {"distill_loss": 2.0})
+
+
 HEAD_CASES = [
     # shape, label_smoothing, alpha, bias, llm embeddings, return_logits, scale tensor
     (ODD, 0.0, 1.0, True, True, False, False),
@@ -285,12 +320,34 @@ def test_demul_head(gen, shape, ls, alpha, bias, with_llm, return_logits, scale_
         assert float(fo[2].detach()) == 0.0
 
 
+def test_head_sweep_in_rounds(gen, monkeypatch):
+    """The dU pass's sweep for the text backward (cosine_ce._ce_du_kernel, SWEEP) in rounds of
+    2 prompt rows per class: M = 5 takes three rounds, the last one partial."""
+    monkeypatch.setattr(cosine_ce, "SWEEP_ELEMS", cosine_ce.BLOCK_CU * cosine_ce.BLOCK_DO * 2)
+    shape = dict(CROSSING, D=100)
+    assert cosine_ce.sweep_rows(shape["M"], cosine_ce.ce_config(shape["B"], shape["C"], shape["D"])["BLOCK_DU"]) == 2
+    T, A, X, y, E, W, b = make_inputs(gen, **shape)
+    fast, slow = head_fns(y, E, W, b, 1.0, 0.0, False)
+    check("head", fast, slow, [T, A, X, 17.0], diff=[0, 1, 2], grad_names=["dT", "dA", "dX"])
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
-def test_head_half_precision(gen, dtype):
+@pytest.mark.parametrize("path", ["128-rows", "64-rows", "streamed"])
+def test_head_half_precision(gen, monkeypatch, dtype, path):
     """Half inputs, the GPU's operand rounding emulated: outputs in the input dtype, losses
     in float32; the error rule against the yardstick that rounds what the kernels round
-    (tests/rounded_yardstick.py), with float32 floors and no operand allowance."""
+    (tests/rounded_yardstick.py), with float32 floors and no operand allowance. Each path of
+    the text forward's aggregation (the 128-row tile's parts, the 64-row resident tile, the
+    streamed tile), which also stores the u^ the CE passes read in X's type."""
+    if path == "64-rows":
+        monkeypatch.setattr(text_head, "wide_tiles_fit", lambda device: False)
+    elif path == "streamed":
+        monkeypatch.setattr(text_head, "RESIDENT_BYTES", 0)
     T, A, X, y, E, W, b = make_inputs(gen, **dict(SMALL, C=9, B=6))
+    cfg = text_head.text_config(9, SMALL["M"], SMALL["D"], min(SMALL["K"], SMALL["D"]), 2,
+                                text_head.wide_tiles_fit(None))
+    assert (bool(cfg["AGG_PARTS"]), cfg["RESIDENT"]) == {"128-rows": (True, True), "64-rows": (False, True),
+                                                          "streamed": (False, False)}[path], cfg
     fast, _ = head_fns(y, E, W, b, 1.0, 0.1, True)
     GL = rand_like(gen, torch.empty(6, 9)) / 54
     cot = [torch.tensor(1.0, dtype=torch.float64, device=DEVICE)] * 3 + [GL]
@@ -390,6 +447,35 @@ def test_labels_out_of_range_read_nothing(gen):
     expect = torch.logsumexp(s, -1) - 0.1 / C * s.sum(-1)
     expect[2] -= 0.9 * s[2, 2]
     torch.testing.assert_close(rows, expect)
+
+
+@pytest.mark.parametrize("preset", [-1, 0], ids=["no-last-ticket", "zeroed"])
+def test_losses_run_in_the_program_with_the_last_ticket(gen, monkeypatch, preset):
+    """The head's forward finish (cosine_ce._fwd_finish_kernel) reduces the losses in the one
+    program that takes the last ticket (the others' rows are stored by then, on a GPU too).
+    The interpreter runs programs in order, so a gate that lets every program reduce would
+    still end on the right value here: the ticket is set before the launch instead. From -1 no
+    program takes the last ticket, and the losses must stay unwritten (NaN-poisoned); from 0
+    (what ce_fwd's first program stores) they are written. B = 100, C*M = 111: 4 merge
+    programs."""
+    T, A, X, y, E, W, b = make_inputs(gen, C=37, M=3, D=24, B=100, K=30)
+    real = cosine_ce._fwd_finish_kernel
+
+    class Preset:
+        def __getitem__(self, grid):
+            assert grid[0] > 1, grid
+            def launch_it(*args, **kwargs):
+                tickets = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32]
+                assert len(tickets) == 1
+                tickets[0].fill_(preset)
+                return real[grid](*args, **kwargs)
+            return launch_it
+
+    monkeypatch.setattr(cosine_ce, "_fwd_finish_kernel", Preset())
+    out = triton_ops.demul_head(T.float(), A.float(), X.float(), y, torch.full((), 5.0, device=DEVICE),
+                                basis_of(W, b, E))
+    for value in (out.loss, out.ce_loss, out.distill_loss):
+        assert bool(torch.isnan(value)) == (preset == -1), (preset, value)
 
 
 def _triton_refusal(fn, **args):

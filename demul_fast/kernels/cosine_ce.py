@@ -38,6 +38,7 @@ BLOCK_DU = 64    # output columns per program of the dU pass: each chunk re-read
 MERGE_ROWS = 32  # images per program of the merge pass
 MERGE_SPLITS = 64  # splits the merge pass loads at once (one load round up to 64 splits)
 MERGE_WARPS = 4
+LOSS_BLOCK = 256   # values per load of the losses' reduction
 
 
 @triton.jit
@@ -76,8 +77,9 @@ def _cosines(X, U, b0, c0, inv_x, B, C, D, EMULATE: tl.constexpr,
 def _ce_fwd_kernel(
     X, U, Y, SCALE,                 # X [B, D], U [C, D], Y [B] int, SCALE [1] fp32
     PM, PL, PT, PS, XN, LOGITS,     # partials [splits, B] fp32 (max, sum, target, logit sum), XN [B], LOGITS [B, C]
+    TICKET,                         # [1] int32, zeroed by the first program (ZERO_TICKET: _fwd_finish_kernel's)
     B, C, D, cls_per_split,
-    STORE_LOGITS: tl.constexpr, EMULATE: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, ZERO_TICKET: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -114,6 +116,9 @@ def _ce_fwd_kernel(
     tl.store(PS + split * B + offs_b, s_sum, mask=b_ok)
     if split == 0:
         tl.store(XN + offs_b, xn, mask=b_ok)
+    if ZERO_TICKET:
+        if (pid == 0) & (split == 0):
+            tl.store(TICKET, 0)
 
 
 @triton.jit
@@ -125,16 +130,26 @@ def _ce_merge_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.cons
 
 @triton.jit
 def _fwd_finish_kernel(PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, MERGE_PROGRAMS,
-                       VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_PROGRAMS,
-                       BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK: tl.constexpr):
+                       VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, DSPLITS, DIST_PROGRAMS,
+                       TICKET, LOSS, CE, DIST, inv_cm, alpha,
+                       BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, DIST_BLOCK: tl.constexpr,
+                       LOSS_BLOCK: tl.constexpr):
     """The head's forward finish in one launch: programs below MERGE_PROGRAMS merge the CE
     partials (_ce_merge_kernel), programs below DIST_PROGRAMS finish the distillation
-    (text_head._distill_finish_kernel); two small passes, one launch."""
+    (text_head._distill_finish_kernel), and the program that finishes last reduces the
+    losses (_losses_kernel): three small passes, one launch. TICKET [1] int32 counts the
+    programs done; ce_forward's first program zeroed it earlier in the stream (no host op)."""
     pid = tl.program_id(0)
     if pid < MERGE_PROGRAMS:
         _merge(pid, PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK, BLOCK_S)
     if pid < DIST_PROGRAMS:
-        _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, DSPLITS, DIST_BLOCK)
+        _distill_finish(pid, VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, DSPLITS, DIST_BLOCK)
+    # every thread's stores of ROWS / LOSSP before the ticket; acq_rel at GPU scope publishes them
+    # to, and orders them before the loads of, the program that takes the last ticket
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET, 1, sem="acq_rel", scope="gpu")
+    if ticket == tl.num_programs(0) - 1:
+        _losses(ROWS, B, LOSSP, DIST_PROGRAMS, inv_cm, alpha, LOSS, CE, DIST, LOSS_BLOCK)
 
 
 @triton.jit
@@ -165,14 +180,20 @@ def _merge(pid, PM, PL, PT, PS, LSE, ROWS, B, C, SPLITS, ls, BLOCK: tl.constexpr
 @triton.jit
 def _losses_kernel(ROWS, B, DISTP, N_DIST, inv_cm, alpha, LOSS, CE, DIST, BLOCK: tl.constexpr):
     """ce = mean(ROWS), dist = inv_cm * sum(DISTP), loss = ce + alpha dist (one program)."""
+    _losses(ROWS, B, DISTP, N_DIST, inv_cm, alpha, LOSS, CE, DIST, BLOCK)
+
+
+@triton.jit
+def _losses(ROWS, B, DISTP, N_DIST, inv_cm, alpha, LOSS, CE, DIST, BLOCK: tl.constexpr):
+    # .cg: read at L2, where other programs of the same launch stored them (_fwd_finish_kernel)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for b0 in range(0, B, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
-        acc += tl.load(ROWS + offs, mask=offs < B, other=0.0)
+        acc += tl.load(ROWS + offs, mask=offs < B, other=0.0, cache_modifier=".cg")
     dacc = tl.zeros([BLOCK], dtype=tl.float32)
     for d0 in range(0, N_DIST, BLOCK):
         offs = d0 + tl.arange(0, BLOCK)
-        dacc += tl.load(DISTP + offs, mask=offs < N_DIST, other=0.0)
+        dacc += tl.load(DISTP + offs, mask=offs < N_DIST, other=0.0, cache_modifier=".cg")
     ce = tl.sum(acc, axis=0) / tl.maximum(B, 1)
     dist = tl.sum(dacc, axis=0) * inv_cm
     tl.store(CE, ce)
@@ -220,11 +241,14 @@ def _ce_grad_kernel(
 @triton.jit
 def _ce_du_kernel(
     X, XN, BG, SCALE, DU,                # DU [C, D] = (tau/B) (BG)^T x^
-    B, C, D, EMULATE: tl.constexpr,
+    U, T, PTG, PUT, PUG,                 # SWEEP: U [C, D] the class features, T [C, M, D] strided, partials
+    B, C, D, M, stc, stm, std,
+    EMULATE: tl.constexpr, SWEEP: tl.constexpr, SWEEP_M: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr,
 ):
     c0 = tl.program_id(0) * BLOCK_C
-    o0 = tl.program_id(1) * BLOCK_DO
+    chunk = tl.program_id(1)
+    o0 = chunk * BLOCK_DO
     acc = tl.zeros([BLOCK_C, BLOCK_DO], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
@@ -235,9 +259,32 @@ def _ce_du_kernel(
         acc = _dot(tl.load(bgt, boundary_check=(0, 1), padding_option="zero"), x_hat, acc, X.dtype.element_ty,
                    EMULATE)
     tau = tl.load(SCALE).to(tl.float32)
+    du = ((tau / B) * acc).to(DU.dtype.element_ty)
     p = tl.make_block_ptr(DU, shape=(C, D), strides=(D, 1), offsets=(c0, o0), block_shape=(BLOCK_C, BLOCK_DO),
                           order=(1, 0))
-    tl.store(p, ((tau / B) * acc).to(DU.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p, du, boundary_check=(0, 1))
+    if SWEEP:
+        # the text backward's sums over D (text_head._text_bwd_kernel, SWEPT), over this chunk of
+        # columns: <t, gu> and <u^, t> per prompt row, <u^, gu> per class, with gu = dU as stored.
+        # The rows of T read once here instead of once per output chunk of the text backward.
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        offs_o = o0 + tl.arange(0, BLOCK_DO)
+        c_ok = offs_c < C
+        o_ok = offs_o < D
+        gu = du.to(tl.float32)
+        uh = tl.load(U + offs_c[:, None] * D + offs_o[None, :], mask=c_ok[:, None] & o_ok[None, :],
+                     other=0.0).to(tl.float32)
+        tl.store(PUG + chunk * C + offs_c, tl.sum(uh * gu, axis=1), mask=c_ok)
+        for m0 in range(0, M, SWEEP_M):
+            offs_m = m0 + tl.arange(0, SWEEP_M)
+            m_ok = offs_m < M
+            t = tl.load(T + offs_c[:, None, None] * stc + offs_m[None, :, None] * stm + offs_o[None, None, :] * std,
+                        mask=c_ok[:, None, None] & m_ok[None, :, None] & o_ok[None, None, :], other=0.0)
+            t = t.to(tl.float32)
+            rows = chunk * C * M + offs_c[:, None] * M + offs_m[None, :]
+            ok = c_ok[:, None] & m_ok[None, :]
+            tl.store(PTG + rows, tl.sum(t * gu[:, None, :], axis=2), mask=ok)
+            tl.store(PUT + rows, tl.sum(t * uh[:, None, :], axis=2), mask=ok)
 
 
 @triton.jit
@@ -338,11 +385,16 @@ def merge_constexprs(cfg: dict) -> dict:
     return dict(BLOCK=MERGE_ROWS, BLOCK_S=cfg["BLOCK_S"])
 
 
-def ce_forward(X, U, y, scale, ls: float, return_logits: bool, dist: Optional[text_head.DistillPartials] = None):
+def ce_forward(X, U, y, scale, ls: float, return_logits: bool, dist: Optional[text_head.DistillPartials] = None,
+               alpha: Optional[float] = None, rows_dist: int = 1):
     """X [B, D], U [C, D] (contiguous), y [B] int, scale [1] fp32.
-    Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None);
-    with ``dist`` (text_head.text_forward(..., finish=False)) its merge launch also finishes
-    the distillation, and (|z|, cos, per-program sums of (1 - cos)) follow."""
+    Returns (per-image loss [B], lse [B], |x| [B] (fp32), logits [B, C] in X.dtype or None).
+    With ``alpha`` (the head) its merge launch also reduces the losses (``losses``: loss = ce
+    + alpha dist, dist over ``rows_dist`` rows) and, with ``dist`` (text_head.text_forward(...,
+    finish=False)), finishes the distillation; (|z|, cos, per-program sums of (1 - cos), PV),
+    None without ``dist``, and (loss, ce, dist) [] fp32 follow."""
+    if dist is not None and alpha is None:
+        raise ValueError("ce_forward: dist (the distillation partials) needs alpha (the losses run in its finish)")
     B, D = X.shape
     C = U.shape[0]
     cfg = ce_config(B, C, D)
@@ -351,20 +403,30 @@ def ce_forward(X, U, y, scale, ls: float, return_logits: bool, dist: Optional[te
     parts = [launch.new_output((cfg["splits"], B), **f32) for _ in range(4)]
     xn = launch.new_output((B,), **f32)
     logits = launch.new_output((B, C), X.dtype, dev) if return_logits else None
+    fold = alpha is not None
+    ticket = launch.new_output((1,), torch.int32, dev) if fold else xn
     _ce_fwd_kernel[(cfg["b_tiles"], cfg["splits"])](
-        X, U, y, scale, *parts, xn, logits if return_logits else xn, B, C, D, cfg["cls_per_split"],
-        STORE_LOGITS=return_logits, EMULATE=launch.emulate_dot(X.dtype), BLOCK_B=BLOCK_B,
+        X, U, y, scale, *parts, xn, logits if return_logits else xn, ticket, B, C, D, cfg["cls_per_split"],
+        STORE_LOGITS=return_logits, ZERO_TICKET=fold, EMULATE=launch.emulate_dot(X.dtype), BLOCK_B=BLOCK_B,
         BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     lse, rows = launch.new_output((B,), **f32), launch.new_output((B,), **f32)
     merge = (*parts, lse, rows, B, C, cfg["splits"], launch.fp32_scalar(ls))
-    if dist is None:
+    if not fold:
         _ce_merge_kernel[(cfg["merge_programs"],)](*merge, **merge_constexprs(cfg), num_warps=MERGE_WARPS)
         return rows, lse, xn, logits
-    zn, cos, loss_parts, args = text_head.finish_args(dist)
-    programs = max(cfg["merge_programs"], loss_parts.shape[0])
-    _fwd_finish_kernel[(programs,)](*merge, cfg["merge_programs"], *args, loss_parts.shape[0],
-                                    **merge_constexprs(cfg), DIST_BLOCK=text_head.FINISH_BLOCK, num_warps=MERGE_WARPS)
-    return rows, lse, xn, logits, zn, cos, loss_parts
+    out = [launch.new_output((), torch.float32, dev) for _ in range(3)]
+    if dist is not None:
+        zn, cos, pv, loss_parts, args = text_head.finish_args(dist)
+        n_dist = loss_parts.shape[0]
+    else:  # no distillation: its programs do nothing, its pointers are never read
+        zn = cos = pv = loss_parts = None
+        args = (xn,) * 10 + (0, 1, 0)
+        n_dist = 0
+    programs = max(cfg["merge_programs"], n_dist)
+    _fwd_finish_kernel[(programs,)](*merge, cfg["merge_programs"], *args, n_dist, ticket, *out,
+                                    1.0 / max(rows_dist, 1), launch.fp32_scalar(alpha), **merge_constexprs(cfg),
+                                    DIST_BLOCK=text_head.FINISH_BLOCK, LOSS_BLOCK=LOSS_BLOCK, num_warps=MERGE_WARPS)
+    return (rows, lse, xn, logits, zn, cos, loss_parts, pv, *out)
 
 
 def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
@@ -375,16 +437,20 @@ def losses(rows, dist_parts, rows_dist: int, alpha: float, device):
     _losses_kernel[(1,)](rows if rows is not None else dummy, rows.shape[0] if rows is not None else 0,
                          dist_parts if dist_parts is not None else dummy,
                          dist_parts.shape[0] if dist_parts is not None else 0, 1.0 / max(rows_dist, 1),
-                         launch.fp32_scalar(alpha), *out, BLOCK=256, num_warps=4)
+                         launch.fp32_scalar(alpha), *out, BLOCK=LOSS_BLOCK, num_warps=4)
     return out
 
 
 def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_dx: bool, du_dtype=None,
-                grad_loss=None, w_loss: float = 0.0, need_scale: bool = True):
+                grad_loss=None, w_loss: float = 0.0, need_scale: bool = True, sweep_t=None, sweep_u=None):
     """dL/dL_ce = w_loss grad_loss + grad_ce (fp32 [1] tensors, read by the kernel: no torch
     op to combine them); grad_logits [B, C] contiguous or None.
+    With ``sweep_t`` (the head: T [C, M, D], whose aggregation gave U) the dU pass also sums
+    the text backward's <t, dU>, <u^, t> per row and <u^, dU> per class over its chunk of
+    columns (text_head.text_backward's ``swept``), with u^ = ``sweep_u`` (default U; the head
+    passes the float32 u^ there and u^ in X's type as U).
     Returns (dU [C, D] in du_dtype (default U.dtype), d scale [] fp32 or None (not
-    need_scale: no work for it), dX [B, D] or None)."""
+    need_scale: no work for it), dX [B, D] or None[, text_head.Swept with sweep_t])."""
     B, D = X.shape
     C = U.shape[0]
     cfg = ce_config(B, C, D)
@@ -401,9 +467,21 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=cfg["BLOCK_K"], num_warps=4)
     dU = launch.new_output((C, D), du_dtype or U.dtype, dev)
-    _ce_du_kernel[(cfg["du_tiles"], cfg["du_chunks"])](X, xn, bg, scale, dU, B, C, D, EMULATE=emulate,
-                                                       BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
-                                                       num_warps=4)
+    swept = None
+    if sweep_t is not None:
+        if sweep_t.shape[0] != C or sweep_t.shape[2] != D:
+            raise ValueError(f"ce_backward: sweep_t {tuple(sweep_t.shape)} is not [C={C}, M, D={D}]")
+        M = sweep_t.shape[1]
+        f32 = dict(dtype=torch.float32, device=dev)
+        swept = text_head.Swept(launch.new_output((cfg["du_chunks"], C * M), **f32),
+                                launch.new_output((cfg["du_chunks"], C * M), **f32),
+                                launch.new_output((cfg["du_chunks"], C), **f32), cfg["du_chunks"])
+    M = sweep_t.shape[1] if swept else 1
+    _ce_du_kernel[(cfg["du_tiles"], cfg["du_chunks"])](
+        X, xn, bg, scale, dU, U if sweep_u is None else sweep_u, sweep_t if swept else dU, *(swept[:3] if swept else (dU,) * 3), B, C, D, M,
+        *(sweep_t.stride() if swept else (0, 0, 0)), EMULATE=emulate, SWEEP=swept is not None,
+        SWEEP_M=sweep_rows(M, cfg["BLOCK_DU"]), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_CU, BLOCK_DO=cfg["BLOCK_DU"],
+        num_warps=SWEEP_WARPS if swept else 4)
     dX = None
     if need_dx:
         pdx = launch.new_output((cfg["dx_splits"], B, D), torch.float32, dev)
@@ -413,4 +491,15 @@ def ce_backward(X, U, y, scale, lse, xn, grad_ce, grad_logits, ls: float, need_d
         dX = launch.new_output((B, D), X.dtype, dev)
         _ce_dx_finish_kernel[(B,)](X, xn, pdx, scale, dX, B, D, cfg["dx_splits"], BLOCK_D=cfg["BLOCK_D"],
                                    num_warps=4)
-    return dU, (dscale.sum() / B if need_scale else None), dX
+    out = (dU, (dscale.sum() / B if need_scale else None), dX)
+    return out + (swept,) if sweep_t is not None else out
+
+
+SWEEP_WARPS = 8     # warps of the dU pass with the sweep (ptxas sm_90a, imagenet: 205 registers, no spill)
+SWEEP_ELEMS = 16384  # T elements per load round of its sweep (64 float32 registers a thread at 8 warps; 4 rows
+#                      of 64 classes x 64 columns; 8 rows spill 1.2 KB)
+
+
+def sweep_rows(M: int, block_do: int) -> int:
+    """Prompt rows per class per load round of the dU pass's sweep (a power of two)."""
+    return max(1, min(triton.next_power_of_2(M), SWEEP_ELEMS // (BLOCK_CU * block_do)))

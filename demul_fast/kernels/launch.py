@@ -23,9 +23,11 @@ POISON_OUTPUTS = os.environ.get("DEMUL_FAST_POISON_OUTPUTS", "0") == "1"
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:
-    """torch.empty, or a NaN-filled buffer when POISON_OUTPUTS is set."""
+    """torch.empty, or a NaN-filled buffer when POISON_OUTPUTS is set (integers: a large
+    negative value, e.g. a ticket counter its kernel must zero first)."""
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -(2 ** 30), dtype=dtype,
+                          device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -24,7 +24,7 @@ size of a row tile stays live across a loop. D and r are compile-time constants.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -171,21 +171,27 @@ def _dot_f32(a, b, acc, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _aggregate_store(tf, scale, U, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-    """u = sum_m (w/n) t over a resident tile tf [BLOCK_R, BLOCK_D] fp32; stores |u| and u^."""
+def _aggregate_store(tf, scale, U, UL, RN, pid, C, D: tl.constexpr, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr, STORE_UL: tl.constexpr):
+    """u = sum_m (w/n) t over a resident tile tf [BLOCK_R, BLOCK_D] fp32; stores |u| and u^
+    (and u^ in UL's type, STORE_UL)."""
     u = tl.sum(tl.reshape(tf * scale[:, None], [BLOCK_CLS, BLOCK_M, BLOCK_D]), axis=1)
     r = tl.sqrt(tl.sum(u * u, axis=1))
     offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
     tl.store(RN + offs_cls, r, mask=offs_cls < C)
     u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, 0),
                               block_shape=(BLOCK_CLS, BLOCK_D), order=(1, 0))
-    tl.store(u_ptr, (u * (1.0 / tl.maximum(r, EPS))[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+    u_hat = u * (1.0 / tl.maximum(r, EPS))[:, None]
+    tl.store(u_ptr, u_hat.to(U.dtype.element_ty), boundary_check=(0, 1))
+    if STORE_UL:
+        tl.store(tl.make_block_ptr(UL, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, 0),
+                                   block_shape=(BLOCK_CLS, BLOCK_D), order=(1, 0)),
+                 u_hat.to(UL.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
-def _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.constexpr, BLOCK_CLS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr):
+def _aggregate_parts(T, A, U, UL, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.constexpr, BLOCK_CLS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PARTS: tl.constexpr, STORE_UL: tl.constexpr):
     """The aggregation of the program's classes in PARTS parts of BLOCK_CLS // PARTS classes,
     each part's [rows, D] tile read once from global memory: n = |t|, w = softmax(A),
     u = sum_m (w/n) t, stores |u| and u^. A 128-row tile aggregated at once next to the
@@ -211,7 +217,12 @@ def _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D: tl.cons
         tl.store(RN + offs_c, r, mask=offs_c < C)
         u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(cls0, 0),
                                   block_shape=(CP, BLOCK_D), order=(1, 0))
-        tl.store(u_ptr, (u * (1.0 / tl.maximum(r, EPS))[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+        u_hat = u * (1.0 / tl.maximum(r, EPS))[:, None]
+        tl.store(u_ptr, u_hat.to(U.dtype.element_ty), boundary_check=(0, 1))
+        if STORE_UL:
+            tl.store(tl.make_block_ptr(UL, shape=(C, D), strides=(D, 1), offsets=(cls0, 0),
+                                       block_shape=(CP, BLOCK_D), order=(1, 0)),
+                     u_hat.to(UL.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -238,24 +249,29 @@ def _piece(q: tl.constexpr, t0, t1, t2, t3):
 def _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr):
     """v = acc / n + c over columns n0:n0+BLOCK_N of r, stored in V's dtype; returns the
-    partial |v|^2 and <v, F_c> per row."""
+    partial |v|^2, <v, F_c>, <v - c, F_c> and <v - c, v> per row (the last two: the backward's
+    <v - c, dv |z|> without a sweep over all of r, _distill_finish)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
     v = tl.where(row_ok[:, None] & (offs_n[None, :] < RANK), acc * inv_n[:, None] + cv[None, :], 0.0)
     tl.store(_v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N),
              tl.reshape(v.to(V.dtype.element_ty), [BLOCK_CLS, BLOCK_M, BLOCK_N]), boundary_check=(0, 1, 2))
-    return tl.sum(v * v, axis=1), _row_dot(v, _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+    f = _load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N)
+    vc = tl.where(row_ok[:, None], v - cv[None, :], 0.0)
+    return tl.sum(v * v, axis=1), _row_dot(v, f, BLOCK_M), _row_dot(vc, f, BLOCK_M), tl.sum(vc * v, axis=1)
 
 
 @triton.jit
 def _text_fwd_kernel(
     T, A, R, CV, F,                 # T [C, M, D] strided, A [C, M] strided, R [r, D] in T's dtype, CV [r], F [C, r]
-    NORM, U, RN, V, VV, VF,         # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF [splits, C*M]
+    NORM, U, RN, V, VV, VF, VA, VB,  # NORM [C*M] |t|, U [C, D] u^, RN [C] |u|, V [C*M, r], VV/VF/VA/VB [splits, C*M]
+    UL,                             # STORE_UL: u^ [C, D] again, in the cross-entropy dot's operand type
     C, M, stc, stm, std, sac, sam, cols_per_split,
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, AGG_PARTS: tl.constexpr, TRI: tl.constexpr, OWNERS: tl.constexpr,
+    STORE_UL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -283,7 +299,8 @@ def _text_fwd_kernel(
             if RESIDENT:
                 if AGG_PARTS == 0:  # from the resident tile (else after the product, below)
                     scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
-                    _aggregate_store(t_all.to(tl.float32), scale, U, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D)
+                    _aggregate_store(t_all.to(tl.float32), scale, U, UL, RN, pid, C, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
+                                     STORE_UL)
             else:
                 scale = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M) * inv_n  # w / n per row
                 offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
@@ -301,29 +318,46 @@ def _text_fwd_kernel(
                     u_ptr = tl.make_block_ptr(U, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
                                               block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0))
                     tl.store(u_ptr, (u * inv_r[:, None]).to(U.dtype.element_ty), boundary_check=(0, 1))
+                    if STORE_UL:
+                        tl.store(tl.make_block_ptr(UL, shape=(C, D), strides=(D, 1), offsets=(pid * BLOCK_CLS, d0),
+                                                   block_shape=(BLOCK_CLS, BLOCK_K), order=(1, 0)),
+                                 (u * inv_r[:, None]).to(UL.dtype.element_ty), boundary_check=(0, 1))
     if DIST:
         vv = tl.zeros([BLOCK_R], dtype=tl.float32)
         vf = tl.zeros([BLOCK_R], dtype=tl.float32)
+        va = tl.zeros([BLOCK_R], dtype=tl.float32)
+        vb = tl.zeros([BLOCK_R], dtype=tl.float32)
         if TRI:
             # R is upper triangular (triton_ops.triangular_basis): R[n, d] = 0 for d < n, so the
             # columns n of group g (PW of them, from g PW) take only the pieces q >= g of the tile
             # and of R^T: 10 of the 16 piece products at D = r. Each split owns whole groups
-            # (OWNERS: 2 bits per group, the groups balanced by their piece counts).
+            # (OWNERS: 2 bits per group, the groups balanced by their piece counts). Within the
+            # diagonal piece (q = g) only the 16-byte groups of R reaching d >= n are loaded.
             for g in tl.static_range(4):
                 if g * PW < RANK:
                     if ((OWNERS >> (2 * g)) & 3) == split:
                         for n0 in range(g * PW, (g + 1) * PW, BLOCK_N):
                             acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
                             for q in tl.static_range(g, 4):
-                                rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D), offsets=(q * PW, n0),
-                                                           block_shape=(PW, BLOCK_N), order=(0, 1))   # R^T piece
-                                acc = _dot(_piece(q, t0, t1, t2, t3),
-                                           tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc,
-                                           DTYPE, EMULATE)
-                            dvv, dvf = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS,
-                                              BLOCK_M, BLOCK_N)
+                                if q == g:  # the diagonal piece: only R's 16-byte groups that reach d >= n
+                                    offs_d = q * PW + tl.arange(0, PW)
+                                    offs_n = n0 + tl.arange(0, BLOCK_N)
+                                    group_end = (offs_d // 8) * 8 + 7
+                                    rt_ok = ((offs_d[:, None] < D) & (offs_n[None, :] < RANK)
+                                             & (group_end[:, None] >= offs_n[None, :]))
+                                    rt = tl.load(R + offs_n[None, :] * D + offs_d[:, None], mask=rt_ok, other=0.0)
+                                else:
+                                    rt_ptr = tl.make_block_ptr(R, shape=(D, RANK), strides=(1, D),
+                                                               offsets=(q * PW, n0), block_shape=(PW, BLOCK_N),
+                                                               order=(0, 1))   # R^T piece
+                                    rt = tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero")
+                                acc = _dot(_piece(q, t0, t1, t2, t3), rt, acc, DTYPE, EMULATE)
+                            dvv, dvf, dva, dvb = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK,
+                                                        BLOCK_CLS, BLOCK_M, BLOCK_N)
                             vv += dvv
                             vf += dvf
+                            va += dva
+                            vb += dvb
         else:
             col_end = tl.minimum(split * cols_per_split + cols_per_split, RANK)
             for n0 in range(split * cols_per_split, col_end, BLOCK_N):
@@ -340,55 +374,102 @@ def _text_fwd_kernel(
                                                    block_shape=(BLOCK_K, BLOCK_N), order=(0, 1))   # R^T chunk
                         acc = _dot(t, tl.load(rt_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE,
                                    EMULATE)
-                dvv, dvf = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS, BLOCK_M, BLOCK_N)
+                dvv, dvf, dva, dvb = _v_out(acc, inv_n, row_ok, CV, F, V, pid, C, M, n0, RANK, BLOCK_CLS, BLOCK_M,
+                                            BLOCK_N)
                 vv += dvv
                 vf += dvf
+                va += dva
+                vb += dvb
         tl.store(VV + split * CM + row, vv, mask=row_ok)
         tl.store(VF + split * CM + row, vf, mask=row_ok)
+        tl.store(VA + split * CM + row, va, mask=row_ok)
+        tl.store(VB + split * CM + row, vb, mask=row_ok)
     if AGG and RESIDENT and AGG_PARTS > 0:
         if split == 0:  # after the product, the resident tile dead: the tile read once more, in parts
-            _aggregate_parts(T, A, U, RN, pid, C, M, stc, stm, std, sac, sam, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
-                             AGG_PARTS)
+            _aggregate_parts(T, A, U, UL, RN, pid, C, M, stc, stm, std, sac, sam, D, BLOCK_CLS, BLOCK_M, BLOCK_D,
+                             AGG_PARTS, STORE_UL)
 
 
 @triton.jit
 def _distill_finish_kernel(
-    VV, VF, DELTA, BETA,            # partial sums [splits, C*M], DELTA [C], BETA [1]
-    ZN, COS, LOSSP,                 # ZN/COS [C*M] fp32, LOSSP [programs] fp32: sum of (1 - cos)
+    VV, VF, VA, VB, DELTA, BETA,    # partial sums [splits, C*M], DELTA [C], BETA [1]
+    ZN, COS, PV, LOSSP,             # ZN/COS/PV [C*M] fp32, LOSSP [programs] fp32: sum of (1 - cos)
     CM, M, SPLITS, BLOCK: tl.constexpr,
 ):
-    _distill_finish(tl.program_id(0), VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK)
+    _distill_finish(tl.program_id(0), VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, SPLITS, BLOCK)
 
 
 @triton.jit
-def _distill_finish(pid, VV, VF, DELTA, BETA, ZN, COS, LOSSP, CM, M, SPLITS, BLOCK: tl.constexpr):
+def _distill_finish(pid, VV, VF, VA, VB, DELTA, BETA, ZN, COS, PV, LOSSP, CM, M, SPLITS, BLOCK: tl.constexpr):
     """One program of the distillation finish: rows pid * BLOCK ... (the head's forward runs it
-    in the cross-entropy merge's launch, cosine_ce._fwd_finish_kernel)."""
+    in the cross-entropy merge's launch, cosine_ce._fwd_finish_kernel). Also the backward's
+    PV = <v - c, dv |z|> = <v - c, F> - k <v - c, v> with k = cos / |z| (0 below the eps floor,
+    as the backward's dv), so that the backward needs only the columns of r its chunk of
+    the output reads (R triangular)."""
     row = pid * BLOCK + tl.arange(0, BLOCK)
     ok = row < CM
     vv = tl.zeros([BLOCK], dtype=tl.float32)
     vf = tl.zeros([BLOCK], dtype=tl.float32)
+    va = tl.zeros([BLOCK], dtype=tl.float32)
+    vb = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLITS):
         vv += tl.load(VV + s * CM + row, mask=ok, other=0.0)
         vf += tl.load(VF + s * CM + row, mask=ok, other=0.0)
+        va += tl.load(VA + s * CM + row, mask=ok, other=0.0)
+        vb += tl.load(VB + s * CM + row, mask=ok, other=0.0)
     zn = tl.sqrt(vv + tl.load(BETA))
     cos = (vf + tl.load(DELTA + row // M, mask=ok, other=0.0)) / tl.maximum(zn, EPS)
     tl.store(ZN + row, zn, mask=ok)
     tl.store(COS + row, cos, mask=ok)
+    k = tl.where(zn >= EPS, cos, 0.0) / tl.maximum(zn, EPS)
+    tl.store(PV + row, va - k * vb, mask=ok)
     tl.store(LOSSP + pid, tl.sum(tl.where(ok, 1.0 - cos, 0.0), axis=0))
+
+
+@triton.jit
+def _bwd_product(acc, k, V, F, R, pid, C, M, o0, N_START: tl.constexpr, N_END: tl.constexpr, D: tl.constexpr,
+                 RANK: tl.constexpr, DTYPE: tl.constexpr, EMULATE: tl.constexpr, BLOCK_CLS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DO: tl.constexpr, TRI: tl.constexpr = False):
+    """acc + dv|z| R[N_START:N_END, o0:o0+BLOCK_DO] with dv|z| = F - k v (k = cos / |z| per row).
+    TRI: R is upper triangular (R[n, o] = 0 for o < n, exactly: triton_ops.triangular_basis), and
+    only its 16-byte groups of 8 columns that reach the diagonal or beyond are loaded (the
+    others are the zeros they would read)."""
+    BLOCK_R: tl.constexpr = BLOCK_CLS * BLOCK_M
+    for n0 in range(N_START, N_END, BLOCK_N):
+        v_ptr = _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N)
+        v = tl.reshape(tl.load(v_ptr, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_R, BLOCK_N])
+        v = v.to(tl.float32)
+        f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
+        # dv |z| (entries within [-2, 2]): the row factor 1/|z| is applied after the product, so
+        # that float16 operands cannot overflow when |z| is small
+        dvz = f - k[:, None] * v
+        if TRI:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            offs_o = o0 + tl.arange(0, BLOCK_DO)
+            group_end = (offs_o // 8) * 8 + 7  # the last column of each column's group of 8
+            r_ok = (offs_n[:, None] < RANK) & (offs_o[None, :] < D) & (group_end[None, :] >= offs_n[:, None])
+            r = tl.load(R + offs_n[:, None] * D + offs_o[None, :], mask=r_ok, other=0.0)
+        else:
+            r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
+                                      block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
+            r = tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero")
+        acc = _dot(dvz, r, acc, DTYPE, EMULATE)
+    return acc
 
 
 @triton.jit
 def _text_bwd_kernel(
     T, A, NORM, U, RN, GU,          # forward inputs and statistics; U [C, D] u^ and GU [C, D] dL/du^, fp32
-    R, CV, F, V, ZN, COS,           # basis, saved v, |z|, cos
+    R, CV, F, V, ZN, COS, PV,       # basis, saved v, |z|, cos, <v - c, dv |z|>
     GLOSS, GDIST,                   # dL/dL_dist = w_loss GLOSS + GDIST ([1] fp32 each)
     DT, DA,                         # DT [C, M, D] contiguous, DA [C, M] contiguous
+    PTG, PUT, PUG,                  # SWEPT: [SW_CHUNKS, C*M] <t, gu>, <u^, t>, [SW_CHUNKS, C] <u^, gu> partials
     C, M, stc, stm, std, sac, sam, inv_cm, w_loss,
     D: tl.constexpr, RANK: tl.constexpr,
     AGG: tl.constexpr, DIST: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_CLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_DO: tl.constexpr,
+    BLOCK_DO: tl.constexpr, TRI: tl.constexpr, OUT_CHUNKS: tl.constexpr,
+    SWEPT: tl.constexpr, SW_CHUNKS: tl.constexpr, SW_P2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -405,16 +486,26 @@ def _text_bwd_kernel(
         w = _prompt_weights(A, pid, C, M, sac, sam, BLOCK_CLS, BLOCK_M)
         offs_cls = pid * BLOCK_CLS + tl.arange(0, BLOCK_CLS)
         r = tl.load(RN + offs_cls, mask=offs_cls < C, other=1.0)
-        a_tg = tl.zeros([BLOCK_R], dtype=tl.float32)    # <t, gu> per row
-        a_ut = tl.zeros([BLOCK_R], dtype=tl.float32)    # <u^, t> per row
-        a_ug = tl.zeros([BLOCK_CLS], dtype=tl.float32)  # <u^, gu> per class
-        for d0 in range(0, D, BLOCK_K):
-            t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
-            gu = _load_cls(GU, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
-            uh = _load_cls(U, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
-            a_tg += _row_dot(t, gu, BLOCK_M)
-            a_ut += _row_dot(t, uh, BLOCK_M)
-            a_ug += tl.sum(uh * gu, axis=1)
+        if SWEPT:  # the sums over D from the dU pass (cosine_ce._ce_du_kernel), per chunk of its columns
+            offs_s = tl.arange(0, SW_P2)
+            s_ok = offs_s < SW_CHUNKS
+            at_rows = offs_s[:, None] * (C * M) + row[None, :]
+            rows_ok = s_ok[:, None] & row_ok[None, :]
+            a_tg = tl.sum(tl.load(PTG + at_rows, mask=rows_ok, other=0.0), axis=0)
+            a_ut = tl.sum(tl.load(PUT + at_rows, mask=rows_ok, other=0.0), axis=0)
+            a_ug = tl.sum(tl.load(PUG + offs_s[:, None] * C + offs_cls[None, :],
+                                  mask=s_ok[:, None] & (offs_cls < C)[None, :], other=0.0), axis=0)
+        else:
+            a_tg = tl.zeros([BLOCK_R], dtype=tl.float32)    # <t, gu> per row
+            a_ut = tl.zeros([BLOCK_R], dtype=tl.float32)    # <u^, t> per row
+            a_ug = tl.zeros([BLOCK_CLS], dtype=tl.float32)  # <u^, gu> per class
+            for d0 in range(0, D, BLOCK_K):
+                t = _load_t(T, pid, C, M, D, stc, stm, std, d0, BLOCK_CLS, BLOCK_M, BLOCK_K).to(tl.float32)
+                gu = _load_cls(GU, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+                uh = _load_cls(U, pid, C, D, d0, BLOCK_CLS, BLOCK_K)
+                a_tg += _row_dot(t, gu, BLOCK_M)
+                a_ut += _row_dot(t, uh, BLOCK_M)
+                a_ug += tl.sum(uh * gu, axis=1)
         # normalize backward of u^; below the floor the divisor is the constant eps (SPEC 4.1)
         inv_r = 1.0 / tl.maximum(r, EPS)
         proj_u = tl.where(r >= EPS, a_ug, 0.0)
@@ -428,22 +519,18 @@ def _text_bwd_kernel(
         cos = tl.where(zn >= EPS, tl.load(COS + row, mask=row_ok, other=0.0), 0.0)
         inv_z = 1.0 / tl.maximum(zn, EPS)
         g = -(w_loss * tl.load(GLOSS) + tl.load(GDIST)) * inv_cm
-        proj_v = tl.zeros([BLOCK_R], dtype=tl.float32)  # <v - c, dv |z|> = |z| <t^, R^T dv>
+        # <v - c, dv |z|> = |z| <t^, R^T dv> over all of r, from the forward (_distill_finish)
+        proj_v = tl.load(PV + row, mask=row_ok, other=0.0)
         acc = tl.zeros([BLOCK_R, BLOCK_DO], dtype=tl.float32)
-        for n0 in range(0, RANK, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            v_ptr = _v_block(V, pid, C, M, RANK, n0, BLOCK_CLS, BLOCK_M, BLOCK_N)
-            v = tl.reshape(tl.load(v_ptr, boundary_check=(0, 1, 2), padding_option="zero"), [BLOCK_R, BLOCK_N])
-            v = v.to(tl.float32)
-            f = _per_row(_load_cls(F, pid, C, RANK, n0, BLOCK_CLS, BLOCK_N), BLOCK_M)
-            cv = tl.load(CV + offs_n, mask=offs_n < RANK, other=0.0)
-            # dv |z| (entries within [-2, 2]): the row factor 1/|z| is applied after the product, so
-            # that float16 operands cannot overflow when |z| is small
-            dvz = f - (cos * inv_z)[:, None] * v
-            proj_v += tl.sum(tl.where(row_ok[:, None], (v - cv[None, :]) * dvz, 0.0), axis=1)
-            r_ptr = tl.make_block_ptr(R, shape=(RANK, D), strides=(D, 1), offsets=(n0, o0),
-                                      block_shape=(BLOCK_N, BLOCK_DO), order=(1, 0))
-            acc = _dot(dvz, tl.load(r_ptr, boundary_check=(0, 1), padding_option="zero"), acc, DTYPE, EMULATE)
+        if TRI:  # R triangular: the output columns o0.. of chunk cc take the columns n < (cc + 1) BLOCK_DO of r
+            for cc in tl.static_range(OUT_CHUNKS):
+                if chunk == cc:
+                    N_END: tl.constexpr = RANK if RANK < (cc + 1) * BLOCK_DO else (cc + 1) * BLOCK_DO
+                    acc = _bwd_product(acc, cos * inv_z, V, F, R, pid, C, M, o0, 0, N_END, D, RANK, DTYPE, EMULATE,
+                                       BLOCK_CLS, BLOCK_M, BLOCK_N, BLOCK_DO, TRI)
+        else:
+            acc = _bwd_product(acc, cos * inv_z, V, F, R, pid, C, M, o0, 0, RANK, D, RANK, DTYPE, EMULATE,
+                               BLOCK_CLS, BLOCK_M, BLOCK_N, BLOCK_DO)
         dt_hat = (g * inv_z)[:, None] * acc
         proj_t += g * inv_z * proj_v
     if AGG:  # after the product: no float32 tile stays live across its loop
@@ -620,17 +707,20 @@ FINISH_BLOCK = 1024
 
 
 def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=None, finish: bool = True,
-                 triangular: bool = False):
+                 triangular: bool = False, u_low: Optional[torch.Tensor] = None):
     """T [C, M, D] (any strides), A [C, M] (if agg); basis R [r, D] in T's dtype, cv [r],
     F [C, r], delta [C], beta [1] fp32 (if dist). ``triangular``: the caller guarantees that R
     is upper triangular (R[n, d] = 0 for d < n; triton_ops.triangular_basis), and the 128-row
-    forward then skips the products with its zero blocks.
+    forward then skips the products with its zero blocks. ``u_low`` (with agg): a [C, D]
+    contiguous buffer that receives u^ again in its own type (the head: the cross-entropy
+    dot's operand type, so that its passes read half the bytes of the float32 u^).
 
     Returns (n [C*M], u^ [C, D] in u_dtype (default T's) or None, |u| [C] or None,
-    v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos))
-    with the statistics in float32 (None where not computed). Without ``finish`` (the
-    head: its cross-entropy merge runs the finish in the same launch) the last three are
-    replaced by ``DistillPartials`` for ``finish_args`` (or None without dist).
+    v [C*M, r] in T's dtype or None, |z| [C*M], cos [C*M], per-program sums of (1 - cos),
+    PV [C*M] (the backward's <v - c, dv |z|>)) with the statistics in float32 (None where
+    not computed). Without ``finish`` (the head: its cross-entropy merge runs the finish in
+    the same launch) the last four are replaced by ``DistillPartials`` for ``finish_args``
+    (or None without dist) and three Nones.
     """
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
@@ -644,24 +734,37 @@ def text_forward(T, A, R, cv, F, delta, beta, agg: bool, dist: bool, u_dtype=Non
     v = launch.new_output((C * M, rank), T.dtype, dev) if dist else None
     vv = launch.new_output((splits, C * M), **f32) if dist else None
     vf = launch.new_output((splits, C * M), **f32) if dist else None
+    va = launch.new_output((splits, C * M), **f32) if dist else None
+    vb = launch.new_output((splits, C * M), **f32) if dist else None
     dummy = norm
     A_ = A if agg else dummy
     _text_fwd_kernel[(cfg["fwd_tiles"], splits)](
         T, A_, R if dist else T, cv if dist else dummy, F if dist else dummy,
         norm, u if agg else dummy, rn if agg else dummy, v if dist else T, vv if dist else dummy,
-        vf if dist else dummy,
+        vf if dist else dummy, va if dist else dummy, vb if dist else dummy, u_low if u_low is not None else dummy,
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), cfg["cols_per_split"], **shape_constexprs(D, rank),
         AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype), RESIDENT=cfg["RESIDENT"],
         BLOCK_CLS=cfg["fwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"], AGG_PARTS=cfg["AGG_PARTS"], TRI=bool(dist and triangular and cfg["TRI"]),
-        OWNERS=cfg["OWNERS"], num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
-    zn = cos = loss_parts = None
+        OWNERS=cfg["OWNERS"], STORE_UL=bool(agg and u_low is not None), num_warps=cfg["fwd_warps"],
+        num_stages=cfg["fwd_stages"])
+    zn = cos = loss_parts = pv = None
     if dist and not finish:
-        return norm, u, rn, v, DistillPartials(vv, vf, delta, beta, C * M, M, splits), None, None
+        return norm, u, rn, v, DistillPartials(vv, vf, va, vb, delta, beta, C * M, M, splits), None, None, None
     if dist:
-        zn, cos, loss_parts, args = finish_args(DistillPartials(vv, vf, delta, beta, C * M, M, splits))
+        zn, cos, pv, loss_parts, args = finish_args(DistillPartials(vv, vf, va, vb, delta, beta, C * M, M, splits))
         _distill_finish_kernel[(loss_parts.shape[0],)](*args, BLOCK=FINISH_BLOCK, num_warps=4)
-    return norm, u, rn, v, zn, cos, loss_parts
+    return norm, u, rn, v, zn, cos, loss_parts, pv
+
+
+class Swept(NamedTuple):
+    """The text backward's sums over D made by the dU pass (cosine_ce.ce_backward(...,
+    sweep_t)): per chunk of its columns, <t, grad_u> and <u^, t> [chunks, C*M] and
+    <u^, grad_u> [chunks, C] (float32), and the number of chunks."""
+    tg: torch.Tensor
+    ut: torch.Tensor
+    ug: torch.Tensor
+    chunks: int
 
 
 class DistillPartials(NamedTuple):
@@ -669,6 +772,8 @@ class DistillPartials(NamedTuple):
     and <v, F>, delta [C], beta [1], and the sizes."""
     vv: torch.Tensor
     vf: torch.Tensor
+    va: torch.Tensor
+    vb: torch.Tensor
     delta: torch.Tensor
     beta: torch.Tensor
     rows: int
@@ -677,22 +782,31 @@ class DistillPartials(NamedTuple):
 
 
 def finish_args(p: DistillPartials):
-    """(|z|, cos [C*M], per-program sums of (1 - cos), the finish's arguments up to BLOCK):
+    """(|z|, cos, PV [C*M], per-program sums of (1 - cos), the finish's arguments up to BLOCK):
     the outputs allocated, for _distill_finish_kernel or a launch that runs _distill_finish."""
     f32 = dict(dtype=torch.float32, device=p.vv.device)
-    zn, cos = launch.new_output((p.rows,), **f32), launch.new_output((p.rows,), **f32)
+    zn, cos, pv = (launch.new_output((p.rows,), **f32) for _ in range(3))
     loss_parts = launch.new_output((triton.cdiv(p.rows, FINISH_BLOCK),), **f32)
-    return zn, cos, loss_parts, (p.vv, p.vf, p.delta, p.beta, zn, cos, loss_parts, p.rows, p.M, p.splits)
+    return zn, cos, pv, loss_parts, (p.vv, p.vf, p.va, p.vb, p.delta, p.beta, zn, cos, pv, loss_parts, p.rows, p.M,
+                                     p.splits)
 
 
 def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, agg: bool, dist: bool,
-                  a_dtype=None, grad_loss=None, w_loss: float = 0.0):
+                  a_dtype=None, grad_loss=None, w_loss: float = 0.0, pv=None, triangular: bool = False,
+                  swept: Optional["Swept"] = None):
     """grad_u [C, D] dL/du^ (if agg); dL/dL_dist = w_loss grad_loss + grad_dist (fp32 [1]
     tensors, if dist); the other
-    tensors as text_forward takes and returns them.
+    tensors as text_forward takes and returns them (pv: its PV, required with dist;
+    ``triangular``: R is, as the forward took it, and each output chunk reads only the
+    columns of r at or left of its diagonal).
+    ``swept``: the sums over D of <t, grad_u>, <u^, t> per row and <u^, grad_u> per class,
+    made by the dU pass that computed grad_u (cosine_ce.ce_backward(..., sweep_t=T)); without
+    it each program sweeps its rows of T for them.
     Returns (dT [C, M, D] contiguous in T's dtype, dA [C, M] in a_dtype (default A's) or None)."""
     C, M, D = T.shape
     rank = R.shape[0] if dist else 0
+    if dist and pv is None:
+        raise ValueError("text_backward: pv (text_forward's PV) is required with dist")
     cfg = text_config(C, M, D, rank, T.element_size(), wide_tiles_fit(T.device))  # the forward's configuration
     dev = T.device
     dT = launch.new_output((C, M, D), T.dtype, dev)
@@ -701,12 +815,14 @@ def text_backward(T, A, norm, u, rn, grad_u, R, cv, F, v, zn, cos, grad_dist, ag
     _text_bwd_kernel[(cfg["bwd_tiles"], cfg["out_chunks"])](
         T, A if agg else dummy, norm, u if agg else dummy, rn if agg else dummy, grad_u if agg else dummy,
         R if dist else T, cv if dist else dummy, F if dist else dummy, v if dist else T,
-        zn if dist else dummy, cos if dist else dummy,
+        zn if dist else dummy, cos if dist else dummy, pv if dist else dummy,
         (grad_dist if grad_loss is None else grad_loss) if dist else dummy, grad_dist if dist else dummy,
-        dT, dA if agg else dummy,
+        dT, dA if agg else dummy, *(swept[:3] if swept is not None else (dummy,) * 3),
         C, M, *T.stride(), *(A.stride() if agg else (0, 0)), 1.0 / (C * M), launch.fp32_scalar(w_loss),
         **shape_constexprs(D, rank), AGG=agg, DIST=dist, EMULATE=launch.emulate_dot(T.dtype),
         BLOCK_CLS=cfg["bwd_BLOCK_CLS"], BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_KB"], BLOCK_N=cfg["BLOCK_NB"],
-        BLOCK_DO=cfg["BLOCK_DO"],
+        BLOCK_DO=cfg["BLOCK_DO"], TRI=bool(dist and triangular), OUT_CHUNKS=cfg["out_chunks"],
+        SWEPT=bool(agg and swept is not None), SW_CHUNKS=swept.chunks if swept is not None else 1,
+        SW_P2=triton.next_power_of_2(swept.chunks) if swept is not None else 1,
         num_warps=cfg["bwd_warps"])
     return dT, dA

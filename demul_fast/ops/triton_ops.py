@@ -37,10 +37,11 @@ from .distill_basis import kept, tensor_fingerprint
 
 try:
     from ..kernels import cosine_ce as _ce
+    from ..kernels import launch as _launch
     from ..kernels import text_head as _text
     UNAVAILABLE_REASON = None
 except Exception as exc:  # noqa: BLE001 - reported by demul_fast.ops.backends
-    _ce = _text = None
+    _ce = _launch = _text = None
     UNAVAILABLE_REASON = f"triton kernels cannot be imported: {type(exc).__name__}: {exc}"
 
 DISTILL_BASIS = True
@@ -145,13 +146,14 @@ _aggregate.register_autograd(_aggregate_backward, setup_context=_aggregate_setup
 
 @torch.library.custom_op("demul_fast::triton_prompt_distill_loss", mutates_args=())
 def _distill(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, delta: Tensor,
-             beta: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss [] fp32; saved: n [C*M], v [C*M, r] in T's dtype, |z|, cos [C*M])."""
+             beta: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss [] fp32; saved: n [C*M], v [C*M, r] in T's dtype, |z|, cos [C*M], and the
+    backward's <v - c, dv |z|> [C*M])."""
     T = text_features
     (Rk, ck, Fk, dk, bk), tri = _basis_args(T, R, c, F, delta, beta)
-    n, _, _, v, zn, cos, parts = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True,
-                                                    triangular=tri)
-    return _ce.losses(None, parts, zn.shape[0], 1.0, T.device)[2], n, v, zn, cos
+    n, _, _, v, zn, cos, parts, pv = _text.text_forward(T, None, Rk, ck, Fk, dk, bk, agg=False, dist=True,
+                                                        triangular=tri)
+    return _ce.losses(None, parts, zn.shape[0], 1.0, T.device)[2], n, v, zn, cos, pv
 
 
 @_distill.register_fake
@@ -160,20 +162,21 @@ def _(text_features, R, c, F, delta, beta):
     f = text_features.new_empty
     rows = C * M
     return (f((), dtype=f32), f((rows,), dtype=f32), f((rows, R.shape[0])), f((rows,), dtype=f32),
-            f((rows,), dtype=f32))
+            f((rows,), dtype=f32), f((rows,), dtype=f32))
 
 
 @torch.library.custom_op("demul_fast::triton_prompt_distill_loss_backward", mutates_args=())
 def _distill_bwd(text_features: Tensor, R: Tensor, c: Tensor, F: Tensor, n: Tensor, v: Tensor, zn: Tensor,
-                 cos: Tensor, grad: Tensor) -> Tensor:
+                 cos: Tensor, pv: Tensor, grad: Tensor) -> Tensor:
     T = text_features
-    Rk, ck, Fk, _ = _kernel_basis(T, R, c, F)  # the forward's (v is in its coordinates)
+    Rk, ck, Fk, tri = _kernel_basis(T, R, c, F)  # the forward's (v is in its coordinates)
     g = grad.to(f32).reshape(1)
-    return _text.text_backward(T, None, n, None, None, None, Rk, ck, Fk, v, zn, cos, g, agg=False, dist=True)[0]
+    return _text.text_backward(T, None, n, None, None, None, Rk, ck, Fk, v, zn, cos, g, agg=False, dist=True, pv=pv,
+                               triangular=tri)[0]
 
 
 @_distill_bwd.register_fake
-def _(text_features, R, c, F, n, v, zn, cos, grad):
+def _(text_features, R, c, F, n, v, zn, cos, pv, grad):
     return torch.empty_like(text_features, memory_format=torch.contiguous_format)
 
 
@@ -186,8 +189,8 @@ def _distill_setup(ctx, inputs, output):
 def _distill_backward(ctx, grad, *_unused_stats):
     if grad is None:
         return None, None, None, None, None, None
-    T, R, c, F, n, v, zn, cos = _saved(ctx)
-    dT = torch.ops.demul_fast.triton_prompt_distill_loss_backward(T, R, c, F, n, v, zn, cos, grad)
+    T, R, c, F, n, v, zn, cos, pv = _saved(ctx)
+    dT = torch.ops.demul_fast.triton_prompt_distill_loss_backward(T, R, c, F, n, v, zn, cos, pv, grad)
     return dT, None, None, None, None, None
 
 
@@ -257,21 +260,28 @@ def _head(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, 
           R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], delta: Optional[Tensor],
           beta: Optional[Tensor], alpha: float, label_smoothing: float, return_logits: bool) -> List[Tensor]:
     """-> [loss, ce, dist (all [] fp32), logits [B, C] or empty; saved for the backward:
-    n [C*M], u^ [C, D] fp32, |u| [C], lse [B], |x| [B], v [C*M, r], |z|, cos [C*M] (the
-    last three empty without distillation)]."""
+    n [C*M], u^ [C, D] fp32, |u| [C], lse [B], |x| [B], v [C*M, r], |z|, cos, <v - c, dv |z|>
+    [C*M] (the last four empty without distillation), u^ in X's type for the cross-entropy's
+    dots (empty when X is float32: u^ itself)]."""
     T = text_features
     X, y = image_features.contiguous(), labels.contiguous()
     dist = R is not None
     basis, tri = _basis_args(T, R, c, F, delta, beta) if dist else ((None,) * 5, False)
     # the distillation's finish runs in the cross-entropy merge's launch (one launch fewer)
-    n, U, r, v, partials, _, _ = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32,
-                                                    finish=False, triangular=tri)
-    rows, lse, xn, logits, *finished = _ce.ce_forward(X, U, y, scale, label_smoothing, return_logits, dist=partials)
-    zn, cos, parts = finished if dist else (None, None, None)
-    loss, ce, dl = _ce.losses(rows, parts, zn.shape[0] if dist else 1, alpha, X.device)
+    # u^ once more in X's type: the cross-entropy passes round it to that type for their dots
+    # anyway (the same operands), and read half the bytes of the float32 u^ per image tile
+    C, _, D = T.shape
+    ul = _launch.new_output((C, D), X.dtype, X.device) if X.dtype != f32 else None
+    n, U, r, v, partials, *_ = _text.text_forward(T, prompt_logits, *basis, agg=True, dist=dist, u_dtype=f32,
+                                                    finish=False, triangular=tri, u_low=ul)
+    # ... and so do the losses (the program of that launch that finishes last reduces them)
+    rows, lse, xn, logits, zn, cos, parts, pv, loss, ce, dl = _ce.ce_forward(
+        X, U if ul is None else ul, y, scale, label_smoothing, return_logits, dist=partials, alpha=alpha,
+        rows_dist=T.shape[0] * T.shape[1] if dist else 1)
     if not dist:
-        v, zn, cos = _empty(U), _empty(U), _empty(U)
-    return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, xn, v, zn, cos]
+        v, zn, cos, pv = _empty(U), _empty(U), _empty(U), _empty(U)
+    return [loss, ce, dl, logits if return_logits else _empty(X), n, U, r, lse, xn, v, zn, cos, pv,
+            _empty(U) if ul is None else ul]
 
 
 @_head.register_fake
@@ -285,13 +295,15 @@ def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, delt
     v = f((rows, R.shape[0])) if R is not None else f((0,), dtype=f32)
     return [f((), dtype=f32), f((), dtype=f32), f((), dtype=f32), logits, f((C * M,), dtype=f32),
             f((C, D), dtype=f32), f((C,), dtype=f32), f((B,), dtype=f32), f((B,), dtype=f32), v, f((rows,), dtype=f32),
-            f((rows,), dtype=f32)]
+            f((rows,), dtype=f32), f((rows,), dtype=f32),
+            f((C, D), dtype=image_features.dtype) if image_features.dtype != f32 else f((0,), dtype=f32)]
 
 
 @torch.library.custom_op("demul_fast::triton_demul_head_backward", mutates_args=())
 def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tensor, labels: Tensor, scale: Tensor,
               R: Optional[Tensor], c: Optional[Tensor], F: Optional[Tensor], n: Tensor, class_features: Tensor,
-              r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, grad_loss: Optional[Tensor],
+              class_features_low: Tensor, r: Tensor, lse: Tensor, xn: Tensor, v: Tensor, zn: Tensor, cos: Tensor, pv: Tensor,
+              grad_loss: Optional[Tensor],
               grad_ce: Optional[Tensor], grad_dist: Optional[Tensor], grad_logits: Optional[Tensor], alpha: float,
               label_smoothing: float, need_dx: bool, need_scale: bool) -> List[Tensor]:
     """grad_loss, grad_ce, grad_dist: [] fp32 gradients of the three losses (None: zero),
@@ -307,19 +319,23 @@ def _head_bwd(text_features: Tensor, prompt_logits: Tensor, image_features: Tens
             g = _zero(T.device)
         grads.append(g.to(f32).reshape(1))
     g_loss, g_ce, g_dist = grads
-    dU, dscale, dX = _ce.ce_backward(X, class_features, y, scale, lse, xn, g_ce, GL, label_smoothing, need_dx,
-                                     du_dtype=f32, grad_loss=g_loss, w_loss=1.0, need_scale=need_scale)
+    # the dU pass also makes the text backward's sums over D (T's rows read once, not per output chunk)
+    U_ce = class_features_low if class_features_low.numel() else class_features  # the forward's (u^ in X's type)
+    dU, dscale, dX, swept = _ce.ce_backward(X, U_ce, y, scale, lse, xn, g_ce, GL, label_smoothing,
+                                            need_dx, du_dtype=f32, grad_loss=g_loss, w_loss=1.0,
+                                            need_scale=need_scale, sweep_t=T, sweep_u=class_features)
     dist = R is not None
-    basis = _kernel_basis(T, R, c, F)[:3] if dist else (None,) * 3  # the forward's (v is in its coordinates)
-    dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, *basis, v if dist else None,
+    Rk, ck, Fk, tri = _kernel_basis(T, R, c, F) if dist else (None, None, None, False)  # the forward's
+    dT, dA = _text.text_backward(T, prompt_logits, n, class_features, r, dU, Rk, ck, Fk, v if dist else None,
                                  zn if dist else None, cos if dist else None, g_dist if dist else None, agg=True,
-                                 dist=dist, grad_loss=g_loss, w_loss=alpha)
+                                 dist=dist, grad_loss=g_loss, w_loss=alpha, pv=pv if dist else None, triangular=tri,
+                                 swept=swept)
     return [dT, dA, dscale if dscale is not None else _empty(lse), dX if dX is not None else _empty(X)]
 
 
 @_head_bwd.register_fake
-def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, r, lse, xn, v, zn,
-      cos, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx, need_scale):
+def _(text_features, prompt_logits, image_features, labels, scale, R, c, F, n, class_features, class_features_low,
+      r, lse, xn, v, zn, cos, pv, grad_loss, grad_ce, grad_dist, grad_logits, alpha, label_smoothing, need_dx, need_scale):
     dX = torch.empty_like(image_features) if need_dx else image_features.new_empty((0,))
     dscale = text_features.new_empty((), dtype=f32) if need_scale else text_features.new_empty((0,), dtype=f32)
     return [torch.empty_like(text_features, memory_format=torch.contiguous_format),
@@ -341,11 +357,11 @@ def _head_backward(ctx, grads):
     nothing = (None,) * 13
     if g_loss is None and g_ce is None and g_dist is None and (g_logits is None or not ctx.return_logits):
         return nothing
-    T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, *basis = _saved(ctx)
+    T, A, X, y, scale, n, U, r, lse, xn, v, zn, cos, pv, ul, *basis = _saved(ctx)
     R, c, F = basis if ctx.dist else (None, None, None)
     need_dx, need_scale = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
     dT, dA, dscale, dX = torch.ops.demul_fast.triton_demul_head_backward(
-        T, A, X, y, scale, R, c, F, n, U, r, lse, xn, v, zn, cos, g_loss, g_ce, g_dist,
+        T, A, X, y, scale, R, c, F, n, U, ul, r, lse, xn, v, zn, cos, pv, g_loss, g_ce, g_dist,
         g_logits if ctx.return_logits else None, ctx.alpha, ctx.ls, need_dx, need_scale)
     return (dT, dA, dX if need_dx else None, None, dscale if need_scale else None,
             None, None, None, None, None, None, None, None)
