@@ -27,7 +27,8 @@ the formulas of the text backward, distillation forward and CE GEMMs agree with 
 (``trace_head``) within 3% (retraced with the basis R in T's dtype: distillation forward
 1.024, text backward 1.000, CE GEMMs 1.000); the one-block finalize and prompt-logit kernels
 (under 0.5 MB) count each tensor once and trace up to 3x that.
-``rounds`` counts the serial per-element loops of the one-block finalize kernels.
+``rounds`` counts the dependent load rounds of the losses' merge (its split loads, the
+ticket, the last block's read of the blocks' sums).
 Times are modelled by benchmarks/compiled_model.py.
 
 ``collect(preset, out_dir, mode=...)`` is what benchmarks/compiled.py calls; it returns []
@@ -320,11 +321,16 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
         2 * B * C * D + 8 * B * C, ce_s * (e * B * D + 100 * B) + cdiv(B, TILE) * 4 * C * D,
         hbm=e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
-    # one block of 1024 threads; each thread loops over its rows and, per row, over the splits
-    add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8,
-        rounds=cdiv(B, 1024) * ce_s)
-    add("fwd distill finalize", r"23distill_finalize_kernelE", (1,), 4 * dist_s * R + 6 * R,
-        8 * dist_s * R + 4 * (C + 2 * R) + 8, rounds=cdiv(R, 1024) * dist_s)
+    # the losses' merge, one launch (csrc/cross_entropy.cu loss_merge_kernel, plan "merge"):
+    # `group` lanes per row take its splits (ceil(splits / group) independent loads each, one
+    # round), a shuffle tree joins them; then per block one ticket (an atomic: a round) and the
+    # last block's first warp reads the blocks' sums (ceil(blocks / 32) rounds). Each tensor
+    # once: the partials, lse, delta, cos, ||z||, the block sums written and read, the ticket.
+    mg = plan["merge"]
+    m_blocks = mg["ce_blocks"] + mg["distill_blocks"]
+    add("fwd loss merge", r"17loss_merge_kernel", (m_blocks,), 10 * ce_s * B + 4 * dist_s * R + 6 * R,
+        12 * ce_s * B + 4 * B + 8 * dist_s * R + 4 * (C + 2 * R) + 8 * m_blocks + 4 + 12,
+        rounds=max(cdiv(ce_s, mg["ce_group"]), cdiv(dist_s, mg["distill_group"])) + 1 + cdiv(m_blocks, 32))
     # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA
     add("bwd ce grad", rf"14ce_grad_kernelI{t}", (cdiv(C, TILE), cdiv(B, TILE)), 2 * B * C * D + 12 * B * C,
         cdiv(B, TILE) * 4 * C * D + cdiv(C, TILE) * e * B * D + 8 * C * B + g * C * B + 128 * B,
@@ -352,7 +358,11 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # ([r, D / groups] in T's dtype: all of R once per row tile); the epilogue's t, and dL/du^ and
     # u^ per pair of rows a warp writes (one class or two), dT written once; per row a sector
     # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
+    # With M dividing 64 (plan "prompt_logits_fused") the blocks of group 0 also take dA of their
+    # classes (a warp per class from the rows' w and dw in shared memory): dw is not stored, dA
+    # written (a sector per 8 prompts of a class); else dw per row as above and a kernel for dA.
     tb = plan["text_backward"]["splits"]
+    pl_fused = plan["prompt_logits_fused"]
     tiles = cdiv(R, TILE)
     chunks = cdiv(D, TILE)
     builds = tb if text_backward_panel(r, dtype) >= r else chunks  # G builds per row tile
@@ -362,10 +372,12 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
         tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
-        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R,
+        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R
+        + (32 * cdiv(4 * M, 32) * C if pl_fused else 0),
         dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
         hbm=2 * e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
-    add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
+    if not pl_fused:  # dA = w (dw - sum_m w dw) by a kernel of its own (M does not divide 64)
+        add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
     return L
 
 
