@@ -304,15 +304,23 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # the epilogue's F reads: a warp access covers two rows (one class or two) of a tile
     f_pairs = sum(len({i // M for i in range(q, min(q + 2, t0 + tile_rows, R))})
                   for t0 in range(0, R, tile_rows) for q in range(t0, min(t0 + tile_rows, R), 2))
-    add("fwd distill" + (" + aggregate" if fused else ""),
+    # with plan "image_norms_fused" the grid has image_norm_blocks extra columns of blocks: those of
+    # split 0 take ||x|| (a warp per row, 64 rows a block: X read once), the others leave at once
+    img = plan.get("image_norms_fused", False)
+    img_blocks = plan["image_norm_blocks"] if img else 0
+    img_flops, img_bytes = (2 * B * D, e * B * D + 4 * B) if img else (0, 0)
+    add("fwd distill" + (" + aggregate" if fused else "") + (" + image norms" if img else ""),
         rf"{'27distill_forward_tile_kernel' if distill_tile_fits(D, dtype) else '30distill_forward_partial_kernel'}"
         rf"I{t}E",
-        (d_tiles, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
+        (d_tiles + img_blocks, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0) + img_flops,
         t_reads * e * R * D + e * R * r + d_tiles * (e * r * D + 4 * r) + 4 * f_pairs * r + 4 * 8 * d_tiles * r
         + 8 * dist_s * R
-        + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
-        hbm=e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
-    add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
+        + (agg_bytes if fused else 0) + img_bytes,
+        dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
+        hbm=e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0)
+        + img_bytes)
+    if not img:
+        add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     # The tile_dot GEMMs (cross-entropy, its gradients): L2 bytes per block as the trace counts
     # them (each block reads its rows of both operands, a 16-lane row read is whole sectors:
     # X once per class split / class tile, u^ and dL/ds once per row tile / column tile),

@@ -93,13 +93,13 @@ Partial run_ce_partial(const CeArgs& a, const at::Tensor& like, void* logits, un
   return {split, partial};
 }
 
-// The distillation's partial pass; ticket zeroed if non-null.
+// The distillation's partial pass (and the image norms, img.x non-null); ticket zeroed if non-null.
 Partial run_distill_partial(const DistillArgs& a, const at::Tensor& like, void* proj, float* n_out,
-                            FusedAggregate agg, unsigned* ticket) {
+                            FusedAggregate agg, ImageNorms img, unsigned* ticket) {
   const int64_t tile_rows = distill_rows_per_block(agg.a != nullptr, a.M);
   const Split split = distill_split(a.C * a.M, a.rank, sm_count(), tile_rows);
   at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
-  launch_distill_partial(a, tile_rows, split, fp(partial), proj, n_out, agg, ticket, stream());
+  launch_distill_partial(a, tile_rows, split, fp(partial), proj, n_out, agg, img, ticket, stream());
   return {split, partial};
 }
 
@@ -371,7 +371,8 @@ std::vector<at::Tensor> prompt_distill_loss_forward(const at::Tensor& text_featu
   at::Tensor proj = at::empty({R, basis.R.size(0)}, text_features.options());
   const DistillArgs da = distill_args(text_features, basis);
   Ticket ticket = make_ticket(text_features);
-  const Partial part = run_distill_partial(da, text_features, proj.data_ptr(), fp(n), FusedAggregate{}, ticket.ptr());
+  const Partial part = run_distill_partial(da, text_features, proj.data_ptr(), fp(n), FusedAggregate{}, ImageNorms{},
+                                           ticket.ptr());
   run_loss_merge(text_features, nullptr, nullptr, nullptr, 0, &da, &part, fp(cos), fp(zn), fp(dist), 0.f, nullptr,
                  ticket.ptr());
   return {dist, n, zn, cos, proj};
@@ -437,11 +438,13 @@ std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, cons
     proj = at::empty({C * M, basis->R.size(0)}, text_features.options());
     dargs = distill_args(text_features, *basis);
     const FusedAggregate agg = fused ? FusedAggregate{cfp(prompt_logits), fp(w), fp(r), fp(u32)} : FusedAggregate{};
-    part = run_distill_partial(*dargs, text_features, proj.data_ptr(), fused ? fp(n) : nullptr, agg, nullptr);
+    // the image norms ride on the distillation's pass too (extra blocks)
+    part = run_distill_partial(*dargs, text_features, proj.data_ptr(), fused ? fp(n) : nullptr, agg,
+                               ImageNorms{image_features.data_ptr(), B, fp(xnorm)}, nullptr);
   } else {
     proj = empty0(text_features);
+    launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
   }
-  launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
   // the cross-entropy's partial pass zeroes the merge's ticket; one merge for both losses
   Ticket ticket = make_ticket(text_features);
   const Partial ce_part = run_ce_partial(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing),
@@ -564,6 +567,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         mg["threads"] = kMergeThreads;
         d["merge"] = mg;
         d["prompt_logits_fused"] = p.prompt_logits_fused;
+        d["image_norms_fused"] = p.image_norms_fused;
+        d["image_norm_blocks"] = image_norm_blocks(B);
         return d;
       },
       py::arg("C"), py::arg("M"), py::arg("B"), py::arg("rank"), py::arg("sms"), py::arg("D") = 0,

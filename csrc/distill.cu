@@ -42,7 +42,7 @@ distill_forward_partial_kernel(const T* __restrict__ t, const T* __restrict__ ba
                                const float* __restrict__ basis_c, const float* __restrict__ f, int64_t rows,
                                int64_t M, int64_t rank, int64_t D, int64_t tile_rows, int64_t cols_per_split,
                                float* __restrict__ partial, T* __restrict__ proj, float* __restrict__ n_out,
-                               FusedAggregate agg, unsigned* __restrict__ ticket) {
+                               FusedAggregate agg, ImageNorms img, unsigned* __restrict__ ticket) {
   __shared__ TileSmem<T, T> sm;
   __shared__ float s_ninv[kTile], s_wn[kTile];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
@@ -52,6 +52,11 @@ distill_forward_partial_kernel(const T* __restrict__ t, const T* __restrict__ ba
   const int64_t k_end = k_begin + cols_per_split < rank ? k_begin + cols_per_split : rank;
   const bool lead = blockIdx.y == 0;
   if (ticket != nullptr && blockIdx.x == 0 && lead && tid == 0) *ticket = 0u;  // for loss_merge_kernel
+  const int64_t d_tiles = (rows + tile_rows - 1) / tile_rows;
+  if (static_cast<int64_t>(blockIdx.x) >= d_tiles) {  // an image-norm block (ImageNorms): 64 rows of x, then leave
+    if (lead) warp_row_norms(static_cast<const T*>(img.x), img.B, D, (blockIdx.x - d_tiles) * kTile, kTile, img.norm);
+    return;
+  }
 
   for (int il = warp; il < kTile; il += kThreads / 32) {
     const int64_t r = r0 + il;
@@ -231,7 +236,7 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
                             const float* __restrict__ basis_c, const float* __restrict__ f, int64_t rows,
                             int64_t M, int64_t rank, int64_t D, int64_t tile_rows, int64_t cols_per_split,
                             float* __restrict__ partial, T* __restrict__ proj, float* __restrict__ n_out,
-                            FusedAggregate agg, unsigned* __restrict__ ticket) {
+                            FusedAggregate agg, ImageNorms img, unsigned* __restrict__ ticket) {
   using L = DistillSmem<T>;
   constexpr bool kMma = L::kMma;
   using TC = typename L::TC;
@@ -248,6 +253,11 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
   const int64_t k_end = k_begin + cols_per_split < rank ? k_begin + cols_per_split : rank;
   const bool lead = blockIdx.y == 0;
   if (ticket != nullptr && blockIdx.x == 0 && lead && tid == 0) *ticket = 0u;  // for loss_merge_kernel
+  const int64_t d_tiles = (rows + tile_rows - 1) / tile_rows;
+  if (static_cast<int64_t>(blockIdx.x) >= d_tiles) {  // an image-norm block (ImageNorms): 64 rows of x, then leave
+    if (lead) warp_row_norms(static_cast<const T*>(img.x), img.B, D, (blockIdx.x - d_tiles) * kTile, kTile, img.norm);
+    return;
+  }
   const int64_t nds = dp / kDStep;                                 // D steps per chunk of r
   const int64_t steps = (k_end - k_begin + kTile - 1) / kTile * nds;  // k_begin is a multiple of 64
 
@@ -421,9 +431,10 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
 }  // namespace
 
 void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split, float* partial, void* proj,
-                            float* n_out, FusedAggregate agg, unsigned* ticket, cudaStream_t stream) {
+                            float* n_out, FusedAggregate agg, ImageNorms img, unsigned* ticket, cudaStream_t stream) {
   const int64_t rows = a.C * a.M;
-  const dim3 grid(static_cast<unsigned>(ceil_div(rows, tile_rows)), static_cast<unsigned>(split.splits));
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, tile_rows) + (img.x != nullptr ? image_norm_blocks(img.B) : 0)),
+                  static_cast<unsigned>(split.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
     if (DistillSmem<scalar_t>::fits(a.D, dynamic_smem_budget(kDistillSmemCap))) {  // the tile of T resident in shared memory
       const int64_t smem = DistillSmem<scalar_t>::of(a.D).bytes();
@@ -433,13 +444,13 @@ void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split
       }
       distill_forward_tile_kernel<<<grid, kThreads, smem, stream>>>(
           static_cast<const scalar_t*>(a.t), static_cast<const scalar_t*>(a.basis_r), a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
-          split.cols_per_split, partial, static_cast<scalar_t*>(proj), n_out, agg, ticket);
+          split.cols_per_split, partial, static_cast<scalar_t*>(proj), n_out, agg, img, ticket);
     } else {
       distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t),
                                                                     static_cast<const scalar_t*>(a.basis_r),
                                                                     a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
                                                                     split.cols_per_split, partial,
-                                                                    static_cast<scalar_t*>(proj), n_out, agg, ticket);
+                                                                    static_cast<scalar_t*>(proj), n_out, agg, img, ticket);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

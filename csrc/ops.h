@@ -127,6 +127,16 @@ struct FusedAggregate {
   float* u32;
 };
 
+// The image features' norms taken by extra blocks of the distillation's forward (x null:
+// none): x [B, D] in t's dtype -> norm [B] = ||x||, 64 rows per block (a warp per row, the
+// bits of launch_row_norms), so that the head's forward needs no launch of its own for them.
+struct ImageNorms {
+  const void* x;
+  int64_t B;
+  float* norm;
+};
+inline int64_t image_norm_blocks(int64_t B) { return ceil_div(B, kTileRows); }
+
 // Rows per block of the distillation's forward: whole classes (the largest multiple of M
 // up to 64) when M <= 64, so that the aggregation can be fused; 64 otherwise (not fused).
 inline bool can_fuse_aggregate(int64_t M) { return M <= kTileRows; }
@@ -152,10 +162,11 @@ inline Split text_backward_split(int64_t CM, int64_t D, int64_t sms) {
 
 // partial: [split.splits, C*M, 2] scratch; n_out [C*M] = ||t|| when non-null; proj
 // [C*M, r] = R t^ in t's dtype (for the fused backward, launch_text_backward) when non-null;
-// agg (tile_rows a multiple of M) the fused aggregation; *ticket = 0 when ticket is non-null
-// (as launch_ce_partial). Then launch_loss_merge.
+// agg (tile_rows a multiple of M) the fused aggregation; img the image norms (grid x grows by
+// image_norm_blocks(B), those blocks of split 0 take them, the others leave); *ticket = 0 when
+// ticket is non-null (as launch_ce_partial). Then launch_loss_merge.
 void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split, float* partial, void* proj,
-                            float* n_out, FusedAggregate agg, unsigned* ticket, cudaStream_t stream);
+                            float* n_out, FusedAggregate agg, ImageNorms img, unsigned* ticket, cudaStream_t stream);
 
 // The merge of the forwards' partial states into the losses, both in one launch of several
 // blocks (cross_entropy.cu loss_merge_kernel): `group` lanes per row (a power of two, up to
@@ -245,6 +256,7 @@ struct HeadPlan {
   Split ce;                   // the cross-entropy forward's split of the classes
   Split ce_image;             // the dL/dx^ sweep's split of the classes (X trained)
   Split text_backward;        // the text backward's groups of column chunks of dT (D wide)
+  bool image_norms_fused;     // ||x|| by extra blocks of the distillation's forward (no launch)
   MergePlan merge;            // the losses' merge (cross-entropy and distillation)
   bool prompt_logits_fused;   // dA taken by the text backward (no prompt-logits kernel)
 };
@@ -253,7 +265,7 @@ inline HeadPlan plan_head(int64_t C, int64_t M, int64_t B, int64_t rank, int64_t
   const bool fused = can_fuse_aggregate(M);
   const int64_t rows = distill_rows_per_block(fused, M);
   const Split dist = distill_split(C * M, rank, sms, rows), ce = ce_forward_split(B, C, sms);
-  return {kTileRows, fused, rows, dist, ce, ce_image_split(B, C, sms), text_backward_split(C * M, D, sms),
+  return {kTileRows, fused, rows, dist, ce, ce_image_split(B, C, sms), text_backward_split(C * M, D, sms), true,
           merge_plan(ce.splits, B, dist.splits, C * M), text_backward_takes_prompt_logits(M)};
 }
 

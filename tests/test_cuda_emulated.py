@@ -205,6 +205,10 @@ def test_the_loss_merge_ticket_is_zeroed_for_every_call(gen, emulated_extension,
         second = call()
         assert all(torch.isfinite(v).all() for v in first + list(second))
         assert all(torch.equal(a, c) for a, c in zip(first, second))
+    # the head's image norms (extra blocks of the distillation's forward) are the bits of the
+    # row-norm kernel that the cross-entropy alone launches
+    assert torch.equal(ext.demul_head_forward(t, A.float(), x, y, s, *good, 0.7, 0.1, False)[8],
+                       ext.cosine_cross_entropy_forward(x, U, y, s, 0.1)[2])
     loss, ce, dist = calls[0]()[:3]
     alpha = torch.tensor(0.7, dtype=torch.float32)
     assert torch.equal(loss, ce + alpha * dist) or torch.equal(loss, torch.addcmul(ce, alpha, dist))  # fma or not
@@ -419,26 +423,33 @@ def _sectors(lo, hi):
 
 def test_the_cuda_trace_counts_sectors_per_warp_access():
     """benchmarks/compiled_cuda.trace_head on the instrumented build, every block traced: the
-    row-norm kernel (a warp per row, lane l reading elements l, l + 32, ...) moves, per row
-    and per 32 elements, the sectors those bytes cover, and its HBM bytes are X's bytes; the
+    image norms (a warp per row, lane l reading elements l, l + 32, ...; extra blocks of the
+    distillation's forward) move, per row and per 32 elements, the sectors those bytes cover; the
     text backward reads p = R t^ and the basis R in T's dtype (its cp.async copies included)."""
     from benchmarks import compiled_cuda  # noqa: PLC0415
 
     sizes = dict(C=37, M=3, D=100, B=5, K=70)
-    got = compiled_cuda.trace_head("tiny", "frozen", "bfloat16", sample=0, sizes=sizes)
+    got = compiled_cuda.trace_head("tiny", "frozen", "bfloat16", sample=0, sizes=sizes, lines=True)
     names = [x["kernel"] for x in got]
     planned = compiled_cuda.head_launches(**sizes, dtype="bfloat16", mode="frozen")
     assert all(m is not None for m in compiled_cuda.match_trace(planned, got)), names
-    norms = next(x for x in got if x["kernel"] == "row_norms_kernel")
+    # the image norms ride on the distillation's forward (common.cuh warp_row_norms, extra blocks):
+    # its sites there, by source line
+    assert "row_norms_kernel" not in names
+    dist = next(x for x in got if x["kernel"].startswith("distill_forward"))
+    with open(os.path.join(emu_build.CSRC, "common.cuh")) as f:
+        text = f.read().splitlines()
+    start = next(i for i, ln in enumerate(text, 1) if "void warp_row_norms(" in ln)
+    read_at = next(i for i, ln in enumerate(text, 1) if i > start and "to_f(v[r * D + d])" in ln)
+    write_at = next(i for i, ln in enumerate(text, 1) if i > start and "norm[r] = sqrtf(s)" in ln)
+    sites = lambda at, w: [s for s in dist["sites"] if s["write"] == w and s["line"].startswith(f"common.cuh:{at} ")]  # noqa: E731
     B, D, e = sizes["B"], sizes["D"], 2
     want = 0
     for r in range(B):
         for k in range(0, D, 32):
             want += 32 * len(_sectors(e * (r * D + k), e * (r * D + min(D, k + 32))))
-    assert norms["l2_read_bytes"] == want
-    assert norms["l2_write_bytes"] == 32 * B  # lane 0 writes one float per row
-    assert norms["hbm_read_bytes"] == 32 * len(_sectors(0, e * B * D))
-    assert norms["hbm_write_bytes"] == 32 * len(_sectors(0, 4 * B))
+    assert sites(read_at, False) and sum(s["sector_bytes"] for s in sites(read_at, False)) == want
+    assert sum(s["sector_bytes"] for s in sites(write_at, True)) == 32 * B  # lane 0 writes one float per row
     text = next(x for x in got if x["kernel"] == "text_backward_kernel")
     rows, rank = sizes["C"] * sizes["M"], min(sizes["K"], sizes["D"])
     assert text["grid"][0] == -(-rows // 64)
