@@ -442,7 +442,7 @@ def test_the_cuda_trace_counts_sectors_per_warp_access():
     start = next(i for i, ln in enumerate(text, 1) if "void warp_row_norms(" in ln)
     read_at = next(i for i, ln in enumerate(text, 1) if i > start and "to_f(v[r * D + d])" in ln)
     write_at = next(i for i, ln in enumerate(text, 1) if i > start and "norm[r] = sqrtf(s)" in ln)
-    sites = lambda at, w: [s for s in dist["sites"] if s["write"] == w and s["line"].startswith(f"common.cuh:{at} ")]  # noqa: E731
+    sites = lambda at, w: [s for s in dist["sites"] if s["write"] == w and s["line"].split(" ")[0] == f"common.cuh:{at}"]  # noqa: E731
     B, D, e = sizes["B"], sizes["D"], 2
     want = 0
     for r in range(B):
