@@ -332,13 +332,13 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # the losses' merge, one launch (csrc/cross_entropy.cu loss_merge_kernel, plan "merge"):
     # `group` lanes per row take its splits (ceil(splits / group) independent loads each, one
     # round), a shuffle tree joins them; then per block one ticket (an atomic: a round) and the
-    # last block's first warp reads the blocks' sums (ceil(blocks / 32) rounds). Each tensor
+    # last block reads the blocks' sums (a thread each: ceil(blocks / threads) rounds). Each tensor
     # once: the partials, lse, delta, cos, ||z||, the block sums written and read, the ticket.
     mg = plan["merge"]
     m_blocks = mg["ce_blocks"] + mg["distill_blocks"]
     add("fwd loss merge", r"17loss_merge_kernel", (m_blocks,), 10 * ce_s * B + 4 * dist_s * R + 6 * R,
         12 * ce_s * B + 4 * B + 8 * dist_s * R + 4 * (C + 2 * R) + 8 * m_blocks + 4 + 12,
-        rounds=max(cdiv(ce_s, mg["ce_group"]), cdiv(dist_s, mg["distill_group"])) + 1 + cdiv(m_blocks, 32))
+        rounds=max(cdiv(ce_s, mg["ce_group"]), cdiv(dist_s, mg["distill_group"])) + 1 + cdiv(m_blocks, mg["threads"]))
     # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA
     add("bwd ce grad", rf"14ce_grad_kernelI{t}", (cdiv(C, TILE), cdiv(B, TILE)), 2 * B * C * D + 12 * B * C,
         cdiv(B, TILE) * 4 * C * D + cdiv(C, TILE) * e * B * D + 8 * C * B + g * C * B + 128 * B,

@@ -88,8 +88,8 @@ ce_forward_partial_kernel(const T* __restrict__ x, const float* __restrict__ u, 
 // (group lanes per image over the splits, then a shuffle tree: lse[b] = m + log l, and
 // lse - sum q s), the others the distillation's rows (sum v^2 and sum v F over the splits:
 // ||z||, cos, 1 - cos). Each block writes its sum; the last block to take a ticket adds the
-// blocks' sums (its first warp, in a fixed order) and writes ce = mean_b, dist = mean_i and
-// loss_out.
+// blocks' sums (a thread per block sum, then warps, then the 8 warp sums: a fixed order) and
+// writes ce = mean_b, dist = mean_i and loss_out.
 __global__ void __launch_bounds__(kMergeThreads)
 loss_merge_kernel(CeMerge ce, DistillMerge d, MergePlan plan, float alpha, float* __restrict__ loss_out,
                   float* __restrict__ block_partials, unsigned* __restrict__ ticket) {
@@ -147,15 +147,28 @@ loss_merge_kernel(CeMerge ce, DistillMerge d, MergePlan plan, float alpha, float
     s_last = atomicAdd(ticket, 1u) == static_cast<unsigned>(nblocks - 1);
   }
   __syncthreads();
-  if (!s_last || tid >= 32) return;  // the last block's first warp adds the blocks' sums
+  if (!s_last) return;  // the whole block leaves
   __threadfence();
   const volatile float* bp = block_partials;  // the other blocks' sums: not from a stale cache
   float sc = 0.f, sd = 0.f;
-  for (int64_t i = tid; i < plan.ce_blocks; i += 32) sc += bp[i];
-  for (int64_t i = plan.ce_blocks + tid; i < nblocks; i += 32) sd += bp[i];
+  for (int64_t i = tid; i < plan.ce_blocks; i += kMergeThreads) sc += bp[i];
+  for (int64_t i = plan.ce_blocks + tid; i < nblocks; i += kMergeThreads) sd += bp[i];
   sc = warp_sum(sc);
   sd = warp_sum(sd);
+  constexpr int kWarps = kMergeThreads / 32;
+  const int lane = tid & 31, warp = tid >> 5;
+  if (lane == 0) {  // scratch was last read by block_sum, before the ticket's barrier
+    scratch[warp] = sc;
+    scratch[kWarps + warp] = sd;
+  }
+  __syncthreads();
   if (tid == 0) {
+    sc = 0.f;
+    sd = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      sc += scratch[w];
+      sd += scratch[kWarps + w];
+    }
     const float ce_mean = ce.partial != nullptr ? sc / static_cast<float>(ce.B) : 0.f;
     if (ce.partial != nullptr) ce.ce[0] = ce_mean;
     float loss = ce_mean;
