@@ -25,8 +25,11 @@ GEMMs' operands once per row / column tile), NOT a trace as for the Triton kerne
 each tensor once (R, 0.5 MB at imagenet in bfloat16, stays in L2); ``traced`` is False. At imagenet (bf16)
 the formulas of the text backward, distillation forward and CE GEMMs agree with the trace
 (``trace_head``) within 3% (retraced with the basis R in T's dtype: distillation forward
-1.024, text backward 1.000, CE GEMMs 1.000); the one-block finalize and prompt-logit kernels
-(under 0.5 MB) count each tensor once and trace up to 3x that.
+1.024, text backward 1.000, CE GEMMs 1.000; retraced at C=125 M=8 D=512 B=64 K=3072 after
+the merge, the image norms and dA moved into other kernels: distillation forward + image
+norms 1.025, text backward 1.009, CE GEMMs 0.986-1.000); the losses' merge (under 0.5 MB)
+counts each tensor once and traces 2.2-3x that (its lanes read the partials of one row
+across splits: sectors part-used).
 ``rounds`` counts the dependent load rounds of the losses' merge (its split loads, the
 ticket, the last block's read of the blocks' sums).
 Times are modelled by benchmarks/compiled_model.py.
