@@ -370,8 +370,9 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # u^ per pair of rows a warp writes (one class or two), dT written once; per row a sector
     # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
     # With M dividing 64 (plan "prompt_logits_fused") the blocks of group 0 also take dA of their
-    # classes (a warp per class from the rows' w and dw in shared memory): dw is not stored, dA
-    # written (a sector per 8 prompts of a class); else dw per row as above and a kernel for dA.
+    # classes (a warp per class from the rows' w and dw in shared memory): dw is not stored (a
+    # sector per row fewer), dA written (a sector per 8 prompts of a class); else dw per row as
+    # above and a kernel for dA.
     tb = plan["text_backward"]["splits"]
     pl_fused = plan["prompt_logits_fused"]
     tiles = cdiv(R, TILE)
@@ -383,8 +384,8 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
         tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
-        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R
-        + (32 * cdiv(4 * M, 32) * C if pl_fused else 0),
+        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * (3 if pl_fused else 4) * R
+        + 8 * R + (32 * cdiv(4 * M, 32) * C if pl_fused else 0),
         dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
         hbm=2 * e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
     if not pl_fused:  # dA = w (dw - sum_m w dw) by a kernel of its own (M does not divide 64)
