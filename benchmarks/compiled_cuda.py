@@ -25,9 +25,13 @@ GEMMs' operands once per row / column tile), NOT a trace as for the Triton kerne
 each tensor once (R, 0.5 MB at imagenet in bfloat16, stays in L2); ``traced`` is False. At imagenet (bf16)
 the formulas of the text backward, distillation forward and CE GEMMs agree with the trace
 (``trace_head``) within 3% (retraced with the basis R in T's dtype: distillation forward
-1.024, text backward 1.000, CE GEMMs 1.000); the one-block finalize and prompt-logit kernels
-(under 0.5 MB) count each tensor once and trace up to 3x that.
-``rounds`` counts the serial per-element loops of the one-block finalize kernels.
+1.024, text backward 1.000, CE GEMMs 1.000; retraced at C=125 M=8 D=512 B=64 K=3072 after
+the merge, the image norms and dA moved into other kernels: distillation forward + image
+norms 1.025, text backward 1.009, CE GEMMs 0.986-1.000); the losses' merge (under 0.5 MB)
+counts each tensor once and traces 2.2-3x that (its lanes read the partials of one row
+across splits: sectors part-used).
+``rounds`` counts the dependent load rounds of the losses' merge (its split loads, the
+ticket, the last block's read of the blocks' sums).
 Times are modelled by benchmarks/compiled_model.py.
 
 ``collect(preset, out_dir, mode=...)`` is what benchmarks/compiled.py calls; it returns []
@@ -303,15 +307,23 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # the epilogue's F reads: a warp access covers two rows (one class or two) of a tile
     f_pairs = sum(len({i // M for i in range(q, min(q + 2, t0 + tile_rows, R))})
                   for t0 in range(0, R, tile_rows) for q in range(t0, min(t0 + tile_rows, R), 2))
-    add("fwd distill" + (" + aggregate" if fused else ""),
+    # with plan "image_norms_fused" the grid has image_norm_blocks extra columns of blocks: those of
+    # split 0 take ||x|| (a warp per row, 64 rows a block: X read once), the others leave at once
+    img = plan.get("image_norms_fused", False)
+    img_blocks = plan["image_norm_blocks"] if img else 0
+    img_flops, img_bytes = (2 * B * D, e * B * D + 4 * B) if img else (0, 0)
+    add("fwd distill" + (" + aggregate" if fused else "") + (" + image norms" if img else ""),
         rf"{'27distill_forward_tile_kernel' if distill_tile_fits(D, dtype) else '30distill_forward_partial_kernel'}"
         rf"I{t}E",
-        (d_tiles, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0),
+        (d_tiles + img_blocks, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0) + img_flops,
         t_reads * e * R * D + e * R * r + d_tiles * (e * r * D + 4 * r) + 4 * f_pairs * r + 4 * 8 * d_tiles * r
         + 8 * dist_s * R
-        + (agg_bytes if fused else 0), dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
-        hbm=e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0))
-    add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
+        + (agg_bytes if fused else 0) + img_bytes,
+        dyn_smem=distill_tile_smem(D, dtype) if distill_tile_fits(D, dtype) else 0,
+        hbm=e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 8 * dist_s * R + (agg_bytes if fused else 0)
+        + img_bytes)
+    if not img:
+        add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     # The tile_dot GEMMs (cross-entropy, its gradients): L2 bytes per block as the trace counts
     # them (each block reads its rows of both operands, a 16-lane row read is whole sectors:
     # X once per class split / class tile, u^ and dL/ds once per row tile / column tile),
@@ -320,11 +332,16 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
         2 * B * C * D + 8 * B * C, ce_s * (e * B * D + 100 * B) + cdiv(B, TILE) * 4 * C * D,
         hbm=e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
-    # one block of 1024 threads; each thread loops over its rows and, per row, over the splits
-    add("fwd ce finalize", r"18ce_finalize_kernelE", (1,), 10 * ce_s * B, 12 * ce_s * B + 4 * B + 8,
-        rounds=cdiv(B, 1024) * ce_s)
-    add("fwd distill finalize", r"23distill_finalize_kernelE", (1,), 4 * dist_s * R + 6 * R,
-        8 * dist_s * R + 4 * (C + 2 * R) + 8, rounds=cdiv(R, 1024) * dist_s)
+    # the losses' merge, one launch (csrc/cross_entropy.cu loss_merge_kernel, plan "merge"):
+    # `group` lanes per row take its splits (ceil(splits / group) independent loads each, one
+    # round), a shuffle tree joins them; then per block one ticket (an atomic: a round) and the
+    # last block reads the blocks' sums (a thread each: ceil(blocks / threads) rounds). Each tensor
+    # once: the partials, lse, delta, cos, ||z||, the block sums written and read, the ticket.
+    mg = plan["merge"]
+    m_blocks = mg["ce_blocks"] + mg["distill_blocks"]
+    add("fwd loss merge", r"17loss_merge_kernel", (m_blocks,), 10 * ce_s * B + 4 * dist_s * R + 6 * R,
+        12 * ce_s * B + 4 * B + 8 * dist_s * R + 4 * (C + 2 * R) + 8 * m_blocks + 4 + 12,
+        rounds=max(cdiv(ce_s, mg["ce_group"]), cdiv(dist_s, mg["distill_group"])) + 1 + cdiv(m_blocks, mg["threads"]))
     # backward: dL/ds^T (class rows), dL/du^ = G^T x, then the fused text backward and dA
     add("bwd ce grad", rf"14ce_grad_kernelI{t}", (cdiv(C, TILE), cdiv(B, TILE)), 2 * B * C * D + 12 * B * C,
         cdiv(B, TILE) * 4 * C * D + cdiv(C, TILE) * e * B * D + 8 * C * B + g * C * B + 128 * B,
@@ -352,7 +369,12 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # ([r, D / groups] in T's dtype: all of R once per row tile); the epilogue's t, and dL/du^ and
     # u^ per pair of rows a warp writes (one class or two), dT written once; per row a sector
     # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
+    # With M dividing 64 (plan "prompt_logits_fused") the blocks of group 0 also take dA of their
+    # classes (a warp per class from the rows' w and dw in shared memory): dw is not stored (a
+    # sector per row fewer), dA written (a sector per 8 prompts of a class); else dw per row as
+    # above and a kernel for dA.
     tb = plan["text_backward"]["splits"]
+    pl_fused = plan["prompt_logits_fused"]
     tiles = cdiv(R, TILE)
     chunks = cdiv(D, TILE)
     builds = tb if text_backward_panel(r, dtype) >= r else chunks  # G builds per row tile
@@ -362,10 +384,12 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
         tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
-        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * 4 * R + 8 * R,
+        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * (3 if pl_fused else 4) * R
+        + 8 * R + (32 * cdiv(4 * M, 32) * C if pl_fused else 0),
         dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
         hbm=2 * e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
-    add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
+    if not pl_fused:  # dA = w (dw - sum_m w dw) by a kernel of its own (M does not divide 64)
+        add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
     return L
 
 

@@ -67,20 +67,12 @@ aggregate_forward_kernel(const T* __restrict__ t, const float* __restrict__ a, T
   }
 }
 
-// norm[r] = ||v[r]|| for v: [R, D]; one warp per row.
+// norm[r] = ||v[r]|| for v: [R, D]; one warp per row (common.cuh warp_row_norms, which the
+// head's distillation forward also runs for the image norms).
 template <typename T>
 __global__ void __launch_bounds__(kAggThreads)
 row_norms_kernel(const T* __restrict__ v, int64_t R, int64_t D, float* __restrict__ norm) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kAggThreads / 32) + (threadIdx.x >> 5);
-  if (r >= R) return;  // whole warps leave together
-  float s = 0.f;
-  for (int64_t d = lane; d < D; d += 32) {
-    const float x = to_f(v[r * D + d]);
-    s = fmaf(x, x, s);
-  }
-  s = warp_sum(s);
-  if (lane == 0) norm[r] = sqrtf(s);
+  warp_row_norms(v, R, D, static_cast<int64_t>(blockIdx.x) * (kAggThreads / 32), kAggThreads / 32, norm);
 }
 
 // dv[r] = normalize_backward(v^[r], dv^[r], ||v[r]||) for v: [R, D]; one block per row.

@@ -70,28 +70,52 @@ DistillArgs distill_args(const at::Tensor& t, const Basis& b) {
           t.size(0), t.size(1), t.size(2), b.R.size(0)};
 }
 
-// Forward of the cross-entropy: lse, ce (and logits, loss_out) from x and u32.
-void run_ce_forward(const CeArgs& a, const at::Tensor& like, void* logits, at::Tensor& lse, at::Tensor& ce,
-                    float* loss_out) {
-  const Split split = ce_forward_split(a.B, a.C, sm_count());
-  at::Tensor partial = at::empty({split.splits, a.B, 3}, f32(like));
-  launch_ce_forward(a, split, fp(partial), logits, fp(lse), fp(ce), loss_out, stream());
-}
-
-// The distillation's partial pass (launch_distill_partial); its finalize needs the split
-// and the partial sums.
-struct DistillPartial {
+// A forward's partial pass (launch_ce_partial, launch_distill_partial): the split and the
+// partial states, for the losses' merge.
+struct Partial {
   Split split;
   at::Tensor partial;
 };
 
-DistillPartial run_distill_partial(const DistillArgs& a, const at::Tensor& like, void* proj, float* n_out,
-                                   FusedAggregate agg) {
+// The counter of the losses' merge (launch_loss_merge's ticket): one int32, zeroed on the
+// stream by the partial kernel launched just before the merge (each call its own).
+struct Ticket {
+  at::Tensor holder;
+  unsigned* ptr() { return reinterpret_cast<unsigned*>(holder.data_ptr<int32_t>()); }
+};
+Ticket make_ticket(const at::Tensor& like) { return {at::empty({1}, like.options().dtype(at::kInt))}; }
+
+// The cross-entropy's partial pass (and the logits) from x and u32; ticket zeroed if non-null.
+Partial run_ce_partial(const CeArgs& a, const at::Tensor& like, void* logits, unsigned* ticket) {
+  const Split split = ce_forward_split(a.B, a.C, sm_count());
+  at::Tensor partial = at::empty({split.splits, a.B, 3}, f32(like));
+  launch_ce_partial(a, split, fp(partial), logits, ticket, stream());
+  return {split, partial};
+}
+
+// The distillation's partial pass (and the image norms, img.x non-null); ticket zeroed if non-null.
+Partial run_distill_partial(const DistillArgs& a, const at::Tensor& like, void* proj, float* n_out,
+                            FusedAggregate agg, ImageNorms img, unsigned* ticket) {
   const int64_t tile_rows = distill_rows_per_block(agg.a != nullptr, a.M);
   const Split split = distill_split(a.C * a.M, a.rank, sm_count(), tile_rows);
   at::Tensor partial = at::empty({split.splits, a.C * a.M, 2}, f32(like));
-  launch_distill_partial(a, tile_rows, split, fp(partial), proj, n_out, agg, stream());
+  launch_distill_partial(a, tile_rows, split, fp(partial), proj, n_out, agg, img, ticket, stream());
   return {split, partial};
+}
+
+// The losses' merge, one launch: the cross-entropy's part (ce_part null: none) -> lse, ce; the
+// distillation's (dist_part null: none) -> cos, zn, dist; loss_out = ce + alpha dist if non-null.
+void run_loss_merge(const at::Tensor& like, const Partial* ce_part, float* lse, float* ce, int64_t B,
+                    const DistillArgs* da, const Partial* dist_part, float* cos, float* zn, float* dist, float alpha,
+                    float* loss_out, unsigned* ticket) {
+  const CeMerge cm{ce_part ? cfp(ce_part->partial) : nullptr, ce_part ? ce_part->split.splits : 0,
+                   ce_part ? B : 0, lse, ce};
+  const DistillMerge dm{dist_part ? cfp(dist_part->partial) : nullptr, dist_part ? dist_part->split.splits : 0,
+                        dist_part ? da->C * da->M : 0, dist_part ? da->M : 1, dist_part ? da->delta : nullptr,
+                        dist_part ? da->beta : nullptr, cos, zn, dist};
+  const MergePlan plan = merge_plan(cm.splits, cm.B, dm.splits, dm.rows);
+  at::Tensor block_partials = at::empty({plan.blocks()}, f32(like));
+  launch_loss_merge(cm, dm, alpha, loss_out, fp(block_partials), ticket, stream());
 }
 
 // Float32 scratch of n floats, or an undefined tensor (null pointer) when n == 0.
@@ -111,7 +135,7 @@ void run_text_backward(const at::Tensor& t, const at::Tensor& n, const float* g,
                      basis ? cvp(basis->R) : nullptr, basis ? cfp(basis->c) : nullptr, basis ? cfp(basis->F) : nullptr,
                      cos, zn, gw, t.size(0), t.size(1), t.size(2), basis ? basis->R.size(0) : 0};
   at::Tensor dw;
-  float* dw_ptr = g ? scratch(dw, t.size(0) * t.size(1), t) : nullptr;
+  float* dw_ptr = g && !text_backward_takes_prompt_logits(a.M) ? scratch(dw, t.size(0) * t.size(1), t) : nullptr;
   launch_text_backward(a, text_backward_split(a.C * a.M, a.D, sm_count()), dt.data_ptr(), dw_ptr, da, stream());
 }
 
@@ -289,8 +313,11 @@ std::vector<at::Tensor> cosine_cross_entropy_forward(const at::Tensor& image_fea
   at::Tensor lse = at::empty({B}, f32(image_features));
   at::Tensor ce = at::empty({}, f32(image_features));
   launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
-  run_ce_forward(ce_args(image_features, class_features, labels, scale, xnorm, label_smoothing), image_features,
-                 nullptr, lse, ce, nullptr);
+  Ticket ticket = make_ticket(image_features);
+  const Partial part = run_ce_partial(ce_args(image_features, class_features, labels, scale, xnorm, label_smoothing),
+                                      image_features, nullptr, ticket.ptr());
+  run_loss_merge(image_features, &part, fp(lse), fp(ce), B, nullptr, nullptr, nullptr, nullptr, nullptr, 0.f, nullptr,
+                 ticket.ptr());
   return {ce, lse, xnorm};
 }
 
@@ -343,9 +370,11 @@ std::vector<at::Tensor> prompt_distill_loss_forward(const at::Tensor& text_featu
   at::Tensor dist = at::empty({}, f32(text_features));
   at::Tensor proj = at::empty({R, basis.R.size(0)}, text_features.options());
   const DistillArgs da = distill_args(text_features, basis);
-  const DistillPartial part = run_distill_partial(da, text_features, proj.data_ptr(), fp(n), FusedAggregate{});
-  launch_distill_finalize(da, part.split, cfp(part.partial), fp(cos), fp(zn), fp(dist), nullptr, 0.f, nullptr,
-                          stream());
+  Ticket ticket = make_ticket(text_features);
+  const Partial part = run_distill_partial(da, text_features, proj.data_ptr(), fp(n), FusedAggregate{}, ImageNorms{},
+                                           ticket.ptr());
+  run_loss_merge(text_features, nullptr, nullptr, nullptr, 0, &da, &part, fp(cos), fp(zn), fp(dist), 0.f, nullptr,
+                 ticket.ptr());
   return {dist, n, zn, cos, proj};
 }
 
@@ -400,7 +429,7 @@ std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, cons
   // can hold whole classes), the distillation's partial sums and p = R t^.
   at::Tensor dist, cos, zn, proj;
   std::optional<DistillArgs> dargs;
-  DistillPartial part;
+  Partial part;
   const bool fused = basis && can_fuse_aggregate(M);
   if (!fused)
     launch_aggregate_forward(dtype_of(text_features), text_features.data_ptr(), cfp(prompt_logits), C, M, D, nullptr,
@@ -409,20 +438,26 @@ std::vector<at::Tensor> demul_head_forward(const at::Tensor& text_features, cons
     proj = at::empty({C * M, basis->R.size(0)}, text_features.options());
     dargs = distill_args(text_features, *basis);
     const FusedAggregate agg = fused ? FusedAggregate{cfp(prompt_logits), fp(w), fp(r), fp(u32)} : FusedAggregate{};
-    part = run_distill_partial(*dargs, text_features, proj.data_ptr(), fused ? fp(n) : nullptr, agg);
+    // the image norms ride on the distillation's pass too (extra blocks)
+    part = run_distill_partial(*dargs, text_features, proj.data_ptr(), fused ? fp(n) : nullptr, agg,
+                               ImageNorms{image_features.data_ptr(), B, fp(xnorm)}, nullptr);
   } else {
     proj = empty0(text_features);
+    launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
   }
-  launch_row_norms(dtype_of(image_features), image_features.data_ptr(), B, D, fp(xnorm), stream());
-  run_ce_forward(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing), text_features,
-                 return_logits ? logits.data_ptr() : nullptr, lse, ce, basis ? nullptr : fp(loss));
+  // the cross-entropy's partial pass zeroes the merge's ticket; one merge for both losses
+  Ticket ticket = make_ticket(text_features);
+  const Partial ce_part = run_ce_partial(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing),
+                                         text_features, return_logits ? logits.data_ptr() : nullptr, ticket.ptr());
   if (basis) {
     cos = at::empty({C * M}, f32(text_features));
     zn = at::empty({C * M}, f32(text_features));
     dist = at::empty({}, f32(text_features));
-    launch_distill_finalize(*dargs, part.split, cfp(part.partial), fp(cos), fp(zn), fp(dist), cfp(ce),
-                            static_cast<float>(alpha), fp(loss), stream());
+    run_loss_merge(text_features, &ce_part, fp(lse), fp(ce), B, &*dargs, &part, fp(cos), fp(zn), fp(dist),
+                   static_cast<float>(alpha), fp(loss), ticket.ptr());
   } else {
+    run_loss_merge(text_features, &ce_part, fp(lse), fp(ce), B, nullptr, nullptr, nullptr, nullptr, nullptr, 0.f,
+                   fp(loss), ticket.ptr());
     dist = at::zeros({}, f32(text_features));
     cos = empty0(u32);
     zn = empty0(u32);
@@ -524,6 +559,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         d["ce"] = split(p.ce);
         d["ce_image"] = split(p.ce_image);
         if (D > 0) d["text_backward"] = split(p.text_backward);  // D = 0: not asked for
+        py::dict mg;
+        mg["ce_group"] = p.merge.ce_group;
+        mg["ce_blocks"] = p.merge.ce_blocks;
+        mg["distill_group"] = p.merge.distill_group;
+        mg["distill_blocks"] = p.merge.distill_blocks;
+        mg["threads"] = kMergeThreads;
+        d["merge"] = mg;
+        d["prompt_logits_fused"] = p.prompt_logits_fused;
+        d["image_norms_fused"] = p.image_norms_fused;
+        d["image_norm_blocks"] = image_norm_blocks(B);
         return d;
       },
       py::arg("C"), py::arg("M"), py::arg("B"), py::arg("rank"), py::arg("sms"), py::arg("D") = 0,

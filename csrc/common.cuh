@@ -303,4 +303,23 @@ __device__ __forceinline__ void tile_dot(const TA* __restrict__ A, int64_t rows,
   }
 }
 
+// norm[r] = ||v[r]|| for the rows r0 .. r0 + count - 1 (below R) of v [R, D], a warp per row
+// (warp w: rows w, w + warps, ...; lane l: elements l, l + 32, ...): aggregate.cu's
+// row_norms_kernel and the image-norm blocks of distill.cu, the same bits. Whole warps call it.
+template <typename T>
+__device__ __forceinline__ void warp_row_norms(const T* __restrict__ v, int64_t R, int64_t D, int64_t r0,
+                                               int64_t count, float* __restrict__ norm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int64_t il = warp; il < count && r0 + il < R; il += warps) {  // warp-uniform
+    const int64_t r = r0 + il;
+    float s = 0.f;
+    for (int64_t d = lane; d < D; d += 32) {
+      const float x = to_f(v[r * D + d]);
+      s = fmaf(x, x, s);
+    }
+    s = warp_sum(s);
+    if (lane == 0) norm[r] = sqrtf(s);
+  }
+}
+
 }  // namespace demul

@@ -3,8 +3,9 @@
 //   s[b,c] = tau <x[b], u[c]> / max(||x[b]||, eps)      (u: class features, float32)
 //   L_ce   = (1/B) sum_b (logsumexp_c s[b,:] - sum_c q[b,c] s[b,c]),  q = (1-ls)[c==y_b] + ls/C
 // Forward: blocks own 64 images x a range of classes and keep (max, sum-exp, sum q s) per
-// row; a one-block kernel merges the ranges, so the [B, C] logits are written only when
-// asked for. Backward, with G = dL/ds = g (softmax(s) - q) / B (+ the logits' own
+// row; the merge of the ranges (loss_merge_kernel, shared with the distillation's, one
+// launch of several blocks) gives lse and the mean, so the [B, C] logits are written only
+// when asked for. Backward, with G = dL/ds = g (softmax(s) - q) / B (+ the logits' own
 // gradient, if any): dL/dx^ and dL/dtau by a sweep (sweep.cuh) that recomputes s tile by
 // tile; dL/du by two kernels: G^T (scaled by tau / ||x||) is written once ([C, B], small),
 // then multiplied by x, a block per 64 x 64 tile of du (no split partials):
@@ -26,9 +27,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 ce_forward_partial_kernel(const T* __restrict__ x, const float* __restrict__ u, const int64_t* __restrict__ labels,
                           const float* __restrict__ scale, const float* __restrict__ xnorm, float ls, int64_t B,
                           int64_t C, int64_t D, int64_t cols_per_split, T* __restrict__ logits,
-                          float* __restrict__ partial) {
+                          float* __restrict__ partial, unsigned* __restrict__ ticket) {
   __shared__ TileSmem<T, float> sm;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  if (ticket != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) *ticket = 0u;  // for loss_merge_kernel
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
   const int64_t c_end = c_begin + cols_per_split < C ? c_begin + cols_per_split : C;
@@ -82,29 +84,100 @@ ce_forward_partial_kernel(const T* __restrict__ x, const float* __restrict__ u, 
   }
 }
 
-// One block: lse[b] from the splits' partial states, ce = mean_b (lse - sum q s);
-// loss_out (optional) gets the same value (the head without distillation).
-__global__ void __launch_bounds__(1024)
-ce_finalize_kernel(const float* __restrict__ partial, int64_t splits, int64_t B, float* __restrict__ lse,
-                   float* __restrict__ ce, float* __restrict__ loss_out) {
+// The losses' merge (ops.h launch_loss_merge): blocks 0 .. ce_blocks - 1 take the images
+// (group lanes per image over the splits, then a shuffle tree: lse[b] = m + log l, and
+// lse - sum q s), the others the distillation's rows (sum v^2 and sum v F over the splits:
+// ||z||, cos, 1 - cos). Each block writes its sum; the last block to take a ticket adds the
+// blocks' sums (a thread per block sum, then warps, then the 8 warp sums: a fixed order) and
+// writes ce = mean_b, dist = mean_i and loss_out.
+__global__ void __launch_bounds__(kMergeThreads)
+loss_merge_kernel(CeMerge ce, DistillMerge d, MergePlan plan, float alpha, float* __restrict__ loss_out,
+                  float* __restrict__ block_partials, unsigned* __restrict__ ticket) {
   __shared__ float scratch[32];
-  float total = 0.f;
-  for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+  __shared__ int s_last;
+  const int tid = threadIdx.x;
+  const int64_t blk = blockIdx.x, nblocks = plan.ce_blocks + plan.distill_blocks;
+  float term = 0.f;
+  if (blk < plan.ce_blocks) {
+    const int g = static_cast<int>(plan.ce_group), sub = tid & (g - 1);
+    const int64_t b = blk * (kMergeThreads / g) + tid / g;
     float m = -INFINITY, l = 0.f, qs = 0.f;
-    for (int64_t s = 0; s < splits; ++s) {
-      const float* p = partial + (s * B + b) * 3;
-      lse_merge(m, l, p[0], p[1]);
-      qs += p[2];
+    if (b < ce.B)
+      for (int64_t s = sub; s < ce.splits; s += g) {
+        const float* p = ce.partial + (s * ce.B + b) * 3;
+        lse_merge(m, l, p[0], p[1]);
+        qs += p[2];
+      }
+    for (int o = g / 2; o > 0; o >>= 1) {  // block-uniform g: every lane shuffles
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+      lse_merge(m, l, m2, l2);
+      qs += __shfl_xor_sync(0xffffffffu, qs, o);
     }
-    const float v = m + logf(l);
-    lse[b] = v;
-    total += v - qs;
+    if (sub == 0 && b < ce.B) {
+      const float v = m + logf(l);
+      ce.lse[b] = v;
+      term = v - qs;
+    }
+  } else {
+    const int g = static_cast<int>(plan.distill_group), sub = tid & (g - 1);
+    const int64_t r = (blk - plan.ce_blocks) * (kMergeThreads / g) + tid / g;
+    float vv = 0.f, vf = 0.f;
+    if (r < d.rows)
+      for (int64_t s = sub; s < d.splits; s += g) {
+        vv += d.partial[(s * d.rows + r) * 2];
+        vf += d.partial[(s * d.rows + r) * 2 + 1];
+      }
+    for (int o = g / 2; o > 0; o >>= 1) {
+      vv += __shfl_xor_sync(0xffffffffu, vv, o);
+      vf += __shfl_xor_sync(0xffffffffu, vf, o);
+    }
+    if (sub == 0 && r < d.rows) {
+      const float zn = sqrtf(vv + d.beta[0]);
+      const float cs = (vf + d.delta[r / d.M]) * inv_floor(zn);
+      d.zn[r] = zn;
+      d.cos[r] = cs;
+      term = 1.f - cs;
+    }
   }
-  total = block_sum(total, scratch);
-  if (threadIdx.x == 0) {
-    const float mean = total / static_cast<float>(B);
-    ce[0] = mean;
-    if (loss_out != nullptr) loss_out[0] = mean;
+  term = block_sum(term, scratch);
+  if (tid == 0) {
+    block_partials[blk] = term;
+    __threadfence();  // the sum before the ticket
+    s_last = atomicAdd(ticket, 1u) == static_cast<unsigned>(nblocks - 1);
+  }
+  __syncthreads();
+  if (!s_last) return;  // the whole block leaves
+  __threadfence();
+  const volatile float* bp = block_partials;  // the other blocks' sums: not from a stale cache
+  float sc = 0.f, sd = 0.f;
+  for (int64_t i = tid; i < plan.ce_blocks; i += kMergeThreads) sc += bp[i];
+  for (int64_t i = plan.ce_blocks + tid; i < nblocks; i += kMergeThreads) sd += bp[i];
+  sc = warp_sum(sc);
+  sd = warp_sum(sd);
+  constexpr int kWarps = kMergeThreads / 32;
+  const int lane = tid & 31, warp = tid >> 5;
+  if (lane == 0) {  // scratch was last read by block_sum, before the ticket's barrier
+    scratch[warp] = sc;
+    scratch[kWarps + warp] = sd;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    sc = 0.f;
+    sd = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      sc += scratch[w];
+      sd += scratch[kWarps + w];
+    }
+    const float ce_mean = ce.partial != nullptr ? sc / static_cast<float>(ce.B) : 0.f;
+    if (ce.partial != nullptr) ce.ce[0] = ce_mean;
+    float loss = ce_mean;
+    if (d.partial != nullptr) {
+      const float mean = sd / static_cast<float>(d.rows);
+      d.dist[0] = mean;
+      loss = ce_mean + alpha * mean;
+    }
+    if (loss_out != nullptr) loss_out[0] = loss;
   }
 }
 
@@ -238,16 +311,22 @@ __global__ void __launch_bounds__(1024) sum_kernel(const float* __restrict__ p, 
 
 }  // namespace
 
-void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logits, float* lse, float* ce,
-                       float* loss_out, cudaStream_t stream) {
+void launch_ce_partial(const CeArgs& a, Split split, float* partial, void* logits, unsigned* ticket,
+                       cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(a.B, kTile)), static_cast<unsigned>(split.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
     ce_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(a.x), a.u, a.labels, a.scale, a.xnorm, a.ls, a.B, a.C, a.D,
-        split.cols_per_split, static_cast<scalar_t*>(logits), partial);
+        split.cols_per_split, static_cast<scalar_t*>(logits), partial, ticket);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  ce_finalize_kernel<<<1, 1024, 0, stream>>>(partial, split.splits, a.B, lse, ce, loss_out);
+}
+
+void launch_loss_merge(const CeMerge& ce, const DistillMerge& d, float alpha, float* loss_out,
+                       float* block_partials, unsigned* ticket, cudaStream_t stream) {
+  const MergePlan plan = merge_plan(ce.partial ? ce.splits : 0, ce.B, d.partial ? d.splits : 0, d.rows);
+  loss_merge_kernel<<<static_cast<unsigned>(plan.blocks()), kMergeThreads, 0, stream>>>(ce, d, plan, alpha, loss_out,
+                                                                                         block_partials, ticket);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

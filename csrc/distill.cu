@@ -5,8 +5,8 @@
 //   v[i,k]  = <t[i], R[k]> / max(n[i], eps) + c[k]               (n = ||t[i]||)
 //   ||z[i]||^2 = ||v[i]||^2 + beta,   <z[i], e^[c]> = <v[i], F[c]> + delta[c]
 //   cos[i]  = <z[i], e^[c]> / max(||z[i]||, eps),  L_dist = mean_i (1 - cos[i])
-// Forward: blocks own up to 64 rows x a range of r and keep sum v^2 and sum v F per row; a
-// one-block kernel merges the ranges and adds beta and delta. The forward also stores
+// Forward: blocks own up to 64 rows x a range of r and keep sum v^2 and sum v F per row;
+// cross_entropy.cu's loss_merge_kernel merges the ranges and adds beta and delta. The forward also stores
 // p = R t^ = v - c ([C*M, r] in T's dtype) for the backward (text_head.cu, one product
 // instead of two: v is not recomputed; p rather than v so that the backward's
 // <t^, R^T G> = <p, G> has no cancellation v - c in it). In the head it also aggregates
@@ -42,7 +42,7 @@ distill_forward_partial_kernel(const T* __restrict__ t, const T* __restrict__ ba
                                const float* __restrict__ basis_c, const float* __restrict__ f, int64_t rows,
                                int64_t M, int64_t rank, int64_t D, int64_t tile_rows, int64_t cols_per_split,
                                float* __restrict__ partial, T* __restrict__ proj, float* __restrict__ n_out,
-                               FusedAggregate agg) {
+                               FusedAggregate agg, ImageNorms img, unsigned* __restrict__ ticket) {
   __shared__ TileSmem<T, T> sm;
   __shared__ float s_ninv[kTile], s_wn[kTile];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
@@ -51,6 +51,12 @@ distill_forward_partial_kernel(const T* __restrict__ t, const T* __restrict__ ba
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
   const int64_t k_end = k_begin + cols_per_split < rank ? k_begin + cols_per_split : rank;
   const bool lead = blockIdx.y == 0;
+  if (ticket != nullptr && blockIdx.x == 0 && lead && tid == 0) *ticket = 0u;  // for loss_merge_kernel
+  const int64_t d_tiles = (rows + tile_rows - 1) / tile_rows;
+  if (static_cast<int64_t>(blockIdx.x) >= d_tiles) {  // an image-norm block (ImageNorms): 64 rows of x, then leave
+    if (lead) warp_row_norms(static_cast<const T*>(img.x), img.B, D, (blockIdx.x - d_tiles) * kTile, kTile, img.norm);
+    return;
+  }
 
   for (int il = warp; il < kTile; il += kThreads / 32) {
     const int64_t r = r0 + il;
@@ -230,7 +236,7 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
                             const float* __restrict__ basis_c, const float* __restrict__ f, int64_t rows,
                             int64_t M, int64_t rank, int64_t D, int64_t tile_rows, int64_t cols_per_split,
                             float* __restrict__ partial, T* __restrict__ proj, float* __restrict__ n_out,
-                            FusedAggregate agg) {
+                            FusedAggregate agg, ImageNorms img, unsigned* __restrict__ ticket) {
   using L = DistillSmem<T>;
   constexpr bool kMma = L::kMma;
   using TC = typename L::TC;
@@ -246,6 +252,12 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
   const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * cols_per_split;
   const int64_t k_end = k_begin + cols_per_split < rank ? k_begin + cols_per_split : rank;
   const bool lead = blockIdx.y == 0;
+  if (ticket != nullptr && blockIdx.x == 0 && lead && tid == 0) *ticket = 0u;  // for loss_merge_kernel
+  const int64_t d_tiles = (rows + tile_rows - 1) / tile_rows;
+  if (static_cast<int64_t>(blockIdx.x) >= d_tiles) {  // an image-norm block (ImageNorms): 64 rows of x, then leave
+    if (lead) warp_row_norms(static_cast<const T*>(img.x), img.B, D, (blockIdx.x - d_tiles) * kTile, kTile, img.norm);
+    return;
+  }
   const int64_t nds = dp / kDStep;                                 // D steps per chunk of r
   const int64_t steps = (k_end - k_begin + kTile - 1) / kTile * nds;  // k_begin is a multiple of 64
 
@@ -416,42 +428,13 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
   }
 }
 
-// One block: zn[i] = ||z[i]||, cos[i], dist = mean_i (1 - cos); loss_out (optional) =
-// ce[0] + alpha * dist (the head).
-__global__ void __launch_bounds__(1024)
-distill_finalize_kernel(const float* __restrict__ partial, int64_t splits, int64_t rows, int64_t M,
-                        const float* __restrict__ delta, const float* __restrict__ beta, float* __restrict__ cos_out,
-                        float* __restrict__ zn_out, float* __restrict__ dist, const float* __restrict__ ce,
-                        float alpha, float* __restrict__ loss_out) {
-  __shared__ float scratch[32];
-  const float b = beta[0];
-  float total = 0.f;
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
-    float vv = 0.f, vf = 0.f;
-    for (int64_t s = 0; s < splits; ++s) {
-      vv += partial[(s * rows + r) * 2];
-      vf += partial[(s * rows + r) * 2 + 1];
-    }
-    const float zn = sqrtf(vv + b);
-    const float cs = (vf + delta[r / M]) * inv_floor(zn);
-    zn_out[r] = zn;
-    cos_out[r] = cs;
-    total += 1.f - cs;
-  }
-  total = block_sum(total, scratch);
-  if (threadIdx.x == 0) {
-    const float mean = total / static_cast<float>(rows);
-    dist[0] = mean;
-    if (loss_out != nullptr) loss_out[0] = ce[0] + alpha * mean;
-  }
-}
-
 }  // namespace
 
 void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split, float* partial, void* proj,
-                            float* n_out, FusedAggregate agg, cudaStream_t stream) {
+                            float* n_out, FusedAggregate agg, ImageNorms img, unsigned* ticket, cudaStream_t stream) {
   const int64_t rows = a.C * a.M;
-  const dim3 grid(static_cast<unsigned>(ceil_div(rows, tile_rows)), static_cast<unsigned>(split.splits));
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, tile_rows) + (img.x != nullptr ? image_norm_blocks(img.B) : 0)),
+                  static_cast<unsigned>(split.splits));
   DEMUL_DISPATCH(a.dtype, [&] {
     if (DistillSmem<scalar_t>::fits(a.D, dynamic_smem_budget(kDistillSmemCap))) {  // the tile of T resident in shared memory
       const int64_t smem = DistillSmem<scalar_t>::of(a.D).bytes();
@@ -461,23 +444,16 @@ void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split
       }
       distill_forward_tile_kernel<<<grid, kThreads, smem, stream>>>(
           static_cast<const scalar_t*>(a.t), static_cast<const scalar_t*>(a.basis_r), a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
-          split.cols_per_split, partial, static_cast<scalar_t*>(proj), n_out, agg);
+          split.cols_per_split, partial, static_cast<scalar_t*>(proj), n_out, agg, img, ticket);
     } else {
       distill_forward_partial_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(a.t),
                                                                     static_cast<const scalar_t*>(a.basis_r),
                                                                     a.basis_c, a.f, rows, a.M, a.rank, a.D, tile_rows,
                                                                     split.cols_per_split, partial,
-                                                                    static_cast<scalar_t*>(proj), n_out, agg);
+                                                                    static_cast<scalar_t*>(proj), n_out, agg, img, ticket);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-void launch_distill_finalize(const DistillArgs& a, Split split, const float* partial, float* cos, float* zn,
-                             float* dist, const float* ce, float alpha, float* loss_out, cudaStream_t stream) {
-  distill_finalize_kernel<<<1, 1024, 0, stream>>>(partial, split.splits, a.C * a.M, a.M, a.delta, a.beta, cos, zn,
-                                                  dist, ce, alpha, loss_out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace demul

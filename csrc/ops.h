@@ -83,10 +83,11 @@ struct CeArgs {
   int64_t B, C, D;
 };
 
-// partial: [split.splits, B, 3] scratch -> lse [B], ce [1]; logits [B, C] and loss_out [1]
-// (= ce) when non-null.
-void launch_ce_forward(const CeArgs& a, Split split, float* partial, void* logits, float* lse, float* ce,
-                       float* loss_out, cudaStream_t stream);
+// partial: [split.splits, B, 3] scratch (per split and image: max, sum of exp, sum of q s);
+// logits [B, C] when non-null; *ticket = 0 when ticket is non-null (launch_loss_merge's
+// counter, zeroed on the stream by the kernel before the merge). Then launch_loss_merge.
+void launch_ce_partial(const CeArgs& a, Split split, float* partial, void* logits, unsigned* ticket,
+                       cudaStream_t stream);
 
 // dxh [B, D] = dL/dx^ (required when dscale is wanted), dscale [1], du [C, D] = dL/du;
 // each null when not wanted. The dxh sweep splits the classes by split_x (work_x:
@@ -126,6 +127,16 @@ struct FusedAggregate {
   float* u32;
 };
 
+// The image features' norms taken by extra blocks of the distillation's forward (x null:
+// none): x [B, D] in t's dtype -> norm [B] = ||x||, 64 rows per block (a warp per row, the
+// bits of launch_row_norms), so that the head's forward needs no launch of its own for them.
+struct ImageNorms {
+  const void* x;
+  int64_t B;
+  float* norm;
+};
+inline int64_t image_norm_blocks(int64_t B) { return ceil_div(B, kTileRows); }
+
 // Rows per block of the distillation's forward: whole classes (the largest multiple of M
 // up to 64) when M <= 64, so that the aggregation can be fused; 64 otherwise (not fused).
 inline bool can_fuse_aggregate(int64_t M) { return M <= kTileRows; }
@@ -149,33 +160,57 @@ inline Split text_backward_split(int64_t CM, int64_t D, int64_t sms) {
   return split_into(D, std::min(sms / ceil_div(CM, kTileRows), ceil_div(ceil_div(D, kTileRows), 2)));
 }
 
-// The decisions of one demul_head forward + backward with the distillation (C classes, M
-// prompts, B images, basis rank r) on a device of `sms` SMs.
-struct HeadPlan {
-  int64_t tile_rows;          // kTileRows
-  bool fused_aggregate;       // the aggregation rides on the distillation's forward
-  int64_t distill_tile_rows;  // rows per block of the distillation's forward
-  Split distill;              // its split of r
-  Split ce;                   // the cross-entropy forward's split of the classes
-  Split ce_image;             // the dL/dx^ sweep's split of the classes (X trained)
-  Split text_backward;        // the text backward's groups of column chunks of dT (D wide)
-};
-
-inline HeadPlan plan_head(int64_t C, int64_t M, int64_t B, int64_t rank, int64_t D, int64_t sms) {
-  const bool fused = can_fuse_aggregate(M);
-  const int64_t rows = distill_rows_per_block(fused, M);
-  return {kTileRows, fused, rows, distill_split(C * M, rank, sms, rows), ce_forward_split(B, C, sms),
-          ce_image_split(B, C, sms), text_backward_split(C * M, D, sms)};
-}
-
 // partial: [split.splits, C*M, 2] scratch; n_out [C*M] = ||t|| when non-null; proj
 // [C*M, r] = R t^ in t's dtype (for the fused backward, launch_text_backward) when non-null;
-// agg (tile_rows a multiple of M) the fused aggregation. Then launch_distill_finalize:
-// -> cos, zn [C*M], dist [1]; loss_out [1] = ce[0] + alpha * dist when non-null.
+// agg (tile_rows a multiple of M) the fused aggregation; img the image norms (grid x grows by
+// image_norm_blocks(B), those blocks of split 0 take them, the others leave); *ticket = 0 when
+// ticket is non-null (as launch_ce_partial). Then launch_loss_merge.
 void launch_distill_partial(const DistillArgs& a, int64_t tile_rows, Split split, float* partial, void* proj,
-                            float* n_out, FusedAggregate agg, cudaStream_t stream);
-void launch_distill_finalize(const DistillArgs& a, Split split, const float* partial, float* cos, float* zn,
-                             float* dist, const float* ce, float alpha, float* loss_out, cudaStream_t stream);
+                            float* n_out, FusedAggregate agg, ImageNorms img, unsigned* ticket, cudaStream_t stream);
+
+// The merge of the forwards' partial states into the losses, both in one launch of several
+// blocks (cross_entropy.cu loss_merge_kernel): `group` lanes per row (a power of two, up to
+// 32) merge its splits, a shuffle tree joins them; each block writes its share of the loss
+// sum, and the last block to finish (a ticket: an atomic counter that the kernel launched just
+// before zeroed, no host sync) adds the blocks' shares in block order: deterministic.
+constexpr int64_t kMergeThreads = 256;
+inline int64_t merge_group(int64_t splits) {
+  int64_t g = 1;
+  while (g < splits && g < 32) g *= 2;
+  return g;
+}
+// The cross-entropy's part (partial null: none): [splits, B, 3] -> lse [B], ce [1].
+struct CeMerge {
+  const float* partial;
+  int64_t splits, B;
+  float* lse;
+  float* ce;
+};
+// The distillation's part (partial null: none): [splits, C*M, 2] -> cos, zn [C*M], dist [1].
+struct DistillMerge {
+  const float* partial;
+  int64_t splits, rows, M;
+  const float* delta;
+  const float* beta;
+  float* cos;
+  float* zn;
+  float* dist;
+};
+struct MergePlan {
+  int64_t ce_group, ce_blocks, distill_group, distill_blocks;
+  int64_t blocks() const { return ce_blocks + distill_blocks; }
+};
+// splits == 0: that part is absent.
+inline MergePlan merge_plan(int64_t ce_splits, int64_t B, int64_t distill_splits, int64_t rows) {
+  const int64_t gc = merge_group(ce_splits), gd = merge_group(distill_splits);
+  return {gc, ce_splits > 0 ? ceil_div(B, kMergeThreads / gc) : 0, gd,
+          distill_splits > 0 ? ceil_div(rows, kMergeThreads / gd) : 0};
+}
+// -> the parts' outputs; loss_out [1] (when non-null) = ce + alpha * dist (ce alone without the
+// distillation). block_partials: plan.blocks() floats of scratch; ticket: zeroed by the kernel
+// launched before this one on the stream (launch_ce_partial / launch_distill_partial).
+void launch_loss_merge(const CeMerge& ce, const DistillMerge& d, float alpha, float* loss_out,
+                       float* block_partials, unsigned* ticket, cudaStream_t stream);
 
 // The fused backward of the text side (text_head.cu): the aggregation's (SPEC 4.1) and the
 // distillation's (SPEC 4.3) in one kernel; block (x, y) owns rows 64x .. 64x+63 and the
@@ -202,8 +237,36 @@ struct TextBackwardArgs {
   int64_t C, M, D, rank;
 };
 
-// -> dt [C, M, D] in t's dtype; with the aggregation also da [C, M] (dw: C*M floats scratch).
+// Whether the text backward takes dA itself (every class within one 64-row tile: M divides
+// 64), instead of a second kernel over the dw it stores.
+inline bool text_backward_takes_prompt_logits(int64_t M) { return kTileRows % M == 0; }
+
+// -> dt [C, M, D] in t's dtype; with the aggregation also da [C, M] (dw: C*M floats scratch,
+// needed only when !text_backward_takes_prompt_logits(M), else null).
 void launch_text_backward(const TextBackwardArgs& a, Split columns, void* dt, float* dw, float* da,
                           cudaStream_t stream);
+
+// The decisions of one demul_head forward + backward with the distillation (C classes, M
+// prompts, B images, basis rank r) on a device of `sms` SMs.
+struct HeadPlan {
+  int64_t tile_rows;          // kTileRows
+  bool fused_aggregate;       // the aggregation rides on the distillation's forward
+  int64_t distill_tile_rows;  // rows per block of the distillation's forward
+  Split distill;              // its split of r
+  Split ce;                   // the cross-entropy forward's split of the classes
+  Split ce_image;             // the dL/dx^ sweep's split of the classes (X trained)
+  Split text_backward;        // the text backward's groups of column chunks of dT (D wide)
+  bool image_norms_fused;     // ||x|| by extra blocks of the distillation's forward (no launch)
+  MergePlan merge;            // the losses' merge (cross-entropy and distillation)
+  bool prompt_logits_fused;   // dA taken by the text backward (no prompt-logits kernel)
+};
+
+inline HeadPlan plan_head(int64_t C, int64_t M, int64_t B, int64_t rank, int64_t D, int64_t sms) {
+  const bool fused = can_fuse_aggregate(M);
+  const int64_t rows = distill_rows_per_block(fused, M);
+  const Split dist = distill_split(C * M, rank, sms, rows), ce = ce_forward_split(B, C, sms);
+  return {kTileRows, fused, rows, dist, ce, ce_image_split(B, C, sms), text_backward_split(C * M, D, sms), true,
+          merge_plan(ce.splits, B, dist.splits, C * M), text_backward_takes_prompt_logits(M)};
+}
 
 }  // namespace demul

@@ -25,8 +25,8 @@
 // copies for float32 and plain element loads for 16-bit R, cp.async having no 2-byte copy) in
 // [32 x 64] chunks of T's type, one barrier per chunk; the product G R runs on tensor cores
 // for 16-bit T (G rounded to T's type, float32 accumulation), in fp32 SIMT for float32 T. No
-// atomics: deterministic. dA = w (dw - sum_m w dw) follows in a
-// small per-class kernel.
+// atomics: deterministic. dA = w (dw - sum_m w dw): by the blocks of group 0 from their rows'
+// dw when every class lies within one tile (M divides 64), else in a small per-class kernel.
 #include "common.cuh"
 #include "ops.h"
 #include "pipeline.cuh"
@@ -135,8 +135,8 @@ struct ChunkAccK<true, TC> {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__ dw_out, int64_t chunks_per_group,
-                     int64_t kp) {
+text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__ dw_out, float* __restrict__ da,
+                     int64_t chunks_per_group, int64_t kp) {
   using L = BwdSmem<T>;
   constexpr bool kMma = L::kMma;
   using TC = typename L::TC;
@@ -272,7 +272,7 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
         s_rc[il] = rc;
         s_cls[il] = cls[q];
         s_gp[il] = 0.f;
-        if (agg && blockIdx.y == 0 && i < rows) dw_out[i] = dwi;
+        if (agg && dw_out != nullptr && blockIdx.y == 0 && i < rows) dw_out[i] = dwi;
       }
     }
   }
@@ -283,6 +283,16 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
     s_s[tid] = -g_over_rows * inv_floor(zn);
   }
   __syncthreads();
+  if (agg && da != nullptr && blockIdx.y == 0) {  // dA of the tile's classes (M divides 64: r0 % M == 0), a warp per class
+    for (int64_t cl = warp; cl < kTile / M; cl += kWarps) {
+      const int64_t c = r0 / M + cl;
+      if (c >= a.C) break;  // warp-uniform
+      float sw = 0.f;
+      for (int64_t m = lane; m < M; m += 32) sw = fmaf(s_w[cl * M + m], s_dw[cl * M + m], sw);
+      sw = warp_sum(sw);
+      for (int64_t m = lane; m < M; m += 32) da[c * M + m] = s_w[cl * M + m] * (s_dw[cl * M + m] - sw);
+    }
+  }
 
   // G's columns kb .. kb + kp of this tile's rows into shared memory (zeros past the rank
   // and past the rows); with `acc_gp`, sum_k G p into s_gp. Warp w builds rows kRows w ..
@@ -424,6 +434,7 @@ prompt_logits_backward_kernel(const float* __restrict__ w, const float* __restri
 void launch_text_backward(const TextBackwardArgs& a, Split columns, void* dt, float* dw, float* da,
                           cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(a.C * a.M, kTile)), static_cast<unsigned>(columns.splits));
+  const bool fold = a.g != nullptr && text_backward_takes_prompt_logits(a.M);  // dA in the kernel
   DEMUL_DISPATCH(a.dtype, [&] {
     const int64_t kp = a.proj != nullptr ? BwdSmem<scalar_t>::panel(a.rank, dynamic_smem_budget(kTextBwdSmemCap)) : kKStep;
     const int64_t smem = a.proj != nullptr ? BwdSmem<scalar_t>{kp}.bytes() : 0;
@@ -431,11 +442,12 @@ void launch_text_backward(const TextBackwardArgs& a, Split columns, void* dt, fl
       C10_CUDA_CHECK(cudaFuncSetAttribute(text_backward_kernel<scalar_t>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
-    text_backward_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(a, static_cast<scalar_t*>(dt), dw,
+    text_backward_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(a, static_cast<scalar_t*>(dt), fold ? nullptr : dw,
+                                                                     fold ? da : nullptr,
                                                                      columns.cols_per_split / kTile, kp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (a.g != nullptr) {
+  if (a.g != nullptr && !fold) {
     prompt_logits_backward_kernel<<<static_cast<unsigned>(ceil_div(a.C, kWarps)), kThreads, 0, stream>>>(
         a.w, dw, a.C, a.M, da);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -40,6 +40,9 @@ PRIMES = dict(C=23, M=5, D=131, B=67, K=193)  # every dimension crosses a 64-wid
 M64 = dict(C=3, M=64, D=72, B=7, K=40)       # one class per block of the fused forward
 MANY = dict(C=2, M=70, D=80, B=9, K=50)      # M > 64: the aggregation runs apart, blocks cross classes
 WIDE = dict(C=150, M=2, D=40, B=20, K=30)    # C > 64: the split class ranges and their merges
+# B > 64 with 3 class splits: the cross-entropy's part of the losses' merge in 5 blocks (4 lanes
+# per image, 64 images per block), the distillation's in 2 (csrc/cross_entropy.cu loss_merge_kernel)
+TALL = dict(C=150, M=2, D=40, B=300, K=30)
 # D and r past the 160 KB shared-memory budget of the resident tiles (csrc/distill.cu
 # DistillSmem: 64 x 936 x 2 B + 46 KB for 16-bit T; text_head.cu BwdSmem: G of r = 930 in
 # two panels, rebuilt per column chunk): the forward's streamed kernel, the backward's panels
@@ -84,8 +87,8 @@ def rand(gen, *shape):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,distill", [(ODD, True), (PRIMES, True), (PRIMES, False), (M64, True),
-                                           (MANY, True), (WIDE, True)],
-                         ids=["odd", "primes", "primes-ce-only", "m=64", "m>64", "wide"])
+                                           (MANY, True), (WIDE, True), (TALL, True)],
+                         ids=["odd", "primes", "primes-ce-only", "m=64", "m>64", "wide", "tall"])
 def test_demul_head(gen, shape, distill, dtype):
     T, A, X, y, E, W, b = make_inputs(gen, **shape)
     E, W, b = round_trip(dtype, E, W, b)
@@ -176,6 +179,39 @@ def test_basis_r_of_another_dtype_is_refused_naming_it(emulated_extension, dtype
         with pytest.raises(RuntimeError, match=rf"basis\.R must have the dtype of text_features \({_aten(dtype)}\), "
                                                rf"got {_aten(other)}"):
             call(bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_loss_merge_ticket_is_zeroed_for_every_call(gen, emulated_extension, dtype):
+    """The losses' merge (one launch of several blocks) lets the last block to take a ticket
+    write the means; the ticket is an atomic counter that the partial kernel launched just
+    before the merge zeroes on the stream. Every forward that merges (the head with and without
+    the distillation, the cross-entropy, the distillation alone), called twice in a row on
+    TALL (several merge blocks per part): the same bits both times, all finite (a counter not
+    zeroed, here poisoned to -1 as a reused one would hold the last call's count, never reaches
+    the last block: the losses stay NaN), and loss = ce + alpha dist exactly as the merge forms it."""
+    T, A, X, y, E, W, b = make_inputs(gen, **TALL)
+    basis = basis_of(E, W, b)
+    t, x, s = T.to(dtype), X.to(dtype), torch.tensor(30.0)
+    good = (basis.R.to(dtype).contiguous(), basis.c.contiguous(), basis.F.contiguous(), basis.delta, basis.beta)
+    U = ref.l2_normalize(rand(gen, TALL["C"], TALL["D"])).float()
+    ext = emulated_extension
+    calls = [lambda: ext.demul_head_forward(t, A.float(), x, y, s, *good, 0.7, 0.1, False)[:4],
+             lambda: ext.demul_head_forward(t, A.float(), x, y, s, None, None, None, None, None, 0.7, 0.1, False)[:3],
+             lambda: ext.cosine_cross_entropy_forward(x, U, y, s, 0.1)[:2],
+             lambda: ext.prompt_distill_loss_forward(t, *good)[:4]]
+    for call in calls:
+        first = [v.clone() for v in call()]
+        second = call()
+        assert all(torch.isfinite(v).all() for v in first + list(second))
+        assert all(torch.equal(a, c) for a, c in zip(first, second))
+    # the head's image norms (extra blocks of the distillation's forward) are the bits of the
+    # row-norm kernel that the cross-entropy alone launches
+    assert torch.equal(ext.demul_head_forward(t, A.float(), x, y, s, *good, 0.7, 0.1, False)[8],
+                       ext.cosine_cross_entropy_forward(x, U, y, s, 0.1)[2])
+    loss, ce, dist = calls[0]()[:3]
+    alpha = torch.tensor(0.7, dtype=torch.float32)
+    assert torch.equal(loss, ce + alpha * dist) or torch.equal(loss, torch.addcmul(ce, alpha, dist))  # fma or not
 
 
 def _aten(dtype):
@@ -387,26 +423,33 @@ def _sectors(lo, hi):
 
 def test_the_cuda_trace_counts_sectors_per_warp_access():
     """benchmarks/compiled_cuda.trace_head on the instrumented build, every block traced: the
-    row-norm kernel (a warp per row, lane l reading elements l, l + 32, ...) moves, per row
-    and per 32 elements, the sectors those bytes cover, and its HBM bytes are X's bytes; the
+    image norms (a warp per row, lane l reading elements l, l + 32, ...; extra blocks of the
+    distillation's forward) move, per row and per 32 elements, the sectors those bytes cover; the
     text backward reads p = R t^ and the basis R in T's dtype (its cp.async copies included)."""
     from benchmarks import compiled_cuda  # noqa: PLC0415
 
     sizes = dict(C=37, M=3, D=100, B=5, K=70)
-    got = compiled_cuda.trace_head("tiny", "frozen", "bfloat16", sample=0, sizes=sizes)
+    got = compiled_cuda.trace_head("tiny", "frozen", "bfloat16", sample=0, sizes=sizes, lines=True)
     names = [x["kernel"] for x in got]
     planned = compiled_cuda.head_launches(**sizes, dtype="bfloat16", mode="frozen")
     assert all(m is not None for m in compiled_cuda.match_trace(planned, got)), names
-    norms = next(x for x in got if x["kernel"] == "row_norms_kernel")
+    # the image norms ride on the distillation's forward (common.cuh warp_row_norms, extra blocks):
+    # its sites there, by source line
+    assert "row_norms_kernel" not in names
+    dist = next(x for x in got if x["kernel"].startswith("distill_forward"))
+    with open(os.path.join(emu_build.CSRC, "common.cuh")) as f:
+        text = f.read().splitlines()
+    start = next(i for i, ln in enumerate(text, 1) if "void warp_row_norms(" in ln)
+    read_at = next(i for i, ln in enumerate(text, 1) if i > start and "to_f(v[r * D + d])" in ln)
+    write_at = next(i for i, ln in enumerate(text, 1) if i > start and "norm[r] = sqrtf(s)" in ln)
+    sites = lambda at, w: [s for s in dist["sites"] if s["write"] == w and s["line"].split(" ")[0] == f"common.cuh:{at}"]  # noqa: E731
     B, D, e = sizes["B"], sizes["D"], 2
     want = 0
     for r in range(B):
         for k in range(0, D, 32):
             want += 32 * len(_sectors(e * (r * D + k), e * (r * D + min(D, k + 32))))
-    assert norms["l2_read_bytes"] == want
-    assert norms["l2_write_bytes"] == 32 * B  # lane 0 writes one float per row
-    assert norms["hbm_read_bytes"] == 32 * len(_sectors(0, e * B * D))
-    assert norms["hbm_write_bytes"] == 32 * len(_sectors(0, 4 * B))
+    assert sites(read_at, False) and sum(s["sector_bytes"] for s in sites(read_at, False)) == want
+    assert sum(s["sector_bytes"] for s in sites(write_at, True)) == 32 * B  # lane 0 writes one float per row
     text = next(x for x in got if x["kernel"] == "text_backward_kernel")
     rows, rank = sizes["C"] * sizes["M"], min(sizes["K"], sizes["D"])
     assert text["grid"][0] == -(-rows // 64)

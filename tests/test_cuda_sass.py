@@ -101,7 +101,12 @@ def test_compiled_report_lists_every_launch(tmp_path):
     trained = cc.collect("imagenet", str(tmp_path), "bfloat16", mode="trained")
     keys = {"name", "backend", "sass", "grid", "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes",
             "l2_bytes", "hbm_bytes", "rounds", "traced", "time_kind"}
-    assert len(frozen) >= 8 and len(trained) > len(frozen)
+    # six launches at imagenet, X frozen (M = 8: the aggregation, the image norms and dA ride on
+    # other kernels; one merge for both losses)
+    assert [x["name"] for x in frozen] == ["cuda fwd distill + aggregate + image norms", "cuda fwd cosine ce",
+                                           "cuda fwd loss merge", "cuda bwd ce grad", "cuda bwd ce class grad",
+                                           "cuda bwd text"]
+    assert len(trained) > len(frozen)
     for x in frozen + trained:
         assert keys <= set(x) and x["backend"] == "cuda" and x["time_kind"] == "modelled" and not x["traced"]
         assert (tmp_path / x["sass"]).read_text() and isinstance(x["grid"], int) and x["grid"] >= 1
@@ -110,7 +115,12 @@ def test_compiled_report_lists_every_launch(tmp_path):
         assert (x["mma"] == "mma.sync") == gemm, x["name"]
     by = {x["name"]: x for x in frozen}
     tiles = -(-sizes["C"] * sizes["M"] // plan["distill_tile_rows"])
-    assert by["cuda fwd distill + aggregate"]["grid_dims"] == [tiles, plan["distill"]["splits"]]
+    # the image norms ride on the distillation's forward: image_norm_blocks extra columns of blocks
+    assert plan["image_norms_fused"] and "cuda fwd image norms" not in by
+    assert by["cuda fwd distill + aggregate + image norms"]["grid_dims"] == [tiles + plan["image_norm_blocks"],
+                                                                             plan["distill"]["splits"]]
+    assert plan["prompt_logits_fused"] and "cuda bwd prompt logits" not in by  # M = 8 divides 64
+    assert by["cuda fwd loss merge"]["grid_dims"] == [plan["merge"]["ce_blocks"] + plan["merge"]["distill_blocks"]]
     assert by["cuda bwd text"]["grid_dims"] == [-(-sizes["C"] * sizes["M"] // plan["tile_rows"]),
                                                 plan["text_backward"]["splits"]]
     assert by["cuda fwd cosine ce"]["grid_dims"] == [-(-sizes["B"] // plan["tile_rows"]), plan["ce"]["splits"]]

@@ -1,6 +1,7 @@
 // Output buffers of the emulated bindings (tests/cuda_emu/build.py rewrites at::empty and
 // at::empty_like in csrc/bindings.cpp into these): NaN-filled unless DEMUL_EMU_POISON=0, so
-// an element a kernel forgets to write reads as NaN (emu_adversary.h).
+// an element a kernel forgets to write reads as NaN (emu_adversary.h); integer buffers (the
+// merge's ticket counter) all bits set (-1), so one that a kernel forgets to zero is not 0.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@ inline bool poison_outputs() {
 
 inline at::Tensor poisoned(at::Tensor t) {
   if (poison_outputs() && t.is_floating_point() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (poison_outputs() && at::isIntegralType(t.scalar_type(), /*includeBool=*/false) && t.numel() > 0) t.fill_(-1);
   return t;
 }
 

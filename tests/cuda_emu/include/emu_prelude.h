@@ -192,6 +192,15 @@ inline void warp_sync(const char* file, int line) {
 }  // namespace emu
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::State::kWarpBarrier); }
 
+// Global atomics and fences: one fiber runs at a time and blocks run one after another, so a
+// read-modify-write is atomic as it stands and every store is visible to later blocks.
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
+
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   auto& mm = emu::m();
   const int lane = mm.current & 31, warp = mm.current >> 5;
