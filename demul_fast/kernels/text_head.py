@@ -548,10 +548,11 @@ def _text_bwd_kernel(
         k_mask = k_ok[:, None] & (offs_o[None, :] < D)
         gu = tl.load(GU + at, mask=k_mask, other=0.0)
         uh = tl.load(U + at, mask=k_mask, other=0.0).to(tl.float32)
-        # <u^, gu> per class on the classes axis of the product (one nonzero term per sum: exact)
+        # <u^, gu> and 1/|u| per class on the classes axis of the product (one nonzero term per
+        # sum: exact; the padded classes get 0, and their gu and u^ rows are 0)
         pick = offs_k[:, None] == tl.arange(0, BLOCK_CLS)[None, :]
         proj_k = tl.sum(tl.where(pick, proj_u[None, :], 0.0), axis=1)
-        inv_rk = 1.0 / tl.maximum(tl.load(RN + k_cls, mask=k_ok, other=1.0), EPS)
+        inv_rk = tl.sum(tl.where(pick, inv_r[None, :], 0.0), axis=1)
         du = (gu - proj_k[:, None] * uh) * inv_rk[:, None]
         one_hot = (tl.arange(0, BLOCK_R) // BLOCK_M)[:, None] == offs_k[None, :]
         dt_hat = _dot_f32(tl.where(one_hot, w[:, None], 0.0), du, dt_hat, DTYPE, EMULATE)
