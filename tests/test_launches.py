@@ -99,6 +99,23 @@ def test_step_model_arithmetic():
     assert eager.flops == short.flops - 2 * 2 * 2868 * 9 * w2 and graphs.flops < eager.flops
 
 
+def _tiny_compiled_step(tower: str):
+    """One training step (forward + backward, torch head) of a planned DeMul over the named
+    random-weight tower of benchmarks/models.py (5 classes, 2 prompts, n_ctx 4, 3 images),
+    compiled whole (fullgraph, static shapes): the callable count_compiled counts."""
+    import demul_fast as df
+
+    model, tok = models.clip_model(tower, "cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    E, W, b = torch.randn(5, 12, generator=gen), torch.randn(12, 128, generator=gen), torch.randn(12, generator=gen)
+    m = df.DeMul(model, tok, models.classnames(5), llm_embeddings=E, phi=(W, b), n_prompts=2, n_ctx=4,
+                 backend="torch").train()
+    m.plan()
+    x, y = torch.randn(3, 128, generator=gen), torch.randint(0, 5, (3,), generator=gen)
+    compiled = torch.compile(m, fullgraph=True, dynamic=False)
+    return lambda: compiled(image_features=x, labels=y).loss.backward()
+
+
 def test_max_autotune_cpp_gemm_template_is_not_offered_for_the_training_step():
     """max-autotune's C++ GEMM template (``max_autotune_gemm_backends="CPP,ATEN"``), the only
     way inductor fuses an epilogue into a matrix product on a CPU, is offered only for a
@@ -110,21 +127,12 @@ def test_max_autotune_cpp_gemm_template_is_not_offered_for_the_training_step():
     built; with "CPP" alone inductor has no choice for a product at all."""
     from torch._inductor import config
 
-    import demul_fast as df
-    model, tok = models.clip_model("tiny", "cpu", torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    E, W, b = torch.randn(5, 12, generator=gen), torch.randn(12, 128, generator=gen), torch.randn(12, generator=gen)
-    m = df.DeMul(model, tok, models.classnames(5), llm_embeddings=E, phi=(W, b), n_prompts=2, n_ctx=4,
-                 backend="torch").train()
-    m.plan()
-    x, y = torch.randn(3, 128, generator=gen), torch.randint(0, 5, (3,), generator=gen)
-    compiled = torch.compile(m, fullgraph=True, dynamic=False)
+    step = _tiny_compiled_step("tiny")
 
     def count(**patch):
         codes = []
         with config.patch(**patch):
-            out = launches.count_compiled(lambda: compiled(image_features=x, labels=y).loss.backward(), run=False,
-                                          codes=codes)[1]
+            out = launches.count_compiled(step, run=False, codes=codes)[1]
         return out, codes
 
     default, _ = count()
@@ -141,20 +149,10 @@ def test_a_middle_text_layer_compiles_to_16_launches(monkeypatch):
     is the qkv product's gradient as it is: no cat kernel). Counted as the difference between
     a 4- and a 3-layer tiny tower (one middle layer more), code generated, not built; the
     attention op is one launch each way (custom_ops)."""
-    import demul_fast as df
-
     def count(layers):
         cfg = dict(models.CUSTOM_TOWERS["tiny"], text_cfg=dict(models.CUSTOM_TOWERS["tiny"]["text_cfg"], layers=layers))
         monkeypatch.setitem(models.CUSTOM_TOWERS, f"tiny-{layers}-layers", cfg)  # clip_model caches by name
-        model, tok = models.clip_model(f"tiny-{layers}-layers", "cpu", torch.float32)
-        gen = torch.Generator().manual_seed(0)
-        E, W, b = torch.randn(5, 12, generator=gen), torch.randn(12, 128, generator=gen), torch.randn(12, generator=gen)
-        m = df.DeMul(model, tok, models.classnames(5), llm_embeddings=E, phi=(W, b), n_prompts=2, n_ctx=4,
-                     backend="torch").train()
-        m.plan()
-        x, y = torch.randn(3, 128, generator=gen), torch.randint(0, 5, (3,), generator=gen)
-        compiled = torch.compile(m, fullgraph=True, dynamic=False)
-        return launches.count_compiled(lambda: compiled(image_features=x, labels=y).loss.backward(), run=False)[1]
+        return launches.count_compiled(_tiny_compiled_step(f"tiny-{layers}-layers"), run=False)[1]
 
     three, four = count(3), count(4)
     assert four["launches"] - three["launches"] == 16, (three, four)
