@@ -201,12 +201,13 @@ def distill_tile_fits(D: int, dtype: str) -> bool:
 
 def text_backward_smem(kp: int, dtype: str) -> int:
     """Dynamic shared memory of text_backward_kernel with kp columns of G (csrc/text_head.cu
-    BwdSmem: G, two R stages [32, 64] in T's type, and for 16-bit T the staging tile)."""
+    BwdSmem: du of the tile's classes [64, 64] in float32, G, two R stages [32, 64] in T's type,
+    and for 16-bit T the staging tile)."""
     e = ELEMENT_BYTES[dtype]
     mma = dtype != "float32"
     pad = 8 if mma else 4
     g = -(-(64 * (kp + pad) * e) // 128) * 128
-    return g + 2 * 32 * (64 + pad) * e + (64 * 68 * 4 if mma else 0) + 128
+    return 64 * 64 * 4 + g + 2 * 32 * (64 + pad) * e + (64 * 68 * 4 if mma else 0) + 128
 
 
 def text_backward_panel(rank: int, dtype: str) -> int:
@@ -366,8 +367,9 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # (warp w takes 8 consecutive rows) with the dL/du^ and u^ columns once per class change
     # in the warp's rows; G built from p (T's dtype), F once per class change and c once per
     # warp (per chunk when G goes in panels); R's columns of the group streamed by cp.async
-    # ([r, D / groups] in T's dtype: all of R once per row tile); the epilogue's t, and dL/du^ and
-    # u^ per pair of rows a warp writes (one class or two), dT written once; per row a sector
+    # ([r, D / groups] in T's dtype: all of R once per row tile); du of the tile's classes per
+    # column chunk (dL/du^ and u^ once per class of the tile and column), the epilogue's t, dT
+    # written once; per row a sector
     # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
     # With M dividing 64 (plan "prompt_logits_fused") the blocks of group 0 also take dA of their
     # classes (a warp per class from the rows' w and dw in shared memory): dw is not stored (a
@@ -380,11 +382,11 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     builds = tb if text_backward_panel(r, dtype) >= r else chunks  # G builds per row tile
     warps = cdiv(R, 8)
     warp_classes = sum(len({i // M for i in range(8 * q, min(R, 8 * q + 8))}) for q in range(warps))
-    pair_classes = sum(len({i // M for i in range(q, min(R, q + 2))}) for q in range(0, R, 2))
+    tile_classes = sum((min(R, t0 + TILE) - 1) // M - t0 // M + 1 for t0 in range(0, R, TILE))
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
         tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
-        + e * tiles * r * D + e * R * D + 4 * 2 * pair_classes * D + e * R * D + 32 * (3 if pl_fused else 4) * R
+        + e * tiles * r * D + e * R * D + 4 * 2 * tile_classes * D + e * R * D + 32 * (3 if pl_fused else 4) * R
         + 8 * R + (32 * cdiv(4 * M, 32) * C if pl_fused else 0),
         dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
         hbm=2 * e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))

@@ -18,7 +18,8 @@
 // shared memory (a warp per 8 consecutive rows, 4-wide pieces: every warp access reads 128
 // contiguous columns of p, F and c where rank and the bases allow; c once per warp, F once
 // per class change, the class index once per row), and keeps it there for every chunk of
-// its group; ranks too large
+// its group, and per column chunk du of its classes (each class row of dL/du^ and u^ read once
+// per chunk, not once per row); ranks too large
 // for the shared memory budget go in panels, rebuilt per chunk. The basis R (in T's dtype:
 // cast once per basis by demul_fast/ops/cuda_ops.py) streams through a two-stage cp.async
 // pipeline (__pipeline_memcpy_async, 16-byte copies where D and the base allow; else 4-byte
@@ -38,9 +39,10 @@ namespace {
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = kTile / kWarps;  // rows of the tile per warp in the per-row phases
 
-// The shared memory of text_backward_kernel, in bytes from a 128-byte aligned base: G [64]
-// [g_ld] and the two stages of the R chunks [32][kStageLd] (T's type), and for the
-// tensor-core flavour the accumulator staging tile [64][kAccLd].
+// The shared memory of text_backward_kernel, in bytes from a 128-byte aligned base: du of the
+// tile's classes for one column chunk [64][64] (float32), G [64][g_ld] and the two stages of
+// the R chunks [32][kStageLd] (T's type), and for the tensor-core flavour the accumulator
+// staging tile [64][kAccLd].
 constexpr int kKStep = 32;                  // rows of R per pipeline stage
 constexpr int64_t kTextBwdSmemCap = 160 * 1024;  // at most this much (under the sm_80/90 opt-in); less where the device has less
 
@@ -49,14 +51,16 @@ struct BwdSmem {
   static constexpr bool kMma = kUseMma<T, float>;
   using TC = std::conditional_t<kMma, typename MmaType<T, float>::type, float>;  // == T
   int64_t kp;  // G's columns in shared memory (a multiple of kKStep)
+  static constexpr int64_t kDuBytes = int64_t(kTile) * kTile * 4;  // a multiple of 128
   __host__ __device__ int64_t g_ld() const { return kp + (kMma ? 8 : 4); }
   __host__ __device__ int64_t g_bytes() const { return (kTile * g_ld() * int64_t(sizeof(TC)) + 127) / 128 * 128; }
+  __host__ __device__ int64_t g_off() const { return kDuBytes; }
   // elements per row of a stage: 16-byte rows (144 bytes for 16-bit T, 272 for float32)
   static constexpr int kStageLd = kTile + (kMma ? 8 : 4);
   static constexpr int64_t kStageBytes = int64_t(kKStep) * kStageLd * int64_t(sizeof(TC));
   static constexpr int64_t kAccBytes = kMma ? int64_t(kTile) * kAccLd * 4 : 0;
-  __host__ __device__ int64_t stage_off(int b) const { return g_bytes() + b * kStageBytes; }
-  __host__ __device__ int64_t acc_off() const { return g_bytes() + 2 * kStageBytes; }
+  __host__ __device__ int64_t stage_off(int b) const { return g_off() + g_bytes() + b * kStageBytes; }
+  __host__ __device__ int64_t acc_off() const { return g_off() + g_bytes() + 2 * kStageBytes; }
   __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
   // The widest panel within the budget (the whole rank when it fits).
   static int64_t panel(int64_t rank, int64_t budget) {
@@ -147,7 +151,8 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
   __shared__ int64_t s_cls[kTile];
   const L lay{kp};
   char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(text_bwd_dyn) + 127) & ~uintptr_t(127));
-  TC* g_sm = reinterpret_cast<TC*>(base);
+  float* du_sm = reinterpret_cast<float*>(base);  // [64 classes][64 columns]
+  TC* g_sm = reinterpret_cast<TC*>(base + lay.g_off());
   const int64_t g_ld = lay.g_ld();
   const T* __restrict__ t = static_cast<const T*>(a.t);
   const T* __restrict__ proj = static_cast<const T*>(a.proj);
@@ -361,6 +366,23 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
     }
   };
 
+  // du = normalize_backward(u^, dL/du^, <u^, dL/du^>, ||u||) of the tile's classes (at most 64:
+  // class cl - the tile's first) for the 64 columns of chunk dc into du_sm, each class row of
+  // dL/du^ and u^ read once per chunk (a warp: 32 consecutive columns of one class), not once
+  // per row as the epilogue would. The caller publishes it with a barrier.
+  const int64_t c_first = s_cls[0];
+  auto fill_du = [&](int64_t dc) {
+    const int64_t d0 = dc * kTile;
+    const int64_t last = (r0 + kTile < rows ? r0 + kTile : rows) - 1 - r0;  // the tile's last live row
+    const int ncls = static_cast<int>(s_cls[last] - c_first + 1);
+    for (int e = tid; e < ncls * kTile; e += kThreads) {
+      const int cl = e / kTile, j = e % kTile;
+      const int64_t c = c_first + cl, d = d0 + j;
+      const int64_t il = c * M - r0 > 0 ? c * M - r0 : 0;  // the class's first row in the tile
+      du_sm[cl * kTile + j] = d < D ? normalize_backward(a.u32[c * D + d], a.g[c * D + d], s_ug[il], s_rc[il]) : 0.f;
+    }
+  };
+
   // 3. Epilogue of one column chunk: dt^ = dt^_d + dt^_a, then the normalize backward of t^.
   auto epilogue = [&](int64_t dc, const float (&o)[kPer][kPer]) {
     const int64_t d0 = dc * kTile;
@@ -369,7 +391,7 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
       const int il = ty + 16 * i;
       const int64_t row = r0 + il;
       if (row >= rows) continue;
-      const int64_t c = s_cls[il];
+      const float* du_row = du_sm + (s_cls[il] - c_first) * kTile;
       const float ni = s_n[il], inv_n = inv_floor(ni), wi = s_w[il], si = dist ? s_s[il] : 0.f;
       const float proj_t = (agg ? wi * s_dw[il] : 0.f) + (dist ? si * s_gp[il] : 0.f);
 #pragma unroll
@@ -377,7 +399,7 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
         const int64_t d = d0 + tx + 16 * j;
         if (d >= D) continue;
         float dth = si * o[i][j];
-        if (agg) dth = fmaf(wi, normalize_backward(a.u32[c * D + d], a.g[c * D + d], s_ug[il], s_rc[il]), dth);
+        if (agg) dth = fmaf(wi, du_row[tx + 16 * j], dth);
         const float th = to_f(t[row * D + d]) * inv_n;
         dt[row * D + d] = from_f<T>(normalize_backward(th, dth, proj_t, ni));
       }
@@ -386,7 +408,12 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
 
   if (!dist) {
     float o[kPer][kPer] = {};
-    for (int64_t dc = dc_begin; dc < dc_end; ++dc) epilogue(dc, o);
+    for (int64_t dc = dc_begin; dc < dc_end; ++dc) {
+      if (agg) fill_du(dc);
+      __syncthreads();  // du published
+      epilogue(dc, o);
+      __syncthreads();  // du is rewritten next
+    }
     return;
   }
 
@@ -408,7 +435,10 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
     issue(s + 2, s & 1);  // its stage was read by this step's product
     if (ks == nks - 1) {
       float o[kPer][kPer];
+      // the previous chunk's epilogue read du before this step's barrier
+      if (agg) fill_du(dc);
       acc.finish(reinterpret_cast<float(*)[kAccLd]>(base + lay.acc_off()), o);
+      __syncthreads();  // du published
       epilogue(dc, o);
       acc.zero();
     }
@@ -437,7 +467,8 @@ void launch_text_backward(const TextBackwardArgs& a, Split columns, void* dt, fl
   const bool fold = a.g != nullptr && text_backward_takes_prompt_logits(a.M);  // dA in the kernel
   DEMUL_DISPATCH(a.dtype, [&] {
     const int64_t kp = a.proj != nullptr ? BwdSmem<scalar_t>::panel(a.rank, dynamic_smem_budget(kTextBwdSmemCap)) : kKStep;
-    const int64_t smem = a.proj != nullptr ? BwdSmem<scalar_t>{kp}.bytes() : 0;
+    // without the distillation only du (and the alignment)
+    const int64_t smem = a.proj != nullptr ? BwdSmem<scalar_t>{kp}.bytes() : BwdSmem<scalar_t>::kDuBytes + 128;
     if (smem > 48 * 1024) {  // the opt-in beyond 48 KB of dynamic shared memory (no sync)
       C10_CUDA_CHECK(cudaFuncSetAttribute(text_backward_kernel<scalar_t>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
