@@ -349,18 +349,20 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         hbm=4 * C * D + e * B * D + 16 * B + g * C * B)
     add("bwd ce class grad", rf"20ce_class_grad_kernelI{t}", (cdiv(C, TILE), cdiv(D, TILE)), 2 * B * C * D,
         cdiv(D, TILE) * g * C * B + cdiv(C, TILE) * e * B * D + 4 * C * D, hbm=g * C * B + e * B * D + 4 * C * D)
-    if mode == "trained":  # dL/dx^ = G u (a sweep over the classes), its split sum, then the normalisation
+    if mode == "trained":  # dL/dx^ = G u (a sweep over the classes), then its split sum and normalisation
         xs = plan["ce_image"]["splits"]
         # per block: its X rows once per class split, u^ once per row tile, the rows of B G once
         # per 64-wide column chunk, its float32 partial written
         add("bwd image sweep", rf"12sweep_kernelI{t}.*CeImageRows", (cdiv(B, TILE), xs), 2 * B * C * D + 12 * B * C,
             xs * (e * B * D) + cdiv(B, TILE) * 4 * C * D + cdiv(D, TILE) * 4 * B * C + 4 * xs * B * D + 16 * B,
             hbm=xs * (e * B * D) + 4 * C * D + 4 * xs * B * D + 16 * B)
-        if xs > 1:
-            add("bwd image split sum", r"17sum_splits_kernel", (min(cdiv(B * D, 256), 4096),), xs * B * D,
-                4 * (xs + 1) * B * D)
-        add("bwd image normalize", rf"30normalize_rows_backward_kernelI{t}E", (B,), 6 * B * D,
-            2 * e * B * D + 4 * B * D + 4 * B)
+        # one block per image (csrc/cross_entropy.cu sum_normalize_rows_kernel): the xs partials
+        # of its row added in order, x read twice (the dot, then dx), dx written in x's type; the
+        # sums stay in shared memory (columns past 2048 go through a float32 spill, written and
+        # read back)
+        spill = 2 * 4 * B * max(0, D - 2048)
+        add("bwd image split sum + normalize", rf"25sum_normalize_rows_kernelI{t}E", (B,), xs * B * D + 6 * B * D,
+            4 * xs * B * D + 3 * e * B * D + 4 * B + spill, hbm=4 * xs * B * D + 2 * e * B * D + 4 * B + spill)
     # the text backward: block (x, y) owns 64 rows and group y of the 64-wide column chunks
     # (plan "text_backward"). Counted per warp access as the code issues them (32-byte
     # sectors; csrc/text_head.cu): per group, its rows of T once for the per-row scalars

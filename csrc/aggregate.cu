@@ -75,36 +75,12 @@ row_norms_kernel(const T* __restrict__ v, int64_t R, int64_t D, float* __restric
   warp_row_norms(v, R, D, static_cast<int64_t>(blockIdx.x) * (kAggThreads / 32), kAggThreads / 32, norm);
 }
 
-// dv[r] = normalize_backward(v^[r], dv^[r], ||v[r]||) for v: [R, D]; one block per row.
-template <typename T>
-__global__ void __launch_bounds__(kAggThreads)
-normalize_rows_backward_kernel(const T* __restrict__ v, const float* __restrict__ dvh, const float* __restrict__ norm,
-                               int64_t D, T* __restrict__ dv) {
-  __shared__ float scratch[32];
-  const int64_t r = blockIdx.x;
-  const float nr = norm[r], ni = inv_floor(nr);
-  float p = 0.f;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) p = fmaf(to_f(v[r * D + d]) * ni, dvh[r * D + d], p);
-  const float dot = block_sum(p, scratch);
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
-    dv[r * D + d] = from_f<T>(normalize_backward(to_f(v[r * D + d]) * ni, dvh[r * D + d], dot, nr));
-}
-
 }  // namespace
 
 void launch_row_norms(DType dt, const void* v, int64_t R, int64_t D, float* norm, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>(ceil_div(R, kAggThreads / 32));
   DEMUL_DISPATCH(dt, [&] {
     row_norms_kernel<<<blocks, kAggThreads, 0, stream>>>(static_cast<const scalar_t*>(v), R, D, norm);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-void launch_normalize_rows_backward(DType dt, const void* v, const float* dvh, const float* norm, int64_t R,
-                                    int64_t D, void* dv, cudaStream_t stream) {
-  DEMUL_DISPATCH(dt, [&] {
-    normalize_rows_backward_kernel<<<static_cast<unsigned>(R), kAggThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(v), dvh, norm, D, static_cast<scalar_t*>(dv));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

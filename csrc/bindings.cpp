@@ -140,24 +140,20 @@ void run_text_backward(const at::Tensor& t, const at::Tensor& n, const float* g,
 }
 
 // Backward of the cross-entropy into dxh (dL/dx^, also when only dscale is wanted), du, dscale.
+// dx (dL/dx in x's type, the image side's normalisation backward applied), du and dscale,
+// each written where given.
 void run_ce_backward(const CeArgs& a, const at::Tensor& like, const at::Tensor& lse, GradWeight gw,
-                     const float* grad_logits, at::Tensor* dxh, at::Tensor* du, at::Tensor* dscale) {
+                     const float* grad_logits, at::Tensor* dx, at::Tensor* du, at::Tensor* dscale) {
   at::Tensor dxh_buf, partial, work_x, gt;
-  float* dxh_ptr = dxh ? fp(*dxh) : nullptr;
-  if (dscale != nullptr && dxh_ptr == nullptr) dxh_ptr = scratch(dxh_buf, a.B * a.D, like);
+  float* dxh_ptr = dx != nullptr || dscale != nullptr ? scratch(dxh_buf, a.B * a.D, like) : nullptr;
   const Split split_x = ce_image_split(a.B, a.C, sm_count());
   float* wx = dxh_ptr && split_x.splits > 1 ? scratch(work_x, split_x.splits * a.B * a.D, like) : nullptr;
   float* sp = dscale ? scratch(partial, split_x.splits * ceil_div(a.B, kTileRows), like) : nullptr;
   if (du != nullptr)  // dL/ds transposed, [C, B]
     gt = at::empty({a.C, a.B}, like.options().dtype(ce_grad_type(a.dtype) == DType::kBFloat16 ? at::kBFloat16
                                                                                               : at::kFloat));
-  launch_ce_backward(a, cfp(lse), gw, grad_logits, dxh_ptr, split_x, wx, sp, dscale ? fp(*dscale) : nullptr,
-                     du ? fp(*du) : nullptr, du ? gt.data_ptr() : nullptr, stream());
-}
-
-void normalize_rows_backward(const at::Tensor& v, const at::Tensor& dvh, const at::Tensor& norm, int64_t R, int64_t D,
-                             at::Tensor& dv) {
-  launch_normalize_rows_backward(dtype_of(v), v.data_ptr(), cfp(dvh), cfp(norm), R, D, dv.data_ptr(), stream());
+  launch_ce_backward(a, cfp(lse), gw, grad_logits, dx ? dx->data_ptr() : nullptr, dxh_ptr, split_x, wx, sp,
+                     dscale ? fp(*dscale) : nullptr, du ? fp(*du) : nullptr, du ? gt.data_ptr() : nullptr, stream());
 }
 
 void check_text(const at::Tensor& t) {
@@ -340,18 +336,13 @@ std::vector<at::Tensor> cosine_cross_entropy_backward(const OptTensor& grad_loss
   check_size(lse, 0, B, "lse", "B");
   check_size(xnorm, 0, B, "image_norms", "B");
   const c10::cuda::OptionalCUDAGuard guard(image_features.device());
-  at::Tensor dxh = need_image ? at::empty({B, D}, f32(image_features)) : empty0(image_features);
+  at::Tensor dx = need_image ? at::empty_like(image_features) : empty0(image_features);
   at::Tensor du = need_class ? at::empty({C, D}, f32(image_features)) : empty0(class_features);
   at::Tensor dscale = need_scale ? at::empty({}, f32(image_features)) : empty0(class_features);
   const GradWeight gw{opt_ptr(grad_loss), nullptr, 1.f, 0.f};
   run_ce_backward(ce_args(image_features, class_features, labels, scale, xnorm, label_smoothing), image_features, lse,
-                  gw, nullptr, need_image ? &dxh : nullptr, need_class ? &du : nullptr,
+                  gw, nullptr, need_image ? &dx : nullptr, need_class ? &du : nullptr,
                   need_scale ? &dscale : nullptr);
-  at::Tensor dx = empty0(image_features);
-  if (need_image) {
-    dx = at::empty_like(image_features);
-    normalize_rows_backward(image_features, dxh, xnorm, B, D, dx);
-  }
   return {dx, du, dscale};
 }
 
@@ -507,12 +498,12 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
   const c10::cuda::OptionalCUDAGuard guard(text_features.device());
   at::Tensor dt = empty0(text_features), da = empty0(w), dx = empty0(image_features), dscale = empty0(w);
   at::Tensor du = need_text ? at::empty({C, D}, f32(text_features)) : empty0(w);
-  at::Tensor dxh = need_image ? at::empty({B, D}, f32(text_features)) : empty0(w);
+  if (need_image) dx = at::empty_like(image_features);
   if (need_scale) dscale = at::empty({}, f32(text_features));
   if (need_text || need_image || need_scale) {
     const GradWeight gw_ce{opt_ptr(grad_loss), opt_ptr(grad_ce), 1.f, 1.f};
     run_ce_backward(ce_args(image_features, u32, labels, scale, xnorm, label_smoothing), text_features, lse, gw_ce,
-                    opt_ptr(grad_logits), need_image ? &dxh : nullptr, need_text ? &du : nullptr,
+                    opt_ptr(grad_logits), need_image ? &dx : nullptr, need_text ? &du : nullptr,
                     need_scale ? &dscale : nullptr);
   }
   if (need_text) {
@@ -522,10 +513,6 @@ std::vector<at::Tensor> demul_head_backward(const OptTensor& grad_loss, const Op
     run_text_backward(text_features, n, cfp(du), cfp(u32), cfp(w), cfp(r), basis ? &*basis : nullptr,
                       basis ? &proj : nullptr, basis ? cfp(cos) : nullptr, basis ? cfp(zn) : nullptr, gw_dist, dt,
                       fp(da));
-  }
-  if (need_image) {
-    dx = at::empty_like(image_features);
-    normalize_rows_backward(image_features, dxh, xnorm, B, D, dx);
   }
   return {dt, da, dx, dscale};
 }

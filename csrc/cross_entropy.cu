@@ -300,6 +300,40 @@ ce_class_grad_kernel(const TG* __restrict__ gt, const T* __restrict__ x, int64_t
   }
 }
 
+// dx[b] = normalize_backward(x^[b], dx^[b], <x^[b], dx^[b]>, ||x[b]||) with dx^[b] = sum_s
+// partial[s * B * D + b * D + d], the splits added in order (deterministic): the split sum and
+// the normalisation backward of the image side in one launch, a block per image (the sums and
+// the dot in the order the two kernels took them before: same bits). The row's sums stay in
+// shared memory for its first kRowStash columns, the rest go to `spill` ([B, D] float32; the
+// thread that writes a value is the one that reads it back).
+constexpr int kRowStash = 2048;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+sum_normalize_rows_kernel(const float* __restrict__ partial, int64_t splits, int64_t B, int64_t D,
+                          const T* __restrict__ x, const float* __restrict__ xnorm, float* spill, T* __restrict__ dx) {
+  __shared__ float row[kRowStash];
+  __shared__ float scratch[32];
+  const int64_t b = blockIdx.x, n = B * D;
+  const float nb = xnorm[b], ni = inv_floor(nb);
+  float p = 0.f;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float s = 0.f;
+    for (int64_t k = 0; k < splits; ++k) s += partial[k * n + b * D + d];
+    if (d < kRowStash) {
+      row[d] = s;
+    } else {
+      spill[b * D + d] = s;
+    }
+    p = fmaf(to_f(x[b * D + d]) * ni, s, p);
+  }
+  const float dot = block_sum(p, scratch);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const float s = d < kRowStash ? row[d] : spill[b * D + d];
+    dx[b * D + d] = from_f<T>(normalize_backward(to_f(x[b * D + d]) * ni, s, dot, nb));
+  }
+}
+
 // out[0] = sum of n partial values (one block).
 __global__ void __launch_bounds__(1024) sum_kernel(const float* __restrict__ p, int64_t n, float* __restrict__ out) {
   __shared__ float scratch[32];
@@ -330,15 +364,25 @@ void launch_loss_merge(const CeMerge& ce, const DistillMerge& d, float alpha, fl
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
-                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, void* gt_work,
-                        cudaStream_t stream) {
+void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, void* dx,
+                        float* dxh, Split split_x, float* work_x, float* scale_partial, float* dscale, float* du,
+                        void* gt_work, cudaStream_t stream) {
   const CeGrad g{a.xnorm, lse, a.labels, a.scale, grad_logits, gw, a.ls, a.B, a.C, 0.f, 0.f, 0.f, 0.f};
   DEMUL_DISPATCH(a.dtype, [&] {
     const auto* x = static_cast<const scalar_t*>(a.x);
     if (dxh != nullptr) {
-      run_sweep(x, a.B, a.u, a.C, a.D, split_x, CeImageRows{g}, dxh, work_x, dscale ? scale_partial : nullptr,
-                stream);
+      // the sweep's splits (in dxh itself when there is one), then their sum and the
+      // normalisation backward in one launch when dx is wanted (else only d tau is)
+      float* parts = split_x.splits > 1 ? work_x : dxh;
+      const dim3 grid(static_cast<unsigned>(ceil_div(a.B, kTile)), static_cast<unsigned>(split_x.splits));
+      sweep_kernel<<<grid, kThreads, 0, stream>>>(x, a.B, a.u, a.C, a.D, split_x.cols_per_split, CeImageRows{g}, parts,
+                                                  dscale ? scale_partial : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (dx != nullptr) {
+        sum_normalize_rows_kernel<<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(
+            parts, split_x.splits, a.B, a.D, x, a.xnorm, dxh, static_cast<scalar_t*>(dx));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       if (dscale != nullptr) {
         sum_kernel<<<1, 1024, 0, stream>>>(scale_partial, split_x.splits * ceil_div(a.B, kTile), dscale);
         C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -62,9 +62,6 @@ inline Split plan_sweep_split(int64_t rows, int64_t cols, int64_t sms) {
 // norm[r] = ||v[r]|| for v: [R, D].
 void launch_row_norms(DType dt, const void* v, int64_t R, int64_t D, float* norm, cudaStream_t stream);
 
-// dv[r] = normalize_backward(v^[r], dvh[r], norm[r]) for v, dv: [R, D], dvh: [R, D].
-void launch_normalize_rows_backward(DType dt, const void* v, const float* dvh, const float* norm, int64_t R,
-                                    int64_t D, void* dv, cudaStream_t stream);
 
 // t: [C, M, D], a: [C, M] -> u32 [C, D] (u^), w, n [C, M], r [C]; out [C, D] (u^ in t's dtype) if non-null.
 void launch_aggregate_forward(DType dt, const void* t, const float* a, int64_t C, int64_t M, int64_t D, void* out,
@@ -89,14 +86,17 @@ struct CeArgs {
 void launch_ce_partial(const CeArgs& a, Split split, float* partial, void* logits, unsigned* ticket,
                        cudaStream_t stream);
 
-// dxh [B, D] = dL/dx^ (required when dscale is wanted), dscale [1], du [C, D] = dL/du;
-// each null when not wanted. The dxh sweep splits the classes by split_x (work_x:
-// split_x.splits * B * D floats if split_x.splits > 1; scale_partial: split_x.splits *
-// ceil(B / 64) floats if dscale). du takes two kernels: G^T = dL/ds^T [C, B] into gt_work
-// (ce_grad_elements(B, C) elements of ce_grad_type(dtype)), then du = G^T x.
-void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, float* dxh,
-                        Split split_x, float* work_x, float* scale_partial, float* dscale, float* du, void* gt_work,
-                        cudaStream_t stream);
+// dx [B, D] = dL/dx in x's type (the normalisation backward of dL/dx^ applied), dscale [1],
+// du [C, D] = dL/du; each null when not wanted. dxh: B * D floats of work, required when dx or
+// dscale is wanted (the sweep's output with one split, the spill of rows past 2048 columns).
+// The dL/dx^ sweep splits the classes by split_x (work_x: split_x.splits * B * D floats if
+// split_x.splits > 1; scale_partial: split_x.splits * ceil(B / 64) floats if dscale); one more
+// launch adds the splits and applies the normalisation backward. du takes two kernels: G^T =
+// dL/ds^T [C, B] into gt_work (ce_grad_elements(B, C) elements of ce_grad_type(dtype)), then
+// du = G^T x.
+void launch_ce_backward(const CeArgs& a, const float* lse, GradWeight gw, const float* grad_logits, void* dx,
+                        float* dxh, Split split_x, float* work_x, float* scale_partial, float* dscale, float* du,
+                        void* gt_work, cudaStream_t stream);
 
 // The stored dL/ds of the du product: bfloat16 for bfloat16 features (float32's exponent
 // range: no scaling needed), float32 otherwise (float16 is rounded per block after a

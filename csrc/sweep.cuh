@@ -10,10 +10,10 @@
 // So the [R, J] matrix of logits is never stored. Block (x, y) owns rows
 // 64x .. 64x+63 of its split y's output, out + y * R * D, for the whole range
 // [y * cols_per_split, (y+1) * cols_per_split) of J: no atomics, so the result is
-// deterministic; sum_splits_kernel adds the splits in a fixed order. The output is
-// overwritten (the first chunk stores, later chunks add). Each epilogue may also
-// accumulate a per-block scalar (`extra`), summed over the block into
-// extra_out[y * gridDim.x + x].
+// deterministic; the caller adds the splits in a fixed order (cross_entropy.cu
+// sum_normalize_rows_kernel). The output is overwritten (the first chunk stores, later
+// chunks add). Each epilogue may also accumulate a per-block scalar (`extra`), summed over
+// the block into extra_out[y * gridDim.x + x].
 #pragma once
 
 #include "common.cuh"
@@ -239,35 +239,6 @@ sweep_kernel(const TA* __restrict__ A, int64_t R, const TB* __restrict__ B, int6
   if (extra_out != nullptr) {
     const float s = block_sum(extra, scratch);
     if (tid == 0) extra_out[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = s;
-  }
-}
-
-// out[i] = sum_s partial[s * n + i], s = 0 .. splits-1 in order (deterministic).
-static __global__ void __launch_bounds__(kThreads)
-sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t n, float* __restrict__ out) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int64_t k = 0; k < splits; ++k) s += partial[k * n + i];
-    out[i] = s;
-  }
-}
-
-// Runs a sweep over `split` and leaves the sum of its splits in `out` [R, D]. With more
-// than one split the splits go to `work` (split.splits * R * D floats) and one pass adds
-// them into out. extra_out, if given, gets split.splits * ceil(R / 64) per-block values.
-template <typename TA, typename TB, class Epi>
-void run_sweep(const TA* A, int64_t R, const TB* B, int64_t J, int64_t D, Split split, const Epi& epi, float* out,
-               float* work, float* extra_out, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(R, kTile)), static_cast<unsigned>(split.splits));
-  float* dst = split.splits > 1 ? work : out;
-  sweep_kernel<<<grid, kThreads, 0, stream>>>(A, R, B, J, D, split.cols_per_split, epi, dst, extra_out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (split.splits > 1) {
-    const int64_t n = R * D;
-    const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), 4096));
-    sum_splits_kernel<<<blocks, kThreads, 0, stream>>>(work, split.splits, n, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

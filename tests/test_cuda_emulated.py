@@ -132,10 +132,16 @@ def test_aggregate_prompts(gen, shape, dtype):
     assert fo.dtype == dtype
 
 
+# C > 64 splits the image sweep's classes (the split sum of sum_normalize_rows_kernel), and
+# D > 2048 sends the row's sums past its shared-memory stash through the float32 spill
+WIDE_ROWS = dict(C=70, M=1, D=2085, B=3, K=8)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cosine_cross_entropy(gen, dtype):
-    _, _, X, y, *_ = make_inputs(gen, **PRIMES)
-    U = ref.l2_normalize(rand(gen, PRIMES["C"], PRIMES["D"]))
+@pytest.mark.parametrize("shape", [PRIMES, WIDE_ROWS], ids=["primes", "d>2048"])
+def test_cosine_cross_entropy(gen, shape, dtype):
+    _, _, X, y, *_ = make_inputs(gen, **shape)
+    U = ref.l2_normalize(rand(gen, shape["C"], shape["D"]))
     (fo,), _ = kernel_checks.check_cross_entropy(
         f"emulated ce {dtype}", "cuda", lambda x, u, s: cuda_ops.cosine_cross_entropy(x, u, y, s, 0.1), X, U, y,
         torch.tensor(57.0, dtype=torch.float64), 0.1, 0.7, dtype)
