@@ -184,13 +184,14 @@ def launch_plan(C: int, M: int, B: int, rank: int, sms: int = SMS, D: int = 0) -
 
 
 def distill_tile_smem(D: int, dtype: str) -> int:
-    """Dynamic shared memory of distill_forward_tile_kernel (csrc/distill.cu DistillSmem: the
-    [64, D] tile of T, two R stages [64, 32] in T's type, and for 16-bit T the staging tile)."""
+    """Dynamic shared memory of distill_forward_tile_kernel (csrc/distill.cu DistillSmem: the F
+    rows of the tile's classes [64, 64] in float32, the [64, D] tile of T, two R stages [64, 32]
+    in T's type, and for 16-bit T the staging tile)."""
     e, dp = ELEMENT_BYTES[dtype], -(-D // 32) * 32
     mma = dtype != "float32"
     pad = 8 if mma else 4
     a = -(-(64 * (dp + pad) * e) // 128) * 128
-    return a + 2 * 64 * (32 + pad) * e + (64 * 68 * 4 if mma else 0) + 128
+    return 64 * 64 * 4 + a + 2 * 64 * (32 + pad) * e + (64 * 68 * 4 if mma else 0) + 128
 
 
 def distill_tile_fits(D: int, dtype: str) -> bool:
@@ -302,12 +303,16 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # takes the norms of T and (fused) aggregates. Bytes as the blocks read them: block (x, y)
     # reads its tile of T once (the resident-tile kernel; the streamed kernel re-reads it per
     # 64-wide chunk of r), its r range of R ([r/splits, D] in T's dtype: all of R once per row
-    # tile), c per warp and the F rows of its classes per pair of rows a warp access covers.
+    # tile), c per warp and the F rows of its classes: once per class of the tile (the
+    # resident-tile kernel stages them per chunk), per pair of rows a warp access covers (the
+    # streamed kernel).
     d_tiles = cdiv(R, tile_rows)
     t_reads = dist_s if distill_tile_fits(D, dtype) else cdiv(r, TILE)
-    # the epilogue's F reads: a warp access covers two rows (one class or two) of a tile
-    f_pairs = sum(len({i // M for i in range(q, min(q + 2, t0 + tile_rows, R))})
-                  for t0 in range(0, R, tile_rows) for q in range(t0, min(t0 + tile_rows, R), 2))
+    if distill_tile_fits(D, dtype):
+        f_pairs = sum((min(R, t0 + tile_rows) - 1) // M - t0 // M + 1 for t0 in range(0, R, tile_rows))
+    else:  # the epilogue's F reads: a warp access covers two rows (one class or two) of a tile
+        f_pairs = sum(len({i // M for i in range(q, min(q + 2, t0 + tile_rows, R))})
+                      for t0 in range(0, R, tile_rows) for q in range(t0, min(t0 + tile_rows, R), 2))
     # with plan "image_norms_fused" the grid has image_norm_blocks extra columns of blocks: those of
     # split 0 take ||x|| (a warp per row, 64 rows a block: X read once), the others leave at once
     img = plan.get("image_norms_fused", False)
@@ -359,10 +364,10 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         # one block per image (csrc/cross_entropy.cu sum_normalize_rows_kernel): the xs partials
         # of its row added in order, x read twice (the dot, then dx), dx written in x's type; the
         # sums stay in shared memory (columns past 2048 go through a float32 spill, written and
-        # read back)
+        # read back); each of its 8 warps reads the row's norm (a sector)
         spill = 2 * 4 * B * max(0, D - 2048)
         add("bwd image split sum + normalize", rf"25sum_normalize_rows_kernelI{t}E", (B,), xs * B * D + 6 * B * D,
-            4 * xs * B * D + 3 * e * B * D + 4 * B + spill, hbm=4 * xs * B * D + 2 * e * B * D + 4 * B + spill)
+            4 * xs * B * D + 3 * e * B * D + 8 * 32 * B + spill, hbm=4 * xs * B * D + 2 * e * B * D + 4 * B + spill)
     # the text backward: block (x, y) owns 64 rows and group y of the 64-wide column chunks
     # (plan "text_backward"). Counted per warp access as the code issues them (32-byte
     # sectors; csrc/text_head.cu): per group, its rows of T once for the per-row scalars

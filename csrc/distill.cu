@@ -18,7 +18,8 @@
 // Two kernels compute the partial pass. distill_forward_tile_kernel (whenever the tile fits
 // the shared memory budget, DistillSmem) reads its [tile_rows, D] tile of T once, with
 // 16-byte cp.async copies where D and the base allow, into shared memory, where it stays
-// for the norms, the fused aggregation and every 64-wide chunk of its r range; the basis R
+// for the norms, the fused aggregation and every 64-wide chunk of its r range (per chunk the F
+// rows of its classes go to shared memory too: F read once per class, not per row); the basis R
 // streams through a two-stage cp.async pipeline in [64 x 32] slices of T's type (16-byte
 // copies where D and the base allow; for 16-bit R otherwise plain element loads, cp.async
 // having no 2-byte copy), one barrier per slice. distill_forward_partial_kernel (larger D)
@@ -142,8 +143,9 @@ distill_forward_partial_kernel(const T* __restrict__ t, const T* __restrict__ ba
 }
 
 // Shared memory of distill_forward_tile_kernel, in bytes from a 128-byte aligned base: the
-// tile of T [64][a_ld] and the two stages of the R slices [64][kSliceLd] (T's type), and for
-// the tensor-core flavour the accumulator staging tile [64][kAccLd].
+// F rows of the tile's classes for one 64-wide chunk of r [64][64] (float32), the tile of T
+// [64][a_ld] and the two stages of the R slices [64][kSliceLd] (T's type), and for the
+// tensor-core flavour the accumulator staging tile [64][kAccLd].
 constexpr int kDStep = 32;                       // columns of D per pipeline stage
 constexpr int64_t kDistillSmemCap = 160 * 1024;  // at most this much (under the sm_80/90 opt-in); less where the device has less
 
@@ -152,14 +154,16 @@ struct DistillSmem {
   static constexpr bool kMma = kUseMma<T, float>;
   using TC = std::conditional_t<kMma, typename MmaType<T, float>::type, float>;  // == T
   int64_t dp;  // D rounded up to kDStep
+  static constexpr int64_t kFBytes = int64_t(kTile) * kTile * 4;  // a multiple of 128
   __host__ __device__ int64_t a_ld() const { return dp + (kMma ? 8 : 4); }
   __host__ __device__ int64_t a_bytes() const { return (kTile * a_ld() * int64_t(sizeof(TC)) + 127) / 128 * 128; }
+  __host__ __device__ int64_t a_off() const { return kFBytes; }
   // elements per row of a stage: 16-byte rows (80 bytes for 16-bit T, 144 for float32)
   static constexpr int kSliceLd = kDStep + (kMma ? 8 : 4);
   static constexpr int64_t kStageBytes = int64_t(kTile) * kSliceLd * int64_t(sizeof(TC));
   static constexpr int64_t kAccBytes = kMma ? int64_t(kTile) * kAccLd * 4 : 0;
-  __host__ __device__ int64_t stage_off(int b) const { return a_bytes() + b * kStageBytes; }
-  __host__ __device__ int64_t acc_off() const { return a_bytes() + 2 * kStageBytes; }
+  __host__ __device__ int64_t stage_off(int b) const { return a_off() + a_bytes() + b * kStageBytes; }
+  __host__ __device__ int64_t acc_off() const { return a_off() + a_bytes() + 2 * kStageBytes; }
   __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
   __host__ __device__ static DistillSmem of(int64_t D) { return {(D + kDStep - 1) / kDStep * kDStep}; }
   static bool fits(int64_t D, int64_t budget) { return of(D).bytes() <= budget; }
@@ -244,7 +248,8 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
   __shared__ float s_ninv[kTile], s_wn[kTile];
   const L lay = L::of(D);
   char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(distill_dyn) + 127) & ~uintptr_t(127));
-  TC* a_sm = reinterpret_cast<TC*>(base);
+  float* f_sm = reinterpret_cast<float*>(base);  // [64 classes][64 columns of r]
+  TC* a_sm = reinterpret_cast<TC*>(base + lay.a_off());
   const int64_t a_ld = lay.a_ld(), dp = lay.dp;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * tile_rows;
@@ -369,12 +374,23 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
     }
   }
 
+  // The F rows of the tile's classes (class cl - the first, at most 64) for the columns k0 ..
+  // k0 + 63 of r into f_sm, each read once per chunk (a warp: 32 consecutive columns of one
+  // class), not once per pair of rows as the epilogue would; the caller publishes it.
+  const int64_t c_first = r0 / M, ncls = (r_end - 1) / M - c_first + 1;
+  auto fill_f = [&](int64_t k0) {
+    for (int64_t e = tid; e < ncls * kTile; e += kThreads) {
+      const int64_t cl = e / kTile, k = k0 + e % kTile;
+      f_sm[e] = k < k_end ? f[(c_first + cl) * rank + k] : 0.f;
+    }
+  };
+
   float ninv[kPer], vv[kPer], vf[kPer];
-  int64_t cls[kPer];
+  int64_t cls[kPer];  // the row's class less the tile's first (0 for rows past the end: unused)
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t r = r0 + ty + 16 * i;
-    cls[i] = r < r_end ? r / M : 0;
+    cls[i] = r < r_end ? r / M - c_first : 0;
     ninv[i] = s_ninv[ty + 16 * i];
     vv[i] = 0.f;
     vf[i] = 0.f;
@@ -394,8 +410,10 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
     if (ds == nds - 1) {
       const int64_t k0 = k_begin + (s / nds) * kTile;
       float o[kPer][kPer];
+      fill_f(k0);  // the previous chunk's epilogue read f_sm before this step's barrier
       acc.finish(reinterpret_cast<float(*)[kAccLd]>(base + lay.acc_off()), o);
       acc.zero();
+      __syncthreads();  // f_sm published
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
         const int64_t k = k0 + tx + 16 * j;
@@ -408,7 +426,7 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
             const int64_t r = r0 + ty + 16 * i;
             if (proj != nullptr && r < r_end) proj[r * rank + k] = from_f<T>(p);
             vv[i] = fmaf(v, v, vv[i]);
-            vf[i] = fmaf(v, f[cls[i] * rank + k], vf[i]);
+            vf[i] = fmaf(v, f_sm[cls[i] * kTile + tx + 16 * j], vf[i]);
           }
         }
       }
