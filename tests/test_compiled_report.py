@@ -10,8 +10,8 @@ latency terms present where loops run without a dot; every matmul on wgmma with 
 accumulators, no spills, no ptxas performance warning (C7515: serialised wgmma); no
 zero-filled gradient, no per-step cast of the basis, no d-scale work with a frozen scale
 (host ops of the trace); the modelled goals of issue 26 (10x eager, 3x torch.compile and 2.5x
-the floor met on both cards; CUDA within 1.5x of Triton not met against the faster Triton
-head: a strict xfail); and the committed report
+the floor for the Triton head, the CUDA head within 1.5x of Triton's, on both cards and, for
+the CUDA goal, in both modes); and the committed report
 (benchmarks/results/compiled/imagenet.json) equal to the regenerated one up to rounding.
 """
 
@@ -208,15 +208,14 @@ def test_floor_goal(report):
         assert c["head_fwd_bwd_us"] <= 2.5 * c["floor_us"], (card, c["head_fwd_bwd_us"], c["floor_us"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26's CUDA goal against the Triton head that meets the floor goal "
-                                       "(38.5 us X frozen, 45.0 X trained, H100): the CUDA head models 57.1 us "
-                                       "(1.48x, met) X frozen but 69.3 X trained (1.54x) on the H100, and 1.51x / "
-                                       "1.55x on the H200; strict, so this fails once met and the marker must go")
 def test_cuda_goal(report):
     """Issue 26's goal for the CUDA head, on both cards and both modes: within 1.5x of the
-    Triton head's modelled time."""
+    Triton head's modelled time (1.40x / 1.43x X frozen / trained on the H100, 1.42x / 1.44x
+    on the H200 at the committed report)."""
     for card in CARDS:
         by = report["cards"][card]["head_fwd_bwd_us_by_backend"]
+        if "cuda" not in by:
+            pytest.skip("no CUDA rows in the report: neither the built extension nor nvcc and cuobjdump were found")
         for mode in ("frozen", "trained"):
             assert by["cuda"][mode] <= 1.5 * by["triton"][mode], (card, mode, by["cuda"][mode], by["triton"][mode])
 
