@@ -321,7 +321,9 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("fwd distill" + (" + aggregate" if fused else "") + (" + image norms" if img else ""),
         rf"{'27distill_forward_tile_kernel' if distill_tile_fits(D, dtype) else '30distill_forward_partial_kernel'}"
         rf"I{t}E",
-        (d_tiles + img_blocks, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops if fused else 0) + img_flops,
+        # (the fused aggregation forms u twice from the resident tile: for ||u||, then to store u^)
+        (d_tiles + img_blocks, dist_s), 2 * R * D * r + 6 * R * r + 2 * R * D + (agg_flops + 2 * R * D if fused else 0)
+        + img_flops,
         t_reads * e * R * D + e * R * r + d_tiles * (e * r * D + 4 * r) + 4 * f_pairs * r + 4 * 8 * d_tiles * r
         + 8 * dist_s * R
         + (agg_bytes if fused else 0) + img_bytes,

@@ -360,17 +360,22 @@ distill_forward_tile_kernel(const T* __restrict__ t, const T* __restrict__ basis
       });
       __syncwarp();
       const TC* tc = a_sm + cl * M * a_ld;
-      float uu = 0.f;
-      for (int64_t d = lane; d < D; d += 32) {
+      // u from the resident tile twice (the same sums in the same order: the same values),
+      // once for ||u||, once to store u^: u is written once, never read back from global memory
+      auto class_sum = [&](int64_t d) {
         float u = 0.f;
         for (int64_t m = 0; m < M; ++m) u = fmaf(s_wn[cl * M + m], to_f(tc[m * a_ld + d]), u);
-        agg.u32[c * D + d] = u;  // normalised below, by the same thread
+        return u;
+      };
+      float uu = 0.f;
+      for (int64_t d = lane; d < D; d += 32) {
+        const float u = class_sum(d);
         uu = fmaf(u, u, uu);
       }
       const float rc = sqrtf(warp_sum(uu));
       if (lane == 0) agg.r[c] = rc;
       const float rinv = inv_floor(rc);
-      for (int64_t d = lane; d < D; d += 32) agg.u32[c * D + d] *= rinv;
+      for (int64_t d = lane; d < D; d += 32) agg.u32[c * D + d] = class_sum(d) * rinv;
     }
   }
 
