@@ -16,20 +16,19 @@ logit scale does not; X frozen (mode "frozen") or trained ("trained": the dL/dx^
 its split sum and the normalisation backward are added); the distillation runs against
 the basis of SPEC 4.3 (r = min(K, D)).
 
-FLOPs and bytes per launch are formulas from the kernels' code (each tensor a block reads
-counted once per block that reads it where the kernel re-reads it per block: the text
-backward's rows of T and G build per column group, its class rows per class change of a
-warp's rows, the distillation's T per split, the basis R once per row tile in both, the CE
-GEMMs' operands once per row / column tile), NOT a trace as for the Triton kernels:
-``l2_bytes`` carries them, ``hbm_bytes`` too except for the kernels whose ``hbm_bytes`` counts
-each tensor once (R, 0.5 MB at imagenet in bfloat16, stays in L2); ``traced`` is False. At imagenet (bf16)
-the formulas of the text backward, distillation forward and CE GEMMs agree with the trace
-(``trace_head``) within 3% (retraced with the basis R in T's dtype: distillation forward
-1.024, text backward 1.000, CE GEMMs 1.000; retraced at C=125 M=8 D=512 B=64 K=3072 after
-the merge, the image norms and dA moved into other kernels: distillation forward + image
-norms 1.025, text backward 1.009, CE GEMMs 0.986-1.000); the losses' merge (under 0.5 MB)
-counts each tensor once and traces 2.2-3x that (its lanes read the partials of one row
-across splits: sectors part-used).
+FLOPs and bytes per launch are formulas from the kernels' code; the bytes the model uses are
+the instrumented emulation's trace (``trace_head``: ``l2_bytes``, ``hbm_bytes``, ``traced``
+True), the L2 formula kept beside them as ``bytes`` (tests/test_compiled_report.py compares
+the two). The formulas count each tensor a block reads once per block that reads it
+where the kernel re-reads it per block: the text backward's rows of T and G build per column
+group, its class rows once per class of its tile, the distillation's T per split, the basis R
+once per row tile in both, the CE GEMMs' operands once per row / column tile. At imagenet
+(bf16) the formulas of the kernels over 1 MB agree with the trace within 3% (text backward
+1.000, distillation forward about 1.00 since its aggregation stopped re-reading u, CE GEMMs
+1.000, image sweep 1.03); the losses' merge (under 0.5 MB) counts each tensor once and
+traces about 7x that at imagenet (its lanes read the partials of one row across splits:
+sectors part-used). Where the emulation cannot be built (``trace_unavailable_reason``) the
+rows carry the formulas (``traced`` False).
 ``rounds`` counts the dependent load rounds of the losses' merge (its split loads, the
 ticket, the last block's read of the blocks' sums).
 Times are modelled by benchmarks/compiled_model.py.
@@ -211,6 +210,20 @@ def text_backward_smem(kp: int, dtype: str) -> int:
     return 64 * 64 * 4 + g + 2 * 32 * (64 + pad) * e + (64 * 68 * 4 if mma else 0) + 128
 
 
+def text_backward_stash_bytes(D: int, dtype: str) -> int:
+    """The tile of T that text_backward_kernel keeps in shared memory where it fits
+    (BwdSmem::bytes_with_t: [64, D + 16] in T's type, 128-byte aligned)."""
+    return -(-(64 * (D + 16) * ELEMENT_BYTES[dtype]) // 128) * 128
+
+
+def text_backward_stash(rank: int, D: int, dtype: str) -> bool:
+    """Whether text_backward_kernel keeps its rows of T in shared memory (csrc/text_head.cu
+    launch_text_backward: G in one panel and the whole within kTextBwdStashCap, 220 KB, under
+    an H100/H200's opt-in)."""
+    kp = text_backward_panel(rank, dtype)
+    return kp >= rank and text_backward_smem(kp, dtype) + text_backward_stash_bytes(D, dtype) <= 220 * 1024
+
+
 def text_backward_panel(rank: int, dtype: str) -> int:
     """Columns of G in shared memory per build (BwdSmem::panel): the whole rank (rounded up
     to 32) when it fits the 160 KB budget."""
@@ -334,11 +347,15 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         add("fwd image norms", rf"16row_norms_kernelI{t}E", (cdiv(B, 8),), 2 * B * D, e * B * D + 4 * B)
     # The tile_dot GEMMs (cross-entropy, its gradients): L2 bytes per block as the trace counts
     # them (each block reads its rows of both operands, a 16-lane row read is whole sectors:
-    # X once per class split / class tile, u^ and dL/ds once per row tile / column tile),
-    # plus the per-row partials and scalars the trace shows (2-lane stores, broadcast reads);
-    # HBM bytes count each tensor once.
+    # X once per 64-class tile (tile_dot reloads both operands per tile: a block's class split of
+    # more than 64 classes re-reads its X rows per tile), u^ and dL/ds once per row tile / column
+    # tile), plus the per-row partials and scalars the trace shows (2-lane stores, broadcast
+    # reads); HBM bytes count each tensor once.
+    def class_tiles(split: dict) -> int:  # 64-class tiles summed over a plan's class splits
+        per = split["cols_per_split"]
+        return sum(cdiv(min(per, C - c0), TILE) for c0 in range(0, C, per))
     add("fwd cosine ce", rf"25ce_forward_partial_kernelI{t}E", (cdiv(B, TILE), ce_s),
-        2 * B * C * D + 8 * B * C, ce_s * (e * B * D + 100 * B) + cdiv(B, TILE) * 4 * C * D,
+        2 * B * C * D + 8 * B * C, class_tiles(plan["ce"]) * e * B * D + ce_s * 100 * B + cdiv(B, TILE) * 4 * C * D,
         hbm=e * B * D + 4 * C * D + 8 * B + 12 * ce_s * B)
     # the losses' merge, one launch (csrc/cross_entropy.cu loss_merge_kernel, plan "merge"):
     # `group` lanes per row take its splits (ceil(splits / group) independent loads each, one
@@ -358,10 +375,13 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
         cdiv(D, TILE) * g * C * B + cdiv(C, TILE) * e * B * D + 4 * C * D, hbm=g * C * B + e * B * D + 4 * C * D)
     if mode == "trained":  # dL/dx^ = G u (a sweep over the classes), then its split sum and normalisation
         xs = plan["ce_image"]["splits"]
-        # per block: its X rows once per class split, u^ once per row tile, the rows of B G once
-        # per 64-wide column chunk, its float32 partial written
+        xt = class_tiles(plan["ce_image"])
+        # per block: its X rows once per 64-class chunk (tile_dot), u^ once per row tile, the rows
+        # of B G once per 64-wide column chunk, its float32 partial written by the first chunk of
+        # its split and read and written again by every later one (sweep.cuh: out += per chunk)
         add("bwd image sweep", rf"12sweep_kernelI{t}.*CeImageRows", (cdiv(B, TILE), xs), 2 * B * C * D + 12 * B * C,
-            xs * (e * B * D) + cdiv(B, TILE) * 4 * C * D + cdiv(D, TILE) * 4 * B * C + 4 * xs * B * D + 16 * B,
+            xt * (e * B * D) + cdiv(B, TILE) * 4 * C * D + cdiv(D, TILE) * 4 * B * C + 4 * (2 * xt - xs) * B * D
+            + 16 * B,
             hbm=xs * (e * B * D) + 4 * C * D + 4 * xs * B * D + 16 * B)
         # one block per image (csrc/cross_entropy.cu sum_normalize_rows_kernel): the xs partials
         # of its row added in order, x read twice (the dot, then dx), dx written in x's type; the
@@ -377,8 +397,9 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # in the warp's rows; G built from p (T's dtype), F once per class change and c once per
     # warp (per chunk when G goes in panels); R's columns of the group streamed by cp.async
     # ([r, D / groups] in T's dtype: all of R once per row tile); du of the tile's classes per
-    # column chunk (dL/du^ and u^ once per class of the tile and column), the epilogue's t, dT
-    # written once; per row a sector
+    # column chunk (dL/du^ and u^ once per class of the tile and column), the epilogue's t
+    # (none where the rows of T stay in shared memory from the per-row phase), dT written once;
+    # per row a sector
     # for each of n, w, |u| of its class and dw (lane 0 reads / writes 4 B of one).
     # With M dividing 64 (plan "prompt_logits_fused") the blocks of group 0 also take dA of their
     # classes (a warp per class from the rows' w and dw in shared memory): dw is not stored (a
@@ -386,6 +407,7 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     # above and a kernel for dA.
     tb = plan["text_backward"]["splits"]
     pl_fused = plan["prompt_logits_fused"]
+    stash = text_backward_stash(r, D, dtype)  # the epilogues read T from shared memory
     tiles = cdiv(R, TILE)
     chunks = cdiv(D, TILE)
     builds = tb if text_backward_panel(r, dtype) >= r else chunks  # G builds per row tile
@@ -395,9 +417,10 @@ def head_launches(C: int, M: int, D: int, B: int, K: int, dtype: str, mode: str 
     add("bwd text", rf"20text_backward_kernelI{t}E", (tiles, tb),
         2 * R * r * D + 4 * R * r * builds + 6 * R * D * tb + 16 * R * D,
         tb * (e * R * D + 4 * 2 * warp_classes * D) + builds * (e * R * r + 4 * (warp_classes + 8 * tiles) * r)
-        + e * tiles * r * D + e * R * D + 4 * 2 * tile_classes * D + e * R * D + 32 * (3 if pl_fused else 4) * R
+        + e * tiles * r * D + (0 if stash else e * R * D) + 4 * 2 * tile_classes * D + e * R * D + 32 * (3 if pl_fused else 4) * R
         + 8 * R + (32 * cdiv(4 * M, 32) * C if pl_fused else 0),
-        dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype),
+        dyn_smem=text_backward_smem(text_backward_panel(r, dtype), dtype)
+        + (text_backward_stash_bytes(D, dtype) if stash else 0),
         hbm=2 * e * R * D + e * R * r + e * r * D + 4 * (r + C * r) + 4 * 2 * C * D + 4 * (5 * R + C))
     if not pl_fused:  # dA = w (dw - sum_m w dw) by a kernel of its own (M does not divide 64)
         add("bwd prompt logits", r"29prompt_logits_backward_kernel", (cdiv(C, 8),), 3 * R, 4 * 3 * R)
@@ -552,13 +575,20 @@ def collect(preset: str, out_dir: str, dtype: str = "bfloat16", mode: str = "fro
     out_dir), "grid", "mma", "regs", "spill_bytes", "smem_bytes", "flops", "bytes",
     "l2_bytes", "hbm_bytes", "rounds", "traced", "time_kind": "modelled"}. [] when
     ``unavailable_reason()``. ``trace``: ``l2_bytes`` and ``hbm_bytes`` from ``trace_head``
-    (``traced``: True), else both the formula's ``bytes``; default: DEMUL_FAST_CUDA_TRACE=1 (the
-    committed reports still hold the formula rows: set it when regenerating them, then make it
-    the default)."""
+    (``traced``: True), else both the formula's ``bytes`` (kept in ``bytes`` either way, so that
+    the two can be compared); default: traced, unless DEMUL_FAST_CUDA_TRACE=0 or the CPU
+    emulation cannot be built here (``trace_unavailable_reason``: formula rows, said on stderr).
+    The committed reports are traced."""
     if unavailable_reason() is not None:
         return []
     if trace is None:
-        trace = os.environ.get("DEMUL_FAST_CUDA_TRACE") == "1"
+        trace = os.environ.get("DEMUL_FAST_CUDA_TRACE", "1") != "0"
+        if trace and trace_unavailable_reason() is not None:
+            import sys
+
+            print(f"compiled_cuda: formula rows, not traced: the CUDA trace needs the CPU emulation: "
+                  f"{trace_unavailable_reason()}", file=sys.stderr)
+            trace = False
     if trace and trace_unavailable_reason() is not None:
         raise RuntimeError(f"the CUDA trace needs the CPU emulation: {trace_unavailable_reason()}")
     sass, res = read_binaries(out_dir)

@@ -19,7 +19,9 @@
 // contiguous columns of p, F and c where rank and the bases allow; c once per warp, F once
 // per class change, the class index once per row), and keeps it there for every chunk of
 // its group, and per column chunk du of its classes (each class row of dL/du^ and u^ read once
-// per chunk, not once per row); ranks too large
+// per chunk, not once per row); where shared memory allows (one panel of G and the whole under
+// kTextBwdStashCap: imagenet in 16-bit types on an sm_90) the per-row phase also keeps its rows
+// of T there for the epilogues, which then read T from shared memory; ranks too large
 // for the shared memory budget go in panels, rebuilt per chunk. The basis R (in T's dtype:
 // cast once per basis by demul_fast/ops/cuda_ops.py) streams through a two-stage cp.async
 // pipeline (__pipeline_memcpy_async, 16-byte copies where D and the base allow; else 4-byte
@@ -42,9 +44,11 @@ constexpr int kRows = kTile / kWarps;  // rows of the tile per warp in the per-r
 // The shared memory of text_backward_kernel, in bytes from a 128-byte aligned base: du of the
 // tile's classes for one column chunk [64][64] (float32), G [64][g_ld] and the two stages of
 // the R chunks [32][kStageLd] (T's type), and for the tensor-core flavour the accumulator
-// staging tile [64][kAccLd].
+// staging tile [64][kAccLd]; then, where it fits (`stash`), the row tile of T [64][D + 16] in
+// T's type, kept from the per-row phase for the epilogues (T read once, not twice).
 constexpr int kKStep = 32;                  // rows of R per pipeline stage
 constexpr int64_t kTextBwdSmemCap = 160 * 1024;  // at most this much (under the sm_80/90 opt-in); less where the device has less
+constexpr int64_t kTextBwdStashCap = 220 * 1024;  // with the tile of T: at most this much (sm_90's opt-in is 227 KB)
 
 template <typename T>
 struct BwdSmem {
@@ -62,6 +66,13 @@ struct BwdSmem {
   __host__ __device__ int64_t stage_off(int b) const { return g_off() + g_bytes() + b * kStageBytes; }
   __host__ __device__ int64_t acc_off() const { return g_off() + g_bytes() + 2 * kStageBytes; }
   __host__ __device__ int64_t bytes() const { return acc_off() + kAccBytes + 128; }  // + the alignment
+  // the tile of T after the rest; 16 elements of padding per row (32 or 64 bytes: the two rows
+  // a warp's epilogue reads fall on different banks)
+  __host__ __device__ static int64_t t_ld(int64_t D) { return D + 16; }
+  __host__ __device__ int64_t t_off() const { return acc_off() + kAccBytes; }
+  __host__ __device__ int64_t bytes_with_t(int64_t D) const {
+    return t_off() + (kTile * t_ld(D) * int64_t(sizeof(T)) + 127) / 128 * 128 + 128;
+  }
   // The widest panel within the budget (the whole rank when it fits).
   static int64_t panel(int64_t rank, int64_t budget) {
     int64_t kp = (rank + kKStep - 1) / kKStep * kKStep;
@@ -140,7 +151,7 @@ struct ChunkAccK<true, TC> {
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
 text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__ dw_out, float* __restrict__ da,
-                     int64_t chunks_per_group, int64_t kp) {
+                     int64_t chunks_per_group, int64_t kp, bool stash) {
   using L = BwdSmem<T>;
   constexpr bool kMma = L::kMma;
   using TC = typename L::TC;
@@ -158,6 +169,9 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
   const T* __restrict__ proj = static_cast<const T*>(a.proj);
   const bool agg = a.g != nullptr, dist = proj != nullptr;
   const int64_t rows = a.C * a.M, D = a.D, rank = a.rank, M = a.M;
+  // the row tile of T, written by the per-row phase, read by the epilogues (with `stash`)
+  T* t_sm = stash ? reinterpret_cast<T*>(base + lay.t_off()) : nullptr;
+  const int64_t t_ld = L::t_ld(D);
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4, lane = tid & 31, warp = tid >> 5;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t chunks = (D + kTile - 1) / kTile;
@@ -232,21 +246,25 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
       cls[q] = i < rows ? i / M : 0;  // the class of the row, once
       tg[q] = tu[q] = gu[q] = 0.f;
     }
-    if (agg) {
+    if (agg || stash) {
       for (int64_t d = lane; d < D; d += 32) {
         float gv = 0.f, uv = 0.f;
 #pragma unroll
         for (int q = 0; q < kRows; ++q) {
           const int64_t i = r0 + warp * kRows + q;
           if (i >= rows) break;  // warp-uniform: the rows past the end are the last ones
-          if (q == 0 || cls[q] != cls[q - 1]) {
-            gv = a.g[cls[q] * D + d];
-            uv = a.u32[cls[q] * D + d];
+          const T tr = t[i * D + d];
+          if (stash) t_sm[(warp * kRows + q) * t_ld + d] = tr;
+          if (agg) {
+            if (q == 0 || cls[q] != cls[q - 1]) {
+              gv = a.g[cls[q] * D + d];
+              uv = a.u32[cls[q] * D + d];
+            }
+            const float tv = to_f(tr);
+            tg[q] = fmaf(tv, gv, tg[q]);
+            tu[q] = fmaf(tv, uv, tu[q]);
+            gu[q] = fmaf(uv, gv, gu[q]);
           }
-          const float tv = to_f(t[i * D + d]);
-          tg[q] = fmaf(tv, gv, tg[q]);
-          tu[q] = fmaf(tv, uv, tu[q]);
-          gu[q] = fmaf(uv, gv, gu[q]);
         }
       }
     }
@@ -400,7 +418,7 @@ text_backward_kernel(TextBackwardArgs a, T* __restrict__ dt, float* __restrict__
         if (d >= D) continue;
         float dth = si * o[i][j];
         if (agg) dth = fmaf(wi, du_row[tx + 16 * j], dth);
-        const float th = to_f(t[row * D + d]) * inv_n;
+        const float th = to_f(stash ? t_sm[il * t_ld + d] : t[row * D + d]) * inv_n;
         dt[row * D + d] = from_f<T>(normalize_backward(th, dth, proj_t, ni));
       }
     }
@@ -466,16 +484,20 @@ void launch_text_backward(const TextBackwardArgs& a, Split columns, void* dt, fl
   const dim3 grid(static_cast<unsigned>(ceil_div(a.C * a.M, kTile)), static_cast<unsigned>(columns.splits));
   const bool fold = a.g != nullptr && text_backward_takes_prompt_logits(a.M);  // dA in the kernel
   DEMUL_DISPATCH(a.dtype, [&] {
-    const int64_t kp = a.proj != nullptr ? BwdSmem<scalar_t>::panel(a.rank, dynamic_smem_budget(kTextBwdSmemCap)) : kKStep;
+    using L = BwdSmem<scalar_t>;
+    const int64_t kp = a.proj != nullptr ? L::panel(a.rank, dynamic_smem_budget(kTextBwdSmemCap)) : kKStep;
+    // the tile of T too where G is one panel and the whole fits (the distillation's path only)
+    const bool stash = a.proj != nullptr && kp >= a.rank &&
+                       L{kp}.bytes_with_t(a.D) <= dynamic_smem_budget(kTextBwdStashCap);
     // without the distillation only du (and the alignment)
-    const int64_t smem = a.proj != nullptr ? BwdSmem<scalar_t>{kp}.bytes() : BwdSmem<scalar_t>::kDuBytes + 128;
+    const int64_t smem = a.proj == nullptr ? L::kDuBytes + 128 : stash ? L{kp}.bytes_with_t(a.D) : L{kp}.bytes();
     if (smem > 48 * 1024) {  // the opt-in beyond 48 KB of dynamic shared memory (no sync)
       C10_CUDA_CHECK(cudaFuncSetAttribute(text_backward_kernel<scalar_t>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     }
     text_backward_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(a, static_cast<scalar_t*>(dt), fold ? nullptr : dw,
                                                                      fold ? da : nullptr,
-                                                                     columns.cols_per_split / kTile, kp);
+                                                                     columns.cols_per_split / kTile, kp, stash);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (a.g != nullptr && !fold) {
