@@ -21,6 +21,8 @@
 # script goes on; the last lines printed are a summary. Files under $OUT: gpu_check.log
 # (everything), smoke.txt, summary.txt, backends.txt, imagenet-cuda.jsonl,
 # imagenet21k-cuda.jsonl (benchmark rows, as benchmarks/run.py writes them), PNG charts.
+# Commit them under benchmarks/results/gpu/<device>-<date>/: the README's measured-on-GPU
+# column (benchmarks/readme_figures.py) reads imagenet-cuda.jsonl from there.
 #
 # Preparing .whl (on a machine with a package index, in the repository root; .whl/ is in
 # .gitignore, and the device call must carry it, e.g. carry=[".whl"]). The GPU machine

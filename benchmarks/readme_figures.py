@@ -16,6 +16,11 @@ from:
   ``benchmarks/results/step_fixed_counts.json``: a training step from image features at C=100
   on the H100, and the counted launches of eager and compiled DeMul.
 
+The table between ``<!-- kernel-model -->`` and ``<!-- /kernel-model -->`` is rendered whole
+(``kernel_model_table``): the head per backend and mode, modelled per card from the same
+reports, beside a measured-on-GPU column filled from ``benchmarks/results/gpu/*/imagenet-cuda.jsonl``
+(benchmarks/gpu_check.sh's rows, committed per device and date) and empty until then.
+
 Every other row (the measured ones) is kept as written. tests/test_readme_figures.py fails
 when README.md differs from its rendering: a regenerated report that changes a figure fails
 CI until this command is run again.
@@ -112,6 +117,60 @@ def step_row() -> str:
             f"({c['demul-torch']} eager, {c['demul-torch-compile']} compiled) | [docs/step.md](docs/step.md) |")
 
 
+KM_BEGIN, KM_END = "<!-- kernel-model -->", "<!-- /kernel-model -->"
+GPU_RESULTS = os.path.join(RESULTS, "gpu")  # benchmarks/gpu_check.sh's files, committed per device and date
+
+
+def measured_heads() -> Dict[str, str]:
+    """{backend: "<time> us (<device>, <date>)"}: the newest committed GPU measurement of
+    demul_head fwd+bwd at the imagenet preset in bfloat16 (X frozen, as benchmarks/head.py
+    runs it), from benchmarks/results/gpu/*/imagenet-cuda.jsonl (benchmarks/gpu_check.sh's
+    rows); {} while no GPU has run it."""
+    import glob
+
+    found: Dict[str, tuple] = {}
+    for path in sorted(glob.glob(os.path.join(GPU_RESULTS, "*", "imagenet-cuda.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if (r.get("suite"), r.get("op"), r.get("mode"), r.get("dtype"), r.get("preset"), r.get("status")) != \
+                        ("head", "demul_head", "fwd+bwd", "bfloat16", "imagenet", "ok"):
+                    continue
+                key = (r.get("date", ""), r["time_ms"])
+                if r["provider"] not in found or key[0] > found[r["provider"]][0]:
+                    found[r["provider"]] = (key[0], f"{r['time_ms'] * 1e3:.1f} us ({r.get('device_name', '?')}, "
+                                                    f"{key[0][:10]})")
+    return {k: v[1] for k, v in found.items()}
+
+
+def kernel_model_table() -> str:
+    """The head at the ImageNet preset, each backend and mode: the trace-based model per card
+    beside the measured-on-GPU column (empty until benchmarks/gpu_check.sh's results are
+    committed under benchmarks/results/gpu/), and ImageNet-21k."""
+    rep, rep21 = _load("imagenet.json"), _load("imagenet21k.json")
+    measured = measured_heads()
+    lines = [f"| `demul_head` fwd+bwd, {DTYPE_SHORT.get(rep['dtype'], rep['dtype'])} | H100 SXM, modelled | "
+             "H200, modelled | measured on GPU |", "|---|---:|---:|---|"]
+    for r, name in ((rep, f"ImageNet preset ({_sizes(rep)})"), (rep21, f"ImageNet-21k ({_sizes(rep21, 'CMB')})")):
+        if "cards" not in r:
+            continue
+        h100, h200 = r["cards"]["h100"], r["cards"]["h200"]
+        for backend in ("triton", "cuda"):
+            if backend not in h100["head_fwd_bwd_us_by_backend"]:
+                continue
+            for mode, what in (("frozen", "X frozen"), ("trained", "X trained")):
+                a = h100["head_fwd_bwd_us_by_backend"][backend][mode]
+                b = h200["head_fwd_bwd_us_by_backend"][backend][mode]
+                meas = measured.get(backend, "") if r is rep and mode == "frozen" else ""
+                lines.append(f"| {name}, {'Triton' if backend == 'triton' else 'CUDA'}, {what} | {a:.1f} us | "
+                             f"{b:.1f} us | {meas} |")
+        floor = (r["cards"]["h100"]["floor_by_mode"], r["cards"]["h200"]["floor_by_mode"])
+        lines.append(f"| {name}, floor (the SPEC 4.3 work at the ceilings), X frozen / trained | "
+                     f"{floor[0]['frozen']:.1f} / {floor[0]['trained']:.1f} us | "
+                     f"{floor[1]['frozen']:.1f} / {floor[1]['trained']:.1f} us | |")
+    return "\n".join(lines)
+
+
 # first cell's start -> renderer
 ROWS: Dict[str, Callable[[], str]] = {
     "| `demul_head` fwd+bwd, Triton, ImageNet preset": imagenet_row,
@@ -132,7 +191,11 @@ def render(readme: str) -> str:
         if len(hits) != 1:
             raise ValueError(f"the headline table has {len(hits)} rows starting with {key!r} (want 1)")
         lines[hits[0]] = fn()
-    return readme[:start] + "\n".join(lines) + readme[stop:]
+    readme = readme[:start] + "\n".join(lines) + readme[stop:]
+    if readme.count(KM_BEGIN) != 1 or readme.count(KM_END) != 1 or readme.index(KM_BEGIN) > readme.index(KM_END):
+        raise ValueError(f"README.md needs one {KM_BEGIN} ... {KM_END} block around the kernel-model table")
+    start, stop = readme.index(KM_BEGIN) + len(KM_BEGIN), readme.index(KM_END)
+    return readme[:start] + "\n" + kernel_model_table() + "\n" + readme[stop:]
 
 
 def main(argv: Optional[list] = None) -> int:
