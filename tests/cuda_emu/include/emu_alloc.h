@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "emu_instrument.h"
 
@@ -38,8 +39,20 @@ inline at::Tensor poisoned_empty_like(const at::Tensor& like, at::TensorOptions 
 // The instrumented build rewrites each ``X.data_ptr<T>()`` of the bindings into
 // ``gptr(X, X.data_ptr<T>())``: the tensor's bytes are registered as global memory for the
 // trace (include/emu_instrument.h), the pointer passes through.
+// While a trace runs the tensor's storage is held until the next trace starts: a registered
+// range is never freed and reused by other heap memory (which the trace would then count as
+// global traffic, more or less from run to run as the heap goes).
 template <class P>
 P gptr(const at::Tensor& t, P p) {
+  static std::vector<c10::Storage> held;
+  static unsigned held_trace = 0;
+  if (const unsigned trace = ins::trace_generation(); trace != 0 && t.defined() && t.has_storage()) {
+    if (trace != held_trace) {
+      held.clear();
+      held_trace = trace;
+    }
+    held.push_back(t.storage());
+  }
   if (t.defined() && t.numel() > 0) {
     int64_t last = 0;
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);

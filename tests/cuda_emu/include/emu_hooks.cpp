@@ -55,6 +55,7 @@ struct Site {  // one access site (code address) of the running launch, over its
 
 struct State {
   bool active = false, collective = false, race = true, tracing = false;
+  unsigned generation = 0;  // traces started (emu_trace_start), for gptr's held storages
   int quiet = 0;  // > 0: the emulation's own bookkeeping runs (its heap may reuse a freed tensor's range)
   uintptr_t stack_lo = 0;       // the running fiber's stack: most accesses, none of interest
   uintptr_t collective_pc = 0;  // the kernel code that called the WMMA load/store
@@ -406,6 +407,8 @@ void collective(bool on, const void* caller) {
   st().collective_pc = reinterpret_cast<uintptr_t>(caller);
 }
 
+unsigned trace_generation() { return st().tracing ? st().generation : 0; }
+
 void global_range(const void* p, size_t bytes) {
   auto& g = st().globals;
   const uintptr_t lo = reinterpret_cast<uintptr_t>(p), hi = lo + bytes;
@@ -443,6 +446,12 @@ extern "C" void emu_trace_start(int blocks_per_axis) {
   s.tracing = true;
   s.sample = blocks_per_axis;
   s.log.clear();
+  // Ranges registered before the trace may have been freed and reused by anything on the heap
+  // (a launch's argument structs among them, which a GPU reads as kernel parameters, not global
+  // memory): none is kept. During the trace gptr holds every registered tensor's storage, so
+  // no registered range is freed and reused while it runs.
+  s.globals.clear();
+  ++s.generation;
 }
 
 // The finished launches since emu_trace_start (one JSON object per line); tracing stops.

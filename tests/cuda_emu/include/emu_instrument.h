@@ -38,6 +38,7 @@ void block_barrier();            // a __syncthreads released
 void warp_barrier(int warp);     // a __syncwarp / shuffle / WMMA call released that warp
 void collective(bool on, const void* caller = nullptr);  // inside a WMMA load/store: the warp acts as one
 void global_range(const void* p, size_t bytes);  // a tensor the bindings pass to a launch
+unsigned trace_generation();  // 0 when not tracing, else the number of the running trace
 void quiet(bool on);  // the emulation's own bookkeeping runs (include/emu_async.h's queues): not the kernel's accesses
 void copy_access(const void* p, size_t bytes, bool write, const void* caller);  // an emulated cp.async's
                                                                                // global read / shared write
@@ -52,6 +53,7 @@ inline void block_barrier() {}
 inline void warp_barrier(int) {}
 inline void collective(bool, const void* = nullptr) {}
 inline void global_range(const void*, size_t) {}
+inline unsigned trace_generation() { return 0; }
 inline void quiet(bool) {}
 inline void copy_access(const void*, size_t, bool, const void*) {}
 #endif
