@@ -181,6 +181,21 @@ def _dq_keys(dq, q, do, lse2, delta, ok, qpos, K, V, sk, sv, key_row0, kpos0, nk
 
 
 @triton.jit
+def _key_block(K, V, row0, n0, count, sk, sv, col0, HD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key block n0 .. n0 + BLOCK_N of `count` keys at rows row0 + j: (j, ok, k, v)."""
+    j = n0 + tl.arange(0, BLOCK_N)
+    ok = j < count
+    return j, ok, _rows(K, row0 + j, ok, sk, col0, HD, BLOCK_D), _rows(V, row0 + j, ok, sv, col0, HD, BLOCK_D)
+
+
+@triton.jit
+def _store_dkdv(DK, DV, rows, ok, sd, col0, dk, dv, scale, HD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk (scaled) and dv of a key block into their rows."""
+    _store_rows(DK, rows, ok, sd, col0, dk * scale, HD, BLOCK_D)
+    _store_rows(DV, rows, ok, sd, col0, dv, HD, BLOCK_D)
+
+
+@triton.jit
 def _prefix_attention_bwd(Q, K, V, O, LSE, DO, DQ, DK, DV, SEQ, GRP, NS, P, H, sq, sk, sv, so, sdo, sd, scale,
                           scale2, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr):
@@ -194,16 +209,12 @@ def _prefix_attention_bwd(Q, K, V, O, LSE, DO, DQ, DK, DV, SEQ, GRP, NS, P, H, s
         p0 = tl.load(SEQ + pid * 4 + 3)
         # dk, dv of the sequence's own suffix keys: only its own queries see them
         for n0 in range(0, L, BLOCK_N):
-            j = n0 + tl.arange(0, BLOCK_N)
-            kok = j < L
-            k = _rows(K, src0 + j, kok, sk, col0, HD, BLOCK_D)
-            v = _rows(V, src0 + j, kok, sv, col0, HD, BLOCK_D)
+            j, kok, k, v = _key_block(K, V, src0, n0, L, sk, sv, col0, HD, BLOCK_N, BLOCK_D)
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dk, dv = _dkdv_queries(dk, dv, k, v, j, P, kok, Q, O, DO, LSE, sq, so, sdo, h, H, src0, out0, L, P,
                                    (n0 // BLOCK_M) * BLOCK_M, col0, scale2, HD, BLOCK_M, BLOCK_D)
-            _store_rows(DK, out0 + j, kok, sd, col0, dk * scale, HD, BLOCK_D)
-            _store_rows(DV, out0 + j, kok, sd, col0, dv, HD, BLOCK_D)
+            _store_dkdv(DK, DV, out0 + j, kok, sd, col0, dk, dv, scale, HD, BLOCK_D)
         # dq of its queries: over the group's prefix keys and its own suffix keys
         for t0 in range(0, L, BLOCK_M):
             q, do, lse2, delta, ok = _query_tile(Q, O, DO, LSE, sq, so, sdo, h, H, src0 + t0, out0 + t0, L - t0,
@@ -223,10 +234,7 @@ def _prefix_attention_bwd(Q, K, V, O, LSE, DO, DQ, DK, DV, SEQ, GRP, NS, P, H, s
         s_src0 = tl.load(GRP + g * 4 + 3)
         # dk, dv of the prefix keys, summed over every query of the group
         for n0 in range(0, P, BLOCK_N):
-            j = n0 + tl.arange(0, BLOCK_N)
-            kok = j < P
-            k = _rows(K, p0 + j, kok, sk, col0, HD, BLOCK_D)
-            v = _rows(V, p0 + j, kok, sv, col0, HD, BLOCK_D)
+            j, kok, k, v = _key_block(K, V, p0, n0, P, sk, sv, col0, HD, BLOCK_N, BLOCK_D)
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dk, dv = _dkdv_queries(dk, dv, k, v, j, 0, kok, Q, O, DO, LSE, sq, so, sdo, h, H, p0, p0, P, 0,
@@ -234,8 +242,7 @@ def _prefix_attention_bwd(Q, K, V, O, LSE, DO, DQ, DK, DV, SEQ, GRP, NS, P, H, s
             # every suffix query of the group sees every prefix key (its position is >= P)
             dk, dv = _dkdv_queries(dk, dv, k, v, j, 0, kok, Q, O, DO, LSE, sq, so, sdo, h, H, s_src0, s_out0,
                                    s_rows, P, 0, col0, scale2, HD, BLOCK_M, BLOCK_D)
-            _store_rows(DK, p0 + j, kok, sd, col0, dk * scale, HD, BLOCK_D)
-            _store_rows(DV, p0 + j, kok, sd, col0, dv, HD, BLOCK_D)
+            _store_dkdv(DK, DV, p0 + j, kok, sd, col0, dk, dv, scale, HD, BLOCK_D)
         # dq of the prefix queries
         for t0 in range(0, P, BLOCK_M):
             q, do, lse2, delta, ok = _query_tile(Q, O, DO, LSE, sq, so, sdo, h, H, p0 + t0, p0 + t0, P - t0,
