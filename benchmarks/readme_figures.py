@@ -136,10 +136,10 @@ def measured_heads() -> Dict[str, str]:
                 if (r.get("suite"), r.get("op"), r.get("mode"), r.get("dtype"), r.get("preset"), r.get("status")) != \
                         ("head", "demul_head", "fwd+bwd", "bfloat16", "imagenet", "ok"):
                     continue
-                key = (r.get("date", ""), r["time_ms"])
-                if r["provider"] not in found or key[0] > found[r["provider"]][0]:
-                    found[r["provider"]] = (key[0], f"{r['time_ms'] * 1e3:.1f} us ({r.get('device_name', '?')}, "
-                                                    f"{key[0][:10]})")
+                date = r.get("date", "")
+                if r["provider"] not in found or date > found[r["provider"]][0]:
+                    found[r["provider"]] = (date, f"{r['time_ms'] * 1e3:.1f} us ({r.get('device_name', '?')}, "
+                                                  f"{date[:10]})")
     return {k: v[1] for k, v in found.items()}
 
 
